@@ -1,0 +1,237 @@
+"""The codec: frozen dataclasses <-> ZMQ frames, msgpack bodies, strict decoding.
+
+Frames of one message:
+
+    [header][body]
+    header = struct "!BH": protocol version (u8), message tag (u16)
+    body   = msgpack array of the message's field values, in declaration order;
+             a nested struct is itself an array; tuples travel as arrays.
+
+Routers read only the header (`peek_tag`) and forward the frames unread.
+Decoding checks version, tag, size, arity and every field's type against the
+dataclass annotations; anything off raises WireError (never a crash further in).
+No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("!BH")
+# Default cap on one message's body; processes pass their configured limit.
+DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+T = TypeVar("T")
+
+
+class WireError(Exception):
+    """A message that can't be accepted. `code` follows HTTP: 400 bad input, 413 too big,
+    426 protocol version mismatch."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+_Convert = Callable[[Any], Any]
+
+
+class Registry:
+    """Maps message classes to u16 tags and back; compiles one field checker per class."""
+
+    def __init__(self) -> None:
+        self._tag_of: dict[type, int] = {}
+        self._class_of: dict[int, type] = {}
+        self._fields: dict[type, tuple[tuple[str, _Convert], ...]] = {}
+
+    def message(self, tag: int) -> Callable[[type[T]], type[T]]:
+        """Class decorator registering a frozen kw-only dataclass under `tag`."""
+
+        def register(cls: type[T]) -> type[T]:
+            if tag in self._class_of:
+                raise ValueError(f"tag {tag} already used by {self._class_of[tag].__name__}")
+            self._register_struct(cls)
+            self._tag_of[cls] = tag
+            self._class_of[tag] = cls
+            return cls
+
+        return register
+
+    def struct(self, cls: type[T]) -> type[T]:
+        """Class decorator for a nested value type (no tag of its own)."""
+        self._register_struct(cls)
+        return cls
+
+    def _register_struct(self, cls: type) -> None:
+        params = getattr(cls, "__dataclass_params__", None)
+        if params is None or not params.frozen:
+            raise TypeError(f"{cls.__name__} must be a frozen dataclass")
+        hints = typing.get_type_hints(cls)
+        self._fields[cls] = tuple(
+            (f.name, self._converter(hints[f.name], f"{cls.__name__}.{f.name}"))
+            for f in dataclasses.fields(cls)
+        )
+
+    def tag_of(self, cls: type) -> int:
+        return self._tag_of[cls]
+
+    def class_of(self, tag: int) -> type | None:
+        return self._class_of.get(tag)
+
+    @property
+    def message_classes(self) -> tuple[type, ...]:
+        return tuple(self._tag_of)
+
+    # ---- encoding ---------------------------------------------------------------------
+
+    def _to_plain(self, value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return [self._to_plain(getattr(value, name)) for name, _ in self._fields[type(value)]]
+        if isinstance(value, tuple | list):
+            return [self._to_plain(v) for v in value]
+        return value
+
+    def encode(self, msg: Any) -> list[bytes]:
+        tag = self._tag_of.get(type(msg))
+        if tag is None:
+            raise TypeError(f"{type(msg).__name__} is not a registered message")
+        body = msgpack.packb(self._to_plain(msg), use_bin_type=True)
+        return [HEADER.pack(PROTOCOL_VERSION, tag), body]
+
+    # ---- decoding ---------------------------------------------------------------------
+
+    def decode(
+        self,
+        frames: list[bytes],
+        expected: tuple[type, ...] | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> Any:
+        """Decode [header, body]; raise WireError for anything malformed or unexpected."""
+        if len(frames) != 2:
+            raise WireError(400, f"expected 2 frames (header, body), got {len(frames)}")
+        tag = peek_tag(frames[0])
+        cls = self._class_of.get(tag)
+        if cls is None:
+            raise WireError(400, f"unknown message tag {tag}")
+        if expected is not None and cls not in expected:
+            raise WireError(400, f"{cls.__name__} is not accepted on this socket")
+        body = frames[1]
+        if len(body) > max_frame_bytes:
+            raise WireError(413, f"{cls.__name__} body of {len(body)} bytes exceeds {max_frame_bytes}")
+        try:
+            plain = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise WireError(400, f"{cls.__name__}: malformed msgpack body ({exc})") from None
+        return self._build(cls, plain, cls.__name__)
+
+    def _build(self, cls: type, plain: Any, where: str) -> Any:
+        fields = self._fields[cls]
+        if not isinstance(plain, list):
+            raise WireError(400, f"{where}: expected an array of fields")
+        if len(plain) != len(fields):
+            raise WireError(400, f"{where}: expected {len(fields)} fields, got {len(plain)}")
+        kwargs = {name: convert(value) for (name, convert), value in zip(fields, plain, strict=True)}
+        try:
+            msg = cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise WireError(400, f"{where}: {exc}") from None
+        return msg
+
+    def _converter(self, hint: Any, where: str) -> _Convert:
+        """A function that checks a decoded msgpack value against `hint` and returns the
+        Python value (tuples for tuple fields, instances for nested structs)."""
+        origin = typing.get_origin(hint)
+        if origin in (types.UnionType, typing.Union):
+            options = [self._converter(a, where) for a in typing.get_args(hint) if a is not type(None)]
+            nullable = type(None) in typing.get_args(hint)
+            if len(options) != 1:
+                raise TypeError(f"{where}: only `X | None` unions are supported")
+            inner = options[0]
+
+            def optional(value: Any) -> Any:
+                return None if value is None and nullable else inner(value)
+
+            return optional
+        if origin is tuple:
+            args = typing.get_args(hint)
+            if len(args) != 2 or args[1] is not Ellipsis:
+                raise TypeError(f"{where}: only tuple[X, ...] is supported")
+            item = self._converter(args[0], where + "[]")
+
+            def sequence(value: Any) -> tuple:
+                if not isinstance(value, list):
+                    raise WireError(400, f"{where}: expected an array, got {type(value).__name__}")
+                return tuple(item(v) for v in value)
+
+            return sequence
+        if origin is dict:
+            key_hint, value_hint = typing.get_args(hint)
+            key_of, value_of = self._converter(key_hint, where), self._converter(value_hint, where)
+
+            def mapping(value: Any) -> dict:
+                if not isinstance(value, dict):
+                    raise WireError(400, f"{where}: expected a map, got {type(value).__name__}")
+                return {key_of(k): value_of(v) for k, v in value.items()}
+
+            return mapping
+        if dataclasses.is_dataclass(hint):
+            if hint not in self._fields:
+                self._register_struct(hint)
+            return lambda value: self._build(hint, value, where)
+        if hint is bool:
+            return _exact(bool, where)
+        if hint is int:
+            return _integer(where)
+        if hint is float:
+            return _number(where)
+        if hint in (str, bytes):
+            return _exact(hint, where)
+        raise TypeError(f"{where}: unsupported field type {hint!r}")
+
+
+def _exact(kind: type, where: str) -> _Convert:
+    def check(value: Any) -> Any:
+        if type(value) is not kind:
+            raise WireError(400, f"{where}: expected {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    return check
+
+
+def _integer(where: str) -> _Convert:
+    def check(value: Any) -> int:
+        if type(value) is not int:  # bool is rejected on purpose
+            raise WireError(400, f"{where}: expected int, got {type(value).__name__}")
+        return value
+
+    return check
+
+
+def _number(where: str) -> _Convert:
+    def check(value: Any) -> float:
+        if type(value) not in (int, float):
+            raise WireError(400, f"{where}: expected a number, got {type(value).__name__}")
+        return float(value)
+
+    return check
+
+
+def peek_tag(header: bytes) -> int:
+    """The message tag from a header frame, checking its size and protocol version."""
+    if len(header) != HEADER.size:
+        raise WireError(400, f"bad header frame of {len(header)} bytes")
+    version, tag = HEADER.unpack(header)
+    if version != PROTOCOL_VERSION:
+        raise WireError(
+            426, f"protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION})"
+        )
+    return tag

@@ -1,0 +1,453 @@
+"""Every message between Ferry's processes, in one place (DESIGN.md §3).
+
+Each message is a frozen, keyword-only dataclass registered under a u16 tag; the codec
+(common/codec.py) turns it into [header, msgpack body] frames. Tags are grouped by
+sender -> recipient. Extend by adding fields at the end with a protocol-version bump;
+never renumber a tag.
+
+Topology (every process binds one PULL "inbox"; peers PUSH to it; the SDK and the admin
+CLI talk request/reply over ROUTER/DEALER):
+
+    SDK client --DEALER--> gateway.sdk (ROUTER)        GenerateRequest, CancelRequest
+    gateway    --PUSH--> scheduler.inbox               Dispatch, Release
+    scheduler  --PUSH--> worker.inbox                  Dispatch (forwarded unread), Abort,
+                                                       MigrateOut, SetDraining, ReRegister
+    scheduler  --PUSH--> gateway.inbox                 Placement, DispatchRejected,
+                                                       InstanceView, InstanceDown
+    worker     --PUSH--> gateway.inbox (reply_addr)    Tokens, RequestError
+    worker     --PUSH--> scheduler.inbox               Register, LoadReport, MigrationDone
+    worker     --PUSH--> worker.inbox                  Mig* (migration control)
+    ferry CLI  --DEALER--> scheduler.admin (ROUTER)    StatusRequest, MigrateCommand, ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from common.codec import PROTOCOL_VERSION, Registry, WireError, peek_tag
+from common.sampling import SamplingParams
+
+__all__ = ["PROTOCOL_VERSION", "WireError", "peek_tag", "REGISTRY", "encode", "decode", "Priority"]
+
+REGISTRY = Registry()
+encode = REGISTRY.encode
+decode = REGISTRY.decode
+
+REGISTRY.struct(SamplingParams)
+
+
+class Priority(IntEnum):
+    NORMAL = 0
+    HIGH = 1
+
+    @classmethod
+    def parse(cls, value: str | int) -> Priority:
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                raise ValueError(f"priority must be 'normal' or 'high', got {value!r}") from None
+        return cls(value)
+
+
+# ---------------------------------------------------------------------------------------
+# SDK client <-> gateway
+# ---------------------------------------------------------------------------------------
+
+
+@REGISTRY.message(1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerateRequest:
+    client_req_id: str  # chosen by the client, unique per connection; replies echo it
+    prompt: str | None  # text to tokenize; exactly one of prompt / prompt_token_ids
+    prompt_token_ids: tuple[int, ...] | None  # pre-tokenized prompt
+    sampling: SamplingParams  # validated by the gateway
+    priority: int  # Priority value
+    stream: bool  # True: a TokenChunk per engine output; False: one TokenChunk at the end
+    timeout_s: float | None  # whole-request deadline; None: the gateway's default
+    api_key: str | None = None  # required when the gateway has keys configured
+
+
+@REGISTRY.message(2)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelRequest:
+    client_req_id: str  # the GenerateRequest to abort
+    api_key: str | None = None
+
+
+@REGISTRY.message(3)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenChunk:
+    client_req_id: str  # echo of GenerateRequest.client_req_id
+    req_id: str  # Ferry's id for the request (also the HTTP response id)
+    first_index: int  # output index of token_ids[0]; chunks arrive in order, no gaps
+    token_ids: tuple[int, ...]  # new output tokens
+    text: str  # detokenized text delta for these tokens (stop strings already cut)
+    finish_reason: str | None  # "length" | "stop" | "abort" | "timeout" | None (more to come)
+    num_prompt_tokens: int  # prompt length in tokens (usage accounting)
+
+
+@REGISTRY.message(4)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorReply:
+    client_req_id: str | None  # the request it answers, None if it could not be read
+    code: int  # HTTP-like: 400 bad input, 401 auth, 413 too big, 429 overloaded, 503, 504
+    message: str  # human-readable reason
+
+
+# ---------------------------------------------------------------------------------------
+# gateway -> scheduler -> worker
+# ---------------------------------------------------------------------------------------
+
+
+@REGISTRY.message(10)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dispatch:
+    """Gateway -> scheduler; the scheduler forwards the same frames to the chosen worker
+    (or the gateway sends it straight to a worker in bypass mode)."""
+
+    req_id: str  # Ferry request id, unique cluster-wide
+    prompt_token_ids: tuple[int, ...]  # the prompt
+    output_token_ids: tuple[int, ...]  # tokens already delivered (failure replay), else ()
+    sampling: SamplingParams  # seed resolved by the gateway (never None)
+    priority: int  # Priority value
+    reply_addr: str  # gateway inbox address; Tokens go there (PUSH)
+    arrival_s: float  # gateway wall clock (time.time()) when the request arrived
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+
+@REGISTRY.message(11)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Release:
+    """Gateway -> scheduler: the gateway is done with req_id. Unless reason is "finished"
+    the scheduler tells the holding instance to abort it."""
+
+    req_id: str
+    reason: str  # "finished" | "abort" | "timeout" | "stop" | "error"
+
+
+# ---------------------------------------------------------------------------------------
+# scheduler -> gateway
+# ---------------------------------------------------------------------------------------
+
+
+@REGISTRY.message(20)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Placement:
+    req_id: str
+    instance_id: str  # instance now holding req_id (after dispatch or a migration)
+
+
+@REGISTRY.message(21)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DispatchRejected:
+    req_id: str
+    code: int  # 503 no instance, 429 overloaded
+    message: str
+
+
+@REGISTRY.struct
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceAddr:
+    instance_id: str
+    inbox_addr: str  # worker inbox (advertised form)
+
+
+@REGISTRY.message(22)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceView:
+    """Sent to gateways every second: the live instances, for bypass mode."""
+
+    scheduler_epoch: str  # changes when the scheduler restarts
+    instances: tuple[InstanceAddr, ...]
+
+
+@REGISTRY.message(23)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceDown:
+    """An instance missed its heartbeats; gateways replay the requests it held."""
+
+    instance_id: str
+
+
+# ---------------------------------------------------------------------------------------
+# worker -> gateway
+# ---------------------------------------------------------------------------------------
+
+
+@REGISTRY.message(30)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tokens:
+    req_id: str
+    instance_id: str  # sender; tells the gateway where the request runs now
+    first_index: int  # output index of token_ids[0]
+    token_ids: tuple[int, ...]  # new output tokens (may be empty with a finish_reason)
+    finish_reason: str | None  # "length" | "stop" | "abort" | None
+
+
+@REGISTRY.message(31)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestError:
+    req_id: str
+    instance_id: str
+    code: int  # 400 the request can't run (e.g. too long), 500 engine failure
+    message: str
+
+
+# ---------------------------------------------------------------------------------------
+# worker -> scheduler
+# ---------------------------------------------------------------------------------------
+
+
+@REGISTRY.message(40)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Register:
+    instance_id: str
+    inbox_addr: str  # advertised address of the worker's inbox
+    num_blocks: int  # KV capacity in blocks
+    block_size: int  # tokens per block
+    max_model_len: int  # longest sequence the model accepts
+    req_ids: tuple[str, ...]  # requests it holds now (non-empty after a scheduler restart)
+
+
+@REGISTRY.struct
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadFields:
+    """What the global policy needs of one instance (DESIGN §5)."""
+
+    num_total_blocks: int
+    num_free_blocks: int
+    num_reserved_blocks: int  # held for migrations coming in
+    num_running: int
+    num_waiting: int  # queued, not yet admitted (includes preempted)
+    head_demand_blocks: int  # blocks the head-of-line waiting request needs; 0 if none
+    used_blocks_high: int  # blocks held by high-priority requests
+    num_running_high: int  # running high-priority requests
+    num_migrations_in: int
+    num_migrations_out: int
+    draining: bool
+    step_time_ewma_s: float  # EWMA of engine step time, seconds
+    num_preemptions: int  # total since start
+
+
+@REGISTRY.message(41)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadReport:
+    instance_id: str
+    inbox_addr: str  # lets a restarted scheduler ask an unknown instance to re-register
+    seq: int  # report counter, increasing
+    num_dispatch_received: int  # Dispatch messages seen so far: the scheduler counts the
+    # load of later dispatches on top of this report
+    load: LoadFields
+
+
+@REGISTRY.message(42)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrationDone:
+    """Source -> scheduler, once per migration attempt, whatever its outcome."""
+
+    migration_id: str
+    req_id: str
+    src_instance_id: str
+    dst_instance_id: str
+    committed: bool  # True: req_id now runs on dst
+    reason: str  # why it aborted, "" when committed
+    num_stages: int
+    num_blocks: int  # KV blocks copied in all
+    num_bytes: int
+    total_s: float  # from MigrateOut to the end
+    downtime_s: float  # from the request's last step on src to its first on dst
+
+
+# ---------------------------------------------------------------------------------------
+# scheduler -> worker
+# ---------------------------------------------------------------------------------------
+
+
+@REGISTRY.message(50)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Abort:
+    req_id: str
+    reason: str
+
+
+@REGISTRY.message(51)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrateOut:
+    migration_id: str  # chosen by the scheduler, echoed in MigrationDone
+    dst_instance_id: str
+    dst_inbox_addr: str
+    req_id: str | None  # None: the source picks (shortest running, low priority first)
+
+
+@REGISTRY.message(52)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetDraining:
+    draining: bool  # True: take no new work, let the scheduler migrate everything away
+
+
+@REGISTRY.message(53)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReRegister:
+    """A restarted scheduler heard from an instance it does not know."""
+
+    scheduler_epoch: str
+
+
+# ---------------------------------------------------------------------------------------
+# worker <-> worker: live migration control (DESIGN §6). KV data travels over
+# torch.distributed, never here.
+# ---------------------------------------------------------------------------------------
+
+
+@REGISTRY.message(60)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigPrealloc:
+    migration_id: str
+    req_id: str
+    src_instance_id: str
+    src_inbox_addr: str  # where the destination answers
+    num_blocks: int  # blocks to reserve now (the request's current blocks + growth)
+    kv_block_bytes: int  # bytes of one KV block; the peers must agree
+    group_id: str | None  # pairwise KV group the source already shares with dst, if any
+
+
+@REGISTRY.message(61)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigPreallocReply:
+    migration_id: str
+    ok: bool
+    reason: str  # why not, when ok is False
+    group_id: str  # pairwise KV group to use
+    store_addr: str  # "host:port" of the group's rendezvous store (dst hosts it)
+    dst_rank: int  # the destination's rank in the group (0 or 1)
+
+
+@REGISTRY.message(62)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigStage:
+    """The source is about to send blocks [first_block_index, +num_blocks) of the request's
+    block table over the KV group; the destination posts matching receives."""
+
+    migration_id: str
+    stage_index: int  # 0, 1, ...
+    first_block_index: int  # logical index in the request's block table
+    num_blocks: int
+    num_blocks_needed: int  # blocks the request needs in all by now (dst grows its reservation)
+
+
+@REGISTRY.message(63)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigStageAck:
+    migration_id: str
+    stage_index: int
+    ok: bool
+    reason: str
+
+
+@REGISTRY.struct
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestState:
+    """Everything a request needs to resume elsewhere."""
+
+    req_id: str
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]  # generated so far (including replayed ones)
+    num_delivered: int  # output tokens already sent to the gateway
+    sampling: SamplingParams
+    priority: int
+    reply_addr: str
+    arrival_s: float
+    num_computed_tokens: int  # tokens whose KV the destination now holds
+    num_preemptions: int
+
+
+@REGISTRY.message(64)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigCommit:
+    migration_id: str
+    state: RequestState
+
+
+@REGISTRY.message(65)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigCommitAck:
+    migration_id: str
+    ok: bool
+    reason: str
+
+
+@REGISTRY.message(66)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigAbort:
+    migration_id: str
+    reason: str
+
+
+# ---------------------------------------------------------------------------------------
+# admin: ferry CLI <-> scheduler.admin (request/reply)
+# ---------------------------------------------------------------------------------------
+
+
+@REGISTRY.message(80)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusRequest:
+    pass
+
+
+@REGISTRY.struct
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceStatus:
+    instance_id: str
+    inbox_addr: str
+    alive: bool
+    load: LoadFields
+    freeness: float  # the policy's F (DESIGN §5); inf encoded as a large number
+    last_report_age_s: float
+
+
+@REGISTRY.struct
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestPlacement:
+    req_id: str
+    instance_id: str
+    priority: int
+
+
+@REGISTRY.message(81)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusReply:
+    scheduler_epoch: str
+    dispatch_policy: str
+    instances: tuple[InstanceStatus, ...]
+    requests: tuple[RequestPlacement, ...]
+    num_migrations_committed: int
+    num_migrations_aborted: int
+    abort_reasons: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+
+@REGISTRY.message(82)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrateCommand:
+    req_id: str
+    dst_instance_id: str
+    timeout_s: float  # how long the CLI waits for the outcome
+
+
+@REGISTRY.message(83)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrateCommandReply:
+    ok: bool
+    reason: str  # why it failed or aborted
+    done: MigrationDone | None  # the outcome's details when the migration ran
+
+
+@REGISTRY.message(84)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminError:
+    code: int
+    message: str
