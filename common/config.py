@@ -1,0 +1,96 @@
+"""Frozen configuration of each service. Built once at start-up from CLI flags with
+`common.env` defaults; per-instance copies via dataclasses.replace. Derived values are
+properties; nothing mutates a config after it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common import env
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Endpoint:
+    """A ZMQ endpoint in its two forms: what this process binds, and what peers dial.
+    They differ when services sit on different hosts or in containers."""
+
+    bind: str  # e.g. tcp://0.0.0.0:5600
+    advertise: str  # e.g. tcp://scheduler:5600
+
+    @classmethod
+    def on_port(cls, port: int) -> Endpoint:
+        return cls(bind=f"tcp://{env.bind_host()}:{port}", advertise=f"tcp://{env.host()}:{port}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    gateway_id: str  # unique per gateway; prefixes its req_ids
+    http_host: str  # HTTP bind interface
+    http_port: int  # OpenAI-compatible API
+    sdk: Endpoint  # ROUTER for the ferry SDK
+    inbox: Endpoint  # PULL for Tokens and scheduler messages
+    scheduler_addr: str  # scheduler inbox
+    model: str  # model directory (for the tokenizer and /v1/models)
+    model_name: str  # name reported by /v1/models
+    api_keys: tuple[str, ...] = ()  # empty: no auth
+    max_inflight: int = 1024  # requests in flight; beyond that 429
+    max_queued_chunks: int = 256  # per-request buffered token chunks for a slow client
+    default_timeout_s: float = 600.0  # per-request deadline unless the request says
+    max_tokens_limit: int = 32768  # largest max_tokens accepted
+    bypass_after_s: float = 3.0  # no InstanceView for this long: dispatch straight to workers
+    max_frame_bytes: int = field(default_factory=env.max_frame_bytes)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulerConfig:
+    inbox: Endpoint  # PULL: dispatches, releases, reports
+    admin: Endpoint  # ROUTER: ferry status / migrate
+    dispatch_policy: str = "llumnix"  # round_robin | least_load | llumnix
+    heartbeat_timeout_s: float = 2.0  # silence past this marks an instance dead
+    view_interval_s: float = 1.0  # InstanceView to gateways
+    # --- migration (DESIGN §5) ---
+    enable_migration: bool = True
+    migration_interval_s: float = 0.2  # how often pairs are formed
+    migrate_out_threshold: float = 1.0  # freeness below this makes a migration source
+    max_migrations_per_instance: int = 2  # concurrent migrations in or out of one instance
+    high_priority_headroom_blocks: int = 0  # virtual usage added per high-priority request
+    # --- scaling ---
+    autoscale: bool = False
+    min_workers: int = 1
+    max_workers: int = 1
+    scale_up_freeness: float = 10.0  # average F below this for `scale_cooldown_s`: add one
+    scale_down_freeness: float = 60.0  # average F above this: drain one
+    scale_cooldown_s: float = 10.0
+    max_frame_bytes: int = field(default_factory=env.max_frame_bytes)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineConfig:
+    """The engine core's knobs (pure; no processes)."""
+
+    max_num_seqs: int = 256  # requests in one batch at most
+    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
+    max_waiting: int = 4096  # queue bound; beyond it new requests are refused
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    instance_id: str
+    inbox: Endpoint  # PULL: scheduler, gateways (bypass), peers (migration)
+    scheduler_addr: str
+    model: str  # model directory or "tiny"
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    executor: str = "model"  # model | sim
+    sim_profile: str = ""  # profile JSON for the sim executor
+    attention_backend: str = "auto"  # torch | triton | flash | auto
+    block_size: int = 16
+    num_blocks: int = 0  # 0: derive from kv_cache_gb / free memory
+    kv_cache_gb: float = field(default_factory=env.kv_cache_gb)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    report_interval_s: float = field(default_factory=env.report_interval_s)
+    max_migrations: int = 2  # concurrent migrations in or out of this instance
+    migration_stage_limit: int = 8  # stages before the final (pausing) one
+    migration_last_stage_blocks: int = 2  # few enough blocks left: pause and finish
+    migration_timeout_s: float = 30.0  # a migration with no progress for this long aborts
+    migration_chunk_bytes: int = 64 * 1024 * 1024  # staging buffer per send
+    max_frame_bytes: int = field(default_factory=env.max_frame_bytes)

@@ -1,0 +1,132 @@
+"""ZMQ plumbing shared by every process: a bound PULL inbox that decodes strictly, PUSH
+outboxes per peer address with bounded queues, and a small request/reply client.
+
+Every queue is bounded: sockets carry a high-water mark, and a send that would block
+raises Overloaded instead of buffering without limit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from common import wire
+from common.codec import WireError
+from common.logging import get_logger
+
+# Messages a PUSH socket may queue for one peer before sends fail with Overloaded.
+DEFAULT_HWM = 10_000
+
+log = get_logger()
+
+
+class Overloaded(Exception):
+    """A bounded queue is full; the caller answers 'overloaded' (HTTP 429)."""
+
+
+def make_context() -> zmq.asyncio.Context:
+    return zmq.asyncio.Context.instance()
+
+
+class Inbox:
+    """A bound PULL socket. `recv()` returns the next well-formed message of an expected
+    type; malformed frames are logged and counted, never raised into the loop."""
+
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        bind: str,
+        *,
+        expected: tuple[type, ...] | None,
+        max_frame_bytes: int,
+        hwm: int = DEFAULT_HWM,
+    ) -> None:
+        self.socket = ctx.socket(zmq.PULL)
+        self.socket.setsockopt(zmq.RCVHWM, hwm)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        # Frames larger than this are dropped by libzmq before they reach Python.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + 64)
+        self.socket.bind(bind)
+        self.expected = expected
+        self.max_frame_bytes = max_frame_bytes
+        self.num_rejected = 0
+
+    async def recv(self) -> Any:
+        while True:
+            frames = await self.socket.recv_multipart(copy=True)
+            try:
+                return wire.decode(frames, self.expected, self.max_frame_bytes)
+            except WireError as err:
+                self.num_rejected += 1
+                log.warning("rejected_message", code=err.code, error=err.message)
+
+    async def recv_raw(self) -> tuple[list[bytes], Any]:
+        """Like recv, but also returns the frames (for forwarding unread)."""
+        while True:
+            frames = await self.socket.recv_multipart(copy=True)
+            try:
+                return frames, wire.decode(frames, self.expected, self.max_frame_bytes)
+            except WireError as err:
+                self.num_rejected += 1
+                log.warning("rejected_message", code=err.code, error=err.message)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class Outboxes:
+    """PUSH sockets keyed by peer address, created on first use."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, *, hwm: int = DEFAULT_HWM) -> None:
+        self.ctx = ctx
+        self.hwm = hwm
+        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+
+    def _socket(self, addr: str) -> zmq.asyncio.Socket:
+        sock = self._sockets.get(addr)
+        if sock is None:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.SNDHWM, self.hwm)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(addr)
+            self._sockets[addr] = sock
+        return sock
+
+    def send(self, addr: str, msg: Any) -> None:
+        self.send_frames(addr, wire.encode(msg))
+
+    def send_frames(self, addr: str, frames: list[bytes]) -> None:
+        """Queue frames for addr without blocking; Overloaded when the peer's queue is full."""
+        try:
+            self._socket(addr).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise Overloaded(f"send queue to {addr} is full") from None
+
+    def drop(self, addr: str) -> None:
+        sock = self._sockets.pop(addr, None)
+        if sock is not None:
+            sock.close(linger=0)
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        self._sockets.clear()
+
+
+async def request(
+    ctx: zmq.asyncio.Context, addr: str, msg: Any, *, timeout_s: float, expected: tuple[type, ...]
+) -> Any:
+    """One request/reply round trip over a fresh DEALER (admin CLI)."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(addr)
+    try:
+        await sock.send_multipart(wire.encode(msg))
+        if not await sock.poll(timeout=int(timeout_s * 1000), flags=zmq.POLLIN):
+            raise TimeoutError(f"no answer from {addr} within {timeout_s:.1f}s")
+        frames = await sock.recv_multipart()
+        return wire.decode(frames, expected)
+    finally:
+        sock.close(linger=0)
