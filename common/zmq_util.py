@@ -22,6 +22,10 @@ DEFAULT_HWM = 10_000
 log = get_logger()
 
 
+def hard_frame_cap(max_frame_bytes: int) -> int:
+    return 4 * max_frame_bytes + 64
+
+
 class Overloaded(Exception):
     """A bounded queue is full; the caller answers 'overloaded' (HTTP 429)."""
 
@@ -46,8 +50,10 @@ class Inbox:
         self.socket = ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.RCVHWM, hwm)
         self.socket.setsockopt(zmq.LINGER, 0)
-        # Frames larger than this are dropped by libzmq before they reach Python.
-        self.socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + 64)
+        # A hard cap well above the limit: libzmq drops the connection of a peer that sends
+        # more, before the bytes reach Python. Between the limit and the cap, decode()
+        # rejects the message with a logged 413 and the peer stays connected.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, hard_frame_cap(max_frame_bytes))
         self.socket.bind(bind)
         self.expected = expected
         self.max_frame_bytes = max_frame_bytes
