@@ -217,20 +217,25 @@ class LocalScheduler:
             del self.paused[req.req_id]
 
     def pause(self, req_id: str) -> Request:
-        """Take a running request out of the batch, keeping its blocks."""
+        """Take a request out of scheduling, keeping its blocks (a migration's final
+        stage, or a queued request about to move)."""
         req = self.find(req_id)
-        if req is None or req.status is not Status.RUNNING:
-            raise KeyError(f"{req_id} is not running")
-        self.running.remove(req)
+        if req is None or req.status not in (Status.RUNNING, Status.WAITING):
+            raise KeyError(f"{req_id} is neither running nor waiting")
+        self._detach(req)
         req.status = Status.PAUSED
         self.paused[req_id] = req
         return req
 
     def resume(self, req_id: str) -> None:
-        """Put a paused request back into the batch (a migration aborted)."""
+        """Undo pause (the migration aborted): back to the batch, or to the queue when it
+        holds no KV."""
         req = self.paused.pop(req_id)
-        req.status = Status.RUNNING
-        self.running.append(req)
+        if req.num_computed_tokens == 0 and not req.block_ids:
+            self.add(req)
+        else:
+            req.status = Status.RUNNING
+            self.running.append(req)
 
     def remove(self, req_id: str) -> Request:
         """Drop a request that now lives elsewhere (migration committed): blocks freed,
