@@ -37,7 +37,8 @@ class SimStepper:
             return []
         batch = ModelBatch(chunks=tuple(plan.chunks))
         start = time.perf_counter()
-        await asyncio.sleep(self.executor.step_time(batch) / self.executor.speedup)
+        if plan.chunks:
+            await asyncio.sleep(self.executor.step_time(batch) / self.executor.speedup)
         sampled = self.executor.execute(batch)  # sleep=False: tokens only
         # Requests aborted or paused while we slept are skipped by update().
         return self.engine.finish_step(plan, sampled, time.perf_counter() - start)

@@ -291,3 +291,14 @@ def test_load_snapshot_counts():
     assert load.head_demand_blocks == 3  # 9 prompt tokens + 1 -> 3 blocks of 4
     assert load.num_running_high == 1 and load.used_blocks_high == 2
     assert load.num_free_blocks + 2 == load.num_total_blocks
+
+
+def test_request_that_outgrows_the_whole_cache_finishes_instead_of_thrashing():
+    engine = make_engine(num_blocks=5, block_size=4)
+    engine.add_request("big", [1] * 10, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+    collector = Collector()
+    run_all(engine, collector)
+    assert collector.reasons["big"] == "length"
+    # 20 KV slots hold 10 prompt + 10 output tokens; the 11th output needs no slot yet.
+    assert len(collector.tokens["big"]) == 11
+    assert engine.scheduler.num_preemptions == 0

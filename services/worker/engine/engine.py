@@ -135,7 +135,7 @@ class Engine:
         if plan.is_empty:
             return []
         start = time.perf_counter()
-        sampled = self.executor.execute(ModelBatch(chunks=tuple(plan.chunks)))
+        sampled = self.executor.execute(ModelBatch(chunks=tuple(plan.chunks))) if plan.chunks else []
         return self.finish_step(plan, sampled, time.perf_counter() - start)
 
     def schedule(self) -> StepPlan:

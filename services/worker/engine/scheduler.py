@@ -29,10 +29,12 @@ class StepPlan:
     chunks: list[SeqChunk] = field(default_factory=list)
     reqs: list[Request] = field(default_factory=list)  # reqs[i] runs chunks[i]
     preempted_req_ids: list[str] = field(default_factory=list)
+    # Requests finished by schedule() itself: they outgrew the whole KV cache.
+    finished: list[Request] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not self.chunks
+        return not self.chunks and not self.finished
 
     @property
     def num_tokens(self) -> int:
@@ -108,10 +110,16 @@ class LocalScheduler:
         """Make req's table hold num_tokens, preempting from the back of the running queue
         (lowest priority, latest) until it fits. False if req itself had to go."""
         while not self.blocks.append_slot(req.block_ids, num_tokens):
-            if not self.running:
+            if self.running:
+                self._preempt(self.running.pop(), plan)
+                continue
+            if self.blocks.num_used == len(req.block_ids) and not self.blocks.num_reserved:
+                # Alone and still no room: it can never grow here. Recompute would loop.
+                self._finish(req, "length")
+                plan.finished.append(req)
+            else:  # paused requests or reservations hold blocks that will come back
                 self._preempt(req, plan)
-                return False
-            self._preempt(self.running.pop(), plan)
+            return False
         return True
 
     def _add_chunk(self, plan: StepPlan, req: Request, num_new: int) -> None:
@@ -142,7 +150,7 @@ class LocalScheduler:
 
     def update(self, plan: StepPlan, sampled: list[int]) -> list[RequestOutput]:
         """Record a step's results; return the requests' new tokens (and finishes)."""
-        outputs: list[RequestOutput] = []
+        outputs = [self._take_output(req) for req in plan.finished]
         sampled_iter = iter(sampled)
         for chunk, req in zip(plan.chunks, plan.reqs, strict=True):
             token = next(sampled_iter) if chunk.sample else None

@@ -81,7 +81,7 @@ class MigrationCoordinator:
         self.limits = MigrationLimits(
             stage_limit=config.migration_stage_limit,
             last_stage_blocks=config.migration_last_stage_blocks,
-            growth_tokens=(config.migration_stage_limit + 2) * engine.blocks.block_size,
+            growth_tokens=4 * engine.blocks.block_size,
             timeout_s=config.migration_timeout_s,
         )
         self.log = get_logger(instance_id=config.instance_id)

@@ -108,14 +108,21 @@ class KVTransport:
         if group is not None:
             self._drop(group)
         host, port = store_addr.rsplit(":", 1)
-        store = dist.TCPStore(host, int(port), world_size=2, is_master=False, timeout=self.timeout)
-        self._sending[dst_instance_id] = self._new_group(group_id, dst_instance_id, SENDER_RANK, store)
 
-    def _new_group(self, group_id: str, peer: str, rank: int, store: dist.TCPStore) -> KVGroup:
+        def connect() -> dist.TCPStore:  # runs in the group's thread: connecting blocks
+            return dist.TCPStore(host, int(port), world_size=2, is_master=False,
+                                 timeout=self.timeout)
+
+        self._sending[dst_instance_id] = self._new_group(group_id, dst_instance_id, SENDER_RANK,
+                                                         connect)
+
+    def _new_group(self, group_id: str, peer: str, rank: int, store) -> KVGroup:
+        """store: the hosted TCPStore, or a function connecting to the peer's one."""
         thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kv-{group_id}")
-        prefixed = dist.PrefixStore(group_id, store)
 
         def build() -> object:
+            prefixed = dist.PrefixStore(group_id, store if isinstance(store, dist.TCPStore)
+                                        else store())
             if self.backend == "nccl":
                 options = dist.ProcessGroupNCCL.Options()
                 options.is_high_priority_stream = True
@@ -123,7 +130,8 @@ class KVTransport:
             return dist.ProcessGroupGloo(prefixed, rank, 2, self.timeout)
 
         group = KVGroup(group_id=group_id, peer_instance_id=peer, rank=rank, thread=thread,
-                        ready=thread.submit(build), store=store)
+                        ready=thread.submit(build),
+                        store=store if isinstance(store, dist.TCPStore) else None)
         if self.kv_cache.is_cuda:
             group.stream = torch.cuda.Stream(device=self.kv_cache.device)
         return group

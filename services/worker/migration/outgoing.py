@@ -239,7 +239,11 @@ class OutgoingRunner:
     # ---- helpers --------------------------------------------------------------------------
 
     def _blocks_needed(self, req: Request) -> int:
-        return self.engine.blocks.blocks_for(req.num_tokens + self.limits.growth_tokens)
+        """Blocks the destination should hold by now: the request's tokens plus headroom
+        for decoding during the next stage, never past its final length."""
+        final_len = len(req.prompt_token_ids) + req.sampling.max_tokens
+        return self.engine.blocks.blocks_for(
+            min(req.num_tokens + self.limits.growth_tokens, final_len))
 
     def _check_still_here(self, req: Request) -> None:
         if self.engine.get(req.req_id) is not req or req.status is Status.FINISHED:
