@@ -14,7 +14,8 @@ def parse_ids(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--prompt-ids takes comma-separated integers, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
