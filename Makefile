@@ -7,8 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
-EXTRAS := dev$(if $(HAS_GPU),$(COMMA)gpu,)
 COMMA := ,
+EXTRAS := dev$(if $(HAS_GPU),$(COMMA)gpu,)
 STAMP := $(VENV)/.ferry-setup
 PYTEST_ARGS ?=
 
