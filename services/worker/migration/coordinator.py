@@ -19,6 +19,7 @@ from common.config import WorkerConfig
 from common.logging import get_logger
 from services.worker.engine.engine import Engine
 from services.worker.engine.request import RequestOutput, Status
+from services.worker.migration.choice import pick_request
 from services.worker.migration.incoming import IncomingMigration, IncomingRunner, InPhase
 from services.worker.migration.kv_transfer import KVTransport, SimulatedTransport
 from services.worker.migration.outgoing import (
@@ -128,7 +129,7 @@ class MigrationCoordinator:
             return self._refuse(mig, "destination is this instance")
         if len(self.outgoing) >= self.config.max_migrations:
             return self._refuse(mig, "too many migrations out of this instance")
-        req_id = msg.req_id or self.pick_request()
+        req_id = msg.req_id or pick_request(self.engine, {m.req_id for m in self.outgoing.values()})
         if req_id is None:
             return self._refuse(mig, "no request to migrate")
         if any(m.req_id == req_id for m in self.outgoing.values()):
@@ -148,19 +149,6 @@ class MigrationCoordinator:
             ready_event=self._ready_event,
         )
         self._spawn(self._run_outgoing(runner))
-
-    def pick_request(self) -> str | None:
-        """Which request to move: a queued one if any (no KV to copy), else the shortest
-        running one, low priority first (DESIGN §5)."""
-        busy = {m.req_id for m in self.outgoing.values()}
-        sched = self.engine.scheduler
-        for req in sched.waiting:
-            if req.req_id not in busy:
-                return req.req_id
-        candidates = [r for r in sched.running if r.req_id not in busy]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda r: (r.priority, r.num_tokens, r.arrival_s)).req_id
 
     async def _run_outgoing(self, runner: OutgoingRunner) -> None:
         mig = await runner.run()
