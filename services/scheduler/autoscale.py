@@ -8,7 +8,8 @@ provisioner.
   virtual usage infinite, so the migration pairing moves its requests away;
 - a drained instance with nothing left (no requests, no migrations) is terminated;
 - fewer serving or starting instances than min_workers -> start the missing ones at once.
-Between two scale actions at least `cooldown_s` pass; one start at a time is in flight.
+Between two scale actions at least `cooldown_s` pass (for a start: counted from when the new
+instance registers); one start at a time is in flight.
 """
 
 from __future__ import annotations
@@ -119,7 +120,10 @@ class Autoscaler:
         actions: list[ScaleAction] = []
         for instance_id, started_s in list(self.starting.items()):
             if instance_id in loads:
+                # Its capacity shows in F only from now on: the cooldown starts over.
                 del self.starting[instance_id]
+                self.last_action_s = now
+                self.below_since = None
             elif now - started_s > self.start_timeout_s:
                 del self.starting[instance_id]
                 actions.append(Terminate(instance_id))
