@@ -469,7 +469,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ferry scheduler", description="Ferry's global scheduler.")
+    parser = argparse.ArgumentParser(
+        prog="ferry scheduler", description="Ferry's global scheduler."
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

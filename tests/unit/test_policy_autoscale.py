@@ -29,8 +29,15 @@ def cold(num_running=1):
 
 
 def scaler(min_workers=1, max_workers=4, **kw):
-    return Autoscaler(min_workers=min_workers, max_workers=max_workers, scale_up_freeness=10.0,
-                      scale_down_freeness=60.0, cooldown_s=COOLDOWN_S, headroom_blocks=0, **kw)
+    return Autoscaler(
+        min_workers=min_workers,
+        max_workers=max_workers,
+        scale_up_freeness=10.0,
+        scale_down_freeness=60.0,
+        cooldown_s=COOLDOWN_S,
+        headroom_blocks=0,
+        **kw,
+    )
 
 
 def test_scale_up_only_after_the_average_stays_below_the_band_for_the_cooldown():
@@ -149,8 +156,20 @@ def test_too_many_serving_instances_are_drained_to_max():
 
 def test_band_must_be_a_band():
     with pytest.raises(ValueError, match="band"):
-        Autoscaler(min_workers=1, max_workers=2, scale_up_freeness=50, scale_down_freeness=50,
-                   cooldown_s=1, headroom_blocks=0)
+        Autoscaler(
+            min_workers=1,
+            max_workers=2,
+            scale_up_freeness=50,
+            scale_down_freeness=50,
+            cooldown_s=1,
+            headroom_blocks=0,
+        )
     with pytest.raises(ValueError, match="min_workers"):
-        Autoscaler(min_workers=3, max_workers=2, scale_up_freeness=1, scale_down_freeness=50,
-                   cooldown_s=1, headroom_blocks=0)
+        Autoscaler(
+            min_workers=3,
+            max_workers=2,
+            scale_up_freeness=1,
+            scale_down_freeness=50,
+            cooldown_s=1,
+            headroom_blocks=0,
+        )

@@ -27,8 +27,17 @@ def load(total=100, **fields):
 def equal_table(num_instances, num_blocks=1000):
     table = InstanceTable()
     for i in range(num_instances):
-        table.register(Register(instance_id=f"i{i}", inbox_addr=f"tcp://h:{i}", num_blocks=num_blocks,
-                                block_size=16, max_model_len=4096, req_ids=()), now=0.0)
+        table.register(
+            Register(
+                instance_id=f"i{i}",
+                inbox_addr=f"tcp://h:{i}",
+                num_blocks=num_blocks,
+                block_size=16,
+                max_model_len=4096,
+                req_ids=(),
+            ),
+            now=0.0,
+        )
     return table
 
 
@@ -37,8 +46,9 @@ def dispatch_all(policy, table, demands):
     counts = collections.Counter()
     for n, demand in enumerate(demands):
         instance_id = policy.choose(table.loads(serving_only=True))
-        table.record_dispatch(instance_id, UnseenDispatch(req_id=f"r{n}", demand_blocks=demand,
-                                                          high_priority=False))
+        table.record_dispatch(
+            instance_id, UnseenDispatch(req_id=f"r{n}", demand_blocks=demand, high_priority=False)
+        )
         counts[instance_id] += 1
     return counts
 
@@ -68,8 +78,10 @@ def test_load_aware_policies_fill_a_fresh_instance_first(name):
     table = equal_table(4)
     for instance_id in ("i0", "i1", "i2"):
         for k in range(5):
-            table.record_dispatch(instance_id, UnseenDispatch(req_id=f"{instance_id}-{k}", demand_blocks=20,
-                                                              high_priority=False))
+            table.record_dispatch(
+                instance_id,
+                UnseenDispatch(req_id=f"{instance_id}-{k}", demand_blocks=20, high_priority=False),
+            )
     policy = make_dispatch_policy(name, headroom_blocks=0)
     counts = dispatch_all(policy, table, [20] * 8)
     assert counts["i3"] >= 5
@@ -84,7 +96,10 @@ def test_round_robin_ignores_load():
 
 def test_llumnix_and_least_load_disagree_on_batch_size():
     # a: one request holding 50 blocks (F = 50); b: ten requests holding 20 (F = 8).
-    loads = {"a": load(num_free_blocks=50, num_running=1), "b": load(num_free_blocks=80, num_running=10)}
+    loads = {
+        "a": load(num_free_blocks=50, num_running=1),
+        "b": load(num_free_blocks=80, num_running=10),
+    }
     assert Llumnix(headroom_blocks=0).choose(loads) == "a"
     assert LeastLoad().choose(loads) == "b"
 
@@ -92,7 +107,9 @@ def test_llumnix_and_least_load_disagree_on_batch_size():
 def test_least_load_counts_the_queue():
     loads = {
         "a": load(num_free_blocks=60, num_running=3),  # 40% used
-        "b": load(num_free_blocks=80, num_running=2, num_waiting=3, head_demand_blocks=10),  # 20% + 30%
+        "b": load(
+            num_free_blocks=80, num_running=2, num_waiting=3, head_demand_blocks=10
+        ),  # 20% + 30%
     }
     assert LeastLoad().choose(loads) == "a"
 
@@ -100,7 +117,9 @@ def test_least_load_counts_the_queue():
 def test_llumnix_counts_the_head_of_the_queue():
     loads = {
         "a": load(num_free_blocks=60, num_running=2),  # F = 30
-        "b": load(num_free_blocks=80, num_running=2, num_waiting=1, head_demand_blocks=30),  # F = 25
+        "b": load(
+            num_free_blocks=80, num_running=2, num_waiting=1, head_demand_blocks=30
+        ),  # F = 25
     }
     assert Llumnix(headroom_blocks=0).choose(loads) == "a"
 

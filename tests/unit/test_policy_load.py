@@ -23,7 +23,9 @@ def load(total=100, **fields):
     return dataclasses.replace(empty_load(total), **fields)
 
 
-@pytest.mark.parametrize(("num_tokens", "blocks"), [(1, 1), (15, 1), (16, 1), (17, 2), (160, 10), (161, 11)])
+@pytest.mark.parametrize(
+    ("num_tokens", "blocks"), [(1, 1), (15, 1), (16, 1), (17, 2), (160, 10), (161, 11)]
+)
 def test_demand_is_ceil_of_tokens_over_block_size(num_tokens, blocks):
     assert demand_blocks(num_tokens, 16) == blocks
 
@@ -35,8 +37,15 @@ def test_idle_instance_freeness_is_its_capacity():
 def test_freeness_follows_the_formula():
     # 100 blocks: 40 free, 10 reserved for a migration in -> 50 used by 5 running requests;
     # head-of-line demand 8; 2 of the running are high priority, headroom 5 each.
-    lf = load(num_free_blocks=40, num_reserved_blocks=10, num_running=5, num_waiting=3,
-              head_demand_blocks=8, num_running_high=2, used_blocks_high=12)
+    lf = load(
+        num_free_blocks=40,
+        num_reserved_blocks=10,
+        num_running=5,
+        num_waiting=3,
+        head_demand_blocks=8,
+        num_running_high=2,
+        used_blocks_high=12,
+    )
     assert used_blocks(lf) == 50
     assert virtual_usage(lf, headroom_blocks=5) == 50 + 10 + 8 + 2 * 5
     assert freeness(lf, headroom_blocks=5) == pytest.approx((100 - 78) / 5)
@@ -63,7 +72,9 @@ def test_headroom_lowers_freeness_of_instances_running_high_priority():
     normal = load(num_free_blocks=50, num_running=5)
     high = dataclasses.replace(normal, num_running_high=2, used_blocks_high=20)
     assert freeness(normal, headroom_blocks=10) == freeness(high, headroom_blocks=0)
-    assert freeness(high, headroom_blocks=10) == pytest.approx(freeness(normal, headroom_blocks=10) - 4)
+    assert freeness(high, headroom_blocks=10) == pytest.approx(
+        freeness(normal, headroom_blocks=10) - 4
+    )
 
 
 def test_draining_instance_has_infinite_usage():
@@ -74,6 +85,12 @@ def test_draining_instance_has_infinite_usage():
 
 
 def test_memory_load_counts_usage_reservations_and_queue():
-    lf = load(num_free_blocks=50, num_reserved_blocks=10, num_running=3, num_waiting=2, head_demand_blocks=5)
+    lf = load(
+        num_free_blocks=50,
+        num_reserved_blocks=10,
+        num_running=3,
+        num_waiting=2,
+        head_demand_blocks=5,
+    )
     assert memory_load(lf) == pytest.approx((40 + 10 + 2 * 5) / 100)
     assert memory_load(empty_load(100)) == 0

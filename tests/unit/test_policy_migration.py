@@ -18,8 +18,13 @@ def busy(free=0, running=10, **fields):
 
 
 def pairs(loads, threshold=1.0, margin=1.0, max_per_instance=2, headroom_blocks=0):
-    decisions = pair_migrations(loads, threshold=threshold, margin=margin,
-                                max_per_instance=max_per_instance, headroom_blocks=headroom_blocks)
+    decisions = pair_migrations(
+        loads,
+        threshold=threshold,
+        margin=margin,
+        max_per_instance=max_per_instance,
+        headroom_blocks=headroom_blocks,
+    )
     return [(d.src_instance_id, d.dst_instance_id) for d in decisions]
 
 
@@ -28,8 +33,13 @@ def test_an_overloaded_instance_pairs_with_a_free_one():
 
 
 def test_decisions_leave_the_request_to_the_source():
-    decisions = pair_migrations({"hot": busy(free=5), "cold": busy(free=80, running=2)}, threshold=1.0,
-                                margin=1.0, max_per_instance=2, headroom_blocks=0)
+    decisions = pair_migrations(
+        {"hot": busy(free=5), "cold": busy(free=80, running=2)},
+        threshold=1.0,
+        margin=1.0,
+        max_per_instance=2,
+        headroom_blocks=0,
+    )
     assert decisions == [MigrationDecision("hot", "cold", None)]
 
 
@@ -50,15 +60,19 @@ def test_lowest_freeness_pairs_with_highest_and_no_instance_plays_two_roles():
 
 def test_a_waiting_queue_makes_a_source_even_with_freeness_above_threshold():
     loads = {
-        "queued": load(num_free_blocks=40, num_running=2, num_waiting=3, head_demand_blocks=30),  # F 5
+        "queued": load(
+            num_free_blocks=40, num_running=2, num_waiting=3, head_demand_blocks=30
+        ),  # F 5
         "idle": load(num_free_blocks=100),  # F 100
     }
     assert pairs(loads) == [("queued", "idle")]
 
 
 def test_an_instance_with_a_queue_is_never_a_destination():
-    loads = {"hot": busy(free=5), "queued": load(num_free_blocks=90, num_running=1, num_waiting=1,
-                                                  head_demand_blocks=1)}
+    loads = {
+        "hot": busy(free=5),
+        "queued": load(num_free_blocks=90, num_running=1, num_waiting=1, head_demand_blocks=1),
+    }
     assert pairs(loads) == []
 
 
@@ -82,16 +96,25 @@ def test_gap_between_source_and_destination_must_exceed_the_margin():
 
 def test_no_source_without_running_requests():
     # Only waiting requests, nothing running: there is nothing a migration could move.
-    loads = {"stuck": load(num_free_blocks=0, num_waiting=4, head_demand_blocks=10), "idle": empty_load(100)}
+    loads = {
+        "stuck": load(num_free_blocks=0, num_waiting=4, head_demand_blocks=10),
+        "idle": empty_load(100),
+    }
     assert pairs(loads) == []
 
 
 def test_instances_at_their_migration_bound_take_no_part():
     loads = {"hot": busy(free=5, num_migrations_out=2), "cold": busy(free=80, running=2)}
     assert pairs(loads) == []
-    loads = {"hot": busy(free=5), "cold": busy(free=80, running=2, num_migrations_in=1, num_migrations_out=1)}
+    loads = {
+        "hot": busy(free=5),
+        "cold": busy(free=80, running=2, num_migrations_in=1, num_migrations_out=1),
+    }
     assert pairs(loads) == []
-    loads = {"hot": busy(free=5, num_migrations_out=1), "cold": busy(free=80, running=2, num_migrations_in=1)}
+    loads = {
+        "hot": busy(free=5, num_migrations_out=1),
+        "cold": busy(free=80, running=2, num_migrations_in=1),
+    }
     assert pairs(loads) == [("hot", "cold")]
 
 

@@ -13,19 +13,32 @@ from services.scheduler.table import InstanceTable, UnseenDispatch
 
 def register(table, instance_id="a", num_blocks=100, now=0.0, req_ids=()):
     return table.register(
-        Register(instance_id=instance_id, inbox_addr=f"tcp://{instance_id}:1", num_blocks=num_blocks,
-                 block_size=16, max_model_len=4096, req_ids=req_ids),
+        Register(
+            instance_id=instance_id,
+            inbox_addr=f"tcp://{instance_id}:1",
+            num_blocks=num_blocks,
+            block_size=16,
+            max_model_len=4096,
+            req_ids=req_ids,
+        ),
         now,
     )
 
 
 def report(instance_id="a", seq=0, received=0, total=100, **fields):
-    return LoadReport(instance_id=instance_id, inbox_addr=f"tcp://{instance_id}:1", seq=seq,
-                      num_dispatch_received=received, load=dataclasses.replace(empty_load(total), **fields))
+    return LoadReport(
+        instance_id=instance_id,
+        inbox_addr=f"tcp://{instance_id}:1",
+        seq=seq,
+        num_dispatch_received=received,
+        load=dataclasses.replace(empty_load(total), **fields),
+    )
 
 
 def dispatch(table, instance_id="a", demand=10, high=False, req_id="r"):
-    table.record_dispatch(instance_id, UnseenDispatch(req_id=req_id, demand_blocks=demand, high_priority=high))
+    table.record_dispatch(
+        instance_id, UnseenDispatch(req_id=req_id, demand_blocks=demand, high_priority=high)
+    )
 
 
 @pytest.fixture
@@ -95,12 +108,19 @@ def test_an_unseen_dispatch_that_does_not_fit_waits_at_the_head(table):
     dispatch(table, demand=8, req_id="head")
     dispatch(table, demand=2, req_id="behind")  # would fit, but FCFS keeps it behind the head
     lf = table.load("a")
-    assert (lf.num_free_blocks, lf.num_running, lf.num_waiting, lf.head_demand_blocks) == (5, 5, 2, 8)
+    assert (lf.num_free_blocks, lf.num_running, lf.num_waiting, lf.head_demand_blocks) == (
+        5,
+        5,
+        2,
+        8,
+    )
 
 
 def test_unseen_dispatches_queue_behind_a_reported_queue(table):
-    table.apply_report(report(seq=1, num_free_blocks=50, num_running=2, num_waiting=1,
-                              head_demand_blocks=60), now=0.1)
+    table.apply_report(
+        report(seq=1, num_free_blocks=50, num_running=2, num_waiting=1, head_demand_blocks=60),
+        now=0.1,
+    )
     dispatch(table, demand=1)
     lf = table.load("a")
     assert (lf.num_free_blocks, lf.num_waiting, lf.head_demand_blocks) == (50, 2, 60)
