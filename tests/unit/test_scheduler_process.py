@@ -44,7 +44,7 @@ from common.wire import (
 from common.zmq_util import request
 from services.scheduler.load import empty_load
 from services.scheduler.main import Scheduler, add_arguments, config_from_args
-from services.scheduler.provisioner import free_port
+from services.scheduler.provisioner import WorkerHandle, free_port
 
 RECV_TIMEOUT_S = 3.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -182,14 +182,14 @@ class Cluster:
         )
 
 
-def run_with_scheduler(scenario, **cfg_fields):
+def run_with_scheduler(scenario, *, provisioner=None, clock=time.monotonic, **cfg_fields):
     """Start a Scheduler on free ports, run scenario(cluster), stop everything."""
     any_port = Endpoint(bind="tcp://127.0.0.1:*", advertise="tcp://127.0.0.1:0")
     cfg = SchedulerConfig(inbox=any_port, admin=any_port, **cfg_fields)
 
     async def main():
         ctx = zmq.asyncio.Context()
-        scheduler = Scheduler(cfg, ctx=ctx)
+        scheduler = Scheduler(cfg, ctx=ctx, provisioner=provisioner, clock=clock)
         loop_task = asyncio.create_task(scheduler.run())
         try:
             await scenario(Cluster(ctx, scheduler))
@@ -528,3 +528,79 @@ def test_a_burst_without_reports_still_spreads(policy):
         assert per_instance == {f"w{i}": 10 for i in range(4)}
 
     run_with_scheduler(scenario, dispatch_policy=policy)
+
+
+class FakeProvisioner:
+    def __init__(self):
+        self.procs = {}
+        self.stopped = []
+
+    def start_worker(self):
+        instance_id = f"auto-{len(self.procs) + len(self.stopped)}"
+        self.procs[instance_id] = None
+        return WorkerHandle(instance_id=instance_id, pid=0)
+
+    def stop_worker(self, instance_id, *, now=None):
+        self.stopped.append(instance_id)
+        del self.procs[instance_id]
+
+    def reap(self, now=None):
+        return []
+
+    def close(self):
+        pass
+
+
+def test_autoscale_starts_drains_and_stops_workers(monkeypatch):
+    monkeypatch.setattr("services.scheduler.main.AUTOSCALE_INTERVAL_S", 3600.0)  # ticks driven here
+    provisioner = FakeProvisioner()
+    now = [0.0]
+
+    async def scenario(c: Cluster):
+        def tick(t):
+            now[0] = t
+            c.scheduler.autoscale()
+
+        tick(0.0)  # below min_workers: one start at once
+        assert list(provisioner.procs) == ["auto-0"]
+        base, auto0 = c.worker("base"), c.worker("auto-0")
+        for w in (base, auto0):
+            await w.register()
+            await w.report(num_free_blocks=10, num_running=10)  # F = 1: below the band
+        await c.until(
+            lambda s: len(s.instances) == 2 and all(i.load.num_running for i in s.instances)
+        )
+        tick(1.0)  # auto-0 registered: cooldown starts over
+        tick(10.0)
+        assert list(provisioner.procs) == ["auto-0"]
+        tick(11.0)
+        assert list(provisioner.procs) == ["auto-0", "auto-1"]
+        auto1 = c.worker("auto-1")
+        for w in (base, auto0, auto1):
+            await w.register()
+            await w.report(num_free_blocks=100)  # idle: above the band
+        await c.until(
+            lambda s: len(s.instances) == 3 and not any(i.load.num_running for i in s.instances)
+        )
+        tick(12.0)
+        tick(22.0)
+        await auto0.expect(wire.SetDraining)  # fewest requests, lowest id, and removable
+        assert await nothing_more(base.inbox)
+        await auto0.report(num_free_blocks=100, draining=True)
+        await c.until(lambda s: any(i.load.draining for i in s.instances))
+        tick(23.0)
+        assert provisioner.stopped == ["auto-0"]
+        status = await c.status()
+        assert worker_ids(status) == ["auto-1", "base"]
+
+    run_with_scheduler(
+        scenario,
+        provisioner=provisioner,
+        clock=lambda: now[0],
+        autoscale=True,
+        min_workers=1,
+        max_workers=3,
+        scale_cooldown_s=10.0,
+        heartbeat_timeout_s=1000.0,
+        enable_migration=False,
+    )
