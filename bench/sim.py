@@ -31,6 +31,7 @@ from typing import Any
 
 from common import wire
 from common.config import EngineConfig, Endpoint, SchedulerConfig
+from common.logging import configure
 from common.sampling import SamplingParams
 from services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
 from services.scheduler.core import SchedulerCore
@@ -67,6 +68,7 @@ class SimInstance:
     busy: bool = False  # a step is in flight
     draining: bool = False
     num_dispatched: int = 0
+    num_reports: int = 0
     num_migrations_in: int = 0
     num_migrations_out: int = 0
 
@@ -196,8 +198,9 @@ class Simulator:
 
     def _report(self, inst: SimInstance) -> None:
         load = inst.engine.load()
+        inst.num_reports += 1
         self._apply(self.core.load_report(wire.LoadReport(
-            instance_id=inst.instance_id, inbox_addr=inst.instance_id, seq=0,
+            instance_id=inst.instance_id, inbox_addr=inst.instance_id, seq=inst.num_reports,
             num_dispatch_received=inst.num_dispatched,
             load=wire.LoadFields(
                 num_total_blocks=load.num_total_blocks, num_free_blocks=load.num_free_blocks,
@@ -515,7 +518,9 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ferry bench sim", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    print(json.dumps(run(parser.parse_args(argv)), indent=1))
+    args = parser.parse_args(argv)
+    configure("sim", level="warning")  # the scheduler core logs each decision at info
+    print(json.dumps(run(args), indent=1))
 
 
 if __name__ == "__main__":
