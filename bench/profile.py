@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention-backend", default=None)
     args = parser.parse_args(argv)
 
+    from services.worker.runner import ModelRunner, RunnerConfig
+
     from services.worker.entry import DEFAULT_CPU_KV_GB, resolve_device
     from services.worker.model.resolve import resolve_model
-    from services.worker.runner import ModelRunner, RunnerConfig
 
     device = resolve_device(args.device)
     model_dir = resolve_model(args.model)

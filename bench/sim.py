@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.metrics import RequestRecord, summarize
 from common import wire
-from common.config import EngineConfig, Endpoint, SchedulerConfig
+from common.config import Endpoint, EngineConfig, SchedulerConfig
 from common.logging import configure
 from common.sampling import SamplingParams
 from services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
@@ -42,8 +43,6 @@ from services.worker.engine.scheduler import StepPlan
 from services.worker.latency_model import Profile
 from services.worker.migration.choice import pick_request
 from services.worker.sim_executor import SimExecutor
-
-from bench.metrics import RequestRecord, summarize
 
 GATEWAY = "sim-gateway"
 
