@@ -2,6 +2,6 @@
 
 import sys
 
-from services.scheduler.main import main
+from services.scheduler.cli import main
 
 sys.exit(main())

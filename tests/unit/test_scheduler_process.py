@@ -42,8 +42,9 @@ from common.wire import (
     StatusRequest,
 )
 from common.zmq_util import request
+from services.scheduler.cli import add_arguments, config_from_args
 from services.scheduler.load import empty_load
-from services.scheduler.main import Scheduler, add_arguments, config_from_args
+from services.scheduler.main import Scheduler
 from services.scheduler.provisioner import WorkerHandle, free_port
 
 RECV_TIMEOUT_S = 3.0
