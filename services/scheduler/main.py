@@ -265,7 +265,8 @@ class Scheduler:
     def autoscale(self) -> None:
         assert self.autoscaler is not None and self.provisioner is not None
         now = self.clock()
-        self.provisioner.reap(now)
+        for instance_id in self.provisioner.reap(now):
+            self.autoscaler.forget(instance_id)
         owned = set(self.provisioner.procs)
         for action in self.autoscaler.decide(self.core.table.loads(), now, removable=owned):
             if isinstance(action, ScaleUp):
