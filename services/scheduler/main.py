@@ -151,20 +151,26 @@ class Scheduler:
                 log.warning("rejected_admin_message", code=err.code, error=err.message)
                 self.send_to_admin(route, AdminError(code=err.code, message=err.message))
                 continue
-            self.guarded(self.admin_handlers[type(msg)], route, msg)
+            if not self.guarded(self.admin_handlers[type(msg)], route, msg):
+                self.send_to_admin(
+                    route, AdminError(code=500, message="internal error, see the scheduler log")
+                )
 
     async def every(self, interval_s: float, tick: Callable[[], None]) -> None:
         while True:
             await asyncio.sleep(interval_s)
             self.guarded(tick)
 
-    def guarded(self, handler: Callable[..., None], *args: Any) -> None:
-        """Run a handler; a bug in one message's handling is logged, not fatal."""
+    def guarded(self, handler: Callable[..., None], *args: Any) -> bool:
+        """Run a handler; a bug in one message's handling is logged, not fatal. False if it
+        raised."""
         try:
             handler(*args)
         except Exception:
             self.num_handler_errors += 1
             log.exception("handler_failed", handler=getattr(handler, "__name__", repr(handler)))
+            return False
+        return True
 
     # ---- peers ----------------------------------------------------------------------------
 
