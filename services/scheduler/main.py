@@ -1,4 +1,4 @@
-"""The scheduler process (DESIGN §1, §5, §7): one asyncio loop (on uvloop, see cli.py) around
+"""The scheduler process (DESIGN §1, §5, §7): one asyncio loop (on uvloop, see entry.py) around
 SchedulerCore, which makes every decision; this file only moves messages and keeps time.
 
     recv_from_peers  PULL   cfg.inbox  Dispatch, Release (gateways); Register, LoadReport,

@@ -42,7 +42,7 @@ from common.wire import (
     StatusRequest,
 )
 from common.zmq_util import request
-from services.scheduler.cli import add_arguments, config_from_args
+from services.scheduler.entry import add_arguments, config_from_args
 from services.scheduler.load import empty_load
 from services.scheduler.main import Scheduler
 from services.scheduler.provisioner import WorkerHandle, free_port
