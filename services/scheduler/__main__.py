@@ -2,6 +2,6 @@
 
 import sys
 
-from services.scheduler.main import main
+from services.scheduler.entry import main
 
 sys.exit(main())

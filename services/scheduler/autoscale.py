@@ -78,6 +78,11 @@ class Autoscaler:
         self.starting[instance_id] = now
         self.last_action_s = now
 
+    def forget(self, instance_id: str) -> None:
+        """The instance's process is gone (it crashed, or it was stopped)."""
+        self.starting.pop(instance_id, None)
+        self.drained_ids.discard(instance_id)
+
     def decide(
         self,
         loads: Mapping[str, LoadFields],

@@ -344,7 +344,7 @@ class SchedulerCore:
             migration_id, src.instance_id, dst.instance_id, decision.req_id, now
         )
         self.table.start_migration(src.instance_id, dst.instance_id)
-        log.info(
+        log.debug(
             "migration_issued",
             migration_id=migration_id,
             src=src.instance_id,

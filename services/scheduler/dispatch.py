@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from common.wire import LoadFields
-from services.scheduler.load import freeness, memory_load
+from services.scheduler.load import dispatch_freeness, memory_load
 
 # Scores closer than this are a tie.
 TIE_EPS = 1e-9
@@ -69,7 +69,8 @@ class LeastLoad:
 
 
 class Llumnix:
-    """Highest freeness F (virtual usage, with high-priority headroom)."""
+    """Highest dispatch freeness (virtual usage with the whole queue and high-priority
+    headroom; see load.py)."""
 
     name = "llumnix"
 
@@ -79,7 +80,7 @@ class Llumnix:
 
     def choose(self, loads: Mapping[str, LoadFields]) -> str:
         def score(load: LoadFields) -> float:
-            return freeness(load, headroom_blocks=self.headroom_blocks)
+            return dispatch_freeness(load, headroom_blocks=self.headroom_blocks)
 
         return self.rotation.pick(_best(loads, score))
 

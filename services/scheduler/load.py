@@ -13,6 +13,16 @@ Freeness F = (M - ΣV) / B with M = total blocks and B = batch size (running req
 at least 1): the decode steps each running request could still take from free memory.
 Summed up, F = (free - head_demand - headroom * num_running_high) / max(1, num_running).
 F is negative when the queue already needs more than the free memory; -inf when draining.
+Migration pairing, autoscaling and `ferry status` use this F.
+
+Dispatch uses a variant (as Llumnix's implementation does): a new request queues behind
+the whole queue, so every waiting request's demand counts, and so does its share of the
+batch:
+
+    F_dispatch = (free - queued_demand - headroom * num_running_high) / max(1, running + waiting)
+
+Reports carry the head's demand and the queue length only, so the head's demand stands in
+for each waiting request: queued_demand = head_demand * num_waiting.
 """
 
 from __future__ import annotations
@@ -78,12 +88,26 @@ def freeness(load: LoadFields, *, headroom_blocks: int) -> float:
     return (load.num_total_blocks - usage) / max(1, load.num_running)
 
 
+def queued_demand_blocks(load: LoadFields) -> int:
+    """Blocks the whole queue needs, estimated: the head's demand for each waiting request."""
+    return load.head_demand_blocks * load.num_waiting
+
+
+def dispatch_freeness(load: LoadFields, *, headroom_blocks: int) -> float:
+    """F_dispatch (see the module docstring); -inf for a draining instance."""
+    if load.draining:
+        return -math.inf
+    room = (
+        load.num_free_blocks - queued_demand_blocks(load) - headroom_blocks * load.num_running_high
+    )
+    return room / max(1, load.num_running + load.num_waiting)
+
+
 def memory_load(load: LoadFields) -> float:
     """least_load's metric (INFaaS++-like): physical usage plus queued demand, as a fraction
-    of capacity. The queue's sizes are unknown beyond its head, so the head's demand stands
-    in for each waiting request."""
-    queued = load.head_demand_blocks * load.num_waiting
-    return (used_blocks(load) + load.num_reserved_blocks + queued) / max(1, load.num_total_blocks)
+    of capacity."""
+    held = used_blocks(load) + load.num_reserved_blocks + queued_demand_blocks(load)
+    return held / max(1, load.num_total_blocks)
 
 
 def to_wire(value: float) -> float:

@@ -1,4 +1,4 @@
-"""The scheduler process (DESIGN §1, §5, §7): one asyncio loop on uvloop around
+"""The scheduler process (DESIGN §1, §5, §7): one asyncio loop (on uvloop, see entry.py) around
 SchedulerCore, which makes every decision; this file only moves messages and keeps time.
 
     recv_from_peers  PULL   cfg.inbox  Dispatch, Release (gateways); Register, LoadReport,
@@ -13,26 +13,19 @@ Periodic: heartbeat check, InstanceView, migration pairing, autoscaling (when en
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import dataclasses
 import math
-import signal
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlparse
 
-import uvloop
 import zmq
 import zmq.asyncio
 
-from common import env, wire
-from common import logging as ferry_logging
+from common import wire
 from common.codec import WireError
-from common.config import Endpoint, SchedulerConfig
+from common.config import SchedulerConfig
 from common.logging import get_logger
 from common.wire import (
     AdminError,
@@ -55,8 +48,7 @@ from services.scheduler.core import (
     SchedulerCore,
     SchedulerError,
 )
-from services.scheduler.dispatch import POLICY_NAMES
-from services.scheduler.provisioner import DEFAULT_WORKER_ARGS, LocalProcessProvisioner
+from services.scheduler.provisioner import LocalProcessProvisioner
 
 INBOX_TYPES = (Dispatch, Release, Register, LoadReport, MigrationDone)
 ADMIN_TYPES = (StatusRequest, MigrateCommand)
@@ -94,15 +86,7 @@ class Scheduler:
         self.recv_from_peers = Inbox(
             ctx, cfg.inbox.bind, expected=INBOX_TYPES, max_frame_bytes=cfg.max_frame_bytes
         )
-        self.recv_from_admin = ctx.socket(zmq.ROUTER)
-        for option, value in (
-            (zmq.LINGER, 0),
-            (zmq.RCVHWM, DEFAULT_HWM),
-            (zmq.SNDHWM, DEFAULT_HWM),
-            (zmq.MAXMSGSIZE, hard_frame_cap(cfg.max_frame_bytes)),
-        ):
-            self.recv_from_admin.setsockopt(option, value)
-        self.recv_from_admin.bind(cfg.admin.bind)
+        self.recv_from_admin = bind_router(ctx, cfg.admin.bind, cfg.max_frame_bytes)
         self.send_to_peers = Outboxes(ctx)
         self.handlers: dict[type, Callable[[Any, list[bytes]], None]] = {
             Dispatch: self.handle_dispatch,
@@ -167,20 +151,26 @@ class Scheduler:
                 log.warning("rejected_admin_message", code=err.code, error=err.message)
                 self.send_to_admin(route, AdminError(code=err.code, message=err.message))
                 continue
-            self.guarded(self.admin_handlers[type(msg)], route, msg)
+            if not self.guarded(self.admin_handlers[type(msg)], route, msg):
+                self.send_to_admin(
+                    route, AdminError(code=500, message="internal error, see the scheduler log")
+                )
 
     async def every(self, interval_s: float, tick: Callable[[], None]) -> None:
         while True:
             await asyncio.sleep(interval_s)
             self.guarded(tick)
 
-    def guarded(self, handler: Callable[..., None], *args: Any) -> None:
-        """Run a handler; a bug in one message's handling is logged, not fatal."""
+    def guarded(self, handler: Callable[..., None], *args: Any) -> bool:
+        """Run a handler; a bug in one message's handling is logged, not fatal. False if it
+        raised."""
         try:
             handler(*args)
         except Exception:
             self.num_handler_errors += 1
             log.exception("handler_failed", handler=getattr(handler, "__name__", repr(handler)))
+            return False
+        return True
 
     # ---- peers ----------------------------------------------------------------------------
 
@@ -281,7 +271,8 @@ class Scheduler:
     def autoscale(self) -> None:
         assert self.autoscaler is not None and self.provisioner is not None
         now = self.clock()
-        self.provisioner.reap(now)
+        for instance_id in self.provisioner.reap(now):
+            self.autoscaler.forget(instance_id)
         owned = set(self.provisioner.procs)
         for action in self.autoscaler.decide(self.core.table.loads(), now, removable=owned):
             if isinstance(action, ScaleUp):
@@ -316,6 +307,17 @@ class Scheduler:
             self.provisioner.close()
 
 
+def bind_router(ctx: zmq.asyncio.Context, bind: str, max_frame_bytes: int) -> zmq.asyncio.Socket:
+    """The admin ROUTER, bounded like every other socket."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, DEFAULT_HWM)
+    sock.setsockopt(zmq.SNDHWM, DEFAULT_HWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, hard_frame_cap(max_frame_bytes))
+    sock.bind(bind)
+    return sock
+
+
 def make_autoscaler(cfg: SchedulerConfig) -> Autoscaler:
     return Autoscaler(
         min_workers=cfg.min_workers,
@@ -325,156 +327,3 @@ def make_autoscaler(cfg: SchedulerConfig) -> Autoscaler:
         cooldown_s=cfg.scale_cooldown_s,
         headroom_blocks=cfg.high_priority_headroom_blocks,
     )
-
-
-# ---- command line ---------------------------------------------------------------------------
-
-
-def _port(addr: str) -> int:
-    port = urlparse(addr).port
-    if port is None:
-        raise ValueError(f"no port in address {addr!r}")
-    return port
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for every SchedulerConfig field (`ferry scheduler …`); defaults from common.env
-    where it has them, else SchedulerConfig's."""
-    d = {
-        f.name: f.default
-        for f in dataclasses.fields(SchedulerConfig)
-        if f.default is not dataclasses.MISSING
-    }
-    add = parser.add_argument
-    add(
-        "--port",
-        type=int,
-        default=_port(env.scheduler_addr()),
-        help="inbox (PULL) port; default from FERRY_SCHEDULER_ADDR; binds FERRY_BIND_HOST",
-    )
-    add(
-        "--admin-port",
-        type=int,
-        default=_port(env.scheduler_admin_addr()),
-        help="admin (ROUTER) port for ferry status / migrate; default from FERRY_SCHEDULER_ADMIN_ADDR",
-    )
-    add("--dispatch-policy", choices=POLICY_NAMES, default=d["dispatch_policy"])
-    add(
-        "--heartbeat-timeout-s",
-        type=float,
-        default=d["heartbeat_timeout_s"],
-        help="an instance silent this long is declared dead",
-    )
-    add(
-        "--view-interval-s",
-        type=float,
-        default=d["view_interval_s"],
-        help="how often gateways get the instance view",
-    )
-    add("--enable-migration", action=argparse.BooleanOptionalAction, default=d["enable_migration"])
-    add("--migration-interval-s", type=float, default=d["migration_interval_s"])
-    add(
-        "--migrate-out-threshold",
-        type=float,
-        default=d["migrate_out_threshold"],
-        help="freeness below this makes an instance a migration source",
-    )
-    add(
-        "--migrate-margin",
-        type=float,
-        default=None,
-        help="freeness a destination must exceed the source (and the threshold) by; "
-        "default max(1, threshold)",
-    )
-    add("--max-migrations-per-instance", type=int, default=d["max_migrations_per_instance"])
-    add(
-        "--high-priority-headroom-blocks",
-        type=int,
-        default=d["high_priority_headroom_blocks"],
-        help="virtual usage added per running high-priority request",
-    )
-    add(
-        "--max-queued-per-instance",
-        type=int,
-        default=DEFAULT_MAX_QUEUED_PER_INSTANCE,
-        help="estimated queue length past which an instance takes no dispatch (all: 429)",
-    )
-    add("--autoscale", action=argparse.BooleanOptionalAction, default=d["autoscale"])
-    add("--min-workers", type=int, default=d["min_workers"])
-    add("--max-workers", type=int, default=d["max_workers"])
-    add("--scale-up-freeness", type=float, default=d["scale_up_freeness"])
-    add("--scale-down-freeness", type=float, default=d["scale_down_freeness"])
-    add("--scale-cooldown-s", type=float, default=d["scale_cooldown_s"])
-    add(
-        "--worker-args",
-        default=DEFAULT_WORKER_ARGS,
-        help="arguments of `python -m services.worker` for autoscaled workers; "
-        "{instance_id}, {port}, {scheduler_addr} are filled in",
-    )
-    add("--max-frame-bytes", type=int, default=env.max_frame_bytes())
-    add("--log-level", default=env.log_level())
-    add("--log-format", choices=("json", "console"), default=env.log_format())
-
-
-def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
-    return SchedulerConfig(
-        inbox=Endpoint.on_port(args.port),
-        admin=Endpoint.on_port(args.admin_port),
-        dispatch_policy=args.dispatch_policy,
-        heartbeat_timeout_s=args.heartbeat_timeout_s,
-        view_interval_s=args.view_interval_s,
-        enable_migration=args.enable_migration,
-        migration_interval_s=args.migration_interval_s,
-        migrate_out_threshold=args.migrate_out_threshold,
-        max_migrations_per_instance=args.max_migrations_per_instance,
-        high_priority_headroom_blocks=args.high_priority_headroom_blocks,
-        autoscale=args.autoscale,
-        min_workers=args.min_workers,
-        max_workers=args.max_workers,
-        scale_up_freeness=args.scale_up_freeness,
-        scale_down_freeness=args.scale_down_freeness,
-        scale_cooldown_s=args.scale_cooldown_s,
-        max_frame_bytes=args.max_frame_bytes,
-    )
-
-
-async def serve(args: argparse.Namespace) -> None:
-    cfg = config_from_args(args)
-    provisioner = None
-    if cfg.autoscale:
-        provisioner = LocalProcessProvisioner(args.worker_args, scheduler_addr=cfg.inbox.advertise)
-    scheduler = Scheduler(
-        cfg,
-        provisioner=provisioner,
-        max_queued_per_instance=args.max_queued_per_instance,
-        migrate_margin=args.migrate_margin,
-    )
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
-    try:
-        await scheduler.run()
-    except asyncio.CancelledError:
-        log.info("scheduler_stopping")
-    finally:
-        scheduler.close()
-
-
-def run(args: argparse.Namespace) -> int:
-    ferry_logging.configure("scheduler", level=args.log_level, fmt=args.log_format)
-    uvloop.run(serve(args))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ferry scheduler", description="Ferry's global scheduler."
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

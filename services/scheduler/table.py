@@ -19,6 +19,7 @@ as "already in the report", never as "nothing unseen" forever after.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class Instance:
     )
     num_migrations_out: int = 0  # MigrateOut issued with this source, MigrationDone pending
     num_migrations_in: int = 0  # same, with this destination
+    estimate: LoadFields | None = None  # InstanceTable.load() cached; None: recompute
 
 
 class InstanceTable:
@@ -84,12 +86,15 @@ class InstanceTable:
         inst.alive = False
         inst.unseen.clear()
         inst.num_migrations_in = inst.num_migrations_out = 0
+        inst.estimate = None
 
     def remove(self, instance_id: str) -> None:
         self._instances.pop(instance_id, None)
 
     def set_draining(self, instance_id: str) -> None:
-        self._instances[instance_id].draining = True
+        inst = self._instances[instance_id]
+        inst.draining = True
+        inst.estimate = None
 
     def get(self, instance_id: str) -> Instance | None:
         return self._instances.get(instance_id)
@@ -120,6 +125,7 @@ class InstanceTable:
             return True
         inst.report_seq = msg.seq
         inst.report = msg.load
+        inst.estimate = None
         seen = msg.num_dispatch_received - inst.dispatch_base
         if seen > inst.num_dispatch_sent:
             inst.dispatch_base = msg.num_dispatch_received - inst.num_dispatch_sent
@@ -143,17 +149,22 @@ class InstanceTable:
         inst = self._instances[instance_id]
         inst.num_dispatch_sent += 1
         inst.unseen.append(dispatch)
+        if inst.estimate is not None:  # O(1) update: dispatch is the hot path
+            inst.estimate = with_dispatch(inst.estimate, dispatch)
 
     def cancel_last_dispatch(self, instance_id: str) -> None:
         """Undo the latest record_dispatch (the forward could not be sent)."""
         inst = self._instances[instance_id]
         inst.num_dispatch_sent -= 1
+        inst.estimate = None
         if inst.unseen:
             inst.unseen.pop()
 
     def start_migration(self, src_instance_id: str, dst_instance_id: str) -> None:
-        self._instances[src_instance_id].num_migrations_out += 1
-        self._instances[dst_instance_id].num_migrations_in += 1
+        src, dst = self._instances[src_instance_id], self._instances[dst_instance_id]
+        src.num_migrations_out += 1
+        dst.num_migrations_in += 1
+        src.estimate = dst.estimate = None
 
     def end_migration(self, src_instance_id: str, dst_instance_id: str) -> None:
         for instance_id, attr in (
@@ -163,45 +174,24 @@ class InstanceTable:
             inst = self._instances.get(instance_id)
             if inst is not None:
                 setattr(inst, attr, max(0, getattr(inst, attr) - 1))
+                inst.estimate = None
 
     # ---- the estimate the policies read ---------------------------------------------------
 
     def load(self, instance_id: str) -> LoadFields:
-        """The last report plus what the scheduler did since (unseen dispatches, migrations
-        it issued, drain it ordered).
-
-        An unseen dispatch is assumed admitted (running, its blocks taken) when nothing is
-        queued ahead of it and its prompt fits in the free blocks; otherwise it waits, and
-        the first to wait becomes the head-of-line demand."""
+        """The last report, plus the dispatches it had not seen (`with_dispatch`), the
+        migrations the scheduler issued and the drain it ordered."""
         inst = self._instances[instance_id]
-        base = inst.report or empty_load(inst.num_blocks)
-        num_free = base.num_free_blocks
-        num_running, num_waiting = base.num_running, base.num_waiting
-        head_demand = base.head_demand_blocks
-        used_high, num_running_high = base.used_blocks_high, base.num_running_high
-        for dispatch in inst.unseen:
-            if num_waiting == 0 and dispatch.demand_blocks <= num_free:
-                num_free -= dispatch.demand_blocks
-                num_running += 1
-                if dispatch.high_priority:
-                    used_high += dispatch.demand_blocks
-                    num_running_high += 1
-            else:
-                if num_waiting == 0:
-                    head_demand = dispatch.demand_blocks
-                num_waiting += 1
-        return dataclasses.replace(
-            base,
-            num_free_blocks=num_free,
-            num_running=num_running,
-            num_waiting=num_waiting,
-            head_demand_blocks=head_demand,
-            used_blocks_high=used_high,
-            num_running_high=num_running_high,
-            num_migrations_in=max(base.num_migrations_in, inst.num_migrations_in),
-            num_migrations_out=max(base.num_migrations_out, inst.num_migrations_out),
-            draining=base.draining or inst.draining,
-        )
+        if inst.estimate is None:
+            base = inst.report or empty_load(inst.num_blocks)
+            load = functools.reduce(with_dispatch, inst.unseen, base)
+            inst.estimate = dataclasses.replace(
+                load,
+                num_migrations_in=max(load.num_migrations_in, inst.num_migrations_in),
+                num_migrations_out=max(load.num_migrations_out, inst.num_migrations_out),
+                draining=load.draining or inst.draining,
+            )
+        return inst.estimate
 
     def loads(self, *, serving_only: bool = False) -> dict[str, LoadFields]:
         """Estimated loads of the live instances, by id; serving_only leaves out draining
@@ -212,3 +202,24 @@ class InstanceTable:
         if serving_only:
             loads = {i: load for i, load in loads.items() if not load.draining}
         return loads
+
+
+def with_dispatch(load: LoadFields, dispatch: UnseenDispatch) -> LoadFields:
+    """`load` after one more dispatch. It is assumed admitted (running, its blocks taken)
+    when nothing is queued ahead of it and its prompt fits in the free blocks; otherwise it
+    waits, and the first to wait becomes the head-of-line demand."""
+    demand = dispatch.demand_blocks
+    if load.num_waiting == 0 and demand <= load.num_free_blocks:
+        high = dispatch.high_priority
+        return dataclasses.replace(
+            load,
+            num_free_blocks=load.num_free_blocks - demand,
+            num_running=load.num_running + 1,
+            used_blocks_high=load.used_blocks_high + (demand if high else 0),
+            num_running_high=load.num_running_high + (1 if high else 0),
+        )
+    return dataclasses.replace(
+        load,
+        num_waiting=load.num_waiting + 1,
+        head_demand_blocks=load.head_demand_blocks if load.num_waiting else demand,
+    )

@@ -148,6 +148,15 @@ def test_a_start_that_never_registers_is_given_up():
     assert s.starting == {}
 
 
+def test_a_start_that_crashed_is_forgotten_and_retried():
+    s = scaler(min_workers=2)
+    assert s.decide({"a": warm()}, now=0.0) == [ScaleUp()]
+    s.started("crashed", now=0.0)
+    assert s.decide({"a": warm()}, now=1.0) == []
+    s.forget("crashed")
+    assert s.decide({"a": warm()}, now=2.0) == [ScaleUp()]
+
+
 def test_too_many_serving_instances_are_drained_to_max():
     s = scaler(max_workers=2)
     loads = {"a": warm(), "b": warm(), "c": load(num_free_blocks=70, num_running=3)}

@@ -124,6 +124,16 @@ def test_llumnix_counts_the_head_of_the_queue():
     assert Llumnix(headroom_blocks=0).choose(loads) == "a"
 
 
+def test_llumnix_dispatch_avoids_a_long_queue_behind_a_small_head():
+    loads = {
+        "a": load(num_free_blocks=50, num_running=5),  # F_dispatch = 10
+        # Pairing's F would be (60 - 2) / 4 = 14.5; for dispatch the six queued requests
+        # count: (60 - 6 * 2) / 10 = 4.8.
+        "b": load(num_free_blocks=60, num_running=4, num_waiting=6, head_demand_blocks=2),
+    }
+    assert Llumnix(headroom_blocks=0).choose(loads) == "a"
+
+
 def test_headroom_steers_new_requests_away_from_high_priority_instances():
     loads = {
         "a": load(num_free_blocks=60, num_running=4, num_running_high=2, used_blocks_high=20),

@@ -42,8 +42,9 @@ from common.wire import (
     StatusRequest,
 )
 from common.zmq_util import request
+from services.scheduler.entry import add_arguments, config_from_args
 from services.scheduler.load import empty_load
-from services.scheduler.main import Scheduler, add_arguments, config_from_args
+from services.scheduler.main import Scheduler
 from services.scheduler.provisioner import WorkerHandle, free_port
 
 RECV_TIMEOUT_S = 3.0
@@ -417,6 +418,22 @@ def test_malformed_frames_are_counted_and_the_loop_goes_on():
     run_with_scheduler(scenario)
 
 
+def test_a_failing_admin_handler_answers_500_and_the_loop_goes_on():
+    async def scenario(c: Cluster):
+        def broken(now):
+            raise RuntimeError("bug")
+
+        c.scheduler.core.status = broken
+        error = await c.admin(StatusRequest())
+        assert isinstance(error, AdminError) and error.code == 500
+        assert c.scheduler.num_handler_errors == 1
+        del c.scheduler.core.status  # back to the class's method
+        c.scheduler.num_handler_errors = 0
+        assert isinstance(await c.admin(StatusRequest()), StatusReply)
+
+    run_with_scheduler(scenario)
+
+
 # ---- command line ---------------------------------------------------------------------------
 
 
@@ -465,7 +482,10 @@ def test_defaults_match_the_config():
 
 
 def test_the_module_runs_answers_status_and_stops_on_sigterm():
-    port, admin_port = free_port(), free_port()
+    port = free_port()
+    admin_port = free_port()
+    while admin_port == port:
+        admin_port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "FERRY_LOG_LEVEL": "warning"}
     proc = subprocess.Popen(
         [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 
@@ -176,3 +177,50 @@ def test_register_starts_the_record_over(table):
     # seq numbering restarts with the new record
     assert table.apply_report(report(seq=0, total=200, num_free_blocks=150, num_running=2), now=0.2)
     assert table.load("a").num_free_blocks == 150
+
+
+def test_cached_estimate_always_equals_a_fresh_one():
+    """The estimate is updated in place on dispatch and dropped on other changes; a random
+    mix of operations must leave it equal to one computed from scratch."""
+    rng = random.Random(0)
+    table = InstanceTable()
+    for instance_id in ("a", "b"):
+        register(table, instance_id)
+    seq = {"a": 0, "b": 0}
+    for step in range(2000):
+        instance_id = rng.choice("ab")
+        inst = table[instance_id]
+        op = rng.random()
+        if op < 0.5:
+            dispatch(
+                table,
+                instance_id,
+                demand=rng.randint(1, 30),
+                high=rng.random() < 0.3,
+                req_id=f"r{step}",
+            )
+        elif op < 0.7:
+            seq[instance_id] += 1
+            received = inst.dispatch_base + rng.randint(0, inst.num_dispatch_sent)
+            free = rng.randint(0, 100)
+            table.apply_report(
+                report(
+                    instance_id,
+                    seq=seq[instance_id],
+                    received=received,
+                    num_free_blocks=free,
+                    num_running=rng.randint(0, 5),
+                    num_waiting=rng.randint(0, 2),
+                    head_demand_blocks=rng.randint(0, 20),
+                ),
+                now=float(step),
+            )
+        elif op < 0.8:
+            table.start_migration(instance_id, "b" if instance_id == "a" else "a")
+        elif op < 0.9:
+            table.end_migration(instance_id, "b" if instance_id == "a" else "a")
+        elif op < 0.95 and inst.num_dispatch_sent:
+            table.cancel_last_dispatch(instance_id)
+        cached = table.load(instance_id)
+        inst.estimate = None
+        assert cached == table.load(instance_id), f"step {step}"

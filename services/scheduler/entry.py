@@ -1,0 +1,170 @@
+"""`ferry scheduler …` / `python -m services.scheduler …`: flags for every SchedulerConfig
+field (defaults from common.env where it has them, else SchedulerConfig's), and the
+process entry point: the Scheduler loop on uvloop until SIGINT / SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import signal
+from urllib.parse import urlparse
+
+import uvloop
+
+from common import env
+from common import logging as ferry_logging
+from common.config import Endpoint, SchedulerConfig
+from common.logging import get_logger
+from services.scheduler.core import DEFAULT_MAX_QUEUED_PER_INSTANCE
+from services.scheduler.dispatch import POLICY_NAMES
+from services.scheduler.main import Scheduler
+from services.scheduler.provisioner import DEFAULT_WORKER_ARGS, LocalProcessProvisioner
+
+log = get_logger()
+
+
+def _port(addr: str) -> int:
+    port = urlparse(addr).port
+    if port is None:
+        raise ValueError(f"no port in address {addr!r}")
+    return port
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every SchedulerConfig field (`ferry scheduler …`); defaults from common.env
+    where it has them, else SchedulerConfig's."""
+    d = {
+        f.name: f.default
+        for f in dataclasses.fields(SchedulerConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    add = parser.add_argument
+    add(
+        "--port",
+        type=int,
+        default=_port(env.scheduler_addr()),
+        help="inbox (PULL) port; default from FERRY_SCHEDULER_ADDR; binds FERRY_BIND_HOST",
+    )
+    add(
+        "--admin-port",
+        type=int,
+        default=_port(env.scheduler_admin_addr()),
+        help="admin (ROUTER) port for ferry status / migrate; default from FERRY_SCHEDULER_ADMIN_ADDR",
+    )
+    add("--dispatch-policy", choices=POLICY_NAMES, default=d["dispatch_policy"])
+    add(
+        "--heartbeat-timeout-s",
+        type=float,
+        default=d["heartbeat_timeout_s"],
+        help="an instance silent this long is declared dead",
+    )
+    add(
+        "--view-interval-s",
+        type=float,
+        default=d["view_interval_s"],
+        help="how often gateways get the instance view",
+    )
+    add("--enable-migration", action=argparse.BooleanOptionalAction, default=d["enable_migration"])
+    add("--migration-interval-s", type=float, default=d["migration_interval_s"])
+    add(
+        "--migrate-out-threshold",
+        type=float,
+        default=d["migrate_out_threshold"],
+        help="freeness below this makes an instance a migration source",
+    )
+    add(
+        "--migrate-margin",
+        type=float,
+        default=None,
+        help="freeness a destination must exceed the source (and the threshold) by; "
+        "default max(1, threshold)",
+    )
+    add("--max-migrations-per-instance", type=int, default=d["max_migrations_per_instance"])
+    add(
+        "--high-priority-headroom-blocks",
+        type=int,
+        default=d["high_priority_headroom_blocks"],
+        help="virtual usage added per running high-priority request",
+    )
+    add(
+        "--max-queued-per-instance",
+        type=int,
+        default=DEFAULT_MAX_QUEUED_PER_INSTANCE,
+        help="estimated queue length past which an instance takes no dispatch (all: 429)",
+    )
+    add("--autoscale", action=argparse.BooleanOptionalAction, default=d["autoscale"])
+    add("--min-workers", type=int, default=d["min_workers"])
+    add("--max-workers", type=int, default=d["max_workers"])
+    add("--scale-up-freeness", type=float, default=d["scale_up_freeness"])
+    add("--scale-down-freeness", type=float, default=d["scale_down_freeness"])
+    add("--scale-cooldown-s", type=float, default=d["scale_cooldown_s"])
+    add(
+        "--worker-args",
+        default=DEFAULT_WORKER_ARGS,
+        help="arguments of `python -m services.worker` for autoscaled workers; "
+        "{instance_id}, {port}, {scheduler_addr} are filled in",
+    )
+    add("--max-frame-bytes", type=int, default=env.max_frame_bytes())
+    add("--log-level", default=env.log_level())
+    add("--log-format", choices=("json", "console"), default=env.log_format())
+
+
+def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
+    return SchedulerConfig(
+        inbox=Endpoint.on_port(args.port),
+        admin=Endpoint.on_port(args.admin_port),
+        dispatch_policy=args.dispatch_policy,
+        heartbeat_timeout_s=args.heartbeat_timeout_s,
+        view_interval_s=args.view_interval_s,
+        enable_migration=args.enable_migration,
+        migration_interval_s=args.migration_interval_s,
+        migrate_out_threshold=args.migrate_out_threshold,
+        max_migrations_per_instance=args.max_migrations_per_instance,
+        high_priority_headroom_blocks=args.high_priority_headroom_blocks,
+        autoscale=args.autoscale,
+        min_workers=args.min_workers,
+        max_workers=args.max_workers,
+        scale_up_freeness=args.scale_up_freeness,
+        scale_down_freeness=args.scale_down_freeness,
+        scale_cooldown_s=args.scale_cooldown_s,
+        max_frame_bytes=args.max_frame_bytes,
+    )
+
+
+async def serve(args: argparse.Namespace) -> None:
+    cfg = config_from_args(args)
+    provisioner = None
+    if cfg.autoscale:
+        provisioner = LocalProcessProvisioner(args.worker_args, scheduler_addr=cfg.inbox.advertise)
+    scheduler = Scheduler(
+        cfg,
+        provisioner=provisioner,
+        max_queued_per_instance=args.max_queued_per_instance,
+        migrate_margin=args.migrate_margin,
+    )
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await scheduler.run()
+    except asyncio.CancelledError:
+        log.info("scheduler_stopping")
+    finally:
+        scheduler.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    ferry_logging.configure("scheduler", level=args.log_level, fmt=args.log_format)
+    uvloop.run(serve(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ferry scheduler", description="Ferry's global scheduler."
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
