@@ -192,7 +192,8 @@ class Simulator:
         self._apply(self.core.register(wire.Register(
             instance_id=inst.instance_id, inbox_addr=inst.instance_id,
             num_blocks=inst.engine.blocks.num_total, block_size=inst.engine.blocks.block_size,
-            max_model_len=inst.executor.max_model_len, req_ids=()), self.now))
+            max_model_len=inst.executor.max_model_len, req_ids=(), req_priorities=()),
+            self.now))
         self._report(inst)
 
     def _report(self, inst: SimInstance) -> None:
@@ -205,6 +206,7 @@ class Simulator:
                 num_total_blocks=load.num_total_blocks, num_free_blocks=load.num_free_blocks,
                 num_reserved_blocks=load.num_reserved_blocks, num_running=load.num_running,
                 num_waiting=load.num_waiting, head_demand_blocks=load.head_demand_blocks,
+                waiting_demand_blocks=load.waiting_demand_blocks,
                 used_blocks_high=load.used_blocks_high, num_running_high=load.num_running_high,
                 num_migrations_in=inst.num_migrations_in,
                 num_migrations_out=inst.num_migrations_out, draining=inst.draining,
@@ -490,7 +492,9 @@ def run(args: argparse.Namespace) -> dict:
         "scale_down_freeness": args.scale_down_freeness,
         "scale_cooldown_s": args.scale_cooldown_s}.items() if v is not None}
     cfg = SchedulerConfig(inbox=endpoint, admin=endpoint, dispatch_policy=args.policy,
-                          enable_migration=not args.no_migration,
+                          # The baselines (round_robin as in vLLM, least_load as INFaaS++)
+                          # place each request once; only llumnix migrates.
+                          enable_migration=args.policy == "llumnix" and not args.no_migration,
                           high_priority_headroom_blocks=args.headroom_blocks,
                           min_workers=args.min_workers, max_workers=args.max_workers,
                           **overrides)

@@ -212,6 +212,7 @@ class Register:
     block_size: int  # tokens per block
     max_model_len: int  # longest sequence the model accepts
     req_ids: tuple[str, ...]  # requests it holds now (non-empty after a scheduler restart)
+    req_priorities: tuple[int, ...] = ()  # Priority of each of req_ids, same order
 
 
 @REGISTRY.struct
@@ -225,6 +226,7 @@ class LoadFields:
     num_running: int
     num_waiting: int  # queued, not yet admitted (includes preempted)
     head_demand_blocks: int  # blocks the head-of-line waiting request needs; 0 if none
+    waiting_demand_blocks: int  # blocks the whole queue needs to start
     used_blocks_high: int  # blocks held by high-priority requests
     num_running_high: int  # running high-priority requests
     num_migrations_in: int

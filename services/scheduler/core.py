@@ -225,6 +225,7 @@ class SchedulerCore:
             num_reqs=len(msg.req_ids),
             was_dead=was_dead,
         )
+        priorities = dict(zip(msg.req_ids, msg.req_priorities, strict=False))
         for req_id in msg.req_ids:
             if was_dead:
                 out.append(
@@ -234,7 +235,7 @@ class SchedulerCore:
             held = self.reqs.get(req_id)
             self.reqs[req_id] = HeldReq(
                 msg.instance_id,
-                held.priority if held else Priority.NORMAL,
+                held.priority if held else priorities.get(req_id, Priority.NORMAL),
                 held.gateway_addr if held else None,
             )
         return out

@@ -49,6 +49,7 @@ def empty_load(num_blocks: int) -> LoadFields:
         num_running=0,
         num_waiting=0,
         head_demand_blocks=0,
+        waiting_demand_blocks=0,
         used_blocks_high=0,
         num_running_high=0,
         num_migrations_in=0,
@@ -89,8 +90,8 @@ def freeness(load: LoadFields, *, headroom_blocks: int) -> float:
 
 
 def queued_demand_blocks(load: LoadFields) -> int:
-    """Blocks the whole queue needs, estimated: the head's demand for each waiting request."""
-    return load.head_demand_blocks * load.num_waiting
+    """Blocks the whole queue needs to start (reported by the worker)."""
+    return load.waiting_demand_blocks
 
 
 def dispatch_freeness(load: LoadFields, *, headroom_blocks: int) -> float:

@@ -222,4 +222,5 @@ def with_dispatch(load: LoadFields, dispatch: UnseenDispatch) -> LoadFields:
         load,
         num_waiting=load.num_waiting + 1,
         head_demand_blocks=load.head_demand_blocks if load.num_waiting else demand,
+        waiting_demand_blocks=load.waiting_demand_blocks + demand,
     )

@@ -180,6 +180,7 @@ class Worker:
             block_size=self.engine.blocks.block_size,
             max_model_len=self.engine.executor.max_model_len,
             req_ids=tuple(self.engine.requests),
+            req_priorities=tuple(r.priority for r in self.engine.requests.values()),
         ))
 
     def _report(self) -> None:
@@ -197,6 +198,7 @@ class Worker:
                 num_running=load.num_running,
                 num_waiting=load.num_waiting,
                 head_demand_blocks=load.head_demand_blocks,
+                waiting_demand_blocks=load.waiting_demand_blocks,
                 used_blocks_high=load.used_blocks_high,
                 num_running_high=load.num_running_high,
                 num_migrations_in=self.migrations.num_incoming,

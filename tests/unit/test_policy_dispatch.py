@@ -108,7 +108,8 @@ def test_least_load_counts_the_queue():
     loads = {
         "a": load(num_free_blocks=60, num_running=3),  # 40% used
         "b": load(
-            num_free_blocks=80, num_running=2, num_waiting=3, head_demand_blocks=10
+            num_free_blocks=80, num_running=2, num_waiting=3, head_demand_blocks=10,
+            waiting_demand_blocks=30,
         ),  # 20% + 30%
     }
     assert LeastLoad().choose(loads) == "a"

@@ -92,16 +92,18 @@ def test_memory_load_counts_usage_reservations_and_queue():
         num_running=3,
         num_waiting=2,
         head_demand_blocks=5,
+        waiting_demand_blocks=12,
     )
-    assert memory_load(lf) == pytest.approx((40 + 10 + 2 * 5) / 100)
+    assert memory_load(lf) == pytest.approx((40 + 10 + 12) / 100)
     assert memory_load(empty_load(100)) == 0
 
 
 def test_dispatch_freeness_counts_the_whole_queue_and_its_share_of_the_batch():
     lf = load(
-        num_free_blocks=40, num_running=4, num_waiting=3, head_demand_blocks=5, num_running_high=1
+        num_free_blocks=40, num_running=4, num_waiting=3, head_demand_blocks=5,
+        waiting_demand_blocks=16, num_running_high=1
     )
-    assert dispatch_freeness(lf, headroom_blocks=2) == pytest.approx((40 - 3 * 5 - 2) / 7)
+    assert dispatch_freeness(lf, headroom_blocks=2) == pytest.approx((40 - 16 - 2) / 7)
     # Pairing's F counts the head only: the queue behind it does not change it.
     assert freeness(lf, headroom_blocks=2) == pytest.approx((40 - 5 - 2) / 4)
     assert dispatch_freeness(empty_load(100), headroom_blocks=0) == 100

@@ -41,6 +41,7 @@ class EngineLoad:
     num_running: int
     num_waiting: int
     head_demand_blocks: int
+    waiting_demand_blocks: int
     used_blocks_high: int
     num_running_high: int
     num_preemptions: int
@@ -175,6 +176,7 @@ class Engine:
         sched = self.scheduler
         head = sched.waiting[0] if sched.waiting else None
         head_demand = 0 if head is None else self.blocks.blocks_for(head.num_tokens + 1)
+        waiting_demand = sum(self.blocks.blocks_for(r.num_tokens + 1) for r in sched.waiting)
         high = [r for r in sched.running if r.priority > 0]
         high += [r for r in sched.paused.values() if r.priority > 0]
         return EngineLoad(
@@ -184,6 +186,7 @@ class Engine:
             num_running=len(sched.running) + len(sched.paused),
             num_waiting=len(sched.waiting),
             head_demand_blocks=head_demand,
+            waiting_demand_blocks=waiting_demand,
             used_blocks_high=sum(len(r.block_ids) for r in high),
             num_running_high=len(high),
             num_preemptions=sched.num_preemptions,
