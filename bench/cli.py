@@ -1,0 +1,25 @@
+"""`ferry bench …`: trace, serve, sim (CPU); engine, migration, kernels (GPU)."""
+
+from __future__ import annotations
+
+import sys
+
+SUBCOMMANDS = {
+    "trace": ("bench.trace", "make a seeded trace (JSONL)"),
+    "serve": ("bench.serve", "replay a trace against a running cluster"),
+    "sim": ("bench.sim", "discrete-event simulation of a cluster"),
+    "engine": ("bench.engine_bench", "engine step times vs roofline (GPU)"),
+    "migration": ("bench.migration_bench", "live migration downtime and bandwidth (GPUs)"),
+    "kernels": ("bench.kernels_bench", "attention kernels vs roofline (GPU)"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        print("usage: ferry bench {" + ",".join(SUBCOMMANDS) + "} ...\n", file=sys.stderr)
+        for name, (_, help_text) in SUBCOMMANDS.items():
+            print(f"  {name:<10} {help_text}", file=sys.stderr)
+        sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    module = __import__(SUBCOMMANDS[argv[0]][0], fromlist=["main"])
+    module.main(argv[1:])

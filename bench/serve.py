@@ -1,0 +1,190 @@
+"""`ferry bench serve --trace F`: replay a trace against a running cluster.
+
+Each trace line becomes one streaming request at its arrival time (optionally scaled),
+with `prompt_tokens` random token ids, `max_tokens = output_tokens` and ignore_eos, so
+the lengths are the trace's. Through the SDK (default) or HTTP (`--http URL`). Prints the
+results JSON (DESIGN §8) and writes it, with plots, next to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from pathlib import Path
+
+from bench.metrics import RequestRecord, summarize
+from bench.sim import load_trace
+from common import env
+
+# Token ids used for synthetic prompts: above the special tokens of our tokenizers.
+FIRST_PLAIN_TOKEN = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", required=True)
+    parser.add_argument("--sdk-addr", default=env.gateway_sdk_addr())
+    parser.add_argument("--http", default="", help="base URL (http://host:8000/v1): use HTTP")
+    parser.add_argument("--admin-addr", default=env.scheduler_admin_addr())
+    parser.add_argument("--vocab-size", type=int, default=1000,
+                        help="prompt ids are drawn below this")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="arrival_s is multiplied by this (0.5: twice the rate)")
+    parser.add_argument("--max-output-tokens", type=int, default=0,
+                        help="cap each request's output length (0: the trace's)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="", help="results JSON path (plots beside it)")
+    parser.add_argument("--label", default="", help="name of this run in the results")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+async def _one_sdk(client, record: RequestRecord, prompt_ids: list[int], max_tokens: int,
+                   timeout_s: float) -> None:
+    async for chunk in client.stream(prompt_token_ids=prompt_ids, max_tokens=max_tokens,
+                                     temperature=0.0, ignore_eos=True,
+                                     priority=record.priority, timeout_s=timeout_s):
+        now = time.perf_counter()
+        if chunk.token_ids and record.first_token_s is None:
+            record.first_token_s = now
+        record.num_output_tokens = chunk.first_index + len(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            record.finish_s = now
+
+
+async def _one_http(session, url: str, record: RequestRecord, prompt_ids: list[int],
+                    max_tokens: int, timeout_s: float) -> None:
+    body = {"model": "ferry", "prompt": prompt_ids, "max_tokens": max_tokens, "stream": True,
+            "temperature": 0.0, "ignore_eos": True, "priority": record.priority}
+    async with session.post(f"{url}/completions", json=body, timeout=timeout_s) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter()
+            event = json.loads(line[6:])
+            choice = event["choices"][0]
+            if choice.get("text") is not None and record.first_token_s is None:
+                record.first_token_s = now
+            record.num_output_tokens += len(choice.get("token_ids") or []) or 1
+            if choice.get("finish_reason"):
+                record.finish_s = now
+
+
+async def replay(args: argparse.Namespace) -> list[RequestRecord]:
+    trace = load_trace(args.trace)
+    rng = random.Random(args.seed)
+    records: list[RequestRecord] = []
+    tasks = []
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(trace), unit="req", desc="serve")
+
+    if args.http:
+        import aiohttp
+
+        session = aiohttp.ClientSession()
+        client = None
+    else:
+        from ferry import AsyncClient
+
+        client = AsyncClient(args.sdk_addr, timeout_s=args.timeout)
+        session = None
+
+    async def run_one(record: RequestRecord, prompt_ids: list[int], max_tokens: int) -> None:
+        try:
+            if client is not None:
+                await _one_sdk(client, record, prompt_ids, max_tokens, args.timeout)
+            else:
+                await _one_http(session, args.http.rstrip("/"), record, prompt_ids, max_tokens,
+                                args.timeout)
+        except Exception as exc:  # record and go on: one failure must not end the run
+            record.error = f"{type(exc).__name__}: {exc}"
+        if progress is not None:
+            progress.update(1)
+
+    start = time.perf_counter()
+    for i, entry in enumerate(trace):
+        delay = start + entry["arrival_s"] * args.time_scale - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        prompt_len = entry["prompt_tokens"]
+        if args.max_prompt_tokens:
+            prompt_len = min(prompt_len, args.max_prompt_tokens)
+        max_tokens = entry["output_tokens"]
+        if args.max_output_tokens:
+            max_tokens = min(max_tokens, args.max_output_tokens)
+        prompt_ids = [rng.randrange(FIRST_PLAIN_TOKEN, args.vocab_size) for _ in range(prompt_len)]
+        record = RequestRecord(req_id=str(i), priority=entry["priority"],
+                               arrival_s=time.perf_counter(), num_prompt_tokens=prompt_len)
+        records.append(record)
+        tasks.append(asyncio.create_task(run_one(record, prompt_ids, max(1, max_tokens))))
+    await asyncio.gather(*tasks)
+    if progress is not None:
+        progress.close()
+    if client is not None:
+        await client.close()
+    if session is not None:
+        await session.close()
+    return records
+
+
+def cluster_counts(admin_addr: str) -> dict:
+    """Migrations, preemptions and instance count from the scheduler (ferry status)."""
+    from common import wire
+    from common.zmq_util import make_context, request
+
+    try:
+        reply = asyncio.run(request(make_context(), admin_addr, wire.StatusRequest(),
+                                    timeout_s=3.0, expected=(wire.StatusReply,)))
+    except TimeoutError:
+        return {"num_migrations": 0, "num_preemptions": 0, "num_instances": 0}
+    return {
+        "num_migrations": reply.num_migrations_committed,
+        "num_migrations_aborted": reply.num_migrations_aborted,
+        "num_preemptions": sum(i.load.num_preemptions for i in reply.instances),
+        "num_instances": sum(1 for i in reply.instances if i.alive),
+        "dispatch_policy": reply.dispatch_policy,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    before = cluster_counts(args.admin_addr)
+    start = time.perf_counter()
+    records = asyncio.run(replay(args))
+    duration = time.perf_counter() - start
+    after = cluster_counts(args.admin_addr)
+    result = summarize(
+        records,
+        num_migrations=after["num_migrations"] - before["num_migrations"],
+        num_preemptions=after["num_preemptions"] - before["num_preemptions"],
+        instance_seconds=after["num_instances"] * duration,
+        extra={"label": args.label or after.get("dispatch_policy", ""),
+               "duration_s": duration, "num_instances": after["num_instances"],
+               "errors": sorted({r.error for r in records if r.error})[:10]},
+    )
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        from bench.plots import latency_cdfs
+
+        latency_cdfs({result["label"]: records}, out.with_suffix(".png"))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ferry bench serve", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    print(json.dumps(run(parser.parse_args(argv)), indent=1))
+
+
+if __name__ == "__main__":
+    main()
