@@ -46,9 +46,10 @@ class GatewayMetrics:
             "ferry_gateway_replays", "Requests re-dispatched after their instance died.",
             registry=r,
         )
-        self.bad_messages = Counter(
-            "ferry_gateway_bad_messages", "Malformed or unexpected messages, by socket.",
-            ["socket"], registry=r,
+        self.bad_client_messages = Counter(
+            "ferry_gateway_bad_client_messages",
+            "Unreadable or unexpected messages on the SDK socket (answered with an error).",
+            registry=r,
         )
         self.inflight = Gauge("ferry_gateway_inflight_requests", "Requests in flight.", registry=r)
         self.bypass = Gauge(

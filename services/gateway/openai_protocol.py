@@ -127,8 +127,10 @@ def _submission(
         priority = int(wire.Priority.parse(priority_name))
     except ValueError as err:
         raise ApiError(400, str(err)) from None
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
+    stream_options = body.get("stream_options")
+    if stream_options is None:
+        stream_options = {}
+    elif not isinstance(stream_options, dict):
         raise ApiError(400, "stream_options must be an object")
     timeout_s = _field(body, "timeout_s", float, None)
     sampling = SamplingParams(

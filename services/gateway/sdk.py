@@ -55,7 +55,7 @@ class SdkFrontend:
             try:
                 msg = wire.decode(frames, CLIENT_MESSAGES, self.max_frame_bytes)
             except WireError as err:
-                self.gateway.metrics.bad_messages.labels(socket="sdk").inc()
+                self.gateway.metrics.bad_client_messages.inc()
                 log.warning("rejected_client_message", code=err.code, error=err.message)
                 self.send_error(identity, _guess_client_req_id(frames), err.code, err.message)
                 continue
