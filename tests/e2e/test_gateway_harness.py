@@ -255,11 +255,14 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def running(model_dir: Path, *, num_workers: int = 1, wait_view: bool = True, **overrides):
-    """A gateway and a fake cluster on this loop; yields a Harness."""
+async def running(model_dir: Path, *, num_workers: int = 1, scheduler_alive: bool = True,
+                  **overrides):
+    """A gateway and a fake cluster on this loop; yields a Harness once the gateway has
+    the scheduler's first view (unless the scheduler starts silent)."""
     config = gateway_config(model_dir, **overrides)
     text = TextModel.load(model_dir)
     cluster = FakeCluster(config, text, num_workers=num_workers)
+    cluster.alive = scheduler_alive
     gateway = Gateway(config, text)
     task = asyncio.get_running_loop().create_task(gateway.run())
     cluster.start()
@@ -267,7 +270,7 @@ async def running(model_dir: Path, *, num_workers: int = 1, wait_view: bool = Tr
         await wait_until(lambda: gateway.http.port != 0 or task.done(), what="gateway start")
         if task.done():
             task.result()
-        if wait_view:
+        if scheduler_alive:
             await wait_until(lambda: gateway.routes.view is not None, what="first view")
         yield Harness(gateway, cluster)
     finally:

@@ -403,7 +403,7 @@ def test_bypass_mode_when_the_scheduler_goes_silent(model_dir):
 
 def test_no_instances_in_bypass_is_503(model_dir):
     async def body():
-        async with running(model_dir, wait_view=False, num_workers=0, bypass_after_s=0.1) as h, \
+        async with running(model_dir, scheduler_alive=False, num_workers=0, bypass_after_s=0.1) as h, \
                 AsyncClient(h.sdk_addr) as client:
             h.cluster.alive = False
             await wait_until(lambda: h.gateway.routes.bypass)
