@@ -17,15 +17,17 @@ import asyncio
 import time
 from typing import Protocol
 
+import structlog
 import zmq
 
 from common import wire
+from common.codec import WireError
 from common.config import GatewayConfig
-from common.logging import get_logger
 from common.sampling import SamplingParams
 from common.zmq_util import Inbox, Outboxes, Overloaded, make_context
 from services.gateway.http_api import HttpApi
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.recv import recv_batches
 from services.gateway.requests import (
     RELEASE_FINISHED,
     Delta,
@@ -39,7 +41,7 @@ from services.gateway.routing import Routes
 from services.gateway.sdk import SdkFrontend
 from services.gateway.text import TextModel
 
-log = get_logger()
+log = structlog.get_logger()  # lazy: picks up common.logging.configure() made later
 
 CLUSTER_MESSAGES = (
     wire.Tokens,
@@ -112,13 +114,19 @@ class Gateway:
         self.send_to_cluster.close()
 
     async def serve_cluster(self) -> None:
-        handlers = self.cluster_handlers
-        while True:
-            msg = await self.recv_from_cluster.recv()
-            try:
-                handlers[type(msg)](msg)
-            except Exception:
-                log.exception("cluster_handler_failed", message=type(msg).__name__)
+        inbox, handlers = self.recv_from_cluster, self.cluster_handlers
+        async for batch in recv_batches(inbox.socket):
+            for frames in batch:
+                try:
+                    msg = wire.decode(frames, CLUSTER_MESSAGES, inbox.max_frame_bytes)
+                except WireError as err:  # logged and counted like Inbox.recv does
+                    inbox.num_rejected += 1
+                    log.warning("rejected_message", code=err.code, error=err.message)
+                    continue
+                try:
+                    handlers[type(msg)](msg)
+                except Exception:
+                    log.exception("cluster_handler_failed", message=type(msg).__name__)
 
     async def sweep(self) -> None:
         while True:
@@ -142,9 +150,11 @@ class Gateway:
         *,
         priority: int,
         timeout_s: float | None,
+        stream: bool,
         sink: Sink,
     ) -> Request:
-        """Admit and dispatch a request; raises Rejected (400, 429, 503)."""
+        """Admit and dispatch a request; raises Rejected (400, 429, 503). `stream`: the
+        client wants text with every delta, not only at the end."""
         if len(self.table) >= self.config.max_inflight:
             raise Rejected(429, f"overloaded: {self.config.max_inflight} requests in flight")
         if timeout_s is not None and not timeout_s > 0:
@@ -156,7 +166,7 @@ class Gateway:
         req = self.table.add(
             prompt_token_ids=prompt_token_ids, sampling=sampling, priority=priority,
             timeout_s=timeout_s or self.config.default_timeout_s, sink=sink,
-            now=time.monotonic(), arrival_s=time.time(),
+            now=time.monotonic(), arrival_s=time.time(), stream=stream,
         )
         try:
             self.dispatch(req)

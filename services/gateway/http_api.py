@@ -14,17 +14,17 @@ import json
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from common.logging import get_logger
 from services.gateway import openai_protocol as oai
 from services.gateway.requests import Delta, Rejected
 
 if TYPE_CHECKING:
     from services.gateway.gateway import Gateway
 
-log = get_logger()
+log = structlog.get_logger()  # lazy: picks up common.logging.configure() made later
 
 
 class HttpSink:
@@ -173,7 +173,7 @@ class HttpApi:
         try:
             req = self.gateway.submit(
                 sub.prompt_token_ids, sub.sampling, priority=sub.priority,
-                timeout_s=sub.timeout_s, sink=sink,
+                timeout_s=sub.timeout_s, stream=sub.stream, sink=sink,
             )
         except Rejected as err:
             raise oai.ApiError(err.code, err.message) from None

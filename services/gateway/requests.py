@@ -91,6 +91,7 @@ class Request:
     sink: Any  # where the transport sends this request's deltas
     detok: Detokenizer
     stop: StopMatcher | None
+    incremental: bool  # text with every delta (streaming); False: all of it with the last
     output_token_ids: list[int] = field(default_factory=list)  # delivered, index order
     pending: dict[int, int] = field(default_factory=dict)  # index -> token id past a gap
     finish_at: tuple[int, str] | None = None  # (index, reason) the worker finished at
@@ -153,9 +154,11 @@ class RequestTable:
         sink: Any,
         now: float,
         arrival_s: float,
+        stream: bool = True,
     ) -> Request:
         """Track a new request (already validated). The seed is fixed here so a replay or
-        a migration reproduces the same tokens; EOS ids become stop ids unless ignored."""
+        a migration reproduces the same tokens; EOS ids become stop ids unless ignored.
+        Without `stream` (and stop strings) the text is decoded once, at the end."""
         if sampling.seed is None:
             sampling = replace(sampling, seed=self._rng.randint(0, MAX_SEED))
         if not sampling.ignore_eos and self.text.eos_token_ids:
@@ -172,6 +175,7 @@ class RequestTable:
             sink=sink,
             detok=self.text.detokenizer(prompt_token_ids),
             stop=StopMatcher(sampling.stop) if sampling.stop else None,
+            incremental=stream or bool(sampling.stop),
         )
         self._reqs[req.req_id] = req
         heapq.heappush(self._deadlines, (req.deadline, req.req_id))
@@ -246,7 +250,7 @@ class RequestTable:
             finish_reason, release = "length", "stop"  # the gateway's cap; abort leftovers
 
         if req.stop is None:
-            text = req.detok.step(new_ids)
+            text = req.detok.step(new_ids) if req.incremental else ""
         else:
             pieces = []
             for n, token_id in enumerate(new_ids):
@@ -266,10 +270,18 @@ class RequestTable:
         if finish_reason is None and not new_ids:
             return None
         if finish_reason is not None:
-            if req.stop is not None and finish_reason != "stop":
-                text += req.stop.flush()
+            if finish_reason != "stop" or req.stop is None:
+                text += self._final_text(req)
             del self._reqs[req.req_id]
         return Delta(req, first_index, tuple(new_ids), text, finish_reason, release)
+
+    @staticmethod
+    def _final_text(req: Request) -> str:
+        """Text still owed at the end: held back for stop strings, or all of it when the
+        text is not incremental."""
+        if req.stop is not None:
+            return req.stop.flush()
+        return "" if req.incremental else req.detok.step(req.output_token_ids)
 
     # ---- gateway-side endings ---------------------------------------------------------
 
@@ -279,8 +291,7 @@ class RequestTable:
         req = self._reqs.pop(req_id, None)
         if req is None:
             return None
-        text = req.stop.flush() if req.stop is not None else ""
-        return Delta(req, req.num_delivered, (), text, reason, reason)
+        return Delta(req, req.num_delivered, (), self._final_text(req), reason, reason)
 
     def expired(self, now: float) -> list[Request]:
         """Requests whose deadline has passed (still in the table)."""

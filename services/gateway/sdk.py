@@ -12,19 +12,20 @@ import hmac
 from typing import TYPE_CHECKING
 
 import msgpack
+import structlog
 import zmq
 import zmq.asyncio
 
 from common import wire
 from common.codec import WireError
-from common.logging import get_logger
 from common.zmq_util import DEFAULT_HWM, hard_frame_cap
+from services.gateway.recv import recv_batches
 from services.gateway.requests import Delta, Rejected
 
 if TYPE_CHECKING:
     from services.gateway.gateway import Gateway
 
-log = get_logger()
+log = structlog.get_logger()  # lazy: picks up common.logging.configure() made later
 
 CLIENT_MESSAGES = (wire.GenerateRequest, wire.CancelRequest)
 
@@ -50,23 +51,26 @@ class SdkFrontend:
         }
 
     async def serve(self) -> None:
-        while True:
-            identity, *frames = await self.recv_from_clients.recv_multipart()
-            try:
-                msg = wire.decode(frames, CLIENT_MESSAGES, self.max_frame_bytes)
-            except WireError as err:
-                self.gateway.metrics.bad_client_messages.inc()
-                log.warning("rejected_client_message", code=err.code, error=err.message)
-                self.send_error(identity, _guess_client_req_id(frames), err.code, err.message)
-                continue
-            if not self.authorized(msg.api_key):
-                self.send_error(identity, msg.client_req_id, 401, "missing or invalid api key")
-                continue
-            try:
-                self.handlers[type(msg)](identity, msg)
-            except Exception:
-                log.exception("client_handler_failed", client_req_id=msg.client_req_id)
-                self.send_error(identity, msg.client_req_id, 500, "internal error")
+        async for batch in recv_batches(self.recv_from_clients):
+            for identity, *frames in batch:
+                self.handle_frames(identity, frames)
+
+    def handle_frames(self, identity: bytes, frames: list[bytes]) -> None:
+        try:
+            msg = wire.decode(frames, CLIENT_MESSAGES, self.max_frame_bytes)
+        except WireError as err:
+            self.gateway.metrics.bad_client_messages.inc()
+            log.warning("rejected_client_message", code=err.code, error=err.message)
+            self.send_error(identity, _guess_client_req_id(frames), err.code, err.message)
+            return
+        if not self.authorized(msg.api_key):
+            self.send_error(identity, msg.client_req_id, 401, "missing or invalid api key")
+            return
+        try:
+            self.handlers[type(msg)](identity, msg)
+        except Exception:
+            log.exception("client_handler_failed", client_req_id=msg.client_req_id)
+            self.send_error(identity, msg.client_req_id, 500, "internal error")
 
     def close(self) -> None:
         self.recv_from_clients.close(linger=0)
@@ -100,7 +104,7 @@ class SdkFrontend:
             sink = SdkSink(self, identity, msg.client_req_id, msg.stream, len(prompt_token_ids))
             req = self.gateway.submit(
                 prompt_token_ids, msg.sampling, priority=priority, timeout_s=msg.timeout_s,
-                sink=sink,
+                stream=msg.stream, sink=sink,
             )
         except Rejected as err:
             self.send_error(identity, msg.client_req_id, err.code, err.message)
@@ -118,7 +122,7 @@ class SdkFrontend:
         """Queue a reply without blocking; False when the client is gone or not reading
         (its queue is full)."""
         future = self.recv_from_clients.send_multipart(
-            [identity, *wire.encode(msg)], flags=zmq.NOBLOCK, copy=False
+            [identity, *wire.encode(msg)], flags=zmq.NOBLOCK
         )
         # pyzmq completes a NOBLOCK send at once when no other send waits (always so here:
         # this socket never sends blocking); an error is the future's exception.

@@ -348,3 +348,37 @@ def test_check_request_rejects_with_400(text, prompt, sampling, match):
 def test_check_request_accepts_exactly_the_context(text):
     check_request(tuple(range(1, 201)), SamplingParams(max_tokens=56),
                   max_model_len=256, vocab_size=text.vocab_size, max_tokens_limit=1000)
+
+
+# ---- text only at the end (non-streaming clients) -----------------------------------------
+
+
+def test_non_streaming_text_comes_whole_with_the_last_delta(text):
+    sample = "hello 世界 🚀 fox"
+    ids = output_ids(text, sample)
+    streamed, whole = make_table(text), make_table(text)
+    a = add(streamed, prompt=text.encode("the"), max_tokens=len(ids))
+    b = whole.add(prompt_token_ids=tuple(text.encode("the")), sampling=SamplingParams(
+        max_tokens=len(ids), seed=1), priority=0, timeout_s=10.0, sink=None, now=0.0,
+        arrival_s=0.0, stream=False)
+    pieces_a = [streamed.on_tokens(tokens(a, i, [t])).text for i, t in enumerate(ids)]
+    pieces_b = [whole.on_tokens(tokens(b, i, [t])).text for i, t in enumerate(ids)]
+    assert "".join(pieces_a) == sample
+    assert pieces_b[:-1] == [""] * (len(ids) - 1) and pieces_b[-1] == sample
+
+
+def test_non_streaming_abort_returns_the_text_so_far(text):
+    table = make_table(text)
+    ids = output_ids(text, "hello world")
+    req = table.add(prompt_token_ids=(1,), sampling=SamplingParams(max_tokens=50, seed=1),
+                    priority=0, timeout_s=10.0, sink=None, now=0.0, arrival_s=0.0, stream=False)
+    assert table.on_tokens(tokens(req, 0, ids)).text == ""
+    assert table.finish(req.req_id, "timeout").text == "hello world"
+
+
+def test_stop_strings_force_incremental_text(text):
+    table = make_table(text)
+    ids = output_ids(text, "hello world, the quick brown fox")
+    req = table.add(prompt_token_ids=(1,), sampling=SamplingParams(max_tokens=50, stop=("fox",)),
+                    priority=0, timeout_s=10.0, sink=None, now=0.0, arrival_s=0.0, stream=False)
+    assert table.on_tokens(tokens(req, 0, ids[:2])).text == "hello world"
