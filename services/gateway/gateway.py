@@ -27,7 +27,7 @@ from common.sampling import SamplingParams
 from common.zmq_util import Inbox, Outboxes, Overloaded, make_context
 from services.gateway.http_api import HttpApi
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.recv import recv_batches
+from services.gateway.recv import MAX_BATCH, recv_batches
 from services.gateway.requests import (
     RELEASE_FINISHED,
     Delta,
@@ -83,12 +83,13 @@ class Gateway:
         # A synchronous view of the context: a non-blocking send on a sync socket raises
         # zmq.Again (-> Overloaded) at once; on a zmq.asyncio socket it would not.
         self.send_to_cluster = Outboxes(zmq.Context.shadow(ctx.underlying))
+        self.cluster_backlogged = False  # the inbox had more queued than one batch takes
         self.sdk = SdkFrontend(self, ctx)
         self.http = HttpApi(self)
         self.cluster_handlers = {
             wire.Tokens: self.handle_tokens,
             wire.RequestError: self.handle_request_error,
-            wire.Placement: self.table.on_placement,
+            wire.Placement: self.handle_placement,
             wire.DispatchRejected: self.handle_dispatch_rejected,
             wire.InstanceView: self.handle_instance_view,
             wire.InstanceDown: self.handle_instance_down,
@@ -115,7 +116,10 @@ class Gateway:
 
     async def serve_cluster(self) -> None:
         inbox, handlers = self.recv_from_cluster, self.cluster_handlers
-        async for batch in recv_batches(inbox.socket):
+        async for batch in recv_batches(inbox.socket, MAX_BATCH):
+            # A full batch means more is queued: scheduler messages may be waiting behind
+            # tokens, so its silence proves nothing (see sweep).
+            self.cluster_backlogged = len(batch) == MAX_BATCH
             for frames in batch:
                 try:
                     msg = wire.decode(frames, CLUSTER_MESSAGES, inbox.max_frame_bytes)
@@ -134,10 +138,10 @@ class Gateway:
             now = time.monotonic()
             for req in self.table.expired(now):
                 self.deliver(self.table.finish(req.req_id, "timeout"))
-            if self.routes.check(now):
+            if not self.cluster_backlogged and self.routes.check(now):
                 self.metrics.bypass.set(1)
                 log.warning(
-                    "bypass_mode_on", silent_s=round(now - self.routes.last_view_time, 3),
+                    "bypass_mode_on", silent_s=round(now - self.routes.last_heard, 3),
                     num_instances=self.routes.num_instances,
                 )
 
@@ -202,7 +206,12 @@ class Gateway:
         if req is not None:
             self.fail(req, msg.code, f"{msg.instance_id}: {msg.message}")
 
+    def handle_placement(self, msg: wire.Placement) -> None:
+        self.routes.heard(time.monotonic())
+        self.table.on_placement(msg)
+
     def handle_dispatch_rejected(self, msg: wire.DispatchRejected) -> None:
+        self.routes.heard(time.monotonic())
         req = self.table.get(msg.req_id)
         if req is not None:
             self.fail(req, msg.code, msg.message, release=False)
@@ -213,6 +222,7 @@ class Gateway:
             log.warning("bypass_mode_off", scheduler_epoch=msg.scheduler_epoch)
 
     def handle_instance_down(self, msg: wire.InstanceDown) -> None:
+        self.routes.heard(time.monotonic())
         reqs = self.table.take_from(msg.instance_id)
         log.warning("instance_down", instance_id=msg.instance_id, num_replayed=len(reqs))
         for req in reqs:

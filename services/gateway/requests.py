@@ -159,12 +159,15 @@ class RequestTable:
         """Track a new request (already validated). The seed is fixed here so a replay or
         a migration reproduces the same tokens; EOS ids become stop ids unless ignored.
         Without `stream` (and stop strings) the text is decoded once, at the end."""
+        changes: dict[str, Any] = {}
         if sampling.seed is None:
-            sampling = replace(sampling, seed=self._rng.randint(0, MAX_SEED))
-        if not sampling.ignore_eos and self.text.eos_token_ids:
+            changes["seed"] = self._rng.randint(0, MAX_SEED)
+        if not sampling.ignore_eos:
             extra = tuple(t for t in self.text.eos_token_ids if t not in sampling.stop_token_ids)
             if extra:
-                sampling = replace(sampling, stop_token_ids=sampling.stop_token_ids + extra)
+                changes["stop_token_ids"] = sampling.stop_token_ids + extra
+        if changes:
+            sampling = replace(sampling, **changes)
         req = Request(
             req_id=self._id_prefix + str(next(self._counter)),
             prompt_token_ids=prompt_token_ids,

@@ -12,21 +12,25 @@ class Routes:
         self.bypass_after_s = bypass_after_s
         self.bypass = False
         self.view: wire.InstanceView | None = None  # the scheduler's last word on instances
-        self.last_view_time = now  # monotonic; start-up counts as a view (grace period)
+        self.last_heard = now  # monotonic, of any scheduler message; start-up counts (grace)
         self._addr_of: dict[str, str] = {}  # instance_id -> worker inbox
         self._next = 0  # round-robin cursor over view.instances
+
+    def heard(self, now: float) -> None:
+        """Any message from the scheduler shows it is alive."""
+        self.last_heard = now
 
     def on_view(self, view: wire.InstanceView, now: float) -> bool:
         """Remember the view; True when this ends bypass mode."""
         self.view = view
-        self.last_view_time = now
+        self.last_heard = now
         self._addr_of = {i.instance_id: i.inbox_addr for i in view.instances}
         was_bypass, self.bypass = self.bypass, False
         return was_bypass
 
     def check(self, now: float) -> bool:
         """Enter bypass mode once the scheduler is silent for too long; True on the switch."""
-        if self.bypass or now - self.last_view_time <= self.bypass_after_s:
+        if self.bypass or now - self.last_heard <= self.bypass_after_s:
             return False
         self.bypass = True
         return True

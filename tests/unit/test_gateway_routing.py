@@ -45,3 +45,13 @@ def test_round_robin_over_the_last_view_and_addresses():
     assert routes.addr_of("zz") is None and routes.addr_of(None) is None
     routes.on_view(view(), now=0.1)
     assert routes.next_worker() is None
+
+
+def test_any_scheduler_message_counts_as_alive():
+    routes = Routes(bypass_after_s=1.0, now=0.0)
+    routes.on_view(view("a"), now=0.0)
+    routes.heard(0.9)  # e.g. a Placement, while views wait behind tokens in the inbox
+    assert not routes.check(1.8)
+    assert routes.check(2.0)
+    routes.heard(2.1)  # only a view ends bypass mode: it brings the instances
+    assert routes.bypass
