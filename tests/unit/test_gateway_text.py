@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from services.gateway import text as text_module
 from services.gateway.text import TextModel
 
 CORPUS = [
@@ -130,3 +132,30 @@ def test_detokenizer_skips_special_tokens(text):
     detok = text.detokenizer([])
     ids = text.encode("hello", add_special_tokens=False)
     assert detok.step(ids) + detok.step([eos]) == "hello"
+
+
+def test_encoding_and_chat_template_delegate_to_the_worker_tokenizer(tmp_path, monkeypatch):
+    root = make_model_dir(tmp_path)
+
+    class WorkerTokenizer:
+        eos_token = EOS
+        chat_template = "{{ messages }}"
+
+        def __init__(self, model_dir):
+            assert model_dir == root
+
+        def encode(self, text, *, add_special_tokens=True):
+            return [42, int(add_special_tokens)]
+
+        def apply_chat_template(self, messages):
+            return f"rendered {len(messages)}"
+
+        def token_to_id(self, token):
+            return 3 if token == EOS else None
+
+    monkeypatch.setattr(text_module, "worker_tokenizer", SimpleNamespace(Tokenizer=WorkerTokenizer))
+    text = TextModel.load(root)
+    assert text.encode("anything") == [42, 1]
+    assert text.encode("anything", add_special_tokens=False) == [42, 0]
+    assert text.apply_chat_template([{"role": "user", "content": "x"}]) == "rendered 1"
+    assert 3 in text.eos_token_ids
