@@ -131,8 +131,8 @@ class AsyncClient:
             replies.put(wire.ErrorReply(client_req_id=None, code=0, message="client closed"))
 
     async def generate(self, prompt: str | None = None, **kwargs: Any) -> Completion:
-        """Run one request to the end. Keyword arguments as in `stream`."""
-        stream = await self._open(prompt, stream=False, **kwargs)
+        """Run one request to the end. Arguments as in `stream`."""
+        stream = AsyncStream(self, *self._request(prompt, stream=False, **kwargs))
         try:
             chunk = await stream.next_reply()
         finally:
@@ -140,26 +140,27 @@ class AsyncClient:
         return Completion(chunk.req_id, chunk.token_ids, chunk.text, chunk.finish_reason,
                           chunk.num_prompt_tokens)
 
-    async def stream(self, prompt: str | None = None, **kwargs: Any) -> AsyncStream:
-        """Start a request and return its chunks as an async iterator.
+    def stream(self, prompt: str | None = None, **kwargs: Any) -> AsyncStream:
+        """A request's chunks as an async iterator; the request goes out on the first
+        iteration. Arguments are checked here (BadRequest):
 
         prompt / prompt_token_ids (exactly one), max_tokens=16, temperature=1.0,
         top_p=1.0, top_k=0, seed=None, stop=() (a string or strings),
         ignore_eos=False, priority="normal" | "high", timeout_s (client default)."""
-        return await self._open(prompt, stream=True, **kwargs)
+        return AsyncStream(self, *self._request(prompt, stream=True, **kwargs))
 
     def abort(self, client_req_id: str) -> None:
         """Ask the gateway to abort a request of this client (non-blocking)."""
+        self._replies.pop(client_req_id, None)
         if self._socket is None:
             return
-        self._replies.pop(client_req_id, None)
         future = self._socket.send_multipart(
             wire.encode(wire.CancelRequest(client_req_id=client_req_id, api_key=self.api_key)),
             flags=zmq.NOBLOCK,
         )
         future.add_done_callback(_ignore_result)  # best effort: the deadline cleans up anyway
 
-    async def _open(
+    def _request(
         self,
         prompt: str | None,
         *,
@@ -174,19 +175,23 @@ class AsyncClient:
         ignore_eos: bool = False,
         priority: str | int = "normal",
         timeout_s: float | None = None,
-    ) -> AsyncStream:
+    ) -> tuple[str, list[bytes], float]:
+        """(client_req_id, the GenerateRequest's frames, timeout_s), checked."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
             sampling = SamplingParams(
                 max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                seed=seed, ignore_eos=ignore_eos, stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                seed=seed, ignore_eos=ignore_eos,
+                stop=(stop,) if isinstance(stop, str) else tuple(stop),
             )
             sampling.validate()
             priority_value = int(wire.Priority.parse(priority))
         except ValueError as err:
             raise BadRequest(str(err)) from None
+        if (prompt is None) == (prompt_token_ids is None):
+            raise BadRequest("give exactly one of prompt and prompt_token_ids")
         client_req_id = str(next(self._ids))
-        msg = wire.GenerateRequest(
+        frames = wire.encode(wire.GenerateRequest(
             client_req_id=client_req_id,
             prompt=prompt,
             prompt_token_ids=None if prompt_token_ids is None else tuple(prompt_token_ids),
@@ -195,20 +200,22 @@ class AsyncClient:
             stream=stream,
             timeout_s=timeout_s,
             api_key=self.api_key,
-        )
-        frames = wire.encode(msg)
+        ))
         if len(frames[1]) > self.max_frame_bytes:
             raise BadRequest(f"request of {len(frames[1])} bytes exceeds {self.max_frame_bytes}",
                              code=413)
+        return client_req_id, frames, timeout_s
+
+    async def _send(self, client_req_id: str, frames: list[bytes]) -> _Replies:
+        """Send a request; its replies collect in the returned buffer."""
         socket = self._connect()
         self._replies[client_req_id] = replies = _Replies()
-        deadline = asyncio.get_running_loop().time() + timeout_s + CLIENT_GRACE_S
         try:
             await socket.send_multipart(frames)
         except BaseException:
             self._replies.pop(client_req_id, None)
             raise
-        return AsyncStream(self, client_req_id, replies, deadline)
+        return replies
 
     def _connect(self) -> zmq.asyncio.Socket:
         if self._socket is None:
@@ -246,15 +253,18 @@ class AsyncClient:
 
 
 class AsyncStream:
-    """The chunks of one request. Closing it before the end aborts the request."""
+    """The chunks of one request. Closing it (or dropping it, or cancelling the task that
+    reads it) before the end aborts the request."""
 
-    def __init__(self, client: AsyncClient, client_req_id: str, replies: _Replies,
-                 deadline: float) -> None:
+    def __init__(self, client: AsyncClient, client_req_id: str, frames: list[bytes],
+                 timeout_s: float) -> None:
         self.client = client
         self.client_req_id = client_req_id
         self.req_id: str | None = None  # known from the first chunk
-        self._replies = replies
-        self._deadline = deadline  # loop time
+        self._frames: list[bytes] | None = frames  # until sent
+        self._timeout_s = timeout_s
+        self._replies: _Replies | None = None
+        self._deadline = 0.0  # loop time, set when sent
         self._num_received = 0
         self._done = False
         self._timed_out = False
@@ -278,8 +288,17 @@ class AsyncStream:
         return Chunk(msg.req_id, msg.first_index, msg.token_ids, msg.text, msg.finish_reason,
                      msg.num_prompt_tokens)
 
+    async def start(self) -> None:
+        """Send the request now (iterating does it otherwise); idempotent."""
+        if self._frames is not None:
+            frames, self._frames = self._frames, None
+            self._deadline = asyncio.get_running_loop().time() + self._timeout_s + CLIENT_GRACE_S
+            self._replies = await self.client._send(self.client_req_id, frames)
+
     async def next_reply(self) -> wire.TokenChunk:
-        """The next TokenChunk; raises the request's error, or Timeout past the deadline."""
+        """The next TokenChunk (sending the request first if need be); raises the
+        request's error, or Timeout past the deadline."""
+        await self.start()
         timeout = self._deadline - asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(max(timeout, 0.0)):
@@ -300,9 +319,12 @@ class AsyncStream:
 
     def abort(self) -> None:
         """Abort the request unless it has finished (non-blocking, idempotent)."""
-        if not self._done:
-            self._done = True
+        if self._done:
+            return
+        self._done = True
+        if self._frames is None:  # sent: tell the gateway
             self.client.abort(self.client_req_id)
+        self._frames = None
 
     async def aclose(self) -> None:
         self.abort()
@@ -318,7 +340,7 @@ class AsyncStream:
         self._done = True
 
     def __del__(self) -> None:
-        if not self._done and self.client._socket is not None:
+        if not self._done and self._frames is None and self.client._socket is not None:
             try:
                 self.client.abort(self.client_req_id)
             except Exception:  # the loop or socket is gone: nothing left to abort
@@ -363,7 +385,7 @@ class Client:
     def stream(self, prompt: str | None = None, **kwargs: Any) -> Stream:
         """As AsyncClient.stream; iterate the result. Close it (or leave the loop and drop
         it) to abort the request early."""
-        return Stream(self, self._call(self._async.stream(prompt, **kwargs)))
+        return Stream(self, self._async.stream(prompt, **kwargs))
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -388,6 +410,10 @@ class Stream:
     @property
     def req_id(self) -> str | None:
         return self._stream.req_id
+
+    def start(self) -> None:
+        """Send the request now (iterating does it otherwise); idempotent."""
+        self._client._call(self._stream.start())
 
     def __iter__(self) -> Iterator[Chunk]:
         return self

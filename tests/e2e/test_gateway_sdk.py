@@ -77,7 +77,7 @@ def test_stream_yields_ordered_chunks_matching_generate(model_dir):
     async def body():
         async with running(model_dir) as h, AsyncClient(h.sdk_addr) as client:
             h.worker.behaviour.chunk_size = 3
-            stream = await client.stream("hi", max_tokens=20)
+            stream = client.stream("hi", max_tokens=20)
             chunks = [c async for c in stream]
             assert [c.first_index for c in chunks] == list(range(0, 20, 3))[: len(chunks)]
             assert [t for c in chunks for t in c.token_ids] == expected(h, 20)
@@ -93,7 +93,7 @@ def test_duplicated_token_messages_reach_the_client_once(model_dir):
     async def body():
         async with running(model_dir) as h, AsyncClient(h.sdk_addr) as client:
             h.worker.behaviour.duplicate = True
-            chunks = [c async for c in await client.stream("hi", max_tokens=11)]
+            chunks = [c async for c in client.stream("hi", max_tokens=11)]
             assert [t for c in chunks for t in c.token_ids] == expected(h, 11)
 
     arun(body())
@@ -136,7 +136,7 @@ def test_closing_a_stream_early_aborts_the_request(model_dir):
     async def body():
         async with running(model_dir) as h, AsyncClient(h.sdk_addr) as client:
             h.worker.behaviour.token_delay_s = 0.02
-            stream = await client.stream("hi", max_tokens=200)
+            stream = client.stream("hi", max_tokens=200)
             async for chunk in stream:
                 if chunk.first_index >= 2:
                     break
@@ -165,7 +165,8 @@ def test_explicit_abort_by_client_req_id(model_dir):
     async def body():
         async with running(model_dir) as h, AsyncClient(h.sdk_addr) as client:
             h.worker.behaviour.hold = True
-            stream = await client.stream("hi", max_tokens=5)
+            stream = client.stream("hi", max_tokens=5)
+            await stream.start()
             await wait_until(lambda: len(h.gateway.table) == 1)
             client.abort(stream.client_req_id)
             await wait_until(lambda: h.cluster.release_reasons() == ["abort"])
@@ -185,7 +186,7 @@ def test_gateway_deadline_is_a_timeout(model_dir):
             # a stream gets what arrived, a last chunk saying "timeout", then the error
             h.worker.behaviour.hold = False
             h.worker.behaviour.token_delay_s = 0.05
-            stream = await client.stream("hi", max_tokens=100, timeout_s=0.3)
+            stream = client.stream("hi", max_tokens=100, timeout_s=0.3)
             chunks = []
             with pytest.raises(Timeout):
                 async for chunk in stream:
@@ -222,14 +223,22 @@ def test_errors_map_to_exception_types(model_dir):
                 await client.generate(prompt_token_ids=[1] * 250, max_tokens=10)
             with pytest.raises(BadRequest, match="exactly one of prompt"):
                 await client.generate("hi", prompt_token_ids=[1])
+            with pytest.raises(BadRequest, match="exceeds"):  # over the frame limit, locally
+                await client.generate("x" * (17 * 1024 * 1024))
             with pytest.raises(BadRequest, match="temperature"):  # checked before sending
                 await client.generate("hi", temperature=-1)
+            with pytest.raises(BadRequest, match="top_p"):  # at the call, not on iteration
+                client.stream("hi", top_p=0.0)
+            unsent = client.stream("hi")
+            unsent.abort()  # never sent: nothing reaches the gateway
+            assert [c async for c in unsent] == []
             h.cluster.reject_code = 503
             with pytest.raises(Unavailable, match="no instance can take it"):
                 await client.generate("hi")
             h.cluster.reject_code = None
             assert (await client.generate("hi", max_tokens=2)).finish_reason == "length"
             assert len(h.gateway.table) == 0
+            assert len(h.cluster.dispatches) == 2  # the rejected one and the last
 
     arun(body())
 
@@ -251,7 +260,9 @@ def test_inflight_bound_is_429(model_dir):
     async def body():
         async with running(model_dir, max_inflight=2) as h, AsyncClient(h.sdk_addr) as client:
             h.worker.behaviour.hold = True
-            held = [await client.stream("hi") for _ in range(2)]
+            held = [client.stream("hi") for _ in range(2)]
+            for stream in held:
+                await stream.start()
             await wait_until(lambda: len(h.gateway.table) == 2)
             with pytest.raises(Overloaded, match="2 requests in flight"):
                 await client.generate("hi")
@@ -289,6 +300,9 @@ def test_bad_frames_on_the_sdk_socket_get_error_replies(model_dir):
         ([header, raw_generate_body("c3", sampling=[1])], 400, "c3", "expected 8 fields"),
         ([header, raw_generate_body("c4", prompt_token_ids=list(range(3000)))], 413, "c4",
          "exceeds 4096"),
+        ([header, raw_generate_body("c5", prompt="hi")], 400, "c5", "exactly one of prompt"),
+        ([header, raw_generate_body("c6", priority=7)], 400, "c6", "unknown priority 7"),
+        ([header, raw_generate_body("c7", timeout_s=0)], 400, "c7", "timeout_s must be > 0"),
         ([HEADER.pack(PROTOCOL_VERSION + 1, gen_tag), b"\x90"], 426, None, "protocol version"),
         ([header], 400, None, "expected 2 frames"),
     ]
@@ -353,7 +367,7 @@ def test_instance_down_replays_without_duplicates(model_dir):
             dying, healthy = h.cluster.workers
             dying.behaviour.die_after = 6
             dying.behaviour.token_delay_s = 0.01
-            stream = await client.stream("hi", max_tokens=15)
+            stream = client.stream("hi", max_tokens=15)
             chunks = []
             async for chunk in stream:
                 chunks.append(chunk)
@@ -385,7 +399,8 @@ def test_bypass_mode_when_the_scheduler_goes_silent(model_dir):
             # an abort goes straight to the worker holding the request
             h.cluster.workers[0].behaviour.hold = True
             h.cluster.workers[1].behaviour.hold = True
-            stream = await client.stream("hi")
+            stream = client.stream("hi")
+            await stream.start()
             await wait_until(lambda: sum(len(w.tasks) for w in h.cluster.workers) == 1)
             await stream.aclose()
             await wait_until(lambda: sum(len(w.aborts) for w in h.cluster.workers) == 1)
@@ -449,8 +464,26 @@ def test_blocking_stream_closed_early_aborts(model_dir):
         # dropping an unfinished stream aborts too
         h.worker.behaviour.hold = True
         stream = client.stream("hi")
+        stream.start()
         threaded.call(wait_until(lambda: len(h.gateway.table) == 1))
         del stream
         threaded.call(wait_until(lambda: h.cluster.release_reasons() == ["abort", "abort"]))
         with pytest.raises(Timeout):
             client.generate("hi", timeout_s=0.1)
+
+
+def test_a_frame_past_the_hard_cap_drops_only_that_connection(model_dir):
+    async def body():
+        async with running(model_dir, max_frame_bytes=4096) as h, AsyncClient(h.sdk_addr) as client:
+            rogue = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+            rogue.setsockopt(zmq.LINGER, 0)
+            rogue.connect(h.sdk_addr)
+            try:
+                header = HEADER.pack(PROTOCOL_VERSION, wire.REGISTRY.tag_of(wire.GenerateRequest))
+                await rogue.send_multipart([header, b"\x00" * 100_000])  # libzmq drops it
+                outs = await asyncio.gather(*(client.generate("hi", max_tokens=3) for _ in range(5)))
+                assert all(len(o.token_ids) == 3 for o in outs)
+            finally:
+                rogue.close(linger=0)
+
+    arun(body())
