@@ -97,13 +97,13 @@ class Gateway:
 
     async def run(self) -> None:
         """Serve until cancelled."""
-        await self.http.start()
-        log.info(
-            "gateway_ready", http=f"http://{self.config.http_host}:{self.http.port}",
-            sdk=self.config.sdk.advertise, inbox=self.config.inbox.advertise,
-            scheduler=self.config.scheduler_addr,
-        )
         try:
+            await self.http.start()
+            log.info(
+                "gateway_ready", http=f"http://{self.config.http_host}:{self.http.port}",
+                sdk=self.config.sdk.advertise, inbox=self.config.inbox.advertise,
+                scheduler=self.config.scheduler_addr,
+            )
             await asyncio.gather(self.serve_cluster(), self.sdk.serve(), self.sweep())
         finally:
             await self.http.stop()
@@ -271,7 +271,7 @@ class Gateway:
             num_tokens = len(delta.token_ids)
             if req.first_token_time == 0.0:
                 req.first_token_time = now
-                self.metrics.ttft.observe(time.time() - req.arrival_s)
+                self.metrics.ttft.observe(now - req.start_time)
             else:
                 self.metrics.inter_token.observe((now - req.last_token_time) / num_tokens)
             req.last_token_time = now
@@ -281,7 +281,7 @@ class Gateway:
             self.release(req, delta.release)
             self.metrics.inflight.dec()
             self.metrics.outcome(delta.finish_reason).inc()
-            self.metrics.e2e.observe(time.time() - req.arrival_s)
+            self.metrics.e2e.observe(time.monotonic() - req.start_time)
             log.debug("request_finished", req_id=req.req_id, finish_reason=delta.finish_reason,
                       num_output_tokens=req.num_delivered)
         elif not client_alive:

@@ -9,9 +9,11 @@ status. A client that disconnects aborts its request (the handler is cancelled).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from services.gateway.gateway import Gateway
 
 log = structlog.get_logger()  # lazy: picks up common.logging.configure() made later
+
+LONG_BODY_BYTES = 32_768  # larger bodies are parsed and tokenized in a thread, off the loop
 
 
 class HttpSink:
@@ -127,16 +131,14 @@ class HttpApi:
     # ---- routes -----------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self.read_json(request)
-        sub = oai.parse_completion(body, self.gateway.text, model_name=self.config.model_name)
+        sub = await self.parse(request, functools.partial(
+            oai.parse_completion, text=self.gateway.text, model_name=self.config.model_name))
         return await self.generate(request, sub, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self.read_json(request)
-        sub = oai.parse_chat(
-            body, self.gateway.text, model_name=self.config.model_name,
-            max_tokens_limit=self.config.max_tokens_limit,
-        )
+        sub = await self.parse(request, functools.partial(
+            oai.parse_chat, text=self.gateway.text, model_name=self.config.model_name,
+            max_tokens_limit=self.config.max_tokens_limit))
         return await self.generate(request, sub, chat=True)
 
     async def models(self, request: web.Request) -> web.Response:
@@ -161,12 +163,16 @@ class HttpApi:
 
     # ---- generation -------------------------------------------------------------------
 
-    async def read_json(self, request: web.Request) -> Any:
+    async def parse(self, request: web.Request, parse: Callable[[Any], oai.Submission]):
+        """The body as a Submission; a large one (tokenizing takes long) in a thread."""
         raw = await request.read()  # 413 past client_max_size
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise oai.ApiError(400, f"the body is not valid JSON: {err}") from None
+        if len(raw) > LONG_BODY_BYTES:
+            return await asyncio.to_thread(parse, body)
+        return parse(body)
 
     async def generate(self, request: web.Request, sub: oai.Submission, *, chat: bool):
         sink = HttpSink(self.config.max_queued_chunks)

@@ -87,7 +87,8 @@ class Request:
     sampling: SamplingParams  # seed resolved; max_tokens counts from output index 0
     priority: int  # wire.Priority value
     arrival_s: float  # wall clock (time.time()) at arrival
-    deadline: float  # monotonic time; past it the request finishes with "timeout"
+    start_time: float  # monotonic, at arrival (latency metrics)
+    deadline: float  # monotonic; past it the request finishes with "timeout"
     sink: Any  # where the transport sends this request's deltas
     detok: Detokenizer
     stop: StopMatcher | None
@@ -174,6 +175,7 @@ class RequestTable:
             sampling=sampling,
             priority=priority,
             arrival_s=arrival_s,
+            start_time=now,
             deadline=now + timeout_s,
             sink=sink,
             detok=self.text.detokenizer(prompt_token_ids),

@@ -8,6 +8,7 @@ reaches Python (libzmq drops that connection)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger()  # lazy: picks up common.logging.configure() made later
 
 CLIENT_MESSAGES = (wire.GenerateRequest, wire.CancelRequest)
+PRIORITIES = frozenset(int(p) for p in wire.Priority)
+LONG_PROMPT_CHARS = 32_768  # longer prompt text is tokenized in a thread, off the loop
 
 
 class SdkFrontend:
@@ -44,7 +47,9 @@ class SdkFrontend:
         self.recv_from_clients.setsockopt(zmq.LINGER, 0)
         self.recv_from_clients.setsockopt(zmq.MAXMSGSIZE, hard_frame_cap(config.max_frame_bytes))
         self.recv_from_clients.bind(config.sdk.bind)
-        self.req_ids: dict[tuple[bytes, str], str] = {}  # (identity, client_req_id) -> req_id
+        # (identity, client_req_id) -> req_id ("" while a long prompt is being tokenized)
+        self.req_ids: dict[tuple[bytes, str], str] = {}
+        self.tasks: set[asyncio.Task] = set()  # long-prompt tokenizations in progress
         self.handlers = {
             wire.GenerateRequest: self.handle_generate,
             wire.CancelRequest: self.handle_cancel,
@@ -73,6 +78,8 @@ class SdkFrontend:
             self.send_error(identity, msg.client_req_id, 500, "internal error")
 
     def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
         self.recv_from_clients.close(linger=0)
 
     def authorized(self, api_key: str | None) -> bool:
@@ -90,30 +97,47 @@ class SdkFrontend:
         if key in self.req_ids:
             self.send_error(identity, msg.client_req_id, 400, "client_req_id already in flight")
             return
+        if (msg.prompt is None) == (msg.prompt_token_ids is None):
+            self.send_error(identity, msg.client_req_id, 400,
+                            "give exactly one of prompt and prompt_token_ids")
+            return
+        if msg.prompt is None:
+            self.start(identity, msg, msg.prompt_token_ids)
+        elif len(msg.prompt) <= LONG_PROMPT_CHARS:
+            self.start(identity, msg, tuple(self.gateway.text.encode(msg.prompt)))
+        else:
+            self.req_ids[key] = ""  # reserved while the prompt is tokenized off the loop
+            task = asyncio.get_running_loop().create_task(self.generate_long(identity, msg))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def generate_long(self, identity: bytes, msg: wire.GenerateRequest) -> None:
+        prompt_token_ids = tuple(await asyncio.to_thread(self.gateway.text.encode, msg.prompt))
+        if self.req_ids.pop((identity, msg.client_req_id), None) == "":  # not cancelled
+            self.start(identity, msg, prompt_token_ids)
+
+    def start(self, identity: bytes, msg: wire.GenerateRequest,
+              prompt_token_ids: tuple[int, ...]) -> None:
+        """Submit a tokenized request; an ErrorReply when the gateway refuses it."""
+        sink = SdkSink(self, identity, msg.client_req_id, msg.stream, len(prompt_token_ids))
         try:
-            if (msg.prompt is None) == (msg.prompt_token_ids is None):
-                raise Rejected(400, "give exactly one of prompt and prompt_token_ids")
-            if msg.prompt is not None:
-                prompt_token_ids = tuple(self.gateway.text.encode(msg.prompt))
-            else:
-                prompt_token_ids = msg.prompt_token_ids
-            try:
-                priority = int(wire.Priority(msg.priority))
-            except ValueError:
-                raise Rejected(400, f"unknown priority {msg.priority}") from None
-            sink = SdkSink(self, identity, msg.client_req_id, msg.stream, len(prompt_token_ids))
+            if msg.priority not in PRIORITIES:
+                raise Rejected(400, f"unknown priority {msg.priority}")
             req = self.gateway.submit(
-                prompt_token_ids, msg.sampling, priority=priority, timeout_s=msg.timeout_s,
+                prompt_token_ids, msg.sampling, priority=msg.priority, timeout_s=msg.timeout_s,
                 stream=msg.stream, sink=sink,
             )
         except Rejected as err:
             self.send_error(identity, msg.client_req_id, err.code, err.message)
             return
-        self.req_ids[key] = req.req_id
+        self.req_ids[(identity, msg.client_req_id)] = req.req_id
 
     def handle_cancel(self, identity: bytes, msg: wire.CancelRequest) -> None:
-        req_id = self.req_ids.get((identity, msg.client_req_id))
-        if req_id is not None:
+        key = (identity, msg.client_req_id)
+        req_id = self.req_ids.get(key)
+        if req_id == "":  # still tokenizing: it will not start
+            del self.req_ids[key]
+        elif req_id is not None:
             self.gateway.abort(req_id)
 
     # ---- replies ----------------------------------------------------------------------

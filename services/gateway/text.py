@@ -155,6 +155,8 @@ class _TokenizersOnly:
             self._template = env.from_string(self.chat_template)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > 4096:  # encode_batch drops the GIL: a caller's thread runs freely
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:

@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 
+import aiohttp
 import msgpack
 import pytest
 import uvloop
@@ -485,5 +486,31 @@ def test_a_frame_past_the_hard_cap_drops_only_that_connection(model_dir):
                 assert all(len(o.token_ids) == 3 for o in outs)
             finally:
                 rogue.close(linger=0)
+
+    arun(body())
+
+
+def test_long_prompts_are_tokenized_off_the_loop(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model", max_model_len=40_000)
+    prompt = "the quick brown fox " * 2000  # 40k characters: tokenized in a thread
+
+    async def body():
+        async with running(model_dir) as h, AsyncClient(h.sdk_addr) as client:
+            out, short = await asyncio.gather(client.generate(prompt, max_tokens=3),
+                                              client.generate("hi", max_tokens=3))
+            assert out.num_prompt_tokens == len(h.gateway.text.encode(prompt))
+            assert len(out.token_ids) == len(short.token_ids) == 3
+            # cancelled while tokenizing: it never starts
+            stream = client.stream(prompt + "jumps", max_tokens=3)  # would fit
+            await stream.start()
+            await stream.aclose()
+            await asyncio.sleep(0.5)
+            assert len(h.cluster.dispatches) == 2
+            assert h.gateway.sdk.req_ids == {}
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{h.base_url}/v1/completions",
+                                        json={"prompt": prompt, "max_tokens": 2}) as resp:
+                    assert resp.status == 200
+                    assert (await resp.json())["usage"]["prompt_tokens"] == out.num_prompt_tokens
 
     arun(body())
