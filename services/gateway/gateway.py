@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import structlog
 import zmq
@@ -41,6 +42,7 @@ from services.gateway.routing import Routes
 from services.gateway.sdk import SdkFrontend
 from services.gateway.text import TextModel
 
+T = TypeVar("T")
 log = structlog.get_logger()  # lazy: picks up common.logging.configure() made later
 
 CLUSTER_MESSAGES = (
@@ -84,6 +86,7 @@ class Gateway:
         # zmq.Again (-> Overloaded) at once; on a zmq.asyncio socket it would not.
         self.send_to_cluster = Outboxes(zmq.Context.shadow(ctx.underlying))
         self.cluster_backlogged = False  # the inbox had more queued than one batch takes
+        self.num_tokenizing = 0  # long prompts being tokenized in threads (not yet submitted)
         self.sdk = SdkFrontend(self, ctx)
         self.http = HttpApi(self)
         self.cluster_handlers = {
@@ -159,8 +162,7 @@ class Gateway:
     ) -> Request:
         """Admit and dispatch a request; raises Rejected (400, 429, 503). `stream`: the
         client wants text with every delta, not only at the end."""
-        if len(self.table) >= self.config.max_inflight:
-            raise Rejected(429, f"overloaded: {self.config.max_inflight} requests in flight")
+        self.check_capacity()
         if timeout_s is not None and not timeout_s > 0:
             raise Rejected(400, f"timeout_s must be > 0, got {timeout_s}")
         check_request(
@@ -180,6 +182,19 @@ class Gateway:
         self.metrics.inflight.inc()
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
         return req
+
+    async def tokenize_off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a long tokenization in a thread; it counts against max_inflight meanwhile."""
+        self.check_capacity()
+        self.num_tokenizing += 1
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            self.num_tokenizing -= 1
+
+    def check_capacity(self) -> None:
+        if len(self.table) + self.num_tokenizing >= self.config.max_inflight:
+            raise Rejected(429, f"overloaded: {self.config.max_inflight} requests in flight")
 
     def abort(self, req_id: str) -> None:
         """The client gave up (cancel, disconnect): finish with "abort" and free the worker."""

@@ -171,7 +171,10 @@ class HttpApi:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise oai.ApiError(400, f"the body is not valid JSON: {err}") from None
         if len(raw) > LONG_BODY_BYTES:
-            return await asyncio.to_thread(parse, body)
+            try:
+                return await self.gateway.tokenize_off_loop(parse, body)
+            except Rejected as err:
+                raise oai.ApiError(err.code, err.message) from None
         return parse(body)
 
     async def generate(self, request: web.Request, sub: oai.Submission, *, chat: bool):

@@ -112,9 +112,16 @@ class SdkFrontend:
             task.add_done_callback(self.tasks.discard)
 
     async def generate_long(self, identity: bytes, msg: wire.GenerateRequest) -> None:
-        prompt_token_ids = tuple(await asyncio.to_thread(self.gateway.text.encode, msg.prompt))
-        if self.req_ids.pop((identity, msg.client_req_id), None) == "":  # not cancelled
-            self.start(identity, msg, prompt_token_ids)
+        key = (identity, msg.client_req_id)
+        try:
+            prompt_token_ids = await self.gateway.tokenize_off_loop(
+                self.gateway.text.encode, msg.prompt)
+        except Rejected as err:
+            self.req_ids.pop(key, None)
+            self.send_error(identity, msg.client_req_id, err.code, err.message)
+            return
+        if self.req_ids.pop(key, None) == "":  # not cancelled meanwhile
+            self.start(identity, msg, tuple(prompt_token_ids))
 
     def start(self, identity: bytes, msg: wire.GenerateRequest,
               prompt_token_ids: tuple[int, ...]) -> None:

@@ -514,3 +514,25 @@ def test_long_prompts_are_tokenized_off_the_loop(tmp_path):
                     assert (await resp.json())["usage"]["prompt_tokens"] == out.num_prompt_tokens
 
     arun(body())
+
+
+def test_long_prompts_count_against_the_inflight_bound(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model", max_model_len=40_000)
+    prompt = "the quick brown fox " * 2000
+
+    async def body():
+        async with running(model_dir, max_inflight=1) as h, AsyncClient(h.sdk_addr) as client:
+            h.worker.behaviour.hold = True
+            held = client.stream("hi")
+            await held.start()
+            await wait_until(lambda: len(h.gateway.table) == 1)
+            with pytest.raises(Overloaded):
+                await client.generate(prompt)
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{h.base_url}/v1/completions",
+                                        json={"prompt": prompt}) as resp:
+                    assert resp.status == 429
+            assert h.gateway.num_tokenizing == 0
+            assert [cid for _, cid in h.gateway.sdk.req_ids] == [held.client_req_id]
+
+    arun(body())
