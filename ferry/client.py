@@ -97,6 +97,10 @@ class _Replies:
 
 
 class AsyncClient:
+    """Client of one gateway (asyncio). `addr` defaults to FERRY_GATEWAY_ADDR, `api_key`
+    to FERRY_API_KEY; `timeout_s` is the default deadline of each request. The
+    connection opens on the first request, in the running loop."""
+
     def __init__(
         self,
         addr: str | None = None,

@@ -232,6 +232,9 @@ class Gateway:
             self.fail(req, msg.code, msg.message, release=False)
 
     def handle_instance_view(self, msg: wire.InstanceView) -> None:
+        previous = self.routes.view
+        if previous is not None and previous.scheduler_epoch != msg.scheduler_epoch:
+            log.info("scheduler_restarted", scheduler_epoch=msg.scheduler_epoch)
         if self.routes.on_view(msg, time.monotonic()):
             self.metrics.bypass.set(0)
             log.warning("bypass_mode_off", scheduler_epoch=msg.scheduler_epoch)

@@ -34,8 +34,9 @@ class GatewayMetrics:
         self.requests = Counter(
             "ferry_gateway_requests", "Finished requests by outcome.", ["outcome"], registry=r
         )
-        self.errors = Counter(
-            "ferry_gateway_errors", "Error replies to clients (refused or failed requests), by code.",
+        self.rejected = Counter(
+            "ferry_gateway_rejected",
+            "Requests answered with an error, by code (refused, or failed in flight).",
             ["code"], registry=r,
         )
         self.prompt_tokens = Counter("ferry_gateway_prompt_tokens", "Prompt tokens.", registry=r)
@@ -64,7 +65,7 @@ class GatewayMetrics:
         return child
 
     def error(self, code: int) -> None:
-        self.errors.labels(code=str(code)).inc()
+        self.rejected.labels(code=str(code)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

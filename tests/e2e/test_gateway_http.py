@@ -333,7 +333,7 @@ def test_metrics(model_dir):
             assert samples['ferry_gateway_requests_total{outcome="length"}'] == 3
             assert samples["ferry_gateway_prompt_tokens_total"] == 6
             assert samples["ferry_gateway_output_tokens_total"] == 12
-            assert samples['ferry_gateway_errors_total{code="400"}'] == 1
+            assert samples['ferry_gateway_rejected_total{code="400"}'] == 1
             assert samples["ferry_gateway_time_to_first_token_seconds_count"] == 3
             assert samples["ferry_gateway_inter_token_latency_seconds_count"] == 9
             assert samples["ferry_gateway_e2e_latency_seconds_count"] == 3
