@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import uvloop
@@ -75,10 +76,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     )
 
 
-async def serve(config: GatewayConfig) -> None:
+async def serve(config: GatewayConfig, text: TextModel) -> None:
     """Run a gateway until SIGINT / SIGTERM."""
-    gateway = Gateway(config, TextModel.load(config.model))
-    task = asyncio.ensure_future(gateway.run())
+    task = asyncio.ensure_future(Gateway(config, text).run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
@@ -91,5 +91,11 @@ async def serve(config: GatewayConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ferry_logging.configure("gateway", level=args.log_level)
-    uvloop.run(serve(config_from_args(args)))
+    config = config_from_args(args)
+    try:
+        text = TextModel.load(config.model)
+    except (OSError, ValueError) as err:
+        print(f"ferry gateway: cannot load the model's tokenizer: {err}", file=sys.stderr)
+        return 2
+    uvloop.run(serve(config, text))
     return 0

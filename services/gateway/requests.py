@@ -137,7 +137,9 @@ class RequestTable:
         self._id_prefix = f"{gateway_id}-{secrets.token_hex(3)}-"
         self._counter = itertools.count()
         self._reqs: dict[str, Request] = {}
-        self._deadlines: list[tuple[float, str]] = []  # heap; stale entries skipped
+        # (deadline, req_id) heap; entries of finished requests are skipped, and dropped
+        # when they outnumber the live ones
+        self._deadlines: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
         return len(self._reqs)
@@ -184,6 +186,9 @@ class RequestTable:
         )
         self._reqs[req.req_id] = req
         heapq.heappush(self._deadlines, (req.deadline, req.req_id))
+        if len(self._deadlines) > 2 * len(self._reqs) + 1024:  # mostly finished requests
+            self._deadlines = [(r.deadline, r.req_id) for r in self._reqs.values()]
+            heapq.heapify(self._deadlines)
         return req
 
     def dispatch(self, req: Request) -> wire.Dispatch:
@@ -254,6 +259,7 @@ class RequestTable:
             del new_ids[room:]
             finish_reason, release = "length", "stop"  # the gateway's cap; abort leftovers
 
+        matched = False  # a stop string ended the text
         if req.stop is None:
             text = req.detok.step(new_ids) if req.incremental else ""
         else:
@@ -268,14 +274,14 @@ class RequestTable:
             text = "".join(pieces)
 
         req.output_token_ids.extend(new_ids)
-        if req.finish_at is not None and finish_reason != "stop":
+        if req.finish_at is not None and not matched:
             at, reason = req.finish_at
             if req.num_delivered >= at:
                 finish_reason, release = reason, RELEASE_FINISHED
         if finish_reason is None and not new_ids:
             return None
         if finish_reason is not None:
-            if finish_reason != "stop" or req.stop is None:
+            if not matched:
                 text += self._final_text(req)
             del self._reqs[req.req_id]
         return Delta(req, first_index, tuple(new_ids), text, finish_reason, release)
@@ -323,8 +329,6 @@ class RequestTable:
                 out.append(req)
         return out
 
-    def requests(self) -> list[Request]:
-        return list(self._reqs.values())
 
 
 def check_request(

@@ -382,3 +382,23 @@ def test_stop_strings_force_incremental_text(text):
     req = table.add(prompt_token_ids=(1,), sampling=SamplingParams(max_tokens=50, stop=("fox",)),
                     priority=0, timeout_s=10.0, sink=None, now=0.0, arrival_s=0.0, stream=False)
     assert table.on_tokens(tokens(req, 0, ids[:2])).text == "hello world"
+
+
+def test_worker_stop_flushes_text_held_for_a_stop_string(text):
+    table = make_table(text)
+    ids = output_ids(text, "the end")
+    req = add(table, stop=("the end is",))
+    assert table.on_tokens(tokens(req, 0, ids)).text == ""  # might start the stop string
+    eos = text.eos_token_ids[0]
+    delta = table.on_tokens(tokens(req, len(ids), [eos], "stop"))  # the worker hit EOS
+    assert (delta.text, delta.finish_reason, delta.release) == ("the end", "stop", RELEASE_FINISHED)
+
+
+def test_deadline_heap_stays_bounded(text):
+    table = make_table(text)
+    for _ in range(5000):
+        req = add(table, max_tokens=1)
+        table.on_tokens(tokens(req, 0, [7], "length"))
+    assert len(table) == 0 and len(table._deadlines) <= 1024 + 1
+    live = add(table, timeout_s=1.0)
+    assert table.expired(2.0) == [live]
