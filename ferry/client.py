@@ -29,7 +29,15 @@ import zmq.asyncio
 from common import env, wire
 from common.codec import WireError
 from common.sampling import SamplingParams
-from ferry.errors import BadRequest, FerryError, ServerError, Timeout, error_from_reply
+from ferry.errors import (
+    BadRequest,
+    FerryError,
+    Overloaded,
+    ServerError,
+    Timeout,
+    Unavailable,
+    error_from_reply,
+)
 
 T = TypeVar("T")
 
@@ -40,6 +48,7 @@ CLIENT_GRACE_S = 1.0
 # Chunks waiting for a slow stream consumer; past it, new chunks merge into the last one.
 MAX_BUFFERED_CHUNKS = 256
 REPLY_MESSAGES = (wire.TokenChunk, wire.ErrorReply)
+RETRYABLE = (Overloaded, Unavailable)  # refused before running: safe to send again
 MAX_READ_BATCH = 256  # replies routed per wake-up of the reader
 
 
@@ -98,8 +107,10 @@ class _Replies:
 
 class AsyncClient:
     """Client of one gateway (asyncio). `addr` defaults to FERRY_GATEWAY_ADDR, `api_key`
-    to FERRY_API_KEY; `timeout_s` is the default deadline of each request. The
-    connection opens on the first request, in the running loop."""
+    to FERRY_API_KEY; `timeout_s` is the default deadline of each request. A request
+    refused with Overloaded / Unavailable before any output is retried up to
+    `max_retries` times, `retry_backoff_s` doubling each time, within its deadline.
+    The connection opens on the first request, in the running loop."""
 
     def __init__(
         self,
@@ -107,10 +118,14 @@ class AsyncClient:
         *,
         api_key: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = 0,
+        retry_backoff_s: float = 0.1,
     ) -> None:
         self.addr = addr or env.gateway_sdk_addr()
         self.api_key = api_key if api_key is not None else env.api_key()
         self.timeout_s = timeout_s  # default per-request deadline
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
         self.max_frame_bytes = env.max_frame_bytes()
         self._ids = itertools.count()
         self._replies: dict[str, _Replies] = {}  # client_req_id -> its replies
@@ -265,10 +280,12 @@ class AsyncStream:
         self.client = client
         self.client_req_id = client_req_id
         self.req_id: str | None = None  # known from the first chunk
+        self._request = frames  # the GenerateRequest, kept for retries
         self._frames: list[bytes] | None = frames  # until sent
         self._timeout_s = timeout_s
         self._replies: _Replies | None = None
-        self._deadline = 0.0  # loop time, set when sent
+        self._deadline = 0.0  # loop time, set when first sent
+        self._num_retries = 0
         self._num_received = 0
         self._done = False
         self._timed_out = False
@@ -296,26 +313,43 @@ class AsyncStream:
         """Send the request now (iterating does it otherwise); idempotent."""
         if self._frames is not None:
             frames, self._frames = self._frames, None
-            self._deadline = asyncio.get_running_loop().time() + self._timeout_s + CLIENT_GRACE_S
+            if not self._deadline:
+                loop_time = asyncio.get_running_loop().time()
+                self._deadline = loop_time + self._timeout_s + CLIENT_GRACE_S
             self._replies = await self.client._send(self.client_req_id, frames)
 
     async def next_reply(self) -> wire.TokenChunk:
         """The next TokenChunk (sending the request first if need be); raises the
-        request's error, or Timeout past the deadline."""
-        await self.start()
-        timeout = self._deadline - asyncio.get_running_loop().time()
-        try:
-            async with asyncio.timeout(max(timeout, 0.0)):
-                msg = await self._replies.get()
-        except FerryError:  # an error reply: the gateway has ended the request
-            self._finish()
-            raise
-        except TimeoutError:
-            self.abort()
-            raise Timeout("no answer from the gateway before the deadline", code=0) from None
-        except BaseException:  # the consumer was cancelled
-            self.abort()
-            raise
+        request's error, or Timeout past the deadline. A request refused as overloaded or
+        unavailable before any output is sent again, up to the client's max_retries."""
+        while True:
+            await self.start()
+            remaining = self._deadline - asyncio.get_running_loop().time()
+            try:
+                async with asyncio.timeout(max(remaining, 0.0)):
+                    msg = await self._replies.get()
+                break
+            except RETRYABLE as err:  # the gateway has ended this attempt
+                self.client._replies.pop(self.client_req_id, None)
+                if self._num_received or self._num_retries >= self.client.max_retries:
+                    self._done = True
+                    raise
+                self._num_retries += 1
+                delay = self.client.retry_backoff_s * 2 ** (self._num_retries - 1)
+                if asyncio.get_running_loop().time() + delay >= self._deadline:
+                    self._done = True
+                    raise err from None
+                await asyncio.sleep(delay)
+                self._frames = self._request
+            except FerryError:  # another error reply: the gateway has ended the request
+                self._finish()
+                raise
+            except TimeoutError:
+                self.abort()
+                raise Timeout("no answer from the gateway before the deadline", code=0) from None
+            except BaseException:  # the consumer was cancelled
+                self.abort()
+                raise
         self.req_id = msg.req_id
         if msg.finish_reason is not None:
             self._finish()
@@ -361,8 +395,11 @@ class Client:
         *,
         api_key: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = 0,
+        retry_backoff_s: float = 0.1,
     ) -> None:
-        self._async = AsyncClient(addr, api_key=api_key, timeout_s=timeout_s)
+        self._async = AsyncClient(addr, api_key=api_key, timeout_s=timeout_s,
+                                  max_retries=max_retries, retry_backoff_s=retry_backoff_s)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ferry-client",
                                         daemon=True)

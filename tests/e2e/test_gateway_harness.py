@@ -143,6 +143,7 @@ class FakeCluster:
         self.alive = True  # False: the scheduler neither answers nor sends views
         self.down: set[str] = set()  # instances declared dead
         self.reject_code: int | None = None  # answer every Dispatch with DispatchRejected
+        self.reject_next: list[int] = []  # codes to refuse the next Dispatches with
         self.view_interval_s = 0.05
         self._next = 0
         self.tasks: list[asyncio.Task] = []
@@ -198,9 +199,10 @@ class FakeCluster:
 
     async def on_dispatch(self, msg: wire.Dispatch) -> None:
         reply = msg.reply_addr
-        if self.reject_code is not None:
+        code = self.reject_next.pop(0) if self.reject_next else self.reject_code
+        if code is not None:
             await self.push(reply, wire.DispatchRejected(
-                req_id=msg.req_id, code=self.reject_code, message="no instance can take it"))
+                req_id=msg.req_id, code=code, message="no instance can take it"))
             return
         live = [w for w in self.workers if w.instance_id not in self.down]
         worker = live[self._next % len(live)]

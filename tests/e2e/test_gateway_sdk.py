@@ -536,3 +536,29 @@ def test_long_prompts_count_against_the_inflight_bound(tmp_path):
             assert [cid for _, cid in h.gateway.sdk.req_ids] == [held.client_req_id]
 
     arun(body())
+
+
+def test_retries_on_overloaded_and_unavailable_before_any_output(model_dir):
+    async def body():
+        async with running(model_dir) as h:
+            async with AsyncClient(h.sdk_addr, max_retries=2, retry_backoff_s=0.01) as client:
+                h.cluster.reject_next = [429, 503]
+                out = await client.generate("hi", max_tokens=3)
+                assert len(out.token_ids) == 3 and len(h.cluster.dispatches) == 3
+                h.cluster.reject_next = [503]
+                chunks = [c async for c in client.stream("hi", max_tokens=3)]
+                assert [t for c in chunks for t in c.token_ids] == expected(h, 3)
+                h.cluster.reject_next = [503, 503, 503]
+                with pytest.raises(Unavailable):
+                    await client.generate("hi")
+                assert len(h.cluster.dispatches) == 8
+                h.cluster.reject_next = [400]  # not retried
+                with pytest.raises(BadRequest):
+                    await client.generate("hi")
+                assert len(h.cluster.dispatches) == 9
+            async with AsyncClient(h.sdk_addr) as client:  # off by default
+                h.cluster.reject_next = [429]
+                with pytest.raises(Overloaded):
+                    await client.generate("hi")
+
+    arun(body())
