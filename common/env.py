@@ -122,3 +122,9 @@ def report_interval_s() -> float:
 def kv_cache_gb() -> float:
     # KV cache size in GiB; 0 means the worker picks (fraction of free memory on GPU).
     return _float("FERRY_KV_CACHE_GB", 0.0)
+
+
+def torch_threads() -> int:
+    # CPU threads torch may use in a worker; 0 means half the cores (a local cluster
+    # shares the machine).
+    return _int("FERRY_TORCH_THREADS", 0)

@@ -37,4 +37,6 @@ def configure(service: str, *, level: str | None = None, fmt: str | None = None)
 
 
 def get_logger(**bound: object) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger().bind(**bound)
+    """A lazy logger: it takes the configuration in force at its first use, so module-level
+    loggers created at import still obey `configure()` called later."""
+    return structlog.get_logger(**bound)

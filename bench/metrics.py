@@ -1,0 +1,85 @@
+"""Results of a serving run, shared by the load driver and the simulator (DESIGN §8):
+
+    {"prefill_latency_s": {"mean","p50","p99"}, "decode_latency_s": {...},
+     "e2e_latency_s": {...}, "num_requests", "num_migrations", "num_preemptions",
+     "by_priority": {"high": {...}, "normal": {...}}, "instance_seconds"}
+
+prefill latency: arrival -> first output token (queueing included);
+decode latency: mean time per output token after the first;
+e2e latency: arrival -> last token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    req_id: str
+    priority: str  # "normal" | "high"
+    arrival_s: float
+    num_prompt_tokens: int
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    num_output_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def prefill_latency_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def decode_latency_s(self) -> float:
+        if self.num_output_tokens <= 1:
+            return 0.0
+        return (self.finish_s - self.first_token_s) / (self.num_output_tokens - 1)
+
+    @property
+    def e2e_latency_s(self) -> float:
+        return self.finish_s - self.arrival_s
+
+
+def stats(values: Iterable[float]) -> dict[str, float]:
+    arr = np.asarray(list(values), dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": float("nan"), "p50": float("nan"), "p99": float("nan")}
+    return {"mean": float(arr.mean()), "p50": float(np.percentile(arr, 50)),
+            "p99": float(np.percentile(arr, 99))}
+
+
+def _latencies(records: list[RequestRecord]) -> dict:
+    done = [r for r in records if r.finish_s is not None and r.first_token_s is not None]
+    return {
+        "prefill_latency_s": stats(r.prefill_latency_s for r in done),
+        "decode_latency_s": stats(r.decode_latency_s for r in done if r.num_output_tokens > 1),
+        "e2e_latency_s": stats(r.e2e_latency_s for r in done),
+        "num_requests": len(done),
+    }
+
+
+def summarize(
+    records: list[RequestRecord],
+    *,
+    num_migrations: int,
+    num_preemptions: int,
+    instance_seconds: float,
+    extra: dict | None = None,
+) -> dict:
+    result = _latencies(records)
+    result.update(
+        num_migrations=num_migrations,
+        num_preemptions=num_preemptions,
+        num_failed=sum(1 for r in records if r.error is not None),
+        by_priority={
+            name: _latencies([r for r in records if r.priority == name])
+            for name in ("high", "normal")
+        },
+        instance_seconds=instance_seconds,
+    )
+    if extra:
+        result.update(extra)
+    return result

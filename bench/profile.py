@@ -1,0 +1,147 @@
+"""`ferry profile`: time real engine steps on a grid and fit the sim executor's latency
+model (services/worker/latency_model.py).
+
+Grid: prefill tokens P x decode batch D x decode context C. Each point builds a
+ModelBatch of synthetic chunks (one prefill chunk of P tokens, D decodes at context C),
+times ModelRunner.execute (which ends in a host sync reading the sampled tokens), and
+records the median of several runs. When the KV cache cannot hold D x C distinct tokens,
+decodes share blocks (the bytes read per step are the same; the note says so).
+
+    ferry profile --model tiny --device cpu --out bench/profiles/tiny-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+from common.sampling import SamplingParams
+from services.worker.engine.batch import ModelBatch, SeqChunk
+from services.worker.latency_model import LatencyModel, Profile, StepFeatures
+
+GRIDS = {
+    # (prefill tokens, decode batches, decode contexts)
+    "cpu": ([0, 16, 64, 256], [0, 1, 4, 16], [64, 512]),
+    "gpu": ([0, 256, 1024, 4096, 8192], [0, 1, 16, 64, 128, 256], [512, 2048, 4096]),
+}
+
+
+def synthetic_batch(prefill: int, num_decode: int, context: int, *, block_size: int,
+                    num_blocks: int, vocab_size: int) -> ModelBatch:
+    chunks = []
+    next_block = 0
+
+    def blocks(num_tokens: int) -> tuple[int, ...]:
+        nonlocal next_block
+        count = -(-num_tokens // block_size)
+        ids = tuple((next_block + i) % num_blocks for i in range(count))
+        next_block = (next_block + count) % num_blocks
+        return ids
+
+    params = SamplingParams(temperature=0.0, seed=0)
+    if prefill:
+        chunks.append(SeqChunk(req_id="p", token_ids=tuple(i % vocab_size for i in range(prefill)),
+                               start_pos=0, block_ids=blocks(prefill), sample=True,
+                               sampling=params))
+    for i in range(num_decode):
+        chunks.append(SeqChunk(req_id=f"d{i}", token_ids=(7,), start_pos=context - 1,
+                               block_ids=blocks(context), sample=True, sampling=params))
+    return ModelBatch(chunks=tuple(chunks))
+
+
+def time_batch(runner, batch: ModelBatch, repeats: int) -> float:
+    runner.execute(batch)  # warm-up (kernels compiled, graphs captured)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner.execute(batch)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ferry profile", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="model directory or preset name")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", required=True, help="profile JSON to write")
+    parser.add_argument("--name", default="", help="profile name (default: model-device)")
+    parser.add_argument("--num-blocks", type=int, default=0,
+                        help="KV blocks of the profiled instance (default: the runner's)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--grid", choices=sorted(GRIDS), default=None)
+    parser.add_argument("--attention-backend", default=None)
+    args = parser.parse_args(argv)
+
+    from services.worker.runner import ModelRunner, RunnerConfig
+
+    from services.worker.entry import DEFAULT_CPU_KV_GB, resolve_device
+    from services.worker.model.resolve import resolve_model
+
+    device = resolve_device(args.device)
+    model_dir = resolve_model(args.model)
+    prefills, decodes, contexts = GRIDS[args.grid or ("cpu" if device == "cpu" else "gpu")]
+    runner = ModelRunner(RunnerConfig(
+        model_dir=str(model_dir), device=device, attention_backend=args.attention_backend,
+        num_blocks=args.num_blocks or None,
+        kv_cache_gb=None if args.num_blocks or device != "cpu" else DEFAULT_CPU_KV_GB,
+        max_num_tokens=max(prefills) + max(decodes),
+    ))
+    samples: list[dict] = []
+    fit_rows: list[tuple[StepFeatures, float]] = []
+    for prefill in prefills:
+        for num_decode in decodes:
+            for context in contexts if num_decode else contexts[:1]:
+                if not prefill and not num_decode:
+                    continue
+                if prefill + context > runner.max_model_len:
+                    continue
+                batch = synthetic_batch(prefill, num_decode, context,
+                                        block_size=runner.block_size,
+                                        num_blocks=runner.num_blocks,
+                                        vocab_size=runner.vocab_size)
+                step_s = time_batch(runner, batch, args.repeats)
+                features = StepFeatures.of(batch)
+                fit_rows.append((features, step_s))
+                samples.append({"prefill": prefill, "decode": num_decode, "context": context,
+                                "P": features.P, "A": features.A, "D": features.D,
+                                "C": features.C, "step_s": step_s})
+                print(f"P={prefill:>5} D={num_decode:>4} C={context:>5}  {step_s * 1e3:8.2f} ms",
+                      flush=True)
+    latency = LatencyModel.fit(fit_rows)
+    errors = [abs(latency.step_time(f) - t) / t for f, t in fit_rows]
+    mc = runner.model_config
+    profile = Profile(
+        name=args.name or f"{model_dir.name}-{device}",
+        device=_device_name(device),
+        model={"dir": model_dir.name, "num_layers": mc.num_layers,
+               "hidden_size": mc.hidden_size, "num_kv_heads": mc.num_kv_heads,
+               "head_dim": mc.head_dim, "dtype": str(runner.dtype).removeprefix("torch.")},
+        block_size=runner.block_size,
+        kv_block_bytes=runner.block_bytes,
+        num_blocks=args.num_blocks or runner.num_blocks,
+        max_model_len=runner.max_model_len,
+        vocab_size=runner.vocab_size,
+        latency=latency,
+        samples=samples,
+    )
+    profile.save(args.out)
+    print(json.dumps({"out": args.out, "coefficients": dataclasses.asdict(latency),
+                      "fit_median_rel_err": statistics.median(errors),
+                      "fit_max_rel_err": max(errors)}, default=str))
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+if __name__ == "__main__":
+    main()

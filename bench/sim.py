@@ -1,0 +1,526 @@
+"""`ferry bench sim`: discrete-event simulation of a Ferry cluster on a virtual clock.
+
+What is real: the scheduler core (dispatch policy, load accounting, migration pairing,
+auto-scaling decisions), each instance's engine (local scheduler, block manager,
+preemption) and the per-request migration choice. What is modelled: model compute (the
+sim executor's latency model from a profile), and KV copy time (bytes / bandwidth plus a
+per-stage overhead, from the migration benchmark).
+
+Events on one heap, ordered by (time, sequence):
+    arrival       a trace request reaches the scheduler (dispatch)
+    step_done     an instance finished a step (tokens recorded, next step scheduled)
+    report        every instance reports its load (every report_interval_s)
+    rebalance     the scheduler's migration hooks run (every migration_interval_s)
+    autoscale     the autoscaler decides (every second, when enabled)
+    stage_done    a migration's copy stage finished
+    started       a scaled-up instance finished starting
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import heapq
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.metrics import RequestRecord, summarize
+from common import wire
+from common.config import Endpoint, EngineConfig, SchedulerConfig
+from common.logging import configure
+from common.sampling import SamplingParams
+from services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
+from services.scheduler.core import SchedulerCore
+from services.worker.engine.batch import ModelBatch
+from services.worker.engine.engine import Engine, RequestRejected
+from services.worker.engine.request import Status
+from services.worker.engine.scheduler import StepPlan
+from services.worker.latency_model import Profile
+from services.worker.migration.choice import pick_request
+from services.worker.sim_executor import SimExecutor
+
+GATEWAY = "sim-gateway"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrationCost:
+    bandwidth_bytes_s: float = 300e9  # bulk KV copy rate between instances
+    stage_overhead_s: float = 0.5e-3  # control round trip + launch per stage
+    final_overhead_s: float = 1.0e-3  # pause -> commit on top of the last copy
+    stage_limit: int = 8
+    last_stage_blocks: int = 2
+    max_per_instance: int = 2
+
+
+@dataclass(slots=True)
+class SimInstance:
+    instance_id: str
+    engine: Engine
+    executor: SimExecutor
+    started_s: float
+    stopped_s: float | None = None
+    busy: bool = False  # a step is in flight
+    draining: bool = False
+    num_dispatched: int = 0
+    num_reports: int = 0
+    num_migrations_in: int = 0
+    num_migrations_out: int = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.stopped_s is None
+
+
+@dataclass(slots=True)
+class SimMigration:
+    migration_id: str
+    src: SimInstance
+    dst: SimInstance
+    req_id: str
+    sent_blocks: int = 0
+    stages: int = 0
+    paused_s: float | None = None
+
+
+@dataclass(order=True, slots=True)
+class Event:
+    time: float
+    seq: int
+    kind: str = field(compare=False)
+    payload: Any = field(compare=False, default=None)
+
+
+class Simulator:
+    def __init__(
+        self,
+        trace: list[dict],
+        *,
+        profile: Profile,
+        num_instances: int,
+        policy: str,
+        kv_blocks: int = 0,
+        engine_config: EngineConfig | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+        migration: MigrationCost | None = None,
+        autoscale: bool = False,
+        startup_s: float = 10.0,
+        report_interval_s: float = 0.05,
+    ) -> None:
+        self.trace = trace
+        self.profile = profile
+        self.kv_blocks = kv_blocks or profile.num_blocks
+        self.engine_config = engine_config or EngineConfig()
+        endpoint = Endpoint(bind="sim", advertise="sim")
+        self.cfg = scheduler_config or SchedulerConfig(inbox=endpoint, admin=endpoint,
+                                                       dispatch_policy=policy)
+        self.cfg = dataclasses.replace(self.cfg, dispatch_policy=policy, autoscale=autoscale)
+        self.core = SchedulerCore(self.cfg, epoch="sim")
+        self.core.see_gateway(GATEWAY)
+        self.migration = migration or MigrationCost()
+        self.autoscaler = Autoscaler(
+            min_workers=self.cfg.min_workers, max_workers=self.cfg.max_workers,
+            scale_up_freeness=self.cfg.scale_up_freeness,
+            scale_down_freeness=self.cfg.scale_down_freeness,
+            cooldown_s=self.cfg.scale_cooldown_s,
+            headroom_blocks=self.cfg.high_priority_headroom_blocks,
+        ) if autoscale else None
+        self.startup_s = startup_s
+        self.report_interval_s = report_interval_s
+        self.now = 0.0
+        self.events: list[Event] = []
+        self._seq = itertools.count()
+        self._ids = itertools.count()
+        self.instances: dict[str, SimInstance] = {}
+        self.records: dict[str, RequestRecord] = {}
+        self.migrations: dict[str, SimMigration] = {}
+        self.num_committed = 0
+        self.num_aborted = 0
+        self.num_ended = 0  # requests finished or rejected
+        for _ in range(num_instances):
+            self._start_instance()
+
+    # ---- event plumbing -------------------------------------------------------------------
+
+    def _at(self, time_s: float, kind: str, payload: Any = None) -> None:
+        heapq.heappush(self.events, Event(time_s, next(self._seq), kind, payload))
+
+    def run(self) -> dict:
+        for i, entry in enumerate(self.trace):
+            self._at(float(entry["arrival_s"]), "arrival", (i, entry))
+        self._at(0.0, "report")
+        if self.cfg.enable_migration:
+            self._at(self.cfg.migration_interval_s, "rebalance")
+        if self.autoscaler:
+            self._at(1.0, "autoscale")
+        handlers = {
+            "arrival": self._on_arrival, "step_done": self._on_step_done,
+            "report": self._on_report, "rebalance": self._on_rebalance,
+            "autoscale": self._on_autoscale, "stage_done": self._on_stage_done,
+            "started": self._on_started,
+        }
+        while self.events and self.num_ended < len(self.trace):
+            event = heapq.heappop(self.events)
+            self.now = event.time
+            handlers[event.kind](event.payload)
+        return self._result()
+
+    # ---- instances --------------------------------------------------------------------
+
+    def _start_instance(self, delay_s: float = 0.0) -> str:
+        instance_id = f"i{next(self._ids)}"
+        executor = SimExecutor.from_profile(self.profile, num_blocks=self.kv_blocks, sleep=False)
+        inst = SimInstance(instance_id, Engine(executor, self.engine_config), executor,
+                           started_s=self.now)
+        self.instances[instance_id] = inst
+        if delay_s:
+            inst.stopped_s = math.inf  # not serving until "started"
+            self._at(self.now + delay_s, "started", inst)
+        else:
+            self._register(inst)
+        return instance_id
+
+    def _on_started(self, inst: SimInstance) -> None:
+        inst.stopped_s = None
+        self._register(inst)
+
+    def _register(self, inst: SimInstance) -> None:
+        self._apply(self.core.register(wire.Register(
+            instance_id=inst.instance_id, inbox_addr=inst.instance_id,
+            num_blocks=inst.engine.blocks.num_total, block_size=inst.engine.blocks.block_size,
+            max_model_len=inst.executor.max_model_len, req_ids=()), self.now))
+        self._report(inst)
+
+    def _report(self, inst: SimInstance) -> None:
+        load = inst.engine.load()
+        inst.num_reports += 1
+        self._apply(self.core.load_report(wire.LoadReport(
+            instance_id=inst.instance_id, inbox_addr=inst.instance_id, seq=inst.num_reports,
+            num_dispatch_received=inst.num_dispatched,
+            load=wire.LoadFields(
+                num_total_blocks=load.num_total_blocks, num_free_blocks=load.num_free_blocks,
+                num_reserved_blocks=load.num_reserved_blocks, num_running=load.num_running,
+                num_waiting=load.num_waiting, head_demand_blocks=load.head_demand_blocks,
+                used_blocks_high=load.used_blocks_high, num_running_high=load.num_running_high,
+                num_migrations_in=inst.num_migrations_in,
+                num_migrations_out=inst.num_migrations_out, draining=inst.draining,
+                step_time_ewma_s=load.step_time_ewma_s, num_preemptions=load.num_preemptions,
+            )), self.now))
+
+    def _kick(self, inst: SimInstance) -> None:
+        """Start a step if the instance is idle and has work."""
+        if inst.busy or not inst.alive or not inst.engine.has_unfinished():
+            return
+        plan = inst.engine.schedule()
+        if plan.is_empty:
+            return
+        batch = ModelBatch(chunks=tuple(plan.chunks))
+        step_s = inst.executor.step_time(batch) if plan.chunks else 0.0
+        inst.busy = True
+        self._at(self.now + step_s, "step_done", (inst, plan, batch, step_s))
+
+    def _on_step_done(self, payload: tuple[SimInstance, StepPlan, ModelBatch, float]) -> None:
+        inst, plan, batch, step_s = payload
+        inst.busy = False
+        sampled = inst.executor.execute(batch)
+        for out in inst.engine.finish_step(plan, sampled, step_s):
+            record = self.records[out.req_id]
+            if out.token_ids and record.first_token_s is None:
+                record.first_token_s = self.now
+            record.num_output_tokens = out.first_index + len(out.token_ids)
+            if out.finish_reason is not None:
+                record.finish_s = self.now
+                self.num_ended += 1
+                self._apply(self.core.release(wire.Release(req_id=out.req_id,
+                                                           reason="finished")))
+        self._kick(inst)
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def _on_arrival(self, payload: tuple[int, dict]) -> None:
+        index, entry = payload
+        req_id = f"r{index}"
+        priority = wire.Priority.parse(entry.get("priority", "normal"))
+        prompt_len = int(entry["prompt_tokens"])
+        self.records[req_id] = RequestRecord(
+            req_id=req_id, priority=priority.name.lower(), arrival_s=self.now,
+            num_prompt_tokens=prompt_len)
+        dispatch = wire.Dispatch(
+            req_id=req_id, prompt_token_ids=(1,) * prompt_len, output_token_ids=(),
+            sampling=SamplingParams(max_tokens=max(1, int(entry["output_tokens"])),
+                                    ignore_eos=True, seed=index),
+            priority=int(priority), reply_addr=GATEWAY, arrival_s=self.now)
+        chosen = self.core.dispatch(dispatch)
+        if isinstance(chosen, wire.DispatchRejected):
+            self.records[req_id].error = chosen.message
+            self.num_ended += 1
+            return
+        inst = self.instances[chosen]
+        inst.num_dispatched += 1
+        try:
+            inst.engine.add_request(req_id, dispatch.prompt_token_ids, dispatch.sampling,
+                                    priority=dispatch.priority, arrival_s=self.now)
+        except RequestRejected as err:
+            self.records[req_id].error = err.message
+            self.num_ended += 1
+            self._apply(self.core.release(wire.Release(req_id=req_id, reason="error")))
+            return
+        self._kick(inst)
+
+    # ---- periodic ---------------------------------------------------------------------
+
+    def _on_report(self, _: Any) -> None:
+        for inst in self.instances.values():
+            if inst.alive:
+                self._report(inst)
+        if self._unfinished():
+            self._at(self.now + self.report_interval_s, "report")
+
+    def _on_rebalance(self, _: Any) -> None:
+        self._apply(self.core.rebalance(self.now))
+        if self._unfinished():
+            self._at(self.now + self.cfg.migration_interval_s, "rebalance")
+
+    def _on_autoscale(self, _: Any) -> None:
+        loads = self.core.table.loads()
+        for action in self.autoscaler.decide(loads, self.now):
+            if isinstance(action, ScaleUp):
+                instance_id = self._start_instance(delay_s=self.startup_s)
+                self.autoscaler.started(instance_id, self.now)
+            elif isinstance(action, Drain):
+                self._apply(self.core.drain(action.instance_id))
+            elif isinstance(action, Terminate):
+                inst = self.instances[action.instance_id]
+                if inst.alive and not inst.engine.has_unfinished():
+                    inst.stopped_s = self.now
+                    self._apply(self.core.terminate(action.instance_id, self.now))
+        if self._unfinished():
+            self._at(self.now + 1.0, "autoscale")
+
+    def _unfinished(self) -> bool:
+        return self.num_ended < len(self.trace)
+
+    # ---- scheduler output -------------------------------------------------------------
+
+    def _apply(self, out: list[tuple[str, Any]]) -> None:
+        for addr, msg in out:
+            if isinstance(msg, wire.MigrateOut):
+                self._migrate_out(self.instances[addr], msg)
+            elif isinstance(msg, wire.SetDraining):
+                self.instances[addr].draining = msg.draining
+            elif isinstance(msg, wire.Abort) and addr in self.instances:
+                self.instances[addr].engine.abort(msg.req_id)
+            # Placement, InstanceView, InstanceDown, ReRegister: nothing to simulate.
+
+    # ---- migrations (the real protocol's phases, with modelled copy times) --------------
+
+    def _migrate_out(self, src: SimInstance, msg: wire.MigrateOut) -> None:
+        dst = self.instances.get(msg.dst_instance_id)
+        busy = {m.req_id for m in self.migrations.values() if m.src is src}
+        req_id = msg.req_id or pick_request(src.engine, busy)
+        cost = self.migration
+        reason = None
+        if dst is None or not dst.alive:
+            reason = "destination gone"
+        elif req_id is None or src.engine.get(req_id) is None:
+            reason = "no request to migrate"
+        elif src.num_migrations_out >= cost.max_per_instance:
+            reason = "too many migrations out"
+        elif dst.num_migrations_in >= cost.max_per_instance:
+            reason = "too many migrations into the destination"
+        if reason is not None:
+            return self._done(msg.migration_id, src, dst, req_id or "", False, reason, 0, 0)
+        req = src.engine.get(req_id)
+        if not dst.engine.blocks.reserve(msg.migration_id, self._blocks_needed(src, req)):
+            return self._done(msg.migration_id, src, dst, req_id, False, "no memory", 0, 0)
+        mig = SimMigration(msg.migration_id, src, dst, req_id)
+        self.migrations[mig.migration_id] = mig
+        src.num_migrations_out += 1
+        dst.num_migrations_in += 1
+        if req.status is Status.WAITING:  # queued: no KV, just the state
+            src.engine.pause(req_id)
+            mig.paused_s = self.now
+            self._at(self.now + cost.final_overhead_s, "stage_done", (mig, True))
+        else:
+            self._next_stage(mig)
+
+    def _blocks_needed(self, src: SimInstance, req) -> int:
+        final_len = len(req.prompt_token_ids) + req.sampling.max_tokens
+        return src.engine.blocks.blocks_for(min(req.num_tokens + 4 * src.engine.blocks.block_size,
+                                                final_len))
+
+    def _next_stage(self, mig: SimMigration) -> None:
+        req = mig.src.engine.get(mig.req_id)
+        if req is None or req.status is not Status.RUNNING:
+            return self._abort(mig, "request finished or was preempted during migration")
+        cost = self.migration
+        num_full = req.num_computed_tokens // mig.src.engine.blocks.block_size
+        final = (num_full - mig.sent_blocks <= cost.last_stage_blocks
+                 or mig.stages >= cost.stage_limit)
+        if final:
+            mig.src.engine.pause(mig.req_id)
+            mig.paused_s = self.now
+            end = mig.src.engine.blocks.blocks_for(req.num_computed_tokens)
+            copy_s = self._copy_s(mig, end - mig.sent_blocks) + cost.final_overhead_s
+        else:
+            end = num_full
+            copy_s = self._copy_s(mig, end - mig.sent_blocks) + cost.stage_overhead_s
+        mig.sent_blocks = end
+        mig.stages += 1
+        self._at(self.now + copy_s, "stage_done", (mig, final))
+
+    def _copy_s(self, mig: SimMigration, num_blocks: int) -> float:
+        return num_blocks * mig.src.executor.kv_block_bytes / self.migration.bandwidth_bytes_s
+
+    def _on_stage_done(self, payload: tuple[SimMigration, bool]) -> None:
+        mig, final = payload
+        if mig.migration_id not in self.migrations:
+            return
+        if not final:
+            return self._next_stage(mig)
+        src, dst = mig.src, mig.dst
+        req = src.engine.get(mig.req_id)
+        if req is None or not dst.alive:
+            return self._abort(mig, "request gone before commit")
+        num_blocks = dst.engine.blocks.blocks_for(req.num_computed_tokens)
+        reserved = len(dst.engine.blocks.reserved(mig.migration_id))
+        if num_blocks > reserved and not dst.engine.blocks.reserve(mig.migration_id,
+                                                                  num_blocks - reserved):
+            return self._abort(mig, "no memory at commit")
+        state = src.engine.export_state(mig.req_id)
+        blocks = dst.engine.blocks.take_reserved(mig.migration_id, num_blocks)
+        src.engine.remove(mig.req_id)
+        dst.engine.import_request(state, blocks)
+        del self.migrations[mig.migration_id]
+        src.num_migrations_out -= 1
+        dst.num_migrations_in -= 1
+        self._done(mig.migration_id, src, dst, mig.req_id, True, "", mig.stages,
+                   self.now - (mig.paused_s or self.now))
+        self._kick(dst)
+        self._kick(src)
+
+    def _abort(self, mig: SimMigration, reason: str) -> None:
+        self.migrations.pop(mig.migration_id, None)
+        mig.dst.engine.blocks.release_reservation(mig.migration_id)
+        mig.src.num_migrations_out -= 1
+        mig.dst.num_migrations_in -= 1
+        req = mig.src.engine.get(mig.req_id)
+        if req is not None and req.status is Status.PAUSED:
+            mig.src.engine.resume(mig.req_id)
+        self._done(mig.migration_id, mig.src, mig.dst, mig.req_id, False, reason, mig.stages, 0)
+        self._kick(mig.src)
+
+    def _done(self, migration_id, src, dst, req_id, committed, reason, stages, downtime_s):
+        if committed:
+            self.num_committed += 1
+        else:
+            self.num_aborted += 1
+        self._apply(self.core.migration_done(wire.MigrationDone(
+            migration_id=migration_id, req_id=req_id, src_instance_id=src.instance_id,
+            dst_instance_id=dst.instance_id if dst else "", committed=committed, reason=reason,
+            num_stages=stages, num_blocks=0, num_bytes=0, total_s=0.0, downtime_s=downtime_s)))
+
+    # ---- result -----------------------------------------------------------------------
+
+    def _result(self) -> dict:
+        end = self.now
+        instance_seconds = sum(
+            (min(i.stopped_s, end) if i.stopped_s not in (None, math.inf) else end) - i.started_s
+            for i in self.instances.values())
+        preemptions = sum(i.engine.scheduler.num_preemptions for i in self.instances.values())
+        return summarize(list(self.records.values()), num_migrations=self.num_committed,
+                         num_preemptions=preemptions, instance_seconds=instance_seconds,
+                         extra={"num_migrations_aborted": self.num_aborted,
+                                "num_instances_max": len(self.instances),
+                                "sim_end_s": end})
+
+
+def load_trace(path: str | Path) -> list[dict]:
+    rows = []
+    for line_no, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows.append({"arrival_s": float(row["arrival_s"]),
+                         "prompt_tokens": int(row["prompt_tokens"]),
+                         "output_tokens": int(row["output_tokens"]),
+                         "priority": str(row.get("priority", "normal"))})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{line_no}: not a trace line ({exc})") from None
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", required=True, help="JSONL trace (ferry bench trace)")
+    parser.add_argument("--instances", type=int, default=16)
+    parser.add_argument("--policy", default="llumnix",
+                        choices=["round_robin", "least_load", "llumnix"])
+    parser.add_argument("--profile", default=str(Path(__file__).parent / "profiles"
+                                                 / "llama2-7b-h200.json"))
+    parser.add_argument("--kv-blocks", type=int, default=0,
+                        help="KV blocks per instance (default: the profile's)")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    parser.add_argument("--no-migration", action="store_true")
+    parser.add_argument("--migrate-out-threshold", type=float, default=None)
+    parser.add_argument("--headroom-blocks", type=int, default=0,
+                        help="high-priority headroom in virtual usage")
+    parser.add_argument("--migration-bandwidth-gbs", type=float, default=300.0)
+    parser.add_argument("--autoscale", action="store_true")
+    parser.add_argument("--min-workers", type=int, default=1)
+    parser.add_argument("--max-workers", type=int, default=16)
+    parser.add_argument("--scale-up-freeness", type=float, default=None)
+    parser.add_argument("--scale-down-freeness", type=float, default=None)
+    parser.add_argument("--scale-cooldown-s", type=float, default=None)
+    parser.add_argument("--startup-s", type=float, default=10.0,
+                        help="seconds a scaled-up instance takes to start")
+    parser.add_argument("--out", default="", help="write the result JSON here")
+
+
+def run(args: argparse.Namespace) -> dict:
+    endpoint = Endpoint(bind="sim", advertise="sim")
+    overrides = {k: v for k, v in {
+        "migrate_out_threshold": args.migrate_out_threshold,
+        "scale_up_freeness": args.scale_up_freeness,
+        "scale_down_freeness": args.scale_down_freeness,
+        "scale_cooldown_s": args.scale_cooldown_s}.items() if v is not None}
+    cfg = SchedulerConfig(inbox=endpoint, admin=endpoint, dispatch_policy=args.policy,
+                          enable_migration=not args.no_migration,
+                          high_priority_headroom_blocks=args.headroom_blocks,
+                          min_workers=args.min_workers, max_workers=args.max_workers,
+                          **overrides)
+    trace = load_trace(args.trace)
+    start = time.perf_counter()
+    sim = Simulator(
+        trace, profile=Profile.load(args.profile), num_instances=args.instances,
+        policy=args.policy, kv_blocks=args.kv_blocks,
+        engine_config=EngineConfig(max_num_seqs=args.max_num_seqs,
+                                   max_num_batched_tokens=args.max_num_batched_tokens),
+        scheduler_config=cfg,
+        migration=MigrationCost(bandwidth_bytes_s=args.migration_bandwidth_gbs * 1e9),
+        autoscale=args.autoscale, startup_s=args.startup_s)
+    result = sim.run()
+    result["wall_s"] = time.perf_counter() - start
+    result["config"] = {"trace": str(args.trace), "instances": args.instances,
+                        "policy": args.policy, "profile": Path(args.profile).name,
+                        "kv_blocks": sim.kv_blocks, "autoscale": args.autoscale}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ferry bench sim", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    configure("sim", level="warning")  # the scheduler core logs each decision at info
+    print(json.dumps(run(args), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""`ferry status` and `ferry migrate`: the admin client of the scheduler."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+
+from common import env, wire
+from common.zmq_util import make_context, request
+
+# A freeness at or above this prints as "inf" (draining instances).
+INF_FRACTION = 1e17
+
+
+def _admin_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--admin-addr", default=env.scheduler_admin_addr(),
+                        help="scheduler admin endpoint")
+    parser.add_argument("--timeout", type=float, default=5.0)
+    return parser
+
+
+def _ask(addr: str, msg: object, timeout_s: float, expected: tuple[type, ...]) -> object:
+    try:
+        reply = asyncio.run(request(make_context(), addr, msg, timeout_s=timeout_s,
+                                    expected=(*expected, wire.AdminError)))
+    except TimeoutError as err:
+        print(f"ferry: {err} (is the scheduler running?)", file=sys.stderr)
+        sys.exit(1)
+    if isinstance(reply, wire.AdminError):
+        print(f"ferry: scheduler error {reply.code}: {reply.message}", file=sys.stderr)
+        sys.exit(1)
+    return reply
+
+
+def status_dict(reply: wire.StatusReply) -> dict:
+    return {
+        "scheduler_epoch": reply.scheduler_epoch,
+        "dispatch_policy": reply.dispatch_policy,
+        "instances": [
+            {"instance_id": i.instance_id, "address": i.inbox_addr, "alive": i.alive,
+             "draining": i.load.draining, "freeness": i.freeness,
+             "last_report_age_s": i.last_report_age_s, **dataclasses.asdict(i.load)}
+            for i in reply.instances
+        ],
+        "requests": [
+            {"req_id": r.req_id, "instance_id": r.instance_id, "priority": r.priority}
+            for r in reply.requests
+        ],
+        "migrations": {"committed": reply.num_migrations_committed,
+                       "aborted": reply.num_migrations_aborted,
+                       "abort_reasons": dict(reply.abort_reasons)},
+    }
+
+
+def main_status(argv: list[str] | None = None) -> None:
+    parser = _admin_parser("ferry status", "Instances, requests and migrations.")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    reply = _ask(args.admin_addr, wire.StatusRequest(), args.timeout, (wire.StatusReply,))
+    data = status_dict(reply)
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return
+    print(f"policy {data['dispatch_policy']}   migrations committed "
+          f"{data['migrations']['committed']}, aborted {data['migrations']['aborted']}")
+    print(f"{'instance':<22}{'alive':<7}{'drain':<7}{'free/total':>12}{'run':>6}{'wait':>6}"
+          f"{'F':>10}{'step ms':>9}")
+    for inst in data["instances"]:
+        freeness = "inf" if inst["freeness"] >= INF_FRACTION else f"{inst['freeness']:.1f}"
+        print(f"{inst['instance_id']:<22}{inst['alive']!s:<7}{inst['draining']!s:<7}"
+              f"{inst['num_free_blocks']:>5}/{inst['num_total_blocks']:<6}"
+              f"{inst['num_running']:>6}{inst['num_waiting']:>6}{freeness:>10}"
+              f"{inst['step_time_ewma_s'] * 1e3:>9.2f}")
+    print(f"{len(data['requests'])} requests in flight")
+    for req in data["requests"]:
+        print(f"  {req['req_id']:<30} on {req['instance_id']}")
+
+
+def main_migrate(argv: list[str] | None = None) -> None:
+    parser = _admin_parser("ferry migrate", "Migrate one running request now.")
+    parser.add_argument("req_id")
+    parser.add_argument("--to", required=True, dest="dst", help="destination instance id")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    reply = _ask(args.admin_addr, wire.MigrateCommand(req_id=args.req_id, dst_instance_id=args.dst,
+                                                      timeout_s=args.timeout),
+                 args.timeout + 2.0, (wire.MigrateCommandReply,))
+    details = dataclasses.asdict(reply.done) if reply.done else {}
+    if args.json:
+        print(json.dumps({"ok": reply.ok, "reason": reply.reason, **details}))
+    elif reply.ok:
+        print(f"migrated {args.req_id} to {args.dst}: {details.get('num_blocks', 0)} blocks in "
+              f"{details.get('num_stages', 0)} stages, total {details.get('total_s', 0) * 1e3:.1f}"
+              f" ms, downtime {details.get('downtime_s', 0) * 1e3:.2f} ms")
+    if not reply.ok:
+        print(f"ferry migrate: {reply.reason}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,97 @@
+"""Dispatch policies: pick the instance for a new request from the estimated loads of the
+candidates (live, not draining, queue not full; the caller filters).
+
+Every policy spreads ties: among the instances with the best score it takes the one after
+the last it picked (in id order, wrapping), so equal loads never pile onto one instance.
+The caller counts the request into the chosen instance's load before the next choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from common.wire import LoadFields
+from services.scheduler.load import freeness, memory_load
+
+# Scores closer than this are a tie.
+TIE_EPS = 1e-9
+
+
+class DispatchPolicy(Protocol):
+    name: str
+
+    def choose(self, loads: Mapping[str, LoadFields]) -> str:
+        """The instance id for the next request; loads is non-empty."""
+        ...
+
+
+class Rotation:
+    """Round-robin over whichever ids are offered: the first id after the last pick."""
+
+    def __init__(self) -> None:
+        self.last_id: str | None = None
+
+    def pick(self, instance_ids: list[str]) -> str:
+        ordered = sorted(instance_ids)
+        after = [i for i in ordered if self.last_id is None or i > self.last_id]
+        self.last_id = (after or ordered)[0]
+        return self.last_id
+
+
+def _best(loads: Mapping[str, LoadFields], score: Callable[[LoadFields], float]) -> list[str]:
+    """Ids of the instances with the highest score (ties within TIE_EPS)."""
+    scores = {instance_id: score(load) for instance_id, load in loads.items()}
+    top = max(scores.values())
+    return [i for i, s in scores.items() if s >= top - TIE_EPS]
+
+
+class RoundRobin:
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self.rotation = Rotation()
+
+    def choose(self, loads: Mapping[str, LoadFields]) -> str:
+        return self.rotation.pick(list(loads))
+
+
+class LeastLoad:
+    """INFaaS++-like: lowest physical usage plus queued demand (no migration)."""
+
+    name = "least_load"
+
+    def __init__(self) -> None:
+        self.rotation = Rotation()
+
+    def choose(self, loads: Mapping[str, LoadFields]) -> str:
+        return self.rotation.pick(_best(loads, lambda load: -memory_load(load)))
+
+
+class Llumnix:
+    """Highest freeness F (virtual usage, with high-priority headroom)."""
+
+    name = "llumnix"
+
+    def __init__(self, *, headroom_blocks: int) -> None:
+        self.headroom_blocks = headroom_blocks
+        self.rotation = Rotation()
+
+    def choose(self, loads: Mapping[str, LoadFields]) -> str:
+        def score(load: LoadFields) -> float:
+            return freeness(load, headroom_blocks=self.headroom_blocks)
+
+        return self.rotation.pick(_best(loads, score))
+
+
+POLICY_NAMES = (RoundRobin.name, LeastLoad.name, Llumnix.name)
+
+
+def make_dispatch_policy(name: str, *, headroom_blocks: int) -> DispatchPolicy:
+    if name == RoundRobin.name:
+        return RoundRobin()
+    if name == LeastLoad.name:
+        return LeastLoad()
+    if name == Llumnix.name:
+        return Llumnix(headroom_blocks=headroom_blocks)
+    raise ValueError(f"unknown dispatch policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")

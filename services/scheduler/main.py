@@ -1,0 +1,480 @@
+"""The scheduler process (DESIGN §1, §5, §7): one asyncio loop on uvloop around
+SchedulerCore, which makes every decision; this file only moves messages and keeps time.
+
+    recv_from_peers  PULL   cfg.inbox  Dispatch, Release (gateways); Register, LoadReport,
+                                       MigrationDone (workers)
+    recv_from_admin  ROUTER cfg.admin  StatusRequest, MigrateCommand (ferry CLI); replies
+                                       go back on it (send_to_admin)
+    send_to_peers    PUSH per inbox    worker inboxes: Dispatch (forwarded unread), Abort,
+                                       MigrateOut, SetDraining, ReRegister; gateway inboxes:
+                                       Placement, DispatchRejected, InstanceView, InstanceDown
+Periodic: heartbeat check, InstanceView, migration pairing, autoscaling (when enabled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import math
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlparse
+
+import uvloop
+import zmq
+import zmq.asyncio
+
+from common import env, wire
+from common import logging as ferry_logging
+from common.codec import WireError
+from common.config import Endpoint, SchedulerConfig
+from common.logging import get_logger
+from common.wire import (
+    AdminError,
+    Dispatch,
+    DispatchRejected,
+    LoadReport,
+    MigrateCommand,
+    MigrateCommandReply,
+    MigrationDone,
+    Placement,
+    Register,
+    Release,
+    StatusRequest,
+)
+from common.zmq_util import DEFAULT_HWM, Inbox, Outboxes, Overloaded, hard_frame_cap, make_context
+from services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
+from services.scheduler.core import (
+    DEFAULT_MAX_QUEUED_PER_INSTANCE,
+    Out,
+    SchedulerCore,
+    SchedulerError,
+)
+from services.scheduler.dispatch import POLICY_NAMES
+from services.scheduler.provisioner import DEFAULT_WORKER_ARGS, LocalProcessProvisioner
+
+INBOX_TYPES = (Dispatch, Release, Register, LoadReport, MigrationDone)
+ADMIN_TYPES = (StatusRequest, MigrateCommand)
+MAX_ADMIN_WAITS = 64  # MigrateCommands waiting for their MigrationDone at once; more get 429
+MAX_ADMIN_TIMEOUT_S = 600.0
+AUTOSCALE_INTERVAL_S = 1.0
+
+log = get_logger()
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        *,
+        ctx: zmq.asyncio.Context | None = None,
+        provisioner: LocalProcessProvisioner | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_queued_per_instance: int = DEFAULT_MAX_QUEUED_PER_INSTANCE,
+        migrate_margin: float | None = None,
+    ) -> None:
+        if cfg.autoscale and provisioner is None:
+            raise ValueError("autoscale needs a provisioner")
+        ctx = ctx or make_context()
+        self.cfg = cfg
+        self.clock = clock
+        self.core = SchedulerCore(
+            cfg,
+            epoch=uuid.uuid4().hex[:12],
+            max_queued_per_instance=max_queued_per_instance,
+            migrate_margin=migrate_margin,
+        )
+        self.autoscaler = make_autoscaler(cfg) if cfg.autoscale else None
+        self.provisioner = provisioner
+        self.recv_from_peers = Inbox(
+            ctx, cfg.inbox.bind, expected=INBOX_TYPES, max_frame_bytes=cfg.max_frame_bytes
+        )
+        self.recv_from_admin = ctx.socket(zmq.ROUTER)
+        for option, value in (
+            (zmq.LINGER, 0),
+            (zmq.RCVHWM, DEFAULT_HWM),
+            (zmq.SNDHWM, DEFAULT_HWM),
+            (zmq.MAXMSGSIZE, hard_frame_cap(cfg.max_frame_bytes)),
+        ):
+            self.recv_from_admin.setsockopt(option, value)
+        self.recv_from_admin.bind(cfg.admin.bind)
+        self.send_to_peers = Outboxes(ctx)
+        self.handlers: dict[type, Callable[[Any, list[bytes]], None]] = {
+            Dispatch: self.handle_dispatch,
+            Release: self.handle_release,
+            Register: self.handle_register,
+            LoadReport: self.handle_load_report,
+            MigrationDone: self.handle_migration_done,
+        }
+        self.admin_handlers: dict[type, Callable[[list[bytes], Any], None]] = {
+            StatusRequest: self.handle_status,
+            MigrateCommand: self.handle_migrate_command,
+        }
+        self.admin_waits: dict[str, asyncio.Future[MigrationDone]] = {}  # migration_id -> outcome
+        self.admin_tasks: set[asyncio.Task] = set()
+        self.num_admin_rejected = 0  # malformed or unexpected admin messages
+        self.num_handler_errors = 0  # exceptions raised by a handler (bugs; the loop goes on)
+        self.num_send_dropped = 0  # messages dropped because a peer's queue was full
+
+    @property
+    def inbox_endpoint(self) -> str:
+        return self.recv_from_peers.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def admin_endpoint(self) -> str:
+        return self.recv_from_admin.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    async def run(self) -> None:
+        log.info(
+            "scheduler_started",
+            epoch=self.core.epoch,
+            inbox=self.inbox_endpoint,
+            admin=self.admin_endpoint,
+            policy=self.cfg.dispatch_policy,
+            migration=bool(self.core.migration_hooks),
+            autoscale=self.cfg.autoscale,
+        )
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.serve_peers())
+            tasks.create_task(self.serve_admin())
+            tasks.create_task(self.every(self.cfg.heartbeat_timeout_s / 4, self.check_heartbeats))
+            tasks.create_task(self.every(self.cfg.view_interval_s, self.broadcast_view))
+            if self.core.migration_hooks:
+                tasks.create_task(self.every(self.cfg.migration_interval_s, self.rebalance))
+            if self.autoscaler is not None:
+                tasks.create_task(self.every(AUTOSCALE_INTERVAL_S, self.autoscale))
+
+    async def serve_peers(self) -> None:
+        while True:
+            frames, msg = await self.recv_from_peers.recv_raw()
+            self.guarded(self.handlers[type(msg)], msg, frames)
+
+    async def serve_admin(self) -> None:
+        while True:
+            frames = await self.recv_from_admin.recv_multipart()
+            route, body = frames[:1], frames[1:]
+            if body and body[0] == b"":  # a REQ client: keep its delimiter
+                route, body = frames[:2], frames[2:]
+            try:
+                msg = wire.decode(body, ADMIN_TYPES, self.cfg.max_frame_bytes)
+            except WireError as err:
+                self.num_admin_rejected += 1
+                log.warning("rejected_admin_message", code=err.code, error=err.message)
+                self.send_to_admin(route, AdminError(code=err.code, message=err.message))
+                continue
+            self.guarded(self.admin_handlers[type(msg)], route, msg)
+
+    async def every(self, interval_s: float, tick: Callable[[], None]) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.guarded(tick)
+
+    def guarded(self, handler: Callable[..., None], *args: Any) -> None:
+        """Run a handler; a bug in one message's handling is logged, not fatal."""
+        try:
+            handler(*args)
+        except Exception:
+            self.num_handler_errors += 1
+            log.exception("handler_failed", handler=getattr(handler, "__name__", repr(handler)))
+
+    # ---- peers ----------------------------------------------------------------------------
+
+    def handle_dispatch(self, req: Dispatch, frames: list[bytes]) -> None:
+        self.send_all(self.core.see_gateway(req.reply_addr))
+        placed = self.core.dispatch(req)
+        if isinstance(placed, DispatchRejected):
+            self.send(req.reply_addr, placed)
+            return
+        try:
+            self.send_to_peers.send_frames(self.core.table[placed].inbox_addr, frames)
+        except Overloaded as err:
+            self.send(req.reply_addr, self.core.undo_dispatch(req, placed, str(err)))
+            return
+        self.send(req.reply_addr, Placement(req_id=req.req_id, instance_id=placed))
+
+    def handle_release(self, msg: Release, frames: list[bytes]) -> None:
+        self.send_all(self.core.release(msg))
+
+    def handle_register(self, msg: Register, frames: list[bytes]) -> None:
+        self.send_all(self.core.register(msg, self.clock()))
+
+    def handle_load_report(self, msg: LoadReport, frames: list[bytes]) -> None:
+        self.send_all(self.core.load_report(msg, self.clock()))
+
+    def handle_migration_done(self, msg: MigrationDone, frames: list[bytes]) -> None:
+        self.send_all(self.core.migration_done(msg))
+        waiter = self.admin_waits.pop(msg.migration_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(msg)
+
+    # ---- admin ----------------------------------------------------------------------------
+
+    def handle_status(self, route: list[bytes], msg: StatusRequest) -> None:
+        self.send_to_admin(route, self.core.status(self.clock()))
+
+    def handle_migrate_command(self, route: list[bytes], msg: MigrateCommand) -> None:
+        if not (msg.timeout_s > 0 and math.isfinite(msg.timeout_s)):
+            self.send_to_admin(
+                route, AdminError(code=400, message="timeout_s must be a positive number")
+            )
+            return
+        if len(self.admin_waits) >= MAX_ADMIN_WAITS:
+            self.send_to_admin(
+                route, AdminError(code=429, message="too many migrate commands waiting")
+            )
+            return
+        try:
+            migration_id, out = self.core.migrate_request(
+                msg.req_id, msg.dst_instance_id, self.clock()
+            )
+        except SchedulerError as err:
+            self.send_to_admin(route, AdminError(code=err.code, message=err.message))
+            return
+        waiter = self.admin_waits[migration_id] = asyncio.get_running_loop().create_future()
+        self.send_all(out)
+        timeout_s = min(msg.timeout_s, MAX_ADMIN_TIMEOUT_S)
+        task = asyncio.create_task(self.answer_migrate(route, migration_id, waiter, timeout_s))
+        self.admin_tasks.add(task)
+        task.add_done_callback(self.admin_tasks.discard)
+
+    async def answer_migrate(
+        self,
+        route: list[bytes],
+        migration_id: str,
+        waiter: asyncio.Future[MigrationDone],
+        timeout_s: float,
+    ) -> None:
+        try:
+            done = await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            self.admin_waits.pop(migration_id, None)
+            reason = f"no outcome within {timeout_s:.1f}s (migration {migration_id})"
+            self.send_to_admin(route, MigrateCommandReply(ok=False, reason=reason, done=None))
+            return
+        self.send_to_admin(
+            route, MigrateCommandReply(ok=done.committed, reason=done.reason, done=done)
+        )
+
+    def send_to_admin(self, route: list[bytes], msg: Any) -> None:
+        try:
+            self.recv_from_admin.send_multipart([*route, *wire.encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.num_send_dropped += 1
+            log.warning("admin_reply_dropped", type=type(msg).__name__)
+
+    # ---- periodic -------------------------------------------------------------------------
+
+    def check_heartbeats(self) -> None:
+        self.send_all(self.core.expire(self.clock()))
+
+    def broadcast_view(self) -> None:
+        self.send_all(self.core.broadcast_view())
+
+    def rebalance(self) -> None:
+        self.send_all(self.core.rebalance(self.clock()))
+
+    def autoscale(self) -> None:
+        assert self.autoscaler is not None and self.provisioner is not None
+        now = self.clock()
+        self.provisioner.reap(now)
+        owned = set(self.provisioner.procs)
+        for action in self.autoscaler.decide(self.core.table.loads(), now, removable=owned):
+            if isinstance(action, ScaleUp):
+                handle = self.provisioner.start_worker()
+                self.autoscaler.started(handle.instance_id, now)
+            elif isinstance(action, Drain):
+                self.send_all(self.core.drain(action.instance_id))
+            elif isinstance(action, Terminate):
+                self.send_all(self.core.terminate(action.instance_id, now))
+                self.provisioner.stop_worker(action.instance_id, now=now)
+
+    # ---- sending --------------------------------------------------------------------------
+
+    def send_all(self, out: Out) -> None:
+        for addr, msg in out:
+            self.send(addr, msg)
+
+    def send(self, addr: str, msg: Any) -> None:
+        try:
+            self.send_to_peers.send(addr, msg)
+        except Overloaded:
+            self.num_send_dropped += 1
+            log.warning("send_dropped", addr=addr, type=type(msg).__name__)
+
+    def close(self) -> None:
+        for task in self.admin_tasks:
+            task.cancel()
+        self.recv_from_peers.close()
+        self.recv_from_admin.close(linger=0)
+        self.send_to_peers.close()
+        if self.provisioner is not None:
+            self.provisioner.close()
+
+
+def make_autoscaler(cfg: SchedulerConfig) -> Autoscaler:
+    return Autoscaler(
+        min_workers=cfg.min_workers,
+        max_workers=cfg.max_workers,
+        scale_up_freeness=cfg.scale_up_freeness,
+        scale_down_freeness=cfg.scale_down_freeness,
+        cooldown_s=cfg.scale_cooldown_s,
+        headroom_blocks=cfg.high_priority_headroom_blocks,
+    )
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def _port(addr: str) -> int:
+    port = urlparse(addr).port
+    if port is None:
+        raise ValueError(f"no port in address {addr!r}")
+    return port
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every SchedulerConfig field (`ferry scheduler …`); defaults from common.env
+    where it has them, else SchedulerConfig's."""
+    d = {
+        f.name: f.default
+        for f in dataclasses.fields(SchedulerConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    add = parser.add_argument
+    add(
+        "--port",
+        type=int,
+        default=_port(env.scheduler_addr()),
+        help="inbox (PULL) port; default from FERRY_SCHEDULER_ADDR; binds FERRY_BIND_HOST",
+    )
+    add(
+        "--admin-port",
+        type=int,
+        default=_port(env.scheduler_admin_addr()),
+        help="admin (ROUTER) port for ferry status / migrate; default from FERRY_SCHEDULER_ADMIN_ADDR",
+    )
+    add("--dispatch-policy", choices=POLICY_NAMES, default=d["dispatch_policy"])
+    add(
+        "--heartbeat-timeout-s",
+        type=float,
+        default=d["heartbeat_timeout_s"],
+        help="an instance silent this long is declared dead",
+    )
+    add(
+        "--view-interval-s",
+        type=float,
+        default=d["view_interval_s"],
+        help="how often gateways get the instance view",
+    )
+    add("--enable-migration", action=argparse.BooleanOptionalAction, default=d["enable_migration"])
+    add("--migration-interval-s", type=float, default=d["migration_interval_s"])
+    add(
+        "--migrate-out-threshold",
+        type=float,
+        default=d["migrate_out_threshold"],
+        help="freeness below this makes an instance a migration source",
+    )
+    add(
+        "--migrate-margin",
+        type=float,
+        default=None,
+        help="freeness a destination must exceed the source (and the threshold) by; "
+        "default max(1, threshold)",
+    )
+    add("--max-migrations-per-instance", type=int, default=d["max_migrations_per_instance"])
+    add(
+        "--high-priority-headroom-blocks",
+        type=int,
+        default=d["high_priority_headroom_blocks"],
+        help="virtual usage added per running high-priority request",
+    )
+    add(
+        "--max-queued-per-instance",
+        type=int,
+        default=DEFAULT_MAX_QUEUED_PER_INSTANCE,
+        help="estimated queue length past which an instance takes no dispatch (all: 429)",
+    )
+    add("--autoscale", action=argparse.BooleanOptionalAction, default=d["autoscale"])
+    add("--min-workers", type=int, default=d["min_workers"])
+    add("--max-workers", type=int, default=d["max_workers"])
+    add("--scale-up-freeness", type=float, default=d["scale_up_freeness"])
+    add("--scale-down-freeness", type=float, default=d["scale_down_freeness"])
+    add("--scale-cooldown-s", type=float, default=d["scale_cooldown_s"])
+    add(
+        "--worker-args",
+        default=DEFAULT_WORKER_ARGS,
+        help="arguments of `python -m services.worker` for autoscaled workers; "
+        "{instance_id}, {port}, {scheduler_addr} are filled in",
+    )
+    add("--max-frame-bytes", type=int, default=env.max_frame_bytes())
+    add("--log-level", default=env.log_level())
+    add("--log-format", choices=("json", "console"), default=env.log_format())
+
+
+def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
+    return SchedulerConfig(
+        inbox=Endpoint.on_port(args.port),
+        admin=Endpoint.on_port(args.admin_port),
+        dispatch_policy=args.dispatch_policy,
+        heartbeat_timeout_s=args.heartbeat_timeout_s,
+        view_interval_s=args.view_interval_s,
+        enable_migration=args.enable_migration,
+        migration_interval_s=args.migration_interval_s,
+        migrate_out_threshold=args.migrate_out_threshold,
+        max_migrations_per_instance=args.max_migrations_per_instance,
+        high_priority_headroom_blocks=args.high_priority_headroom_blocks,
+        autoscale=args.autoscale,
+        min_workers=args.min_workers,
+        max_workers=args.max_workers,
+        scale_up_freeness=args.scale_up_freeness,
+        scale_down_freeness=args.scale_down_freeness,
+        scale_cooldown_s=args.scale_cooldown_s,
+        max_frame_bytes=args.max_frame_bytes,
+    )
+
+
+async def serve(args: argparse.Namespace) -> None:
+    cfg = config_from_args(args)
+    provisioner = None
+    if cfg.autoscale:
+        provisioner = LocalProcessProvisioner(args.worker_args, scheduler_addr=cfg.inbox.advertise)
+    scheduler = Scheduler(
+        cfg,
+        provisioner=provisioner,
+        max_queued_per_instance=args.max_queued_per_instance,
+        migrate_margin=args.migrate_margin,
+    )
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await scheduler.run()
+    except asyncio.CancelledError:
+        log.info("scheduler_stopping")
+    finally:
+        scheduler.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    ferry_logging.configure("scheduler", level=args.log_level, fmt=args.log_format)
+    uvloop.run(serve(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ferry scheduler", description="Ferry's global scheduler."
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

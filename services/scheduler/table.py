@@ -1,0 +1,214 @@
+"""The instance table: what the scheduler knows of each instance, and the load it counts
+on top of the last report for the dispatches that report had not seen yet.
+
+Why count at dispatch time: reports arrive every ~50 ms; a policy that reads only the last
+report sends every request of a burst to the same "least loaded" instance. So each
+Dispatch adds its demand to the chosen instance at once, and a report supersedes only
+the dispatches it has counted:
+
+    dispatches sent to I:   d0 d1 d2 d3 d4        (num_dispatch_sent = 5)
+    report says received:   3                     (num_dispatch_received - dispatch_base)
+    estimate = report + [d3 d4]                   (the unseen ones stay on top)
+
+`dispatch_base` aligns the worker's counter with ours: it is 0 for a fresh registration
+and moves up whenever the worker has counted more dispatches than we sent (gateways in
+bypass mode, or a worker that outlived a scheduler restart), so that the excess is read
+as "already in the report", never as "nothing unseen" forever after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from common.wire import LoadFields, LoadReport, Register
+from services.scheduler.load import empty_load
+
+# Unseen dispatches kept per instance at most; beyond it the oldest (the first a report
+# would supersede) are forgotten. Reached only by an instance that stopped reporting.
+MAX_UNSEEN_DISPATCHES = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class UnseenDispatch:
+    req_id: str
+    demand_blocks: int  # ceil(prompt_len / block_size)
+    high_priority: bool
+
+
+@dataclass(slots=True)
+class Instance:
+    instance_id: str
+    inbox_addr: str
+    num_blocks: int  # KV capacity
+    block_size: int  # tokens per block
+    max_model_len: int
+    last_heard_s: float  # monotonic time of the last Register or LoadReport
+    alive: bool = True
+    draining: bool = False  # the scheduler told it to drain (SetDraining)
+    report: LoadFields | None = None  # last LoadReport's load; None until the first
+    report_seq: int = -1
+    num_dispatch_sent: int = 0  # Dispatches this scheduler forwarded since registration
+    dispatch_base: int = 0  # worker's num_dispatch_received that matches our count 0
+    unseen: deque[UnseenDispatch] = field(
+        default_factory=lambda: deque(maxlen=MAX_UNSEEN_DISPATCHES)
+    )
+    num_migrations_out: int = 0  # MigrateOut issued with this source, MigrationDone pending
+    num_migrations_in: int = 0  # same, with this destination
+
+
+class InstanceTable:
+    def __init__(self) -> None:
+        self._instances: dict[str, Instance] = {}
+
+    # ---- membership ---------------------------------------------------------------------
+
+    def register(self, msg: Register, now: float) -> Instance:
+        """(Re)start the record of an instance: a fresh worker, or one answering ReRegister
+        after a scheduler restart. Counters start over (see the module docstring)."""
+        inst = Instance(
+            instance_id=msg.instance_id,
+            inbox_addr=msg.inbox_addr,
+            num_blocks=msg.num_blocks,
+            block_size=msg.block_size,
+            max_model_len=msg.max_model_len,
+            last_heard_s=now,
+        )
+        self._instances[msg.instance_id] = inst
+        return inst
+
+    def mark_dead(self, instance_id: str) -> None:
+        inst = self._instances[instance_id]
+        inst.alive = False
+        inst.unseen.clear()
+        inst.num_migrations_in = inst.num_migrations_out = 0
+
+    def remove(self, instance_id: str) -> None:
+        self._instances.pop(instance_id, None)
+
+    def set_draining(self, instance_id: str) -> None:
+        self._instances[instance_id].draining = True
+
+    def get(self, instance_id: str) -> Instance | None:
+        return self._instances.get(instance_id)
+
+    def __getitem__(self, instance_id: str) -> Instance:
+        return self._instances[instance_id]
+
+    def __contains__(self, instance_id: object) -> bool:
+        return instance_id in self._instances
+
+    def __iter__(self) -> Iterator[Instance]:
+        return iter(list(self._instances.values()))
+
+    def __len__(self) -> int:
+        return len(self._instances)
+
+    # ---- reports --------------------------------------------------------------------------
+
+    def apply_report(self, msg: LoadReport, now: float) -> bool:
+        """Take a LoadReport of a live, known instance. False when the instance is unknown or
+        dead (the caller asks it to re-register); a stale or repeated report (seq not
+        increasing) is dropped but still counts as a heartbeat."""
+        inst = self._instances.get(msg.instance_id)
+        if inst is None or not inst.alive:
+            return False
+        inst.last_heard_s = now
+        if msg.seq <= inst.report_seq:
+            return True
+        inst.report_seq = msg.seq
+        inst.report = msg.load
+        seen = msg.num_dispatch_received - inst.dispatch_base
+        if seen > inst.num_dispatch_sent:
+            inst.dispatch_base = msg.num_dispatch_received - inst.num_dispatch_sent
+            seen = inst.num_dispatch_sent
+        num_unseen = inst.num_dispatch_sent - seen
+        while len(inst.unseen) > num_unseen:
+            inst.unseen.popleft()
+        return True
+
+    def silent_since(self, deadline_s: float) -> list[str]:
+        """Live instances not heard from since deadline_s (heartbeat missed)."""
+        return [
+            i.instance_id
+            for i in self._instances.values()
+            if i.alive and i.last_heard_s < deadline_s
+        ]
+
+    # ---- load counted by the scheduler itself --------------------------------------------
+
+    def record_dispatch(self, instance_id: str, dispatch: UnseenDispatch) -> None:
+        inst = self._instances[instance_id]
+        inst.num_dispatch_sent += 1
+        inst.unseen.append(dispatch)
+
+    def cancel_last_dispatch(self, instance_id: str) -> None:
+        """Undo the latest record_dispatch (the forward could not be sent)."""
+        inst = self._instances[instance_id]
+        inst.num_dispatch_sent -= 1
+        if inst.unseen:
+            inst.unseen.pop()
+
+    def start_migration(self, src_instance_id: str, dst_instance_id: str) -> None:
+        self._instances[src_instance_id].num_migrations_out += 1
+        self._instances[dst_instance_id].num_migrations_in += 1
+
+    def end_migration(self, src_instance_id: str, dst_instance_id: str) -> None:
+        for instance_id, attr in (
+            (src_instance_id, "num_migrations_out"),
+            (dst_instance_id, "num_migrations_in"),
+        ):
+            inst = self._instances.get(instance_id)
+            if inst is not None:
+                setattr(inst, attr, max(0, getattr(inst, attr) - 1))
+
+    # ---- the estimate the policies read ---------------------------------------------------
+
+    def load(self, instance_id: str) -> LoadFields:
+        """The last report plus what the scheduler did since (unseen dispatches, migrations
+        it issued, drain it ordered).
+
+        An unseen dispatch is assumed admitted (running, its blocks taken) when nothing is
+        queued ahead of it and its prompt fits in the free blocks; otherwise it waits, and
+        the first to wait becomes the head-of-line demand."""
+        inst = self._instances[instance_id]
+        base = inst.report or empty_load(inst.num_blocks)
+        num_free = base.num_free_blocks
+        num_running, num_waiting = base.num_running, base.num_waiting
+        head_demand = base.head_demand_blocks
+        used_high, num_running_high = base.used_blocks_high, base.num_running_high
+        for dispatch in inst.unseen:
+            if num_waiting == 0 and dispatch.demand_blocks <= num_free:
+                num_free -= dispatch.demand_blocks
+                num_running += 1
+                if dispatch.high_priority:
+                    used_high += dispatch.demand_blocks
+                    num_running_high += 1
+            else:
+                if num_waiting == 0:
+                    head_demand = dispatch.demand_blocks
+                num_waiting += 1
+        return dataclasses.replace(
+            base,
+            num_free_blocks=num_free,
+            num_running=num_running,
+            num_waiting=num_waiting,
+            head_demand_blocks=head_demand,
+            used_blocks_high=used_high,
+            num_running_high=num_running_high,
+            num_migrations_in=max(base.num_migrations_in, inst.num_migrations_in),
+            num_migrations_out=max(base.num_migrations_out, inst.num_migrations_out),
+            draining=base.draining or inst.draining,
+        )
+
+    def loads(self, *, serving_only: bool = False) -> dict[str, LoadFields]:
+        """Estimated loads of the live instances, by id; serving_only leaves out draining
+        ones (no new work goes there)."""
+        loads = {
+            i.instance_id: self.load(i.instance_id) for i in self._instances.values() if i.alive
+        }
+        if serving_only:
+            loads = {i: load for i, load in loads.items() if not load.draining}
+        return loads

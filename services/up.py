@@ -1,0 +1,210 @@
+"""`ferry up`: the whole local cluster in the foreground (DESIGN §8).
+
+Starts the scheduler, the gateway and N workers as child processes, waits until the
+gateway is healthy and every worker has registered, prints the endpoints, and on Ctrl-C
+or SIGTERM stops every child (SIGTERM, then SIGKILL after a grace period). Children also
+get SIGTERM from the kernel if this process dies, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from common import env
+
+STOP_GRACE_S = 8.0
+READY_TIMEOUT_S = 300.0  # making the tiny model the first time takes a few seconds
+PR_SET_PDEATHSIG = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=env.model(), help="model directory or preset (tiny)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default=env.device(), help="cpu | cuda | auto")
+    parser.add_argument("--executor", default=env.executor(), choices=["model", "sim"])
+    parser.add_argument("--sim-profile", default="", help="profile JSON for --executor sim "
+                        "(default: the bundled CPU profile of tiny)")
+    parser.add_argument("--sim-speedup", type=float, default=1.0)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--sdk-port", type=int, default=8001)
+    parser.add_argument("--port-base", type=int, default=5600,
+                        help="scheduler inbox (+0), admin (+1), gateway inbox (+2), "
+                             "workers (+100 ...)")
+    parser.add_argument("--policy", default="llumnix",
+                        choices=["round_robin", "least_load", "llumnix"])
+    parser.add_argument("--autoscale", action="store_true")
+    parser.add_argument("--min-workers", type=int, default=1)
+    parser.add_argument("--max-workers", type=int, default=4)
+    parser.add_argument("--num-blocks", type=int, default=0, help="KV blocks per worker")
+    parser.add_argument("--worker-arg", action="append", default=[],
+                        help="extra argument for every worker (repeatable)")
+    parser.add_argument("--scheduler-arg", action="append", default=[],
+                        help="extra argument for the scheduler (repeatable)")
+    parser.add_argument("--gateway-arg", action="append", default=[],
+                        help="extra argument for the gateway (repeatable)")
+    parser.add_argument("--log-dir", default="", help="write each child's log here "
+                        "(default: inherit this terminal's stderr)")
+
+
+class Cluster:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.children: list[tuple[str, subprocess.Popen]] = []
+        base = args.port_base
+        self.scheduler_addr = f"tcp://127.0.0.1:{base}"
+        self.admin_addr = f"tcp://127.0.0.1:{base + 1}"
+        self.gateway_inbox_port = base + 2
+
+    def worker_argv(self, instance_id: str, port: int, model_dir: str) -> list[str]:
+        a = self.args
+        argv = [sys.executable, "-m", "services.worker", "--instance-id", instance_id,
+                "--port", str(port), "--scheduler-addr", self.scheduler_addr,
+                "--model", model_dir, "--device", a.device, "--executor", a.executor,
+                "--sim-speedup", str(a.sim_speedup)]
+        if a.executor == "sim":
+            argv += ["--sim-profile", a.sim_profile or default_sim_profile()]
+        if a.num_blocks:
+            argv += ["--num-blocks", str(a.num_blocks)]
+        return argv + a.worker_arg
+
+    def start(self, model_dir: str) -> None:
+        a = self.args
+        base = a.port_base
+        sched = [sys.executable, "-m", "services.scheduler", "--port", str(base),
+                 "--admin-port", str(base + 1), "--dispatch-policy", a.policy]
+        if a.autoscale:
+            template = " ".join(self.worker_argv("{instance_id}", 0, model_dir)[3:])
+            template = template.replace("--port 0", "--port {port}")
+            sched += ["--autoscale", "--min-workers", str(a.min_workers),
+                      "--max-workers", str(a.max_workers), "--worker-args", template]
+        self._spawn("scheduler", sched + a.scheduler_arg)
+        self._spawn("gateway", [
+            sys.executable, "-m", "services.gateway", "--http-port", str(a.http_port),
+            "--sdk-port", str(a.sdk_port), "--inbox-port", str(self.gateway_inbox_port),
+            "--scheduler-addr", self.scheduler_addr, "--model", model_dir, *a.gateway_arg,
+        ])
+        if not a.autoscale:
+            for i in range(a.workers):
+                self._spawn(f"worker-{i}", self.worker_argv(f"worker-{i}", base + 100 + i,
+                                                            model_dir))
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        stderr = None
+        if self.args.log_dir:
+            os.makedirs(self.args.log_dir, exist_ok=True)
+            stderr = open(os.path.join(self.args.log_dir, f"{name}.log"), "ab")  # noqa: SIM115
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=stderr,
+                                preexec_fn=_die_with_parent)
+        self.children.append((name, proc))
+
+    def wait_ready(self, expected_workers: int) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for name, proc in self.children:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode} during start")
+            if self._gateway_healthy() and self._live_workers() >= expected_workers:
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"cluster not ready within {READY_TIMEOUT_S:.0f}s")
+
+    def _gateway_healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.args.http_port}/health",
+                                        timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def _live_workers(self) -> int:
+        out = subprocess.run([sys.executable, "-m", "services.cli", "status", "--json",
+                              "--admin-addr", self.admin_addr, "--timeout", "1"],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            return 0
+        return sum(1 for inst in json.loads(out.stdout)["instances"] if inst["alive"])
+
+    def stop(self) -> None:
+        for _, proc in self.children:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for _, proc in self.children:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux), own process group
+    so a terminal's Ctrl-C reaches only `ferry up`, which then stops children in order."""
+    os.setpgrp()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def default_sim_profile() -> str:
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent.parent / "bench" / "profiles" / "tiny-cpu.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ferry up", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    stop = {"now": False}
+
+    def on_signal(signum, frame) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    from services.worker.model.resolve import resolve_model
+
+    model_dir = str(resolve_model(args.model))  # the gateway's tokenizer, even for sim
+    cluster = Cluster(args)
+    try:
+        cluster.start(model_dir)
+        cluster.wait_ready(args.min_workers if args.autoscale else args.workers)
+        print(json.dumps({
+            "ready": True,
+            "http": f"http://127.0.0.1:{args.http_port}/v1",
+            "sdk": f"tcp://127.0.0.1:{args.sdk_port}",
+            "admin": cluster.admin_addr,
+            "workers": args.workers if not args.autoscale else f"{args.min_workers}-"
+                                                                   f"{args.max_workers}",
+            "model": model_dir,
+        }), flush=True)
+        reported: set[str] = set()
+        while not stop["now"]:
+            # A worker or the scheduler may die: the cluster serves on (DESIGN §7).
+            # Without the gateway nothing can be served, so that ends the run.
+            for name, proc in cluster.children:
+                if proc.poll() is not None and name not in reported:
+                    reported.add(name)
+                    print(f"ferry up: {name} exited with code {proc.returncode}", file=sys.stderr)
+                    stop["now"] = stop["now"] or name == "gateway"
+            time.sleep(0.2)
+    except RuntimeError as err:
+        print(f"ferry up: {err}", file=sys.stderr)
+        cluster.stop()
+        sys.exit(1)
+    cluster.stop()
+
+
+if __name__ == "__main__":
+    main()

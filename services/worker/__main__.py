@@ -1,0 +1,3 @@
+from services.worker.entry import main
+
+main()

@@ -1,0 +1,278 @@
+"""The engine core: block manager + local scheduler + an executor, with no sockets.
+
+Step API for the worker process: `add_request / step / abort`, `load()` for reports, and
+the hooks live migration needs (`pause / resume / export_state / remove / import_request`).
+`generate()` runs prompts to completion for offline use.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, replace
+
+from common.config import EngineConfig
+from common.sampling import MAX_SEED, SamplingParams
+from services.worker.engine.batch import Executor, ModelBatch
+from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.request import Request, RequestOutput, Status
+from services.worker.engine.scheduler import LocalScheduler, StepPlan
+
+# Weight of the newest sample in the step-time moving average.
+STEP_TIME_EWMA_ALPHA = 0.2
+
+
+class RequestRejected(Exception):
+    """The engine can't take this request; `code` is HTTP-like (400 bad, 429 queue full)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineLoad:
+    """A snapshot for load reports (fields as in common.wire.LoadFields)."""
+
+    num_total_blocks: int
+    num_free_blocks: int
+    num_reserved_blocks: int
+    num_running: int
+    num_waiting: int
+    head_demand_blocks: int
+    used_blocks_high: int
+    num_running_high: int
+    num_preemptions: int
+    step_time_ewma_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExportedRequest:
+    """What a migration needs to recreate a request elsewhere."""
+
+    req_id: str
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]
+    num_delivered: int
+    sampling: SamplingParams
+    priority: int
+    reply_addr: str
+    arrival_s: float
+    num_computed_tokens: int
+    num_preemptions: int
+
+
+class Engine:
+    def __init__(self, executor: Executor, config: EngineConfig | None = None) -> None:
+        self.executor = executor
+        self.config = config or EngineConfig()
+        self.blocks = BlockManager(executor.num_blocks, executor.block_size)
+        self.scheduler = LocalScheduler(
+            self.config,
+            self.blocks,
+            eos_token_ids=executor.eos_token_ids,
+            max_model_len=executor.max_model_len,
+        )
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.step_time_ewma_s = 0.0
+        self.num_steps = 0
+        self._seeds = random.Random()
+
+    # ---- step API -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        req_id: str,
+        prompt_token_ids: tuple[int, ...] | list[int],
+        sampling: SamplingParams,
+        *,
+        priority: int = 0,
+        output_token_ids: tuple[int, ...] | list[int] = (),
+        arrival_s: float | None = None,
+        reply_addr: str = "",
+    ) -> None:
+        """Queue a request. output_token_ids are outputs generated before (failure replay):
+        they count towards max_tokens and are not emitted again."""
+        if req_id in self.requests:
+            raise RequestRejected(400, f"request {req_id} already exists")
+        sampling.validate()
+        prompt_token_ids = tuple(prompt_token_ids)
+        num_tokens = len(prompt_token_ids) + len(output_token_ids)
+        if not prompt_token_ids:
+            raise RequestRejected(400, "prompt is empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.executor.vocab_size]
+        if bad:
+            raise RequestRejected(400, f"token id {bad[0]} is outside the vocabulary")
+        if num_tokens >= self.executor.max_model_len:
+            raise RequestRejected(
+                400,
+                f"prompt of {num_tokens} tokens leaves no room in the model's context of "
+                f"{self.executor.max_model_len}",
+            )
+        if self.blocks.blocks_for(num_tokens + 1) > self.blocks.num_total:
+            raise RequestRejected(400, f"prompt of {num_tokens} tokens exceeds the KV cache")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise RequestRejected(429, "engine queue is full")
+        if sampling.seed is None:
+            sampling = replace(sampling, seed=self._seeds.randrange(MAX_SEED))
+        req = Request(
+            req_id=req_id,
+            prompt_token_ids=prompt_token_ids,
+            sampling=sampling,
+            priority=priority,
+            arrival_s=time.time() if arrival_s is None else arrival_s,
+            reply_addr=reply_addr,
+            output_token_ids=list(output_token_ids),
+            num_delivered=len(output_token_ids),
+        )
+        self.requests[req_id] = req
+        self.scheduler.add(req)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return new tokens (and finishes) per request."""
+        plan = self.schedule()
+        if plan.is_empty:
+            return []
+        start = time.perf_counter()
+        sampled = self.executor.execute(ModelBatch(chunks=tuple(plan.chunks))) if plan.chunks else []
+        return self.finish_step(plan, sampled, time.perf_counter() - start)
+
+    def schedule(self) -> StepPlan:
+        """First half of step(), for callers that run the batch themselves (simulator)."""
+        return self.scheduler.schedule()
+
+    def finish_step(
+        self, plan: StepPlan, sampled: list[int], step_time_s: float
+    ) -> list[RequestOutput]:
+        """Second half of step(): record the sampled tokens."""
+        self._record_step_time(step_time_s)
+        outputs = self.scheduler.update(plan, sampled)
+        for out in outputs:
+            if out.finish_reason is not None:
+                del self.requests[out.req_id]
+        return outputs
+
+    def _record_step_time(self, seconds: float) -> None:
+        self.num_steps += 1
+        if self.num_steps == 1:
+            self.step_time_ewma_s = seconds
+        else:
+            a = STEP_TIME_EWMA_ALPHA
+            self.step_time_ewma_s = a * seconds + (1 - a) * self.step_time_ewma_s
+
+    def abort(self, req_id: str) -> RequestOutput | None:
+        """Abort wherever the request is; None if unknown (already finished)."""
+        out = self.scheduler.abort(req_id)
+        if out is not None:
+            del self.requests[req_id]
+        return out
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def load(self) -> EngineLoad:
+        sched = self.scheduler
+        head = sched.waiting[0] if sched.waiting else None
+        head_demand = 0 if head is None else self.blocks.blocks_for(head.num_tokens + 1)
+        high = [r for r in sched.running if r.priority > 0]
+        high += [r for r in sched.paused.values() if r.priority > 0]
+        return EngineLoad(
+            num_total_blocks=self.blocks.num_total,
+            num_free_blocks=self.blocks.num_free,
+            num_reserved_blocks=self.blocks.num_reserved,
+            num_running=len(sched.running) + len(sched.paused),
+            num_waiting=len(sched.waiting),
+            head_demand_blocks=head_demand,
+            used_blocks_high=sum(len(r.block_ids) for r in high),
+            num_running_high=len(high),
+            num_preemptions=sched.num_preemptions,
+            step_time_ewma_s=self.step_time_ewma_s,
+        )
+
+    def check_invariants(self) -> None:
+        """Block pools consistent, and every block accounted to exactly one holder."""
+        self.blocks.check()
+        held = [b for r in self.requests.values() for b in r.block_ids]
+        assert len(held) == len(set(held)), "a block is in two requests' tables"
+        for req in self.requests.values():
+            assert len(req.block_ids) >= self.blocks.blocks_for(req.num_computed_tokens)
+            if req.status is Status.WAITING:
+                assert not req.block_ids and req.num_computed_tokens == 0
+
+    # ---- offline ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[list[int]] | list[tuple[int, ...]],
+        sampling: SamplingParams | list[SamplingParams],
+    ) -> list[list[int]]:
+        """Run prompts to completion; return each one's output token ids, in order."""
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        ids = [f"gen-{self.num_steps}-{i}" for i in range(len(prompts))]
+        results: dict[str, list[int]] = {req_id: [] for req_id in ids}
+        for i, (req_id, prompt) in enumerate(zip(ids, prompts, strict=True)):
+            self.add_request(req_id, prompt, params[i], arrival_s=float(i))
+        while any(req_id in self.requests for req_id in ids):
+            for out in self.step():
+                results[out.req_id].extend(out.token_ids)
+        return [results[req_id] for req_id in ids]
+
+    # ---- live migration hooks -------------------------------------------------------
+
+    def get(self, req_id: str) -> Request | None:
+        return self.requests.get(req_id)
+
+    def pause(self, req_id: str) -> Request:
+        """Out of the batch, blocks kept (the final migration stage)."""
+        return self.scheduler.pause(req_id)
+
+    def resume(self, req_id: str) -> None:
+        self.scheduler.resume(req_id)
+
+    def export_state(self, req_id: str) -> ExportedRequest:
+        req = self.requests[req_id]
+        return ExportedRequest(
+            req_id=req.req_id,
+            prompt_token_ids=req.prompt_token_ids,
+            output_token_ids=tuple(req.output_token_ids),
+            num_delivered=req.num_delivered,
+            sampling=req.sampling,
+            priority=req.priority,
+            reply_addr=req.reply_addr,
+            arrival_s=req.arrival_s,
+            num_computed_tokens=req.num_computed_tokens,
+            num_preemptions=req.num_preemptions,
+        )
+
+    def remove(self, req_id: str) -> None:
+        """The request now lives on another instance: free its blocks, emit nothing."""
+        self.scheduler.remove(req_id)
+        del self.requests[req_id]
+
+    def import_request(self, state: ExportedRequest, block_ids: list[int]) -> None:
+        """Adopt a migrated request. block_ids hold the KV of its first
+        num_computed_tokens tokens (already owned: ref count 1). With no KV
+        (num_computed_tokens 0) it joins the waiting queue like a new request."""
+        if state.req_id in self.requests:
+            raise RequestRejected(400, f"request {state.req_id} already exists")
+        req = Request(
+            req_id=state.req_id,
+            prompt_token_ids=tuple(state.prompt_token_ids),
+            sampling=state.sampling,
+            priority=state.priority,
+            arrival_s=state.arrival_s,
+            reply_addr=state.reply_addr,
+            output_token_ids=list(state.output_token_ids),
+            num_computed_tokens=state.num_computed_tokens,
+            block_ids=list(block_ids),
+            num_preemptions=state.num_preemptions,
+            num_delivered=state.num_delivered,
+        )
+        self.requests[req.req_id] = req
+        if req.num_computed_tokens == 0:
+            self.blocks.free(req.block_ids)
+            req.block_ids = []
+            self.scheduler.add(req)
+        else:
+            self.scheduler.add_running(req)

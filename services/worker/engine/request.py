@@ -1,0 +1,65 @@
+"""A request as the engine sees it: tokens, KV progress, blocks, status."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from common.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued (new, or preempted and waiting for recompute)
+    RUNNING = "running"  # in the batch; holds blocks
+    PAUSED = "paused"  # holds blocks but is out of the batch (final migration stage)
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, kw_only=True)
+class Request:
+    req_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams  # seed resolved (never None)
+    priority: int = 0  # higher runs first
+    arrival_s: float = 0.0  # for queue order within a priority
+    reply_addr: str = ""  # opaque to the engine: where outputs go
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    block_ids: list[int] = field(default_factory=list)  # block table, logical order
+    status: Status = Status.WAITING
+    num_preemptions: int = 0
+    num_delivered: int = 0  # output tokens already handed out in a RequestOutput
+    finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def token_slice(self, start: int, end: int) -> tuple[int, ...]:
+        """Tokens [start, end) of prompt + outputs."""
+        prompt_len = len(self.prompt_token_ids)
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end]
+        if start >= prompt_len:
+            return tuple(self.output_token_ids[start - prompt_len : end - prompt_len])
+        return self.prompt_token_ids[start:] + tuple(self.output_token_ids[: end - prompt_len])
+
+    @property
+    def queue_key(self) -> tuple[int, float, str]:
+        """Sort key: higher priority first, then earlier arrival."""
+        return (-self.priority, self.arrival_s, self.req_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestOutput:
+    """New tokens of one request after a step (DESIGN §2 `Tokens`)."""
+
+    req_id: str
+    reply_addr: str
+    first_index: int  # output index of token_ids[0]
+    token_ids: tuple[int, ...]
+    finish_reason: str | None  # "length" | "stop" | "abort" | None

@@ -1,0 +1,259 @@
+"""Local scheduler: continuous batching with one token budget per step.
+
+Contract (vLLM v1 style): `schedule() -> StepPlan`, run the plan, `update(plan, sampled)`.
+There is one token-count model and no separate prefill/decode pipelines: each request
+has `num_tokens` (prompt + outputs) and `num_computed_tokens` (KV in cache); a step
+feeds it tokens [num_computed, num_computed + n), n bounded by the step's token budget,
+so a long prompt is prefilled in chunks and a decode is n = 1.
+
+Order: running requests first, then waiting ones, each by (priority desc, arrival asc).
+When a running request needs a block and none is free, the lowest-priority, latest
+request is preempted by recompute (blocks freed, back to waiting, KV rebuilt later).
+Waiting requests are admitted strictly in order (head-of-line), and not in a step that
+preempted.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from common.config import EngineConfig
+from services.worker.engine.batch import SeqChunk
+from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.request import Request, RequestOutput, Status
+
+
+@dataclass(slots=True)
+class StepPlan:
+    chunks: list[SeqChunk] = field(default_factory=list)
+    reqs: list[Request] = field(default_factory=list)  # reqs[i] runs chunks[i]
+    preempted_req_ids: list[str] = field(default_factory=list)
+    # Requests finished by schedule() itself: they outgrew the whole KV cache.
+    finished: list[Request] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks and not self.finished
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+class LocalScheduler:
+    def __init__(
+        self,
+        config: EngineConfig,
+        block_manager: BlockManager,
+        *,
+        eos_token_ids: tuple[int, ...],
+        max_model_len: int,
+    ) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.waiting: list[Request] = []  # sorted by queue_key
+        self.running: list[Request] = []
+        self.paused: dict[str, Request] = {}  # out of the batch, blocks kept (migration)
+        self.num_preemptions = 0
+
+    # ---- queue --------------------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        req.status = Status.WAITING
+        bisect.insort(self.waiting, req, key=lambda r: r.queue_key)
+
+    def add_running(self, req: Request) -> None:
+        """A request that arrives with its KV already in place (migration in)."""
+        req.status = Status.RUNNING
+        self.running.append(req)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.paused)
+
+    # ---- schedule -----------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.config.max_num_batched_tokens
+        self.running.sort(key=lambda r: r.queue_key)
+        scheduled: list[Request] = []
+        while self.running and budget > 0:
+            req = self.running.pop(0)
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._grow_or_preempt(req, req.num_computed_tokens + num_new, plan):
+                break  # req itself was preempted: nothing left to run
+            scheduled.append(req)
+            self._add_chunk(plan, req, num_new)
+            budget -= num_new
+        # Requests not reached for lack of budget stay running, unscheduled this step.
+        self.running = scheduled + self.running
+
+        if plan.preempted_req_ids:
+            return plan
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.blocks.append_slot(req.block_ids, req.num_computed_tokens + num_new):
+                break  # head-of-line blocking: the queue waits for memory
+            self.waiting.pop(0)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            self._add_chunk(plan, req, num_new)
+            budget -= num_new
+        return plan
+
+    def _grow_or_preempt(self, req: Request, num_tokens: int, plan: StepPlan) -> bool:
+        """Make req's table hold num_tokens, preempting from the back of the running queue
+        (lowest priority, latest) until it fits. False if req itself had to go."""
+        while not self.blocks.append_slot(req.block_ids, num_tokens):
+            if self.running:
+                self._preempt(self.running.pop(), plan)
+                continue
+            if self.blocks.num_used == len(req.block_ids) and not self.blocks.num_reserved:
+                # Alone and still no room: it can never grow here. Recompute would loop.
+                self._finish(req, "length")
+                plan.finished.append(req)
+            else:  # paused requests or reservations hold blocks that will come back
+                self._preempt(req, plan)
+            return False
+        return True
+
+    def _add_chunk(self, plan: StepPlan, req: Request, num_new: int) -> None:
+        start = req.num_computed_tokens
+        end = start + num_new
+        plan.chunks.append(
+            SeqChunk(
+                req_id=req.req_id,
+                token_ids=req.token_slice(start, end),
+                start_pos=start,
+                block_ids=tuple(req.block_ids),
+                sample=end == req.num_tokens,
+                sampling=req.sampling,
+            )
+        )
+        plan.reqs.append(req)
+
+    def _preempt(self, req: Request, plan: StepPlan) -> None:
+        self.blocks.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        plan.preempted_req_ids.append(req.req_id)
+        self.add(req)
+
+    # ---- update -------------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, sampled: list[int]) -> list[RequestOutput]:
+        """Record a step's results; return the requests' new tokens (and finishes)."""
+        outputs = [self._take_output(req) for req in plan.finished]
+        sampled_iter = iter(sampled)
+        for chunk, req in zip(plan.chunks, plan.reqs, strict=True):
+            token = next(sampled_iter) if chunk.sample else None
+            if req.status is not Status.RUNNING:
+                continue  # left the batch since schedule() (aborted, paused)
+            req.num_computed_tokens = chunk.end_pos
+            if token is None:
+                continue
+            req.output_token_ids.append(token)
+            reason = self._finish_reason(req, token)
+            if reason is not None:
+                self.running.remove(req)
+                self._finish(req, reason)
+            outputs.append(self._take_output(req))
+        if next(sampled_iter, None) is not None:
+            raise ValueError("executor returned more tokens than chunks asked for")
+        return outputs
+
+    def _finish_reason(self, req: Request, token: int) -> str | None:
+        if token in req.sampling.stop_token_ids:
+            return "stop"
+        if not req.sampling.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if req.num_output_tokens >= req.sampling.max_tokens:
+            return "length"
+        if req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self.blocks.free(req.block_ids)
+        req.block_ids = []
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+
+    @staticmethod
+    def _take_output(req: Request) -> RequestOutput:
+        first = req.num_delivered
+        req.num_delivered = req.num_output_tokens
+        return RequestOutput(
+            req_id=req.req_id,
+            reply_addr=req.reply_addr,
+            first_index=first,
+            token_ids=tuple(req.output_token_ids[first:]),
+            finish_reason=req.finish_reason,
+        )
+
+    # ---- abort, pause (migration) ---------------------------------------------------------
+
+    def find(self, req_id: str) -> Request | None:
+        for queue in (self.running, self.waiting):
+            for req in queue:
+                if req.req_id == req_id:
+                    return req
+        return self.paused.get(req_id)
+
+    def abort(self, req_id: str) -> RequestOutput | None:
+        """Remove a request wherever it is and free its blocks."""
+        req = self.find(req_id)
+        if req is None:
+            return None
+        self._detach(req)
+        self._finish(req, "abort")
+        return self._take_output(req)
+
+    def _detach(self, req: Request) -> None:
+        if req.status is Status.RUNNING:
+            self.running.remove(req)
+        elif req.status is Status.WAITING:
+            self.waiting.remove(req)
+        elif req.status is Status.PAUSED:
+            del self.paused[req.req_id]
+
+    def pause(self, req_id: str) -> Request:
+        """Take a request out of scheduling, keeping its blocks (a migration's final
+        stage, or a queued request about to move)."""
+        req = self.find(req_id)
+        if req is None or req.status not in (Status.RUNNING, Status.WAITING):
+            raise KeyError(f"{req_id} is neither running nor waiting")
+        self._detach(req)
+        req.status = Status.PAUSED
+        self.paused[req_id] = req
+        return req
+
+    def resume(self, req_id: str) -> None:
+        """Undo pause (the migration aborted): back to the batch, or to the queue when it
+        holds no KV."""
+        req = self.paused.pop(req_id)
+        if req.num_computed_tokens == 0 and not req.block_ids:
+            self.add(req)
+        else:
+            req.status = Status.RUNNING
+            self.running.append(req)
+
+    def remove(self, req_id: str) -> Request:
+        """Drop a request that now lives elsewhere (migration committed): blocks freed,
+        nothing emitted."""
+        req = self.find(req_id)
+        if req is None:
+            raise KeyError(req_id)
+        self._detach(req)
+        self.blocks.free(req.block_ids)
+        req.block_ids = []
+        req.status = Status.FINISHED
+        req.finish_reason = "migrated"
+        return req

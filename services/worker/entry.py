@@ -1,0 +1,144 @@
+"""`ferry worker`: flags -> WorkerConfig -> executor -> engine -> the worker process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+
+from common import env
+from common.config import Endpoint, EngineConfig, WorkerConfig
+from common.logging import configure, get_logger
+from services.worker.engine.engine import Engine
+
+# KV cache on CPU when nothing says otherwise: small models, small machines.
+DEFAULT_CPU_KV_GB = 0.25
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--instance-id", default=env.instance_id(),
+                        help="unique id (default: <host>-<port>)")
+    parser.add_argument("--port", type=int, default=5700, help="inbox port")
+    parser.add_argument("--inbox-bind", default="", help="bind address (default tcp://BIND_HOST:PORT)")
+    parser.add_argument("--inbox-advertise", default="",
+                        help="address peers dial (default tcp://FERRY_HOST:PORT)")
+    parser.add_argument("--scheduler-addr", default=env.scheduler_addr())
+    parser.add_argument("--model", default=env.model(), help="model directory or preset name")
+    parser.add_argument("--device", default=env.device(), help="cpu | cuda | cuda:N | auto")
+    parser.add_argument("--executor", default=env.executor(), choices=["model", "sim"])
+    parser.add_argument("--sim-profile", default="", help="profile JSON (executor sim)")
+    parser.add_argument("--sim-speedup", type=float, default=1.0,
+                        help="run the sim clock this many times faster than real time")
+    parser.add_argument("--attention-backend", default="auto",
+                        choices=["auto", "torch", "triton", "flash"])
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-blocks", type=int, default=0, help="KV blocks (0: from --kv-cache-gb)")
+    parser.add_argument("--kv-cache-gb", type=float, default=env.kv_cache_gb(),
+                        help="KV cache GiB (0: a fraction of free GPU memory; 0.25 on CPU)")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-waiting", type=int, default=4096)
+    parser.add_argument("--report-interval", type=float, default=env.report_interval_s())
+    parser.add_argument("--max-migrations", type=int, default=2,
+                        help="concurrent migrations in (and out) of this instance")
+    parser.add_argument("--migration-stage-limit", type=int, default=8)
+    parser.add_argument("--migration-last-stage-blocks", type=int, default=2)
+    parser.add_argument("--migration-timeout", type=float, default=30.0)
+    parser.add_argument("--migration-chunk-mb", type=int, default=64)
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    inbox = Endpoint.on_port(args.port)
+    inbox = Endpoint(bind=args.inbox_bind or inbox.bind,
+                     advertise=args.inbox_advertise or inbox.advertise)
+    return WorkerConfig(
+        instance_id=args.instance_id or f"{socket.gethostname()}-{args.port}",
+        inbox=inbox,
+        scheduler_addr=args.scheduler_addr,
+        model=args.model,
+        device=resolve_device(args.device),
+        executor=args.executor,
+        sim_profile=args.sim_profile,
+        attention_backend=args.attention_backend,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        kv_cache_gb=args.kv_cache_gb,
+        engine=EngineConfig(max_num_seqs=args.max_num_seqs,
+                            max_num_batched_tokens=args.max_num_batched_tokens,
+                            max_waiting=args.max_waiting),
+        report_interval_s=args.report_interval,
+        max_migrations=args.max_migrations,
+        migration_stage_limit=args.migration_stage_limit,
+        migration_last_stage_blocks=args.migration_last_stage_blocks,
+        migration_timeout_s=args.migration_timeout,
+        migration_chunk_bytes=args.migration_chunk_mb * 2**20,
+    )
+
+
+def resolve_device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_engine(config: WorkerConfig, *, sim_speedup: float = 1.0) -> Engine:
+    """The executor the config asks for, wrapped in an engine."""
+    if config.executor == "sim":
+        from services.worker.latency_model import Profile
+        from services.worker.sim_executor import SimExecutor
+
+        if not config.sim_profile:
+            raise ValueError("--executor sim needs --sim-profile")
+        executor = SimExecutor.from_profile(Profile.load(config.sim_profile),
+                                            num_blocks=config.num_blocks, sleep=False,
+                                            speedup=sim_speedup)
+        return Engine(executor, config.engine)
+
+    from services.worker.model.resolve import resolve_model
+    from services.worker.runner import ModelRunner, RunnerConfig
+
+    on_cpu = config.device == "cpu"
+    kv_gb = config.kv_cache_gb or (DEFAULT_CPU_KV_GB if on_cpu else None)
+    runner = ModelRunner(RunnerConfig(
+        model_dir=str(resolve_model(config.model)),
+        device=config.device,
+        attention_backend=None if config.attention_backend == "auto" else config.attention_backend,
+        block_size=config.block_size,
+        num_blocks=config.num_blocks or None,
+        kv_cache_gb=None if config.num_blocks else kv_gb,
+        max_num_seqs=config.engine.max_num_seqs,
+        max_num_tokens=config.engine.max_num_batched_tokens,
+    ))
+    return Engine(runner, config.engine)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ferry worker", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    configure("worker")
+    log = get_logger(instance_id=config.instance_id)
+    if config.device == "cpu":
+        # Leave cores for the other processes of a local cluster.
+        import torch
+
+        torch.set_num_threads(env.torch_threads() or max(1, (os.cpu_count() or 2) // 2))
+    engine = build_engine(config, sim_speedup=args.sim_speedup)
+    log.info("engine_built", executor=config.executor, num_blocks=engine.blocks.num_total)
+
+    from services.worker.main import serve
+
+    try:
+        import uvloop
+
+        uvloop.run(serve(config, engine))
+    except ImportError:
+        asyncio.run(serve(config, engine))
+
+
+if __name__ == "__main__":
+    main()

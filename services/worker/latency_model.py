@@ -1,0 +1,156 @@
+"""Step-time model fitted to measured engine steps (`ferry profile` writes the profile).
+
+A step's time is modelled as a non-negative combination of what it does:
+
+    step_s = base_s
+           + per_prefill_token_s   * P      P: tokens fed by prefill chunks
+           + per_prefill_attn_s    * A      A: sum over prefill chunks of q_len * kv_len
+           + per_decode_seq_s      * D      D: decode requests (q_len == 1)
+           + per_decode_context_s  * C      C: sum over decodes of kv_len (KV bytes read)
+
+The profile JSON holds the raw samples and the fitted coefficients:
+
+    {"name": str, "device": str, "model": {...}, "block_size": int,
+     "kv_block_bytes": int, "num_blocks": int,
+     "coefficients": {"base_s": float, ...}, "samples": [{"P":..,"A":..,"D":..,"C":..,"step_s":..}]}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.worker.engine.batch import ModelBatch
+
+FEATURES = ("P", "A", "D", "C")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepFeatures:
+    P: int  # prefill tokens
+    A: int  # prefill attention work: sum of q_len * kv_len
+    D: int  # decode requests
+    C: int  # decode context tokens
+
+    @classmethod
+    def of(cls, batch: ModelBatch) -> StepFeatures:
+        num_prefill = prefill_attn = num_decode = decode_ctx = 0
+        for chunk in batch.chunks:
+            q_len = len(chunk.token_ids)
+            if q_len == 1 and chunk.start_pos > 0:
+                num_decode += 1
+                decode_ctx += chunk.end_pos
+            else:
+                num_prefill += q_len
+                prefill_attn += q_len * chunk.end_pos
+        return cls(P=num_prefill, A=prefill_attn, D=num_decode, C=decode_ctx)
+
+    def vector(self) -> list[float]:
+        return [1.0, float(self.P), float(self.A), float(self.D), float(self.C)]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LatencyModel:
+    base_s: float
+    per_prefill_token_s: float
+    per_prefill_attn_s: float
+    per_decode_seq_s: float
+    per_decode_context_s: float
+
+    def step_time(self, features: StepFeatures) -> float:
+        coef = (
+            self.base_s,
+            self.per_prefill_token_s,
+            self.per_prefill_attn_s,
+            self.per_decode_seq_s,
+            self.per_decode_context_s,
+        )
+        return float(sum(c * x for c, x in zip(coef, features.vector(), strict=True)))
+
+    @classmethod
+    def fit(cls, samples: list[tuple[StepFeatures, float]]) -> LatencyModel:
+        """Non-negative least squares on relative error (each row scaled by 1/step_s), so
+        short decode steps weigh as much as long prefills."""
+        x = np.array([f.vector() for f, _ in samples], dtype=np.float64)
+        y = np.array([t for _, t in samples], dtype=np.float64)
+        weights = 1.0 / np.maximum(y, 1e-9)
+        coef = _nnls(x * weights[:, None], y * weights)
+        return cls(
+            base_s=coef[0],
+            per_prefill_token_s=coef[1],
+            per_prefill_attn_s=coef[2],
+            per_decode_seq_s=coef[3],
+            per_decode_context_s=coef[4],
+        )
+
+
+def _nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 100) -> list[float]:
+    """Least squares with x >= 0 by repeated clipping (Lawson-Hanson would be exact; this
+    is enough for five well-scaled features). Columns are normalised first."""
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    a_n = a / scale
+    active = np.ones(a.shape[1], dtype=bool)
+    x = np.zeros(a.shape[1])
+    for _ in range(max_iter):
+        x[:] = 0
+        x[active], *_ = np.linalg.lstsq(a_n[:, active], b, rcond=None)
+        negative = active & (x < 0)
+        if not negative.any():
+            break
+        active &= ~negative
+        if not active.any():
+            break
+    x = np.maximum(x, 0) / scale
+    return [float(v) for v in x]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Profile:
+    name: str
+    device: str
+    model: dict
+    block_size: int
+    kv_block_bytes: int  # bytes of one KV block (all layers, K and V)
+    num_blocks: int  # KV blocks the profiled instance had
+    max_model_len: int
+    vocab_size: int
+    latency: LatencyModel
+    samples: list[dict]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(
+                name=data["name"],
+                device=data["device"],
+                model=data["model"],
+                block_size=int(data["block_size"]),
+                kv_block_bytes=int(data["kv_block_bytes"]),
+                num_blocks=int(data["num_blocks"]),
+                max_model_len=int(data["max_model_len"]),
+                vocab_size=int(data["vocab_size"]),
+                latency=LatencyModel(**data["coefficients"]),
+                samples=list(data.get("samples", [])),
+            )
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a valid Ferry profile ({exc})") from None
+
+    def save(self, path: str | Path) -> None:
+        data = {
+            "name": self.name,
+            "device": self.device,
+            "model": self.model,
+            "block_size": self.block_size,
+            "kv_block_bytes": self.kv_block_bytes,
+            "num_blocks": self.num_blocks,
+            "max_model_len": self.max_model_len,
+            "vocab_size": self.vocab_size,
+            "coefficients": asdict(self.latency),
+            "samples": self.samples,
+        }
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")

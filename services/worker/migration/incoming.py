@@ -1,0 +1,165 @@
+"""Destination side of one live migration.
+
+    RESERVED ─MigStage─▶ receive blocks into the reservation (repeat)
+        │ MigCommit
+        ▼
+    COMMITTED: request imported, KV blocks taken from the reservation, the rest freed;
+               MigCommitAck once the request has run its first step here
+    any MigAbort / timeout / failure ─▶ reservation released (and an imported copy dropped)
+
+Messages of one migration are handled in order by its own task (`inbox`, bounded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from common import wire
+from services.worker.engine.engine import Engine, ExportedRequest
+
+
+class InPhase(enum.Enum):
+    RESERVED = "reserved"
+    COMMITTED = "committed"  # imported; waiting for its first step here
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+@dataclass(slots=True)
+class IncomingMigration:
+    migration_id: str
+    req_id: str
+    src_instance_id: str
+    src_inbox_addr: str
+    group_id: str
+    phase: InPhase = InPhase.RESERVED
+    inbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=64))
+    first_step: asyncio.Event = field(default_factory=asyncio.Event)
+    num_computed_at_import: int = 0
+    started_s: float = field(default_factory=time.perf_counter)
+
+
+class IncomingRunner:
+    def __init__(
+        self,
+        mig: IncomingMigration,
+        *,
+        engine: Engine,
+        kv: Any,
+        send: Callable[[str, Any], None],
+        timeout_s: float,
+        on_imported: Callable[[], None],
+    ) -> None:
+        self.mig = mig
+        self.engine = engine
+        self.kv = kv
+        self.send = send
+        self.timeout_s = timeout_s
+        self.on_imported = on_imported
+
+    async def run(self) -> IncomingMigration:
+        mig = self.mig
+        try:
+            while mig.phase is InPhase.RESERVED:
+                msg = await asyncio.wait_for(mig.inbox.get(), self.timeout_s)
+                if isinstance(msg, wire.MigStage):
+                    await self._stage(msg)
+                elif isinstance(msg, wire.MigCommit):
+                    self._commit(msg)
+                elif isinstance(msg, wire.MigAbort):
+                    raise _Abort(msg.reason)
+            await self._wait_first_step()
+        except _Abort as err:
+            self._abort(err.reason, tell_source=err.tell_source)
+        except TimeoutError:
+            self._abort(f"timeout in phase {mig.phase.value}", tell_source=True)
+        except Exception as exc:
+            self._abort(f"{type(exc).__name__}: {exc}", tell_source=True)
+        return mig
+
+    async def _stage(self, msg: wire.MigStage) -> None:
+        mig = self.mig
+        blocks = self.engine.blocks
+        missing = msg.num_blocks_needed - len(blocks.reserved(mig.migration_id))
+        if missing > 0 and not blocks.reserve(mig.migration_id, missing):
+            raise _Abort("no memory to grow the reservation", tell_source=True)
+        reserved = blocks.reserved(mig.migration_id)
+        end = msg.first_block_index + msg.num_blocks
+        if end > len(reserved):
+            raise _Abort(f"stage covers blocks up to {end}, {len(reserved)} reserved",
+                         tell_source=True)
+        await self.kv.recv(mig.group_id, reserved[msg.first_block_index:end])
+        self.send(mig.src_inbox_addr, wire.MigStageAck(
+            migration_id=mig.migration_id, stage_index=msg.stage_index, ok=True, reason=""))
+
+    def _commit(self, msg: wire.MigCommit) -> None:
+        mig = self.mig
+        state = msg.state
+        num_blocks = self.engine.blocks.blocks_for(state.num_computed_tokens)
+        if num_blocks > len(self.engine.blocks.reserved(mig.migration_id)):
+            raise _Abort("commit needs more blocks than were received", tell_source=True)
+        block_ids = self.engine.blocks.take_reserved(mig.migration_id, num_blocks)
+        self.engine.import_request(ExportedRequest(
+            req_id=state.req_id,
+            prompt_token_ids=state.prompt_token_ids,
+            output_token_ids=state.output_token_ids,
+            num_delivered=state.num_delivered,
+            sampling=state.sampling,
+            priority=state.priority,
+            reply_addr=state.reply_addr,
+            arrival_s=state.arrival_s,
+            num_computed_tokens=state.num_computed_tokens,
+            num_preemptions=state.num_preemptions,
+        ), block_ids)
+        mig.num_computed_at_import = state.num_computed_tokens
+        mig.phase = InPhase.COMMITTED
+        if state.num_computed_tokens == 0:
+            mig.first_step.set()  # a queued request: nothing to wait for
+        self.on_imported()
+
+    async def _wait_first_step(self) -> None:
+        """Ack the commit once the request has stepped here (or finished, or if the
+        source aborts first: then drop the copy)."""
+        mig = self.mig
+        waiter = asyncio.ensure_future(mig.first_step.wait())
+        aborter = asyncio.ensure_future(mig.inbox.get())
+        done, _ = await asyncio.wait({waiter, aborter}, timeout=self.timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        aborter.cancel()
+        if aborter in done and isinstance(aborter.result(), wire.MigAbort):
+            raise _Abort(aborter.result().reason)
+        if waiter not in done:
+            raise _Abort("request did not step after import", tell_source=True)
+        self.send(mig.src_inbox_addr, wire.MigCommitAck(
+            migration_id=mig.migration_id, ok=True, reason=""))
+        mig.phase = InPhase.DONE
+
+    def note_step(self) -> None:
+        """Called after each engine step while COMMITTED."""
+        req = self.engine.get(self.mig.req_id)
+        if req is None or req.num_computed_tokens > self.mig.num_computed_at_import:
+            self.mig.first_step.set()
+
+    def _abort(self, reason: str, *, tell_source: bool = False) -> None:
+        mig = self.mig
+        self.engine.blocks.release_reservation(mig.migration_id)
+        if mig.phase in (InPhase.COMMITTED, InPhase.DONE) and self.engine.get(mig.req_id):
+            # The source resumed the request: drop our copy without emitting anything.
+            self.engine.remove(mig.req_id)
+        if tell_source:
+            self.send(mig.src_inbox_addr, wire.MigAbort(migration_id=mig.migration_id,
+                                                        reason=reason))
+        mig.phase = InPhase.ABORTED
+
+
+class _Abort(Exception):
+    def __init__(self, reason: str, *, tell_source: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.tell_source = tell_source

@@ -1,0 +1,273 @@
+"""Source side of one live migration (DESIGN §6), as a coroutine over explicit phases.
+
+    PREALLOC ─ok─▶ STAGING (stage k: blocks filled since stage k-1, request keeps decoding)
+        │              │ few blocks left, or stage limit
+        │              ▼
+        │          FINAL (request paused: last blocks + state) ─▶ COMMIT ─ack─▶ COMMITTED
+        └──────────────┴──────────────── any failure ──────────────────────▶ ABORTED
+
+On abort the request goes on where it was (resumed if paused) and the destination is
+told to free what it holds. After MigCommit is sent, an abort (ack timeout) resumes the
+request here *and* tells the destination to drop its copy: if both ran for a while, the
+gateway drops the duplicate token indices, so the client still sees each index once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from common import wire
+from services.worker.engine.engine import Engine
+from services.worker.engine.request import Request, Status
+
+
+class Phase(enum.Enum):
+    PREALLOC = "prealloc"
+    STAGING = "staging"
+    FINAL = "final"
+    COMMIT = "commit"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+
+
+class MigrationAborted(Exception):
+    def __init__(self, reason: str, *, notify_peer: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.notify_peer = notify_peer
+
+
+@dataclass(frozen=True, slots=True)
+class LocalCancel:
+    """Queued into a migration's replies by this worker (client abort, shutdown)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrationLimits:
+    stage_limit: int  # stages before the final one
+    last_stage_blocks: int  # pause once at most this many new full blocks remain
+    growth_tokens: int  # tokens of headroom reserved for decoding during the stages
+    timeout_s: float  # a reply not arriving within this aborts
+
+
+@dataclass(slots=True)
+class OutgoingMigration:
+    migration_id: str
+    req_id: str
+    dst_instance_id: str
+    dst_inbox_addr: str
+    phase: Phase = Phase.PREALLOC
+    replies: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=8))
+    num_stages: int = 0
+    num_blocks_sent: int = 0
+    num_bytes: int = 0
+    started_s: float = field(default_factory=time.perf_counter)
+    paused_s: float | None = None  # when the request left the source's batch
+    downtime_s: float = 0.0
+    reason: str = ""
+
+    def done_message(self, src_instance_id: str) -> wire.MigrationDone:
+        return wire.MigrationDone(
+            migration_id=self.migration_id,
+            req_id=self.req_id,
+            src_instance_id=src_instance_id,
+            dst_instance_id=self.dst_instance_id,
+            committed=self.phase is Phase.COMMITTED,
+            reason=self.reason,
+            num_stages=self.num_stages,
+            num_blocks=self.num_blocks_sent,
+            num_bytes=self.num_bytes,
+            total_s=time.perf_counter() - self.started_s,
+            downtime_s=self.downtime_s,
+        )
+
+
+class OutgoingRunner:
+    """Drives one OutgoingMigration. `send(addr, msg)` is the control channel; `kv` the
+    KV transport (KVTransport or SimulatedTransport); `ready_event()` returns a device
+    event marking the model's writes so far (None on CPU)."""
+
+    def __init__(
+        self,
+        mig: OutgoingMigration,
+        *,
+        engine: Engine,
+        kv: Any,
+        send: Callable[[str, Any], None],
+        instance_id: str,
+        inbox_addr: str,
+        limits: MigrationLimits,
+        ready_event: Callable[[], object | None],
+    ) -> None:
+        self.mig = mig
+        self.engine = engine
+        self.kv = kv
+        self.send = send
+        self.instance_id = instance_id
+        self.inbox_addr = inbox_addr
+        self.limits = limits
+        self.ready_event = ready_event
+        self.block_size = engine.blocks.block_size
+
+    async def run(self) -> OutgoingMigration:
+        mig = self.mig
+        req = self.engine.get(mig.req_id)
+        try:
+            if req is None or req.status not in (Status.RUNNING, Status.WAITING):
+                raise MigrationAborted("request is not running here", notify_peer=False)
+            await self._prealloc(req)
+            if req.status is Status.WAITING:
+                await self._commit(req, self.engine.pause(req.req_id))
+            else:
+                await self._stages(req)
+                await self._final(req)
+        except MigrationAborted as err:
+            self._abort(req, err)
+        except TimeoutError:
+            self._abort(req, MigrationAborted(f"timeout in phase {mig.phase.value}"))
+        except Exception as exc:  # transport failures: peer died, group broke
+            self._abort(req, MigrationAborted(f"{type(exc).__name__}: {exc}"))
+        return mig
+
+    # ---- phases ---------------------------------------------------------------------------
+
+    async def _prealloc(self, req: Request) -> None:
+        mig = self.mig
+        self.send(mig.dst_inbox_addr, wire.MigPrealloc(
+            migration_id=mig.migration_id,
+            req_id=req.req_id,
+            src_instance_id=self.instance_id,
+            src_inbox_addr=self.inbox_addr,
+            num_blocks=self._blocks_needed(req),
+            kv_block_bytes=self.kv.block_bytes,
+            group_id=self.kv.sending_group_id(mig.dst_instance_id),
+        ))
+        reply = await self._reply(wire.MigPreallocReply)
+        if not reply.ok:
+            raise MigrationAborted(f"destination refused: {reply.reason}", notify_peer=False)
+        self.kv.join_sending(mig.dst_instance_id, reply.group_id, reply.store_addr)
+        mig.phase = Phase.STAGING
+
+    async def _stages(self, req: Request) -> None:
+        """Send full blocks while the request keeps decoding, until few are left."""
+        mig = self.mig
+        while mig.num_stages < self.limits.stage_limit:
+            self._check_still_here(req)
+            num_full = req.num_computed_tokens // self.block_size
+            if num_full - mig.num_blocks_sent <= self.limits.last_stage_blocks:
+                return
+            await self._send_stage(req, num_full)
+
+    async def _final(self, req: Request) -> None:
+        mig = self.mig
+        self._check_still_here(req)
+        mig.phase = Phase.FINAL
+        self.engine.pause(req.req_id)
+        mig.paused_s = time.perf_counter()
+        await self._send_stage(req, self.engine.blocks.blocks_for(req.num_computed_tokens),
+                               wait_ack=False)
+        await self._commit(req, req)
+
+    async def _commit(self, req: Request, paused: Request) -> None:
+        mig = self.mig
+        mig.phase = Phase.COMMIT
+        if mig.paused_s is None:
+            mig.paused_s = time.perf_counter()
+        state = self.engine.export_state(req.req_id)
+        self.send(mig.dst_inbox_addr, wire.MigCommit(
+            migration_id=mig.migration_id,
+            state=wire.RequestState(
+                req_id=state.req_id,
+                prompt_token_ids=state.prompt_token_ids,
+                output_token_ids=state.output_token_ids,
+                num_delivered=state.num_delivered,
+                sampling=state.sampling,
+                priority=state.priority,
+                reply_addr=state.reply_addr,
+                arrival_s=state.arrival_s,
+                num_computed_tokens=state.num_computed_tokens,
+                num_preemptions=state.num_preemptions,
+            ),
+        ))
+        # The destination acks after the request's first step there.
+        while True:
+            ack = await self._reply(wire.MigCommitAck, wire.MigStageAck)
+            if isinstance(ack, wire.MigStageAck):
+                if not ack.ok:
+                    raise MigrationAborted(f"final stage failed: {ack.reason}", notify_peer=False)
+                continue
+            break
+        if not ack.ok:
+            raise MigrationAborted(f"destination could not commit: {ack.reason}", notify_peer=False)
+        mig.downtime_s = time.perf_counter() - mig.paused_s
+        self.engine.remove(req.req_id)
+        mig.phase = Phase.COMMITTED
+
+    async def _send_stage(self, req: Request, end_block: int, *, wait_ack: bool = True) -> None:
+        mig = self.mig
+        first = mig.num_blocks_sent
+        block_ids = req.block_ids[first:end_block]
+        self.send(mig.dst_inbox_addr, wire.MigStage(
+            migration_id=mig.migration_id,
+            stage_index=mig.num_stages,
+            first_block_index=first,
+            num_blocks=len(block_ids),
+            num_blocks_needed=self._blocks_needed(req),
+        ))
+        # Pinned: if the request finishes or is preempted meanwhile, its blocks are not
+        # handed to anyone else until the read is over.
+        self.engine.blocks.incref(block_ids)
+        try:
+            mig.num_bytes += await self.kv.send(mig.dst_instance_id, block_ids, self.ready_event())
+        finally:
+            self.engine.blocks.free(block_ids)
+        mig.num_blocks_sent = end_block
+        mig.num_stages += 1
+        if wait_ack:
+            ack = await self._reply(wire.MigStageAck)
+            if not ack.ok:
+                raise MigrationAborted(f"stage {ack.stage_index} failed: {ack.reason}",
+                                       notify_peer=False)
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _blocks_needed(self, req: Request) -> int:
+        """Blocks the destination should hold by now: the request's tokens plus headroom
+        for decoding during the next stage, never past its final length."""
+        final_len = len(req.prompt_token_ids) + req.sampling.max_tokens
+        return self.engine.blocks.blocks_for(
+            min(req.num_tokens + self.limits.growth_tokens, final_len))
+
+    def _check_still_here(self, req: Request) -> None:
+        if self.engine.get(req.req_id) is not req or req.status is Status.FINISHED:
+            raise MigrationAborted("request finished during migration")
+        if req.status is Status.WAITING:
+            raise MigrationAborted("request was preempted during migration")
+
+    async def _reply(self, *types: type) -> Any:
+        while True:
+            msg = await asyncio.wait_for(self.mig.replies.get(), self.limits.timeout_s)
+            if isinstance(msg, LocalCancel):
+                raise MigrationAborted(msg.reason)
+            if isinstance(msg, wire.MigAbort):
+                raise MigrationAborted(f"destination aborted: {msg.reason}", notify_peer=False)
+            if isinstance(msg, types):
+                return msg
+
+    def _abort(self, req: Request | None, err: MigrationAborted) -> None:
+        mig = self.mig
+        mig.reason = err.reason
+        if err.notify_peer:
+            # Also after PREALLOC: the destination may have reserved before its reply was lost.
+            self.send(mig.dst_inbox_addr, wire.MigAbort(migration_id=mig.migration_id,
+                                                        reason=err.reason))
+        if req is not None and req.status is Status.PAUSED and self.engine.get(req.req_id) is req:
+            self.engine.resume(req.req_id)
+        mig.phase = Phase.ABORTED

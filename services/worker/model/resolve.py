@@ -1,0 +1,63 @@
+"""Turn a --model argument into a model directory.
+
+A path is used as it is. A preset name ("tiny", "llama2-7b", "llama3-8b") means a
+random-weight model Ferry makes itself under FERRY_MODEL_CACHE/<preset>: the first
+process to need it makes it under a file lock, writing into a temporary directory that
+is renamed into place when complete, so other processes never see half a model.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+import time
+from pathlib import Path
+
+from common import env
+
+PRESET_NAMES = ("tiny", "llama2-7b", "llama3-8b")
+# Marker written last into a complete model directory.
+COMPLETE_MARKER = ".ferry-complete"
+
+
+def is_preset(name: str) -> bool:
+    return name in PRESET_NAMES
+
+
+def preset_dir(name: str) -> Path:
+    return Path(env.model_cache()) / name
+
+
+def resolve_model(name: str, *, create: bool = True, wait_s: float = 0.0) -> Path:
+    """The directory of model `name`. For a preset: make it if `create`, else wait up to
+    wait_s for another process to finish making it."""
+    if not is_preset(name):
+        path = Path(name)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{name}: not a model directory (no config.json) and not "
+                                    f"one of the presets {', '.join(PRESET_NAMES)}")
+        return path
+    target = preset_dir(name)
+    if (target / COMPLETE_MARKER).exists():
+        return target
+    if not create:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if (target / COMPLETE_MARKER).exists():
+                return target
+            time.sleep(0.2)
+        raise FileNotFoundError(f"model {name!r} is not made yet under {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / COMPLETE_MARKER).exists():
+            return target
+        from services.worker.model.make_model import make_model  # torch: only when making
+
+        partial = target.parent / f".{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        make_model(name, partial)
+        (partial / COMPLETE_MARKER).write_text("ok\n")
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    return target

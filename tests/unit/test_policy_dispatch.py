@@ -1,0 +1,149 @@
+"""Dispatch policies on crafted tables: the best instance wins, and equal loads spread."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import pytest
+
+from common.wire import Register
+from services.scheduler.dispatch import (
+    POLICY_NAMES,
+    LeastLoad,
+    Llumnix,
+    Rotation,
+    RoundRobin,
+    make_dispatch_policy,
+)
+from services.scheduler.load import empty_load
+from services.scheduler.table import InstanceTable, UnseenDispatch
+
+
+def load(total=100, **fields):
+    return dataclasses.replace(empty_load(total), **fields)
+
+
+def equal_table(num_instances, num_blocks=1000):
+    table = InstanceTable()
+    for i in range(num_instances):
+        table.register(
+            Register(
+                instance_id=f"i{i}",
+                inbox_addr=f"tcp://h:{i}",
+                num_blocks=num_blocks,
+                block_size=16,
+                max_model_len=4096,
+                req_ids=(),
+            ),
+            now=0.0,
+        )
+    return table
+
+
+def dispatch_all(policy, table, demands):
+    """Dispatch requests one by one, counting each into its instance as the scheduler does."""
+    counts = collections.Counter()
+    for n, demand in enumerate(demands):
+        instance_id = policy.choose(table.loads(serving_only=True))
+        table.record_dispatch(
+            instance_id, UnseenDispatch(req_id=f"r{n}", demand_blocks=demand, high_priority=False)
+        )
+        counts[instance_id] += 1
+    return counts
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize(("num_requests", "num_instances"), [(12, 4), (100, 4), (7, 3), (64, 16)])
+def test_equal_instances_and_equal_requests_spread_evenly(name, num_requests, num_instances):
+    policy = make_dispatch_policy(name, headroom_blocks=0)
+    counts = dispatch_all(policy, equal_table(num_instances), [4] * num_requests)
+    assert len(counts) == num_instances
+    assert max(counts.values()) - min(counts.values()) <= 1
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_ties_spread_even_if_loads_are_never_updated(name):
+    # The same equal loads offered every time (no counting): the tie-break alone spreads.
+    policy = make_dispatch_policy(name, headroom_blocks=0)
+    loads = {f"i{i}": load(num_free_blocks=50, num_running=5) for i in range(4)}
+    counts = collections.Counter(policy.choose(loads) for _ in range(40))
+    assert counts == {f"i{i}": 10 for i in range(4)}
+
+
+@pytest.mark.parametrize("name", [LeastLoad.name, Llumnix.name])
+def test_load_aware_policies_fill_a_fresh_instance_first(name):
+    # Three busy instances and one empty one: the burst goes to the empty one until it
+    # is as loaded as the others (counts update at dispatch, not at the next report).
+    table = equal_table(4)
+    for instance_id in ("i0", "i1", "i2"):
+        for k in range(5):
+            table.record_dispatch(
+                instance_id,
+                UnseenDispatch(req_id=f"{instance_id}-{k}", demand_blocks=20, high_priority=False),
+            )
+    policy = make_dispatch_policy(name, headroom_blocks=0)
+    counts = dispatch_all(policy, table, [20] * 8)
+    assert counts["i3"] >= 5
+    assert max(counts.values()) - min(counts.values()) <= 5
+
+
+def test_round_robin_ignores_load():
+    policy = RoundRobin()
+    loads = {"a": load(num_free_blocks=0, num_running=50), "b": empty_load(100)}
+    assert [policy.choose(loads) for _ in range(4)] == ["a", "b", "a", "b"]
+
+
+def test_llumnix_and_least_load_disagree_on_batch_size():
+    # a: one request holding 50 blocks (F = 50); b: ten requests holding 20 (F = 8).
+    loads = {
+        "a": load(num_free_blocks=50, num_running=1),
+        "b": load(num_free_blocks=80, num_running=10),
+    }
+    assert Llumnix(headroom_blocks=0).choose(loads) == "a"
+    assert LeastLoad().choose(loads) == "b"
+
+
+def test_least_load_counts_the_queue():
+    loads = {
+        "a": load(num_free_blocks=60, num_running=3),  # 40% used
+        "b": load(
+            num_free_blocks=80, num_running=2, num_waiting=3, head_demand_blocks=10
+        ),  # 20% + 30%
+    }
+    assert LeastLoad().choose(loads) == "a"
+
+
+def test_llumnix_counts_the_head_of_the_queue():
+    loads = {
+        "a": load(num_free_blocks=60, num_running=2),  # F = 30
+        "b": load(
+            num_free_blocks=80, num_running=2, num_waiting=1, head_demand_blocks=30
+        ),  # F = 25
+    }
+    assert Llumnix(headroom_blocks=0).choose(loads) == "a"
+
+
+def test_headroom_steers_new_requests_away_from_high_priority_instances():
+    loads = {
+        "a": load(num_free_blocks=60, num_running=4, num_running_high=2, used_blocks_high=20),
+        "b": load(num_free_blocks=60, num_running=4),
+    }
+    with_headroom = Llumnix(headroom_blocks=10)
+    assert [with_headroom.choose(loads) for _ in range(3)] == ["b", "b", "b"]
+    without = Llumnix(headroom_blocks=0)
+    assert sorted(without.choose(loads) for _ in range(2)) == ["a", "b"]
+
+
+def test_rotation_survives_membership_changes():
+    rotation = Rotation()
+    assert rotation.pick(["b", "a", "c"]) == "a"
+    assert rotation.pick(["a", "b", "c"]) == "b"
+    assert rotation.pick(["a", "c", "d"]) == "c"  # b left: the next after b
+    assert rotation.pick(["a", "c", "d"]) == "d"
+    assert rotation.pick(["a", "c", "d"]) == "a"  # wraps
+
+
+def test_unknown_policy_name():
+    with pytest.raises(ValueError, match="unknown dispatch policy"):
+        make_dispatch_policy("random", headroom_blocks=0)

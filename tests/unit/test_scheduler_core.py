@@ -1,0 +1,424 @@
+"""SchedulerCore without sockets: placements, releases, failures, migrations, status."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import pytest
+
+from common.config import Endpoint, SchedulerConfig
+from common.sampling import SamplingParams
+from common.wire import (
+    Abort,
+    Dispatch,
+    DispatchRejected,
+    InstanceDown,
+    InstanceView,
+    LoadReport,
+    MigrateOut,
+    MigrationDone,
+    Placement,
+    Priority,
+    Register,
+    Release,
+    ReRegister,
+    SetDraining,
+)
+from services.scheduler.core import MIGRATION_LOST_AFTER_S, SchedulerCore, SchedulerError
+from services.scheduler.load import empty_load
+from services.scheduler.migration import MigrationDecision
+
+GATEWAY = "tcp://gateway:1"
+
+
+def config(**kw):
+    ep = Endpoint(bind="tcp://127.0.0.1:0", advertise="tcp://127.0.0.1:0")
+    return SchedulerConfig(inbox=ep, admin=ep, **kw)
+
+
+def make_core(**kw):
+    core_kw = {k: kw.pop(k) for k in ("max_queued_per_instance", "migrate_margin") if k in kw}
+    return SchedulerCore(config(**kw), epoch="e1", **core_kw)
+
+
+def addr(instance_id):
+    return f"tcp://{instance_id}:1"
+
+
+def register(core, instance_id, num_blocks=100, now=0.0, req_ids=()):
+    return core.register(
+        Register(
+            instance_id=instance_id,
+            inbox_addr=addr(instance_id),
+            num_blocks=num_blocks,
+            block_size=16,
+            max_model_len=4096,
+            req_ids=req_ids,
+        ),
+        now,
+    )
+
+
+def report(core, instance_id, seq, now, received=0, **fields):
+    load = dataclasses.replace(empty_load(100), **fields)
+    return core.load_report(
+        LoadReport(
+            instance_id=instance_id,
+            inbox_addr=addr(instance_id),
+            seq=seq,
+            num_dispatch_received=received,
+            load=load,
+        ),
+        now,
+    )
+
+
+def request(req_id, prompt_len=32, priority=Priority.NORMAL, gateway=GATEWAY):
+    return Dispatch(
+        req_id=req_id,
+        prompt_token_ids=tuple(range(prompt_len)),
+        output_token_ids=(),
+        sampling=SamplingParams(max_tokens=8, seed=1),
+        priority=priority,
+        reply_addr=gateway,
+        arrival_s=0.0,
+    )
+
+
+def done(migration_id, req_id, src, dst, committed=True, reason=""):
+    return MigrationDone(
+        migration_id=migration_id,
+        req_id=req_id,
+        src_instance_id=src,
+        dst_instance_id=dst,
+        committed=committed,
+        reason=reason,
+        num_stages=2,
+        num_blocks=4,
+        num_bytes=1024,
+        total_s=0.1,
+        downtime_s=0.01,
+    )
+
+
+def types_to(out, address):
+    return [type(msg) for a, msg in out if a == address]
+
+
+# ---- dispatch -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_load", "llumnix"])
+def test_dispatch_spreads_and_records_placements(policy):
+    core = make_core(dispatch_policy=policy)
+    for i in range(4):
+        register(core, f"w{i}")
+    chosen = [core.dispatch(request(f"r{n}")) for n in range(20)]
+    assert collections.Counter(chosen) == {f"w{i}": 5 for i in range(4)}
+    assert {r.req_id: r.instance_id for r in core.status(0.0).requests} == {
+        f"r{n}": c for n, c in enumerate(chosen)
+    }
+
+
+def test_dispatch_without_instances_is_503_and_with_full_queues_429():
+    core = make_core(max_queued_per_instance=2)
+    rejected = core.dispatch(request("r0"))
+    assert isinstance(rejected, DispatchRejected) and rejected.code == 503
+    register(core, "w0")
+    report(
+        core,
+        "w0",
+        seq=1,
+        now=0.1,
+        num_free_blocks=0,
+        num_running=5,
+        num_waiting=2,
+        head_demand_blocks=3,
+    )
+    rejected = core.dispatch(request("r1"))
+    assert isinstance(rejected, DispatchRejected) and rejected.code == 429
+    assert core.counters.num_rejected == 2
+
+
+def test_draining_and_dead_instances_get_no_dispatch():
+    core = make_core()
+    for i in range(3):
+        register(core, f"w{i}")
+    core.drain("w0")
+    core.expire(0.0)
+    core.table["w1"].last_heard_s = -100.0
+    core.expire(0.0)
+    assert {core.dispatch(request(f"r{n}")) for n in range(5)} == {"w2"}
+    assert [i.instance_id for i in core.instance_view().instances] == ["w2"]
+
+
+def test_undo_dispatch_forgets_the_request_and_answers_429():
+    core = make_core()
+    register(core, "w0")
+    placed = core.dispatch(request("r0"))
+    rejected = core.undo_dispatch(request("r0"), placed, "queue full")
+    assert rejected.code == 429
+    assert core.reqs == {} and core.table.load("w0") == empty_load(100)
+
+
+def test_a_new_gateway_gets_the_view_at_once():
+    core = make_core()
+    register(core, "w0")
+    [(address, view)] = core.see_gateway(GATEWAY)
+    assert address == GATEWAY and isinstance(view, InstanceView) and view.scheduler_epoch == "e1"
+    assert core.see_gateway(GATEWAY) == []
+    assert core.broadcast_view() == [(GATEWAY, view)]
+
+
+# ---- release --------------------------------------------------------------------------------
+
+
+def test_release_aborts_on_the_holder_unless_finished():
+    core = make_core()
+    register(core, "w0")
+    core.dispatch(request("r0"))
+    core.dispatch(request("r1"))
+    assert core.release(Release(req_id="r0", reason="finished")) == []
+    assert core.release(Release(req_id="r1", reason="abort")) == [
+        (addr("w0"), Abort(req_id="r1", reason="abort"))
+    ]
+    assert core.release(Release(req_id="never-seen", reason="abort")) == []
+    assert core.reqs == {}
+
+
+# ---- failures and re-registration -------------------------------------------------------
+
+
+def test_heartbeat_timeout_tells_gateways_and_drops_the_requests():
+    core = make_core(heartbeat_timeout_s=2.0)
+    register(core, "w0", now=0.0)
+    register(core, "w1", now=0.0)
+    core.see_gateway(GATEWAY)
+    core.see_gateway("tcp://gateway2:1")
+    placed = {req_id: core.dispatch(request(req_id)) for req_id in ("r0", "r1", "r2")}
+    report(core, "w1", seq=1, now=1.5)
+    assert core.expire(now=1.9) == []
+    out = core.expire(now=2.1)
+    assert sorted(out) == sorted(
+        [
+            (GATEWAY, InstanceDown(instance_id="w0")),
+            ("tcp://gateway2:1", InstanceDown(instance_id="w0")),
+        ]
+    )
+    assert {r.req_id for r in core.status(2.1).requests} == {
+        r for r, i in placed.items() if i == "w1"
+    }
+    assert core.expire(now=2.2) == []  # declared once
+    assert [i.alive for i in core.status(2.2).instances] == [False, True]
+
+
+def test_report_from_an_unknown_instance_asks_it_to_register_again():
+    core = make_core(heartbeat_timeout_s=2.0)
+    out = report(core, "w9", seq=100, now=0.0)
+    assert out == [(addr("w9"), ReRegister(scheduler_epoch="e1"))]
+    assert report(core, "w9", seq=101, now=0.5) == []  # not more often than timeout / 2
+    assert report(core, "w9", seq=102, now=1.1) == out
+    assert register(core, "w9", now=1.2, req_ids=("a", "b")) == []
+    assert {r.req_id: r.instance_id for r in core.status(1.2).requests} == {"a": "w9", "b": "w9"}
+    assert report(core, "w9", seq=103, now=1.3) == []
+
+
+def test_an_instance_declared_dead_that_comes_back_aborts_what_it_held():
+    core = make_core(heartbeat_timeout_s=1.0)
+    register(core, "w0", now=0.0)
+    core.dispatch(request("r0"))
+    core.expire(now=5.0)
+    assert report(core, "w0", seq=9, now=5.1) == [(addr("w0"), ReRegister(scheduler_epoch="e1"))]
+    out = register(core, "w0", now=5.2, req_ids=("r0",))
+    assert out == [(addr("w0"), Abort(req_id="r0", reason="instance was declared down"))]
+    assert core.reqs == {}
+    assert core.dispatch(request("r1")) == "w0"  # alive again
+
+
+def test_a_worker_that_restarted_empty_is_reported_down_first():
+    core = make_core()
+    core.see_gateway(GATEWAY)
+    register(core, "w0", now=0.0)
+    core.dispatch(request("r0"))
+    out = register(core, "w0", now=1.0)  # same id, holds nothing: it lost r0
+    assert out == [(GATEWAY, InstanceDown(instance_id="w0"))]
+    assert core.reqs == {}
+    assert core.table["w0"].alive
+
+
+# ---- migrations ---------------------------------------------------------------------------
+
+
+def overloaded_pair(core, now=0.0):
+    register(core, "hot", now=now)
+    register(core, "cold", now=now)
+    report(core, "hot", seq=1, now=now, num_free_blocks=2, num_running=10)  # F 0.2
+    report(core, "cold", seq=1, now=now, num_free_blocks=90, num_running=1)  # F 90
+
+
+def test_rebalance_issues_migrate_out_to_the_source_up_to_the_bound():
+    core = make_core(max_migrations_per_instance=2)
+    overloaded_pair(core)
+    first = core.rebalance(now=0.0)
+    [(address, msg)] = first
+    assert address == addr("hot")
+    assert isinstance(msg, MigrateOut) and msg.req_id is None
+    assert (msg.dst_instance_id, msg.dst_inbox_addr) == ("cold", addr("cold"))
+    assert len(core.rebalance(now=0.2)) == 1
+    assert core.rebalance(now=0.4) == []  # two in flight on each side: the bound
+    core.migration_done(
+        done(msg.migration_id, "x", "hot", "cold", committed=False, reason="dst out of memory")
+    )
+    assert len(core.rebalance(now=0.6)) == 1
+
+
+def test_least_load_never_migrates():
+    core = make_core(dispatch_policy="least_load")
+    overloaded_pair(core)
+    assert core.migration_hooks == [] and core.rebalance(now=0.0) == []
+
+
+def test_migration_can_be_disabled():
+    core = make_core(enable_migration=False)
+    overloaded_pair(core)
+    assert core.rebalance(now=0.0) == []
+
+
+def test_a_custom_hook_issues_migrations_through_the_same_checks():
+    core = make_core(enable_migration=False)
+    overloaded_pair(core)
+    core.migration_hooks.append(
+        lambda loads: [MigrationDecision("cold", "hot", "r7"), MigrationDecision("cold", "nowhere")]
+    )
+    [(address, msg)] = core.rebalance(now=0.0)
+    assert address == addr("cold") and msg.req_id == "r7" and msg.dst_instance_id == "hot"
+
+
+def test_committed_migration_moves_the_placement_and_tells_the_gateway():
+    core = make_core(dispatch_policy="round_robin")
+    register(core, "a")
+    register(core, "b")
+    assert core.dispatch(request("r0")) == "a"
+    migration_id, out = core.migrate_request("r0", "b", now=0.0)
+    assert out == [
+        (
+            addr("a"),
+            MigrateOut(
+                migration_id=migration_id,
+                dst_instance_id="b",
+                dst_inbox_addr=addr("b"),
+                req_id="r0",
+            ),
+        )
+    ]
+    out = core.migration_done(done(migration_id, "r0", "a", "b"))
+    assert out == [(GATEWAY, Placement(req_id="r0", instance_id="b"))]
+    status = core.status(0.0)
+    assert [(r.req_id, r.instance_id) for r in status.requests] == [("r0", "b")]
+    assert (status.num_migrations_committed, status.num_migrations_aborted) == (1, 0)
+    assert core.release(Release(req_id="r0", reason="abort")) == [
+        (addr("b"), Abort(req_id="r0", reason="abort"))
+    ]
+
+
+def test_aborted_migrations_are_counted_by_reason():
+    core = make_core()
+    register(core, "a")
+    register(core, "b")
+    core.dispatch(request("r0"))
+    for reason in ("dst out of memory", "dst out of memory", "request finished"):
+        migration_id, _ = core.migrate(MigrationDecision("a", "b"), now=0.0)
+        assert (
+            core.migration_done(done(migration_id, "r0", "a", "b", committed=False, reason=reason))
+            == []
+        )
+    status = core.status(0.0)
+    assert status.num_migrations_aborted == 3
+    assert status.abort_reasons == {"dst out of memory": 2, "request finished": 1}
+    assert core.migrations == {}
+
+
+def test_a_request_released_while_it_migrated_is_stopped_on_the_destination():
+    core = make_core(dispatch_policy="round_robin")
+    register(core, "a")
+    register(core, "b")
+    core.dispatch(request("r0"))
+    migration_id, _ = core.migrate_request("r0", "b", now=0.0)
+    core.release(Release(req_id="r0", reason="abort"))
+    assert core.migration_done(done(migration_id, "r0", "a", "b")) == [
+        (addr("b"), Abort(req_id="r0", reason="released"))
+    ]
+    assert core.reqs == {}
+
+
+def test_migrate_request_errors():
+    core = make_core(dispatch_policy="round_robin")
+    register(core, "a")
+    register(core, "b")
+    core.dispatch(request("r0"))
+    with pytest.raises(SchedulerError) as err:
+        core.migrate_request("nope", "b", now=0.0)
+    assert err.value.code == 404
+    with pytest.raises(SchedulerError) as err:
+        core.migrate_request("r0", "zzz", now=0.0)
+    assert err.value.code == 404
+    with pytest.raises(SchedulerError) as err:
+        core.migrate_request("r0", "a", now=0.0)
+    assert err.value.code == 409
+    core.drain("b")
+    with pytest.raises(SchedulerError, match="draining") as err:
+        core.migrate_request("r0", "b", now=0.0)
+    assert core.migrations == {}
+
+
+def test_a_migration_that_never_reports_is_counted_lost_and_frees_its_slot():
+    core = make_core(max_migrations_per_instance=1)
+    overloaded_pair(core)
+    assert len(core.rebalance(now=0.0)) == 1
+    assert core.rebalance(now=1.0) == []
+    for instance_id in ("hot", "cold"):  # keep both alive
+        report(
+            core,
+            instance_id,
+            seq=2,
+            now=MIGRATION_LOST_AFTER_S + 1,
+            num_free_blocks=2,
+            num_running=10,
+        )
+    core.expire(now=MIGRATION_LOST_AFTER_S + 1)
+    assert core.counters.abort_reasons == {"no MigrationDone": 1}
+
+
+def test_source_dying_aborts_its_migration():
+    core = make_core(heartbeat_timeout_s=1.0)
+    overloaded_pair(core)
+    core.rebalance(now=0.0)
+    report(core, "cold", seq=2, now=1.5, num_free_blocks=90, num_running=1)
+    core.expire(now=1.6)
+    assert core.counters.abort_reasons == {"source instance down": 1}
+    assert core.table["cold"].num_migrations_in == 0
+
+
+def test_drain_sends_set_draining_and_terminate_forgets():
+    core = make_core()
+    core.see_gateway(GATEWAY)
+    register(core, "w0")
+    register(core, "w1")
+    assert core.drain("w0") == [(addr("w0"), SetDraining(draining=True))]
+    assert core.table.load("w0").draining
+    assert core.terminate("w0", now=1.0) == []
+    assert "w0" not in core.table
+    core.dispatch(request("r0"))
+    assert core.terminate("w1", now=1.0) == [(GATEWAY, InstanceDown(instance_id="w1"))]
+
+
+def test_status_shows_estimated_loads_and_freeness():
+    core = make_core(high_priority_headroom_blocks=5)
+    register(core, "w0")
+    core.dispatch(request("r0", prompt_len=33, priority=Priority.HIGH))  # 3 blocks
+    [inst] = core.status(now=0.5).instances
+    assert inst.load.num_free_blocks == 97 and inst.load.num_running_high == 1
+    assert inst.freeness == pytest.approx(100 - 3 - 5)
+    assert inst.last_report_age_s == 0.5
+    assert core.status(0.5).requests[0].priority == Priority.HIGH
