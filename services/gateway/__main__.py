@@ -1,5 +1,5 @@
-import sys
+"""`python -m services.gateway [flags]`: the gateway process alone."""
 
-from services.gateway.main import main
+from services.gateway.entry import main
 
-sys.exit(main())
+main()

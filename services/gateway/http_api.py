@@ -24,7 +24,7 @@ from services.gateway import openai_protocol as oai
 from services.gateway.requests import Delta, Rejected
 
 if TYPE_CHECKING:
-    from services.gateway.gateway import Gateway
+    from services.gateway.main import Gateway
 
 log = structlog.get_logger()  # lazy: picks up common.logging.configure() made later
 

@@ -2,7 +2,7 @@
 rules that make **each output index reach the client exactly once, in order** (DESIGN §2,
 §7), whatever migrations, resends and replays happen on the way.
 
-No sockets and no event loop: the transport (gateway.py) feeds it messages and the clock,
+No sockets and no event loop: the transport (main.py) feeds it messages and the clock,
 and sends what it returns (Deltas to clients; Dispatch / Release to the cluster).
 
 Per request, output indices look like this:

@@ -29,8 +29,10 @@ class Routes:
         return was_bypass
 
     def check(self, now: float) -> bool:
-        """Enter bypass mode once the scheduler is silent for too long; True on the switch."""
-        if self.bypass or now - self.last_heard <= self.bypass_after_s:
+        """Enter bypass mode once the scheduler is silent for too long; True on the switch.
+        Never before a first view: without instances there is nothing to bypass to, and the
+        scheduler learns of this gateway only from its messages."""
+        if self.bypass or self.view is None or now - self.last_heard <= self.bypass_after_s:
             return False
         self.bypass = True
         return True

@@ -2,7 +2,9 @@
 loop, and a fake scheduler + fake workers speaking the real wire protocol.
 
     fake scheduler  PULL at config.scheduler_addr   Dispatch -> a worker, Placement and
-                                                    InstanceView -> gateway inbox
+                                                    InstanceView -> gateway inbox (like the
+                                                    real one, it learns a gateway from its
+                                                    first Dispatch: probes included)
     fake worker     PULL at its own inbox           Dispatch (bypass), Abort
                     PUSH to Dispatch.reply_addr     Tokens: output index i is script[i]
 """
@@ -23,7 +25,7 @@ import zmq.asyncio
 
 from common import wire
 from common.config import Endpoint, GatewayConfig
-from services.gateway.gateway import Gateway
+from services.gateway.main import Gateway
 from services.gateway.text import TextModel
 
 SCRIPT_TEXT = "the quick brown fox jumps over the lazy dog. hello world! "
@@ -138,7 +140,9 @@ class FakeCluster:
         self.workers = [FakeWorker(self, f"w{i}", port)
                         for i, port in enumerate(free_ports(num_workers))]
         self._push: dict[str, zmq.asyncio.Socket] = {}
-        self.dispatches: list[wire.Dispatch] = []
+        self.gateways: list[str] = []  # inboxes learned from Dispatch.reply_addr
+        self.dispatches: list[wire.Dispatch] = []  # requests (probes apart)
+        self.probes: list[wire.Dispatch] = []  # gateways announcing themselves
         self.releases: list[wire.Release] = []
         self.alive = True  # False: the scheduler neither answers nor sends views
         self.down: set[str] = set()  # instances declared dead
@@ -181,18 +185,27 @@ class FakeCluster:
     async def send_views(self) -> None:
         while True:
             if self.alive:
-                await self.push(self.config.inbox.advertise, self.view())
+                for addr in self.gateways:
+                    await self.push(addr, self.view())
             await asyncio.sleep(self.view_interval_s)
 
     async def serve(self) -> None:
         while True:
             msg = wire.decode(await self.recv_from_gateway.recv_multipart())
+            probe = isinstance(msg, wire.Dispatch | wire.Release) and "-probe-" in msg.req_id
+            if probe and isinstance(msg, wire.Dispatch):
+                self.probes.append(msg)
             if not self.alive:
                 continue
             if isinstance(msg, wire.Dispatch):
+                if msg.reply_addr not in self.gateways:
+                    self.gateways.append(msg.reply_addr)
+                    await self.push(msg.reply_addr, self.view())
+                if probe:
+                    continue
                 self.dispatches.append(msg)
                 await self.on_dispatch(msg)
-            elif isinstance(msg, wire.Release):
+            elif isinstance(msg, wire.Release) and not probe:
                 self.releases.append(msg)
                 for worker in self.workers:
                     worker.abort(msg.req_id)
@@ -212,8 +225,8 @@ class FakeCluster:
 
     async def instance_down(self, worker: FakeWorker) -> None:
         self.down.add(worker.instance_id)
-        await self.push(self.config.inbox.advertise,
-                        wire.InstanceDown(instance_id=worker.instance_id))
+        for addr in self.gateways:
+            await self.push(addr, wire.InstanceDown(instance_id=worker.instance_id))
 
     def release_reasons(self, req_id: str | None = None) -> list[str]:
         return [r.reason for r in self.releases if req_id is None or r.req_id == req_id]

@@ -419,12 +419,29 @@ def test_bypass_mode_when_the_scheduler_goes_silent(model_dir):
 
 def test_no_instances_in_bypass_is_503(model_dir):
     async def body():
-        async with running(model_dir, scheduler_alive=False, num_workers=0, bypass_after_s=0.1) as h, \
+        async with running(model_dir, num_workers=0, bypass_after_s=0.1) as h, \
                 AsyncClient(h.sdk_addr) as client:
             h.cluster.alive = False
             await wait_until(lambda: h.gateway.routes.bypass)
             with pytest.raises(Unavailable, match="no instance available"):
                 await client.generate("hi")
+
+    arun(body())
+
+
+def test_gateway_announces_itself_until_the_first_view(model_dir):
+    async def body():
+        async with running(model_dir, scheduler_alive=False) as h:
+            await wait_until(lambda: len(h.cluster.probes) >= 2, what="probes")
+            assert h.gateway.routes.view is None  # silent scheduler: still asking
+            h.cluster.alive = True
+            await wait_until(lambda: h.gateway.routes.view is not None, what="a view")
+            num_probes = len(h.cluster.probes)
+            await asyncio.sleep(0.7)
+            assert len(h.cluster.probes) == num_probes  # known now: no more probes
+            probe = h.cluster.probes[0]
+            assert probe.reply_addr == h.gateway.config.inbox.advertise
+            assert probe.sampling.max_tokens == 1 and h.cluster.dispatches == []
 
     arun(body())
 

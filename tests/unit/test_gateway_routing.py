@@ -13,13 +13,16 @@ def view(*ids: str, epoch: str = "e1") -> wire.InstanceView:
     )
 
 
-def test_starts_in_normal_mode_with_a_grace_period():
+def test_no_bypass_before_a_first_view():
     routes = Routes(bypass_after_s=3.0, now=100.0)
     assert not routes.bypass
     assert routes.health() == (False, "no instance view from the scheduler yet")
-    assert not routes.check(103.0)
-    assert routes.check(103.1)  # switch reported once
-    assert routes.bypass and not routes.check(110.0)
+    assert not routes.check(1000.0)  # nothing to bypass to: keep asking the scheduler
+    routes.on_view(view(), now=1000.0)
+    assert routes.health() == (True, "scheduler view with 0 instances")
+    assert not routes.check(1003.0)
+    assert routes.check(1003.1)  # switch reported once
+    assert routes.bypass and not routes.check(1010.0)
     assert not routes.health()[0]  # bypass with no instances known: not serving
 
 
