@@ -16,17 +16,17 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from common.logging import get_logger
 from services.gateway import openai_protocol as oai
 from services.gateway.requests import Delta, Rejected
 
 if TYPE_CHECKING:
     from services.gateway.main import Gateway
 
-log = structlog.get_logger()  # lazy: picks up common.logging.configure() made later
+log = get_logger()
 
 LONG_BODY_BYTES = 32_768  # larger bodies are parsed and tokenized in a thread, off the loop
 

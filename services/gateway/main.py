@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-import structlog
 import zmq
 
 from common import wire
 from common.codec import WireError
 from common.config import GatewayConfig
+from common.logging import get_logger
 from common.sampling import SamplingParams
 from common.zmq_util import Inbox, Outboxes, Overloaded, make_context
 from services.gateway.http_api import HttpApi
@@ -43,7 +43,7 @@ from services.gateway.sdk import SdkFrontend
 from services.gateway.text import TextModel
 
 T = TypeVar("T")
-log = structlog.get_logger()  # lazy: picks up common.logging.configure() made later
+log = get_logger()
 
 CLUSTER_MESSAGES = (
     wire.Tokens,

@@ -13,12 +13,12 @@ import hmac
 from typing import TYPE_CHECKING
 
 import msgpack
-import structlog
 import zmq
 import zmq.asyncio
 
 from common import wire
 from common.codec import WireError
+from common.logging import get_logger
 from common.zmq_util import DEFAULT_HWM, hard_frame_cap
 from services.gateway.recv import recv_batches
 from services.gateway.requests import Delta, Rejected
@@ -26,7 +26,7 @@ from services.gateway.requests import Delta, Rejected
 if TYPE_CHECKING:
     from services.gateway.main import Gateway
 
-log = structlog.get_logger()  # lazy: picks up common.logging.configure() made later
+log = get_logger()
 
 CLIENT_MESSAGES = (wire.GenerateRequest, wire.CancelRequest)
 PRIORITIES = frozenset(int(p) for p in wire.Priority)
