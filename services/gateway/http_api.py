@@ -1,0 +1,287 @@
+"""The OpenAI-compatible HTTP API (aiohttp, on the gateway's loop):
+
+    POST /v1/completions, /v1/chat/completions   stream (SSE, `data: [DONE]`) or not
+    GET  /v1/models, /health, /metrics
+
+Errors are OpenAI-shaped JSON, {"error": {"message", "type", "code"}}, with the HTTP
+status. A client that disconnects aborts its request (the handler is cancelled)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from common.logging import get_logger
+from services.gateway import openai_protocol as oai
+from services.gateway.requests import Delta, Rejected
+
+if TYPE_CHECKING:
+    from services.gateway.main import Gateway
+
+log = get_logger()
+
+LONG_BODY_BYTES = 32_768  # larger bodies are parsed and tokenized in a thread, off the loop
+
+
+class HttpSink:
+    """One HTTP request's output: at most `max_chunks` deltas wait for the handler; past
+    that a new delta merges into the last one, so a slow reader gets fewer, larger pieces
+    and the buffer stays bounded."""
+
+    __slots__ = ("max_chunks", "deltas", "error", "event", "alive")
+
+    def __init__(self, max_chunks: int) -> None:
+        self.max_chunks = max_chunks
+        self.deltas: deque[Delta] = deque()
+        self.error: oai.ApiError | None = None
+        self.event = asyncio.Event()
+        self.alive = True  # False once the handler has gone
+
+    def push(self, delta: Delta) -> bool:
+        if len(self.deltas) >= self.max_chunks:
+            last = self.deltas.pop()
+            delta = Delta(
+                last.req, last.first_index, last.token_ids + delta.token_ids,
+                last.text + delta.text, delta.finish_reason, delta.release,
+            )
+        self.deltas.append(delta)
+        self.event.set()
+        return self.alive
+
+    def fail(self, code: int, message: str) -> None:
+        self.error = oai.ApiError(code, message)
+        self.event.set()
+
+    async def next(self) -> list[Delta]:
+        """Every delta since the last call (waits for one); raises the request's error."""
+        while not self.deltas and self.error is None:
+            self.event.clear()
+            await self.event.wait()
+        if self.deltas:
+            out = list(self.deltas)
+            self.deltas.clear()
+            return out
+        raise self.error
+
+
+class HttpApi:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.config = gateway.config
+        self.api_keys = tuple(key.encode() for key in self.config.api_keys)
+        self.app = web.Application(
+            middlewares=[self.errors_as_json], client_max_size=self.config.max_frame_bytes
+        )
+        self.app.router.add_post("/v1/completions", self.completions)
+        self.app.router.add_post("/v1/chat/completions", self.chat_completions)
+        self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_get("/health", self.health)
+        self.app.router.add_get("/metrics", self.metrics)
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self.port = self.config.http_port  # the bound port once started (for port 0)
+
+    async def start(self) -> None:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.config.http_host, self.config.http_port)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    @web.middleware
+    async def errors_as_json(self, request: web.Request, handler) -> web.StreamResponse:
+        try:
+            if request.path.startswith("/v1/"):
+                self.check_auth(request)
+            return await handler(request)
+        except oai.ApiError as err:
+            return self.error_response(err.status, err.message)
+        except web.HTTPException as err:  # unknown route, wrong method, body too large
+            if err.status < 400:
+                raise
+            return self.error_response(err.status, err.reason)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("http_handler_failed", path=request.path)
+            return self.error_response(500, "internal error")
+
+    def error_response(self, status: int, message: str) -> web.Response:
+        self.gateway.metrics.error(status)
+        return web.json_response(oai.error_body(status, message), status=status)
+
+    def check_auth(self, request: web.Request) -> None:
+        if not self.api_keys:
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in self.api_keys):
+            raise oai.ApiError(401, "missing or invalid api key (Authorization: Bearer ...)")
+
+    # ---- routes -----------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        sub = await self.parse(request, functools.partial(
+            oai.parse_completion, text=self.gateway.text, model_name=self.config.model_name))
+        return await self.generate(request, sub, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        sub = await self.parse(request, functools.partial(
+            oai.parse_chat, text=self.gateway.text, model_name=self.config.model_name,
+            max_tokens_limit=self.config.max_tokens_limit))
+        return await self.generate(request, sub, chat=True)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "object": "list",
+            "data": [{
+                "id": self.config.model_name, "object": "model", "created": 0,
+                "owned_by": "ferry", "max_model_len": self.gateway.text.max_model_len,
+            }],
+        })
+
+    async def health(self, request: web.Request) -> web.Response:
+        ok, reason = self.gateway.health()
+        return web.json_response(
+            {"status": "ok" if ok else "unavailable", "reason": reason}, status=200 if ok else 503
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.gateway.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    # ---- generation -------------------------------------------------------------------
+
+    async def parse(self, request: web.Request, parse: Callable[[Any], oai.Submission]):
+        """The body as a Submission; a large one (tokenizing takes long) in a thread."""
+        raw = await request.read()  # 413 past client_max_size
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise oai.ApiError(400, f"the body is not valid JSON: {err}") from None
+        if len(raw) > LONG_BODY_BYTES:
+            try:
+                return await self.gateway.tokenize_off_loop(parse, body)
+            except Rejected as err:
+                raise oai.ApiError(err.code, err.message) from None
+        return parse(body)
+
+    async def generate(self, request: web.Request, sub: oai.Submission, *, chat: bool):
+        sink = HttpSink(self.config.max_queued_chunks)
+        try:
+            req = self.gateway.submit(
+                sub.prompt_token_ids, sub.sampling, priority=sub.priority,
+                timeout_s=sub.timeout_s, stream=sub.stream, sink=sink,
+            )
+        except Rejected as err:
+            raise oai.ApiError(err.code, err.message) from None
+        reply = Reply(req.req_id, int(req.arrival_s), self.config.model_name,
+                      len(sub.prompt_token_ids), chat=chat)
+        try:
+            if sub.stream:
+                return await self.stream(request, sink, reply, sub.include_usage)
+            return await self.collect(sink, reply)
+        finally:
+            sink.alive = False
+            if reply.finish_reason is None:  # client gone, cancelled, or failed mid-way
+                self.gateway.abort(req.req_id)
+
+    async def collect(self, sink: HttpSink, reply: Reply) -> web.Response:
+        texts = []
+        while reply.finish_reason is None:
+            try:
+                deltas = await sink.next()
+            except oai.ApiError:
+                reply.finish_reason = "error"
+                raise
+            for delta in deltas:
+                texts.append(delta.text)
+                reply.add(delta)
+        if reply.finish_reason == "timeout":
+            raise oai.ApiError(504, "request timed out")
+        return web.json_response(oai.completion_response(
+            reply.req_id, reply.created, reply.model, "".join(texts), reply.finish_reason,
+            reply.usage(), chat=reply.chat,
+        ))
+
+    async def stream(self, request: web.Request, sink: HttpSink, reply: Reply,
+                     include_usage: bool) -> web.StreamResponse:
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+            "X-Request-Id": reply.req_id,
+        })
+        await response.prepare(request)
+        if reply.chat:
+            await _send_event(response, reply.chunk("", None, role=True))
+        while reply.finish_reason is None:
+            try:
+                deltas = await sink.next()
+            except oai.ApiError as err:
+                reply.finish_reason = "error"
+                self.gateway.metrics.error(err.status)
+                await _send_event(response, oai.error_body(err.status, err.message))
+                break
+            text = "".join(d.text for d in deltas)
+            for delta in deltas:
+                reply.add(delta)
+            if reply.finish_reason == "timeout":
+                if text:
+                    await _send_event(response, reply.chunk(text, None))
+                self.gateway.metrics.error(504)
+                await _send_event(response, oai.error_body(504, "request timed out"))
+                break
+            if text or reply.finish_reason is not None:
+                await _send_event(response, reply.chunk(text, reply.finish_reason))
+        if include_usage and reply.finish_reason != "error":
+            await _send_event(response, oai.usage_chunk(
+                reply.req_id, reply.created, reply.model, reply.usage(), chat=reply.chat))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+class Reply:
+    """What one HTTP request has produced so far."""
+
+    __slots__ = ("req_id", "created", "model", "num_prompt_tokens", "chat", "num_output_tokens",
+                 "finish_reason")
+
+    def __init__(self, req_id: str, created: int, model: str, num_prompt_tokens: int, *,
+                 chat: bool) -> None:
+        self.req_id = req_id
+        self.created = created
+        self.model = model
+        self.num_prompt_tokens = num_prompt_tokens
+        self.chat = chat
+        self.num_output_tokens = 0
+        self.finish_reason: str | None = None
+
+    def add(self, delta: Delta) -> None:
+        self.num_output_tokens += len(delta.token_ids)
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+
+    def usage(self) -> dict[str, int]:
+        return oai.usage(self.num_prompt_tokens, self.num_output_tokens)
+
+    def chunk(self, text: str | None, finish_reason: str | None, *, role: bool = False):
+        if self.chat and not text and not role:
+            text = None  # a closing chat chunk carries an empty delta
+        return oai.stream_chunk(self.req_id, self.created, self.model, text, finish_reason,
+                                chat=self.chat, role=role)
+
+
+async def _send_event(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    await response.write(b"data: " + data + b"\n\n")

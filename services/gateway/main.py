@@ -1,0 +1,341 @@
+"""The gateway process loop (DESIGN §1, §2, §7): one asyncio program that
+
+    recv_from_cluster   PULL   Tokens, RequestError (workers); Placement, DispatchRejected,
+                               InstanceView, InstanceDown (scheduler)
+    send_to_cluster     PUSH   Dispatch, Release -> scheduler; Dispatch, Abort -> workers
+                               in bypass mode
+    sdk                 ROUTER ferry SDK clients (sdk.py)
+    http                       OpenAI-compatible API (http_api.py)
+
+Both front ends call `submit` / `abort`; the request table (requests.py) decides what
+reaches each client; each request's sink (one per front end) carries it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+import zmq
+
+from common import wire
+from common.codec import WireError
+from common.config import GatewayConfig
+from common.logging import get_logger
+from common.sampling import SamplingParams
+from common.zmq_util import Inbox, Outboxes, Overloaded, make_context
+from services.gateway.http_api import HttpApi
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.recv import MAX_BATCH, recv_batches
+from services.gateway.requests import (
+    RELEASE_FINISHED,
+    Delta,
+    GapOverflow,
+    Rejected,
+    Request,
+    RequestTable,
+    check_request,
+)
+from services.gateway.routing import Routes
+from services.gateway.sdk import SdkFrontend
+from services.gateway.text import TextModel
+
+T = TypeVar("T")
+log = get_logger()
+
+CLUSTER_MESSAGES = (
+    wire.Tokens,
+    wire.RequestError,
+    wire.Placement,
+    wire.DispatchRejected,
+    wire.InstanceView,
+    wire.InstanceDown,
+)
+SWEEP_INTERVAL_S = 0.05  # timeouts and the bypass check run this often
+PROBE_INTERVAL_S = 0.5  # announce this gateway to the scheduler this often until a view comes
+
+
+class Sink(Protocol):
+    """Where one request's output goes (SdkSink, HttpSink)."""
+
+    def push(self, delta: Delta) -> bool:
+        """Hand over a delta; False when the client is gone (the gateway aborts)."""
+        ...
+
+    def fail(self, code: int, message: str) -> None:
+        """End the request with an error (HTTP-like code)."""
+        ...
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, text: TextModel) -> None:
+        ctx = make_context()
+        self.config = config
+        self.text = text
+        self.metrics = GatewayMetrics()
+        self.table = RequestTable(
+            text, gateway_id=config.gateway_id, reply_addr=config.inbox.advertise
+        )
+        self.routes = Routes(bypass_after_s=config.bypass_after_s, now=time.monotonic())
+        self.recv_from_cluster = Inbox(
+            ctx, config.inbox.bind, expected=CLUSTER_MESSAGES,
+            max_frame_bytes=config.max_frame_bytes,
+        )
+        # A synchronous view of the context: a non-blocking send on a sync socket raises
+        # zmq.Again (-> Overloaded) at once; on a zmq.asyncio socket it would not.
+        self.send_to_cluster = Outboxes(zmq.Context.shadow(ctx.underlying))
+        self.cluster_backlogged = False  # the inbox had more queued than one batch takes
+        self.num_tokenizing = 0  # long prompts being tokenized in threads (not yet submitted)
+        self.num_probes = 0  # announce() calls so far
+        self.sdk = SdkFrontend(self, ctx)
+        self.http = HttpApi(self)
+        self.cluster_handlers = {
+            wire.Tokens: self.handle_tokens,
+            wire.RequestError: self.handle_request_error,
+            wire.Placement: self.handle_placement,
+            wire.DispatchRejected: self.handle_dispatch_rejected,
+            wire.InstanceView: self.handle_instance_view,
+            wire.InstanceDown: self.handle_instance_down,
+        }
+
+    async def run(self) -> None:
+        """Serve until cancelled."""
+        try:
+            await self.http.start()
+            log.info(
+                "gateway_ready", http=f"http://{self.config.http_host}:{self.http.port}",
+                sdk=self.config.sdk.advertise, inbox=self.config.inbox.advertise,
+                scheduler=self.config.scheduler_addr,
+            )
+            await asyncio.gather(self.serve_cluster(), self.sdk.serve(), self.sweep())
+        finally:
+            await self.http.stop()
+            self.close()
+
+    def close(self) -> None:
+        self.sdk.close()
+        self.recv_from_cluster.close()
+        self.send_to_cluster.close()
+
+    async def serve_cluster(self) -> None:
+        inbox, handlers = self.recv_from_cluster, self.cluster_handlers
+        async for batch in recv_batches(inbox.socket, MAX_BATCH):
+            # A full batch means more is queued: scheduler messages may be waiting behind
+            # tokens, so its silence proves nothing (see sweep).
+            self.cluster_backlogged = len(batch) == MAX_BATCH
+            for frames in batch:
+                try:
+                    msg = wire.decode(frames, CLUSTER_MESSAGES, inbox.max_frame_bytes)
+                except WireError as err:  # logged and counted like Inbox.recv does
+                    inbox.num_rejected += 1
+                    log.warning("rejected_message", code=err.code, error=err.message)
+                    continue
+                try:
+                    handlers[type(msg)](msg)
+                except Exception:
+                    log.exception("cluster_handler_failed", message=type(msg).__name__)
+
+    async def sweep(self) -> None:
+        last_probe = -PROBE_INTERVAL_S
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            now = time.monotonic()
+            for req in self.table.expired(now):
+                self.deliver(self.table.finish(req.req_id, "timeout"))
+            if self.routes.view is None and now - last_probe >= PROBE_INTERVAL_S:
+                last_probe = now
+                self.announce()
+            if not self.cluster_backlogged and self.routes.check(now):
+                self.metrics.bypass.set(1)
+                log.warning(
+                    "bypass_mode_on", silent_s=round(now - self.routes.last_heard, 3),
+                    num_instances=self.routes.num_instances,
+                )
+
+    def announce(self) -> None:
+        """Make the scheduler learn this gateway's inbox, so that it sends instance views
+        before the first request. The scheduler learns gateways only from Dispatch.reply_addr
+        today, so this is a one-token probe Dispatch, released at once (to be replaced by
+        a hello message in common/wire)."""
+        self.num_probes += 1
+        probe_id = f"{self.config.gateway_id}-probe-{self.num_probes}"
+        try:
+            self.send_to_cluster.send(self.config.scheduler_addr, wire.Dispatch(
+                req_id=probe_id, prompt_token_ids=(0,), output_token_ids=(),
+                sampling=SamplingParams(max_tokens=1, seed=0), priority=int(wire.Priority.NORMAL),
+                reply_addr=self.config.inbox.advertise, arrival_s=time.time(),
+            ))
+            self.send_to_cluster.send(self.config.scheduler_addr,
+                                      wire.Release(req_id=probe_id, reason="abort"))
+        except Overloaded:
+            pass  # the scheduler is not reading: the next probe tries again
+
+    # ---- front ends -------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt_token_ids: tuple[int, ...],
+        sampling: SamplingParams,
+        *,
+        priority: int,
+        timeout_s: float | None,
+        stream: bool,
+        sink: Sink,
+    ) -> Request:
+        """Admit and dispatch a request; raises Rejected (400, 429, 503). `stream`: the
+        client wants text with every delta, not only at the end."""
+        self.check_capacity()
+        if timeout_s is not None and not timeout_s > 0:
+            raise Rejected(400, f"timeout_s must be > 0, got {timeout_s}")
+        check_request(
+            prompt_token_ids, sampling, max_model_len=self.text.max_model_len,
+            vocab_size=self.text.vocab_size, max_tokens_limit=self.config.max_tokens_limit,
+        )
+        req = self.table.add(
+            prompt_token_ids=prompt_token_ids, sampling=sampling, priority=priority,
+            timeout_s=timeout_s or self.config.default_timeout_s, sink=sink,
+            now=time.monotonic(), arrival_s=time.time(), stream=stream,
+        )
+        try:
+            self.dispatch(req)
+        except Rejected:
+            self.table.remove(req.req_id)
+            raise
+        self.metrics.inflight.inc()
+        self.metrics.prompt_tokens.inc(len(prompt_token_ids))
+        return req
+
+    async def tokenize_off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a long tokenization in a thread; it counts against max_inflight meanwhile."""
+        self.check_capacity()
+        self.num_tokenizing += 1
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            self.num_tokenizing -= 1
+
+    def check_capacity(self) -> None:
+        if len(self.table) + self.num_tokenizing >= self.config.max_inflight:
+            raise Rejected(429, f"overloaded: {self.config.max_inflight} requests in flight")
+
+    def abort(self, req_id: str) -> None:
+        """The client gave up (cancel, disconnect): finish with "abort" and free the worker."""
+        delta = self.table.finish(req_id, "abort")
+        if delta is not None:
+            self.deliver(delta)
+
+    def health(self) -> tuple[bool, str]:
+        return self.routes.health()
+
+    # ---- cluster messages -------------------------------------------------------------
+
+    def handle_tokens(self, msg: wire.Tokens) -> None:
+        try:
+            delta = self.table.on_tokens(msg)
+        except GapOverflow as err:
+            self.fail(self.table.get(err.req_id), 500, str(err))
+            return
+        if delta is not None:
+            self.deliver(delta)
+
+    def handle_request_error(self, msg: wire.RequestError) -> None:
+        req = self.table.get(msg.req_id)
+        if req is not None:
+            self.fail(req, msg.code, f"{msg.instance_id}: {msg.message}")
+
+    def handle_placement(self, msg: wire.Placement) -> None:
+        self.routes.heard(time.monotonic())
+        self.table.on_placement(msg)
+
+    def handle_dispatch_rejected(self, msg: wire.DispatchRejected) -> None:
+        self.routes.heard(time.monotonic())
+        req = self.table.get(msg.req_id)
+        if req is not None:
+            self.fail(req, msg.code, msg.message, release=False)
+
+    def handle_instance_view(self, msg: wire.InstanceView) -> None:
+        previous = self.routes.view
+        if previous is not None and previous.scheduler_epoch != msg.scheduler_epoch:
+            log.info("scheduler_restarted", scheduler_epoch=msg.scheduler_epoch)
+        if self.routes.on_view(msg, time.monotonic()):
+            self.metrics.bypass.set(0)
+            log.warning("bypass_mode_off", scheduler_epoch=msg.scheduler_epoch)
+
+    def handle_instance_down(self, msg: wire.InstanceDown) -> None:
+        self.routes.heard(time.monotonic())
+        reqs = self.table.take_from(msg.instance_id)
+        log.warning("instance_down", instance_id=msg.instance_id, num_replayed=len(reqs))
+        for req in reqs:
+            self.metrics.replays.inc()
+            try:
+                self.dispatch(req)
+            except Rejected as err:
+                self.fail(req, err.code, f"replay after {msg.instance_id} died: {err.message}")
+
+    # ---- outputs ----------------------------------------------------------------------
+
+    def dispatch(self, req: Request) -> None:
+        """Send req's Dispatch to the scheduler, or to a worker in bypass mode."""
+        msg = self.table.dispatch(req)
+        try:
+            if not self.routes.bypass:
+                self.send_to_cluster.send(self.config.scheduler_addr, msg)
+                return
+            worker = self.routes.next_worker()
+            if worker is None:
+                raise Rejected(503, "no instance available: scheduler silent, none known")
+            self.send_to_cluster.send(worker.inbox_addr, msg)
+            req.instance_id, req.direct_addr = worker.instance_id, worker.inbox_addr
+        except Overloaded as err:
+            raise Rejected(429, f"overloaded: {err}") from None
+
+    def release(self, req: Request, reason: str) -> None:
+        """Tell the cluster the gateway is done with req (the worker aborts unless it
+        finished by itself)."""
+        try:
+            if req.direct_addr is None and not self.routes.bypass:
+                self.send_to_cluster.send(
+                    self.config.scheduler_addr, wire.Release(req_id=req.req_id, reason=reason)
+                )
+                return
+            addr = req.direct_addr or self.routes.addr_of(req.instance_id)
+            if addr is not None and reason != RELEASE_FINISHED:
+                self.send_to_cluster.send(addr, wire.Abort(req_id=req.req_id, reason=reason))
+        except Overloaded as err:
+            log.warning("release_dropped", req_id=req.req_id, reason=reason, error=str(err))
+
+    def deliver(self, delta: Delta) -> None:
+        req = delta.req
+        if delta.token_ids:
+            now = time.monotonic()
+            num_tokens = len(delta.token_ids)
+            if req.first_token_time == 0.0:
+                req.first_token_time = now
+                self.metrics.ttft.observe(now - req.start_time)
+            else:
+                self.metrics.inter_token.observe((now - req.last_token_time) / num_tokens)
+            req.last_token_time = now
+            self.metrics.output_tokens.inc(num_tokens)
+        client_alive = req.sink.push(delta)
+        if delta.finish_reason is not None:
+            self.release(req, delta.release)
+            self.metrics.inflight.dec()
+            self.metrics.outcome(delta.finish_reason).inc()
+            self.metrics.e2e.observe(time.monotonic() - req.start_time)
+            log.debug("request_finished", req_id=req.req_id, finish_reason=delta.finish_reason,
+                      num_output_tokens=req.num_delivered)
+        elif not client_alive:
+            log.info("client_gone", req_id=req.req_id)
+            self.abort(req.req_id)
+
+    def fail(self, req: Request | None, code: int, message: str, *, release: bool = True) -> None:
+        if req is None or self.table.remove(req.req_id) is None:
+            return
+        log.info("request_failed", req_id=req.req_id, code=code, error=message)
+        if release:
+            self.release(req, "error")
+        self.metrics.inflight.dec()
+        self.metrics.outcome("error").inc()
+        req.sink.fail(code, message)

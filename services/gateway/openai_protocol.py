@@ -1,0 +1,258 @@
+"""OpenAI-compatible request parsing and response shapes, pure (no server): JSON bodies of
+/v1/completions and /v1/chat/completions in, a Submission out; deltas in, JSON out.
+
+Extra fields beyond OpenAI's: top_k, ignore_eos, priority ("normal" | "high"),
+timeout_s (per-request deadline, seconds)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from common import wire
+from common.sampling import SamplingParams
+from services.gateway.text import TextModel
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+# Fields Ferry does not implement: refused unless absent or at their neutral value, so a
+# client never gets silently different behaviour.
+_UNSUPPORTED = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "tools": (None, []),
+    "functions": (None, []),
+}
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "code": status}}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Submission:
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    priority: int  # wire.Priority value
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a final usage chunk
+    timeout_s: float | None  # None: the gateway's default
+
+
+def parse_completion(body: Any, text: TextModel, *, model_name: str) -> Submission:
+    body = _object(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        prompt_token_ids = tuple(text.encode(prompt))
+    elif isinstance(prompt, list) and all(_is_int(t) for t in prompt):
+        prompt_token_ids = tuple(prompt)
+    elif isinstance(prompt, list):
+        raise ApiError(400, "prompt must be a string or a list of token ids (one prompt per request)")
+    else:
+        raise ApiError(400, "prompt is required: a string or a list of token ids")
+    max_tokens = _field(body, "max_tokens", int, DEFAULT_COMPLETION_MAX_TOKENS)
+    return _submission(body, prompt_token_ids, max_tokens, model_name=model_name)
+
+
+def parse_chat(body: Any, text: TextModel, *, model_name: str, max_tokens_limit: int) -> Submission:
+    body = _object(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list")
+    plain = [_message(m, i) for i, m in enumerate(messages)]
+    try:
+        prompt_text = text.apply_chat_template(plain)
+    except ValueError as err:
+        raise ApiError(400, str(err)) from None
+    # The template writes the special tokens (BOS...) itself.
+    prompt_token_ids = tuple(text.encode(prompt_text, add_special_tokens=False))
+    max_tokens = _field(body, "max_completion_tokens", int, None)
+    if max_tokens is None:
+        max_tokens = _field(body, "max_tokens", int, None)
+    if max_tokens is None:  # the rest of the context window
+        max_tokens = max(1, min(max_tokens_limit, text.max_model_len - len(prompt_token_ids)))
+    return _submission(body, prompt_token_ids, max_tokens, model_name=model_name)
+
+
+def _submission(
+    body: dict[str, Any], prompt_token_ids: tuple[int, ...], max_tokens: int, *, model_name: str
+) -> Submission:
+    model = _field(body, "model", str, None)
+    if model is not None and model != model_name:
+        raise ApiError(404, f"the model `{model}` does not exist; this server serves `{model_name}`")
+    for name, neutral in _UNSUPPORTED.items():
+        if name in body and body[name] not in neutral:
+            raise ApiError(400, f"{name} is not supported")
+    if _field(body, "n", int, 1) != 1:
+        raise ApiError(400, "only n=1 is supported")
+    stop = body.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stop = tuple(stop)
+    else:
+        raise ApiError(400, "stop must be a string or a list of strings")
+    top_k = _field(body, "top_k", int, 0)
+    priority_name = _field(body, "priority", str, "normal")
+    try:
+        priority = int(wire.Priority.parse(priority_name))
+    except ValueError as err:
+        raise ApiError(400, str(err)) from None
+    stream_options = body.get("stream_options")
+    if stream_options is None:
+        stream_options = {}
+    elif not isinstance(stream_options, dict):
+        raise ApiError(400, "stream_options must be an object")
+    timeout_s = _field(body, "timeout_s", float, None)
+    sampling = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_field(body, "temperature", float, 1.0),
+        top_p=_field(body, "top_p", float, 1.0),
+        top_k=0 if top_k == -1 else top_k,  # -1 means off in vLLM's API
+        seed=_field(body, "seed", int, None),
+        ignore_eos=_field(body, "ignore_eos", bool, False),
+        stop=stop,
+    )
+    return Submission(
+        prompt_token_ids=prompt_token_ids,
+        sampling=sampling,
+        priority=priority,
+        stream=_field(body, "stream", bool, False),
+        include_usage=_field(stream_options, "include_usage", bool, False),
+        timeout_s=timeout_s,
+    )
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    """body[name] checked against kind (JSON null counts as absent); bool is not an int,
+    and an int is a fine float."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if kind is float and type(value) in (int, float):
+        return float(value)
+    if type(value) is not kind:
+        names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
+        raise ApiError(400, f"{name} must be {names[kind]}, got {type(value).__name__}")
+    return value
+
+
+def _message(message: Any, index: int) -> dict[str, str]:
+    """One chat message as {"role", "content": str}; content parts of type "text" join."""
+    if not isinstance(message, dict):
+        raise ApiError(400, f"messages[{index}] must be an object")
+    role, content = message.get("role"), message.get("content")
+    if not isinstance(role, str):
+        raise ApiError(400, f"messages[{index}].role must be a string")
+    if content is None:
+        content = ""
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise ApiError(400, f"messages[{index}].content: only text parts are supported")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts")
+    return {"role": role, "content": content}
+
+
+# ---- responses --------------------------------------------------------------------------
+
+
+def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_output_tokens,
+        "total_tokens": num_prompt_tokens + num_output_tokens,
+    }
+
+
+def completion_response(
+    req_id: str, created: int, model: str, text: str, finish_reason: str, usage_: dict[str, int],
+    *, chat: bool,
+) -> dict[str, Any]:
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+    else:
+        choice = {"index": 0, "text": text}
+    choice |= {"logprobs": None, "finish_reason": finish_reason}
+    return {
+        "id": req_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": usage_,
+    }
+
+
+def stream_chunk(
+    req_id: str, created: int, model: str, text: str | None, finish_reason: str | None,
+    *, chat: bool, role: bool = False,
+) -> dict[str, Any]:
+    """One SSE chunk; `text` None means no content field (chat), `role` the chat opener."""
+    if chat:
+        delta: dict[str, str] = {"role": "assistant"} if role else {}
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta}
+    else:
+        choice = {"index": 0, "text": text or ""}
+    choice |= {"logprobs": None, "finish_reason": finish_reason}
+    return {
+        "id": req_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def usage_chunk(req_id: str, created: int, model: str, usage_: dict[str, int], *, chat: bool):
+    return {
+        "id": req_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage_,
+    }

@@ -1,0 +1,343 @@
+"""The OpenAI-compatible HTTP API against a real gateway (in-process) and a fake cluster:
+aiohttp and the official openai client, SSE, errors, 429, disconnect -> abort, timeouts,
+auth, /health, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import openai
+import pytest
+import uvloop
+
+from tests.e2e.test_gateway_harness import running, wait_until
+from tests.unit.test_gateway_text import make_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("model"))
+
+
+def arun(coro):
+    return uvloop.run(asyncio.wait_for(coro, timeout=30))
+
+
+def expected(h, n: int) -> list[int]:
+    script = h.cluster.script
+    return [script[i % len(script)] for i in range(n)]
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> list:
+    """The `data:` payloads of an SSE body, JSON-decoded; "[DONE]" as the string."""
+    events = []
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+async def post(session, h, path, body, **kwargs):
+    async with session.post(h.base_url + path, json=body, **kwargs) as resp:
+        return resp.status, await resp.json()
+
+
+# ---- completions --------------------------------------------------------------------------
+
+
+def test_completion_non_stream(model_dir):
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            status, data = await post(session, h, "/v1/completions",
+                                      {"model": "tiny", "prompt": "hello", "max_tokens": 6})
+            assert status == 200
+            assert data["id"] == h.cluster.dispatches[0].req_id
+            assert data["object"] == "text_completion" and data["model"] == "tiny"
+            choice = data["choices"][0]
+            assert choice["text"] == h.gateway.text.decode(expected(h, 6))
+            assert choice["finish_reason"] == "length"
+            prompt_len = len(h.gateway.text.encode("hello"))
+            assert data["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 6,
+                                     "total_tokens": prompt_len + 6}
+            await wait_until(lambda: h.cluster.release_reasons() == ["finished"])
+
+    arun(body())
+
+
+def test_completion_stream_sse(model_dir):
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            req = {"prompt": [3, 4, 5], "max_tokens": 9, "stream": True,
+                   "stream_options": {"include_usage": True}, "stop": "lazy"}
+            async with session.post(h.base_url + "/v1/completions", json=req) as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Type"].startswith("text/event-stream")
+                events = await sse_events(resp)
+            assert events[-1] == "[DONE]"
+            usage = events[-2]
+            assert usage["choices"] == [] and usage["usage"]["prompt_tokens"] == 3
+            chunks = events[:-2]
+            assert {c["id"] for c in chunks} == {usage["id"]}
+            full = h.gateway.text.decode(expected(h, 9))
+            assert "lazy" in full
+            assert "".join(c["choices"][0]["text"] for c in chunks) == full.split("lazy")[0]
+            assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "stop"
+            assert usage["usage"]["completion_tokens"] == len(h.gateway.text.encode(
+                full[: full.index("lazy") + 4], add_special_tokens=False))
+            await wait_until(lambda: h.cluster.release_reasons() == ["stop"])
+
+    arun(body())
+
+
+def test_chat_stream_and_non_stream(model_dir):
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            messages = [{"role": "user", "content": "hi"}]
+            status, data = await post(session, h, "/v1/chat/completions",
+                                      {"messages": messages, "max_completion_tokens": 5})
+            assert status == 200 and data["object"] == "chat.completion"
+            assert data["choices"][0]["message"] == {
+                "role": "assistant", "content": h.gateway.text.decode(expected(h, 5))}
+            prompt = h.gateway.text.apply_chat_template(messages)
+            assert h.cluster.dispatches[0].prompt_token_ids == tuple(
+                h.gateway.text.encode(prompt, add_special_tokens=False))
+            async with session.post(h.base_url + "/v1/chat/completions", json={
+                    "messages": messages, "max_tokens": 5, "stream": True}) as resp:
+                events = await sse_events(resp)
+            assert events[-1] == "[DONE]"
+            deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+            assert deltas[0] == {"role": "assistant", "content": ""}
+            assert "".join(d.get("content", "") for d in deltas) == \
+                h.gateway.text.decode(expected(h, 5))
+            assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+    arun(body())
+
+
+def test_official_openai_client(model_dir):
+    async def body():
+        async with running(model_dir) as h:
+            client = openai.AsyncOpenAI(base_url=h.base_url + "/v1", api_key="unused",
+                                        max_retries=0)
+            text = h.gateway.text.decode(expected(h, 8))
+            out = await client.completions.create(model="tiny", prompt="hello", max_tokens=8,
+                                                  seed=3, extra_body={"top_k": 5})
+            assert out.choices[0].text == text and out.usage.completion_tokens == 8
+            assert out.id == h.cluster.dispatches[-1].req_id
+            assert h.cluster.dispatches[-1].sampling.top_k == 5
+            stream = await client.completions.create(model="tiny", prompt="hello", max_tokens=8,
+                                                     stream=True)
+            assert "".join([c.choices[0].text async for c in stream]) == text
+            chat = await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                extra_body={"ignore_eos": True, "priority": "high"})
+            assert chat.choices[0].message.content == text
+            assert h.cluster.dispatches[-1].priority == 1
+            assert h.cluster.dispatches[-1].sampling.ignore_eos
+            stream = await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                stream=True)
+            parts = [c.choices[0].delta.content or "" async for c in stream]
+            assert "".join(parts) == text
+            models = await client.models.list()
+            assert [m.id for m in models.data] == ["tiny"]
+            with pytest.raises(openai.NotFoundError):
+                await client.completions.create(model="other", prompt="x", max_tokens=2)
+            with pytest.raises(openai.BadRequestError, match="maximum context length"):
+                await client.completions.create(model="tiny", prompt=[1] * 250, max_tokens=10)
+            await client.close()
+
+    arun(body())
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/completions", b"\xff\xfe", 400, "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", 400, "JSON object"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens must be an integer >= 1"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**12}, 400, "max_tokens must be at most 100"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens must be an integer"),
+    ("/v1/completions", {"prompt": "x", "temperature": [1]}, 400, "temperature must be a number"),
+    ("/v1/completions", {"prompt": "x" * 600, "max_tokens": 5}, 400, "maximum context length is 256"),
+    ("/v1/completions", {"prompt": [1] * 250, "max_tokens": 10}, 400, "the prompt has 250 tokens"),
+    ("/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt token ids must be in"),
+    ("/v1/completions", {"prompt": []}, 400, "the prompt is empty"),
+    ("/v1/completions", {"prompt": "x", "n": 3}, 400, "only n=1"),
+    ("/v1/completions", {"prompt": "x", "model": "llama"}, 404, "does not exist"),
+    ("/v1/completions", {"prompt": "x", "timeout_s": -1}, 400, "timeout_s must be > 0"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages must be a non-empty list"),
+    ("/v1/completions", b'{"prompt": "' + b"x" * 5000 + b'"}', 413, "Too Large"),
+    ("/v1/nowhere", {}, 404, "Not Found"),
+]
+
+
+def test_bad_requests_get_openai_errors_and_the_gateway_keeps_serving(model_dir):
+    async def body():
+        async with running(model_dir, max_frame_bytes=4096, max_tokens_limit=100) as h, \
+                aiohttp.ClientSession() as session:
+            for path, payload, status, match in BAD_REQUESTS:
+                kwargs = {"data": payload} if isinstance(payload, bytes) else {"json": payload}
+                async with session.post(h.base_url + path, **kwargs) as resp:
+                    data = await resp.json()
+                assert resp.status == status, (path, payload, data)
+                error = data["error"]
+                assert match in error["message"] and error["code"] == status
+                assert isinstance(error["type"], str)
+                ok, good = await post(session, h, "/v1/completions",
+                                      {"prompt": "hi", "max_tokens": 2})
+                assert ok == 200 and good["choices"][0]["finish_reason"] == "length"
+            async with session.get(h.base_url + "/v1/completions") as resp:
+                assert resp.status == 405 and "error" in await resp.json()
+            await h.wait_idle()
+
+    arun(body())
+
+
+def test_inflight_bound_is_429(model_dir):
+    async def body():
+        async with running(model_dir, max_inflight=1) as h, aiohttp.ClientSession() as session:
+            h.worker.behaviour.hold = True
+            first = asyncio.ensure_future(post(session, h, "/v1/completions", {"prompt": "x"}))
+            await wait_until(lambda: len(h.gateway.table) == 1)
+            status, data = await post(session, h, "/v1/completions", {"prompt": "x"})
+            assert status == 429 and data["error"]["type"] == "rate_limit_error"
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            await h.wait_idle()
+
+    arun(body())
+
+
+def test_scheduler_rejection_is_503(model_dir):
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            h.cluster.reject_code = 503
+            status, data = await post(session, h, "/v1/completions", {"prompt": "x"})
+            assert status == 503 and "no instance can take it" in data["error"]["message"]
+
+    arun(body())
+
+
+# ---- disconnects and timeouts -------------------------------------------------------------
+
+
+def test_client_disconnect_aborts_non_stream(model_dir):
+    async def body():
+        async with running(model_dir) as h:
+            h.worker.behaviour.hold = True
+            timeout = aiohttp.ClientTimeout(total=0.3)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                with pytest.raises(asyncio.TimeoutError):
+                    await post(session, h, "/v1/completions", {"prompt": "x"})
+            await wait_until(lambda: h.cluster.release_reasons() == ["abort"])
+            await h.wait_idle()
+
+    arun(body())
+
+
+def test_client_disconnect_aborts_stream(model_dir):
+    async def body():
+        async with running(model_dir) as h:
+            h.worker.behaviour.token_delay_s = 0.02
+            async with aiohttp.ClientSession() as session:
+                resp = await session.post(h.base_url + "/v1/completions",
+                                          json={"prompt": "x", "max_tokens": 200, "stream": True})
+                assert (await resp.content.readline()).startswith(b"data: ")
+                resp.close()  # drop the connection mid-stream
+            await wait_until(lambda: h.cluster.release_reasons() == ["abort"])
+            await h.wait_idle()
+
+    arun(body())
+
+
+def test_timeouts(model_dir):
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            h.worker.behaviour.hold = True
+            status, data = await post(session, h, "/v1/completions",
+                                      {"prompt": "x", "timeout_s": 0.2})
+            assert status == 504 and data["error"]["type"] == "timeout"
+            await wait_until(lambda: h.cluster.release_reasons() == ["timeout"])
+            h.worker.behaviour.hold = False
+            h.worker.behaviour.token_delay_s = 0.05
+            async with session.post(h.base_url + "/v1/completions", json={
+                    "prompt": "x", "max_tokens": 100, "stream": True, "timeout_s": 0.3}) as resp:
+                events = await sse_events(resp)
+            assert events[-1] == "[DONE]"
+            assert events[-2]["error"]["code"] == 504
+            assert any(e["choices"][0]["text"] for e in events[:-2])
+
+    arun(body())
+
+
+# ---- auth, health, metrics ----------------------------------------------------------------
+
+
+def test_api_keys(model_dir):
+    async def body():
+        async with running(model_dir, api_keys=("secret",)) as h, aiohttp.ClientSession() as session:
+            req = {"prompt": "x", "max_tokens": 2}
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "secret"}):
+                status, data = await post(session, h, "/v1/completions", req, headers=headers)
+                assert status == 401 and data["error"]["type"] == "authentication_error"
+            status, _ = await post(session, h, "/v1/completions", req,
+                                   headers={"Authorization": "Bearer secret"})
+            assert status == 200
+            async with session.get(h.base_url + "/health") as resp:
+                assert resp.status == 200  # probes need no key
+            client = openai.AsyncOpenAI(base_url=h.base_url + "/v1", api_key="secret")
+            assert (await client.completions.create(model="tiny", prompt="x", max_tokens=2)).id
+            await client.close()
+
+    arun(body())
+
+
+def test_health_follows_the_scheduler_view_and_bypass(model_dir):
+    async def body():
+        async with running(model_dir, scheduler_alive=False, bypass_after_s=0.2) as h, \
+                aiohttp.ClientSession() as session:
+            async with session.get(h.base_url + "/health") as resp:
+                assert resp.status == 503
+                assert "no instance view" in (await resp.json())["reason"]
+            h.cluster.alive = True
+            await wait_until(lambda: h.gateway.routes.view is not None)
+            async with session.get(h.base_url + "/health") as resp:
+                assert resp.status == 200 and (await resp.json())["status"] == "ok"
+            h.cluster.alive = False
+            await wait_until(lambda: h.gateway.routes.bypass)
+            async with session.get(h.base_url + "/health") as resp:
+                assert resp.status == 200 and "bypass" in (await resp.json())["reason"]
+
+    arun(body())
+
+
+def test_metrics(model_dir):
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            h.worker.behaviour.chunk_size = 1
+            for _ in range(3):
+                await post(session, h, "/v1/completions", {"prompt": [1, 2], "max_tokens": 4})
+            await post(session, h, "/v1/completions", {"prompt": "x", "n": 2})
+            async with session.get(h.base_url + "/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
+            samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                       for line in text.splitlines() if line and not line.startswith("#")}
+            assert samples['ferry_gateway_requests_total{outcome="length"}'] == 3
+            assert samples["ferry_gateway_prompt_tokens_total"] == 6
+            assert samples["ferry_gateway_output_tokens_total"] == 12
+            assert samples['ferry_gateway_rejected_total{code="400"}'] == 1
+            assert samples["ferry_gateway_time_to_first_token_seconds_count"] == 3
+            assert samples["ferry_gateway_inter_token_latency_seconds_count"] == 9
+            assert samples["ferry_gateway_e2e_latency_seconds_count"] == 3
+            assert samples["ferry_gateway_inflight_requests"] == 0
+            assert samples["ferry_gateway_bypass_mode"] == 0
+
+    arun(body())

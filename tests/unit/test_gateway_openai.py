@@ -1,0 +1,137 @@
+"""OpenAI request parsing and response shapes (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.gateway import openai_protocol as oai
+from services.gateway.text import TextModel
+from tests.unit.test_gateway_text import MAX_MODEL_LEN, make_model_dir
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> TextModel:
+    return TextModel.load(make_model_dir(tmp_path_factory.mktemp("model")))
+
+
+def completion(text, **body):
+    return oai.parse_completion(body, text, model_name=MODEL)
+
+
+def chat(text, **body):
+    body.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return oai.parse_chat(body, text, model_name=MODEL, max_tokens_limit=1000)
+
+
+def rejected(status: int, call, *args, **kwargs) -> str:
+    with pytest.raises(oai.ApiError) as err:
+        call(*args, **kwargs)
+    assert err.value.status == status
+    return err.value.message
+
+
+def test_completion_defaults_and_text_prompt(text):
+    sub = completion(text, model=MODEL, prompt="hello world")
+    assert sub.prompt_token_ids == tuple(text.encode("hello world"))
+    assert sub.sampling.max_tokens == 16
+    assert (sub.sampling.temperature, sub.sampling.top_p, sub.sampling.top_k) == (1.0, 1.0, 0)
+    assert sub.sampling.seed is None and sub.sampling.stop == ()
+    assert (sub.stream, sub.priority, sub.timeout_s, sub.include_usage) == (False, 0, None, False)
+
+
+def test_completion_fields_and_extras(text):
+    sub = completion(
+        text, prompt=[5, 6, 7], max_tokens=9, temperature=0, top_p=0.5, top_k=-1, seed=3,
+        stop="\n", stream=True, stream_options={"include_usage": True}, ignore_eos=True,
+        priority="high", timeout_s=2, n=1, logprobs=None, echo=False,
+    )
+    assert sub.prompt_token_ids == (5, 6, 7)
+    s = sub.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (9, 0.0, 0.5, 0, 3)
+    assert (s.stop, s.ignore_eos) == (("\n",), True)
+    assert (sub.stream, sub.include_usage, sub.priority, sub.timeout_s) == (True, True, 1, 2.0)
+    assert completion(text, prompt=[[5, 6]], stop=["a", "b"]).sampling.stop == ("a", "b")
+    assert completion(text, prompt=["hi"]).prompt_token_ids == tuple(text.encode("hi"))
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ({}, "prompt is required"),
+        ({"prompt": 5}, "prompt is required"),
+        ({"prompt": ["a", "b"]}, "one prompt per request"),
+        ({"prompt": [1, "x"]}, "one prompt per request"),
+        ({"prompt": [1, True]}, "one prompt per request"),
+        ({"prompt": "x", "max_tokens": "10"}, "max_tokens must be an integer, got str"),
+        ({"prompt": "x", "max_tokens": 1.5}, "max_tokens must be an integer"),
+        ({"prompt": "x", "max_tokens": True}, "max_tokens must be an integer, got bool"),
+        ({"prompt": "x", "temperature": "hot"}, "temperature must be a number"),
+        ({"prompt": "x", "stream": "yes"}, "stream must be a boolean"),
+        ({"prompt": "x", "stop": 3}, "stop must be a string or a list of strings"),
+        ({"prompt": "x", "stop": ["a", 1]}, "stop must be a string or a list of strings"),
+        ({"prompt": "x", "n": 2}, "only n=1"),
+        ({"prompt": "x", "priority": "urgent"}, "priority must be 'normal' or 'high'"),
+        ({"prompt": "x", "logprobs": 5}, "logprobs is not supported"),
+        ({"prompt": "x", "stream_options": []}, "stream_options must be an object"),
+        ({"prompt": "x", "seed": "7"}, "seed must be an integer"),
+    ],
+)
+def test_completion_bad_fields_are_400(text, body, match):
+    assert match in rejected(400, oai.parse_completion, body, text, model_name=MODEL)
+
+
+def test_unknown_model_is_404_and_a_non_object_body_400(text):
+    assert "does not exist" in rejected(404, completion, text, model="gpt-9", prompt="x")
+    assert "JSON object" in rejected(400, oai.parse_completion, [1], text, model_name=MODEL)
+
+
+def test_chat_renders_the_template_without_a_second_bos(text):
+    sub = chat(text, messages=[
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "you"}]},
+    ])
+    expected = text.encode("<s>[system]: be brief\n[user]: hi you\n[assistant]: ",
+                           add_special_tokens=False)
+    assert sub.prompt_token_ids == tuple(expected)
+    assert sub.prompt_token_ids.count(text.tokenizer.token_to_id("<s>")) == 1
+    # no max_tokens: the rest of the context window
+    assert sub.sampling.max_tokens == MAX_MODEL_LEN - len(expected)
+
+
+def test_chat_max_completion_tokens_wins(text):
+    assert chat(text, max_tokens=5).sampling.max_tokens == 5
+    assert chat(text, max_tokens=5, max_completion_tokens=7).sampling.max_tokens == 7
+
+
+@pytest.mark.parametrize(
+    ("messages", "match"),
+    [
+        (None, "messages must be a non-empty list"),
+        ([], "messages must be a non-empty list"),
+        (["hi"], "messages[0] must be an object"),
+        ([{"content": "hi"}], "messages[0].role must be a string"),
+        ([{"role": "user", "content": 5}], "messages[0].content must be"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], "only text parts"),
+    ],
+)
+def test_chat_bad_messages_are_400(text, messages, match):
+    assert match in rejected(400, chat, text, messages=messages)
+
+
+def test_response_shapes():
+    usage = oai.usage(3, 2)
+    assert usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    body = oai.completion_response("r1", 7, MODEL, "hi", "stop", usage, chat=False)
+    assert body["id"] == "r1" and body["object"] == "text_completion"
+    assert body["choices"] == [{"index": 0, "text": "hi", "logprobs": None, "finish_reason": "stop"}]
+    body = oai.completion_response("r1", 7, MODEL, "hi", "length", usage, chat=True)
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    chunk = oai.stream_chunk("r1", 7, MODEL, "", None, chat=True, role=True)
+    assert chunk["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    chunk = oai.stream_chunk("r1", 7, MODEL, None, "stop", chat=True)
+    assert chunk["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert oai.error_body(429, "busy") == {
+        "error": {"message": "busy", "type": "rate_limit_error", "code": 429}
+    }

@@ -1,0 +1,161 @@
+"""The gateway's text side on a tiny tokenizer trained here (never downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from services.gateway import text as text_module
+from services.gateway.text import TextModel
+
+CORPUS = [
+    "hello world, the quick brown fox jumps over the lazy dog.",
+    "Hello there! How are you today? I am fine, thank you.",
+    "stop here. STOP. the end is near; the end.",
+    "numbers 0123456789 and symbols +-*/=<>",
+]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]: {% endif %}"
+)
+MAX_MODEL_LEN = 256
+BOS, EOS = "<s>", "</s>"
+
+
+def make_model_dir(path: Path, *, max_model_len: int = MAX_MODEL_LEN) -> Path:
+    """A model directory with a byte-level BPE tokenizer (rare characters split into
+    several byte tokens), a chat template, and config.json; no weights."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, bos_id)]
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": BOS, "eos_token": {"content": EOS}, "chat_template": CHAT_TEMPLATE,
+    }))
+    (path / "config.json").write_text(json.dumps({
+        "max_position_embeddings": max_model_len, "eos_token_id": tok.token_to_id(EOS),
+    }))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> TextModel:
+    return TextModel.load(make_model_dir(tmp_path_factory.mktemp("model")))
+
+
+def test_load_reads_limits_and_eos(text):
+    assert text.max_model_len == MAX_MODEL_LEN
+    assert text.eos_token_ids == (text.tokenizer.token_to_id(EOS),)
+    assert text.vocab_size == text.tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def test_encode_adds_bos_only_when_asked(text):
+    bos = text.tokenizer.token_to_id(BOS)
+    with_bos = text.encode("hello world")
+    assert with_bos[0] == bos
+    assert text.encode("hello world", add_special_tokens=False) == with_bos[1:]
+
+
+def test_chat_template_renders_roles_and_generation_prompt(text):
+    prompt = text.apply_chat_template([
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+    ])
+    assert prompt == "<s>[system]: be brief\n[user]: hi\n[assistant]: "
+
+
+def test_missing_chat_template_is_a_clear_error(tmp_path):
+    root = make_model_dir(tmp_path)
+    config = json.loads((root / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (root / "tokenizer_config.json").write_text(json.dumps(config))
+    text = TextModel.load(root)
+    assert not text.has_chat_template
+    with pytest.raises(ValueError, match="no chat template"):
+        text.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_generation_config_eos_list_is_merged(tmp_path):
+    root = make_model_dir(tmp_path)
+    (root / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 1]}))
+    text = TextModel.load(root)
+    assert text.eos_token_ids[:2] == (7, 1)
+    assert text.tokenizer.token_to_id(EOS) in text.eos_token_ids
+
+
+def test_missing_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        TextModel.load(tmp_path)
+    root = make_model_dir(tmp_path / "m")
+    (root / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        TextModel.load(root)
+
+
+@pytest.mark.parametrize("sample", ["hello 世界 🚀 fox", "é à ü — naïve café", "emoji 🎉🎉 end"])
+def test_detokenizer_streams_multibyte_utf8_token_by_token(text, sample):
+    ids = text.encode(sample, add_special_tokens=False)
+    assert len(ids) > len(sample.split())  # some characters span several tokens
+    detok = text.detokenizer(text.encode("the", add_special_tokens=True))
+    pieces = [detok.step([token_id]) for token_id in ids]
+    assert "".join(pieces) == sample
+    assert all("\ufffd" not in p for p in pieces)
+    assert "" in pieces  # a token ending inside a character yields nothing yet
+
+
+def test_detokenizer_in_uneven_batches_matches_one_by_one(text):
+    sample = "the quick 🚀 brown fox, 世界!"
+    ids = text.encode(sample, add_special_tokens=False)
+    detok = text.detokenizer([])
+    out, i = [], 0
+    for size in (3, 1, 5, 2, 100):
+        out.append(detok.step(ids[i : i + size]))
+        i += size
+    assert "".join(out) == sample
+
+
+def test_detokenizer_skips_special_tokens(text):
+    eos = text.tokenizer.token_to_id(EOS)
+    detok = text.detokenizer([])
+    ids = text.encode("hello", add_special_tokens=False)
+    assert detok.step(ids) + detok.step([eos]) == "hello"
+
+
+def test_encoding_and_chat_template_delegate_to_the_worker_tokenizer(tmp_path, monkeypatch):
+    root = make_model_dir(tmp_path)
+
+    class WorkerTokenizer:
+        eos_token = EOS
+        chat_template = "{{ messages }}"
+
+        def __init__(self, model_dir):
+            assert model_dir == root
+
+        def encode(self, text, *, add_special_tokens=True):
+            return [42, int(add_special_tokens)]
+
+        def apply_chat_template(self, messages):
+            return f"rendered {len(messages)}"
+
+        def token_to_id(self, token):
+            return 3 if token == EOS else None
+
+    monkeypatch.setattr(text_module, "worker_tokenizer", SimpleNamespace(Tokenizer=WorkerTokenizer))
+    text = TextModel.load(root)
+    assert text.encode("anything") == [42, 1]
+    assert text.encode("anything", add_special_tokens=False) == [42, 0]
+    assert text.apply_chat_template([{"role": "user", "content": "x"}]) == "rendered 1"
+    assert 3 in text.eos_token_ids

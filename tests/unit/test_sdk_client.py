@@ -1,0 +1,99 @@
+"""The SDK's pure parts: error mapping, the bounded reply buffer, argument checks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from common import wire
+from ferry import (
+    AsyncClient,
+    BadRequest,
+    Overloaded,
+    ServerError,
+    Timeout,
+    Unauthorized,
+    Unavailable,
+)
+from ferry.client import MAX_BUFFERED_CHUNKS, _Replies
+from ferry.errors import FerryError, error_from_reply
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [(400, BadRequest), (413, BadRequest), (401, Unauthorized), (429, Overloaded),
+     (503, Unavailable), (504, Timeout), (500, ServerError), (426, ServerError)],
+)
+def test_error_codes_map_to_classes(code, cls):
+    err = error_from_reply(code, "why")
+    assert type(err) is cls and isinstance(err, FerryError)
+    assert err.code == code and "why" in str(err)
+
+
+def test_timeout_is_also_a_builtin_timeout_error():
+    assert isinstance(error_from_reply(504, "late"), TimeoutError)
+
+
+def chunk(first_index, token_ids, text, finish_reason=None):
+    return wire.TokenChunk(client_req_id="c", req_id="r", first_index=first_index,
+                           token_ids=tuple(token_ids), text=text, finish_reason=finish_reason,
+                           num_prompt_tokens=3)
+
+
+def test_reply_buffer_merges_when_full():
+    async def body():
+        replies = _Replies()
+        for i in range(MAX_BUFFERED_CHUNKS + 10):
+            replies.put(chunk(i, [i], str(i % 10)))
+        replies.put(chunk(MAX_BUFFERED_CHUNKS + 10, [], "!", "length"))
+        assert len(replies.chunks) == MAX_BUFFERED_CHUNKS
+        got = [await replies.get() for _ in range(MAX_BUFFERED_CHUNKS)]
+        assert [t for c in got for t in c.token_ids] == list(range(MAX_BUFFERED_CHUNKS + 10))
+        last = got[-1]
+        assert last.first_index == MAX_BUFFERED_CHUNKS - 1 and last.finish_reason == "length"
+        assert "".join(c.text for c in got).endswith("!")
+
+    asyncio.run(body())
+
+
+def test_reply_buffer_raises_the_error_after_the_chunks():
+    async def body():
+        replies = _Replies()
+        replies.put(chunk(0, [1], "a"))
+        replies.put(wire.ErrorReply(client_req_id="c", code=503, message="gone"))
+        assert (await replies.get()).token_ids == (1,)
+        with pytest.raises(Unavailable, match="gone"):
+            await replies.get()
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"seed": -3}, "seed"),
+        ({"stop": [""]}, "stop"),
+        ({"priority": "urgent"}, "priority"),
+        ({"prompt_token_ids": [1]}, "exactly one of prompt"),
+    ],
+)
+def test_arguments_are_checked_before_anything_is_sent(kwargs, match):
+    client = AsyncClient("tcp://127.0.0.1:1")
+    with pytest.raises(BadRequest, match=match):
+        client.stream("hi", **kwargs)
+    assert client._socket is None  # nothing connected, nothing sent
+
+
+def test_stream_is_lazy_and_stop_strings_normalize():
+    client = AsyncClient("tcp://127.0.0.1:1", api_key="k")
+    stream = client.stream("hi", stop="\n", priority="high", max_tokens=4)
+    assert client._socket is None and stream.req_id is None
+    msg = wire.decode(stream._frames)
+    assert msg.sampling.stop == ("\n",) and msg.priority == int(wire.Priority.HIGH)
+    assert msg.stream and msg.api_key == "k" and msg.timeout_s == client.timeout_s
+    assert client.stream("hi").client_req_id != stream.client_req_id
