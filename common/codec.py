@@ -96,9 +96,9 @@ class Registry:
     def _to_plain(self, value: Any) -> Any:
         if dataclasses.is_dataclass(value):
             return [self._to_plain(getattr(value, name)) for name, _ in self._fields[type(value)]]
-        if isinstance(value, tuple | list):
+        if isinstance(value, tuple | list) and value and dataclasses.is_dataclass(value[0]):
             return [self._to_plain(v) for v in value]
-        return value
+        return value  # scalars, and sequences of scalars: msgpack packs tuples as arrays
 
     def encode(self, msg: Any) -> list[bytes]:
         tag = self._tag_of.get(type(msg))
@@ -167,9 +167,14 @@ class Registry:
                 raise TypeError(f"{where}: only tuple[X, ...] is supported")
             item = self._converter(args[0], where + "[]")
 
+            scalar = args[0] if args[0] in (int, str) else None
+
             def sequence(value: Any) -> tuple:
                 if not isinstance(value, list):
                     raise WireError(400, f"{where}: expected an array, got {type(value).__name__}")
+                # Fast path for the common tuple[int, ...] / tuple[str, ...] (token ids).
+                if scalar is not None and all(type(v) is scalar for v in value):
+                    return tuple(value)
                 return tuple(item(v) for v in value)
 
             return sequence

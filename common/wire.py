@@ -9,7 +9,7 @@ Topology (every process binds one PULL "inbox"; peers PUSH to it; the SDK and th
 CLI talk request/reply over ROUTER/DEALER):
 
     SDK client --DEALER--> gateway.sdk (ROUTER)        GenerateRequest, CancelRequest
-    gateway    --PUSH--> scheduler.inbox               Dispatch, Release
+    gateway    --PUSH--> scheduler.inbox               Dispatch, Release, GatewayHello
     scheduler  --PUSH--> worker.inbox                  Dispatch (forwarded unread), Abort,
                                                        MigrateOut, SetDraining, ReRegister
     scheduler  --PUSH--> gateway.inbox                 Placement, DispatchRejected,
@@ -128,6 +128,16 @@ class Release:
 
     req_id: str
     reason: str  # "finished" | "abort" | "timeout" | "stop" | "error"
+
+
+@REGISTRY.message(12)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayHello:
+    """Gateway -> scheduler, every 0.5 s until the first InstanceView arrives, so a new
+    gateway learns the instances (and can report healthy) before its first request."""
+
+    gateway_id: str
+    inbox_addr: str  # where the scheduler sends InstanceView, Placement, ...
 
 
 # ---------------------------------------------------------------------------------------

@@ -83,14 +83,19 @@ class Inbox:
 
 
 class Outboxes:
-    """PUSH sockets keyed by peer address, created on first use."""
+    """PUSH sockets keyed by peer address, created on first use.
+
+    The sockets are plain (blocking-API) ones on a shadow of the asyncio context: a
+    non-blocking send on them raises zmq.Again at once, which we turn into Overloaded.
+    (On an asyncio socket the error would land in a Future nobody awaits, and a full
+    queue would drop messages silently.)"""
 
     def __init__(self, ctx: zmq.asyncio.Context, *, hwm: int = DEFAULT_HWM) -> None:
-        self.ctx = ctx
+        self.ctx = zmq.Context.shadow(ctx.underlying)
         self.hwm = hwm
-        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._sockets: dict[str, zmq.Socket] = {}
 
-    def _socket(self, addr: str) -> zmq.asyncio.Socket:
+    def _socket(self, addr: str) -> zmq.Socket:
         sock = self._sockets.get(addr)
         if sock is None:
             sock = self.ctx.socket(zmq.PUSH)

@@ -156,21 +156,13 @@ class Gateway:
 
     def announce(self) -> None:
         """Make the scheduler learn this gateway's inbox, so that it sends instance views
-        before the first request. The scheduler learns gateways only from Dispatch.reply_addr
-        today, so this is a one-token probe Dispatch, released at once (to be replaced by
-        a hello message in common/wire)."""
+        before the first request."""
         self.num_probes += 1
-        probe_id = f"{self.config.gateway_id}-probe-{self.num_probes}"
         try:
-            self.send_to_cluster.send(self.config.scheduler_addr, wire.Dispatch(
-                req_id=probe_id, prompt_token_ids=(0,), output_token_ids=(),
-                sampling=SamplingParams(max_tokens=1, seed=0), priority=int(wire.Priority.NORMAL),
-                reply_addr=self.config.inbox.advertise, arrival_s=time.time(),
-            ))
-            self.send_to_cluster.send(self.config.scheduler_addr,
-                                      wire.Release(req_id=probe_id, reason="abort"))
+            self.send_to_cluster.send(self.config.scheduler_addr, wire.GatewayHello(
+                gateway_id=self.config.gateway_id, inbox_addr=self.config.inbox.advertise))
         except Overloaded:
-            pass  # the scheduler is not reading: the next probe tries again
+            pass  # the scheduler is not reading: the next hello tries again
 
     # ---- front ends -------------------------------------------------------------------
 

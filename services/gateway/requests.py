@@ -192,16 +192,14 @@ class RequestTable:
         return req
 
     def dispatch(self, req: Request) -> wire.Dispatch:
-        """The Dispatch for a first run, or for a replay: prompt + delivered tokens, with
-        max_tokens reduced to what is left."""
-        sampling = req.sampling
-        if req.output_token_ids:
-            sampling = replace(sampling, max_tokens=sampling.max_tokens - req.num_delivered)
+        """The Dispatch for a first run, or for a replay: prompt + delivered tokens. The
+        engine counts the delivered tokens as outputs already made (towards max_tokens)
+        and continues at index len(output_token_ids), so sampling is sent unchanged."""
         return wire.Dispatch(
             req_id=req.req_id,
             prompt_token_ids=req.prompt_token_ids,
             output_token_ids=tuple(req.output_token_ids),
-            sampling=sampling,
+            sampling=req.sampling,
             priority=req.priority,
             reply_addr=self.reply_addr,
             arrival_s=req.arrival_s,

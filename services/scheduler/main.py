@@ -31,6 +31,7 @@ from common.wire import (
     AdminError,
     Dispatch,
     DispatchRejected,
+    GatewayHello,
     LoadReport,
     MigrateCommand,
     MigrateCommandReply,
@@ -50,7 +51,7 @@ from services.scheduler.core import (
 )
 from services.scheduler.provisioner import LocalProcessProvisioner
 
-INBOX_TYPES = (Dispatch, Release, Register, LoadReport, MigrationDone)
+INBOX_TYPES = (Dispatch, Release, GatewayHello, Register, LoadReport, MigrationDone)
 ADMIN_TYPES = (StatusRequest, MigrateCommand)
 MAX_ADMIN_WAITS = 64  # MigrateCommands waiting for their MigrationDone at once; more get 429
 MAX_ADMIN_TIMEOUT_S = 600.0
@@ -91,6 +92,7 @@ class Scheduler:
         self.handlers: dict[type, Callable[[Any, list[bytes]], None]] = {
             Dispatch: self.handle_dispatch,
             Release: self.handle_release,
+            GatewayHello: self.handle_gateway_hello,
             Register: self.handle_register,
             LoadReport: self.handle_load_report,
             MigrationDone: self.handle_migration_done,
@@ -186,6 +188,9 @@ class Scheduler:
             self.send(req.reply_addr, self.core.undo_dispatch(req, placed, str(err)))
             return
         self.send(req.reply_addr, Placement(req_id=req.req_id, instance_id=placed))
+
+    def handle_gateway_hello(self, msg: GatewayHello, frames: list[bytes]) -> None:
+        self.send_all(self.core.see_gateway(msg.inbox_addr))
 
     def handle_release(self, msg: Release, frames: list[bytes]) -> None:
         self.send_all(self.core.release(msg))

@@ -4,7 +4,7 @@ loop, and a fake scheduler + fake workers speaking the real wire protocol.
     fake scheduler  PULL at config.scheduler_addr   Dispatch -> a worker, Placement and
                                                     InstanceView -> gateway inbox (like the
                                                     real one, it learns a gateway from its
-                                                    first Dispatch: probes included)
+                                                    first Dispatch or GatewayHello)
     fake worker     PULL at its own inbox           Dispatch (bypass), Abort
                     PUSH to Dispatch.reply_addr     Tokens: output index i is script[i]
 """
@@ -100,7 +100,7 @@ class FakeWorker:
         if b.hold:
             await asyncio.Event().wait()
         first = len(dispatch.output_token_ids)
-        end = first + dispatch.sampling.max_tokens
+        end = dispatch.sampling.max_tokens  # replayed outputs count towards max_tokens
         index = first
         while index < end:
             if b.die_after is not None and index >= b.die_after:
@@ -142,7 +142,7 @@ class FakeCluster:
         self._push: dict[str, zmq.asyncio.Socket] = {}
         self.gateways: list[str] = []  # inboxes learned from Dispatch.reply_addr
         self.dispatches: list[wire.Dispatch] = []  # requests (probes apart)
-        self.probes: list[wire.Dispatch] = []  # gateways announcing themselves
+        self.hellos: list[wire.GatewayHello] = []  # gateways announcing themselves
         self.releases: list[wire.Release] = []
         self.alive = True  # False: the scheduler neither answers nor sends views
         self.down: set[str] = set()  # instances declared dead
@@ -192,20 +192,18 @@ class FakeCluster:
     async def serve(self) -> None:
         while True:
             msg = wire.decode(await self.recv_from_gateway.recv_multipart())
-            probe = isinstance(msg, wire.Dispatch | wire.Release) and "-probe-" in msg.req_id
-            if probe and isinstance(msg, wire.Dispatch):
-                self.probes.append(msg)
+            if isinstance(msg, wire.GatewayHello):
+                self.hellos.append(msg)
             if not self.alive:
                 continue
+            gateway_addr = getattr(msg, "reply_addr", None) or getattr(msg, "inbox_addr", None)
+            if gateway_addr and gateway_addr not in self.gateways:
+                self.gateways.append(gateway_addr)
+                await self.push(gateway_addr, self.view())
             if isinstance(msg, wire.Dispatch):
-                if msg.reply_addr not in self.gateways:
-                    self.gateways.append(msg.reply_addr)
-                    await self.push(msg.reply_addr, self.view())
-                if probe:
-                    continue
                 self.dispatches.append(msg)
                 await self.on_dispatch(msg)
-            elif isinstance(msg, wire.Release) and not probe:
+            elif isinstance(msg, wire.Release):
                 self.releases.append(msg)
                 for worker in self.workers:
                     worker.abort(msg.req_id)

@@ -81,7 +81,8 @@ class Worker:
                 num_dispatch_received=self.num_received, load=wire.LoadFields(
                     num_total_blocks=NUM_BLOCKS, num_free_blocks=NUM_BLOCKS - len(self.runs),
                     num_reserved_blocks=0, num_running=len(self.runs), num_waiting=0,
-                    head_demand_blocks=0, used_blocks_high=0, num_running_high=0,
+                    head_demand_blocks=0, waiting_demand_blocks=0, used_blocks_high=0,
+                    num_running_high=0,
                     num_migrations_in=0, num_migrations_out=0, draining=False,
                     step_time_ewma_s=0.01, num_preemptions=0))))
 
@@ -104,7 +105,7 @@ class Worker:
             sock = self.push[dispatch.reply_addr] = self.ctx.socket(zmq.PUSH)
             sock.connect(dispatch.reply_addr)
         first = len(dispatch.output_token_ids)
-        end = first + dispatch.sampling.max_tokens
+        end = dispatch.sampling.max_tokens  # replayed outputs count towards max_tokens
         for index in range(first, end):
             await asyncio.sleep(self.token_delay_s)
             if not self.reporting:
@@ -173,7 +174,7 @@ def test_gateway_with_the_real_scheduler(tmp_path):
                 survivor = next(w for w in workers if w is not holder)
                 replay = next(d for d in survivor.dispatches if d.req_id == chunks[0].req_id)
                 assert 0 < len(replay.output_token_ids) < 30
-                assert replay.sampling.max_tokens == 30 - len(replay.output_token_ids)
+                assert replay.sampling.max_tokens == 30
         finally:
             for worker in workers:
                 worker.close()

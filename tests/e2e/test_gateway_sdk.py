@@ -378,7 +378,7 @@ def test_instance_down_replays_without_duplicates(model_dir):
             assert chunks[-1].finish_reason == "length"
             replay = h.cluster.dispatches[-1]
             assert replay.output_token_ids == tuple(expected(h, 6))
-            assert replay.sampling.max_tokens == 9
+            assert replay.sampling.max_tokens == 15  # the 6 replayed outputs count
             assert replay.sampling.seed == h.cluster.dispatches[0].sampling.seed
             assert h.gateway.metrics.replays._value.get() == 1
             assert len(healthy.tasks) == 0 and len(h.cluster.dispatches) == 2
@@ -432,16 +432,15 @@ def test_no_instances_in_bypass_is_503(model_dir):
 def test_gateway_announces_itself_until_the_first_view(model_dir):
     async def body():
         async with running(model_dir, scheduler_alive=False) as h:
-            await wait_until(lambda: len(h.cluster.probes) >= 2, what="probes")
+            await wait_until(lambda: len(h.cluster.hellos) >= 2, what="hellos")
             assert h.gateway.routes.view is None  # silent scheduler: still asking
             h.cluster.alive = True
             await wait_until(lambda: h.gateway.routes.view is not None, what="a view")
-            num_probes = len(h.cluster.probes)
+            num_hellos = len(h.cluster.hellos)
             await asyncio.sleep(0.7)
-            assert len(h.cluster.probes) == num_probes  # known now: no more probes
-            probe = h.cluster.probes[0]
-            assert probe.reply_addr == h.gateway.config.inbox.advertise
-            assert probe.sampling.max_tokens == 1 and h.cluster.dispatches == []
+            assert len(h.cluster.hellos) == num_hellos  # known now: no more hellos
+            assert h.cluster.hellos[0].inbox_addr == h.gateway.config.inbox.advertise
+            assert h.cluster.dispatches == []
 
     arun(body())
 

@@ -265,7 +265,7 @@ def test_replay_dispatches_prompt_plus_delivered_tokens(text):
     replay = table.dispatch(req)
     assert replay.prompt_token_ids == (1, 2, 3)
     assert replay.output_token_ids == (10, 11, 12)
-    assert replay.sampling.max_tokens == 7  # what is left
+    assert replay.sampling.max_tokens == 10  # the engine counts the 3 replayed outputs
     assert replay.sampling.seed == first.sampling.seed  # same tokens again
     assert replay.sampling.stop == ("zz",)
 
