@@ -8,6 +8,7 @@ scaling fields together.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,9 @@ class ModelConfig:
         return cls.from_hf_dict(hf, generation=gen)
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], *, generation: dict[str, Any] | None = None) -> ModelConfig:
+    def from_hf_dict(
+        cls, hf: dict[str, Any], *, generation: dict[str, Any] | None = None
+    ) -> ModelConfig:
         architecture = _architecture(hf)
         num_heads = _require(hf, "num_attention_heads", int)
         hidden_size = _require(hf, "hidden_size", int)
@@ -139,8 +142,16 @@ class ModelConfig:
                 f"unsupported architecture {self.architecture!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
@@ -160,11 +171,7 @@ class ModelConfig:
             rope = {
                 "rope_theta": self.rope_theta,
                 "rope_type": "llama3",
-                "factor": self.rope_scaling.factor,
-                "low_freq_factor": self.rope_scaling.low_freq_factor,
-                "high_freq_factor": self.rope_scaling.high_freq_factor,
-                "original_max_position_embeddings":
-                    self.rope_scaling.original_max_position_embeddings,
+                **dataclasses.asdict(self.rope_scaling),
             }
         eos: int | list[int] | None = list(self.eos_token_ids) or None
         if eos is not None and len(eos) == 1:

@@ -38,7 +38,9 @@ def hf_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a Hugging Face checkpoint of this config holds, name -> shape,
     in the order Hugging Face writes them."""
     c = config
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (c.vocab_size, c.hidden_size)
+    }
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (c.hidden_size,)
