@@ -47,8 +47,9 @@ def hf_config(arch: str, *, tied: bool) -> transformers.PretrainedConfig:
             },
         )
     if arch == "qwen2":
-        return transformers.Qwen2Config(**common, rope_parameters={"rope_type": "default",
-                                                                     "rope_theta": 10000.0})
+        return transformers.Qwen2Config(
+            **common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+        )
     raise ValueError(arch)
 
 
@@ -99,7 +100,9 @@ class FakeEngine:
     def add(self, req_id: str, prompt: list[int]) -> Req:
         return Req(req_id=req_id, token_ids=list(prompt))
 
-    def chunk(self, req: Req, num_tokens: int, *, sample: bool, sampling: SamplingParams) -> SeqChunk:
+    def chunk(
+        self, req: Req, num_tokens: int, *, sample: bool, sampling: SamplingParams
+    ) -> SeqChunk:
         """The next num_tokens uncomputed tokens of req, blocks allocated to cover them."""
         end = req.num_computed + num_tokens
         assert end <= len(req.token_ids)

@@ -62,8 +62,9 @@ def test_logits_match_transformers(tmp_path, arch, tied):
     for step in range(max(len(p) for p in plans.values())):
         step_reqs = [r for r in reqs if step < len(plans[r.req_id])]
         rng.shuffle(step_reqs)
-        chunks = [engine.chunk(r, plans[r.req_id][step], sample=False, sampling=GREEDY)
-                  for r in step_reqs]
+        chunks = [
+            engine.chunk(r, plans[r.req_id][step], sample=False, sampling=GREEDY) for r in step_reqs
+        ]
         for r, out in zip(step_reqs, _logits_of_chunks(runner, chunks), strict=True):
             logits[r.req_id].append(out)
 
@@ -91,8 +92,14 @@ def test_rope_scaling_is_applied(tmp_path):
             model.rotary.reset_cache()
         runner = ModelRunner(RunnerConfig(model_dir=str(model_dir), num_blocks=8))
         runner.model = model
-        chunk = SeqChunk(req_id="a", token_ids=tuple(token_ids), start_pos=0,
-                         block_ids=tuple(range(4)), sample=False, sampling=GREEDY)
+        chunk = SeqChunk(
+            req_id="a",
+            token_ids=tuple(token_ids),
+            start_pos=0,
+            block_ids=tuple(range(4)),
+            sample=False,
+            sampling=GREEDY,
+        )
         (ours,) = _logits_of_chunks(runner, [chunk])
         diff = (ours - expected).abs().max().item()
         assert (diff < 1e-4) if scaled else (diff > 1e-2), (scaled, diff)
