@@ -52,6 +52,9 @@ class RunnerConfig:
     max_num_tokens: int = 8192  # largest step the engine runs (GPU activation profiling)
     max_num_seqs: int = 256  # most requests in one step (profiling, largest CUDA graph)
     cuda_graphs: bool = True  # capture decode graphs (GPU, non-torch attention backend)
+    cpu_threads: int | None = None  # torch intra-op threads (process-wide) on CPU; None:
+    #                                 torch's default. Use 1 when workers share few cores:
+    #                                 oversubscribed threads make small ops ~10x slower.
 
 
 class ModelRunner:
@@ -66,6 +69,8 @@ class ModelRunner:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype_name!r}")
         self.dtype = _DTYPES[dtype_name]
         self.attention_backend = config.attention_backend or ("triton" if on_gpu else "torch")
+        if not on_gpu and config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         attention = _attention_backend(self.attention_backend)
 
         if config.model_dir is not None:
