@@ -41,6 +41,7 @@ class DecodeGraphs:
         block_size: int,
         pad_block_id: int,  # scratch block padding rows write to
         max_model_len: int,
+        capture: bool = True,  # False: run the same static-buffer steps eagerly (tests)
     ) -> None:
         if not batch_sizes:
             raise ValueError("no batch sizes to capture")
@@ -65,8 +66,11 @@ class DecodeGraphs:
         self.hidden = torch.zeros(
             max_bs, model.config.hidden_size, dtype=model.embed_tokens.weight.dtype, device=device
         )
+        self.capture = capture
+        self._pin = device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._capture_all()
+        if capture:
+            self._capture_all()
 
     def padded_size(self, num_reqs: int) -> int | None:
         """Smallest captured batch size >= num_reqs, or None (run eagerly)."""
@@ -92,7 +96,7 @@ class DecodeGraphs:
             blocks[(n - 1) // self.block_size] * self.block_size + (n - 1) % self.block_size
             for blocks, n in zip(block_ids, seq_lens, strict=True)
         ]
-        longs = _pinned(  # [3, bs]: input_ids, positions, slot_mapping
+        longs = self._host(  # [3, bs]: input_ids, positions, slot_mapping
             [
                 [*token_ids, *[0] * num_pad],
                 [*(n - 1 for n in seq_lens), *[0] * num_pad],
@@ -101,16 +105,23 @@ class DecodeGraphs:
             torch.int64,
         )
         width = max(len(blocks) for blocks in block_ids)
-        tables = _pinned([[*b, *[0] * (width - len(b))] for b in block_ids], torch.int32)
+        tables = self._host([[*b, *[0] * (width - len(b))] for b in block_ids], torch.int32)
         self.input_ids[:bs].copy_(longs[0], non_blocking=True)
         self.positions[:bs].copy_(longs[1], non_blocking=True)
         self.slot_mapping[:bs].copy_(longs[2], non_blocking=True)
         self.seq_lens[:bs].copy_(
-            _pinned([*seq_lens, *[1] * num_pad], torch.int32), non_blocking=True
+            self._host([*seq_lens, *[1] * num_pad], torch.int32), non_blocking=True
         )
         self.block_tables[:num_reqs, :width].copy_(tables, non_blocking=True)
-        self.graphs[bs].replay()
+        if self.capture:
+            self.graphs[bs].replay()
+        else:
+            self._forward(bs, self._meta(bs))
         return self.hidden[:num_reqs]
+
+    def _host(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor, pinned on GPU so the copy from it runs asynchronously."""
+        return torch.tensor(values, dtype=dtype, pin_memory=self._pin)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -141,8 +152,3 @@ class DecodeGraphs:
                 self._forward(bs, meta)
             self.graphs[bs] = graph
         torch.cuda.synchronize()
-
-
-def _pinned(values: list, dtype: torch.dtype) -> torch.Tensor:
-    """A host tensor in pinned memory, so copies from it run asynchronously."""
-    return torch.tensor(values, dtype=dtype, pin_memory=True)
