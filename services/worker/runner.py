@@ -47,7 +47,8 @@ class RunnerConfig:
     block_size: int = 16  # tokens per KV block
     num_blocks: int | None = None  # KV blocks; else sized by kv_cache_gb, else (GPU) memory
     kv_cache_gb: float | None = None  # KV cache size in GiB
-    gpu_memory_fraction: float = 0.9  # of the GPU memory free after weights and activations
+    gpu_memory_fraction: float = 0.9  # KV share of the GPU memory free after the weights and
+    #                                   the largest step's activations (the rest: graphs, slack)
     max_model_len: int | None = None  # cap on sequence length (default: the model's)
     max_num_tokens: int = 8192  # largest step the engine runs (GPU activation profiling)
     max_num_seqs: int = 256  # most requests in one step (profiling, largest CUDA graph)
@@ -222,7 +223,7 @@ class ModelRunner:
         then sampling max_num_seqs rows) are set aside."""
         activation_bytes = self._profile_activation_bytes()
         free_bytes, _ = torch.cuda.mem_get_info(self.device)
-        kv_bytes = free_bytes * self.config.gpu_memory_fraction - activation_bytes
+        kv_bytes = (free_bytes - activation_bytes) * self.config.gpu_memory_fraction
         return int(kv_bytes) // self.block_bytes
 
     @torch.inference_mode()
