@@ -63,8 +63,11 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         on_gpu = self.device.type == "cuda"
-        if on_gpu and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        if on_gpu:
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            # Streams, graphs and kernel launches follow the current device.
+            torch.cuda.set_device(self.device)
         dtype_name = config.dtype or ("bfloat16" if on_gpu else "float32")
         if dtype_name not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype_name!r}")
@@ -127,7 +130,8 @@ class ModelRunner:
             rows = [inputs.last_rows[i] for i in sample_rows]
         if not sample_rows:
             return []
-        index = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        index = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        index = index.to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden.index_select(0, index))  # [n, vocab] fp32
         st = SamplingTensors.build(
             [chunks[i].sampling for i in sample_rows],
@@ -289,9 +293,15 @@ def prepare_inputs(
             pos += num
         query_start_loc.append(len(token_ids))
     num_tokens, num_reqs = len(token_ids), len(chunks)
-    width = max(len(c.block_ids) for c in chunks)
     seq_lens = [c.end_pos for c in chunks]
-    tables = [x for c in chunks for x in (*c.block_ids, *[0] * (width - len(c.block_ids)))]
+    # Only the blocks holding tokens (the engine may hand out more), zero-padded.
+    needed = [-(-n // block_size) for n in seq_lens]
+    width = max(needed)
+    tables = [
+        x
+        for c, n in zip(chunks, needed, strict=True)
+        for x in (*c.block_ids[:n], *[0] * (width - n))
+    ]
     pin = device.type == "cuda"
     longs = torch.tensor(token_ids + positions + slots, dtype=torch.int64, pin_memory=pin)
     ints = torch.tensor(seq_lens + query_start_loc + tables, dtype=torch.int32, pin_memory=pin)

@@ -65,7 +65,7 @@ def test_kv_cache_gb_sizes_the_cache():
 def test_prepare_inputs_layout():
     chunks = [
         _chunk("a", [11, 12, 13], start_pos=3, block_ids=[7, 2]),  # positions 3..5, bs 4
-        _chunk("b", [21], start_pos=0, block_ids=[5]),
+        _chunk("b", [21], start_pos=0, block_ids=[5, 9, 11]),  # more blocks than needed
     ]
     inputs = prepare_inputs(chunks, block_size=4, device=torch.device("cpu"))
     assert inputs.input_ids.tolist() == [11, 12, 13, 21]

@@ -104,8 +104,12 @@ class DecodeGraphs:
             ],
             torch.int64,
         )
-        width = max(len(blocks) for blocks in block_ids)
-        tables = self._host([[*b, *[0] * (width - len(b))] for b in block_ids], torch.int32)
+        needed = [-(-n // self.block_size) for n in seq_lens]  # blocks holding tokens
+        width = max(needed)
+        tables = self._host(
+            [[*b[:k], *[0] * (width - k)] for b, k in zip(block_ids, needed, strict=True)],
+            torch.int32,
+        )
         self.input_ids[:bs].copy_(longs[0], non_blocking=True)
         self.positions[:bs].copy_(longs[1], non_blocking=True)
         self.slot_mapping[:bs].copy_(longs[2], non_blocking=True)
