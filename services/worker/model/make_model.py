@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import sysconfig
 import time
@@ -169,6 +170,25 @@ def make_model(
     return out_dir
 
 
+def cached_model(
+    preset: str = "tiny", seed: int = 0, *, cache_dir: str | Path | None = None
+) -> Path:
+    """The directory of `preset` with `seed` under cache_dir (default ~/.cache/ferry),
+    made on first use. Concurrent callers are safe: each makes into its own temporary
+    directory and the first rename wins."""
+    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    path = root / "models" / f"{preset}-seed{seed}"
+    if (path / "config.json").is_file():
+        return path
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    make_model(preset, tmp, seed, cache_dir=root)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def write_tokenizer(
     out_dir: Path, *, vocab_size: int, model_max_length: int, cache_dir: str | Path | None = None
 ) -> None:
@@ -216,7 +236,7 @@ def trained_bpe_path(cache_dir: str | Path | None = None) -> Path:
             ]
         ).encode()
     ).hexdigest()[:16]
-    cache_dir = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "ferry"
+    cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     path = cache_dir / f"bpe-{BPE_VOCAB_SIZE}-{key}.json"
     if path.is_file():
         return path
@@ -328,6 +348,10 @@ def _corpus_files() -> list[Path]:
     if not files:
         raise RuntimeError(f"no Python sources under {stdlib} to train a tokenizer on")
     return files
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "ferry"
 
 
 def _write_json(path: Path, value: object) -> None:
