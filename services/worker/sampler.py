@@ -98,7 +98,7 @@ def sample(
     temperatures = torch.where(st.temperatures > 0, st.temperatures, 1.0)
     scores = logits / temperatures[:, None]
     if st.any_top_p:
-        scores = _mask_top_k_top_p(scores, st.top_ks, st.top_ps)
+        scores = _mask_top_k_top_p(scores, st.top_ks, st.top_ps, st.max_top_k)
     elif st.any_top_k:
         scores = _mask_top_k(scores, st.top_ks, st.max_top_k)
     scores += gumbel_noise(st.seeds, st.positions, vocab_size)
@@ -120,18 +120,23 @@ def _mask_top_k_top_p(
     scores: torch.Tensor,  # [n, vocab] float32
     top_ks: torch.Tensor,  # [n] int32 in [1, vocab]
     top_ps: torch.Tensor,  # [n] float32 in (0, 1]
+    max_top_k: int,
 ) -> torch.Tensor:  # [n, vocab], -inf outside the kept set
     """Keep each row's top k tokens, then of those the smallest most-likely set whose
-    probability reaches top_p (renormalised after top-k), as Hugging Face does."""
-    sorted_scores, order = scores.sort(dim=-1, descending=True)  # [n, vocab]
-    ranks = torch.arange(scores.shape[1], device=scores.device)
+    probability reaches top_p (renormalised after top-k), as Hugging Face does. Only the
+    max_top_k best tokens are sorted when every sampled row has a top-k."""
+    if max_top_k < scores.shape[1]:
+        sorted_scores, order = scores.topk(max_top_k, dim=-1)  # [n, K] descending
+    else:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)  # [n, vocab]
+    ranks = torch.arange(sorted_scores.shape[1], device=scores.device)
     sorted_scores.masked_fill_(ranks[None, :] >= top_ks[:, None], float("-inf"))
     probs = sorted_scores.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # exclusive: rank 0 always kept
     # top_p = 1 keeps everything even where rounding pushes the running sum past 1.
     cut = (mass_before >= top_ps[:, None]) & (top_ps[:, None] < 1.0)
     sorted_scores.masked_fill_(cut, float("-inf"))
-    return torch.empty_like(scores).scatter_(1, order, sorted_scores)
+    return torch.full_like(scores, float("-inf")).scatter_(1, order, sorted_scores)
 
 
 def gumbel_noise(

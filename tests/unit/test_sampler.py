@@ -141,7 +141,8 @@ def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.0, 4, 1.0), (1.0, 0, 0.7)]
+    ("temperature", "top_k", "top_p"),
+    [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.0, 4, 1.0), (1.0, 0, 0.7), (1.2, 5, 0.8)],
 )
 def test_distribution_matches_softmax(temperature, top_k, top_p):
     """Over many positions of one seed, token frequencies follow softmax(logits / T)
