@@ -252,7 +252,7 @@ class ModelRunner:
         num_rows = min(self.config.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:num_rows])
         del hidden
-        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=0)
+        params = SamplingParams(temperature=1.0, top_p=0.9, seed=0)  # the full-sort path
         st = SamplingTensors.build(
             [params] * num_rows, [0] * num_rows, vocab_size=self.vocab_size, device=self.device
         )
