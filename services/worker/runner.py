@@ -141,7 +141,7 @@ class ModelRunner:
         )
         return sample(logits, st).tolist()
 
-    # -- inputs ------------------------------------------------------------------------
+    # -- step helpers ------------------------------------------------------------------
 
     def _use_graph(self, chunks: Sequence[SeqChunk]) -> bool:
         return (
