@@ -53,9 +53,9 @@ class RunnerConfig:
     max_num_tokens: int = 8192  # largest step the engine runs (GPU activation profiling)
     max_num_seqs: int = 256  # most requests in one step (profiling, largest CUDA graph)
     cuda_graphs: bool = True  # capture decode graphs (GPU, non-torch attention backend)
-    cpu_threads: int | None = None  # torch intra-op threads (process-wide) on CPU; None:
-    #                                 torch's default. Use 1 when workers share few cores:
-    #                                 oversubscribed threads make small ops ~10x slower.
+    cpu_threads: int | None = 1  # torch intra-op threads (process-wide) on CPU; None: torch's
+    #                              default (one per core). Several workers sharing a small
+    #                              CPU with more threads than cores run decode 10-25x slower.
 
 
 class ModelRunner:
