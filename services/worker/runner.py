@@ -42,8 +42,8 @@ class RunnerConfig:
     seed: int = 0  # the random model's weights seed
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
     dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None: fp32 CPU, bf16 GPU
-    attention_backend: str | None = None  # "torch" | "triton" | "flash"; None: torch CPU,
-    #                                       triton GPU
+    attention_backend: str = "auto"  # "torch" | "triton" | "flash" | "auto" (triton on a
+    #                                  GPU that takes it, else torch)
     block_size: int = 16  # tokens per KV block
     num_blocks: int | None = None  # KV blocks; else sized by kv_cache_gb, else (GPU) memory
     kv_cache_gb: float | None = None  # KV cache size in GiB
@@ -72,10 +72,8 @@ class ModelRunner:
         if dtype_name not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype_name!r}")
         self.dtype = _DTYPES[dtype_name]
-        self.attention_backend = config.attention_backend or ("triton" if on_gpu else "torch")
         if not on_gpu and config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
-        attention = _attention_backend(self.attention_backend)
 
         if config.model_dir is not None:
             self.model_config = ModelConfig.from_dir(config.model_dir)
@@ -83,10 +81,17 @@ class ModelRunner:
             self.model_config = config.model_config
         else:
             raise ValueError("RunnerConfig needs model_dir or model_config")
+        self.attention_backend, write_kv, paged_attention = _attention_backend(
+            config.attention_backend,
+            device=self.device,
+            block_size=config.block_size,
+            head_dim=self.model_config.head_dim,
+            dtype=self.dtype,
+        )
         self.max_model_len = min(
             self.model_config.max_model_len, config.max_model_len or self.model_config.max_model_len
         )
-        self.model: LlamaModel = self._build_model(attention)
+        self.model: LlamaModel = self._build_model((write_kv, paged_attention))
 
         # Executor protocol
         self.block_size = config.block_size
@@ -326,12 +331,18 @@ def prepare_inputs(
     )
 
 
-def _attention_backend(name: str) -> tuple[WriteKV, PagedAttention]:
-    """(write_kv, paged_attention) of a named backend. kernels.get_backend is the one
-    selector once it lands; until then only the torch reference exists."""
+def _attention_backend(
+    name: str, *, device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype
+) -> tuple[str, WriteKV, PagedAttention]:
+    """(resolved name, write_kv, paged_attention) of a backend: "torch" | "triton" |
+    "flash" | "auto". kernels.get_backend checks the cache config up front and resolves
+    "auto"; until it is on this branch, only the torch reference exists."""
     get_backend = getattr(kernels, "get_backend", None)
-    if get_backend is not None:
-        return get_backend(name)
-    if name != "torch":
-        raise ValueError(f"attention backend {name!r} is not available; only 'torch' is")
-    return write_kv_torch, paged_attention_torch
+    if get_backend is None:
+        if name not in ("torch", "auto"):
+            raise ValueError(f"attention backend {name!r} is not available; only 'torch' is")
+        return "torch", write_kv_torch, paged_attention_torch
+    backend = get_backend(
+        name, device=device, block_size=block_size, head_dim=head_dim, dtype=dtype
+    )
+    return backend.name, backend.write_kv, backend.paged_attention

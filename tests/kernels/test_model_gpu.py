@@ -26,8 +26,11 @@ VOCAB = PRESETS["llama3-8b"].config.vocab_size
 
 
 def _available(name: str) -> bool:
+    """Whether the backend serves Llama 3 shapes (head_dim 128, block 16, bf16) here."""
     try:
-        _attention_backend(name)
+        _attention_backend(
+            name, device=torch.device("cuda"), block_size=16, head_dim=128, dtype=torch.bfloat16
+        )
     except Exception:
         return False
     return True
