@@ -58,11 +58,12 @@ def sentencepiece_dir(tmp_path_factory):
             decoders.Strip(content=" ", left=1, right=0),
         ]
     )
+    alphabet = list("abcdefghijklmnopqrstuvwxyz▁,.()+-:<\n")
     trainer = trainers.BpeTrainer(
         vocab_size=600,
         special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
-        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz▁,.()+-:<\n"),
-        limit_alphabet=40,
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),  # nothing else: other characters use byte fallback
         show_progress=False,
     )
     tok.train_from_iterator(TEXTS * 5, trainer)
