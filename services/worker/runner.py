@@ -1,0 +1,348 @@
+"""ModelRunner: the Executor (engine/batch.py) that runs a real Llama-family model.
+
+It owns the weights and the worker's KV cache, turns each ModelBatch into flat model
+inputs plus AttentionMetadata, runs the model, computes logits only for the last row of
+each chunk that samples, and samples. On GPU, decode-only batches replay CUDA graphs
+(model/cuda_graphs.py); the only host sync per step is reading the sampled tokens.
+
+    kv_cache: [num_blocks + 1, num_layers, 2, block_size, num_kv_heads, head_dim]
+
+Blocks 0 .. num_blocks-1 are the engine's; block `num_blocks` is the runner's scratch
+block, where padding rows of CUDA-graph batches write. Migration indexes
+`kv_cache[block_ids]` with the engine's ids.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+from common.sampling import SamplingParams
+from kernels.attention_torch import paged_attention_torch, write_kv_torch
+from kernels.kv_layout import allocate_kv_cache, bytes_per_block
+from kernels.metadata import AttentionMetadata
+from services.worker.engine.batch import ModelBatch, SeqChunk
+from services.worker.model.config import ModelConfig
+from services.worker.model.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
+from services.worker.model.llama import LlamaModel, PagedAttention, WriteKV
+from services.worker.model.loader import build_random_model, load_model
+from services.worker.sampler import SamplingTensors, sample
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunnerConfig:
+    model_dir: str | None = None  # Hugging Face directory; None: random weights
+    model_config: ModelConfig | None = None  # the random model's shape (model_dir None)
+    seed: int = 0  # the random model's weights seed
+    device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
+    dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None: fp32 CPU, bf16 GPU
+    attention_backend: str = "auto"  # "torch" | "triton" | "flash" | "auto" (triton on a
+    #                                  GPU that takes it, else torch)
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # KV blocks; else sized by kv_cache_gb, else (GPU) memory
+    kv_cache_gb: float | None = None  # KV cache size in GiB
+    gpu_memory_fraction: float = 0.9  # KV share of the GPU memory free after the weights and
+    #                                   the largest step's activations (the rest: graphs, slack)
+    max_model_len: int | None = None  # cap on sequence length (default: the model's)
+    max_num_tokens: int = 8192  # largest step the engine runs (GPU activation profiling)
+    max_num_seqs: int = 256  # most requests in one step (profiling, largest CUDA graph)
+    cuda_graphs: bool = True  # capture decode graphs (GPU, non-torch attention backend)
+    cpu_threads: int | None = 1  # torch intra-op threads (process-wide) on CPU; None: torch's
+    #                              default (one per core). Several workers sharing a small
+    #                              CPU with more threads than cores run decode 10-25x slower.
+
+
+class ModelRunner:
+    def __init__(self, config: RunnerConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            # Streams, graphs and kernel launches follow the current device.
+            torch.cuda.set_device(self.device)
+        dtype_name = config.dtype or ("bfloat16" if on_gpu else "float32")
+        if dtype_name not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype_name!r}")
+        self.dtype = _DTYPES[dtype_name]
+        if not on_gpu and config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
+
+        if config.model_dir is not None:
+            self.model_config = ModelConfig.from_dir(config.model_dir)
+        elif config.model_config is not None:
+            self.model_config = config.model_config
+        else:
+            raise ValueError("RunnerConfig needs model_dir or model_config")
+        self.attention_backend, write_kv, paged_attention = _attention_backend(
+            config.attention_backend,
+            device=self.device,
+            block_size=config.block_size,
+            head_dim=self.model_config.head_dim,
+            dtype=self.dtype,
+        )
+        self.max_model_len = min(
+            self.model_config.max_model_len, config.max_model_len or self.model_config.max_model_len
+        )
+        self.model: LlamaModel = self._build_model((write_kv, paged_attention))
+
+        # Executor protocol
+        self.block_size = config.block_size
+        self.vocab_size = self.model_config.vocab_size
+        self.eos_token_ids = self.model_config.eos_token_ids
+        self.num_blocks = self._choose_num_blocks()
+        self.pad_block_id = self.num_blocks
+        self.kv_cache = self._allocate_kv(self.num_blocks + 1)
+
+        self.graphs: DecodeGraphs | None = None
+        if on_gpu and config.cuda_graphs and self.attention_backend != "torch":
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(
+                    self.model,
+                    self.kv_cache,
+                    batch_sizes=[b for b in DEFAULT_BATCH_SIZES if b <= config.max_num_seqs],
+                    block_size=self.block_size,
+                    pad_block_id=self.pad_block_id,
+                    max_model_len=self.max_model_len,
+                )
+
+    @torch.inference_mode()
+    def execute(self, batch: ModelBatch) -> list[int]:
+        """Run every chunk (writing its KV); one sampled token per sample=True chunk."""
+        chunks = batch.chunks
+        if not chunks:
+            return []
+        self._check(chunks)
+        sample_rows = [i for i, c in enumerate(chunks) if c.sample]
+        if self._use_graph(chunks):
+            assert self.graphs is not None
+            hidden = self.graphs.run(
+                [c.token_ids[0] for c in chunks],
+                [c.end_pos for c in chunks],
+                [c.block_ids for c in chunks],
+            )
+            rows = sample_rows
+        else:
+            inputs = prepare_inputs(chunks, block_size=self.block_size, device=self.device)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+            rows = [inputs.last_rows[i] for i in sample_rows]
+        if not sample_rows:
+            return []
+        index = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        index = index.to(self.device, non_blocking=True)
+        logits = self.model.compute_logits(hidden.index_select(0, index))  # [n, vocab] fp32
+        st = SamplingTensors.build(
+            [chunks[i].sampling for i in sample_rows],
+            [chunks[i].end_pos for i in sample_rows],
+            vocab_size=self.vocab_size,
+            device=self.device,
+        )
+        return sample(logits, st).tolist()
+
+    # -- step helpers ------------------------------------------------------------------
+
+    def _use_graph(self, chunks: Sequence[SeqChunk]) -> bool:
+        return (
+            self.graphs is not None
+            and len(chunks) <= self.graphs.max_batch_size
+            and all(len(c.token_ids) == 1 for c in chunks)
+        )
+
+    def _check(self, chunks: Sequence[SeqChunk]) -> None:
+        for c in chunks:
+            if not c.token_ids:
+                raise ValueError(f"request {c.req_id}: empty chunk")
+            if c.end_pos > self.max_model_len:
+                raise ValueError(
+                    f"request {c.req_id}: position {c.end_pos - 1} exceeds max_model_len "
+                    f"{self.max_model_len}"
+                )
+            if len(c.block_ids) * self.block_size < c.end_pos:
+                raise ValueError(
+                    f"request {c.req_id}: {len(c.block_ids)} blocks cannot hold {c.end_pos} tokens"
+                )
+
+    # -- construction ------------------------------------------------------------------
+
+    def _build_model(self, attention: tuple[WriteKV, PagedAttention]) -> LlamaModel:
+        if self.config.model_dir is not None:
+            return load_model(
+                self.config.model_dir,
+                device=self.device,
+                dtype=self.dtype,
+                attention=attention,
+                max_model_len=self.max_model_len,
+            )
+        return build_random_model(
+            self.model_config,
+            device=self.device,
+            dtype=self.dtype,
+            seed=self.config.seed,
+            attention=attention,
+            max_model_len=self.max_model_len,
+        )
+
+    def _allocate_kv(self, num_blocks: int) -> torch.Tensor:
+        c = self.model_config
+        return allocate_kv_cache(
+            num_blocks=num_blocks,
+            num_layers=c.num_layers,
+            block_size=self.block_size,
+            num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one KV block (all layers, keys and values)."""
+        c = self.model_config
+        return bytes_per_block(
+            num_layers=c.num_layers,
+            block_size=self.block_size,
+            num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            dtype=self.dtype,
+        )
+
+    def _choose_num_blocks(self) -> int:
+        if self.config.num_blocks is not None:
+            num_blocks = self.config.num_blocks
+        elif self.config.kv_cache_gb is not None:
+            num_blocks = int(self.config.kv_cache_gb * 2**30) // self.block_bytes
+        elif self.device.type == "cuda":
+            num_blocks = self._num_blocks_from_free_memory()
+        else:
+            raise ValueError("on CPU, set num_blocks or kv_cache_gb")
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache would hold {num_blocks} blocks; give it more memory")
+        return num_blocks
+
+    def _num_blocks_from_free_memory(self) -> int:
+        """Blocks fitting in gpu_memory_fraction of the memory free once the weights are
+        loaded and the peak activations of the largest step (a max_num_tokens prefill,
+        then sampling max_num_seqs rows) are set aside."""
+        activation_bytes = self._profile_activation_bytes()
+        free_bytes, _ = torch.cuda.mem_get_info(self.device)
+        kv_bytes = (free_bytes - activation_bytes) * self.config.gpu_memory_fraction
+        return int(kv_bytes) // self.block_bytes
+
+    @torch.inference_mode()
+    def _profile_activation_bytes(self) -> int:
+        num_tokens = min(self.config.max_num_tokens, self.max_model_len)
+        num_blocks = math.ceil(num_tokens / self.block_size)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        kv_cache = self._allocate_kv(num_blocks)
+        base = torch.cuda.memory_allocated(self.device)
+        chunk = SeqChunk(
+            req_id="profile",
+            token_ids=(0,) * num_tokens,
+            start_pos=0,
+            block_ids=tuple(range(num_blocks)),
+            sample=True,
+            sampling=SamplingParams(),
+        )
+        inputs = prepare_inputs([chunk], block_size=self.block_size, device=self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, kv_cache, inputs.meta)
+        num_rows = min(self.config.max_num_seqs, num_tokens)
+        logits = self.model.compute_logits(hidden[:num_rows])
+        del hidden
+        params = SamplingParams(temperature=1.0, top_p=0.9, seed=0)  # the full-sort path
+        st = SamplingTensors.build(
+            [params] * num_rows, [0] * num_rows, vocab_size=self.vocab_size, device=self.device
+        )
+        sample(logits, st)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del kv_cache, logits, st, inputs
+        torch.cuda.empty_cache()
+        return peak
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64, device
+    positions: torch.Tensor  # [T] int64, device
+    meta: AttentionMetadata
+    last_rows: tuple[int, ...]  # per chunk, its last row in the flat [T] layout
+
+
+def prepare_inputs(
+    chunks: Sequence[SeqChunk], *, block_size: int, device: torch.device
+) -> StepInputs:
+    """Flat model inputs of a step (layout in kernels/metadata.py), in two host-to-device
+    copies: one int64 vector and one int32 vector, each sliced into views."""
+    token_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_start_loc = [0]
+    for c in chunks:
+        token_ids.extend(c.token_ids)
+        positions.extend(range(c.start_pos, c.end_pos))
+        pos = c.start_pos
+        while pos < c.end_pos:  # one run of slots per block touched
+            block, offset = divmod(pos, block_size)
+            num = min(block_size - offset, c.end_pos - pos)
+            base = c.block_ids[block] * block_size + offset
+            slots.extend(range(base, base + num))
+            pos += num
+        query_start_loc.append(len(token_ids))
+    num_tokens, num_reqs = len(token_ids), len(chunks)
+    seq_lens = [c.end_pos for c in chunks]
+    # Only the blocks holding tokens (the engine may hand out more), zero-padded.
+    needed = [-(-n // block_size) for n in seq_lens]
+    width = max(needed)
+    tables = [
+        x
+        for c, n in zip(chunks, needed, strict=True)
+        for x in (*c.block_ids[:n], *[0] * (width - n))
+    ]
+    pin = device.type == "cuda"
+    longs = torch.tensor(token_ids + positions + slots, dtype=torch.int64, pin_memory=pin)
+    ints = torch.tensor(seq_lens + query_start_loc + tables, dtype=torch.int32, pin_memory=pin)
+    longs = longs.to(device, non_blocking=True)
+    ints = ints.to(device, non_blocking=True)
+    query_lens = tuple(len(c.token_ids) for c in chunks)
+    meta = AttentionMetadata(
+        query_start_loc=ints[num_reqs : 2 * num_reqs + 1],
+        seq_lens=ints[:num_reqs],
+        block_tables=ints[2 * num_reqs + 1 :].view(num_reqs, width),
+        slot_mapping=longs[2 * num_tokens :],
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_host=query_lens,
+        seq_lens_host=tuple(seq_lens),
+    )
+    return StepInputs(
+        input_ids=longs[:num_tokens],
+        positions=longs[num_tokens : 2 * num_tokens],
+        meta=meta,
+        last_rows=tuple(q - 1 for q in query_start_loc[1:]),
+    )
+
+
+def _attention_backend(
+    name: str, *, device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype
+) -> tuple[str, WriteKV, PagedAttention]:
+    """(resolved name, write_kv, paged_attention) of a backend: "torch" | "triton" |
+    "flash" | "auto". kernels.get_backend checks the cache config up front and resolves
+    "auto"; until it is on this branch, only the torch reference exists."""
+    get_backend = getattr(kernels, "get_backend", None)
+    if get_backend is None:
+        if name not in ("torch", "auto"):
+            raise ValueError(f"attention backend {name!r} is not available; only 'torch' is")
+        return "torch", write_kv_torch, paged_attention_torch
+    backend = get_backend(
+        name, device=device, block_size=block_size, head_dim=head_dim, dtype=dtype
+    )
+    return backend.name, backend.write_kv, backend.paged_attention
