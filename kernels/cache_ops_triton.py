@@ -84,6 +84,10 @@ def write_kv_triton(
     if v.stride(-1) != 1:
         v = v.contiguous()
     assert k_cache.stride(-1) == 1, "the cache's head_dim must be contiguous"
+    heads_pad = triton.next_power_of_2(num_kv_heads)
+    # one warp moves 512 bytes per pass at 16 bytes a thread; fewer warps for small rows
+    row_bytes = heads_pad * head_dim * k_cache.element_size()
+    num_warps = max(1, min(4, row_bytes // 512))
     _write_kv_kernel[(num_tokens,)](
         k,
         v,
@@ -98,8 +102,8 @@ def write_kv_triton(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
-        HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEADS_PAD=heads_pad,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1],
-        num_warps=4,
+        num_warps=num_warps,
     )

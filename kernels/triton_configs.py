@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-# Shared memory a config may plan for: an H100/H200 block may use up to 227 KiB, and
-# Triton adds a little of its own (layout conversions, softmax row statistics).
-SMEM_BUDGET_BYTES = 180 * 1024
+# Shared memory the default configs plan for (an H100/H200 block may use up to 227 KiB,
+# and Triton adds a little of its own). Prefill runs one big program per SM; decode wants
+# three resident per SM (PROGRAMS_PER_SM) to keep enough loads in flight.
+PREFILL_SMEM_BUDGET = 160 * 1024
+DECODE_SMEM_BUDGET = 75 * 1024
 # K/V tiles Triton's pipeliner keeps resident per loop (seen in the sm_90 TTGIR of both
 # kernels at their default num_stages: a double buffer).
 KV_BUFFERS = 2
@@ -31,7 +33,7 @@ REDUCE_TILES = 2  # the merge kernel's launch and pass over the partial results
 class DecodeConfig:
     block_n: int = 64  # keys per tile (power of two >= 16; need not match block_size)
     num_warps: int = 4
-    num_stages: int = 3  # K/V tiles in flight per program (software pipelining depth)
+    num_stages: int = 5  # software pipelining depth (see default_decode_config)
     num_splits: int | None = None  # None: chosen by choose_num_splits at each launch
 
 
@@ -51,25 +53,31 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def fit_tiles(*, block_m: int, block_n: int, head_dim: int, elem_bytes: int) -> tuple[int, int]:
+def fit_tiles(
+    *, block_m: int, block_n: int, head_dim: int, elem_bytes: int, budget: int
+) -> tuple[int, int]:
     """Halve block_n, then block_m, until the q tile plus KV_BUFFERS K and V tiles fit in
-    SMEM_BUDGET_BYTES. Neither goes below 16 rows, the smallest tl.dot."""
+    `budget` bytes. Neither goes below 16 rows, the smallest tl.dot."""
 
     def smem(m: int, n: int) -> int:
         return (m + 2 * KV_BUFFERS * n) * head_dim * elem_bytes
 
-    while smem(block_m, block_n) > SMEM_BUDGET_BYTES and block_n > 16:
+    while smem(block_m, block_n) > budget and block_n > 16:
         block_n //= 2
-    while smem(block_m, block_n) > SMEM_BUDGET_BYTES and block_m > 16:
+    while smem(block_m, block_n) > budget and block_m > 16:
         block_m //= 2
     return block_m, block_n
 
 
 def default_decode_config(*, head_dim: int, dtype: torch.dtype) -> DecodeConfig:
-    """64-key tiles, double-buffered (num_stages 5: the block-id load ahead of each tile
-    takes pipeline stages of its own; at 3 or 4 the K/V tiles get a single buffer)."""
-    _, block_n = fit_tiles(block_m=16, block_n=64, head_dim=head_dim, elem_bytes=itemsize(dtype))
-    return DecodeConfig(block_n=block_n, num_warps=4 if head_dim <= 128 else 8, num_stages=5)
+    """64-key tiles (bf16, D <= 128), double-buffered: num_stages 5, because the block-id
+    load ahead of each tile takes pipeline stages of its own (at 3 or 4 the sm_90 TTGIR
+    shows a single K/V buffer)."""
+    _, block_n = fit_tiles(
+        block_m=16, block_n=64, head_dim=head_dim, elem_bytes=itemsize(dtype),
+        budget=DECODE_SMEM_BUDGET,
+    )  # fmt: skip
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=5)
 
 
 def default_prefill_config(
@@ -79,10 +87,12 @@ def default_prefill_config(
     mostly-decode mixed batch), so padding rows do not multiply the work."""
     rows = next_power_of_2(max(1, max_query_len) * group)
     block_m = min(128, max(16, rows))
-    block_m = max(block_m, next_power_of_2(group))  # a tile holds at least one token's group
+    if dtype == torch.float32:  # tf32x3 dots stage extra operand copies in shared memory
+        block_m = min(block_m, 64)
     block_m, block_n = fit_tiles(
-        block_m=block_m, block_n=64, head_dim=head_dim, elem_bytes=itemsize(dtype)
-    )
+        block_m=block_m, block_n=64, head_dim=head_dim, elem_bytes=itemsize(dtype),
+        budget=PREFILL_SMEM_BUDGET,
+    )  # fmt: skip
     block_m = max(block_m, next_power_of_2(group))
     num_warps = 8 if block_m * head_dim >= 128 * 128 else 4
     return PrefillConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=3)
