@@ -85,7 +85,8 @@ def make_case(
     blocks_per_req = [math.ceil(s / block_size) for s in seq_lens]
     max_blocks = max(blocks_per_req, default=0) + 1
     num_blocks = sum(blocks_per_req) + spare_blocks * len(seq_lens) + 1
-    gen_device = generator.device if generator is not None else torch.device("cpu")
+    # with a generator, draw on its device (reproducible); without, on `device` (fast)
+    gen_device = generator.device if generator is not None else torch.device(device)
 
     def randn(*shape: int) -> torch.Tensor:
         x = torch.randn(*shape, generator=generator, device=gen_device)
