@@ -49,7 +49,7 @@ PREFILL_TILES = [
     for bm in (64, 128)
     for bn in (32, 64, 128)
     for w in (4, 8)
-    for s in (2, 3, 4)
+    for s in (2, 3, 5)  # 3 and 4 pipeline alike (the block-id load takes a stage)
     if not (bm == 128 and w == 4)
 ]  # (block_m, block_n, num_warps, num_stages)
 
