@@ -35,7 +35,7 @@ def _write_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_mapping_ptr + token)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)  # int32 slots would overflow
     if slot < 0:
         return
     block_id = slot // BLOCK_SIZE
@@ -83,7 +83,8 @@ def write_kv_triton(
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    assert k_cache.stride(-1) == 1, "the cache's head_dim must be contiguous"
+    if k_cache.stride(-1) != 1:
+        raise ValueError("the cache's head_dim dimension must be contiguous")
     heads_pad = triton.next_power_of_2(num_kv_heads)
     # one warp moves 512 bytes per pass at 16 bytes a thread; fewer warps for small rows
     row_bytes = heads_pad * head_dim * k_cache.element_size()

@@ -281,3 +281,19 @@ def test_backend_selection_on_gpu() -> None:
     backend.write_kv(case.k_new, case.v_new, case.k_cache, case.v_cache, case.meta.slot_mapping)
     out = backend.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
     _check(case, out)
+
+
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_flash_backend_matches_reference(kind: str) -> None:
+    """Runs only where flash-attn is installed; it needs 256-token blocks."""
+    from kernels import get_backend
+    from kernels.attention_flash import unavailable_reason
+
+    reason = unavailable_reason(device="cuda", block_size=256, head_dim=128, dtype=torch.bfloat16)
+    if reason is not None:
+        pytest.skip(reason)
+    backend = get_backend("flash", device="cuda", block_size=256, head_dim=128)
+    case = _make(f"flash-{kind}", kind, "gqa4", 128, torch.bfloat16, block_size=256)
+    backend.write_kv(case.k_new, case.v_new, case.k_cache, case.v_cache, case.meta.slot_mapping)
+    out = backend.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
+    _check(case, out)

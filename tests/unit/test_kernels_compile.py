@@ -66,10 +66,14 @@ def compile_sm90(launch: Launch, *, dot_mode: str) -> Compiled:
     launchers saw CPU tensors and chose the interpreter's dot; `dot_mode` puts back the
     one a GPU launch would choose."""
     import triton
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource
+
+    try:  # Triton internals (written against 3.6): the same calls JITFunction.run makes
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend, GPUTarget
+        from triton.backends.nvidia.compiler import CUDABackend
+        from triton.compiler import ASTSource
+    except ImportError as exc:
+        pytest.skip(f"this Triton's internals differ from 3.6's: {exc}")
 
     fn = launch.fn
     kwargs = dict(launch.kwargs)
