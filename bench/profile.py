@@ -72,13 +72,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="KV blocks of the profiled instance (default: the runner's)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--grid", choices=sorted(GRIDS), default=None)
-    parser.add_argument("--attention-backend", default=None)
+    parser.add_argument("--attention-backend", default="auto")
     args = parser.parse_args(argv)
-
-    from services.worker.runner import ModelRunner, RunnerConfig
 
     from services.worker.entry import DEFAULT_CPU_KV_GB, resolve_device
     from services.worker.model.resolve import resolve_model
+    from services.worker.runner import ModelRunner, RunnerConfig
 
     device = resolve_device(args.device)
     model_dir = resolve_model(args.model)

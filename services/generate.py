@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--attention-backend", default=None, choices=["torch", "triton", "flash"])
+    parser.add_argument("--attention-backend", default="auto",
+                        choices=["auto", "torch", "triton", "flash"])
     parser.add_argument("--num-blocks", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--json", action="store_true", help="JSON lines (the only format)")

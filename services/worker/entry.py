@@ -105,7 +105,7 @@ def build_engine(config: WorkerConfig, *, sim_speedup: float = 1.0) -> Engine:
     runner = ModelRunner(RunnerConfig(
         model_dir=str(resolve_model(config.model)),
         device=config.device,
-        attention_backend=None if config.attention_backend == "auto" else config.attention_backend,
+        attention_backend=config.attention_backend,
         block_size=config.block_size,
         num_blocks=config.num_blocks or None,
         kv_cache_gb=None if config.num_blocks else kv_gb,
