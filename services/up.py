@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             "workers": args.workers if not args.autoscale else f"{args.min_workers}-"
                                                                    f"{args.max_workers}",
             "model": model_dir,
+            "pids": {name: proc.pid for name, proc in cluster.children},
         }), flush=True)
         reported: set[str] = set()
         while not stop["now"]:
