@@ -272,7 +272,10 @@ class MigrationDone:
     num_blocks: int  # KV blocks copied in all
     num_bytes: int
     total_s: float  # from MigrateOut to the end
-    downtime_s: float  # from the request's last step on src to its first on dst
+    downtime_s: float  # from the end of the request's last step on src to the end of its
+    # first step on dst (wall clocks of the two hosts; 0 for a queued request)
+    first_stage_bytes: int = 0  # the bulk stage (all full blocks while decoding goes on)
+    first_stage_s: float = 0.0  # its transfer time (gather + send), seconds
 
 
 # ---------------------------------------------------------------------------------------
@@ -294,6 +297,7 @@ class MigrateOut:
     dst_instance_id: str
     dst_inbox_addr: str
     req_id: str | None  # None: the source picks (shortest running, low priority first)
+    max_stages: int = -1  # stages before the pausing one; -1: the worker's limit, 0: stop-and-copy
 
 
 @REGISTRY.message(52)
@@ -391,6 +395,7 @@ class MigCommitAck:
     migration_id: str
     ok: bool
     reason: str
+    resumed_s: float = 0.0  # wall clock (time.time()) when the request's first step here ended
 
 
 @REGISTRY.message(66)

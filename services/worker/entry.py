@@ -97,13 +97,18 @@ def build_engine(config: WorkerConfig, *, sim_speedup: float = 1.0) -> Engine:
                                             speedup=sim_speedup)
         return Engine(executor, config.engine)
 
-    from services.worker.model.resolve import resolve_model
+    from services.worker.model.resolve import RANDOM_PREFIX, preset_config, resolve_model
     from services.worker.runner import ModelRunner, RunnerConfig
 
     on_cpu = config.device == "cpu"
     kv_gb = config.kv_cache_gb or (DEFAULT_CPU_KV_GB if on_cpu else None)
+    # "random:PRESET": the preset's shape with weights drawn on the device, no files
+    # (GPU benchmarks of 7-8B shapes without writing 16 GB first).
+    is_random = config.model.startswith(RANDOM_PREFIX)
     runner = ModelRunner(RunnerConfig(
-        model_dir=str(resolve_model(config.model)),
+        model_dir=None if is_random else str(resolve_model(config.model)),
+        model_config=preset_config(config.model) if is_random else None,
+        random_on_device=is_random,
         device=config.device,
         attention_backend=config.attention_backend,
         block_size=config.block_size,

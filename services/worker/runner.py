@@ -40,6 +40,7 @@ class RunnerConfig:
     model_dir: str | None = None  # Hugging Face directory; None: random weights
     model_config: ModelConfig | None = None  # the random model's shape (model_dir None)
     seed: int = 0  # the random model's weights seed
+    random_on_device: bool = False  # random weights drawn on the device (fast; see loader)
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
     dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None: fp32 CPU, bf16 GPU
     attention_backend: str = "auto"  # "torch" | "triton" | "flash" | "auto" (triton on a
@@ -187,6 +188,7 @@ class ModelRunner:
             seed=self.config.seed,
             attention=attention,
             max_model_len=self.max_model_len,
+            on_device=self.config.random_on_device,
         )
 
     def _allocate_kv(self, num_blocks: int) -> torch.Tensor:

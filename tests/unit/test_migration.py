@@ -330,3 +330,23 @@ def test_refusals_are_reported():
             assert not done.committed and "this instance" in done.reason
 
     run(body())
+
+
+def test_stop_and_copy_sends_everything_in_one_paused_stage():
+    async def body():
+        async with cluster() as (net, gateway, (a, b)):
+            add(a, "r3", greedy(120))
+            await wait_until(lambda: len(gateway.tokens.get("r3", [])) >= 30)
+            migration_id = "stop-and-copy"
+            a.deliver(wire.MigrateOut(migration_id=migration_id, dst_instance_id=b.name,
+                                      dst_inbox_addr=b.addr, req_id="r3", max_stages=0))
+            done = await wait_done(net, migration_id)
+            assert done.committed and done.num_stages == 1
+            assert done.first_stage_bytes == done.num_bytes > 0
+            # downtime: the end of r3's last step on a to the end of its first on b
+            assert 0 < done.downtime_s < done.total_s
+            await finish_all(gateway, ["r3"])
+            assert gateway.tokens["r3"] == reference_tokens(PROMPTS["r3"], greedy(120))
+            assert_pools_whole(a, b)
+
+    run(body())

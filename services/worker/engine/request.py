@@ -30,6 +30,7 @@ class Request:
     num_preemptions: int = 0
     num_delivered: int = 0  # output tokens already handed out in a RequestOutput
     finish_reason: str | None = None
+    last_step_s: float = 0.0  # wall clock (time.time()) at the end of its latest step
 
     @property
     def num_tokens(self) -> int:

@@ -16,6 +16,7 @@ preempted.
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 from common.config import EngineConfig
@@ -152,11 +153,13 @@ class LocalScheduler:
         """Record a step's results; return the requests' new tokens (and finishes)."""
         outputs = [self._take_output(req) for req in plan.finished]
         sampled_iter = iter(sampled)
+        now = time.time()
         for chunk, req in zip(plan.chunks, plan.reqs, strict=True):
             token = next(sampled_iter) if chunk.sample else None
             if req.status is not Status.RUNNING:
                 continue  # left the batch since schedule() (aborted, paused)
             req.num_computed_tokens = chunk.end_pos
+            req.last_step_s = now
             if token is None:
                 continue
             req.output_token_ids.append(token)

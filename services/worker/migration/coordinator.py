@@ -124,6 +124,7 @@ class MigrationCoordinator:
             req_id=msg.req_id or "",
             dst_instance_id=msg.dst_instance_id,
             dst_inbox_addr=msg.dst_inbox_addr,
+            max_stages=msg.max_stages,
         )
         if msg.dst_instance_id == self.config.instance_id:
             return self._refuse(mig, "destination is this instance")

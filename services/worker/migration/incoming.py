@@ -40,6 +40,7 @@ class IncomingMigration:
     phase: InPhase = InPhase.RESERVED
     inbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=64))
     first_step: asyncio.Event = field(default_factory=asyncio.Event)
+    resumed_s: float = 0.0  # wall clock at the end of the request's first step here
     num_computed_at_import: int = 0
     started_s: float = field(default_factory=time.perf_counter)
 
@@ -137,13 +138,14 @@ class IncomingRunner:
         if waiter not in done:
             raise _Abort("request did not step after import", tell_source=True)
         self.send(mig.src_inbox_addr, wire.MigCommitAck(
-            migration_id=mig.migration_id, ok=True, reason=""))
+            migration_id=mig.migration_id, ok=True, reason="", resumed_s=mig.resumed_s))
         mig.phase = InPhase.DONE
 
     def note_step(self) -> None:
         """Called after each engine step while COMMITTED."""
         req = self.engine.get(self.mig.req_id)
         if req is None or req.num_computed_tokens > self.mig.num_computed_at_import:
+            self.mig.resumed_s = time.time() if req is None else req.last_step_s
             self.mig.first_step.set()
 
     def _abort(self, reason: str, *, tell_source: bool = False) -> None:

@@ -70,7 +70,11 @@ class OutgoingMigration:
     num_bytes: int = 0
     started_s: float = field(default_factory=time.perf_counter)
     paused_s: float | None = None  # when the request left the source's batch
+    last_step_s: float = 0.0  # wall clock: end of the request's last step here
     downtime_s: float = 0.0
+    max_stages: int = -1  # from MigrateOut: -1 the worker's limit
+    first_stage_bytes: int = 0
+    first_stage_s: float = 0.0
     reason: str = ""
 
     def done_message(self, src_instance_id: str) -> wire.MigrationDone:
@@ -86,6 +90,8 @@ class OutgoingMigration:
             num_bytes=self.num_bytes,
             total_s=time.perf_counter() - self.started_s,
             downtime_s=self.downtime_s,
+            first_stage_bytes=self.first_stage_bytes,
+            first_stage_s=self.first_stage_s,
         )
 
 
@@ -158,7 +164,8 @@ class OutgoingRunner:
     async def _stages(self, req: Request) -> None:
         """Send full blocks while the request keeps decoding, until few are left."""
         mig = self.mig
-        while mig.num_stages < self.limits.stage_limit:
+        stage_limit = self.limits.stage_limit if mig.max_stages < 0 else mig.max_stages
+        while mig.num_stages < stage_limit:
             self._check_still_here(req)
             num_full = req.num_computed_tokens // self.block_size
             if num_full - mig.num_blocks_sent <= self.limits.last_stage_blocks:
@@ -171,6 +178,7 @@ class OutgoingRunner:
         mig.phase = Phase.FINAL
         self.engine.pause(req.req_id)
         mig.paused_s = time.perf_counter()
+        mig.last_step_s = req.last_step_s
         await self._send_stage(req, self.engine.blocks.blocks_for(req.num_computed_tokens),
                                wait_ack=False)
         await self._commit(req, req)
@@ -206,7 +214,8 @@ class OutgoingRunner:
             break
         if not ack.ok:
             raise MigrationAborted(f"destination could not commit: {ack.reason}", notify_peer=False)
-        mig.downtime_s = time.perf_counter() - mig.paused_s
+        if mig.last_step_s and ack.resumed_s:
+            mig.downtime_s = max(0.0, ack.resumed_s - mig.last_step_s)
         self.engine.remove(req.req_id)
         mig.phase = Phase.COMMITTED
 
@@ -224,10 +233,15 @@ class OutgoingRunner:
         # Pinned: if the request finishes or is preempted meanwhile, its blocks are not
         # handed to anyone else until the read is over.
         self.engine.blocks.incref(block_ids)
+        start = time.perf_counter()
         try:
-            mig.num_bytes += await self.kv.send(mig.dst_instance_id, block_ids, self.ready_event())
+            num_bytes = await self.kv.send(mig.dst_instance_id, block_ids, self.ready_event())
         finally:
             self.engine.blocks.free(block_ids)
+        mig.num_bytes += num_bytes
+        if mig.num_stages == 0:
+            mig.first_stage_bytes = num_bytes
+            mig.first_stage_s = time.perf_counter() - start
         mig.num_blocks_sent = end_block
         mig.num_stages += 1
         if wait_ack:

@@ -16,12 +16,24 @@ from pathlib import Path
 from common import env
 
 PRESET_NAMES = ("tiny", "llama2-7b", "llama3-8b")
+# "random:PRESET" names a preset's shape with random weights made in memory, no files.
+RANDOM_PREFIX = "random:"
 # Marker written last into a complete model directory.
 COMPLETE_MARKER = ".ferry-complete"
 
 
 def is_preset(name: str) -> bool:
     return name in PRESET_NAMES
+
+
+def preset_config(name: str):
+    """The ModelConfig of "random:PRESET" (or of a bare preset name)."""
+    from services.worker.model.make_model import PRESETS
+
+    preset = name.removeprefix(RANDOM_PREFIX)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[preset].config
 
 
 def preset_dir(name: str) -> Path:
