@@ -64,7 +64,8 @@ def time_batch(runner, batch: ModelBatch, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ferry profile", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", help="model directory or preset name")
+    parser.add_argument("--model", default="tiny",
+                        help="model directory, preset name, or random:PRESET (weights in memory)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True, help="profile JSON to write")
     parser.add_argument("--name", default="", help="profile name (default: model-device)")
@@ -76,14 +77,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from services.worker.entry import DEFAULT_CPU_KV_GB, resolve_device
-    from services.worker.model.resolve import resolve_model
+    from services.worker.model.resolve import RANDOM_PREFIX, preset_config, resolve_model
     from services.worker.runner import ModelRunner, RunnerConfig
 
     device = resolve_device(args.device)
-    model_dir = resolve_model(args.model)
+    is_random = args.model.startswith(RANDOM_PREFIX)  # a preset's shape, weights in memory
+    model_name = args.model.removeprefix(RANDOM_PREFIX) if is_random else \
+        resolve_model(args.model).name
     prefills, decodes, contexts = GRIDS[args.grid or ("cpu" if device == "cpu" else "gpu")]
     runner = ModelRunner(RunnerConfig(
-        model_dir=str(model_dir), device=device, attention_backend=args.attention_backend,
+        model_dir=None if is_random else str(resolve_model(args.model)),
+        model_config=preset_config(args.model) if is_random else None,
+        random_on_device=is_random,
+        device=device, attention_backend=args.attention_backend,
         num_blocks=args.num_blocks or None,
         kv_cache_gb=None if args.num_blocks or device != "cpu" else DEFAULT_CPU_KV_GB,
         max_num_tokens=max(prefills) + max(decodes),
@@ -113,9 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     errors = [abs(latency.step_time(f) - t) / t for f, t in fit_rows]
     mc = runner.model_config
     profile = Profile(
-        name=args.name or f"{model_dir.name}-{device}",
+        name=args.name or f"{model_name}-{device}",
         device=_device_name(device),
-        model={"dir": model_dir.name, "num_layers": mc.num_layers,
+        model={"name": model_name, "num_layers": mc.num_layers,
                "hidden_size": mc.hidden_size, "num_kv_heads": mc.num_kv_heads,
                "head_dim": mc.head_dim, "dtype": str(runner.dtype).removeprefix("torch.")},
         block_size=runner.block_size,

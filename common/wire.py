@@ -276,6 +276,7 @@ class MigrationDone:
     # first step on dst (wall clocks of the two hosts; 0 for a queued request)
     first_stage_bytes: int = 0  # the bulk stage (all full blocks while decoding goes on)
     first_stage_s: float = 0.0  # its transfer time (gather + send), seconds
+    kv_verified: bool = False  # committed with a KV checksum the destination matched
 
 
 # ---------------------------------------------------------------------------------------
@@ -387,6 +388,7 @@ class RequestState:
 class MigCommit:
     migration_id: str
     state: RequestState
+    kv_checksum: int | None = None  # verify mode: exact sum of the KV blocks' bit patterns
 
 
 @REGISTRY.message(65)

@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--migration-last-stage-blocks", type=int, default=2)
     parser.add_argument("--migration-timeout", type=float, default=30.0)
     parser.add_argument("--migration-chunk-mb", type=int, default=64)
+    parser.add_argument("--migration-verify-kv", action="store_true",
+                        help="checksum each migrated request's KV at commit (debugging)")
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -73,6 +75,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         migration_last_stage_blocks=args.migration_last_stage_blocks,
         migration_timeout_s=args.migration_timeout,
         migration_chunk_bytes=args.migration_chunk_mb * 2**20,
+        migration_verify_kv=args.migration_verify_kv,
     )
 
 

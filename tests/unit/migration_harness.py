@@ -65,7 +65,7 @@ class Node:
             scheduler_addr=SCHEDULER,
             model="fake",
             **{"migration_timeout_s": 5.0, "migration_stage_limit": 4,
-               "migration_last_stage_blocks": 1, **worker_kw},
+               "migration_last_stage_blocks": 1, "migration_verify_kv": True, **worker_kw},
         )
         kv = KVTransport(self.engine.executor.kv_cache, instance_id=name,
                          advertise_host="127.0.0.1", chunk_bytes=config.migration_chunk_bytes,

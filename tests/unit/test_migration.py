@@ -77,6 +77,7 @@ def test_migrated_mid_decode_yields_the_same_tokens(make_sampling):
             await wait_until(lambda: len(gateway.tokens.get("r3", [])) >= 5)
             done = await wait_done(net, migrate(net, a, b, "r3"))
             assert done.committed, done.reason
+            assert done.kv_verified  # the destination's KV sums to the source's
             assert done.num_blocks > 0 and done.num_bytes == done.num_blocks * 4 * 8
             assert b.engine.get("r3") is not None or "r3" in gateway.finished
             await finish_all(gateway, PROMPTS)
@@ -347,6 +348,29 @@ def test_stop_and_copy_sends_everything_in_one_paused_stage():
             assert 0 < done.downtime_s < done.total_s
             await finish_all(gateway, ["r3"])
             assert gateway.tokens["r3"] == reference_tokens(PROMPTS["r3"], greedy(120))
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_corrupted_kv_is_caught_by_the_checksum_and_the_request_goes_on():
+    async def body():
+        async with cluster() as (net, gateway, (a, b)):
+            add(a, "r3", greedy(150))
+            await wait_until(lambda: len(gateway.tokens.get("r3", [])) >= 10)
+            real_recv = b.coordinator.kv.recv
+
+            async def corrupting_recv(group_id, block_ids):
+                num_bytes = await real_recv(group_id, block_ids)
+                b.engine.executor.kv_cache[block_ids[0], 0] += 1  # one slot off
+                return num_bytes
+
+            b.coordinator.kv.recv = corrupting_recv
+            done = await wait_done(net, migrate(net, a, b, "r3"))
+            assert not done.committed and "checksum" in done.reason
+            await finish_all(gateway, ["r3"])
+            assert gateway.tokens["r3"] == reference_tokens(PROMPTS["r3"], greedy(150))
+            await wait_until(lambda: b.engine.blocks.num_reserved == 0)
             assert_pools_whole(a, b)
 
     run(body())

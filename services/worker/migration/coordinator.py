@@ -84,6 +84,7 @@ class MigrationCoordinator:
             last_stage_blocks=config.migration_last_stage_blocks,
             growth_tokens=4 * engine.blocks.block_size,
             timeout_s=config.migration_timeout_s,
+            verify_kv=config.migration_verify_kv,
         )
         self.log = get_logger(instance_id=config.instance_id)
         self.outgoing: dict[str, OutgoingMigration] = {}

@@ -104,6 +104,11 @@ class IncomingRunner:
         num_blocks = self.engine.blocks.blocks_for(state.num_computed_tokens)
         if num_blocks > len(self.engine.blocks.reserved(mig.migration_id)):
             raise _Abort("commit needs more blocks than were received", tell_source=True)
+        if msg.kv_checksum is not None:
+            received = self.kv.checksum(self.engine.blocks.reserved(mig.migration_id)[:num_blocks])
+            if received != msg.kv_checksum:
+                raise _Abort(f"KV checksum mismatch ({received} != {msg.kv_checksum})",
+                             tell_source=True)
         block_ids = self.engine.blocks.take_reserved(mig.migration_id, num_blocks)
         self.engine.import_request(ExportedRequest(
             req_id=state.req_id,

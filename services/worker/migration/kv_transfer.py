@@ -121,11 +121,12 @@ class KVTransport:
         thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kv-{group_id}")
 
         def build() -> object:
+            self._bind_device()
             prefixed = dist.PrefixStore(group_id, store if isinstance(store, dist.TCPStore)
                                         else store())
             if self.backend == "nccl":
                 options = dist.ProcessGroupNCCL.Options()
-                options.is_high_priority_stream = True
+                options.is_high_priority_stream = True  # KV copies jump the queue
                 return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
             return dist.ProcessGroupGloo(prefixed, rank, 2, self.timeout)
 
@@ -153,6 +154,15 @@ class KVTransport:
     def close(self) -> None:
         for group in list(self._sending.values()) + list(self._receiving.values()):
             self._drop(group)
+
+    def checksum(self, block_ids: list[int]) -> int:
+        """Exact, order-independent digest of the blocks' contents: the sum of their bit
+        patterns as integers (same value on any device, no float rounding)."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.kv_cache.device)
+        data = self.kv_cache.index_select(0, idx)
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        ints = data.view(bits[data.element_size()])
+        return int(ints.sum(dtype=torch.int64).item())
 
     # ---- transfers ----------------------------------------------------------------------
 
@@ -186,7 +196,13 @@ class KVTransport:
             ]
         return group.staging
 
+    def _bind_device(self) -> None:
+        """The current CUDA device is per thread: make it the KV cache's in this one."""
+        if self.kv_cache.is_cuda:
+            torch.cuda.set_device(self.kv_cache.device)
+
     def _send_blocks(self, group: KVGroup, block_ids: list[int], ready_event) -> int:
+        self._bind_device()
         pg = group.ready.result(timeout=self.timeout.total_seconds())
         chunks = self._chunks(block_ids)
         staging = self._staging(group)
@@ -212,6 +228,7 @@ class KVTransport:
         return len(block_ids) * self.block_bytes
 
     def _recv_blocks(self, group: KVGroup, block_ids: list[int]) -> int:
+        self._bind_device()
         pg = group.ready.result(timeout=self.timeout.total_seconds())
         chunks = self._chunks(block_ids)
         staging = self._staging(group)
@@ -257,3 +274,6 @@ class SimulatedTransport:
 
     def close(self) -> None:
         pass
+
+    def checksum(self, block_ids: list[int]) -> int:
+        return 0  # no tensors to check

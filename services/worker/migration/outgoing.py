@@ -55,6 +55,7 @@ class MigrationLimits:
     last_stage_blocks: int  # pause once at most this many new full blocks remain
     growth_tokens: int  # tokens of headroom reserved for decoding during the stages
     timeout_s: float  # a reply not arriving within this aborts
+    verify_kv: bool = False  # send a checksum of the KV with the commit
 
 
 @dataclass(slots=True)
@@ -75,6 +76,7 @@ class OutgoingMigration:
     max_stages: int = -1  # from MigrateOut: -1 the worker's limit
     first_stage_bytes: int = 0
     first_stage_s: float = 0.0
+    kv_verified: bool = False  # a checksum went with the commit (the ack means it matched)
     reason: str = ""
 
     def done_message(self, src_instance_id: str) -> wire.MigrationDone:
@@ -92,6 +94,7 @@ class OutgoingMigration:
             downtime_s=self.downtime_s,
             first_stage_bytes=self.first_stage_bytes,
             first_stage_s=self.first_stage_s,
+            kv_verified=self.kv_verified and self.phase is Phase.COMMITTED,
         )
 
 
@@ -189,8 +192,14 @@ class OutgoingRunner:
         if mig.paused_s is None:
             mig.paused_s = time.perf_counter()
         state = self.engine.export_state(req.req_id)
+        checksum = None
+        if self.limits.verify_kv and state.num_computed_tokens:
+            num_blocks = self.engine.blocks.blocks_for(state.num_computed_tokens)
+            checksum = self.kv.checksum(req.block_ids[:num_blocks])
+            mig.kv_verified = True
         self.send(mig.dst_inbox_addr, wire.MigCommit(
             migration_id=mig.migration_id,
+            kv_checksum=checksum,
             state=wire.RequestState(
                 req_id=state.req_id,
                 prompt_token_ids=state.prompt_token_ids,
