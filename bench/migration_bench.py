@@ -185,14 +185,15 @@ class Driver:
             rounds = []
             for length in [int(x) for x in args.lengths.split(",")]:
                 req_ids = [self.dispatch(src, length, DECODE_TOKENS) for src in sources]
-                await self.until(lambda: all(self.streams[r].num_tokens >= 4 for r in req_ids),
+                await self.until(lambda ids=req_ids: all(self.streams[r].num_tokens >= 4
+                                                         for r in ids),
                                  300, "the requests to decode")
                 dones = await asyncio.gather(*[self.migrate(r, max_stages=-1, src=s)
                                                for r, s in zip(req_ids, sources, strict=True)])
                 before = {r: self.streams[r].num_tokens for r in req_ids}
-                await self.until(lambda: all(self.streams[r].num_tokens >= before[r] + 8
-                                             and self.streams[r].instance_id == "dst"
-                                             for r in req_ids), 120, "streams from dst")
+                await self.until(lambda ids=req_ids, seen=before: all(
+                    self.streams[r].num_tokens >= seen[r] + 8 and self.streams[r].instance_id
+                    == "dst" for r in ids), 120, "streams from dst")
                 for r in req_ids:
                     self.send(self.workers["dst"], wire.Abort(req_id=r, reason="bench"))
                 rounds.append({
