@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks, run on the lent H200 machines (see docs/gpu.md):
+#   bench/gpu_checks.sh STEP [STEP...]    steps: tests kernels engine profiles migration concurrent
+# Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
+# image lacks in .whl (make gpu-wheels).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/tmp}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 FERRY_MODEL_CACHE=/tmp/ferry-models FERRY_LOG_LEVEL=warning
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
+
+for step in "$@"; do
+  echo "=== $step"
+  case $step in
+    tests)
+      timeout 420 python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider -o addopts="" \
+        -rs --timeout 400 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    kernels)
+      timeout 400 python3 -m bench.kernels_bench --out "$OUT/kernels_h200.json" 2>&1 \
+        | tee "$OUT/kernels_h200.log" | tail -40 ;;
+    engine)
+      timeout 400 python3 -m bench.engine_bench --out "$OUT/engine_h200.json" 2>&1 \
+        | tee "$OUT/engine_h200.log" | tail -20 ;;
+    profiles)
+      for preset in llama3-8b llama2-7b; do
+        timeout 250 python3 -m services.cli profile --model "random:$preset" --device cuda \
+          --name "$preset-h200" --out "$OUT/$preset-h200.json" 2>&1 | tail -3
+      done ;;
+    migration)
+      timeout 560 python3 -m bench.migration_bench --devices cuda:0,cuda:1 --log-dir "$OUT/mlogs" \
+        --out "$OUT/migration_h200x2.json" 2>&1 | tee "$OUT/migration_h200x2.log" | tail -14 ;;
+    concurrent)
+      timeout 400 python3 -m bench.migration_bench --devices cuda:0,cuda:1,cuda:2,cuda:3 \
+        --concurrent --verify-kv --lengths 1024,8192,32768 --log-dir "$OUT/clogs" \
+        --out "$OUT/migration_h200x4_concurrent.json" 2>&1 | tail -6 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
