@@ -24,6 +24,10 @@ for step in "$@"; do
     tests)
       timeout 420 python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider -o addopts="" \
         -rs --timeout 400 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    modeltests)
+      timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_model_gpu.py -p no:cacheprovider \
+        -o addopts="" -rs -s --timeout 280 2>&1 | tee "$OUT/gpu_model_tests.log" \
+        | grep -E "agreement|passed|failed|Error" | tail -12 ;;
     kernels)
       timeout 400 python3 -m bench.kernels_bench --out "$OUT/kernels_h200.json" 2>&1 \
         | tee "$OUT/kernels_h200.log" | tail -40 ;;

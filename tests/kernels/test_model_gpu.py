@@ -130,7 +130,7 @@ def test_bf16_teacher_forced_agreement_with_transformers(llama3_4_layers, teache
         ]
         return _hidden_of_chunks(runner, chunks)
 
-    steps = [step(s, s + chunk_len) for s in range(0, prefill_len, chunk_len)]
+    steps = [step(s, min(s + chunk_len, prefill_len)) for s in range(0, prefill_len, chunk_len)]
     steps += [step(pos, pos + 1) for pos in range(prefill_len, seq_len)]
     ours = torch.stack([torch.cat([h[i] for h in steps]) for i in range(num_reqs)])
     argmax = (ours.float() @ teacher_forcing["lm_head"].T).argmax(-1)  # [8, 512]
