@@ -225,6 +225,7 @@ class Driver:
             await self.until(lambda: all(self.streams[r].num_tokens > 2 for r in self.background),
                              120, "background requests decoding")
             windows: list[tuple[float, float]] = []  # migration intervals
+            steady: list[tuple[float, float]] = []  # R decoding, no migration (no prefill)
             rows = []
             for length in [int(x) for x in args.lengths.split(",")]:
                 row = {"seq_len": length}
@@ -233,9 +234,13 @@ class Driver:
                     for _ in range(args.reps):
                         self.keep_background()
                         req_id = self.dispatch("src", length, DECODE_TOKENS)
-                        await self.until(lambda r=req_id: self.streams[r].num_tokens >= 4, 300,
+                        await self.until(lambda r=req_id: self.streams[r].num_tokens >= 2, 300,
+                                         "the request to decode")
+                        decoding_since = time.perf_counter()
+                        await self.until(lambda r=req_id: self.streams[r].num_tokens >= 12, 300,
                                          "the request to decode")
                         start = time.perf_counter()
+                        steady.append((decoding_since, start))
                         done = await self.migrate(req_id, max_stages=max_stages)
                         windows.append((start, time.perf_counter()))
                         holder = "dst" if done.committed else "src"
@@ -249,7 +254,7 @@ class Driver:
                 row["recompute"] = await self.recompute(length)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            steps = self.step_gaps(windows)
+            steps = self.step_gaps(windows, steady)
         finally:
             receiver.cancel()
             self.stop_workers()
@@ -265,9 +270,11 @@ class Driver:
             times.append(stream.arrivals[0][0] - stream.sent_s)
         return {"downtime_ms_p50": statistics.median(times) * 1e3}
 
-    def step_gaps(self, windows: list[tuple[float, float]]) -> dict:
-        """Inter-token gaps of the background requests on the source, inside migration
-        windows vs outside them (one Tokens message per decode step)."""
+    def step_gaps(self, windows: list[tuple[float, float]],
+                  steady: list[tuple[float, float]]) -> dict:
+        """Inter-token gaps of the background requests on the source (one Tokens message
+        per decode step) inside migration windows, against steady windows where the same
+        batch decodes with no migration and no prefill."""
         inside, outside = [], []
         for req_id in set(self.streams):
             if not req_id.startswith("bench-") or self.streams[req_id].instance_id != "src":
@@ -276,8 +283,10 @@ class Driver:
             if len(arrivals) < 3 or arrivals[0][1] != 1:
                 continue
             for (t0, _), (t1, _) in itertools.pairwise(arrivals[1:]):
-                in_window = any(a <= t0 and t1 <= b for a, b in windows)
-                (inside if in_window else outside).append(t1 - t0)
+                if any(a <= t0 and t1 <= b for a, b in windows):
+                    inside.append(t1 - t0)
+                elif any(a <= t0 and t1 <= b for a, b in steady):
+                    outside.append(t1 - t0)
         mean_in = statistics.mean(inside) if inside else float("nan")
         mean_out = statistics.mean(outside) if outside else float("nan")
         return {"step_ms_during_migration": mean_in * 1e3, "step_ms_steady": mean_out * 1e3,
