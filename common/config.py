@@ -92,6 +92,6 @@ class WorkerConfig:
     migration_stage_limit: int = 8  # stages before the final (pausing) one
     migration_last_stage_blocks: int = 2  # few enough blocks left: pause and finish
     migration_timeout_s: float = 30.0  # a migration with no progress for this long aborts
-    migration_chunk_bytes: int = 64 * 1024 * 1024  # staging buffer per send
+    migration_chunk_bytes: int = 256 * 1024 * 1024  # one send (NCCL peaks at >= 256 MiB)
     migration_verify_kv: bool = False  # checksum the KV at commit (costs a read of it)
     max_frame_bytes: int = field(default_factory=env.max_frame_bytes)

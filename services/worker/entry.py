@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--migration-stage-limit", type=int, default=8)
     parser.add_argument("--migration-last-stage-blocks", type=int, default=2)
     parser.add_argument("--migration-timeout", type=float, default=30.0)
-    parser.add_argument("--migration-chunk-mb", type=int, default=64)
+    parser.add_argument("--migration-chunk-mb", type=int, default=256)
     parser.add_argument("--migration-verify-kv", action="store_true",
                         help="checksum each migrated request's KV at commit (debugging)")
 

@@ -114,12 +114,17 @@ class ModelRunner:
                     max_model_len=self.max_model_len,
                 )
 
-    @torch.inference_mode()
     def execute(self, batch: ModelBatch) -> list[int]:
         """Run every chunk (writing its KV); one sampled token per sample=True chunk."""
+        return self.launch(batch).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: ModelBatch) -> PendingTokens:
+        """Enqueue the step's GPU work and return at once; the tokens are read with
+        `PendingTokens.result()` (after `wait()`, which blocks without holding the GIL)."""
         chunks = batch.chunks
         if not chunks:
-            return []
+            return PendingTokens(None, None)
         self._check(chunks)
         sample_rows = [i for i, c in enumerate(chunks) if c.sample]
         if self._use_graph(chunks):
@@ -135,7 +140,7 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
             rows = [inputs.last_rows[i] for i in sample_rows]
         if not sample_rows:
-            return []
+            return PendingTokens(None, self._done_event())
         index = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         index = index.to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden.index_select(0, index))  # [n, vocab] fp32
@@ -145,7 +150,19 @@ class ModelRunner:
             vocab_size=self.vocab_size,
             device=self.device,
         )
-        return sample(logits, st).tolist()
+        tokens = sample(logits, st)  # [n] int64, device
+        if self.device.type != "cuda":
+            return PendingTokens(tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        return PendingTokens(host, self._done_event())
+
+    def _done_event(self) -> torch.cuda.Event | None:
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     # -- step helpers ------------------------------------------------------------------
 
@@ -269,6 +286,26 @@ class ModelRunner:
         del kv_cache, logits, st, inputs
         torch.cuda.empty_cache()
         return peak
+
+
+class PendingTokens:
+    """A launched step's sampled tokens. On GPU they are being copied to pinned host
+    memory behind `event`; `wait()` blocks on the event with the GIL released (so other
+    threads, such as the KV-transfer ones, run meanwhile), `result()` reads them."""
+
+    __slots__ = ("tokens", "event")
+
+    def __init__(self, tokens: torch.Tensor | None, event: torch.cuda.Event | None) -> None:
+        self.tokens = tokens  # [n] int64: host (pinned) on GPU, or the CPU result
+        self.event = event  # None: already complete
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+    def result(self) -> list[int]:
+        self.wait()
+        return [] if self.tokens is None else self.tokens.tolist()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -94,6 +94,7 @@ class MigrationCoordinator:
         self.num_committed = 0
         self.num_aborted = 0
         self._tasks: set[asyncio.Task] = set()
+        self._step_done = asyncio.Event()  # set (and replaced) after every engine step
         self._handlers: dict[type, Callable[[Any], None]] = {
             wire.MigrateOut: self.handle_migrate_out,
             wire.MigPrealloc: self.handle_prealloc,
@@ -149,6 +150,7 @@ class MigrationCoordinator:
             inbox_addr=self.config.inbox.advertise,
             limits=self.limits,
             ready_event=self._ready_event,
+            step_boundary=self.step_boundary,
         )
         self._spawn(self._run_outgoing(runner))
 
@@ -287,7 +289,18 @@ class MigrationCoordinator:
 
     # ---- both -----------------------------------------------------------------------------
 
+    async def step_boundary(self, timeout_s: float = 0.5) -> None:
+        """Return right after the engine's next step ends (at once if it is idle)."""
+        if not self.engine.has_unfinished():
+            return
+        try:
+            await asyncio.wait_for(self._step_done.wait(), timeout_s)
+        except TimeoutError:
+            pass  # no step came: nothing is in flight, so any moment is a boundary
+
     def after_step(self, outputs: list[RequestOutput]) -> None:
+        done, self._step_done = self._step_done, asyncio.Event()
+        done.set()
         for runner in self.incoming.values():
             if runner.mig.phase is InPhase.COMMITTED:
                 runner.note_step()

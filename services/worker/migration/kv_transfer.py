@@ -187,9 +187,11 @@ class KVTransport:
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.kv_cache.device)
         return list(idx.split(self.blocks_per_chunk))
 
-    def _staging(self, group: KVGroup) -> list[torch.Tensor]:
-        if not group.staging:
-            shape = (self.blocks_per_chunk, *self.kv_cache.shape[1:])
+    def _staging(self, group: KVGroup, num_blocks: int) -> list[torch.Tensor]:
+        """Two chunk buffers, sized to this transfer (at most a chunk), grown on demand."""
+        rows = min(self.blocks_per_chunk, num_blocks)
+        if not group.staging or group.staging[0].shape[0] < rows:
+            shape = (rows, *self.kv_cache.shape[1:])
             group.staging = [
                 torch.empty(shape, dtype=self.kv_cache.dtype, device=self.kv_cache.device)
                 for _ in range(2)
@@ -205,7 +207,7 @@ class KVTransport:
         self._bind_device()
         pg = group.ready.result(timeout=self.timeout.total_seconds())
         chunks = self._chunks(block_ids)
-        staging = self._staging(group)
+        staging = self._staging(group, len(block_ids))
         if group.stream is None:  # CPU / gloo: synchronous, one chunk at a time
             for idx in chunks:
                 buf = staging[0][: len(idx)]
@@ -231,7 +233,7 @@ class KVTransport:
         self._bind_device()
         pg = group.ready.result(timeout=self.timeout.total_seconds())
         chunks = self._chunks(block_ids)
-        staging = self._staging(group)
+        staging = self._staging(group, len(block_ids))
         if group.stream is None:
             for idx in chunks:
                 buf = staging[0][: len(idx)]

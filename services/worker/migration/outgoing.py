@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +114,7 @@ class OutgoingRunner:
         inbox_addr: str,
         limits: MigrationLimits,
         ready_event: Callable[[], object | None],
+        step_boundary: Callable[[], Awaitable[None]],
     ) -> None:
         self.mig = mig
         self.engine = engine
@@ -123,6 +124,7 @@ class OutgoingRunner:
         self.inbox_addr = inbox_addr
         self.limits = limits
         self.ready_event = ready_event
+        self.step_boundary = step_boundary
         self.block_size = engine.blocks.block_size
 
     async def run(self) -> OutgoingMigration:
@@ -177,6 +179,9 @@ class OutgoingRunner:
 
     async def _final(self, req: Request) -> None:
         mig = self.mig
+        # Pause right after a step, before the next is scheduled: the request misses no
+        # step it was already part of, and its KV is complete up to num_computed_tokens.
+        await self.step_boundary()
         self._check_still_here(req)
         mig.phase = Phase.FINAL
         self.engine.pause(req.req_id)
