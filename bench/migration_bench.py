@@ -304,6 +304,7 @@ def _summary(dones: list[wire.MigrationDone]) -> dict:
         "n": len(dones),
         "downtime_ms_p50": statistics.median(down) * 1e3,
         "downtime_ms_p99": p99 * 1e3,
+        "token_gap_ms_p50": statistics.median(d.token_gap_s for d in dones) * 1e3,
         "total_ms_p50": statistics.median(d.total_s for d in dones) * 1e3,
         "bytes": int(statistics.median(d.num_bytes for d in dones)),
         "stages_p50": statistics.median(d.num_stages for d in dones),
@@ -322,8 +323,8 @@ def _free_port() -> int:
 def format_table(result: dict) -> str:
     lines = [f"migration bench: {result['model']} on {result['devices']}, {result['reps']} reps, "
              f"{result['background']} requests decoding on the source",
-             f"{'seq':>6} | {'ferry downtime p50/p99 ms':>26} {'total ms':>9} {'MB':>7} "
-             f"{'bulk GB/s':>9} | {'stop&copy down ms':>17} | {'recompute ms':>12} | "
+             f"{'seq':>6} | {'ferry downtime p50/p99 ms':>26} {'gap ms':>7} {'total ms':>9} "
+             f"{'MB':>6} {'bulk GB/s':>9} | {'stop&copy down ms':>17} | {'recompute ms':>12} | "
              f"{'x recompute':>11}"]
     for row in result["rows"]:
         p, s = row.get("pipelined", {}), row.get("stop_and_copy", {})
@@ -333,13 +334,16 @@ def format_table(result: dict) -> str:
             continue
         lines.append(
             f"{row['seq_len']:>6} | {p['downtime_ms_p50']:>12.2f} / {p['downtime_ms_p99']:>9.2f}"
-            f"{p['total_ms_p50']:>12.1f} {p['bytes'] / 1e6:>7.0f} {p['bulk_gb_s']:>9.1f} | "
+            f"{p['token_gap_ms_p50']:>8.2f}{p['total_ms_p50']:>10.1f} {p['bytes'] / 1e6:>6.0f} "
+            f"{p['bulk_gb_s']:>9.1f} | "
             f"{s.get('downtime_ms_p50', float('nan')):>17.2f} | {rec:>12.1f} | "
             f"{rec / p['downtime_ms_p50']:>10.0f}x")
     downs = [r["pipelined"]["downtime_ms_p50"] for r in result["rows"] if r.get("pipelined")]
     if downs:
         lines.append(f"downtime max/min over lengths: {max(downs) / min(downs):.2f}")
     sd = result["source_decode"]
+    lines.append("downtime: request paused (last step end on src -> first step start on dst); "
+                 "gap: last token on src -> first token on dst (adds the dst step)")
     lines.append(f"source decode step: {sd['step_ms_steady']:.2f} ms steady, "
                  f"{sd['step_ms_during_migration']:.2f} ms during migrations "
                  f"({sd['slowdown']:+.1%}; {sd['num_steps_during']} vs {sd['num_steps_steady']} "

@@ -272,11 +272,12 @@ class MigrationDone:
     num_blocks: int  # KV blocks copied in all
     num_bytes: int
     total_s: float  # from MigrateOut to the end
-    downtime_s: float  # from the end of the request's last step on src to the end of its
-    # first step on dst (wall clocks of the two hosts; 0 for a queued request)
+    downtime_s: float  # paused time: end of the request's last step on src to the start of
+    # its first step on dst (wall clocks of the two hosts; 0 for a queued request)
     first_stage_bytes: int = 0  # the bulk stage (all full blocks while decoding goes on)
     first_stage_s: float = 0.0  # its transfer time (gather + send), seconds
     kv_verified: bool = False  # committed with a KV checksum the destination matched
+    token_gap_s: float = 0.0  # what the client sees: last token on src to first token on dst
 
 
 # ---------------------------------------------------------------------------------------
@@ -397,7 +398,8 @@ class MigCommitAck:
     migration_id: str
     ok: bool
     reason: str
-    resumed_s: float = 0.0  # wall clock (time.time()) when the request's first step here ended
+    resumed_s: float = 0.0  # wall clock (time.time()) when the request's first step here began
+    first_token_s: float = 0.0  # wall clock when that step ended (its next token exists)
 
 
 @REGISTRY.message(66)

@@ -101,7 +101,7 @@ class Worker:
                 self._fail_all("engine step failed")
                 continue
             self._send_outputs(outputs)
-            self.migrations.after_step(outputs)
+            self.migrations.after_step(outputs, started_s=self.stepper.started_s)
             await asyncio.sleep(0)  # let the inbox run between steps
 
     async def _report_loop(self) -> None:

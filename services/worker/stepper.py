@@ -31,11 +31,13 @@ class ModelStepper:
         self.engine = engine
         self.runner = engine.executor
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-wait")
+        self.started_s = 0.0  # wall clock (time.time()) when the latest step began
 
     async def step(self) -> list[RequestOutput]:
         plan = self.engine.schedule()
         if plan.is_empty:
             return []
+        self.started_s = time.time()
         start = time.perf_counter()
         pending = self.runner.launch(ModelBatch(chunks=tuple(plan.chunks))) if plan.chunks \
             else None
@@ -49,11 +51,13 @@ class SimStepper:
     def __init__(self, engine: Engine, executor: SimExecutor) -> None:
         self.engine = engine
         self.executor = executor
+        self.started_s = 0.0  # wall clock (time.time()) when the latest step began
 
     async def step(self) -> list[RequestOutput]:
         plan = self.engine.schedule()
         if plan.is_empty:
             return []
+        self.started_s = time.time()
         batch = ModelBatch(chunks=tuple(plan.chunks))
         start = time.perf_counter()
         if plan.chunks:

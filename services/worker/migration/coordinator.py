@@ -9,6 +9,7 @@ migration's queue, stages and commits to the incoming one's.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -181,14 +182,11 @@ class MigrationCoordinator:
         self.send(self.config.scheduler_addr, done)
 
     def _ready_event(self) -> object | None:
-        kv_cache = getattr(self.engine.executor, "kv_cache", None)
-        if kv_cache is None or not kv_cache.is_cuda:
-            return None
-        import torch
-
-        event = torch.cuda.Event()
-        event.record()
-        return event
+        """What the KV copy must wait for before reading blocks: nothing. The stepper
+        waits on every step's completion before `finish_step` advances
+        num_computed_tokens, so every block a stage sends was written by GPU work the
+        host already saw finish."""
+        return None
 
     def route_reply(self, msg: Any) -> None:
         mig = self.outgoing.get(msg.migration_id)
@@ -298,12 +296,14 @@ class MigrationCoordinator:
         except TimeoutError:
             pass  # no step came: nothing is in flight, so any moment is a boundary
 
-    def after_step(self, outputs: list[RequestOutput]) -> None:
+    def after_step(self, outputs: list[RequestOutput], started_s: float | None = None) -> None:
+        """Called by the step loop after every engine step; started_s: its wall-clock
+        start (time.time())."""
         done, self._step_done = self._step_done, asyncio.Event()
         done.set()
         for runner in self.incoming.values():
             if runner.mig.phase is InPhase.COMMITTED:
-                runner.note_step()
+                runner.note_step(time.time() if started_s is None else started_s)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

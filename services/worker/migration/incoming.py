@@ -40,7 +40,8 @@ class IncomingMigration:
     phase: InPhase = InPhase.RESERVED
     inbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=64))
     first_step: asyncio.Event = field(default_factory=asyncio.Event)
-    resumed_s: float = 0.0  # wall clock at the end of the request's first step here
+    resumed_s: float = 0.0  # wall clock at the start of the request's first step here
+    first_token_s: float = 0.0  # wall clock at the end of that step
     num_computed_at_import: int = 0
     started_s: float = field(default_factory=time.perf_counter)
 
@@ -143,14 +144,16 @@ class IncomingRunner:
         if waiter not in done:
             raise _Abort("request did not step after import", tell_source=True)
         self.send(mig.src_inbox_addr, wire.MigCommitAck(
-            migration_id=mig.migration_id, ok=True, reason="", resumed_s=mig.resumed_s))
+            migration_id=mig.migration_id, ok=True, reason="", resumed_s=mig.resumed_s,
+            first_token_s=mig.first_token_s))
         mig.phase = InPhase.DONE
 
-    def note_step(self) -> None:
-        """Called after each engine step while COMMITTED."""
+    def note_step(self, started_s: float) -> None:
+        """Called after each engine step while COMMITTED; started_s: the step's start."""
         req = self.engine.get(self.mig.req_id)
         if req is None or req.num_computed_tokens > self.mig.num_computed_at_import:
-            self.mig.resumed_s = time.time() if req is None else req.last_step_s
+            self.mig.resumed_s = started_s
+            self.mig.first_token_s = time.time() if req is None else req.last_step_s
             self.mig.first_step.set()
 
     def _abort(self, reason: str, *, tell_source: bool = False) -> None:

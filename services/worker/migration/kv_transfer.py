@@ -134,7 +134,8 @@ class KVTransport:
                         ready=thread.submit(build),
                         store=store if isinstance(store, dist.TCPStore) else None)
         if self.kv_cache.is_cuda:
-            group.stream = torch.cuda.Stream(device=self.kv_cache.device)
+            # High priority: a gather's blocks are scheduled ahead of the model's kernels.
+            group.stream = torch.cuda.Stream(device=self.kv_cache.device, priority=-1)
         return group
 
     def _drop(self, group: KVGroup) -> None:

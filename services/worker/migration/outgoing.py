@@ -73,6 +73,7 @@ class OutgoingMigration:
     paused_s: float | None = None  # when the request left the source's batch
     last_step_s: float = 0.0  # wall clock: end of the request's last step here
     downtime_s: float = 0.0
+    token_gap_s: float = 0.0
     max_stages: int = -1  # from MigrateOut: -1 the worker's limit
     first_stage_bytes: int = 0
     first_stage_s: float = 0.0
@@ -95,6 +96,7 @@ class OutgoingMigration:
             first_stage_bytes=self.first_stage_bytes,
             first_stage_s=self.first_stage_s,
             kv_verified=self.kv_verified and self.phase is Phase.COMMITTED,
+            token_gap_s=self.token_gap_s,
         )
 
 
@@ -187,11 +189,19 @@ class OutgoingRunner:
         self.engine.pause(req.req_id)
         mig.paused_s = time.perf_counter()
         mig.last_step_s = req.last_step_s
-        await self._send_stage(req, self.engine.blocks.blocks_for(req.num_computed_tokens),
-                               wait_ack=False)
-        await self._commit(req, req)
+        # The commit follows the last stage at once: the destination handles its messages
+        # in order, so it adopts the request only after the stage's blocks arrived.
+        last_stage = asyncio.ensure_future(self._send_stage(
+            req, self.engine.blocks.blocks_for(req.num_computed_tokens), wait_ack=False))
+        await asyncio.sleep(0)  # let the stage announce itself before the commit
+        try:
+            await self._commit(req, req, before_ack=last_stage)
+        finally:
+            if not last_stage.done():
+                last_stage.cancel()
 
-    async def _commit(self, req: Request, paused: Request) -> None:
+    async def _commit(self, req: Request, paused: Request,
+                      before_ack: asyncio.Future | None = None) -> None:
         mig = self.mig
         mig.phase = Phase.COMMIT
         if mig.paused_s is None:
@@ -218,6 +228,8 @@ class OutgoingRunner:
                 num_preemptions=state.num_preemptions,
             ),
         ))
+        if before_ack is not None:
+            await before_ack  # the last blocks are sent (their pins released)
         # The destination acks after the request's first step there.
         while True:
             ack = await self._reply(wire.MigCommitAck, wire.MigStageAck)
@@ -230,6 +242,7 @@ class OutgoingRunner:
             raise MigrationAborted(f"destination could not commit: {ack.reason}", notify_peer=False)
         if mig.last_step_s and ack.resumed_s:
             mig.downtime_s = max(0.0, ack.resumed_s - mig.last_step_s)
+            mig.token_gap_s = max(0.0, ack.first_token_s - mig.last_step_s)
         self.engine.remove(req.req_id)
         mig.phase = Phase.COMMITTED
 
