@@ -118,10 +118,18 @@ class KVTransport:
 
     def _new_group(self, group_id: str, peer: str, rank: int, store) -> KVGroup:
         """store: the hosted TCPStore, or a function connecting to the peer's one."""
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kv-{group_id}")
+        group = KVGroup(
+            group_id=group_id, peer_instance_id=peer, rank=rank,
+            thread=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kv-{group_id}"),
+            ready=Future(), store=store if isinstance(store, dist.TCPStore) else None)
+        if self.kv_cache.is_cuda:
+            # High priority: a gather's blocks are scheduled ahead of the model's kernels.
+            group.stream = torch.cuda.Stream(device=self.kv_cache.device, priority=-1)
 
         def build() -> object:
             self._bind_device()
+            if self.kv_cache.is_cuda:
+                self._staging(group, self.blocks_per_chunk)
             prefixed = dist.PrefixStore(group_id, store if isinstance(store, dist.TCPStore)
                                         else store())
             if self.backend == "nccl":
@@ -130,12 +138,7 @@ class KVTransport:
                 return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
             return dist.ProcessGroupGloo(prefixed, rank, 2, self.timeout)
 
-        group = KVGroup(group_id=group_id, peer_instance_id=peer, rank=rank, thread=thread,
-                        ready=thread.submit(build),
-                        store=store if isinstance(store, dist.TCPStore) else None)
-        if self.kv_cache.is_cuda:
-            # High priority: a gather's blocks are scheduled ahead of the model's kernels.
-            group.stream = torch.cuda.Stream(device=self.kv_cache.device, priority=-1)
+        group.ready = group.thread.submit(build)
         return group
 
     def _drop(self, group: KVGroup) -> None:
@@ -159,7 +162,7 @@ class KVTransport:
     def checksum(self, block_ids: list[int]) -> int:
         """Exact, order-independent digest of the blocks' contents: the sum of their bit
         patterns as integers (same value on any device, no float rounding)."""
-        idx = torch.tensor(block_ids, dtype=torch.long, device=self.kv_cache.device)
+        idx = torch.tensor(block_ids, dtype=torch.long).to(self.kv_cache.device)
         data = self.kv_cache.index_select(0, idx)
         bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
         ints = data.view(bits[data.element_size()])
@@ -185,12 +188,20 @@ class KVTransport:
             raise
 
     def _chunks(self, block_ids: list[int]) -> list[torch.Tensor]:
-        idx = torch.tensor(block_ids, dtype=torch.long, device=self.kv_cache.device)
+        """The block ids as device index tensors, one per chunk. On GPU, call it inside the
+        group's stream: a plain `torch.tensor(..., device=cuda)` is a pageable copy on the
+        legacy default stream and would wait for the model's in-flight step."""
+        idx = torch.tensor(block_ids, dtype=torch.long)
+        if self.kv_cache.is_cuda:
+            idx = idx.pin_memory().to(self.kv_cache.device, non_blocking=True)
         return list(idx.split(self.blocks_per_chunk))
 
     def _staging(self, group: KVGroup, num_blocks: int) -> list[torch.Tensor]:
-        """Two chunk buffers, sized to this transfer (at most a chunk), grown on demand."""
-        rows = min(self.blocks_per_chunk, num_blocks)
+        """Two chunk buffers. On GPU full-size from the start (cudaMalloc can synchronize
+        the device, so it must not happen in the middle of a migration); on CPU sized to
+        the transfer and grown on demand."""
+        rows = self.blocks_per_chunk if self.kv_cache.is_cuda else \
+            min(self.blocks_per_chunk, num_blocks)
         if not group.staging or group.staging[0].shape[0] < rows:
             shape = (rows, *self.kv_cache.shape[1:])
             group.staging = [
@@ -207,10 +218,9 @@ class KVTransport:
     def _send_blocks(self, group: KVGroup, block_ids: list[int], ready_event) -> int:
         self._bind_device()
         pg = group.ready.result(timeout=self.timeout.total_seconds())
-        chunks = self._chunks(block_ids)
         staging = self._staging(group, len(block_ids))
         if group.stream is None:  # CPU / gloo: synchronous, one chunk at a time
-            for idx in chunks:
+            for idx in self._chunks(block_ids):
                 buf = staging[0][: len(idx)]
                 torch.index_select(self.kv_cache, 0, idx, out=buf)
                 pg.send([buf], RECEIVER_RANK, 0).wait(self.timeout)
@@ -219,7 +229,7 @@ class KVTransport:
             if ready_event is not None:  # the model's writes to these blocks are done
                 group.stream.wait_event(ready_event)
             works = []
-            for i, idx in enumerate(chunks):
+            for i, idx in enumerate(self._chunks(block_ids)):
                 if i >= 2:
                     works[i - 2].wait()  # the stream waits until staging[i % 2] was sent
                 buf = staging[i % 2][: len(idx)]
@@ -233,16 +243,15 @@ class KVTransport:
     def _recv_blocks(self, group: KVGroup, block_ids: list[int]) -> int:
         self._bind_device()
         pg = group.ready.result(timeout=self.timeout.total_seconds())
-        chunks = self._chunks(block_ids)
         staging = self._staging(group, len(block_ids))
         if group.stream is None:
-            for idx in chunks:
+            for idx in self._chunks(block_ids):
                 buf = staging[0][: len(idx)]
                 pg.recv([buf], SENDER_RANK, 0).wait(self.timeout)
                 self.kv_cache.index_copy_(0, idx, buf)
             return len(block_ids) * self.block_bytes
         with torch.cuda.stream(group.stream):
-            for i, idx in enumerate(chunks):
+            for i, idx in enumerate(self._chunks(block_ids)):
                 buf = staging[i % 2][: len(idx)]
                 pg.recv([buf], SENDER_RANK, 0).wait()  # the stream waits for the data
                 self.kv_cache.index_copy_(0, idx, buf)
