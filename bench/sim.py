@@ -110,6 +110,7 @@ class Simulator:
         autoscale: bool = False,
         startup_s: float = 10.0,
         report_interval_s: float = 0.05,
+        ignore_priority: bool = False,
     ) -> None:
         self.trace = trace
         self.profile = profile
@@ -130,6 +131,7 @@ class Simulator:
             headroom_blocks=self.cfg.high_priority_headroom_blocks,
         ) if autoscale else None
         self.startup_s = startup_s
+        self.ignore_priority = ignore_priority  # schedule all as normal (labels kept)
         self.report_interval_s = report_interval_s
         self.now = 0.0
         self.events: list[Event] = []
@@ -255,7 +257,8 @@ class Simulator:
             req_id=req_id, prompt_token_ids=(1,) * prompt_len, output_token_ids=(),
             sampling=SamplingParams(max_tokens=max(1, int(entry["output_tokens"])),
                                     ignore_eos=True, seed=index),
-            priority=int(priority), reply_addr=GATEWAY, arrival_s=self.now)
+            priority=0 if self.ignore_priority else int(priority), reply_addr=GATEWAY,
+            arrival_s=self.now)
         chosen = self.core.dispatch(dispatch)
         if isinstance(chosen, wire.DispatchRejected):
             self.records[req_id].error = chosen.message
@@ -323,7 +326,7 @@ class Simulator:
     def _migrate_out(self, src: SimInstance, msg: wire.MigrateOut) -> None:
         dst = self.instances.get(msg.dst_instance_id)
         busy = {m.req_id for m in self.migrations.values() if m.src is src}
-        req_id = msg.req_id or pick_request(src.engine, busy)
+        req_id = msg.req_id or pick_request(src.engine, busy, dst_free_blocks=msg.dst_free_blocks)
         cost = self.migration
         reason = None
         if dst is None or not dst.alive:
@@ -437,6 +440,7 @@ class Simulator:
         return summarize(list(self.records.values()), num_migrations=self.num_committed,
                          num_preemptions=preemptions, instance_seconds=instance_seconds,
                          extra={"num_migrations_aborted": self.num_aborted,
+                                "abort_reasons": dict(self.core.counters.abort_reasons),
                                 "num_instances_max": len(self.instances),
                                 "sim_end_s": end})
 
@@ -470,8 +474,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
     parser.add_argument("--no-migration", action="store_true")
     parser.add_argument("--migrate-out-threshold", type=float, default=None)
+    parser.add_argument("--migration-interval-s", type=float, default=None)
+    parser.add_argument("--max-migrations-per-instance", type=int, default=None)
     parser.add_argument("--headroom-blocks", type=int, default=0,
                         help="high-priority headroom in virtual usage")
+    parser.add_argument("--ignore-priority", action="store_true",
+                        help="schedule every request as normal (results still by class)")
     parser.add_argument("--migration-bandwidth-gbs", type=float, default=300.0)
     parser.add_argument("--autoscale", action="store_true")
     parser.add_argument("--min-workers", type=int, default=1)
@@ -488,6 +496,8 @@ def run(args: argparse.Namespace) -> dict:
     endpoint = Endpoint(bind="sim", advertise="sim")
     overrides = {k: v for k, v in {
         "migrate_out_threshold": args.migrate_out_threshold,
+        "migration_interval_s": args.migration_interval_s,
+        "max_migrations_per_instance": args.max_migrations_per_instance,
         "scale_up_freeness": args.scale_up_freeness,
         "scale_down_freeness": args.scale_down_freeness,
         "scale_cooldown_s": args.scale_cooldown_s}.items() if v is not None}
@@ -506,8 +516,10 @@ def run(args: argparse.Namespace) -> dict:
         engine_config=EngineConfig(max_num_seqs=args.max_num_seqs,
                                    max_num_batched_tokens=args.max_num_batched_tokens),
         scheduler_config=cfg,
-        migration=MigrationCost(bandwidth_bytes_s=args.migration_bandwidth_gbs * 1e9),
-        autoscale=args.autoscale, startup_s=args.startup_s)
+        migration=MigrationCost(bandwidth_bytes_s=args.migration_bandwidth_gbs * 1e9,
+                                max_per_instance=cfg.max_migrations_per_instance),
+        autoscale=args.autoscale, startup_s=args.startup_s,
+        ignore_priority=args.ignore_priority)
     result = sim.run()
     result["wall_s"] = time.perf_counter() - start
     result["config"] = {"trace": str(args.trace), "instances": args.instances,

@@ -71,6 +71,7 @@ class EngineConfig:
     max_num_seqs: int = 256  # requests in one batch at most
     max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
     max_waiting: int = 4096  # queue bound; beyond it new requests are refused
+    admission_watermark: float = 0.01  # fraction of blocks kept free when admitting
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

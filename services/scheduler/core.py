@@ -357,6 +357,7 @@ class SchedulerCore:
             dst_instance_id=dst.instance_id,
             dst_inbox_addr=dst.inbox_addr,
             req_id=decision.req_id,
+            dst_free_blocks=self.table.load(dst.instance_id).num_free_blocks,
         )
         return migration_id, [(src.inbox_addr, msg)]
 

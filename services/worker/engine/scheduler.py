@@ -98,14 +98,23 @@ class LocalScheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.blocks.append_slot(req.block_ids, req.num_computed_tokens + num_new):
+            if not self._fits_whole(req):
                 break  # head-of-line blocking: the queue waits for memory
+            self.blocks.append_slot(req.block_ids, req.num_computed_tokens + num_new)
             self.waiting.pop(0)
             req.status = Status.RUNNING
             self.running.append(req)
             self._add_chunk(plan, req, num_new)
             budget -= num_new
         return plan
+
+    def _fits_whole(self, req: Request) -> bool:
+        """Admit a waiting request only when its whole prompt (and first output) fits, with
+        a small watermark left: admitting on the first chunk alone lets a long prompt
+        grow into preempting the batch, and itself, over and over."""
+        missing = self.blocks.blocks_for(req.num_tokens + 1) - len(req.block_ids)
+        watermark = int(self.blocks.num_total * self.config.admission_watermark)
+        return self.blocks.can_allocate(missing + watermark)
 
     def _grow_or_preempt(self, req: Request, num_tokens: int, plan: StepPlan) -> bool:
         """Make req's table hold num_tokens, preempting from the back of the running queue

@@ -133,7 +133,9 @@ class MigrationCoordinator:
             return self._refuse(mig, "destination is this instance")
         if len(self.outgoing) >= self.config.max_migrations:
             return self._refuse(mig, "too many migrations out of this instance")
-        req_id = msg.req_id or pick_request(self.engine, {m.req_id for m in self.outgoing.values()})
+        req_id = msg.req_id or pick_request(
+            self.engine, {m.req_id for m in self.outgoing.values()},
+            dst_free_blocks=msg.dst_free_blocks)
         if req_id is None:
             return self._refuse(mig, "no request to migrate")
         if any(m.req_id == req_id for m in self.outgoing.values()):

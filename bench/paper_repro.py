@@ -1,0 +1,145 @@
+"""Reproduce the Llumnix paper's comparisons with the simulator (bench/sim.py):
+
+1. every trace kind at 3 request rates, round_robin vs least_load vs llumnix;
+2. priorities: S-S, Gamma arrivals (CV 4), 10% high priority: llumnix with priority
+   headroom vs the same cluster with priorities ignored;
+3. auto-scaling: L-L under one scaling rule, least_load vs llumnix, instance-seconds.
+
+Rates are set from each trace's memory-bound capacity estimate (KV tokens per instance /
+mean tokens held per request, over the mean request lifetime), at 0.5, 0.7 and 0.85 of it:
+high load that the cluster can still sustain, which is where scheduling matters; past
+capacity every policy's queue grows without bound.
+
+    python -m bench.paper_repro --out-dir bench/results/paper-repro
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KINDS = ("S-S", "M-M", "L-L", "S-L", "L-S", "sharegpt", "burstgpt")
+POLICIES = ("round_robin", "least_load", "llumnix")
+LOAD_FRACTIONS = (0.5, 0.7, 0.85)
+STEP_S = 0.012  # a typical decode step of a loaded llama2-7b instance on the H200 profile
+
+
+def sh(*args: str) -> str:
+    return subprocess.run([sys.executable, "-m", *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def make_trace(kind: str, rate: float, num: int, out: Path, *, max_total: int, seed: int = 0,
+               cv: float = 1.0, high_frac: float = 0.0) -> dict:
+    stats = sh("bench.trace", "--kind", kind, "--rate", f"{rate:.3f}", "--num", str(num),
+               "--seed", str(seed), "--cv", str(cv), "--high-frac", str(high_frac),
+               "--max-total-tokens", str(max_total), "--out", str(out))
+    return json.loads(stats.strip().splitlines()[-1])
+
+
+def capacity_rate(stats: dict, *, instances: int, kv_tokens: int) -> float:
+    """Requests/s the cluster's KV memory sustains: concurrency per instance (memory /
+    tokens a request holds on average) over the mean lifetime (its decode steps)."""
+    held = stats["prompt_mean"] + stats["output_mean"] / 2
+    lifetime_s = max(1.0, stats["output_mean"]) * STEP_S
+    return instances * (kv_tokens / held) / lifetime_s
+
+
+def simulate(trace: Path, policy: str, args: argparse.Namespace, *extra: str) -> dict:
+    out = sh("bench.sim", "--trace", str(trace), "--instances", str(args.instances),
+             "--policy", policy, "--profile", args.profile, "--kv-blocks", str(args.kv_blocks),
+             "--migration-interval-s", "0.05", *extra)
+    return json.loads(out)
+
+
+def run_policies(args: argparse.Namespace, tmp: Path, rows: list) -> None:
+    for kind in args.kinds.split(","):
+        probe = make_trace(kind, 1.0, 4000, tmp / "probe.jsonl", max_total=args.max_total)
+        cap = capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16)
+        for frac in LOAD_FRACTIONS:
+            rate = round(cap * frac, 1)
+            num = int(min(args.max_requests, max(args.min_requests, rate * args.duration_s)))
+            trace = tmp / f"{kind}-{rate}.jsonl"
+            make_trace(kind, rate, num, trace, max_total=args.max_total)
+            for policy in POLICIES:
+                start = time.perf_counter()
+                result = simulate(trace, policy, args)
+                rows.append({"experiment": "policies", "kind": kind, "rate": rate,
+                             "load_fraction": frac, "num": num, "policy": policy, **result})
+                print(f"{kind:>8} {rate:>7} {policy:>11}: p99 prefill "
+                      f"{result['prefill_latency_s']['p99']:.3f} s, migrations "
+                      f"{result['num_migrations']} ({time.perf_counter() - start:.0f}s)",
+                      flush=True)
+
+
+def run_priorities(args: argparse.Namespace, tmp: Path, rows: list) -> None:
+    probe = make_trace("S-S", 1.0, 4000, tmp / "probe.jsonl", max_total=args.max_total)
+    rate = round(capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16)
+                 * 0.7, 1)
+    num = int(min(args.max_requests, max(args.min_requests, rate * args.duration_s)))
+    trace = tmp / "prio.jsonl"
+    make_trace("S-S", rate, num, trace, max_total=args.max_total, cv=4.0, high_frac=0.1)
+    for name, extra in (("llumnix, priorities", ("--headroom-blocks", str(args.headroom))),
+                        ("llumnix, no priorities", ("--ignore-priority",))):
+        result = simulate(trace, "llumnix", args, *extra)
+        rows.append({"experiment": "priorities", "kind": "S-S cv4 10% high", "rate": rate,
+                     "num": num, "policy": name, **result})
+        print(f"priorities {name}: high mean e2e "
+              f"{result['by_priority']['high']['e2e_latency_s']['mean']:.3f} s", flush=True)
+
+
+def run_autoscale(args: argparse.Namespace, tmp: Path, rows: list) -> None:
+    probe = make_trace("L-L", 1.0, 4000, tmp / "probe.jsonl", max_total=args.max_total)
+    cap = capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16)
+    rate = round(cap * 0.5, 1)
+    num = int(min(args.max_requests, max(args.min_requests, rate * args.duration_s)))
+    trace = tmp / "autoscale.jsonl"
+    make_trace("L-L", rate, num, trace, max_total=args.max_total, cv=2.0)
+    for policy in ("least_load", "llumnix"):
+        result = simulate(trace, policy, args, "--autoscale", "--min-workers", "2",
+                          "--max-workers", str(args.instances), "--scale-up-freeness", "10",
+                          "--scale-down-freeness", "60", "--scale-cooldown-s", "5",
+                          "--startup-s", "5")
+        rows.append({"experiment": "autoscale", "kind": "L-L cv2", "rate": rate, "num": num,
+                     "policy": policy, **result})
+        print(f"autoscale {policy}: instance-seconds {result['instance_seconds']:.0f}, p99 "
+              f"prefill {result['prefill_latency_s']['p99']:.3f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default="bench/results/paper-repro")
+    parser.add_argument("--profile", default="bench/profiles/llama2-7b-h200.json")
+    parser.add_argument("--instances", type=int, default=16)
+    parser.add_argument("--kv-blocks", type=int, default=1000, help="16k tokens each")
+    parser.add_argument("--max-total", type=int, default=4096, help="llama2-7b's context")
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--duration-s", type=float, default=60.0)
+    parser.add_argument("--min-requests", type=int, default=2000)
+    parser.add_argument("--max-requests", type=int, default=6000)
+    parser.add_argument("--headroom", type=int, default=64,
+                        help="virtual blocks per high-priority request")
+    parser.add_argument("--experiments", default="policies,priorities,autoscale")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    tmp = out_dir / "traces"
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    experiments = args.experiments.split(",")
+    for name, fn in (("policies", run_policies), ("priorities", run_priorities),
+                     ("autoscale", run_autoscale)):
+        if name in experiments:
+            fn(args, tmp, rows)
+            (out_dir / f"{name}.json").write_text(json.dumps(
+                [r for r in rows if r["experiment"] == name], indent=1) + "\n")
+    print(json.dumps({"runs": len(rows), "median_wall_s":
+                      statistics.median(r["wall_s"] for r in rows) if rows else 0}))
+
+
+if __name__ == "__main__":
+    main()
