@@ -29,16 +29,17 @@ LOAD_FRACTIONS = (0.5, 0.7, 0.85)
 STEP_S = 0.012  # a typical decode step of a loaded llama2-7b instance on the H200 profile
 
 
-def sh(*args: str) -> str:
-    return subprocess.run([sys.executable, "-m", *args], check=True, capture_output=True,
-                          text=True).stdout
+def sh(*args: str, stderr: bool = False) -> str:
+    done = subprocess.run([sys.executable, "-m", *args], check=True, capture_output=True,
+                          text=True)
+    return done.stderr if stderr else done.stdout
 
 
 def make_trace(kind: str, rate: float, num: int, out: Path, *, max_total: int, seed: int = 0,
                cv: float = 1.0, high_frac: float = 0.0) -> dict:
     stats = sh("bench.trace", "--kind", kind, "--rate", f"{rate:.3f}", "--num", str(num),
                "--seed", str(seed), "--cv", str(cv), "--high-frac", str(high_frac),
-               "--max-total-tokens", str(max_total), "--out", str(out))
+               "--max-total-tokens", str(max_total), "--out", str(out), stderr=True)
     return json.loads(stats.strip().splitlines()[-1])
 
 

@@ -47,8 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     from services.worker.model.tokenizer import Tokenizer
     from services.worker.runner import ModelRunner, RunnerConfig
 
-    model_dir = resolve_model(args.model)
-    tokenizer = Tokenizer(model_dir)
+    try:
+        model_dir = resolve_model(args.model)
+        tokenizer = Tokenizer(model_dir)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ferry generate: {err}", file=sys.stderr)
+        sys.exit(2)
     prompts = [tokenizer.encode(text) for text in args.prompt] + args.prompt_ids
     device = resolve_device(args.device)
     runner = ModelRunner(RunnerConfig(

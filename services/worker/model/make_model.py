@@ -359,9 +359,11 @@ def _write_json(path: Path, value: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("preset", choices=sorted(PRESETS))
-    parser.add_argument("out_dir", type=Path)
+    parser = argparse.ArgumentParser(prog="ferry make-model",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--out", dest="out_dir", type=Path, required=True,
+                        help="directory to write (config.json, tokenizer, safetensors)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--num-layers",
