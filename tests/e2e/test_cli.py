@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.e2e.cluster import REPO
+from bench.local_cluster import REPO
 
 pytestmark = pytest.mark.e2e
 

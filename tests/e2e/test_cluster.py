@@ -14,7 +14,7 @@ import zmq
 from common import wire
 from common.codec import HEADER, PROTOCOL_VERSION
 from common.zmq_util import make_context, request
-from tests.e2e.cluster import Cluster, pid_alive, start_cluster
+from bench.local_cluster import Cluster, pid_alive, start_cluster
 
 pytestmark = pytest.mark.e2e
 

@@ -1,5 +1,5 @@
-"""A real local cluster for end-to-end tests: `ferry up` as a child process (scheduler,
-gateway, workers as its children), on ports no other test uses."""
+"""A real local cluster for end-to-end tests and benchmarks: `ferry up` as a child
+process (scheduler, gateway, workers as its children), on ports nothing else uses."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _free(port: int) -> bool:
