@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
 from common.sampling import SamplingParams
-from kernels.attention_torch import paged_attention_torch, write_kv_torch
+from kernels import get_backend
 from kernels.kv_layout import allocate_kv_cache, bytes_per_block
 from kernels.metadata import AttentionMetadata
 from services.worker.engine.batch import ModelBatch, SeqChunk
@@ -82,17 +81,19 @@ class ModelRunner:
             self.model_config = config.model_config
         else:
             raise ValueError("RunnerConfig needs model_dir or model_config")
-        self.attention_backend, write_kv, paged_attention = _attention_backend(
+        # Checks the cache config now (a clear error at startup) and resolves "auto".
+        backend = get_backend(
             config.attention_backend,
             device=self.device,
             block_size=config.block_size,
             head_dim=self.model_config.head_dim,
             dtype=self.dtype,
         )
+        self.attention_backend = backend.name
         self.max_model_len = min(
             self.model_config.max_model_len, config.max_model_len or self.model_config.max_model_len
         )
-        self.model: LlamaModel = self._build_model((write_kv, paged_attention))
+        self.model: LlamaModel = self._build_model((backend.write_kv, backend.paged_attention))
 
         # Executor protocol
         self.block_size = config.block_size
@@ -368,20 +369,3 @@ def prepare_inputs(
         meta=meta,
         last_rows=tuple(q - 1 for q in query_start_loc[1:]),
     )
-
-
-def _attention_backend(
-    name: str, *, device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype
-) -> tuple[str, WriteKV, PagedAttention]:
-    """(resolved name, write_kv, paged_attention) of a backend: "torch" | "triton" |
-    "flash" | "auto". kernels.get_backend checks the cache config up front and resolves
-    "auto"; until it is on this branch, only the torch reference exists."""
-    get_backend = getattr(kernels, "get_backend", None)
-    if get_backend is None:
-        if name not in ("torch", "auto"):
-            raise ValueError(f"attention backend {name!r} is not available; only 'torch' is")
-        return "torch", write_kv_torch, paged_attention_torch
-    backend = get_backend(
-        name, device=device, block_size=block_size, head_dim=head_dim, dtype=dtype
-    )
-    return backend.name, backend.write_kv, backend.paged_attention

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from common.sampling import SamplingParams
+from kernels import get_backend
 from services.worker.engine.batch import ModelBatch, SeqChunk
 from services.worker.model.make_model import PRESETS, make_model
-from services.worker.runner import ModelRunner, RunnerConfig, _attention_backend, prepare_inputs
+from services.worker.runner import ModelRunner, RunnerConfig, prepare_inputs
 from services.worker.sampler import SamplingTensors, sample, uniform_from_hash
 
 pytestmark = [
@@ -28,9 +29,7 @@ VOCAB = PRESETS["llama3-8b"].config.vocab_size
 def _available(name: str) -> bool:
     """Whether the backend serves Llama 3 shapes (head_dim 128, block 16, bf16) here."""
     try:
-        _attention_backend(
-            name, device=torch.device("cuda"), block_size=16, head_dim=128, dtype=torch.bfloat16
-        )
+        get_backend(name, device="cuda", block_size=16, head_dim=128, dtype=torch.bfloat16)
     except Exception:
         return False
     return True

@@ -16,7 +16,6 @@ from services.worker.model.config import ModelConfig
 from services.worker.model.loader import build_random_model, load_model
 from services.worker.model.make_model import (
     PRESETS,
-    cached_model,
     make_model,
     write_random_weights,
 )
@@ -129,12 +128,3 @@ def _decode_speed(runner: ModelRunner, tok: Tokenizer, batch_size: int, num_new:
     assert all(len(r.token_ids) == len(prompt_ids) + num_new for r in reqs)
     assert texts[0] + detoks[0].flush() == tok.decode(reqs[0].token_ids[len(prompt_ids) :])
     return f"batch {batch_size}: {batch_size * num_new / elapsed:.0f} tokens/s"
-
-
-def test_cached_model_is_made_once(tmp_path):
-    path = cached_model("tiny", seed=2, cache_dir=tmp_path)
-    assert path == tmp_path / "models" / "tiny-seed2"
-    stamp = (path / "model.safetensors").stat().st_mtime_ns
-    assert cached_model("tiny", seed=2, cache_dir=tmp_path) == path
-    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
-    assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny-seed2"]  # no leftovers

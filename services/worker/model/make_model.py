@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
 import sysconfig
 import time
@@ -168,25 +167,6 @@ def make_model(
         out_dir, config, seed=seed, dtype=spec.dtype, max_shard_bytes=spec.max_shard_bytes
     )
     return out_dir
-
-
-def cached_model(
-    preset: str = "tiny", seed: int = 0, *, cache_dir: str | Path | None = None
-) -> Path:
-    """The directory of `preset` with `seed` under cache_dir (default ~/.cache/ferry),
-    made on first use. Concurrent callers are safe: each makes into its own temporary
-    directory and the first rename wins."""
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-    path = root / "models" / f"{preset}-seed{seed}"
-    if (path / "config.json").is_file():
-        return path
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    make_model(preset, tmp, seed, cache_dir=root)
-    try:
-        tmp.rename(path)
-    except OSError:  # another process got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def write_tokenizer(
