@@ -309,6 +309,7 @@ def test_committed_migration_moves_the_placement_and_tells_the_gateway():
                 dst_instance_id="b",
                 dst_inbox_addr=addr("b"),
                 req_id="r0",
+                dst_free_blocks=100,  # the scheduler's view of b: empty, 100 blocks
             ),
         )
     ]
