@@ -62,7 +62,7 @@ def run_policies(args: argparse.Namespace, tmp: Path, rows: list) -> None:
     for kind in args.kinds.split(","):
         probe = make_trace(kind, 1.0, 4000, tmp / "probe.jsonl", max_total=args.max_total)
         cap = capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16)
-        for frac in LOAD_FRACTIONS:
+        for frac in [float(x) for x in args.load_fractions.split(",")]:
             rate = round(cap * frac, 1)
             num = int(min(args.max_requests, max(args.min_requests, rate * args.duration_s)))
             trace = tmp / f"{kind}-{rate}.jsonl"
@@ -120,12 +120,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-blocks", type=int, default=1000, help="16k tokens each")
     parser.add_argument("--max-total", type=int, default=4096, help="llama2-7b's context")
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--load-fractions", default=",".join(map(str, LOAD_FRACTIONS)),
+                        help="request rates as fractions of the capacity estimate")
     parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--min-requests", type=int, default=2000)
     parser.add_argument("--max-requests", type=int, default=6000)
     parser.add_argument("--headroom", type=int, default=64,
                         help="virtual blocks per high-priority request")
     parser.add_argument("--experiments", default="policies,priorities,autoscale")
+    parser.add_argument("--suffix", default="", help="appended to the result file names")
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
     tmp = out_dir / "traces"
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
                      ("autoscale", run_autoscale)):
         if name in experiments:
             fn(args, tmp, rows)
-            (out_dir / f"{name}.json").write_text(json.dumps(
+            (out_dir / f"{name}{args.suffix}.json").write_text(json.dumps(
                 [r for r in rows if r["experiment"] == name], indent=1) + "\n")
     print(json.dumps({"runs": len(rows), "median_wall_s":
                       statistics.median(r["wall_s"] for r in rows) if rows else 0}))
