@@ -63,11 +63,12 @@ class Cluster:
         self.admin_addr = f"tcp://127.0.0.1:{base + 1}"
         self.gateway_inbox_port = base + 2
 
-    def worker_argv(self, instance_id: str, port: int, model_dir: str) -> list[str]:
+    def worker_argv(self, instance_id: str, port: int, model_dir: str,
+                    device: str | None = None) -> list[str]:
         a = self.args
         argv = [sys.executable, "-m", "services.worker", "--instance-id", instance_id,
                 "--port", str(port), "--scheduler-addr", self.scheduler_addr,
-                "--model", model_dir, "--device", a.device, "--executor", a.executor,
+                "--model", model_dir, "--device", device or a.device, "--executor", a.executor,
                 "--sim-speedup", str(a.sim_speedup)]
         if a.executor == "sim":
             argv += ["--sim-profile", a.sim_profile or default_sim_profile()]
@@ -92,9 +93,11 @@ class Cluster:
             "--scheduler-addr", self.scheduler_addr, "--model", model_dir, *a.gateway_arg,
         ])
         if not a.autoscale:
+            devices = worker_devices(a.device, a.workers) if a.executor == "model" else \
+                [a.device] * a.workers
             for i in range(a.workers):
                 self._spawn(f"worker-{i}", self.worker_argv(f"worker-{i}", base + 100 + i,
-                                                            model_dir))
+                                                            model_dir, devices[i]))
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         stderr = None
@@ -143,6 +146,19 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def worker_devices(device: str, num_workers: int) -> list[str]:
+    """One device per worker: "cuda"/"auto" with several GPUs spreads them round-robin
+    (cuda:0, cuda:1, ...); anything explicit is used by every worker."""
+    if device not in ("cuda", "auto"):
+        return [device] * num_workers
+    import torch
+
+    num_gpus = torch.cuda.device_count()
+    if num_gpus == 0:
+        return ["cpu" if device == "auto" else device] * num_workers
+    return [f"cuda:{i % num_gpus}" for i in range(num_workers)]
 
 
 def _die_with_parent() -> None:
