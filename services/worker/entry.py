@@ -87,6 +87,21 @@ def resolve_device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def served_vocab_size(model: str) -> int:
+    """The vocabulary of the model the gateway serves, when it is a directory already
+    made (0 otherwise): sim workers emit ids the gateway's tokenizer can decode."""
+    from pathlib import Path
+
+    from services.worker.model.resolve import is_preset, preset_dir
+
+    path = preset_dir(model) if is_preset(model) else Path(model)
+    if not (path / "config.json").is_file():
+        return 0
+    from services.worker.model.config import ModelConfig
+
+    return ModelConfig.from_dir(path).vocab_size
+
+
 def build_engine(config: WorkerConfig, *, sim_speedup: float = 1.0) -> Engine:
     """The executor the config asks for, wrapped in an engine."""
     if config.executor == "sim":
@@ -97,7 +112,8 @@ def build_engine(config: WorkerConfig, *, sim_speedup: float = 1.0) -> Engine:
             raise ValueError("--executor sim needs --sim-profile")
         executor = SimExecutor.from_profile(Profile.load(config.sim_profile),
                                             num_blocks=config.num_blocks, sleep=False,
-                                            speedup=sim_speedup)
+                                            speedup=sim_speedup,
+                                            vocab_size=served_vocab_size(config.model))
         return Engine(executor, config.engine)
 
     from services.worker.model.resolve import RANDOM_PREFIX, preset_config, resolve_model

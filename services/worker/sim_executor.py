@@ -45,13 +45,16 @@ class SimExecutor:
 
     @classmethod
     def from_profile(
-        cls, profile: Profile, *, num_blocks: int = 0, sleep: bool = True, speedup: float = 1.0
+        cls, profile: Profile, *, num_blocks: int = 0, sleep: bool = True, speedup: float = 1.0,
+        vocab_size: int = 0,
     ) -> SimExecutor:
+        """vocab_size: the served model's, when it is not the profiled one's (the gateway
+        detokenizes what the sim emits with the served model's tokenizer)."""
         return cls(
             profile.latency,
             num_blocks=num_blocks or profile.num_blocks,
             block_size=profile.block_size,
-            vocab_size=profile.vocab_size,
+            vocab_size=vocab_size or profile.vocab_size,
             max_model_len=profile.max_model_len,
             kv_block_bytes=profile.kv_block_bytes,
             sleep=sleep,

@@ -1,0 +1,76 @@
+"""`python -m bench.real_check`: the simulator's verdict checked on real processes.
+
+For each policy, the same trace runs twice: through a real cluster (`ferry up
+--executor sim`: real gateway, scheduler, workers, ZMQ and migrations; only model
+compute is the latency model) driven by the load driver (`ferry bench serve`), and
+through the discrete-event simulator with the same instances, profile and KV size.
+Prints both side by side; the question is whether they point the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from bench import serve, sim
+from bench.local_cluster import start_cluster
+
+
+def real_run(args: argparse.Namespace, policy: str, tmp: Path) -> dict:
+    cluster = start_cluster(tmp / policy, workers=args.workers, extra=(
+        "--executor", "sim", "--sim-profile", args.profile, "--num-blocks", str(args.kv_blocks),
+        "--policy", policy, "--scheduler-arg=--migration-interval-s=0.05",
+        "--gateway-arg=--max-inflight=8192"))
+    try:
+        serve_args = argparse.Namespace(
+            trace=args.trace, sdk_addr=cluster.sdk_addr, http="", admin_addr=cluster.admin_addr,
+            vocab_size=1000, time_scale=1.0, max_output_tokens=0, max_prompt_tokens=0,
+            timeout=600.0, seed=0, out=str(Path(args.out_dir) / f"serve-{policy}.json"),
+            label=policy, no_progress=True)
+        return serve.run(serve_args)
+    finally:
+        cluster.stop()
+
+
+def sim_run(args: argparse.Namespace, policy: str) -> dict:
+    parser = argparse.ArgumentParser()
+    sim.add_arguments(parser)
+    sim_args = parser.parse_args([
+        "--trace", args.trace, "--instances", str(args.workers), "--policy", policy,
+        "--profile", args.profile, "--kv-blocks", str(args.kv_blocks),
+        "--max-num-batched-tokens", "2048", "--migration-interval-s", "0.05"])
+    return sim.run(sim_args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trace", required=True)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--profile", default="bench/profiles/llama2-7b-h200.json")
+    parser.add_argument("--kv-blocks", type=int, default=1000)
+    parser.add_argument("--policies", default="least_load,llumnix")
+    parser.add_argument("--out-dir", default="bench/results/real-check")
+    args = parser.parse_args(argv)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for policy in args.policies.split(","):
+            real = real_run(args, policy, Path(tmp))
+            simulated = sim_run(args, policy)
+            rows.append({"policy": policy, "real": real, "sim": simulated})
+    (Path(args.out_dir) / "real_check.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"{'policy':<11} {'run':<5} {'p50 prefill':>11} {'p99 prefill':>11} "
+          f"{'p99 decode':>10} {'mean e2e':>9} {'migrations':>10} {'preempt':>8}")
+    for row in rows:
+        for name in ("real", "sim"):
+            r = row[name]
+            print(f"{row['policy']:<11} {name:<5} {r['prefill_latency_s']['p50']:>11.3f} "
+                  f"{r['prefill_latency_s']['p99']:>11.3f} {r['decode_latency_s']['p99']:>10.4f} "
+                  f"{r['e2e_latency_s']['mean']:>9.3f} {r['num_migrations']:>10} "
+                  f"{r['num_preemptions']:>8}")
+
+
+if __name__ == "__main__":
+    main()
