@@ -1,0 +1,89 @@
+"""Write bench/results/paper-repro.md (tables) and plots from bench.paper_repro's JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench.plots import policy_comparison
+
+
+def _load(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def policy_table(rows: list[dict]) -> list[str]:
+    lines = ["| trace | rate req/s (load) | policy | P50 prefill s | P99 prefill s | P99 decode s "
+             "| mean e2e s | preemptions | migrations |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(
+            f"| {r['kind']} | {r['rate']} ({r['load_fraction']:.2f}) | {r['policy']} | "
+            f"{r['prefill_latency_s']['p50']:.3f} | {r['prefill_latency_s']['p99']:.3f} | "
+            f"{r['decode_latency_s']['p99']:.4f} | {r['e2e_latency_s']['mean']:.2f} | "
+            f"{r['num_preemptions']} | {r['num_migrations']} |")
+    return lines
+
+
+def ratio_table(rows: list[dict]) -> list[str]:
+    """least_load ÷ llumnix for P99 prefill and P99 decode at each trace's rates."""
+    lines = ["| trace | rate | P99 prefill least_load ÷ llumnix | P99 decode least_load ÷ "
+             "llumnix | mean e2e least_load ÷ llumnix |", "| --- | --- | ---: | ---: | ---: |"]
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_key.setdefault((r["kind"], r["rate"]), {})[r["policy"]] = r
+    for (kind, rate), runs in by_key.items():
+        if "least_load" not in runs or "llumnix" not in runs:
+            continue
+        ll, lx = runs["least_load"], runs["llumnix"]
+        lines.append(
+            f"| {kind} | {rate} | "
+            f"{ll['prefill_latency_s']['p99'] / lx['prefill_latency_s']['p99']:.2f}x | "
+            f"{ll['decode_latency_s']['p99'] / lx['decode_latency_s']['p99']:.2f}x | "
+            f"{ll['e2e_latency_s']['mean'] / lx['e2e_latency_s']['mean']:.2f}x |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dir", default="bench/results/paper-repro")
+    parser.add_argument("--out", default="bench/results/paper-repro.md")
+    parser.add_argument("--preamble", default="", help="markdown file placed before the tables")
+    args = parser.parse_args(argv)
+    base = Path(args.dir)
+    policies = _load(base / "policies-low.json") + _load(base / "policies.json")
+    policies.sort(key=lambda r: (r["kind"], r["rate"], r["policy"]))
+    plots = []
+    for kind in sorted({r["kind"] for r in policies}):
+        png = base / f"{kind}.png"
+        policy_comparison([r for r in policies if r["kind"] == kind], png,
+                          title=f"{kind}: 16 instances, llama2-7b H200 profile, 16k KV tokens each")
+        plots.append(f"![{kind}](paper-repro/{png.name})")
+    lines = [Path(args.preamble).read_text() if args.preamble else "", "## Policies", "",
+             *ratio_table(policies), "", *plots, "", *policy_table(policies), ""]
+    prio = _load(base / "priorities.json")
+    if prio:
+        lines += ["## Priorities", "", "| run | high mean e2e s | normal mean e2e s | high mean "
+                  "decode ms | normal mean decode ms |", "| --- | ---: | ---: | ---: | ---: |"]
+        for r in prio:
+            b = r["by_priority"]
+            lines.append(f"| {r['policy']} | {b['high']['e2e_latency_s']['mean']:.3f} | "
+                         f"{b['normal']['e2e_latency_s']['mean']:.3f} | "
+                         f"{b['high']['decode_latency_s']['mean'] * 1e3:.2f} | "
+                         f"{b['normal']['decode_latency_s']['mean'] * 1e3:.2f} |")
+        lines.append("")
+    scale = _load(base / "autoscale.json")
+    if scale:
+        lines += ["## Auto-scaling", "", "| policy | instance-seconds | most instances | P99 "
+                  "prefill s | migrations |", "| --- | ---: | ---: | ---: | ---: |"]
+        for r in scale:
+            lines.append(f"| {r['policy']} | {r['instance_seconds']:.0f} | "
+                         f"{r['num_instances_max']} | {r['prefill_latency_s']['p99']:.3f} | "
+                         f"{r['num_migrations']} |")
+        lines.append("")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
