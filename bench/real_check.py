@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policies", default="least_load,llumnix")
     parser.add_argument("--out-dir", default="bench/results/real-check")
     args = parser.parse_args(argv)
+    from common.logging import configure
+
+    configure("real-check", level="warning")  # the in-process simulator logs decisions
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
