@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preamble", default="", help="markdown file placed before the tables")
     args = parser.parse_args(argv)
     base = Path(args.dir)
-    policies = _load(base / "policies-low.json") + _load(base / "policies.json")
+    policies = [row for path in sorted(base.glob("policies*.json")) for row in _load(path)]
     policies.sort(key=lambda r: (r["kind"], r["rate"], r["policy"]))
     plots = []
     for kind in sorted({r["kind"] for r in policies}):
