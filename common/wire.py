@@ -333,6 +333,7 @@ class MigPrealloc:
     num_blocks: int  # blocks to reserve now (the request's current blocks + growth)
     kv_block_bytes: int  # bytes of one KV block; the peers must agree
     group_id: str | None  # pairwise KV group the source already shares with dst, if any
+    prompt_token_ids: tuple[int, ...] = ()  # the request's prompt (sent once, early)
 
 
 @REGISTRY.message(61)
@@ -371,10 +372,10 @@ class MigStageAck:
 @REGISTRY.struct
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestState:
-    """Everything a request needs to resume elsewhere."""
+    """What a request needs to resume elsewhere, besides its prompt (which never changes
+    and travels earlier, with MigPrealloc, outside the paused window)."""
 
     req_id: str
-    prompt_token_ids: tuple[int, ...]
     output_token_ids: tuple[int, ...]  # generated so far (including replayed ones)
     num_delivered: int  # output tokens already sent to the gateway
     sampling: SamplingParams

@@ -231,7 +231,7 @@ class MigrationCoordinator:
         mig = IncomingMigration(
             migration_id=msg.migration_id, req_id=msg.req_id,
             src_instance_id=msg.src_instance_id, src_inbox_addr=msg.src_inbox_addr,
-            group_id=group_id,
+            group_id=group_id, prompt_token_ids=msg.prompt_token_ids,
         )
         runner = IncomingRunner(mig, engine=self.engine, kv=self.kv, send=self.send,
                                 timeout_s=self.config.migration_timeout_s,

@@ -37,6 +37,7 @@ class IncomingMigration:
     src_instance_id: str
     src_inbox_addr: str
     group_id: str
+    prompt_token_ids: tuple[int, ...]  # from MigPrealloc
     phase: InPhase = InPhase.RESERVED
     inbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=64))
     first_step: asyncio.Event = field(default_factory=asyncio.Event)
@@ -113,7 +114,7 @@ class IncomingRunner:
         block_ids = self.engine.blocks.take_reserved(mig.migration_id, num_blocks)
         self.engine.import_request(ExportedRequest(
             req_id=state.req_id,
-            prompt_token_ids=state.prompt_token_ids,
+            prompt_token_ids=mig.prompt_token_ids,
             output_token_ids=state.output_token_ids,
             num_delivered=state.num_delivered,
             sampling=state.sampling,

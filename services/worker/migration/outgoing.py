@@ -161,6 +161,7 @@ class OutgoingRunner:
             num_blocks=self._blocks_needed(req),
             kv_block_bytes=self.kv.block_bytes,
             group_id=self.kv.sending_group_id(mig.dst_instance_id),
+            prompt_token_ids=req.prompt_token_ids,
         ))
         reply = await self._reply(wire.MigPreallocReply)
         if not reply.ok:
@@ -217,7 +218,6 @@ class OutgoingRunner:
             kv_checksum=checksum,
             state=wire.RequestState(
                 req_id=state.req_id,
-                prompt_token_ids=state.prompt_token_ids,
                 output_token_ids=state.output_token_ids,
                 num_delivered=state.num_delivered,
                 sampling=state.sampling,
