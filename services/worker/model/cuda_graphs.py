@@ -13,10 +13,12 @@ rest so they write their K/V into the runner's scratch block and attend to one t
     block_tables    its blocks (first w cols) stale (unread: seq_len 1 needs column 0,
                                               a valid block id from an earlier step)
 
-Graphs are captured with meta.max_seq_len = max_model_len, so the attention backend
-must take per-request lengths from the device tensors (seq_lens, block_tables) and use
-max_seq_len only as an upper bound; the torch reference reads host lists and is never
-captured.
+Graphs are captured per batch size *and* per context bucket (4k, 32k, max_model_len):
+meta.max_seq_len is the bucket, so the attention backend must take per-request lengths
+from the device tensors (seq_lens, block_tables) and use max_seq_len only as an upper
+bound (it sizes the decode kernel's split-K); a step replays the smallest bucket
+covering its longest request, so a short-context batch does not run the split count of
+a 128k context. The torch reference reads host lists and is never captured.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from kernels.metadata import AttentionMetadata
 from services.worker.model.llama import LlamaModel
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+CONTEXT_BUCKETS = (4096, 32768)  # plus max_model_len
 
 
 class DecodeGraphs:
@@ -68,7 +71,9 @@ class DecodeGraphs:
         )
         self.capture = capture
         self._pin = device.type == "cuda"
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.len_buckets = tuple(sorted({min(b, max_model_len) for b in CONTEXT_BUCKETS}
+                                        | {max_model_len}))
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, bucket)
         if capture:
             self._capture_all()
 
@@ -117,26 +122,27 @@ class DecodeGraphs:
             self._host([*seq_lens, *[1] * num_pad], torch.int32), non_blocking=True
         )
         self.block_tables[:num_reqs, :width].copy_(tables, non_blocking=True)
+        bucket = next(b for b in self.len_buckets if b >= max(seq_lens))
         if self.capture:
-            self.graphs[bs].replay()
+            self.graphs[bs, bucket].replay()
         else:
-            self._forward(bs, self._meta(bs))
+            self._forward(bs, self._meta(bs, bucket))
         return self.hidden[:num_reqs]
 
     def _host(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """A host tensor, pinned on GPU so the copy from it runs asynchronously."""
         return torch.tensor(values, dtype=dtype, pin_memory=self._pin)
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, bs: int, max_seq_len: int) -> AttentionMetadata:
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs],
             slot_mapping=self.slot_mapping[:bs],
             max_query_len=1,
-            max_seq_len=self.max_model_len,  # an upper bound: lengths come from seq_lens
+            max_seq_len=max_seq_len,  # an upper bound: lengths come from seq_lens
             query_lens_host=(1,) * bs,
-            seq_lens_host=(self.max_model_len,) * bs,
+            seq_lens_host=(max_seq_len,) * bs,
         )
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> None:
@@ -147,12 +153,13 @@ class DecodeGraphs:
         # Largest first, all in one memory pool: smaller graphs reuse the larger ones'
         # activation memory.
         pool = torch.cuda.graph_pool_handle()
-        for bs in reversed(self.batch_sizes):
-            meta = self._meta(bs)
-            self._forward(bs, meta)  # warm-up: compiles / autotunes kernels uncaptured
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(bs, meta)
-            self.graphs[bs] = graph
+        for bucket in reversed(self.len_buckets):
+            for bs in reversed(self.batch_sizes):
+                meta = self._meta(bs, bucket)
+                self._forward(bs, meta)  # warm-up: compiles / autotunes kernels uncaptured
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._forward(bs, meta)
+                self.graphs[bs, bucket] = graph
         torch.cuda.synchronize()
