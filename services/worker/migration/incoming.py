@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common import wire
-from services.worker.engine.engine import Engine, ExportedRequest
+from services.worker.engine.engine import Engine
+from services.worker.migration.state import from_wire
 
 
 class InPhase(enum.Enum):
@@ -112,18 +113,7 @@ class IncomingRunner:
                 raise _Abort(f"KV checksum mismatch ({received} != {msg.kv_checksum})",
                              tell_source=True)
         block_ids = self.engine.blocks.take_reserved(mig.migration_id, num_blocks)
-        self.engine.import_request(ExportedRequest(
-            req_id=state.req_id,
-            prompt_token_ids=mig.prompt_token_ids,
-            output_token_ids=state.output_token_ids,
-            num_delivered=state.num_delivered,
-            sampling=state.sampling,
-            priority=state.priority,
-            reply_addr=state.reply_addr,
-            arrival_s=state.arrival_s,
-            num_computed_tokens=state.num_computed_tokens,
-            num_preemptions=state.num_preemptions,
-        ), block_ids)
+        self.engine.import_request(from_wire(state, mig.prompt_token_ids), block_ids)
         mig.num_computed_at_import = state.num_computed_tokens
         mig.phase = InPhase.COMMITTED
         if state.num_computed_tokens == 0:

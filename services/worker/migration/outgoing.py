@@ -24,6 +24,7 @@ from typing import Any
 from common import wire
 from services.worker.engine.engine import Engine
 from services.worker.engine.request import Request, Status
+from services.worker.migration.state import to_wire
 
 
 class Phase(enum.Enum):
@@ -216,17 +217,7 @@ class OutgoingRunner:
         self.send(mig.dst_inbox_addr, wire.MigCommit(
             migration_id=mig.migration_id,
             kv_checksum=checksum,
-            state=wire.RequestState(
-                req_id=state.req_id,
-                output_token_ids=state.output_token_ids,
-                num_delivered=state.num_delivered,
-                sampling=state.sampling,
-                priority=state.priority,
-                reply_addr=state.reply_addr,
-                arrival_s=state.arrival_s,
-                num_computed_tokens=state.num_computed_tokens,
-                num_preemptions=state.num_preemptions,
-            ),
+            state=to_wire(state),
         ))
         if before_ack is not None:
             await before_ack  # the last blocks are sent (their pins released)
