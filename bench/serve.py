@@ -57,8 +57,9 @@ async def _one_sdk(client, record: RequestRecord, prompt_ids: list[int], max_tok
 
 async def _one_http(session, url: str, record: RequestRecord, prompt_ids: list[int],
                     max_tokens: int, timeout_s: float) -> None:
-    body = {"model": "ferry", "prompt": prompt_ids, "max_tokens": max_tokens, "stream": True,
-            "temperature": 0.0, "ignore_eos": True, "priority": record.priority}
+    body = {"prompt": prompt_ids, "max_tokens": max_tokens, "stream": True,
+            "temperature": 0.0, "ignore_eos": True, "priority": record.priority,
+            "stream_options": {"include_usage": True}}  # exact token count at the end
     async with session.post(f"{url}/completions", json=body, timeout=timeout_s) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
@@ -68,12 +69,13 @@ async def _one_http(session, url: str, record: RequestRecord, prompt_ids: list[i
                 continue
             now = time.perf_counter()
             event = json.loads(line[6:])
-            choice = event["choices"][0]
-            if choice.get("text") is not None and record.first_token_s is None:
-                record.first_token_s = now
-            record.num_output_tokens += len(choice.get("token_ids") or []) or 1
-            if choice.get("finish_reason"):
-                record.finish_s = now
+            if event.get("usage"):
+                record.num_output_tokens = event["usage"]["completion_tokens"]
+            for choice in event.get("choices", []):
+                if record.first_token_s is None:
+                    record.first_token_s = now
+                if choice.get("finish_reason"):
+                    record.finish_s = now
 
 
 async def replay(args: argparse.Namespace) -> list[RequestRecord]:
