@@ -152,7 +152,6 @@ class MigrationCoordinator:
             instance_id=self.config.instance_id,
             inbox_addr=self.config.inbox.advertise,
             limits=self.limits,
-            ready_event=self._ready_event,
             step_boundary=self.step_boundary,
         )
         self._spawn(self._run_outgoing(runner))
@@ -182,13 +181,6 @@ class MigrationCoordinator:
             total_s=round(done.total_s, 6), downtime_s=round(done.downtime_s, 6),
         )
         self.send(self.config.scheduler_addr, done)
-
-    def _ready_event(self) -> object | None:
-        """What the KV copy must wait for before reading blocks: nothing. The stepper
-        waits on every step's completion before `finish_step` advances
-        num_computed_tokens, so every block a stage sends was written by GPU work the
-        host already saw finish."""
-        return None
 
     def route_reply(self, msg: Any) -> None:
         mig = self.outgoing.get(msg.migration_id)

@@ -170,10 +170,11 @@ class KVTransport:
 
     # ---- transfers ----------------------------------------------------------------------
 
-    async def send(self, dst_instance_id: str, block_ids: list[int], ready_event=None) -> int:
-        """Send the KV of block_ids to dst (which posts matching receives). Returns bytes."""
+    async def send(self, dst_instance_id: str, block_ids: list[int]) -> int:
+        """Send the KV of block_ids to dst (which posts matching receives). Returns bytes.
+        The blocks must hold completed writes (the stepper syncs every step first)."""
         group = self._sending[dst_instance_id]
-        return await self._run(group, self._send_blocks, group, block_ids, ready_event)
+        return await self._run(group, self._send_blocks, group, block_ids)
 
     async def recv(self, group_id: str, block_ids: list[int]) -> int:
         """Receive KV into block_ids from the group's sender. Returns bytes."""
@@ -215,7 +216,7 @@ class KVTransport:
         if self.kv_cache.is_cuda:
             torch.cuda.set_device(self.kv_cache.device)
 
-    def _send_blocks(self, group: KVGroup, block_ids: list[int], ready_event) -> int:
+    def _send_blocks(self, group: KVGroup, block_ids: list[int]) -> int:
         self._bind_device()
         pg = group.ready.result(timeout=self.timeout.total_seconds())
         staging = self._staging(group, len(block_ids))
@@ -226,8 +227,6 @@ class KVTransport:
                 pg.send([buf], RECEIVER_RANK, 0).wait(self.timeout)
             return len(block_ids) * self.block_bytes
         with torch.cuda.stream(group.stream):
-            if ready_event is not None:  # the model's writes to these blocks are done
-                group.stream.wait_event(ready_event)
             works = []
             for i, idx in enumerate(self._chunks(block_ids)):
                 if i >= 2:
@@ -276,7 +275,7 @@ class SimulatedTransport:
     def join_sending(self, dst_instance_id: str, group_id: str, store_addr: str) -> None:
         pass
 
-    async def send(self, dst_instance_id: str, block_ids: list[int], ready_event=None) -> int:
+    async def send(self, dst_instance_id: str, block_ids: list[int]) -> int:
         num_bytes = len(block_ids) * self.block_bytes
         await asyncio.sleep(num_bytes / self.bandwidth_bytes_s)
         return num_bytes

@@ -71,7 +71,6 @@ class OutgoingMigration:
     num_blocks_sent: int = 0
     num_bytes: int = 0
     started_s: float = field(default_factory=time.perf_counter)
-    paused_s: float | None = None  # when the request left the source's batch
     last_step_s: float = 0.0  # wall clock: end of the request's last step here
     downtime_s: float = 0.0
     token_gap_s: float = 0.0
@@ -103,8 +102,10 @@ class OutgoingMigration:
 
 class OutgoingRunner:
     """Drives one OutgoingMigration. `send(addr, msg)` is the control channel; `kv` the
-    KV transport (KVTransport or SimulatedTransport); `ready_event()` returns a device
-    event marking the model's writes so far (None on CPU)."""
+    KV transport (KVTransport or SimulatedTransport); `step_boundary()` returns right
+    after the engine's next step. A stage reads only blocks counted in
+    num_computed_tokens, written by steps the host already saw complete, so the copy
+    waits for nothing on the device."""
 
     def __init__(
         self,
@@ -116,7 +117,6 @@ class OutgoingRunner:
         instance_id: str,
         inbox_addr: str,
         limits: MigrationLimits,
-        ready_event: Callable[[], object | None],
         step_boundary: Callable[[], Awaitable[None]],
     ) -> None:
         self.mig = mig
@@ -126,7 +126,6 @@ class OutgoingRunner:
         self.instance_id = instance_id
         self.inbox_addr = inbox_addr
         self.limits = limits
-        self.ready_event = ready_event
         self.step_boundary = step_boundary
         self.block_size = engine.blocks.block_size
 
@@ -138,7 +137,8 @@ class OutgoingRunner:
                 raise MigrationAborted("request is not running here", notify_peer=False)
             await self._prealloc(req)
             if req.status is Status.WAITING:
-                await self._commit(req, self.engine.pause(req.req_id))
+                self.engine.pause(req.req_id)
+                await self._commit(req)
             else:
                 await self._stages(req)
                 await self._final(req)
@@ -189,7 +189,6 @@ class OutgoingRunner:
         self._check_still_here(req)
         mig.phase = Phase.FINAL
         self.engine.pause(req.req_id)
-        mig.paused_s = time.perf_counter()
         mig.last_step_s = req.last_step_s
         # The commit follows the last stage at once: the destination handles its messages
         # in order, so it adopts the request only after the stage's blocks arrived.
@@ -197,17 +196,14 @@ class OutgoingRunner:
             req, self.engine.blocks.blocks_for(req.num_computed_tokens), wait_ack=False))
         await asyncio.sleep(0)  # let the stage announce itself before the commit
         try:
-            await self._commit(req, req, before_ack=last_stage)
+            await self._commit(req, before_ack=last_stage)
         finally:
             if not last_stage.done():
                 last_stage.cancel()
 
-    async def _commit(self, req: Request, paused: Request,
-                      before_ack: asyncio.Future | None = None) -> None:
+    async def _commit(self, req: Request, before_ack: asyncio.Future | None = None) -> None:
         mig = self.mig
         mig.phase = Phase.COMMIT
-        if mig.paused_s is None:
-            mig.paused_s = time.perf_counter()
         state = self.engine.export_state(req.req_id)
         checksum = None
         if self.limits.verify_kv and state.num_computed_tokens:
@@ -253,7 +249,7 @@ class OutgoingRunner:
         self.engine.blocks.incref(block_ids)
         start = time.perf_counter()
         try:
-            num_bytes = await self.kv.send(mig.dst_instance_id, block_ids, self.ready_event())
+            num_bytes = await self.kv.send(mig.dst_instance_id, block_ids)
         finally:
             self.engine.blocks.free(block_ids)
         mig.num_bytes += num_bytes
