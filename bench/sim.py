@@ -42,6 +42,7 @@ from services.worker.engine.request import Status
 from services.worker.engine.scheduler import StepPlan
 from services.worker.latency_model import Profile
 from services.worker.migration.choice import pick_request
+from services.worker.report import load_fields
 from services.worker.sim_executor import SimExecutor
 
 GATEWAY = "sim-gateway"
@@ -204,16 +205,9 @@ class Simulator:
         self._apply(self.core.load_report(wire.LoadReport(
             instance_id=inst.instance_id, inbox_addr=inst.instance_id, seq=inst.num_reports,
             num_dispatch_received=inst.num_dispatched,
-            load=wire.LoadFields(
-                num_total_blocks=load.num_total_blocks, num_free_blocks=load.num_free_blocks,
-                num_reserved_blocks=load.num_reserved_blocks, num_running=load.num_running,
-                num_waiting=load.num_waiting, head_demand_blocks=load.head_demand_blocks,
-                waiting_demand_blocks=load.waiting_demand_blocks,
-                used_blocks_high=load.used_blocks_high, num_running_high=load.num_running_high,
-                num_migrations_in=inst.num_migrations_in,
-                num_migrations_out=inst.num_migrations_out, draining=inst.draining,
-                step_time_ewma_s=load.step_time_ewma_s, num_preemptions=load.num_preemptions,
-            )), self.now))
+            load=load_fields(load, num_migrations_in=inst.num_migrations_in,
+                             num_migrations_out=inst.num_migrations_out,
+                             draining=inst.draining)), self.now))
 
     def _kick(self, inst: SimInstance) -> None:
         """Start a step if the instance is idle and has work."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from common.zmq_util import Inbox, Outboxes, Overloaded, make_context
 from services.worker.engine.engine import Engine, RequestRejected
 from services.worker.engine.request import RequestOutput
 from services.worker.migration.coordinator import MIGRATION_MESSAGES, MigrationCoordinator
+from services.worker.report import load_fields
 from services.worker.stepper import make_stepper
 
 INBOX_MESSAGES = (
@@ -163,14 +163,11 @@ class Worker:
             ))
 
     def _fail_all(self, message: str) -> None:
-        by_addr: dict[str, list[str]] = defaultdict(list)
         for req in list(self.engine.requests.values()):
-            by_addr[req.reply_addr].append(req.req_id)
             self.engine.abort(req.req_id)
-        for addr, req_ids in by_addr.items():
-            for req_id in req_ids:
-                self._send(addr, wire.RequestError(
-                    req_id=req_id, instance_id=self.config.instance_id, code=500, message=message))
+            self._send(req.reply_addr, wire.RequestError(
+                req_id=req.req_id, instance_id=self.config.instance_id, code=500,
+                message=message))
 
     def _register(self) -> None:
         self._send(self.config.scheduler_addr, wire.Register(
@@ -191,22 +188,9 @@ class Worker:
             inbox_addr=self.config.inbox.advertise,
             seq=self.report_seq,
             num_dispatch_received=self.num_dispatch_received,
-            load=wire.LoadFields(
-                num_total_blocks=load.num_total_blocks,
-                num_free_blocks=load.num_free_blocks,
-                num_reserved_blocks=load.num_reserved_blocks,
-                num_running=load.num_running,
-                num_waiting=load.num_waiting,
-                head_demand_blocks=load.head_demand_blocks,
-                waiting_demand_blocks=load.waiting_demand_blocks,
-                used_blocks_high=load.used_blocks_high,
-                num_running_high=load.num_running_high,
-                num_migrations_in=self.migrations.num_incoming,
-                num_migrations_out=self.migrations.num_outgoing,
-                draining=self.draining,
-                step_time_ewma_s=load.step_time_ewma_s,
-                num_preemptions=load.num_preemptions,
-            ),
+            load=load_fields(load, num_migrations_in=self.migrations.num_incoming,
+                             num_migrations_out=self.migrations.num_outgoing,
+                             draining=self.draining),
         ))
 
     def _work_arrived(self) -> None:
