@@ -9,6 +9,7 @@ get SIGTERM from the kernel if this process dies, so nothing is left behind.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import json
 import os
@@ -128,12 +129,16 @@ class Cluster:
             return False
 
     def _live_workers(self) -> int:
-        out = subprocess.run([sys.executable, "-m", "services.cli", "status", "--json",
-                              "--admin-addr", self.admin_addr, "--timeout", "1"],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
+        """Live instances as the scheduler sees them (0 while it is not answering)."""
+        from common import wire
+        from common.zmq_util import make_context, request
+
+        try:
+            reply = asyncio.run(request(make_context(), self.admin_addr, wire.StatusRequest(),
+                                        timeout_s=1.0, expected=(wire.StatusReply,)))
+        except TimeoutError:
             return 0
-        return sum(1 for inst in json.loads(out.stdout)["instances"] if inst["alive"])
+        return sum(1 for inst in reply.instances if inst.alive)
 
     def stop(self) -> None:
         for _, proc in self.children:
