@@ -110,8 +110,9 @@ def generate_throughput(runner, args) -> dict:
     prompts = torch.randint(100, runner.vocab_size, (batch, prompt_len), generator=gen)
     engine = Engine(runner, EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192))
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    engine.generate(prompts[:2].tolist(), SamplingParams(max_tokens=4, temperature=0.0,
-                                                         ignore_eos=True))  # warm-up
+    # Warm-up on the measured shapes (Triton compiles a kernel per new specialisation).
+    engine.generate(prompts.tolist(), SamplingParams(max_tokens=4, temperature=0.0,
+                                                     ignore_eos=True))
     _sync()
     start = time.perf_counter()
     outs = engine.generate(prompts.tolist(), params)
@@ -133,7 +134,8 @@ def generate_throughput(runner, args) -> dict:
     kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
                   pad_token_id=0)
     with torch.no_grad():
-        hf.generate(ids[:2], **{**kwargs, "min_new_tokens": 4, "max_new_tokens": 4})
+        hf.generate(ids, attention_mask=torch.ones_like(ids),
+                    **{**kwargs, "min_new_tokens": 4, "max_new_tokens": 4})  # warm-up
         _sync()
         start = time.perf_counter()
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks, run on the lent H200 machines (see docs/gpu.md):
-#   bench/gpu_checks.sh STEP [STEP...]    steps: tests kernels engine profiles migration concurrent
+#   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine profiles migration concurrent
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
 set -uo pipefail
@@ -31,6 +31,9 @@ for step in "$@"; do
     kernels)
       timeout 400 python3 -m bench.kernels_bench --out "$OUT/kernels_h200.json" 2>&1 \
         | tee "$OUT/kernels_h200.log" | tail -40 ;;
+    breakdown)
+      timeout 400 python3 -m bench.decode_breakdown --out "$OUT/decode_breakdown_h200.json" 2>&1 \
+        | tee "$OUT/decode_breakdown_h200.log" | tail -20 ;;
     engine)
       timeout 400 python3 -m bench.engine_bench --out "$OUT/engine_h200.json" 2>&1 \
         | tee "$OUT/engine_h200.log" | tail -20 ;;

@@ -11,6 +11,10 @@ default on GPU), "flash" (flash-attn, only where importable and the block size i
 multiple of 256), "auto" (triton on CUDA when Triton imports and takes the config, else
 torch). Triton and flash-attn are imported only when their backend is asked for, so
 this package imports on a machine with neither.
+
+The model's element-wise steps (RMSNorm with the residual add, rotary with the cache
+write, SiLU-and-multiply) come in two sets with the same calls: `fused_ops("torch")`
+(the reference, CPU) and `fused_ops("triton")` (one kernel each, GPU).
 """
 
 from __future__ import annotations
@@ -81,6 +85,34 @@ def _flash_backend() -> AttentionBackend:
     )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FusedOps:
+    name: str  # "torch" | "triton"
+    rms_norm: Callable[..., torch.Tensor]  # (x, weight, eps) -> normed
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (x, residual, weight,
+    #                                                 eps) -> (normed, x + residual)
+    rope_write_kv: Callable[..., torch.Tensor]  # (qkv, positions, cos_sin, k_cache, v_cache,
+    #                  slot_mapping, *, num_heads, num_kv_heads, write_kv) -> rotated q
+    silu_mul: Callable[..., torch.Tensor]  # (gate_up) -> silu(gate) * up
+
+
+def fused_ops(name: str) -> FusedOps:
+    """The element-wise step set called `name` ("torch" or "triton"; see the module doc)."""
+    if name == "torch":
+        from kernels import fused_torch as module
+    elif name == "triton":
+        from kernels import fused_triton as module
+    else:
+        raise ValueError(f"unknown fused ops {name!r}; choose torch or triton")
+    return FusedOps(
+        name=name,
+        rms_norm=module.rms_norm,
+        add_rms_norm=module.add_rms_norm,
+        rope_write_kv=module.rope_write_kv,
+        silu_mul=module.silu_mul,
+    )
+
+
 def get_backend(
     name: str,
     *,
@@ -117,6 +149,8 @@ __all__ = [
     "BACKEND_NAMES",
     "AttentionBackend",
     "BackendUnavailableError",
+    "FusedOps",
+    "fused_ops",
     "get_backend",
     "triton_unavailable_reason",
 ]

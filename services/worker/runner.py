@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from common.sampling import SamplingParams
-from kernels import get_backend
+from kernels import FusedOps, fused_ops, get_backend
 from kernels.kv_layout import allocate_kv_cache, bytes_per_block
 from kernels.metadata import AttentionMetadata
 from services.worker.engine.batch import ModelBatch, SeqChunk
@@ -53,6 +53,8 @@ class RunnerConfig:
     max_num_tokens: int = 8192  # largest step the engine runs (GPU activation profiling)
     max_num_seqs: int = 256  # most requests in one step (profiling, largest CUDA graph)
     cuda_graphs: bool = True  # capture decode graphs (GPU, non-torch attention backend)
+    fused_ops: str = "auto"  # element-wise steps: "torch" | "triton" | "auto" (triton
+    #                          whenever the attention backend is not torch)
     cpu_threads: int | None = 1  # torch intra-op threads (process-wide) on CPU; None: torch's
     #                              default (one per core). Several workers sharing a small
     #                              CPU with more threads than cores run decode 10-25x slower.
@@ -93,7 +95,12 @@ class ModelRunner:
         self.max_model_len = min(
             self.model_config.max_model_len, config.max_model_len or self.model_config.max_model_len
         )
-        self.model: LlamaModel = self._build_model((backend.write_kv, backend.paged_attention))
+        self.fused_ops = config.fused_ops
+        if self.fused_ops == "auto":
+            self.fused_ops = "torch" if backend.name == "torch" else "triton"
+        self.model: LlamaModel = self._build_model(
+            (backend.write_kv, backend.paged_attention), fused_ops(self.fused_ops)
+        )
 
         # Executor protocol
         self.block_size = config.block_size
@@ -190,13 +197,16 @@ class ModelRunner:
 
     # -- construction ------------------------------------------------------------------
 
-    def _build_model(self, attention: tuple[WriteKV, PagedAttention]) -> LlamaModel:
+    def _build_model(
+        self, attention: tuple[WriteKV, PagedAttention], ops: FusedOps
+    ) -> LlamaModel:
         if self.config.model_dir is not None:
             return load_model(
                 self.config.model_dir,
                 device=self.device,
                 dtype=self.dtype,
                 attention=attention,
+                ops=ops,
                 max_model_len=self.max_model_len,
             )
         return build_random_model(
@@ -205,6 +215,7 @@ class ModelRunner:
             dtype=self.dtype,
             seed=self.config.seed,
             attention=attention,
+            ops=ops,
             max_model_len=self.max_model_len,
             on_device=self.config.random_on_device,
         )

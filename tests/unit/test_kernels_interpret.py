@@ -83,6 +83,17 @@ CASES: dict[str, dict] = {
         kind="prefill", heads="gqa1", head_dim=64, dtype="float16",
         query_lens=[17, 5], seq_lens=[81, 5], block_size=32, block_m=32, block_n=64,
     ),
+    "fused_rms_norm": dict(kind="rms_norm", heads="gqa4", head_dim=32, dtype="bfloat16"),
+    "fused_add_rms_norm": dict(kind="add_rms_norm", heads="gqa4", head_dim=32, dtype="bfloat16"),
+    "fused_rope_write_kv_gqa3": dict(
+        kind="rope_write_kv", heads="gqa3", head_dim=32, dtype="bfloat16",
+        query_lens=[5, 3], seq_lens=[21, 3],
+    ),
+    "fused_rope_write_kv_fp32": dict(
+        kind="rope_write_kv", heads="gqa8", head_dim=64, dtype="float32",
+        query_lens=[4], seq_lens=[37],
+    ),
+    "fused_silu_mul": dict(kind="silu_mul", heads="gqa4", head_dim=32, dtype="bfloat16"),
     "dispatch_decode_strided_q": dict(
         kind="dispatch", heads="gqa4", head_dim=64, dtype="bfloat16",
         query_lens=[1, 1, 1], seq_lens=[9, 64, 200],
@@ -112,6 +123,67 @@ def _patch_interpreter_for_numpy_2_4() -> None:
     interpreter._patch_lang_tensor = patched
 
 
+def _run_fused_case(name: str, spec: dict) -> dict:
+    """One kernels/fused_triton.py op against fused_torch.py on the same inputs."""
+    import torch
+
+    from kernels import fused_torch, fused_triton
+    from kernels.attention_torch import write_kv_torch
+    from kernels.kv_layout import layer_view
+    from kernels.testing import make_case, rel_err
+
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    dtype = getattr(torch, spec["dtype"])
+    kind = spec["kind"]
+    result: dict = {"bound": REL_ERR_BOUND[spec["dtype"]], "unwritten": 0}
+    if kind in ("rms_norm", "add_rms_norm"):
+        x = torch.randn(5, 96, generator=gen).to(dtype)  # 96: not a power of two
+        weight = (1 + 0.1 * torch.randn(96, generator=gen)).to(dtype)
+        if kind == "rms_norm":
+            out, expected = fused_triton.rms_norm(x, weight, 1e-5), fused_torch.rms_norm(
+                x, weight, 1e-5
+            )
+            result.update(rel_err=rel_err(out, expected))
+            return result
+        residual = torch.randn(5, 96, generator=gen).to(dtype)
+        expected, expected_res = fused_torch.add_rms_norm(x, residual, weight, 1e-5)
+        out, res = fused_triton.add_rms_norm(x, residual.clone(), weight, 1e-5)
+        result.update(rel_err=max(rel_err(out, expected), rel_err(res, expected_res)))
+        return result
+    if kind == "silu_mul":
+        gate_up = torch.randn(3, 2 * 1500, generator=gen).to(dtype)  # two column tiles
+        out, expected = fused_triton.silu_mul(gate_up), fused_torch.silu_mul(gate_up)
+        result.update(rel_err=rel_err(out, expected))
+        return result
+    # rope_write_kv: q rotated, k rotated and v copied into a strided cache, one slot skipped
+    num_q_heads, num_kv_heads = HEADS[spec["heads"]]
+    head_dim = spec["head_dim"]
+    case = make_case(
+        query_lens=spec["query_lens"], seq_lens=spec["seq_lens"], num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=16, dtype=dtype, generator=gen,
+    )  # fmt: skip
+    num_tokens = case.k_new.shape[0]
+    qkv = torch.randn(num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, generator=gen)
+    qkv = qkv.to(dtype)
+    angles = torch.rand(64, head_dim // 2, generator=gen) * 50
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    positions = torch.randint(0, 64, (num_tokens,), generator=gen)
+    slots = case.meta.slot_mapping.clone()
+    slots[1] = -1
+    expected_cache = case.kv_cache.clone()
+    kwargs = dict(num_heads=num_q_heads, num_kv_heads=num_kv_heads, write_kv=write_kv_torch)
+    keep = slots >= 0
+    expected_q = fused_torch.rope_write_kv(
+        qkv[keep], positions[keep], cos_sin, *layer_view(expected_cache, 1), slots[keep], **kwargs
+    )
+    q = fused_triton.rope_write_kv(
+        qkv, positions, cos_sin, case.k_cache, case.v_cache, slots, **kwargs
+    )
+    exact = torch.equal(expected_cache, case.kv_cache) and torch.equal(q[keep], expected_q)
+    result.update(rel_err=0.0 if exact else float("inf"))
+    return result
+
+
 def _run_case(name: str, spec: dict) -> dict:
     import torch
 
@@ -123,6 +195,8 @@ def _run_case(name: str, spec: dict) -> dict:
     from kernels.testing import make_case, make_metadata, reference_fp32, rel_err
     from kernels.triton_configs import DecodeConfig, PrefillConfig
 
+    if spec["kind"] in ("rms_norm", "add_rms_norm", "rope_write_kv", "silu_mul"):
+        return _run_fused_case(name, spec)
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
     dtype = getattr(torch, spec["dtype"])
     num_q_heads, num_kv_heads = HEADS[spec["heads"]]

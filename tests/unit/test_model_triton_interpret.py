@@ -1,4 +1,4 @@
-"""The model with the Triton attention backend, on CPU under Triton's interpreter, against
+"""The model with the Triton attention backend and element-wise kernels, on CPU under Triton's interpreter, against
 the torch reference: mixed prefill chunks and decodes through ModelRunner.execute, the
 decode steps on the CUDA-graph bookkeeping path (DecodeGraphs uncaptured: static
 buffers, padding rows, max_seq_len as an upper bound). Same tokens, same KV.
@@ -41,8 +41,10 @@ def _patched(tensor, scope):
 interpreter._patch_lang_tensor = _patched
 
 from common.sampling import SamplingParams
+from kernels import fused_ops
 from kernels.attention_triton import paged_attention_triton, write_kv_triton
 from services.worker.model.cuda_graphs import DecodeGraphs
+from services.worker.model.llama import ModelKernels
 from services.worker.runner import ModelRunner, RunnerConfig
 from tests.unit.model_helpers import FakeEngine
 from tests.unit.test_runner import CONFIG
@@ -54,7 +56,8 @@ runners = []
 for backend in ("torch", "triton"):
     runner = ModelRunner(RunnerConfig(model_config=CONFIG, seed=2, num_blocks=num_blocks))
     if backend == "triton":
-        runner.model.write_kv, runner.model.paged_attention = write_kv_triton, paged_attention_triton
+        runner.model.kernels = ModelKernels(write_kv_triton, paged_attention_triton,
+                                            fused_ops("triton"))
         runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, batch_sizes=[1, 2, 4, 8],
                                      block_size=16, pad_block_id=runner.pad_block_id,
                                      max_model_len=runner.max_model_len, capture=False)

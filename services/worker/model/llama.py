@@ -3,20 +3,25 @@
 Inputs are flattened: a step's T tokens from every request sit in one [T] vector (see
 kernels/metadata.py), so there is no batch dimension and no padding. q/k/v are one
 matmul (`qkv_proj`), gate/up another (`gate_up_proj`); the loader concatenates the
-Hugging Face weights into them. Numerics follow transformers op for op (RMSNorm in fp32
-then cast; RoPE applied in the model dtype with cos/sin cast to it), so fp32 logits
-match Hugging Face's to rounding and bf16 ones agree as closely as two kernels can.
+Hugging Face weights into them. Between the matmuls and attention, the element-wise
+steps (residual add + RMSNorm, rotary + cache write, SiLU * up) are FusedOps calls: the
+torch reference on CPU, one Triton kernel each on GPU (kernels/fused_*.py). Numerics
+follow transformers op for op (RMSNorm in fp32 then cast; RoPE in the model dtype with
+cos/sin cast to it), so fp32 logits match Hugging Face's to rounding and bf16 ones agree
+as closely as two kernels can.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import FusedOps, fused_ops
 from kernels.attention_torch import paged_attention_torch, write_kv_torch
 from kernels.kv_layout import layer_view
 from kernels.metadata import AttentionMetadata
@@ -28,16 +33,24 @@ WriteKV = Callable[..., None]
 PagedAttention = Callable[..., torch.Tensor]
 
 
+@dataclass(frozen=True, slots=True)
+class ModelKernels:
+    """What the layers compute with: the attention backend's two calls and the
+    element-wise step set (kernels.FusedOps)."""
+
+    write_kv: WriteKV
+    paged_attention: PagedAttention
+    ops: FusedOps
+
+
 class RMSNorm(nn.Module):
+    """RMSNorm's weight and epsilon; the model applies it through its FusedOps (fused with
+    the residual add where there is one)."""
+
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -81,25 +94,6 @@ class RotaryEmbedding(nn.Module):
         """Recompute cos/sin in place (after `to_empty` left the buffer uninitialised)."""
         self.cos_sin = self._cos_sin(self.cos_sin.device)
 
-    def forward(
-        self,
-        positions: torch.Tensor,  # [T] int64
-        q: torch.Tensor,  # [T, Hq, D]
-        k: torch.Tensor,  # [T, Hkv, D]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin[positions].to(q.dtype)[:, None, :].chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(
-    x: torch.Tensor,  # [T, H, D]
-    cos: torch.Tensor,  # [T, 1, D/2]
-    sin: torch.Tensor,  # [T, 1, D/2]
-) -> torch.Tensor:  # [T, H, D]
-    # Hugging Face's x * cat(cos, cos) + rotate_half(x) * cat(sin, sin), same roundings.
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
@@ -124,18 +118,22 @@ class Attention(nn.Module):
         rotary: RotaryEmbedding,
         kv_cache: torch.Tensor,  # [num_blocks, num_layers, 2, block_size, Hkv, D]
         meta: AttentionMetadata,
-        write_kv: WriteKV,
-        paged_attention: PagedAttention,
+        kernels: ModelKernels,
     ) -> torch.Tensor:  # [T, hidden]
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
-        q, k = rotary(positions, q, k)
         k_cache, v_cache = layer_view(kv_cache, self.layer)
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
+        q = kernels.ops.rope_write_kv(  # [T, Hq, D]; k and v land in their cache slots
+            self.qkv_proj(x),
+            positions,
+            rotary.cos_sin,
+            k_cache,
+            v_cache,
+            meta.slot_mapping,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            write_kv=kernels.write_kv,
+        )
+        out = kernels.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -151,9 +149,8 @@ class MLP(nn.Module):
             config.intermediate_size, config.hidden_size, bias=config.mlp_bias
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: FusedOps) -> torch.Tensor:  # x: [T, hidden]
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -166,19 +163,25 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [T, hidden]
+        x: torch.Tensor,  # [T, hidden] the previous layer's MLP output (or the embeddings)
+        residual: torch.Tensor | None,  # [T, hidden] the stream before x; None: layer 0
         positions: torch.Tensor,  # [T] int64
         rotary: RotaryEmbedding,
         kv_cache: torch.Tensor,  # [num_blocks, num_layers, 2, block_size, Hkv, D]
         meta: AttentionMetadata,
-        write_kv: WriteKV,
-        paged_attention: PagedAttention,
-    ) -> torch.Tensor:  # [T, hidden]
-        h = self.self_attn(
-            self.input_layernorm(x), positions, rotary, kv_cache, meta, write_kv, paged_attention
-        )
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        kernels: ModelKernels,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (MLP output, residual), each [T, hidden]
+        # transformers' `x = residual + sublayer(norm(x))`, with each add fused into the
+        # norm after it: the stream is x + residual, carried as two tensors.
+        ops, norm = kernels.ops, self.input_layernorm
+        if residual is None:
+            h, residual = ops.rms_norm(x, norm.weight, norm.eps), x
+        else:
+            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+        h = self.self_attn(h, positions, rotary, kv_cache, meta, kernels)
+        norm = self.post_attention_layernorm
+        h, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps)
+        return self.mlp(h, ops), residual
 
 
 class LlamaModel(nn.Module):
@@ -190,13 +193,16 @@ class LlamaModel(nn.Module):
         config: ModelConfig,
         *,
         attention: tuple[WriteKV, PagedAttention] | None = None,
+        ops: FusedOps | None = None,
         max_model_len: int | None = None,
     ) -> None:
         """attention: a backend's (write_kv, paged_attention); None: the torch reference.
+        ops: the element-wise step set; None: the torch reference.
         max_model_len: longest sequence to precompute RoPE for (config.max_model_len)."""
         super().__init__()
         self.config = config
-        self.write_kv, self.paged_attention = attention or (write_kv_torch, paged_attention_torch)
+        write_kv, paged_attention = attention or (write_kv_torch, paged_attention_torch)
+        self.kernels = ModelKernels(write_kv, paged_attention, ops or fused_ops("torch"))
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -214,12 +220,12 @@ class LlamaModel(nn.Module):
         kv_cache: torch.Tensor,  # [num_blocks, num_layers, 2, block_size, Hkv, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden], after the final norm
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(
-                x, positions, self.rotary, kv_cache, meta, self.write_kv, self.paged_attention
-            )
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, kv_cache, meta, self.kernels)
+        if residual is None:  # no layers
+            return self.kernels.ops.rms_norm(x, self.norm.weight, self.norm.eps)
+        return self.kernels.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden] -> logits [n, vocab] float32."""
@@ -233,6 +239,7 @@ def build_empty_model(
     device: torch.device | str,
     dtype: torch.dtype,
     attention: tuple[WriteKV, PagedAttention] | None = None,
+    ops: FusedOps | None = None,
     max_model_len: int | None = None,
 ) -> LlamaModel:
     """A model with uninitialised weights allocated once, straight on device in dtype
@@ -241,7 +248,9 @@ def build_empty_model(
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = LlamaModel(config, attention=attention, max_model_len=max_model_len)
+            model = LlamaModel(
+                config, attention=attention, ops=ops, max_model_len=max_model_len
+            )
     finally:
         torch.set_default_dtype(default_dtype)
     model.to_empty(device=device)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from kernels import FusedOps
 from services.worker.model.config import ModelConfig
 from services.worker.model.llama import LlamaModel, PagedAttention, WriteKV, build_empty_model
 
@@ -71,12 +72,14 @@ def load_model(
     device: torch.device | str,
     dtype: torch.dtype,
     attention: tuple[WriteKV, PagedAttention] | None = None,
+    ops: FusedOps | None = None,
     max_model_len: int | None = None,
 ) -> LlamaModel:
     """Read config.json and the safetensors weights of model_dir onto device/dtype."""
     config = ModelConfig.from_dir(model_dir)
     model = build_empty_model(
-        config, device=device, dtype=dtype, attention=attention, max_model_len=max_model_len
+        config, device=device, dtype=dtype, attention=attention, ops=ops,
+        max_model_len=max_model_len,
     )
     load_weights(model, model_dir)
     return model
@@ -154,6 +157,7 @@ def build_random_model(
     dtype: torch.dtype,
     seed: int,
     attention: tuple[WriteKV, PagedAttention] | None = None,
+    ops: FusedOps | None = None,
     max_model_len: int | None = None,
     on_device: bool = False,
 ) -> LlamaModel:
@@ -162,7 +166,8 @@ def build_random_model(
     distribution, other values): seconds instead of minutes for 8B parameters on a GPU,
     for benchmarks that need the shape, not make_model's exact weights."""
     model = build_empty_model(
-        config, device=device, dtype=dtype, attention=attention, max_model_len=max_model_len
+        config, device=device, dtype=dtype, attention=attention, ops=ops,
+        max_model_len=max_model_len,
     )
     if on_device:
         generator = torch.Generator(device=device).manual_seed(seed)
