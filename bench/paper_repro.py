@@ -6,9 +6,10 @@
 3. auto-scaling: L-L under one scaling rule, least_load vs llumnix, instance-seconds.
 
 Rates are set from each trace's memory-bound capacity estimate (KV tokens per instance /
-mean tokens held per request, over the mean request lifetime), at 0.5, 0.7 and 0.85 of it:
-high load that the cluster can still sustain, which is where scheduling matters; past
-capacity every policy's queue grows without bound.
+mean tokens held per request, over the mean request lifetime in decode steps of a full
+instance, timed by the profile), as fractions of it: high load that the cluster can
+still sustain is where scheduling matters; past capacity every queue grows without bound.
+Runs go `--jobs` at a time (each simulation is one single-threaded process).
 
     python -m bench.paper_repro --out-dir bench/results/paper-repro
 """
@@ -17,16 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 KINDS = ("S-S", "M-M", "L-L", "S-L", "L-S", "sharegpt", "burstgpt")
 POLICIES = ("round_robin", "least_load", "llumnix")
 LOAD_FRACTIONS = (0.5, 0.7, 0.85)
-STEP_S = 0.012  # a typical decode step of a loaded llama2-7b instance on the H200 profile
 
 
 def sh(*args: str, stderr: bool = False) -> str:
@@ -43,12 +46,18 @@ def make_trace(kind: str, rate: float, num: int, out: Path, *, max_total: int, s
     return json.loads(stats.strip().splitlines()[-1])
 
 
-def capacity_rate(stats: dict, *, instances: int, kv_tokens: int) -> float:
+def capacity_rate(stats: dict, *, instances: int, kv_tokens: int, profile: str) -> float:
     """Requests/s the cluster's KV memory sustains: concurrency per instance (memory /
-    tokens a request holds on average) over the mean lifetime (its decode steps)."""
+    tokens a request holds on average) over the mean lifetime (its decode steps, each
+    timed as a full instance's: that many requests reading kv_tokens of context)."""
+    from services.worker.latency_model import Profile, StepFeatures
+
     held = stats["prompt_mean"] + stats["output_mean"] / 2
-    lifetime_s = max(1.0, stats["output_mean"]) * STEP_S
-    return instances * (kv_tokens / held) / lifetime_s
+    concurrency = kv_tokens / held
+    step_s = Profile.load(profile).latency.step_time(
+        StepFeatures(P=0, A=0, D=round(concurrency), C=kv_tokens))
+    lifetime_s = max(1.0, stats["output_mean"]) * step_s
+    return instances * concurrency / lifetime_s
 
 
 def simulate(trace: Path, policy: str, args: argparse.Namespace, *extra: str) -> dict:
@@ -58,30 +67,54 @@ def simulate(trace: Path, policy: str, args: argparse.Namespace, *extra: str) ->
     return json.loads(out)
 
 
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """'label=policy --flag value ...' (or just 'policy') -> (label, policy, flags)."""
+    label, _, spec = text.partition("=") if "=" in text else (text, "", text)
+    policy, *flags = shlex.split(spec)
+    return label, policy, flags
+
+
+def run_jobs(jobs: list[tuple[dict, Path, str, list[str]]], args: argparse.Namespace,
+             rows: list) -> None:
+    """Simulate every (row fields, trace, policy, flags), args.jobs at a time; rows are
+    appended in job order."""
+    def one(job):
+        fields, trace, policy, flags = job
+        start = time.perf_counter()
+        result = simulate(trace, policy, args, *flags)
+        print(f"{fields['kind']:>8} {fields['rate']:>7} {fields['policy']:>11}: p99 prefill "
+              f"{result['prefill_latency_s']['p99']:.3f} s, preemptions "
+              f"{result['num_preemptions']}, migrations {result['num_migrations']} "
+              f"({time.perf_counter() - start:.0f}s)", flush=True)
+        return {**fields, **result}
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows.extend(pool.map(one, jobs))
+
+
 def run_policies(args: argparse.Namespace, tmp: Path, rows: list) -> None:
+    variants = [parse_variant(v) for v in args.variants] or [(p, p, []) for p in POLICIES]
+    jobs = []
     for kind in args.kinds.split(","):
         probe = make_trace(kind, 1.0, 4000, tmp / "probe.jsonl", max_total=args.max_total)
-        cap = capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16)
+        cap = capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16,
+                            profile=args.profile)
         for frac in [float(x) for x in args.load_fractions.split(",")]:
             rate = round(cap * frac, 1)
             num = int(min(args.max_requests, max(args.min_requests, rate * args.duration_s)))
             trace = tmp / f"{kind}-{rate}.jsonl"
             make_trace(kind, rate, num, trace, max_total=args.max_total)
-            for policy in POLICIES:
-                start = time.perf_counter()
-                result = simulate(trace, policy, args)
-                rows.append({"experiment": "policies", "kind": kind, "rate": rate,
-                             "load_fraction": frac, "num": num, "policy": policy, **result})
-                print(f"{kind:>8} {rate:>7} {policy:>11}: p99 prefill "
-                      f"{result['prefill_latency_s']['p99']:.3f} s, migrations "
-                      f"{result['num_migrations']} ({time.perf_counter() - start:.0f}s)",
-                      flush=True)
+            for label, policy, flags in variants:
+                fields = {"experiment": "policies", "kind": kind, "rate": rate,
+                          "load_fraction": frac, "num": num, "policy": label}
+                jobs.append((fields, trace, policy, flags))
+    run_jobs(jobs, args, rows)
 
 
 def run_priorities(args: argparse.Namespace, tmp: Path, rows: list) -> None:
     probe = make_trace("S-S", 1.0, 4000, tmp / "probe.jsonl", max_total=args.max_total)
-    rate = round(capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16)
-                 * 0.7, 1)
+    rate = round(capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16,
+                               profile=args.profile) * 0.7, 1)
     num = int(min(args.max_requests, max(args.min_requests, rate * args.duration_s)))
     trace = tmp / "prio.jsonl"
     make_trace("S-S", rate, num, trace, max_total=args.max_total, cv=4.0, high_frac=0.1)
@@ -96,7 +129,8 @@ def run_priorities(args: argparse.Namespace, tmp: Path, rows: list) -> None:
 
 def run_autoscale(args: argparse.Namespace, tmp: Path, rows: list) -> None:
     probe = make_trace("L-L", 1.0, 4000, tmp / "probe.jsonl", max_total=args.max_total)
-    cap = capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16)
+    cap = capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16,
+                            profile=args.profile)
     rate = round(cap * 0.5, 1)
     num = int(min(args.max_requests, max(args.min_requests, rate * args.duration_s)))
     trace = tmp / "autoscale.jsonl"
@@ -129,6 +163,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="virtual blocks per high-priority request")
     parser.add_argument("--experiments", default="policies,priorities,autoscale")
     parser.add_argument("--suffix", default="", help="appended to the result file names")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="simulations run at once")
+    parser.add_argument("--variant", dest="variants", action="append", default=[],
+                        help="policies experiment: 'label=policy --sim-flag value ...' "
+                             "(repeatable; default: the three policies as they are)")
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
     tmp = out_dir / "traces"
