@@ -74,10 +74,28 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
     return label, policy, flags
 
 
+def median_leaves(results: list[dict]) -> dict:
+    """Results of one configuration over several trace seeds -> one result: the median of
+    every number (nested dicts alike); other values from the first."""
+    first = results[0]
+    merged = {}
+    for key, value in first.items():
+        values = [r.get(key) for r in results]
+        if isinstance(value, dict):
+            merged[key] = median_leaves(values)
+        elif isinstance(value, int | float) and not isinstance(value, bool) and all(
+                isinstance(v, int | float) for v in values):
+            merged[key] = statistics.median(values)
+        else:
+            merged[key] = value
+    return merged
+
+
 def run_jobs(jobs: list[tuple[dict, Path, str, list[str]]], args: argparse.Namespace,
              rows: list) -> None:
     """Simulate every (row fields, trace, policy, flags), args.jobs at a time; rows are
-    appended in job order."""
+    appended in job order, one per row fields: the median over the jobs sharing them (one
+    per trace seed, `seeds` in the row)."""
     def one(job):
         fields, trace, policy, flags = job
         start = time.perf_counter()
@@ -86,10 +104,15 @@ def run_jobs(jobs: list[tuple[dict, Path, str, list[str]]], args: argparse.Names
               f"{result['prefill_latency_s']['p99']:.3f} s, preemptions "
               f"{result['num_preemptions']}, migrations {result['num_migrations']} "
               f"({time.perf_counter() - start:.0f}s)", flush=True)
-        return {**fields, **result}
+        return {**fields, **result}  # one seed's
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows.extend(pool.map(one, jobs))
+        results = list(pool.map(one, jobs))
+    grouped: dict[str, list[dict]] = {}
+    for (fields, *_), result in zip(jobs, results, strict=True):
+        grouped.setdefault(json.dumps(fields, sort_keys=True), []).append(result)
+    for group in grouped.values():
+        rows.append({**median_leaves(group), "seeds": len(group)})
 
 
 def run_policies(args: argparse.Namespace, tmp: Path, rows: list) -> None:
@@ -102,12 +125,13 @@ def run_policies(args: argparse.Namespace, tmp: Path, rows: list) -> None:
         for frac in [float(x) for x in args.load_fractions.split(",")]:
             rate = round(cap * frac, 1)
             num = int(min(args.max_requests, max(args.min_requests, rate * args.duration_s)))
-            trace = tmp / f"{kind}-{rate}.jsonl"
-            make_trace(kind, rate, num, trace, max_total=args.max_total)
-            for label, policy, flags in variants:
-                fields = {"experiment": "policies", "kind": kind, "rate": rate,
-                          "load_fraction": frac, "num": num, "policy": label}
-                jobs.append((fields, trace, policy, flags))
+            for seed in range(args.seeds):
+                trace = tmp / f"{kind}-{rate}-s{seed}.jsonl"
+                make_trace(kind, rate, num, trace, max_total=args.max_total, seed=seed)
+                for label, policy, flags in variants:
+                    fields = {"experiment": "policies", "kind": kind, "rate": rate,
+                              "load_fraction": frac, "num": num, "policy": label}
+                    jobs.append((fields, trace, policy, flags))
     run_jobs(jobs, args, rows)
 
 
@@ -163,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="virtual blocks per high-priority request")
     parser.add_argument("--experiments", default="policies,priorities,autoscale")
     parser.add_argument("--suffix", default="", help="appended to the result file names")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="traces per rate (seeds 0..N-1); results are medians over them")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="simulations run at once")
     parser.add_argument("--variant", dest="variants", action="append", default=[],

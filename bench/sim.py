@@ -41,7 +41,7 @@ from services.worker.engine.engine import Engine, RequestRejected
 from services.worker.engine.request import Status
 from services.worker.engine.scheduler import StepPlan
 from services.worker.latency_model import Profile
-from services.worker.migration.choice import pick_request
+from services.worker.migration.choice import CHOICES, pick_request
 from services.worker.report import load_fields
 from services.worker.sim_executor import SimExecutor
 
@@ -112,8 +112,10 @@ class Simulator:
         startup_s: float = 10.0,
         report_interval_s: float = 0.05,
         ignore_priority: bool = False,
+        migration_choice: str = "relief",
     ) -> None:
         self.trace = trace
+        self.migration_choice = migration_choice  # the source's rule (migration/choice.py)
         self.profile = profile
         self.kv_blocks = kv_blocks or profile.num_blocks
         self.engine_config = engine_config or EngineConfig()
@@ -320,7 +322,8 @@ class Simulator:
     def _migrate_out(self, src: SimInstance, msg: wire.MigrateOut) -> None:
         dst = self.instances.get(msg.dst_instance_id)
         busy = {m.req_id for m in self.migrations.values() if m.src is src}
-        req_id = msg.req_id or pick_request(src.engine, busy, dst_free_blocks=msg.dst_free_blocks)
+        req_id = msg.req_id or pick_request(src.engine, busy, dst_free_blocks=msg.dst_free_blocks,
+                                            choice=self.migration_choice)
         cost = self.migration
         reason = None
         if dst is None or not dst.alive:
@@ -475,6 +478,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-priority", action="store_true",
                         help="schedule every request as normal (results still by class)")
     parser.add_argument("--migration-bandwidth-gbs", type=float, default=300.0)
+    parser.add_argument("--migration-choice", choices=CHOICES, default="relief",
+                        help="which request a source moves (services/worker/migration/choice.py)")
     parser.add_argument("--autoscale", action="store_true")
     parser.add_argument("--min-workers", type=int, default=1)
     parser.add_argument("--max-workers", type=int, default=16)
@@ -513,7 +518,7 @@ def run(args: argparse.Namespace) -> dict:
         migration=MigrationCost(bandwidth_bytes_s=args.migration_bandwidth_gbs * 1e9,
                                 max_per_instance=cfg.max_migrations_per_instance),
         autoscale=args.autoscale, startup_s=args.startup_s,
-        ignore_priority=args.ignore_priority)
+        ignore_priority=args.ignore_priority, migration_choice=args.migration_choice)
     result = sim.run()
     result["wall_s"] = time.perf_counter() - start
     result["config"] = {"trace": str(args.trace), "instances": args.instances,

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from common.wire import LoadFields
-from services.scheduler.load import dispatch_freeness, memory_load
+from services.scheduler.load import dispatch_rank, memory_load
 
 # Scores closer than this are a tie.
 TIE_EPS = 1e-9
@@ -39,11 +39,14 @@ class Rotation:
         return self.last_id
 
 
-def _best(loads: Mapping[str, LoadFields], score: Callable[[LoadFields], float]) -> list[str]:
-    """Ids of the instances with the highest score (ties within TIE_EPS)."""
+def _best(
+    loads: Mapping[str, LoadFields], score: Callable[[LoadFields], tuple[int, float]]
+) -> list[str]:
+    """Ids of the instances with the highest (tier, value) score: the top tier, and in it
+    the values within TIE_EPS of the best."""
     scores = {instance_id: score(load) for instance_id, load in loads.items()}
-    top = max(scores.values())
-    return [i for i, s in scores.items() if s >= top - TIE_EPS]
+    top_tier, top = max(scores.values())
+    return [i for i, (tier, s) in scores.items() if tier == top_tier and s >= top - TIE_EPS]
 
 
 class RoundRobin:
@@ -65,12 +68,12 @@ class LeastLoad:
         self.rotation = Rotation()
 
     def choose(self, loads: Mapping[str, LoadFields]) -> str:
-        return self.rotation.pick(_best(loads, lambda load: -memory_load(load)))
+        return self.rotation.pick(_best(loads, lambda load: (0, -memory_load(load))))
 
 
 class Llumnix:
-    """Highest dispatch freeness (virtual usage with the whole queue and high-priority
-    headroom; see load.py)."""
+    """Highest dispatch freeness among the instances with room, else the most room
+    (virtual usage with the whole queue and high-priority headroom; see load.py)."""
 
     name = "llumnix"
 
@@ -79,8 +82,8 @@ class Llumnix:
         self.rotation = Rotation()
 
     def choose(self, loads: Mapping[str, LoadFields]) -> str:
-        def score(load: LoadFields) -> float:
-            return dispatch_freeness(load, headroom_blocks=self.headroom_blocks)
+        def score(load: LoadFields) -> tuple[int, float]:
+            return dispatch_rank(load, headroom_blocks=self.headroom_blocks)
 
         return self.rotation.pick(_best(loads, score))
 

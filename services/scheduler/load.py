@@ -21,8 +21,17 @@ batch:
 
     F_dispatch = (free - queued_demand - headroom * num_running_high) / max(1, running + waiting)
 
-Reports carry the head's demand and the queue length only, so the head's demand stands in
-for each waiting request: queued_demand = head_demand * num_waiting.
+Reports carry the whole queue's demand (waiting_demand_blocks).
+
+F_dispatch alone ignores how much memory is left: an instance with two huge requests and
+20 free blocks scores F = 10, above one with 40 requests and 200 free blocks (F = 5), and
+the new request lands where the next decode steps preempt. So dispatch ranks first by
+whether `dispatch_room` (free - queued demand - headroom, in blocks) is at least
+ROOMY_FRACTION of the instance's blocks, then by F_dispatch among the roomy ones, and by
+room alone when none is roomy. Measured in the simulator (bench/results/paper-repro.md):
+F_dispatch alone with migration off was 2-20x worse on P99 prefill than least_load under
+memory pressure; room alone gives up F's balanced batches (1.6x worse P99 decode at low
+load); the two together keep both.
 """
 
 from __future__ import annotations
@@ -94,14 +103,34 @@ def queued_demand_blocks(load: LoadFields) -> int:
     return load.waiting_demand_blocks
 
 
+# Dispatch prefers instances whose room is at least this share of their blocks.
+ROOMY_FRACTION = 0.05
+
+
+def dispatch_room(load: LoadFields, *, headroom_blocks: int) -> int:
+    """Blocks a new request could still take: free - the queue's demand - headroom."""
+    return (
+        load.num_free_blocks - queued_demand_blocks(load) - headroom_blocks * load.num_running_high
+    )
+
+
 def dispatch_freeness(load: LoadFields, *, headroom_blocks: int) -> float:
     """F_dispatch (see the module docstring); -inf for a draining instance."""
     if load.draining:
         return -math.inf
-    room = (
-        load.num_free_blocks - queued_demand_blocks(load) - headroom_blocks * load.num_running_high
-    )
+    room = dispatch_room(load, headroom_blocks=headroom_blocks)
     return room / max(1, load.num_running + load.num_waiting)
+
+
+def dispatch_rank(load: LoadFields, *, headroom_blocks: int) -> tuple[int, float]:
+    """Llumnix dispatch's sort key, higher first (see the module docstring):
+    (1, F_dispatch) for a roomy instance, (0, room) otherwise, (-1, 0) when draining."""
+    if load.draining:
+        return (-1, 0.0)
+    room = dispatch_room(load, headroom_blocks=headroom_blocks)
+    if room >= ROOMY_FRACTION * load.num_total_blocks:
+        return (1, dispatch_freeness(load, headroom_blocks=headroom_blocks))
+    return (0, float(room))
 
 
 def memory_load(load: LoadFields) -> float:

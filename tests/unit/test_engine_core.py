@@ -302,3 +302,33 @@ def test_request_that_outgrows_the_whole_cache_finishes_instead_of_thrashing():
     # 20 KV slots hold 10 prompt + 10 output tokens; the 11th output needs no slot yet.
     assert len(collector.tokens["big"]) == 11
     assert engine.scheduler.num_preemptions == 0
+
+
+def _running_engine(prompt_lens, num_blocks=64):
+    """An engine (block size 4) whose requests r0, r1, ... all run, holding their prompts."""
+    engine = make_engine(num_blocks=num_blocks, budget=256)
+    for i, n in enumerate(prompt_lens):
+        engine.add_request(f"r{i}", list(range(1, n + 1)), SamplingParams(max_tokens=50))
+    engine.step()
+    assert len(engine.scheduler.running) == len(prompt_lens)
+    return engine
+
+
+def test_migration_choice_relief_takes_the_smallest_request_that_covers_the_lack():
+    from services.worker.migration.choice import pick_request
+
+    # blocks held (prompt + 1 token, 4 per block): r0 2, r1 5, r2 9, r3 13 of 40
+    engine = _running_engine([7, 19, 35, 51], num_blocks=40)
+    free = engine.blocks.num_free
+    # a queued 60-token request needs 15 blocks: lacking 15 + 4 running - free
+    engine.add_request("q", list(range(1, 61)), SamplingParams(max_tokens=5))
+    lacking = 15 + 4 - free
+    assert 5 < lacking <= 9
+    assert pick_request(engine, dst_free_blocks=8) == "r0"  # only r0 fits there
+    assert pick_request(engine, dst_free_blocks=100) == "q"  # the queued one fits: it goes
+    assert pick_request(engine, ["q"], dst_free_blocks=100) == "r2"  # relief: covers the lack
+    assert pick_request(engine, ["q"], dst_free_blocks=100, choice="shortest") == "r0"
+    assert pick_request(engine, ["q", "r2"], dst_free_blocks=100) == "r3"  # else the largest
+    assert pick_request(engine, ["q"], dst_free_blocks=12) == "r1"  # largest that fits
+    with pytest.raises(ValueError, match="unknown migration choice"):
+        pick_request(engine, ["q"], choice="longest")

@@ -135,6 +135,25 @@ def test_llumnix_dispatch_avoids_a_long_queue_behind_a_small_head():
     assert Llumnix(headroom_blocks=0).choose(loads) == "a"
 
 
+def test_llumnix_dispatch_prefers_room_to_freeness_when_memory_is_short():
+    # a: one request and 4 of 100 blocks free (F = 4, under the 5% room floor);
+    # b: ten requests and 20 free (F = 2): the new request would preempt on a.
+    loads = {
+        "a": load(num_free_blocks=4, num_running=1),
+        "b": load(num_free_blocks=20, num_running=10),
+    }
+    assert Llumnix(headroom_blocks=0).choose(loads) == "b"
+
+
+def test_llumnix_dispatch_takes_the_most_room_when_no_instance_has_enough():
+    loads = {
+        "a": load(num_free_blocks=4, num_running=1),  # F = 4
+        "b": load(num_free_blocks=3, num_running=0),  # F = 3, less room
+        "c": load(num_free_blocks=4, num_running=8, num_waiting=1, waiting_demand_blocks=2),
+    }
+    assert Llumnix(headroom_blocks=0).choose(loads) == "a"
+
+
 def test_headroom_steers_new_requests_away_from_high_priority_instances():
     loads = {
         "a": load(num_free_blocks=60, num_running=4, num_running_high=2, used_blocks_high=20),
