@@ -22,7 +22,7 @@ def policy_table(rows: list[dict]) -> list[str]:
             f"| {r['kind']} | {r['rate']} ({r['load_fraction']:.2f}) | {r['policy']} | "
             f"{r['prefill_latency_s']['p50']:.3f} | {r['prefill_latency_s']['p99']:.3f} | "
             f"{r['decode_latency_s']['p99']:.4f} | {r['e2e_latency_s']['mean']:.2f} | "
-            f"{r['num_preemptions']} | {r['num_migrations']} |")
+            f"{r['num_preemptions']:.0f} | {r['num_migrations']:.0f} |")
     return lines
 
 
