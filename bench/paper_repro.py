@@ -3,7 +3,8 @@
 1. every trace kind at 3 request rates, round_robin vs least_load vs llumnix;
 2. priorities: S-S, Gamma arrivals (CV 4), 10% high priority: llumnix with priority
    headroom vs the same cluster with priorities ignored;
-3. auto-scaling: L-L under one scaling rule, least_load vs llumnix, instance-seconds.
+3. auto-scaling: L-L at two loads, each under three freeness bands shared by least_load and
+   llumnix: instance-seconds, scale events and drain times at the P99 prefill each gets.
 
 Rates are set from each trace's memory-bound capacity estimate (KV tokens per instance /
 mean tokens held per request, over the mean request lifetime in decode steps of a full
@@ -30,6 +31,11 @@ from pathlib import Path
 KINDS = ("S-S", "M-M", "L-L", "S-L", "L-S", "sharegpt", "burstgpt")
 POLICIES = ("round_robin", "least_load", "llumnix")
 LOAD_FRACTIONS = (0.5, 0.7, 0.85)
+# Auto-scaling: (fraction of the capacity estimate, Gamma CV) of each L-L trace, and the
+# freeness bands (scale up below, scale down above) every trace runs with.
+AUTOSCALE_LOADS = ((0.25, 4.0), (0.5, 2.0))
+AUTOSCALE_BANDS = ((5, 30), (10, 60), (20, 120))
+AUTOSCALE_REQUESTS = 6000  # minutes of load at these rates: many scale events, not one ramp
 
 
 def sh(*args: str, stderr: bool = False) -> str:
@@ -152,22 +158,29 @@ def run_priorities(args: argparse.Namespace, tmp: Path, rows: list) -> None:
 
 
 def run_autoscale(args: argparse.Namespace, tmp: Path, rows: list) -> None:
+    """Each load with each band, least_load vs llumnix under the same rule: starting from
+    --instances (the most), at least 2, one action per 5 s cooldown, 5 s to start one."""
     probe = make_trace("L-L", 1.0, 4000, tmp / "probe.jsonl", max_total=args.max_total)
     cap = capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16,
-                            profile=args.profile)
-    rate = round(cap * 0.5, 1)
-    num = int(min(args.max_requests, max(args.min_requests, rate * args.duration_s)))
-    trace = tmp / "autoscale.jsonl"
-    make_trace("L-L", rate, num, trace, max_total=args.max_total, cv=2.0)
-    for policy in ("least_load", "llumnix"):
-        result = simulate(trace, policy, args, "--autoscale", "--min-workers", "2",
-                          "--max-workers", str(args.instances), "--scale-up-freeness", "10",
-                          "--scale-down-freeness", "60", "--scale-cooldown-s", "5",
-                          "--startup-s", "5")
-        rows.append({"experiment": "autoscale", "kind": "L-L cv2", "rate": rate, "num": num,
-                     "policy": policy, **result})
-        print(f"autoscale {policy}: instance-seconds {result['instance_seconds']:.0f}, p99 "
-              f"prefill {result['prefill_latency_s']['p99']:.3f}", flush=True)
+                        profile=args.profile)
+    jobs = []
+    for frac, cv in AUTOSCALE_LOADS:
+        rate = round(cap * frac, 1)
+        for seed in range(args.seeds):
+            trace = tmp / f"autoscale-{frac}-cv{cv:g}-s{seed}.jsonl"
+            make_trace("L-L", rate, AUTOSCALE_REQUESTS, trace, max_total=args.max_total, cv=cv,
+                       seed=seed)
+            for up, down in AUTOSCALE_BANDS:
+                for policy in ("least_load", "llumnix"):
+                    fields = {"experiment": "autoscale", "kind": f"L-L cv{cv:g}", "rate": rate,
+                              "load_fraction": frac, "num": AUTOSCALE_REQUESTS,
+                              "band": [up, down], "policy": policy}
+                    flags = ["--autoscale", "--min-workers", "2", "--max-workers",
+                             str(args.instances), "--scale-up-freeness", str(up),
+                             "--scale-down-freeness", str(down), "--scale-cooldown-s", "5",
+                             "--startup-s", "5"]
+                    jobs.append((fields, trace, policy, flags))
+    run_jobs(jobs, args, rows)
 
 
 def main(argv: list[str] | None = None) -> None:

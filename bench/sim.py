@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.metrics import RequestRecord, summarize
+from bench.metrics import RequestRecord, stats, summarize
 from common import wire
 from common.config import Endpoint, EngineConfig, SchedulerConfig
 from common.logging import configure
@@ -67,6 +67,7 @@ class SimInstance:
     stopped_s: float | None = None
     busy: bool = False  # a step is in flight
     draining: bool = False
+    drain_ordered_s: float | None = None  # when the autoscaler drained it
     num_dispatched: int = 0
     num_reports: int = 0
     num_migrations_in: int = 0
@@ -146,6 +147,7 @@ class Simulator:
         self.num_committed = 0
         self.num_aborted = 0
         self.num_ended = 0  # requests finished or rejected
+        self.num_scale_ups = 0
         for _ in range(num_instances):
             self._start_instance()
 
@@ -292,7 +294,9 @@ class Simulator:
             if isinstance(action, ScaleUp):
                 instance_id = self._start_instance(delay_s=self.startup_s)
                 self.autoscaler.started(instance_id, self.now)
+                self.num_scale_ups += 1
             elif isinstance(action, Drain):
+                self.instances[action.instance_id].drain_ordered_s = self.now
                 self._apply(self.core.drain(action.instance_id))
             elif isinstance(action, Terminate):
                 inst = self.instances[action.instance_id]
@@ -438,8 +442,31 @@ class Simulator:
                          num_preemptions=preemptions, instance_seconds=instance_seconds,
                          extra={"num_migrations_aborted": self.num_aborted,
                                 "abort_reasons": dict(self.core.counters.abort_reasons),
-                                "num_instances_max": len(self.instances),
+                                "num_instances_max": self._peak_instances(end),
+                                "mean_instances": instance_seconds / end if end else 0.0,
+                                **self._scale_stats(end),
                                 "sim_end_s": end})
+
+    def _peak_instances(self, end: float) -> int:
+        """Most instances paid for at once (starting, serving or draining)."""
+        changes = sorted(
+            [(i.started_s, 1) for i in self.instances.values()]
+            + [(min(i.stopped_s, end), -1) for i in self.instances.values()
+               if i.stopped_s not in (None, math.inf)])
+        running = peak = 0
+        for _, delta in changes:  # at equal times stops (-1) sort first
+            running += delta
+            peak = max(peak, running)
+        return peak
+
+    def _scale_stats(self, end: float) -> dict:
+        """Scale events, and how long each drain took (order -> stop; a drain still going at
+        the end counts up to the end)."""
+        drains = [i for i in self.instances.values() if i.drain_ordered_s is not None]
+        drain_s = [(i.stopped_s if i.stopped_s is not None else end) - i.drain_ordered_s
+                   for i in drains]
+        return {"num_scale_ups": self.num_scale_ups, "num_drains": len(drains),
+                "drain_s": stats(drain_s), "drain_instance_seconds": sum(drain_s)}
 
 
 def load_trace(path: str | Path) -> list[dict]:
