@@ -13,8 +13,8 @@ from common.config import Endpoint, SchedulerConfig
 from services.worker.latency_model import Profile
 
 PROFILE = Path(__file__).parents[2] / "bench" / "profiles" / "llama2-7b-h200.json"
-OUTPUT_TOKENS = 800  # ~5 s of decode steps: much longer than the 1 s autoscaler tick
-KV_BLOCKS = 128  # one instance holds both requests at full length (2 x 57 blocks)
+OUTPUT_TOKENS = 1500  # ~6 s of decode steps: much longer than the 1 s autoscaler tick
+KV_BLOCKS = 224  # one instance holds both requests at full length (2 x 100 blocks)
 
 
 def simulate(policy: str) -> dict:
