@@ -23,6 +23,9 @@ batch:
 
 Reports carry the head's demand and the queue length only, so the head's demand stands in
 for each waiting request: queued_demand = head_demand * num_waiting.
+
+Priority-aware placement (dispatch.py) packs high-priority requests onto hosts
+(`is_host`) while they have `high_priority_room`.
 """
 
 from __future__ import annotations
@@ -102,6 +105,31 @@ def dispatch_freeness(load: LoadFields, *, headroom_blocks: int) -> float:
         load.num_free_blocks - queued_demand_blocks(load) - headroom_blocks * load.num_running_high
     )
     return room / max(1, load.num_running + load.num_waiting)
+
+
+def is_host(load: LoadFields) -> bool:
+    """Runs high-priority requests (llumnix packs them onto such hosts; see dispatch.py)."""
+    return load.num_running_high > 0
+
+
+def high_priority_room(load: LoadFields, *, headroom_blocks: int) -> float:
+    """Blocks a host would have left with only its high-priority requests, its queue and
+    one more high-priority request, each high-priority request with its headroom:
+
+        total - reserved - used_high - queued_demand - headroom * (num_running_high + 1)
+
+    Its normal requests do not count: new ones go elsewhere and the ones it runs finish
+    or migrate. >= 0: the host can take another high-priority request. -inf when
+    draining."""
+    if load.draining:
+        return -math.inf
+    return (
+        load.num_total_blocks
+        - load.num_reserved_blocks
+        - load.used_blocks_high
+        - queued_demand_blocks(load)
+        - headroom_blocks * (load.num_running_high + 1)
+    )
 
 
 def memory_load(load: LoadFields) -> float:
