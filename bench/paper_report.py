@@ -90,6 +90,63 @@ def autoscale_ratio_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _mean_e2e(row: dict, priority: str) -> float:
+    return row["by_priority"][priority]["e2e_latency_s"]["mean"]
+
+
+def priority_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(priorities, ignored) runs of the same trace, in trace order."""
+    by_trace: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_trace.setdefault((r["cv"], r["seed"]), {})[r["mode"]] = r
+    return [(runs["priorities"], runs["ignored"]) for _, runs in sorted(by_trace.items())
+            if "priorities" in runs and "ignored" in runs]
+
+
+def priority_table(rows: list[dict]) -> list[str]:
+    """Mean e2e by class, priorities vs ignored, per trace, and the mean ratios per CV:
+    high speedup = ignored ÷ priorities, normal change = priorities ÷ ignored - 1; bound =
+    ignored ÷ the high-priority requests' e2e if each ran alone (no placement beats it)."""
+    lines = ["| trace | seed | high e2e s: priorities | ignored | high speedup | bound | "
+             "normal e2e s: priorities | ignored | normal change |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    by_cv: dict[float, list[tuple[dict, dict]]] = {}
+    for on, off in priority_pairs(rows):
+        by_cv.setdefault(on["cv"], []).append((on, off))
+    for pairs in by_cv.values():
+        speedups, changes = [], []
+        for on, off in pairs:
+            speedups.append(_mean_e2e(off, "high") / _mean_e2e(on, "high"))
+            changes.append(_mean_e2e(on, "normal") / _mean_e2e(off, "normal") - 1)
+            bound = _mean_e2e(off, "high") / on["high_isolated_e2e_s"]
+            lines.append(f"| {on['kind']} | {on['seed']} | {_mean_e2e(on, 'high'):.3f} | "
+                         f"{_mean_e2e(off, 'high'):.3f} | {speedups[-1]:.2f}x | {bound:.2f}x | "
+                         f"{_mean_e2e(on, 'normal'):.3f} | {_mean_e2e(off, 'normal'):.3f} | "
+                         f"{changes[-1]:+.1%} |")
+        lines.append(f"| **{pairs[0][0]['kind']}, mean** | | | | "
+                     f"**{sum(speedups) / len(speedups):.2f}x** | | | | "
+                     f"**{sum(changes) / len(changes):+.1%}** |")
+    return lines
+
+
+def priority_detail(rows: list[dict]) -> list[str]:
+    """Mean prefill and decode latency by class, and migrations, for every run."""
+    lines = ["| trace | seed | run | high prefill ms | high decode ms | normal prefill ms | "
+             "normal decode ms | migrations | preemptions |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for pair in priority_pairs(rows):
+        for r in pair:
+            b = r["by_priority"]
+            lines.append(
+                f"| {r['kind']} | {r['seed']} | {r['mode']} | "
+                f"{b['high']['prefill_latency_s']['mean'] * 1e3:.1f} | "
+                f"{b['high']['decode_latency_s']['mean'] * 1e3:.2f} | "
+                f"{b['normal']['prefill_latency_s']['mean'] * 1e3:.1f} | "
+                f"{b['normal']['decode_latency_s']['mean'] * 1e3:.2f} | "
+                f"{r['num_migrations']} | {r['num_preemptions']} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", default="bench/results/paper-repro")
@@ -109,15 +166,7 @@ def main(argv: list[str] | None = None) -> None:
              *ratio_table(policies), "", *plots, "", *policy_table(policies), ""]
     prio = _load(base / "priorities.json")
     if prio:
-        lines += ["## Priorities", "", "| run | high mean e2e s | normal mean e2e s | high mean "
-                  "decode ms | normal mean decode ms |", "| --- | ---: | ---: | ---: | ---: |"]
-        for r in prio:
-            b = r["by_priority"]
-            lines.append(f"| {r['policy']} | {b['high']['e2e_latency_s']['mean']:.3f} | "
-                         f"{b['normal']['e2e_latency_s']['mean']:.3f} | "
-                         f"{b['high']['decode_latency_s']['mean'] * 1e3:.2f} | "
-                         f"{b['normal']['decode_latency_s']['mean'] * 1e3:.2f} |")
-        lines.append("")
+        lines += ["## Priorities", "", *priority_table(prio), "", *priority_detail(prio), ""]
     scale = _load(base / "autoscale.json")
     if scale:
         lines += ["## Auto-scaling", "", *autoscale_table(scale), "", *autoscale_ratio_table(scale),

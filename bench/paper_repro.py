@@ -1,10 +1,9 @@
 """Reproduce the Llumnix paper's comparisons with the simulator (bench/sim.py):
 
 1. every trace kind at 3 request rates, round_robin vs least_load vs llumnix;
-2. priorities: S-S, Gamma arrivals (CV 4), 10% high priority: llumnix with priority
-   headroom vs the same cluster with priorities ignored;
-3. auto-scaling: L-L at two loads, each under three freeness bands shared by least_load and
-   llumnix: instance-seconds, scale events and drain times at the P99 prefill each gets.
+2. priorities: S-S, Gamma arrivals (CV 2, 4, 8; three seeds each), 10% high priority:
+   llumnix with priority headroom vs the same cluster with priorities ignored;
+3. auto-scaling: L-L under one scaling rule, least_load vs llumnix, instance-seconds.
 
 Rates are set from each trace's memory-bound capacity estimate (KV tokens per instance /
 mean tokens held per request, over the mean request lifetime in decode steps of a full
@@ -28,9 +27,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.sim import load_trace
+from services.worker.latency_model import LatencyModel, Profile, StepFeatures
+
 KINDS = ("S-S", "M-M", "L-L", "S-L", "L-S", "sharegpt", "burstgpt")
 POLICIES = ("round_robin", "least_load", "llumnix")
-LOAD_FRACTIONS = (0.5, 0.7, 0.85)
+LOAD_FRACTIONS = (0.3, 0.4, 0.5)
+PREFILL_CHUNK_TOKENS = 4096  # bench.sim's default --max-num-batched-tokens
 # Auto-scaling: (fraction of the capacity estimate, Gamma CV) of each L-L trace, and the
 # freeness bands (scale up below, scale down above) every trace runs with.
 AUTOSCALE_LOADS = ((0.25, 4.0), (0.5, 2.0))
@@ -64,6 +67,27 @@ def capacity_rate(stats: dict, *, instances: int, kv_tokens: int, profile: str) 
         StepFeatures(P=0, A=0, D=round(concurrency), C=kv_tokens))
     lifetime_s = max(1.0, stats["output_mean"]) * step_s
     return instances * concurrency / lifetime_s
+
+
+def isolated_e2e_s(trace: list[dict], latency: LatencyModel, *, priority: str,
+                   chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> float:
+    """Mean e2e of the trace's `priority` requests if each ran alone on an idle instance:
+    its prompt in chunks of chunk_tokens (the first output token comes with the last
+    chunk), then one decode step of a batch of one per further token. No placement can
+    do better, so ignored ÷ this bounds the speedup of priorities."""
+    total = 0.0
+    reqs = [r for r in trace if r["priority"] == priority]
+    for req in reqs:
+        prompt, output = req["prompt_tokens"], req["output_tokens"]
+        for start in range(0, prompt, chunk_tokens):
+            end = min(prompt, start + chunk_tokens)
+            total += latency.step_time(StepFeatures(P=end - start, A=(end - start) * end,
+                                                    D=0, C=0))
+        # The step that makes output token j (j >= 1) feeds token j - 1 at position
+        # prompt + j - 1: a cache of prompt + j tokens.
+        total += sum(latency.step_time(StepFeatures(P=0, A=0, D=1, C=prompt + j))
+                     for j in range(1, output))
+    return total / len(reqs)
 
 
 def simulate(trace: Path, policy: str, args: argparse.Namespace, *extra: str) -> dict:
@@ -142,19 +166,33 @@ def run_policies(args: argparse.Namespace, tmp: Path, rows: list) -> None:
 
 
 def run_priorities(args: argparse.Namespace, tmp: Path, rows: list) -> None:
+    """S-S at 0.7 of capacity, 10% high priority, Gamma arrivals at each CV and seed:
+    llumnix with the headroom (priority-aware placement) vs the same with every request
+    scheduled as normal. Seeds change lengths, arrivals and priorities together."""
     probe = make_trace("S-S", 1.0, 4000, tmp / "probe.jsonl", max_total=args.max_total)
     rate = round(capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16,
                                profile=args.profile) * 0.7, 1)
     num = int(min(args.max_requests, max(args.min_requests, rate * args.duration_s)))
-    trace = tmp / "prio.jsonl"
-    make_trace("S-S", rate, num, trace, max_total=args.max_total, cv=4.0, high_frac=0.1)
-    for name, extra in (("llumnix, priorities", ("--headroom-blocks", str(args.headroom))),
-                        ("llumnix, no priorities", ("--ignore-priority",))):
-        result = simulate(trace, "llumnix", args, *extra)
-        rows.append({"experiment": "priorities", "kind": "S-S cv4 10% high", "rate": rate,
-                     "num": num, "policy": name, **result})
-        print(f"priorities {name}: high mean e2e "
-              f"{result['by_priority']['high']['e2e_latency_s']['mean']:.3f} s", flush=True)
+    runs = (("priorities", ("--headroom-blocks", str(args.headroom))),
+            ("ignored", ("--ignore-priority",)))
+    latency = Profile.load(args.profile).latency
+    for cv in [float(x) for x in args.priority_cvs.split(",")]:
+        for seed in [int(x) for x in args.priority_seeds.split(",")]:
+            trace = tmp / f"prio-cv{cv:g}-s{seed}.jsonl"
+            make_trace("S-S", rate, num, trace, max_total=args.max_total, seed=seed, cv=cv,
+                       high_frac=0.1)
+            bound = isolated_e2e_s(load_trace(trace), latency, priority="high")
+            for mode, extra in runs:
+                result = simulate(trace, "llumnix", args, *extra)
+                rows.append({"experiment": "priorities", "kind": f"S-S cv{cv:g} 10% high",
+                             "cv": cv, "seed": seed, "rate": rate, "num": num,
+                             "policy": "llumnix", "mode": mode,
+                             "headroom_blocks": args.headroom,
+                             "high_isolated_e2e_s": bound, **result})
+                by = result["by_priority"]
+                print(f"priorities cv {cv:g} seed {seed} {mode}: mean e2e high "
+                      f"{by['high']['e2e_latency_s']['mean']:.3f} s, normal "
+                      f"{by['normal']['e2e_latency_s']['mean']:.3f} s", flush=True)
 
 
 def run_autoscale(args: argparse.Namespace, tmp: Path, rows: list) -> None:
@@ -196,8 +234,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--min-requests", type=int, default=2000)
     parser.add_argument("--max-requests", type=int, default=6000)
-    parser.add_argument("--headroom", type=int, default=64,
-                        help="virtual blocks per high-priority request")
+    parser.add_argument("--headroom", type=int, default=16,
+                        help="virtual blocks per high-priority request (priorities)")
+    parser.add_argument("--priority-cvs", default="2,4,8",
+                        help="Gamma CVs of the arrivals (priorities)")
+    parser.add_argument("--priority-seeds", default="0,1,2", help="trace seeds (priorities)")
     parser.add_argument("--experiments", default="policies,priorities,autoscale")
     parser.add_argument("--suffix", default="", help="appended to the result file names")
     parser.add_argument("--seeds", type=int, default=1,

@@ -501,7 +501,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--migration-interval-s", type=float, default=None)
     parser.add_argument("--max-migrations-per-instance", type=int, default=None)
     parser.add_argument("--headroom-blocks", type=int, default=0,
-                        help="high-priority headroom in virtual usage")
+                        help="high-priority headroom in virtual usage; > 0 also packs "
+                        "high-priority requests onto few instances (llumnix)")
     parser.add_argument("--ignore-priority", action="store_true",
                         help="schedule every request as normal (results still by class)")
     parser.add_argument("--migration-bandwidth-gbs", type=float, default=300.0)

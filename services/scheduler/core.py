@@ -162,7 +162,9 @@ class SchedulerCore:
         }
         if not open_:
             return self._reject(req, 429, "overloaded: every instance's queue is full")
-        instance_id = self.dispatch_policy.choose(open_)
+        instance_id = self.dispatch_policy.choose(
+            open_, high_priority=req.priority == Priority.HIGH
+        )
         block_size = self.table[instance_id].block_size
         self.table.record_dispatch(
             instance_id,

@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--high-priority-headroom-blocks",
         type=int,
         default=d["high_priority_headroom_blocks"],
-        help="virtual usage added per running high-priority request",
+        help="virtual usage added per running high-priority request; > 0 also packs "
+        "high-priority requests onto few instances that normal ones avoid (llumnix)",
     )
     add(
         "--max-queued-per-instance",

@@ -32,6 +32,9 @@ room alone when none is roomy. Measured in the simulator (bench/results/paper-re
 F_dispatch alone with migration off was 2-20x worse on P99 prefill than least_load under
 memory pressure; room alone gives up F's balanced batches (1.6x worse P99 decode at low
 load); the two together keep both.
+
+Priority-aware placement (dispatch.py) packs high-priority requests onto hosts
+(`is_host`) while they have `high_priority_room`.
 """
 
 from __future__ import annotations
@@ -131,6 +134,31 @@ def dispatch_rank(load: LoadFields, *, headroom_blocks: int) -> tuple[int, float
     if room >= ROOMY_FRACTION * load.num_total_blocks:
         return (1, dispatch_freeness(load, headroom_blocks=headroom_blocks))
     return (0, float(room))
+
+
+def is_host(load: LoadFields) -> bool:
+    """Runs high-priority requests (llumnix packs them onto such hosts; see dispatch.py)."""
+    return load.num_running_high > 0
+
+
+def high_priority_room(load: LoadFields, *, headroom_blocks: int) -> float:
+    """Blocks a host would have left with only its high-priority requests, its queue and
+    one more high-priority request, each high-priority request with its headroom:
+
+        total - reserved - used_high - queued_demand - headroom * (num_running_high + 1)
+
+    Its normal requests do not count: new ones go elsewhere and the ones it runs finish
+    or migrate. >= 0: the host can take another high-priority request. -inf when
+    draining."""
+    if load.draining:
+        return -math.inf
+    return (
+        load.num_total_blocks
+        - load.num_reserved_blocks
+        - load.used_blocks_high
+        - queued_demand_blocks(load)
+        - headroom_blocks * (load.num_running_high + 1)
+    )
 
 
 def memory_load(load: LoadFields) -> float:

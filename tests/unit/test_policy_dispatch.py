@@ -41,13 +41,18 @@ def equal_table(num_instances, num_blocks=1000):
     return table
 
 
-def dispatch_all(policy, table, demands):
+def dispatch_all(policy, table, demands, *, high_priority=False):
     """Dispatch requests one by one, counting each into its instance as the scheduler does."""
     counts = collections.Counter()
     for n, demand in enumerate(demands):
-        instance_id = policy.choose(table.loads(serving_only=True))
+        instance_id = policy.choose(table.loads(serving_only=True), high_priority=high_priority)
         table.record_dispatch(
-            instance_id, UnseenDispatch(req_id=f"r{n}", demand_blocks=demand, high_priority=False)
+            instance_id,
+            UnseenDispatch(
+                req_id=f"{'h' if high_priority else 'n'}{n}",
+                demand_blocks=demand,
+                high_priority=high_priority,
+            ),
         )
         counts[instance_id] += 1
     return counts
@@ -163,6 +168,109 @@ def test_headroom_steers_new_requests_away_from_high_priority_instances():
     assert [with_headroom.choose(loads) for _ in range(3)] == ["b", "b", "b"]
     without = Llumnix(headroom_blocks=0)
     assert sorted(without.choose(loads) for _ in range(2)) == ["a", "b"]
+
+
+# ---- priority-aware placement (llumnix with a headroom) ----------------------------------
+
+
+def host(free, running, high, used_high, total=100, **fields):
+    """An instance running `high` high-priority requests that hold `used_high` blocks."""
+    return load(
+        total,
+        num_free_blocks=free,
+        num_running=running,
+        num_running_high=high,
+        used_blocks_high=used_high,
+        **fields,
+    )
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_without_headroom_high_priority_requests_are_placed_like_normal_ones(name):
+    loads = {
+        "a": host(free=40, running=6, high=3, used_high=30),
+        "b": load(num_free_blocks=70, num_running=3),
+        "c": load(num_free_blocks=70, num_running=3),
+    }
+    normal = make_dispatch_policy(name, headroom_blocks=0)
+    high = make_dispatch_policy(name, headroom_blocks=0)
+    assert [high.choose(loads, high_priority=True) for _ in range(6)] == [
+        normal.choose(loads) for _ in range(6)
+    ]
+
+
+def test_a_high_priority_request_joins_a_host_with_room_even_if_another_is_freer():
+    # a: F_dispatch (40 - 2 * 10) / 6 = 3.3, room 100 - 30 - 3 * 10 = 40;
+    # b: nothing high-priority, F_dispatch 90.
+    loads = {"a": host(free=40, running=6, high=2, used_high=30), "b": load(num_free_blocks=90)}
+    policy = Llumnix(headroom_blocks=10)
+    assert [policy.choose(loads, high_priority=True) for _ in range(3)] == ["a", "a", "a"]
+
+
+def test_a_full_host_is_skipped_and_the_freest_instance_becomes_a_host():
+    # a: room 100 - 60 - 10 * (5 + 1) < 0, full; the freest of all takes it: c. With room
+    # exactly 0 (100 - 50 - 10 * (4 + 1)) the host still takes it.
+    full = {
+        "a": host(free=40, running=5, high=5, used_high=60),
+        "b": load(num_free_blocks=50, num_running=5),
+        "c": load(num_free_blocks=80, num_running=2),
+    }
+    policy = Llumnix(headroom_blocks=10)
+    assert policy.choose(full, high_priority=True) == "c"
+    with_room = dict(full, a=host(free=50, running=4, high=4, used_high=50))
+    assert policy.choose(with_room, high_priority=True) == "a"
+
+
+def test_equal_hosts_share_high_priority_requests():
+    loads = {
+        "a": host(free=50, running=5, high=2, used_high=20),
+        "b": host(free=50, running=5, high=2, used_high=20),
+        "c": load(num_free_blocks=90, num_running=1),
+    }
+    policy = Llumnix(headroom_blocks=10)
+    counts = collections.Counter(policy.choose(loads, high_priority=True) for _ in range(10))
+    assert counts == {"a": 5, "b": 5}
+
+
+def test_among_hosts_with_room_the_freest_wins():
+    loads = {
+        "a": host(free=50, running=5, high=2, used_high=20),  # F_dispatch 6
+        "b": host(free=50, running=3, high=2, used_high=20),  # F_dispatch 10
+    }
+    assert Llumnix(headroom_blocks=10).choose(loads, high_priority=True) == "b"
+
+
+def test_a_normal_request_keeps_away_from_hosts_even_freer_ones():
+    loads = {
+        "a": host(free=80, running=2, high=1, used_high=10),  # F_dispatch (80 - 10) / 2 = 35
+        "b": load(num_free_blocks=20, num_running=5),  # F_dispatch 4
+    }
+    policy = Llumnix(headroom_blocks=10)
+    assert [policy.choose(loads) for _ in range(3)] == ["b", "b", "b"]
+
+
+def test_a_normal_request_goes_to_the_freest_of_all_when_no_other_instance_can_take_it():
+    # b's queue needs more than it has free (F_dispatch < 0): the freest of all, the host.
+    loads = {
+        "a": host(free=80, running=2, high=1, used_high=10),
+        "b": load(num_free_blocks=10, num_running=5, num_waiting=2, waiting_demand_blocks=30),
+    }
+    assert Llumnix(headroom_blocks=10).choose(loads) == "a"
+    every_one_a_host = {"a": loads["a"], "c": host(free=30, running=5, high=1, used_high=10)}
+    assert Llumnix(headroom_blocks=10).choose(every_one_a_host) == "a"
+
+
+def test_a_burst_of_high_priority_requests_fills_one_host_before_the_next():
+    # Idle instances of 100 blocks, headroom 20, 4 blocks each: a host takes a fifth
+    # request while 100 - 4 * n - 20 * (n + 1) >= 0, i.e. n <= 3: four per host.
+    table = equal_table(4, num_blocks=100)
+    policy = Llumnix(headroom_blocks=20)
+    high = dispatch_all(policy, table, [4] * 8, high_priority=True)
+    assert sorted(high.values()) == [4, 4]
+    # Normal requests spread over the other two.
+    normal = dispatch_all(policy, table, [4] * 6)
+    assert set(normal) == {"i0", "i1", "i2", "i3"} - set(high)
+    assert list(normal.values()) == [3, 3]
 
 
 def test_rotation_survives_membership_changes():

@@ -13,6 +13,8 @@ from services.scheduler.load import (
     dispatch_freeness,
     empty_load,
     freeness,
+    high_priority_room,
+    is_host,
     memory_load,
     to_wire,
     used_blocks,
@@ -108,3 +110,26 @@ def test_dispatch_freeness_counts_the_whole_queue_and_its_share_of_the_batch():
     assert freeness(lf, headroom_blocks=2) == pytest.approx((40 - 5 - 2) / 4)
     assert dispatch_freeness(empty_load(100), headroom_blocks=0) == 100
     assert dispatch_freeness(load(draining=True), headroom_blocks=0) == -math.inf
+
+
+def test_high_priority_room_counts_high_priority_work_the_queue_and_one_more_headroom():
+    # 100 blocks: 10 reserved, 30 used (12 by the 2 high-priority requests), 9 queued.
+    lf = load(
+        num_free_blocks=60,
+        num_reserved_blocks=10,
+        num_running=6,
+        num_waiting=2,
+        waiting_demand_blocks=9,
+        num_running_high=2,
+        used_blocks_high=12,
+    )
+    assert is_host(lf)
+    assert high_priority_room(lf, headroom_blocks=20) == 100 - 10 - 12 - 9 - 20 * 3
+    # The normal requests it runs (18 blocks) do not count: only high-priority work does.
+    more_normal = dataclasses.replace(lf, num_free_blocks=40, num_running=10)
+    assert high_priority_room(more_normal, headroom_blocks=20) == high_priority_room(
+        lf, headroom_blocks=20
+    )
+    assert high_priority_room(lf, headroom_blocks=25) < 0  # no room for a third one
+    assert high_priority_room(load(draining=True), headroom_blocks=0) == -math.inf
+    assert not is_host(load(num_free_blocks=50, num_running=5))

@@ -121,6 +121,16 @@ def test_dispatch_spreads_and_records_placements(policy):
     }
 
 
+def test_dispatch_tells_the_policy_the_priority():
+    # With a headroom, high-priority requests share a host and normal ones go elsewhere.
+    core = make_core(dispatch_policy="llumnix", high_priority_headroom_blocks=10)
+    for i in range(3):
+        register(core, f"w{i}")
+    high = {core.dispatch(request(f"h{n}", priority=Priority.HIGH)) for n in range(3)}
+    normal = {core.dispatch(request(f"n{n}")) for n in range(4)}
+    assert len(high) == 1 and not high & normal
+
+
 def test_dispatch_without_instances_is_503_and_with_full_queues_429():
     core = make_core(max_queued_per_instance=2)
     rejected = core.dispatch(request("r0"))
