@@ -47,7 +47,9 @@ def test_graph_batches_equal_eager():
     graphed = ModelRunner(
         RunnerConfig(model_config=CONFIG, seed=2, num_blocks=num_blocks, block_size=4)
     )
-    graphed.model.paged_attention = paged_attention_device_lens
+    graphed.model.kernels = dataclasses.replace(
+        graphed.model.kernels, paged_attention=paged_attention_device_lens
+    )
     graphed.graphs = DecodeGraphs(
         graphed.model,
         graphed.kv_cache,
