@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-HBM_BYTES_S = 4.3e12
+from bench.engine_bench import HBM_BYTES_S, median_time
 
 
 def _runner(ops: str, args):
@@ -29,19 +29,6 @@ def _runner(ops: str, args):
         model_config=preset_config(args.preset), random_on_device=True, device="cuda",
         kv_cache_gb=args.kv_cache_gb, max_num_seqs=max(args.batches), max_num_tokens=8192,
         max_model_len=8192, fused_ops=ops))  # fmt: skip
-
-
-def _median(fn, repeats: int) -> float:
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _replay_gpu_ms(graph, repeats: int) -> float:
@@ -82,7 +69,7 @@ def measure(runner, ops: str, args) -> list[dict]:
         for context in args.contexts:
             batch = synthetic_batch(0, batch_size, context, block_size=runner.block_size,
                                     num_blocks=runner.num_blocks, vocab_size=runner.vocab_size)
-            step_ms = _median(lambda b=batch: runner.execute(b), args.repeats) * 1e3
+            step_ms = median_time(lambda b=batch: runner.execute(b), args.repeats) * 1e3
 
             def host_only(b=batch):
                 pending = runner.launch(b)

@@ -49,7 +49,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
     fn()
     _sync()
     times = []
@@ -70,7 +70,7 @@ def decode_table(runner, args) -> list[dict]:
         for context in (512, 4096):
             batch = synthetic_batch(0, batch_size, context, block_size=runner.block_size,
                                     num_blocks=runner.num_blocks, vocab_size=runner.vocab_size)
-            step_s = _median_time(lambda b=batch: runner.execute(b), args.repeats)
+            step_s = median_time(lambda b=batch: runner.execute(b), args.repeats)
             roof_s = (weight_bytes + batch_size * context * kv_per_token) / HBM_BYTES_S
             rows.append({"batch": batch_size, "context": context, "step_ms": step_s * 1e3,
                          "roofline_ms": roof_s * 1e3, "ratio": step_s / roof_s,
@@ -90,7 +90,7 @@ def prefill_table(runner, args) -> list[dict]:
             continue
         batch = synthetic_batch(num_tokens, 0, 0, block_size=runner.block_size,
                                 num_blocks=runner.num_blocks, vocab_size=runner.vocab_size)
-        step_s = _median_time(lambda b=batch: runner.execute(b), max(3, args.repeats // 4))
+        step_s = median_time(lambda b=batch: runner.execute(b), max(3, args.repeats // 4))
         flops = 2 * params * num_tokens + 2 * num_tokens**2 * c.head_dim * c.num_heads * c.num_layers
         rows.append({"tokens": num_tokens, "ms": step_s * 1e3, "tokens_per_s": num_tokens / step_s,
                      "tflops": flops / step_s / 1e12, "mfu": flops / step_s / BF16_FLOPS})
