@@ -5,11 +5,13 @@
    llumnix with priority headroom vs the same cluster with priorities ignored;
 3. auto-scaling: L-L under one scaling rule, least_load vs llumnix, instance-seconds.
 
-Rates are set from each trace's memory-bound capacity estimate (KV tokens per instance /
-mean tokens held per request, over the mean request lifetime in decode steps of a full
-instance, timed by the profile), as fractions of it: high load that the cluster can
-still sustain is where scheduling matters; past capacity every queue grows without bound.
-Runs go `--jobs` at a time (each simulation is one single-threaded process).
+Rates are set from each trace's memory-bound capacity estimate (`capacity_rate`: KV
+tokens per instance over the token-steps a request holds, each step timed as a full
+instance's), as fractions of it: high load that the cluster can still sustain is where
+scheduling matters; past capacity every queue grows without bound. Traces last
+--duration-s (120 s: several lifetimes of the longest requests), so what is measured is
+the cluster's steady state, not its fill-up. Runs go `--jobs` at a time (each
+simulation is one single-threaded process).
 
     python -m bench.paper_repro --out-dir bench/results/paper-repro
 """
@@ -32,11 +34,14 @@ from services.worker.latency_model import LatencyModel, Profile, StepFeatures
 
 KINDS = ("S-S", "M-M", "L-L", "S-L", "L-S", "sharegpt", "burstgpt")
 POLICIES = ("round_robin", "least_load", "llumnix")
-LOAD_FRACTIONS = (0.3, 0.4, 0.5)
+LOAD_FRACTIONS = (0.7, 0.8, 0.9)
+PRIORITY_LOAD = 0.85  # S-S, of the capacity estimate
+PROBE_REQUESTS = 20000  # requests in the trace a capacity estimate is taken from
+BLOCK_TOKENS = 16  # tokens per KV block (bench.sim's engine)
 PREFILL_CHUNK_TOKENS = 4096  # bench.sim's default --max-num-batched-tokens
 # Auto-scaling: (fraction of the capacity estimate, Gamma CV) of each L-L trace, and the
 # freeness bands (scale up below, scale down above) every trace runs with.
-AUTOSCALE_LOADS = ((0.25, 4.0), (0.5, 2.0))
+AUTOSCALE_LOADS = ((0.45, 4.0), (0.9, 2.0))
 AUTOSCALE_BANDS = ((5, 30), (10, 60), (20, 120))
 AUTOSCALE_REQUESTS = 6000  # minutes of load at these rates: many scale events, not one ramp
 
@@ -55,18 +60,39 @@ def make_trace(kind: str, rate: float, num: int, out: Path, *, max_total: int, s
     return json.loads(stats.strip().splitlines()[-1])
 
 
-def capacity_rate(stats: dict, *, instances: int, kv_tokens: int, profile: str) -> float:
-    """Requests/s the cluster's KV memory sustains: concurrency per instance (memory /
-    tokens a request holds on average) over the mean lifetime (its decode steps, each
-    timed as a full instance's: that many requests reading kv_tokens of context)."""
-    from services.worker.latency_model import Profile, StepFeatures
+def capacity_rate(trace: list[dict], *, instances: int, kv_tokens: int,
+                  latency: LatencyModel) -> float:
+    """Requests/s the cluster's KV memory sustains when full: kv_tokens per instance over
+    the token-steps a request holds, each step timed as a full instance's.
 
-    held = stats["prompt_mean"] + stats["output_mean"] / 2
-    concurrency = kv_tokens / held
-    step_s = Profile.load(profile).latency.step_time(
-        StepFeatures(P=0, A=0, D=round(concurrency), C=kv_tokens))
-    lifetime_s = max(1.0, stats["output_mean"]) * step_s
-    return instances * concurrency / lifetime_s
+    A request with prompt p and output o holds p + j tokens during its j-th decode step,
+    so it occupies sum_j (p + j) = o * p + o * (o + 1) / 2 token-steps of memory. With
+    heavy-tailed lengths the mean of that is far above mean(p + o / 2) * mean(o): the
+    long requests hold the most tokens for the most steps (on the power-law traces the
+    product of means over-states capacity 1.6-3x). A full instance runs the time-average
+    number of requests that fill it, kv_tokens * mean(o) / mean(token-steps)."""
+    token_steps = statistics.fmean(
+        r["output_tokens"] * r["prompt_tokens"] + r["output_tokens"] * (r["output_tokens"] + 1) / 2
+        for r in trace)
+    steps = statistics.fmean(r["output_tokens"] for r in trace)
+    concurrency = kv_tokens * steps / token_steps
+    step_s = latency.step_time(StepFeatures(P=0, A=0, D=round(concurrency), C=kv_tokens))
+    return instances * kv_tokens / (token_steps * step_s)
+
+
+def trace_capacity(kind: str, args: argparse.Namespace, tmp: Path) -> float:
+    """capacity_rate of a kind's length mix, from a large probe trace (the token-steps'
+    mean is set by the rare long requests, so it needs many samples)."""
+    probe = tmp / f"probe-{kind}.jsonl"
+    make_trace(kind, 1.0, PROBE_REQUESTS, probe, max_total=args.max_total)
+    return capacity_rate(load_trace(probe), instances=args.instances,
+                         kv_tokens=args.kv_blocks * BLOCK_TOKENS,
+                         latency=Profile.load(args.profile).latency)
+
+
+def requests_for(rate: float, args: argparse.Namespace) -> int:
+    """Requests in a trace of --duration-s at rate, within --min/--max-requests."""
+    return int(min(args.max_requests, max(args.min_requests, rate * args.duration_s)))
 
 
 def isolated_e2e_s(trace: list[dict], latency: LatencyModel, *, priority: str,
@@ -149,12 +175,10 @@ def run_policies(args: argparse.Namespace, tmp: Path, rows: list) -> None:
     variants = [parse_variant(v) for v in args.variants] or [(p, p, []) for p in POLICIES]
     jobs = []
     for kind in args.kinds.split(","):
-        probe = make_trace(kind, 1.0, 4000, tmp / "probe.jsonl", max_total=args.max_total)
-        cap = capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16,
-                            profile=args.profile)
+        cap = trace_capacity(kind, args, tmp)
         for frac in [float(x) for x in args.load_fractions.split(",")]:
             rate = round(cap * frac, 1)
-            num = int(min(args.max_requests, max(args.min_requests, rate * args.duration_s)))
+            num = requests_for(rate, args)
             for seed in range(args.seeds):
                 trace = tmp / f"{kind}-{rate}-s{seed}.jsonl"
                 make_trace(kind, rate, num, trace, max_total=args.max_total, seed=seed)
@@ -166,41 +190,36 @@ def run_policies(args: argparse.Namespace, tmp: Path, rows: list) -> None:
 
 
 def run_priorities(args: argparse.Namespace, tmp: Path, rows: list) -> None:
-    """S-S at 0.7 of capacity, 10% high priority, Gamma arrivals at each CV and seed:
-    llumnix with the headroom (priority-aware placement) vs the same with every request
-    scheduled as normal. Seeds change lengths, arrivals and priorities together."""
-    probe = make_trace("S-S", 1.0, 4000, tmp / "probe.jsonl", max_total=args.max_total)
-    rate = round(capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16,
-                               profile=args.profile) * 0.7, 1)
-    num = int(min(args.max_requests, max(args.min_requests, rate * args.duration_s)))
-    runs = (("priorities", ("--headroom-blocks", str(args.headroom))),
-            ("ignored", ("--ignore-priority",)))
+    """S-S at --priority-load of capacity, 10% high priority, Gamma arrivals at each CV
+    and seed: llumnix with the headroom (priority-aware placement) vs the same with every
+    request scheduled as normal. Seeds change lengths, arrivals and priorities together.
+    One row per (CV, seed, mode)."""
+    rate = round(trace_capacity("S-S", args, tmp) * args.priority_load, 1)
+    num = requests_for(rate, args)
+    runs = (("priorities", ["--headroom-blocks", str(args.headroom)]),
+            ("ignored", ["--ignore-priority"]))
     latency = Profile.load(args.profile).latency
+    jobs = []
     for cv in [float(x) for x in args.priority_cvs.split(",")]:
         for seed in [int(x) for x in args.priority_seeds.split(",")]:
             trace = tmp / f"prio-cv{cv:g}-s{seed}.jsonl"
             make_trace("S-S", rate, num, trace, max_total=args.max_total, seed=seed, cv=cv,
                        high_frac=0.1)
             bound = isolated_e2e_s(load_trace(trace), latency, priority="high")
-            for mode, extra in runs:
-                result = simulate(trace, "llumnix", args, *extra)
-                rows.append({"experiment": "priorities", "kind": f"S-S cv{cv:g} 10% high",
-                             "cv": cv, "seed": seed, "rate": rate, "num": num,
-                             "policy": "llumnix", "mode": mode,
-                             "headroom_blocks": args.headroom,
-                             "high_isolated_e2e_s": bound, **result})
-                by = result["by_priority"]
-                print(f"priorities cv {cv:g} seed {seed} {mode}: mean e2e high "
-                      f"{by['high']['e2e_latency_s']['mean']:.3f} s, normal "
-                      f"{by['normal']['e2e_latency_s']['mean']:.3f} s", flush=True)
+            for mode, flags in runs:
+                fields = {"experiment": "priorities", "kind": f"S-S cv{cv:g} 10% high",
+                          "cv": cv, "seed": seed, "rate": rate,
+                          "load_fraction": args.priority_load, "num": num,
+                          "policy": "llumnix", "mode": mode,
+                          "headroom_blocks": args.headroom, "high_isolated_e2e_s": bound}
+                jobs.append((fields, trace, "llumnix", flags))
+    run_jobs(jobs, args, rows)
 
 
 def run_autoscale(args: argparse.Namespace, tmp: Path, rows: list) -> None:
     """Each load with each band, least_load vs llumnix under the same rule: starting from
     --instances (the most), at least 2, one action per 5 s cooldown, 5 s to start one."""
-    probe = make_trace("L-L", 1.0, 4000, tmp / "probe.jsonl", max_total=args.max_total)
-    cap = capacity_rate(probe, instances=args.instances, kv_tokens=args.kv_blocks * 16,
-                        profile=args.profile)
+    cap = trace_capacity("L-L", args, tmp)
     jobs = []
     for frac, cv in AUTOSCALE_LOADS:
         rate = round(cap * frac, 1)
@@ -231,11 +250,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--load-fractions", default=",".join(map(str, LOAD_FRACTIONS)),
                         help="request rates as fractions of the capacity estimate")
-    parser.add_argument("--duration-s", type=float, default=60.0)
+    parser.add_argument("--duration-s", type=float, default=120.0,
+                        help="trace length: several lifetimes of the longest requests "
+                        "(~25 s), so the cluster reaches its steady state")
     parser.add_argument("--min-requests", type=int, default=2000)
-    parser.add_argument("--max-requests", type=int, default=6000)
+    parser.add_argument("--max-requests", type=int, default=40000)
     parser.add_argument("--headroom", type=int, default=16,
                         help="virtual blocks per high-priority request (priorities)")
+    parser.add_argument("--priority-load", type=float, default=PRIORITY_LOAD,
+                        help="S-S rate as a fraction of the capacity estimate (priorities)")
     parser.add_argument("--priority-cvs", default="2,4,8",
                         help="Gamma CVs of the arrivals (priorities)")
     parser.add_argument("--priority-seeds", default="0,1,2", help="trace seeds (priorities)")

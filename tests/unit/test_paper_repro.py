@@ -1,10 +1,11 @@
-"""The isolation bound on what priorities can give high-priority requests."""
+"""The capacity estimate rates are set from, and the isolation bound on what priorities
+can give high-priority requests."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.paper_repro import isolated_e2e_s
+from bench.paper_repro import capacity_rate, isolated_e2e_s
 from services.worker.latency_model import LatencyModel
 
 
@@ -23,3 +24,30 @@ def test_isolated_e2e_is_prefill_chunks_then_one_decode_step_per_further_token()
     assert isolated_e2e_s(trace, latency, priority="high", chunk_tokens=6) == pytest.approx(
         (first + second) / 2
     )
+
+
+def test_capacity_weighs_each_request_by_the_token_steps_it_holds():
+    # Step time: 1 ms + 0.1 ms per sequence in the batch (context is free).
+    latency = LatencyModel(base_s=1e-3, per_prefill_token_s=0.0, per_prefill_attn_s=0.0,
+                           per_decode_seq_s=1e-4, per_decode_context_s=0.0)
+    # Token-steps: 1 * 10 + 1 = 11 and 9 * 1 + 9 * 10 / 2 = 54; mean 32.5 over 5 steps.
+    trace = [{"prompt_tokens": 10, "output_tokens": 1}, {"prompt_tokens": 1, "output_tokens": 9}]
+    kv_tokens = 650
+    concurrency = kv_tokens * 5 / 32.5  # 100 requests fill an instance on time-average
+    step_s = 1e-3 + 1e-4 * concurrency
+    expected = 2 * kv_tokens / (32.5 * step_s)
+    assert capacity_rate(trace, instances=2, kv_tokens=kv_tokens, latency=latency) == \
+        pytest.approx(expected)
+
+
+def test_capacity_is_lower_for_a_heavy_tail_than_for_its_means():
+    """Same mean lengths, one long request instead of many medium ones: the long one holds
+    its tokens for many more steps, so the cluster sustains fewer requests per second."""
+    latency = LatencyModel(base_s=1e-3, per_prefill_token_s=0.0, per_prefill_attn_s=0.0,
+                           per_decode_seq_s=0.0, per_decode_context_s=0.0)
+    even = [{"prompt_tokens": 100, "output_tokens": 100}] * 10
+    tailed = [{"prompt_tokens": 100, "output_tokens": 10}] * 9 + \
+        [{"prompt_tokens": 100, "output_tokens": 910}]
+    cap = {name: capacity_rate(t, instances=1, kv_tokens=10_000, latency=latency)
+           for name, t in (("even", even), ("tailed", tailed))}
+    assert cap["tailed"] < cap["even"] / 2
