@@ -35,7 +35,7 @@ from services.worker.latency_model import LatencyModel, Profile, StepFeatures
 KINDS = ("S-S", "M-M", "L-L", "S-L", "L-S", "sharegpt", "burstgpt")
 POLICIES = ("round_robin", "least_load", "llumnix")
 LOAD_FRACTIONS = (0.7, 0.8, 0.9)
-PRIORITY_LOAD = 0.85  # S-S, of the capacity estimate
+PRIORITY_LOAD = 0.8  # S-S, of the capacity estimate
 PROBE_REQUESTS = 20000  # requests in the trace a capacity estimate is taken from
 BLOCK_TOKENS = 16  # tokens per KV block (bench.sim's engine)
 PREFILL_CHUNK_TOKENS = 4096  # bench.sim's default --max-num-batched-tokens
@@ -62,22 +62,30 @@ def make_trace(kind: str, rate: float, num: int, out: Path, *, max_total: int, s
 
 def capacity_rate(trace: list[dict], *, instances: int, kv_tokens: int,
                   latency: LatencyModel) -> float:
-    """Requests/s the cluster's KV memory sustains when full: kv_tokens per instance over
-    the token-steps a request holds, each step timed as a full instance's.
+    """Requests/s a cluster of full instances sustains: each request costs its prefill's
+    compute plus its share of the decode steps it takes part in,
 
-    A request with prompt p and output o holds p + j tokens during its j-th decode step,
-    so it occupies sum_j (p + j) = o * p + o * (o + 1) / 2 token-steps of memory. With
-    heavy-tailed lengths the mean of that is far above mean(p + o / 2) * mean(o): the
-    long requests hold the most tokens for the most steps (on the power-law traces the
-    product of means over-states capacity 1.6-3x). A full instance runs the time-average
-    number of requests that fill it, kv_tokens * mean(o) / mean(token-steps)."""
+        rate = instances / (mean prefill s + mean(o) * step_s / concurrency),
+
+    step_s timed as a full instance's step. A request with prompt p and output o holds
+    p + j tokens during its j-th decode step, so it occupies o * p + o * (o + 1) / 2
+    token-steps of memory, and a full instance runs the time-average number of requests
+    that fill it, concurrency = kv_tokens * mean(o) / mean(token-steps). With heavy-tailed
+    lengths that mean is far above mean(p + o / 2) * mean(o): the long requests hold the
+    most tokens for the most steps (on the power-law traces the product of means
+    over-states capacity 1.6-3x). Prefill is what bounds long prompts with short outputs
+    (L-S, BurstGPT): there the decode share is small."""
     token_steps = statistics.fmean(
         r["output_tokens"] * r["prompt_tokens"] + r["output_tokens"] * (r["output_tokens"] + 1) / 2
         for r in trace)
     steps = statistics.fmean(r["output_tokens"] for r in trace)
     concurrency = kv_tokens * steps / token_steps
     step_s = latency.step_time(StepFeatures(P=0, A=0, D=round(concurrency), C=kv_tokens))
-    return instances * kv_tokens / (token_steps * step_s)
+    prefill_s = statistics.fmean(
+        latency.step_time(StepFeatures(P=r["prompt_tokens"], A=r["prompt_tokens"] ** 2, D=0,
+                                       C=0)) - latency.base_s
+        for r in trace)
+    return instances / (prefill_s + steps * step_s / concurrency)
 
 
 def trace_capacity(kind: str, args: argparse.Namespace, tmp: Path) -> float:

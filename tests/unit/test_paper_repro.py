@@ -35,9 +35,22 @@ def test_capacity_weighs_each_request_by_the_token_steps_it_holds():
     kv_tokens = 650
     concurrency = kv_tokens * 5 / 32.5  # 100 requests fill an instance on time-average
     step_s = 1e-3 + 1e-4 * concurrency
-    expected = 2 * kv_tokens / (32.5 * step_s)
+    expected = 2 * kv_tokens / (32.5 * step_s)  # memory-bound: prefill is free here
     assert capacity_rate(trace, instances=2, kv_tokens=kv_tokens, latency=latency) == \
         pytest.approx(expected)
+
+
+def test_capacity_adds_each_prefill_to_the_decode_share():
+    # Prefill: 0.1 ms per prompt token and 1 us per q x kv pair; decode steps of 1 ms.
+    latency = LatencyModel(base_s=1e-3, per_prefill_token_s=1e-4, per_prefill_attn_s=1e-6,
+                           per_decode_seq_s=0.0, per_decode_context_s=0.0)
+    trace = [{"prompt_tokens": 100, "output_tokens": 2}]
+    kv_tokens = 1000
+    # 2 * 100 + 3 = 203 token-steps over 2 steps: 1000 * 2 / 203 requests fill an instance.
+    decode_share = 2 * 1e-3 / (kv_tokens * 2 / 203)
+    prefill = 100 * 1e-4 + 100 * 100 * 1e-6
+    assert capacity_rate(trace, instances=3, kv_tokens=kv_tokens, latency=latency) == \
+        pytest.approx(3 / (prefill + decode_share))
 
 
 def test_capacity_is_lower_for_a_heavy_tail_than_for_its_means():
