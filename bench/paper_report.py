@@ -28,8 +28,9 @@ def policy_table(rows: list[dict]) -> list[str]:
 
 def ratio_table(rows: list[dict]) -> list[str]:
     """least_load ÷ llumnix for P99 prefill and P99 decode at each trace's rates."""
-    lines = ["| trace | rate | P99 prefill least_load ÷ llumnix | P99 decode least_load ÷ "
-             "llumnix | mean e2e least_load ÷ llumnix |", "| --- | --- | ---: | ---: | ---: |"]
+    lines = ["| trace | rate | P99 prefill least_load ÷ llumnix | seeds llumnix better / "
+             "worse (>5%) | P99 decode least_load ÷ llumnix | mean e2e least_load ÷ llumnix |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by_key.setdefault((r["kind"], r["rate"]), {})[r["policy"]] = r
@@ -40,9 +41,22 @@ def ratio_table(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {kind} | {rate} | "
             f"{ll['prefill_latency_s']['p99'] / lx['prefill_latency_s']['p99']:.2f}x | "
+            f"{_seed_tally(ll, lx)} | "
             f"{ll['decode_latency_s']['p99'] / lx['decode_latency_s']['p99']:.2f}x | "
             f"{ll['e2e_latency_s']['mean'] / lx['e2e_latency_s']['mean']:.2f}x |")
     return lines
+
+
+def _seed_tally(ll: dict, lx: dict) -> str:
+    """'better / worse' over the trace seeds: llumnix's P99 prefill more than 5% below or
+    above least_load's on the same seed; '-' for results without per-seed numbers."""
+    pairs = list(zip(ll.get("p99_prefill_by_seed", []), lx.get("p99_prefill_by_seed", []),
+                     strict=True))
+    if not pairs:
+        return "-"
+    better = sum(a > 1.05 * b for a, b in pairs)
+    worse = sum(b > 1.05 * a for a, b in pairs)
+    return f"{better} / {worse} of {len(pairs)}"
 
 
 def _band(r: dict) -> str:

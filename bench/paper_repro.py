@@ -164,7 +164,8 @@ def run_jobs(jobs: list[tuple[dict, Path, str, list[str]]], args: argparse.Names
         fields, trace, policy, flags = job
         start = time.perf_counter()
         result = simulate(trace, policy, args, *flags)
-        print(f"{fields['kind']:>8} {fields['rate']:>7} {fields['policy']:>11}: p99 prefill "
+        print(f"{fields['kind']:>8} {fields['rate']:>7} {fields['policy']:>11} {trace.stem}: "
+              f"p99 prefill "
               f"{result['prefill_latency_s']['p99']:.3f} s, preemptions "
               f"{result['num_preemptions']}, migrations {result['num_migrations']} "
               f"({time.perf_counter() - start:.0f}s)", flush=True)
@@ -176,7 +177,10 @@ def run_jobs(jobs: list[tuple[dict, Path, str, list[str]]], args: argparse.Names
     for (fields, *_), result in zip(jobs, results, strict=True):
         grouped.setdefault(json.dumps(fields, sort_keys=True), []).append(result)
     for group in grouped.values():
-        rows.append({**median_leaves(group), "seeds": len(group)})
+        # Near the knee one seed's P99 can be 100x another's: keep each seed's beside the
+        # median (in seed order), so a comparison can be read seed by seed.
+        rows.append({**median_leaves(group), "seeds": len(group),
+                     "p99_prefill_by_seed": [r["prefill_latency_s"]["p99"] for r in group]})
 
 
 def run_policies(args: argparse.Namespace, tmp: Path, rows: list) -> None:
