@@ -499,6 +499,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-migration", action="store_true")
     parser.add_argument("--migrate-out-threshold", type=float, default=None)
     parser.add_argument("--migration-interval-s", type=float, default=None)
+    parser.add_argument("--migrate-dst-growth-blocks", type=int, default=None,
+                        help="blocks per running request a destination keeps after a move")
     parser.add_argument("--max-migrations-per-instance", type=int, default=None)
     parser.add_argument("--headroom-blocks", type=int, default=0,
                         help="high-priority headroom in virtual usage; > 0 also packs "
@@ -523,6 +525,7 @@ def run(args: argparse.Namespace) -> dict:
     endpoint = Endpoint(bind="sim", advertise="sim")
     overrides = {k: v for k, v in {
         "migrate_out_threshold": args.migrate_out_threshold,
+        "migrate_dst_growth_blocks": args.migrate_dst_growth_blocks,
         "migration_interval_s": args.migration_interval_s,
         "max_migrations_per_instance": args.max_migrations_per_instance,
         "scale_up_freeness": args.scale_up_freeness,

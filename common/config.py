@@ -52,6 +52,9 @@ class SchedulerConfig:
     enable_migration: bool = True
     migration_interval_s: float = 0.2  # how often pairs are formed
     migrate_out_threshold: float = 1.0  # freeness below this makes a migration source
+    # Blocks per running request a destination keeps free after taking a migrated one:
+    # its batch's next 64 decode steps (block size 16), so a move cannot preempt there.
+    migrate_dst_growth_blocks: int = 4
     max_migrations_per_instance: int = 2  # concurrent migrations in or out of one instance
     high_priority_headroom_blocks: int = 0  # virtual usage added per high-priority request
     # --- scaling ---

@@ -300,7 +300,9 @@ class MigrateOut:
     dst_inbox_addr: str
     req_id: str | None  # None: the source picks (shortest running, low priority first)
     max_stages: int = -1  # stages before the pausing one; -1: the worker's limit, 0: stop-and-copy
-    dst_free_blocks: int = -1  # the scheduler's view of dst's free blocks; -1: unknown
+    # Blocks the moved request may take at dst (the scheduler's view: its free blocks, less
+    # the growth room periodic rebalancing keeps there); -1: unknown.
+    dst_free_blocks: int = -1
 
 
 @REGISTRY.message(52)

@@ -36,7 +36,13 @@ from common.wire import (
     StatusReply,
 )
 from services.scheduler.dispatch import LeastLoad, make_dispatch_policy
-from services.scheduler.load import demand_blocks, empty_load, freeness, to_wire
+from services.scheduler.load import (
+    demand_blocks,
+    empty_load,
+    freeness,
+    migration_room,
+    to_wire,
+)
 from services.scheduler.migration import MigrationDecision, MigrationHook, pair_migrations
 from services.scheduler.table import Instance, InstanceTable, UnseenDispatch
 
@@ -327,15 +333,20 @@ class SchedulerCore:
         for hook in self.migration_hooks:
             for decision in hook(self.table.loads()):
                 try:
-                    out += self.migrate(decision, now)[1]
+                    out += self.migrate(decision, now, keep_growth=True)[1]
                 except SchedulerError as err:
                     log.debug("migration_skipped", reason=err.message)
         return out
 
     # ---- commands -----------------------------------------------------------------------
 
-    def migrate(self, decision: MigrationDecision, now: float) -> tuple[str, Out]:
-        """Issue one migration: returns its id and the MigrateOut for the source."""
+    def migrate(
+        self, decision: MigrationDecision, now: float, *, keep_growth: bool = False
+    ) -> tuple[str, Out]:
+        """Issue one migration: returns its id and the MigrateOut for the source. The
+        source picks a request that fits the destination's free blocks, or with
+        keep_growth (periodic rebalancing) its `migration_room`; an operator's
+        `ferry migrate` may fill the destination."""
         src = self._live(decision.src_instance_id)
         dst = self._live(decision.dst_instance_id)
         if src is dst:
@@ -359,9 +370,16 @@ class SchedulerCore:
             dst_instance_id=dst.instance_id,
             dst_inbox_addr=dst.inbox_addr,
             req_id=decision.req_id,
-            dst_free_blocks=self.table.load(dst.instance_id).num_free_blocks,
+            dst_free_blocks=self._room_for_migration(dst.instance_id, keep_growth),
         )
         return migration_id, [(src.inbox_addr, msg)]
+
+    def _room_for_migration(self, instance_id: str, keep_growth: bool) -> int:
+        load = self.table.load(instance_id)
+        if not keep_growth:
+            return load.num_free_blocks
+        return migration_room(load, growth_blocks=self.cfg.migrate_dst_growth_blocks,
+                              headroom_blocks=self.cfg.high_priority_headroom_blocks)
 
     def migrate_request(self, req_id: str, dst_instance_id: str, now: float) -> tuple[str, Out]:
         """`ferry migrate REQ_ID --to INSTANCE_ID`."""

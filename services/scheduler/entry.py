@@ -74,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="freeness below this makes an instance a migration source",
     )
     add(
+        "--migrate-dst-growth-blocks",
+        type=int,
+        default=d["migrate_dst_growth_blocks"],
+        help="blocks per running request a migration destination keeps free after a move",
+    )
+    add(
         "--migrate-margin",
         type=float,
         default=None,
@@ -121,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         enable_migration=args.enable_migration,
         migration_interval_s=args.migration_interval_s,
         migrate_out_threshold=args.migrate_out_threshold,
+        migrate_dst_growth_blocks=args.migrate_dst_growth_blocks,
         max_migrations_per_instance=args.max_migrations_per_instance,
         high_priority_headroom_blocks=args.high_priority_headroom_blocks,
         autoscale=args.autoscale,

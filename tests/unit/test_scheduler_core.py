@@ -26,7 +26,7 @@ from common.wire import (
     SetDraining,
 )
 from services.scheduler.core import MIGRATION_LOST_AFTER_S, SchedulerCore, SchedulerError
-from services.scheduler.load import empty_load
+from services.scheduler.load import empty_load, migration_room
 from services.scheduler.migration import MigrationDecision
 
 GATEWAY = "tcp://gateway:1"
@@ -433,3 +433,22 @@ def test_status_shows_estimated_loads_and_freeness():
     assert inst.freeness == pytest.approx(100 - 3 - 5)
     assert inst.last_report_age_s == 0.5
     assert core.status(0.5).requests[0].priority == Priority.HIGH
+
+
+def test_rebalancing_leaves_the_destination_room_for_its_batch_to_grow():
+    """Periodic pairing tells the source how much the destination can take: its free
+    blocks less growth room for each running request and the newcomer; `ferry migrate`
+    may use every free block."""
+    core = make_core(migrate_dst_growth_blocks=4)
+    overloaded_pair(core)  # cold: 90 free, 1 running
+    [(_, periodic)] = core.rebalance(now=0.0)
+    assert periodic.dst_free_blocks == 90 - 4 * 2
+    _, [(_, manual)] = core.migrate(MigrationDecision("hot", "cold"), now=0.0)
+    assert manual.dst_free_blocks == 90
+
+
+def test_migration_room_counts_the_queue_head_and_headroom_and_is_never_negative():
+    load = dataclasses.replace(empty_load(100), num_free_blocks=60, head_demand_blocks=10,
+                               num_running=3, num_running_high=1)
+    assert migration_room(load, growth_blocks=4, headroom_blocks=8) == 60 - 10 - 8 - 4 * 4
+    assert migration_room(load, growth_blocks=20, headroom_blocks=8) == 0
