@@ -64,3 +64,12 @@ def test_capacity_is_lower_for_a_heavy_tail_than_for_its_means():
     cap = {name: capacity_rate(t, instances=1, kv_tokens=10_000, latency=latency)
            for name, t in (("even", even), ("tailed", tailed))}
     assert cap["tailed"] < cap["even"] / 2
+
+
+def test_preemption_sites_split_by_cluster_free_share_and_the_others_room():
+    from bench.preemption_sites import classify
+
+    sites = [(3, 10, 0), (2, 100, 50), (1, 500, 150)]  # (new, cluster free, median other)
+    assert classify(sites, total_blocks=1000) == {
+        "total": 6, "cluster_free_below_5pct": 3, "cluster_free_5_to_15pct": 2,
+        "cluster_free_above_15pct": 1, "median_other_has_room": 1}

@@ -1,0 +1,97 @@
+"""Where a policy's preemptions happen: with the whole cluster full, or beside an instance
+with room (fragmentation that placement or migration could have avoided).
+
+Runs bench.sim on a generated trace and, at every load report (50 ms), counts each
+instance's new preemptions with the cluster's free blocks and the other instances' free
+blocks at that moment.
+
+    python -m bench.preemption_sites --kind M-M --rate 132 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from bench.paper_repro import make_trace
+from bench.sim import Simulator, load_trace
+from common.config import Endpoint, EngineConfig, SchedulerConfig
+from common.logging import configure
+from services.worker.latency_model import Profile
+
+ROOMY_OTHER_BLOCKS = 100  # "beside room": the median other instance has this many free
+
+
+class PreemptionSites(Simulator):
+    """The simulator, noting the cluster's state wherever preemptions happened."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: dict[str, int] = {}
+        # (new preemptions, cluster free blocks, median free blocks of the other instances)
+        self.sites: list[tuple[int, int, int]] = []
+
+    def _on_report(self, payload) -> None:
+        live = [i for i in self.instances.values() if i.alive]
+        free = {i.instance_id: i.engine.blocks.num_free for i in live}
+        for inst in live:
+            count = inst.engine.scheduler.num_preemptions
+            new = count - self.seen.get(inst.instance_id, 0)
+            self.seen[inst.instance_id] = count
+            if new:
+                others = sorted(v for k, v in free.items() if k != inst.instance_id)
+                self.sites.append((new, sum(free.values()), others[len(others) // 2]))
+        super()._on_report(payload)
+
+
+def classify(sites: list[tuple[int, int, int]], total_blocks: int) -> dict[str, int]:
+    """Preemptions by the cluster's free share and by the other instances' room."""
+    out = {"total": 0, "cluster_free_below_5pct": 0, "cluster_free_5_to_15pct": 0,
+           "cluster_free_above_15pct": 0, "median_other_has_room": 0}
+    for new, cluster_free, median_other in sites:
+        share = cluster_free / total_blocks
+        band = ("cluster_free_below_5pct" if share < 0.05 else
+                "cluster_free_5_to_15pct" if share < 0.15 else "cluster_free_above_15pct")
+        out["total"] += new
+        out[band] += new
+        out["median_other_has_room"] += new if median_other >= ROOMY_OTHER_BLOCKS else 0
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", default="M-M")
+    parser.add_argument("--rate", type=float, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--duration-s", type=float, default=120.0)
+    parser.add_argument("--instances", type=int, default=16)
+    parser.add_argument("--kv-blocks", type=int, default=1000)
+    parser.add_argument("--profile", default="bench/profiles/llama2-7b-h200.json")
+    parser.add_argument("--policies", default="least_load,llumnix")
+    args = parser.parse_args(argv)
+    configure("sim", level="warning")
+    endpoint = Endpoint(bind="sim", advertise="sim")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.jsonl"
+        make_trace(args.kind, args.rate, int(args.rate * args.duration_s), path,
+                   max_total=4096, seed=args.seed)
+        trace = load_trace(path)
+    report = {}
+    for policy in args.policies.split(","):
+        cfg = SchedulerConfig(inbox=endpoint, admin=endpoint, dispatch_policy=policy,
+                              enable_migration=policy == "llumnix", migration_interval_s=0.05)
+        sim = PreemptionSites(trace, profile=Profile.load(args.profile),
+                              num_instances=args.instances, policy=policy,
+                              kv_blocks=args.kv_blocks,
+                              engine_config=EngineConfig(max_num_batched_tokens=4096),
+                              scheduler_config=cfg)
+        result = sim.run()
+        report[policy] = {"p99_prefill_s": result["prefill_latency_s"]["p99"],
+                          **classify(sim.sites, args.instances * args.kv_blocks)}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
