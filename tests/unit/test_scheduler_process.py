@@ -451,6 +451,7 @@ def test_every_config_field_has_a_flag():
         "enable_migration": False,
         "migration_interval_s": 0.7,
         "migrate_out_threshold": 2.5,
+        "migrate_dst_growth_blocks": 7,
         "max_migrations_per_instance": 5,
         "high_priority_headroom_blocks": 12,
         "autoscale": True,
