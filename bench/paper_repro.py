@@ -5,7 +5,7 @@
    llumnix with priority headroom vs the same cluster with priorities ignored;
 3. auto-scaling: L-L under one scaling rule, least_load vs llumnix, instance-seconds.
 
-Rates are set from each trace's memory-bound capacity estimate (`capacity_rate`: KV
+Rates are set from each trace's capacity estimate (`capacity_rate`: prefill compute plus KV
 tokens per instance over the token-steps a request holds, each step timed as a full
 instance's), as fractions of it: high load that the cluster can still sustain is where
 scheduling matters; past capacity every queue grows without bound. Traces last
@@ -34,7 +34,7 @@ from services.worker.latency_model import LatencyModel, Profile, StepFeatures
 
 KINDS = ("S-S", "M-M", "L-L", "S-L", "L-S", "sharegpt", "burstgpt")
 POLICIES = ("round_robin", "least_load", "llumnix")
-LOAD_FRACTIONS = (0.7, 0.8, 0.9)
+LOAD_FRACTIONS = (0.7, 0.8, 0.85, 0.9)
 PRIORITY_LOAD = 0.8  # S-S, of the capacity estimate
 PROBE_REQUESTS = 20000  # requests in the trace a capacity estimate is taken from
 BLOCK_TOKENS = 16  # tokens per KV block (bench.sim's engine)
