@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from bench.plots import policy_comparison
@@ -26,37 +27,100 @@ def policy_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+BASELINE = "least_load"
+RATIO_SKIPS = (BASELINE, "round_robin")
+
+
 def ratio_table(rows: list[dict]) -> list[str]:
-    """least_load ÷ llumnix for P99 prefill and P99 decode at each trace's rates."""
-    lines = ["| trace | rate | P99 prefill least_load ÷ llumnix | seeds llumnix better / "
-             "worse (>5%) | P99 decode least_load ÷ llumnix | mean e2e least_load ÷ llumnix |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    """least_load ÷ each migrating policy (llumnix and its variants), per trace and rate:
+    P99 prefill as a ratio of the medians over seeds and as the median of the per-seed
+    ratios (the paired comparison: both policies on the same trace), P99 decode and mean
+    e2e as ratios of the medians."""
+    lines = ["| trace | rate | policy | P99 prefill least_load ÷ policy (medians) | median of "
+             "per-seed ratios | seeds policy better / worse (>5%) | P99 decode least_load ÷ "
+             "policy | mean e2e least_load ÷ policy |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by_key.setdefault((r["kind"], r["rate"]), {})[r["policy"]] = r
     for (kind, rate), runs in by_key.items():
-        if "least_load" not in runs or "llumnix" not in runs:
+        ll = runs.get(BASELINE)
+        if ll is None:
             continue
-        ll, lx = runs["least_load"], runs["llumnix"]
-        lines.append(
-            f"| {kind} | {rate} | "
-            f"{ll['prefill_latency_s']['p99'] / lx['prefill_latency_s']['p99']:.2f}x | "
-            f"{_seed_tally(ll, lx)} | "
-            f"{ll['decode_latency_s']['p99'] / lx['decode_latency_s']['p99']:.2f}x | "
-            f"{ll['e2e_latency_s']['mean'] / lx['e2e_latency_s']['mean']:.2f}x |")
+        for policy, lx in runs.items():
+            if policy in RATIO_SKIPS:
+                continue
+            paired = paired_ratio(ll, lx)
+            lines.append(
+                f"| {kind} | {rate} | {policy} | "
+                f"{ll['prefill_latency_s']['p99'] / lx['prefill_latency_s']['p99']:.2f}x | "
+                f"{'-' if paired is None else f'{paired:.2f}x'} | {_seed_tally(ll, lx)} | "
+                f"{ll['decode_latency_s']['p99'] / lx['decode_latency_s']['p99']:.2f}x | "
+                f"{ll['e2e_latency_s']['mean'] / lx['e2e_latency_s']['mean']:.2f}x |")
     return lines
 
 
+def _seed_pairs(ll: dict, lx: dict) -> list[tuple[float, float]]:
+    """(least_load, policy) P99 prefill of each trace seed both ran."""
+    return list(zip(ll.get("p99_prefill_by_seed", []), lx.get("p99_prefill_by_seed", []),
+                    strict=True))
+
+
+def paired_ratio(ll: dict, lx: dict) -> float | None:
+    """Median over trace seeds of least_load's P99 prefill ÷ the policy's on the same seed
+    (None without per-seed numbers). Near the knee the seeds' own loads differ more than
+    the policies do, so a ratio of medians can compare one seed's overload with another's
+    calm; the paired ratio cannot."""
+    pairs = _seed_pairs(ll, lx)
+    return statistics.median(a / b for a, b in pairs) if pairs else None
+
+
 def _seed_tally(ll: dict, lx: dict) -> str:
-    """'better / worse' over the trace seeds: llumnix's P99 prefill more than 5% below or
+    """'better / worse' over the trace seeds: the policy's P99 prefill more than 5% below or
     above least_load's on the same seed; '-' for results without per-seed numbers."""
-    pairs = list(zip(ll.get("p99_prefill_by_seed", []), lx.get("p99_prefill_by_seed", []),
-                     strict=True))
+    pairs = _seed_pairs(ll, lx)
     if not pairs:
         return "-"
     better = sum(a > 1.05 * b for a, b in pairs)
     worse = sum(b > 1.05 * a for a, b in pairs)
     return f"{better} / {worse} of {len(pairs)}"
+
+
+def sustained_loads(rows: list[dict], *, slo_s: float) -> list[float]:
+    """Per trace seed, the highest load fraction up to which every rate's P99 prefill is at
+    most slo_s (0.0 if even the lowest misses it), from one trace kind and policy's rows.
+    Only the seeds every rate ran count."""
+    ordered = sorted(rows, key=lambda r: r["load_fraction"])
+    num_seeds = min(len(r["p99_prefill_by_seed"]) for r in ordered)
+    sustained = []
+    for seed in range(num_seeds):
+        best = 0.0
+        for r in ordered:
+            if r["p99_prefill_by_seed"][seed] > slo_s:
+                break
+            best = r["load_fraction"]
+        sustained.append(best)
+    return sustained
+
+
+def slo_capacity_table(rows: list[dict], slos_s: tuple[float, ...]) -> list[str]:
+    """Load each policy sustains at a P99 prefill SLO, seed by seed: how many fewer
+    instances serve the same load, read off the measured rates (a coarse grid: a step is
+    0.02-0.1 of the capacity estimate)."""
+    lines = ["| trace | P99 prefill SLO s | least_load: load sustained per seed | llumnix | "
+             "median llumnix ÷ least_load |", "| --- | ---: | --- | --- | ---: |"]
+    for kind in sorted({r["kind"] for r in rows}):
+        runs = {p: [r for r in rows if r["kind"] == kind and r["policy"] == p]
+                for p in (BASELINE, "llumnix")}
+        if not all(runs.values()):
+            continue
+        for slo in slos_s:
+            ll, lx = (sustained_loads(runs[p], slo_s=slo) for p in (BASELINE, "llumnix"))
+            gain = statistics.median(b / a if a else float("inf") for a, b in zip(ll, lx,
+                                                                                 strict=True))
+            lines.append(f"| {kind} | {slo:g} | {' / '.join(f'{x:.2f}' for x in ll)} | "
+                         f"{' / '.join(f'{x:.2f}' for x in lx)} | {gain:.2f}x |")
+    return lines
 
 
 def _band(r: dict) -> str:
@@ -161,6 +225,27 @@ def priority_detail(rows: list[dict]) -> list[str]:
     return lines
 
 
+SLOS_S = (0.5, 1.0, 2.0)
+KNEE_TEXT = ("Every trace at 0.9-0.96 of its capacity estimate, least_load vs llumnix, trace "
+             "seeds 0-2 (the same traces as seeds 0-2 above at 0.9): "
+             "`bench/results/paper-repro/knee/run.sh` (log and JSON beside it).")
+SLO_TEXT = ("Per trace seed (0-2), the highest measured load up to which every rate's P99 "
+            "prefill is within the SLO (rates 0.7-0.85 from the policies run above, 0.9-0.96 "
+            "from this one).")
+VARIANTS_TEXT = ("llumnix with other migration settings, 4 trace seeds (0-3), each against "
+                 "least_load on the same traces: `growth0`/`growth2` leave 0 or 2 blocks of "
+                 "growth per running request at a destination (default 4), `mig4` allows 4 "
+                 "concurrent migrations per instance (default 2), `shortest` moves the "
+                 "shortest request (Llumnix's rule) instead of the one that relieves the "
+                 "source. From the same `run.sh`.")
+
+
+def with_rates_of(extra: list[dict], rows: list[dict]) -> list[dict]:
+    """extra's rows, plus rows' at the (trace, policy, load) extra has none of."""
+    have = {(r["kind"], r["policy"], r["load_fraction"]) for r in extra}
+    return extra + [r for r in rows if (r["kind"], r["policy"], r["load_fraction"]) not in have]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", default="bench/results/paper-repro")
@@ -178,6 +263,15 @@ def main(argv: list[str] | None = None) -> None:
         plots.append(f"![{kind}](paper-repro/{png.name})")
     lines = [Path(args.preamble).read_text() if args.preamble else "", "## Policies", "",
              *ratio_table(policies), "", *plots, "", *policy_table(policies), ""]
+    knee = _load(base / "knee" / "knee.json")
+    if knee:
+        lines += ["## Past the knee", "", KNEE_TEXT, "", *ratio_table(knee), "",
+                  "### Load sustained at a P99 prefill SLO", "", SLO_TEXT, "",
+                  *slo_capacity_table(with_rates_of(knee, policies), SLOS_S), ""]
+    variants = _load(base / "knee" / "variants.json")
+    if variants:
+        lines += ["## Migration settings near the knee", "", VARIANTS_TEXT, "",
+                  *ratio_table(variants), ""]
     prio = _load(base / "priorities.json")
     if prio:
         lines += ["## Priorities", "", *priority_table(prio), "", *priority_detail(prio), ""]
