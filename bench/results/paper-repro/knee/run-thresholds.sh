@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Session 4, second call: llumnix's migration source threshold (F below it makes a source;
+# destinations need F >= threshold + max(1, threshold)) on the traces of run.sh's variants.
+# Run on a lent 64-core machine (device kind nvidia-h200-x4); writes to $1 (default .).
+set -euo pipefail
+out=${1:-.}
+python -m bench.paper_repro --experiments policies --out-dir "$out/thresholds" \
+  --kinds M-M,L-L,S-L --load-fractions 0.9,0.94 --seeds 4 --jobs 64 \
+  --variant least_load --variant llumnix \
+  --variant "thr0.5=llumnix --migrate-out-threshold 0.5" \
+  --variant "thr2=llumnix --migrate-out-threshold 2" \
+  --variant "thr4=llumnix --migrate-out-threshold 4" > "$out/thresholds.log" 2>&1
+rm -rf "$out/thresholds/traces"
