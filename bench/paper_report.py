@@ -237,7 +237,11 @@ VARIANTS_TEXT = ("llumnix with other migration settings, 4 trace seeds (0-3), ea
                  "growth per running request at a destination (default 4), `mig4` allows 4 "
                  "concurrent migrations per instance (default 2), `shortest` moves the "
                  "shortest request (Llumnix's rule) instead of the one that relieves the "
-                 "source. From the same `run.sh`.")
+                 "source; `thr0.5`/`thr2`/`thr4` make an instance a source below F = 0.5, 2 "
+                 "or 4 (default 1; a destination needs F of at least the threshold plus "
+                 "max(1, threshold)), from `run-thresholds.sh`. The rest from `run.sh`. "
+                 "`mig4` is identical to llumnix: a round pairs each instance at most once "
+                 "every 50 ms and a move takes milliseconds, so 2 concurrent never binds.")
 
 
 def with_rates_of(extra: list[dict], rows: list[dict]) -> list[dict]:
@@ -269,6 +273,10 @@ def main(argv: list[str] | None = None) -> None:
                   "### Load sustained at a P99 prefill SLO", "", SLO_TEXT, "",
                   *slo_capacity_table(with_rates_of(knee, policies), SLOS_S), ""]
     variants = _load(base / "knee" / "variants.json")
+    # The threshold run repeats least_load and llumnix on the same traces (same results).
+    variants += [r for r in _load(base / "knee" / "thresholds.json")
+                 if r["policy"] not in (BASELINE, "llumnix")]
+    variants.sort(key=lambda r: (r["kind"], r["rate"]))
     if variants:
         lines += ["## Migration settings near the knee", "", VARIANTS_TEXT, "",
                   *ratio_table(variants), ""]

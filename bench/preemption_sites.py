@@ -1,17 +1,23 @@
-"""Where a policy's preemptions happen: with the whole cluster full, or beside an instance
-with room (fragmentation that placement or migration could have avoided).
+"""Where a policy's preemptions and slowest prefills happen: with the whole cluster full,
+or beside an instance with room (fragmentation that placement or migration could have
+avoided).
 
-Runs bench.sim on a generated trace and, at every load report (50 ms), counts each
-instance's new preemptions with the cluster's free blocks and the other instances' free
-blocks at that moment.
+Runs bench.sim on a generated trace and
+- at every load report (50 ms), counts each instance's new preemptions with the cluster's
+  free blocks and the other instances' free blocks at that moment;
+- at every arrival, notes the blocks the request needs to start, the most room any
+  instance had for it in the scheduler's view (`dispatch_room`: free minus queued demand)
+  and the cluster's free blocks; then classifies the slowest 1% of prefills by them.
 
     python -m bench.preemption_sites --kind M-M --rate 132 --seed 0
+    python -m bench.preemption_sites --kind L-L --rate 56 --seed 1 --duration-s 120
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -19,6 +25,7 @@ from bench.paper_repro import make_trace
 from bench.sim import Simulator, load_trace
 from common.config import Endpoint, EngineConfig, SchedulerConfig
 from common.logging import configure
+from services.scheduler.load import demand_blocks, dispatch_room
 from services.worker.latency_model import Profile
 
 ROOMY_OTHER_BLOCKS = 100  # "beside room": the median other instance has this many free
@@ -32,6 +39,24 @@ class PreemptionSites(Simulator):
         self.seen: dict[str, int] = {}
         # (new preemptions, cluster free blocks, median free blocks of the other instances)
         self.sites: list[tuple[int, int, int]] = []
+        # req_id -> (blocks its prompt needs, most room any instance had, cluster free blocks)
+        self.arrivals: dict[str, tuple[int, int, int]] = {}
+
+    def _on_arrival(self, payload) -> None:
+        index, entry = payload
+        rooms = [dispatch_room(load, headroom_blocks=0) for load in self.core.table.loads().values()]
+        cluster_free = sum(i.engine.blocks.num_free for i in self.instances.values() if i.alive)
+        need = demand_blocks(int(entry["prompt_tokens"]) + 1, self.block_size)
+        self.arrivals[f"r{index}"] = (need, max(rooms, default=0), cluster_free)
+        super()._on_arrival(payload)
+
+    @property
+    def block_size(self) -> int:
+        return next(iter(self.instances.values())).engine.blocks.block_size
+
+    def prefill_latencies(self) -> dict[str, float]:
+        return {req_id: r.first_token_s - r.arrival_s for req_id, r in self.records.items()
+                if r.first_token_s is not None}
 
     def _on_report(self, payload) -> None:
         live = [i for i in self.instances.values() if i.alive]
@@ -58,6 +83,22 @@ def classify(sites: list[tuple[int, int, int]], total_blocks: int) -> dict[str, 
         out[band] += new
         out["median_other_has_room"] += new if median_other >= ROOMY_OTHER_BLOCKS else 0
     return out
+
+
+def classify_tail(arrivals: dict[str, tuple[int, int, int]], latencies: dict[str, float],
+                  total_blocks: int, *, fraction: float = 0.01) -> dict[str, float]:
+    """The slowest `fraction` of prefills: how many arrived when no instance had room for
+    them in the scheduler's view (every queue already needed more than its free memory),
+    and the median cluster free share and demand at their arrival."""
+    slowest = sorted(latencies, key=latencies.__getitem__, reverse=True)
+    tail = slowest[:max(1, round(len(slowest) * fraction))]
+    needs, rooms, frees = zip(*(arrivals[req_id] for req_id in tail), strict=True)
+    return {"tail_requests": len(tail),
+            "tail_fastest_s": min(latencies[req_id] for req_id in tail),
+            "tail_no_room_anywhere": sum(room < need for need, room in zip(needs, rooms,
+                                                                            strict=True)),
+            "tail_median_need_blocks": statistics.median(needs),
+            "tail_median_cluster_free_share": statistics.median(frees) / total_blocks}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +130,9 @@ def main(argv: list[str] | None = None) -> None:
                               scheduler_config=cfg)
         result = sim.run()
         report[policy] = {"p99_prefill_s": result["prefill_latency_s"]["p99"],
-                          **classify(sim.sites, args.instances * args.kv_blocks)}
+                          **classify(sim.sites, args.instances * args.kv_blocks),
+                          **classify_tail(sim.arrivals, sim.prefill_latencies(),
+                                          args.instances * args.kv_blocks)}
     print(json.dumps(report, indent=1))
 
 

@@ -112,3 +112,15 @@ def test_ratio_table_has_a_row_per_migrating_policy_against_least_load():
     merged = with_rates_of(extra, [_row("llumnix", [5.0], load=0.9),
                                    _row("llumnix", [0.2], load=0.8)])
     assert [r["p99_prefill_by_seed"] for r in merged] == [[0.1], [0.2]]
+
+
+def test_tail_sites_count_the_slowest_prefills_that_found_no_room_anywhere():
+    from bench.preemption_sites import classify_tail
+
+    # (need, best room, cluster free) per request; r2 and r3 are the slowest 2 of 4.
+    arrivals = {"r0": (2, 50, 900), "r1": (2, 40, 800), "r2": (10, -5, 100),
+                "r3": (4, 6, 300)}
+    latencies = {"r0": 0.01, "r1": 0.02, "r2": 3.0, "r3": 1.0}
+    assert classify_tail(arrivals, latencies, total_blocks=1000, fraction=0.5) == {
+        "tail_requests": 2, "tail_fastest_s": 1.0, "tail_no_room_anywhere": 1,
+        "tail_median_need_blocks": 7, "tail_median_cluster_free_share": 0.2}
