@@ -124,3 +124,12 @@ def test_tail_sites_count_the_slowest_prefills_that_found_no_room_anywhere():
     assert classify_tail(arrivals, latencies, total_blocks=1000, fraction=0.5) == {
         "tail_requests": 2, "tail_fastest_s": 1.0, "tail_no_room_anywhere": 1,
         "tail_median_need_blocks": 7, "tail_median_cluster_free_share": 0.2}
+
+
+def test_central_queue_releases_the_first_held_request_that_fits_anywhere():
+    from bench.central_queue import first_fit
+
+    assert first_fit([120, 8, 3], best_room=10) == 1  # the large front one does not block
+    assert first_fit([120, 8], best_room=200) == 0
+    assert first_fit([120, 80], best_room=50) is None
+    assert first_fit([120, 8], best_room=10, window=1) is None

@@ -1,0 +1,129 @@
+"""An oracle bound on queue pooling: what if requests waited in one central queue and
+went to an instance only once it could start them at once?
+
+Near the knee the slowest prefills wait in per-instance queues (bench.preemption_sites).
+A central queue pools those waits (one M/G/c queue instead of c separate ones), so it
+bounds what any re-placement of queued requests could gain. The oracle reads each
+instance's true free blocks and queue (not the 50 ms load reports) and releases a held
+request the moment some instance's room covers it, scanning the first WINDOW held
+requests in arrival order (first fit: a large request at the front does not block the
+small ones behind it). The policy then places the released request as usual.
+
+    python -m bench.central_queue --kind L-L --rate 56 --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.paper_repro import make_trace
+from bench.sim import SimInstance, Simulator, load_trace
+from common.config import Endpoint, EngineConfig, SchedulerConfig
+from common.logging import configure
+from services.scheduler.load import demand_blocks
+from services.worker.latency_model import Profile
+
+WINDOW = 64  # held requests the release scans, in arrival order
+BLOCK_TOKENS = 16  # bench.sim's engine
+
+
+def first_fit(needs: Sequence[int], best_room: int, *, window: int = WINDOW) -> int | None:
+    """Index of the first of the first `window` held requests (their blocks to start, in
+    arrival order) that the roomiest instance can start now; None if none."""
+    for index, need in enumerate(needs[:window]):
+        if need <= best_room:
+            return index
+    return None
+
+
+def start_room(inst: SimInstance) -> int:
+    """Blocks a new request could take at once: free, less what the instance's own queue
+    needs to start and the engine's admission watermark."""
+    blocks = inst.engine.blocks
+    queued = sum(blocks.blocks_for(r.num_tokens + 1) - len(r.block_ids)
+                 for r in inst.engine.scheduler.waiting)
+    watermark = int(blocks.num_total * inst.engine.scheduler.config.admission_watermark)
+    return blocks.num_free - queued - watermark
+
+
+class CentralQueue(Simulator):
+    """The simulator with arrivals held centrally until an instance can start them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: collections.deque[tuple[int, dict]] = collections.deque()
+
+    def _on_arrival(self, payload: tuple[int, dict]) -> None:
+        self.held.append(payload)
+        self._release()
+
+    def _on_step_done(self, payload) -> None:
+        super()._on_step_done(payload)  # memory frees only when a step finishes
+        self._release()
+
+    def _release(self) -> None:
+        while self.held:
+            best_room = max(start_room(i) for i in self.instances.values() if i.alive)
+            needs = [demand_blocks(int(entry["prompt_tokens"]) + 1, BLOCK_TOKENS)
+                     for _, entry in list(self.held)[:WINDOW]]
+            index = first_fit(needs, best_room)
+            if index is None:
+                return
+            payload = self.held[index]
+            del self.held[index]
+            super()._on_arrival(payload)  # dispatch now, as the policy places it
+            self.records[f"r{payload[0]}"].arrival_s = float(payload[1]["arrival_s"])
+
+
+
+def run_one(trace: list[dict], policy: str, *, central: bool, args: argparse.Namespace) -> dict:
+    endpoint = Endpoint(bind="sim", advertise="sim")
+    cfg = SchedulerConfig(inbox=endpoint, admin=endpoint, dispatch_policy=policy,
+                          enable_migration=policy == "llumnix", migration_interval_s=0.05)
+    sim_class = CentralQueue if central else Simulator
+    sim = sim_class(trace, profile=Profile.load(args.profile), num_instances=args.instances,
+                    policy=policy, kv_blocks=args.kv_blocks,
+                    engine_config=EngineConfig(max_num_batched_tokens=4096),
+                    scheduler_config=cfg)
+    result = sim.run()
+    return {"p99_prefill_s": result["prefill_latency_s"]["p99"],
+            "p99_decode_s": result["decode_latency_s"]["p99"],
+            "mean_e2e_s": result["e2e_latency_s"]["mean"],
+            "preemptions": result["num_preemptions"], "migrations": result["num_migrations"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", default="L-L")
+    parser.add_argument("--rate", type=float, required=True)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--duration-s", type=float, default=120.0)
+    parser.add_argument("--instances", type=int, default=16)
+    parser.add_argument("--kv-blocks", type=int, default=1000)
+    parser.add_argument("--profile", default="bench/profiles/llama2-7b-h200.json")
+    parser.add_argument("--policies", default="least_load,llumnix")
+    args = parser.parse_args(argv)
+    configure("sim", level="warning")
+    report = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "trace.jsonl"
+            make_trace(args.kind, args.rate, int(args.rate * args.duration_s), path,
+                       max_total=4096, seed=seed)
+            trace = load_trace(path)
+        for policy in args.policies.split(","):
+            for central in (False, True):
+                row = {"kind": args.kind, "rate": args.rate, "seed": seed, "policy": policy,
+                       "central_queue": central,
+                       **run_one(trace, policy, central=central, args=args)}
+                print(json.dumps(row), flush=True)
+                report.append(row)
+
+
+if __name__ == "__main__":
+    main()
