@@ -1,13 +1,20 @@
-"""An oracle bound on queue pooling: what if requests waited in one central queue and
-went to an instance only once it could start them at once?
+"""What pooling the queues would gain: requests wait in one central queue and go to an
+instance only once it can start them at once.
 
 Near the knee the slowest prefills wait in per-instance queues (bench.preemption_sites).
-A central queue pools those waits (one M/G/c queue instead of c separate ones), so it
-bounds what any re-placement of queued requests could gain. The oracle reads each
-instance's true free blocks and queue (not the 50 ms load reports) and releases a held
-request the moment some instance's room covers it, scanning the first WINDOW held
-requests in arrival order (first fit: a large request at the front does not block the
-small ones behind it). The policy then places the released request as usual.
+A central queue pools those waits (one M/G/c queue instead of c separate ones). Here it
+is a simulator experiment, not a scheduler feature: held requests are released the
+moment some instance's room covers one, scanning the first WINDOW held requests in
+arrival order (first fit: a large request at the front does not block the small ones
+behind it), and the policy then places the released request as usual. Releases are
+tried on each arrival, each load report and each step's end (standing in for the finish
+notices a scheduler gets). The room is read
+
+- `--view true`: from the engines' state (free blocks less their own queue and the
+  admission watermark);
+- `--view reported`: from the scheduler's load table (the 50 ms reports plus what it
+  dispatched since, `dispatch_room`): what a real scheduler could run. It releases more
+  eagerly (stale free blocks, no watermark), and measured no worse than `true`.
 
     python -m bench.central_queue --kind L-L --rate 56 --seeds 0,1,2
 """
@@ -25,7 +32,7 @@ from bench.paper_repro import make_trace
 from bench.sim import SimInstance, Simulator, load_trace
 from common.config import Endpoint, EngineConfig, SchedulerConfig
 from common.logging import configure
-from services.scheduler.load import demand_blocks
+from services.scheduler.load import demand_blocks, dispatch_room
 from services.worker.latency_model import Profile
 
 WINDOW = 64  # held requests the release scans, in arrival order
@@ -54,9 +61,20 @@ def start_room(inst: SimInstance) -> int:
 class CentralQueue(Simulator):
     """The simulator with arrivals held centrally until an instance can start them."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, view: str = "true", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.held: collections.deque[tuple[int, dict]] = collections.deque()
+        self.view = view  # "true": the engines' state; "reported": the scheduler's table
+
+    def best_room(self) -> int:
+        if self.view == "reported":
+            return max(dispatch_room(load, headroom_blocks=0)
+                       for load in self.core.table.loads().values())
+        return max(start_room(i) for i in self.instances.values() if i.alive)
+
+    def _on_report(self, payload) -> None:
+        super()._on_report(payload)
+        self._release()
 
     def _on_arrival(self, payload: tuple[int, dict]) -> None:
         self.held.append(payload)
@@ -68,7 +86,7 @@ class CentralQueue(Simulator):
 
     def _release(self) -> None:
         while self.held:
-            best_room = max(start_room(i) for i in self.instances.values() if i.alive)
+            best_room = self.best_room()
             needs = [demand_blocks(int(entry["prompt_tokens"]) + 1, BLOCK_TOKENS)
                      for _, entry in list(self.held)[:WINDOW]]
             index = first_fit(needs, best_room)
@@ -81,15 +99,16 @@ class CentralQueue(Simulator):
 
 
 
-def run_one(trace: list[dict], policy: str, *, central: bool, args: argparse.Namespace) -> dict:
+def run_one(trace: list[dict], policy: str, *, central: bool,
+            args: argparse.Namespace) -> dict:
     endpoint = Endpoint(bind="sim", advertise="sim")
     cfg = SchedulerConfig(inbox=endpoint, admin=endpoint, dispatch_policy=policy,
                           enable_migration=policy == "llumnix", migration_interval_s=0.05)
-    sim_class = CentralQueue if central else Simulator
-    sim = sim_class(trace, profile=Profile.load(args.profile), num_instances=args.instances,
-                    policy=policy, kv_blocks=args.kv_blocks,
-                    engine_config=EngineConfig(max_num_batched_tokens=4096),
-                    scheduler_config=cfg)
+    common = {"profile": Profile.load(args.profile), "num_instances": args.instances,
+              "policy": policy, "kv_blocks": args.kv_blocks, "scheduler_config": cfg,
+              "engine_config": EngineConfig(max_num_batched_tokens=4096)}
+    sim = (CentralQueue(trace, view=args.view, **common) if central
+           else Simulator(trace, **common))
     result = sim.run()
     return {"p99_prefill_s": result["prefill_latency_s"]["p99"],
             "p99_decode_s": result["decode_latency_s"]["p99"],
@@ -107,6 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-blocks", type=int, default=1000)
     parser.add_argument("--profile", default="bench/profiles/llama2-7b-h200.json")
     parser.add_argument("--policies", default="least_load,llumnix")
+    parser.add_argument("--view", choices=("true", "reported"), default="true",
+                        help="the room a held request is released on (module docstring)")
+    parser.add_argument("--central-only", action="store_true",
+                        help="skip the runs without the central queue")
     args = parser.parse_args(argv)
     configure("sim", level="warning")
     report = []
@@ -117,9 +140,9 @@ def main(argv: list[str] | None = None) -> None:
                        max_total=4096, seed=seed)
             trace = load_trace(path)
         for policy in args.policies.split(","):
-            for central in (False, True):
+            for central in (True,) if args.central_only else (False, True):
                 row = {"kind": args.kind, "rate": args.rate, "seed": seed, "policy": policy,
-                       "central_queue": central,
+                       "central_queue": args.view if central else False,
                        **run_one(trace, policy, central=central, args=args)}
                 print(json.dumps(row), flush=True)
                 report.append(row)

@@ -225,6 +225,25 @@ def priority_detail(rows: list[dict]) -> list[str]:
     return lines
 
 
+def central_queue_table(rows: list[dict]) -> list[str]:
+    """P99 prefill per trace seed: each policy as it is, and with requests held in a
+    central queue until an instance has room (bench/central_queue.py), by the engines'
+    true state ("true") or the scheduler's load table ("reported")."""
+    modes = (False, "true", "reported")
+    columns = [(p, m) for p in (BASELINE, "llumnix") for m in modes]
+    label = {False: "", "true": " + central (true)", "reported": " + central (reported)"}
+    lines = ["| trace | rate | seed | " + " | ".join(f"{p}{label[m]}" for p, m in columns)
+             + " |", "| --- | --- | ---: |" + " ---: |" * len(columns)]
+    cells: dict[tuple, dict[tuple, float]] = {}
+    for r in rows:
+        cells.setdefault((r["kind"], r["rate"], r["seed"]), {})[
+            (r["policy"], r["central_queue"])] = r["p99_prefill_s"]
+    for (kind, rate, seed), runs in sorted(cells.items()):
+        values = [f"{runs[c]:.2f}" if c in runs else "-" for c in columns]
+        lines.append(f"| {kind} | {rate:g} | {seed} | " + " | ".join(values) + " |")
+    return lines
+
+
 SLOS_S = (0.5, 1.0, 2.0)
 KNEE_TEXT = ("Every trace at 0.9-0.96 of its capacity estimate, least_load vs llumnix, trace "
              "seeds 0-2 (the same traces as seeds 0-2 above at 0.9): "
@@ -242,6 +261,12 @@ VARIANTS_TEXT = ("llumnix with other migration settings, 4 trace seeds (0-3), ea
                  "max(1, threshold)), from `run-thresholds.sh`. The rest from `run.sh`. "
                  "`mig4` is identical to llumnix: a round pairs each instance at most once "
                  "every 50 ms and a move takes milliseconds, so 2 concurrent never binds.")
+
+
+CENTRAL_TEXT = ("P99 prefill s, seed by seed, at the rates where llumnix gained most past the "
+                "knee (L-L 56 and M-M 137 req/s, 0.92 of capacity): "
+                "`python -m bench.central_queue --kind L-L --rate 56 --seeds 0,1,2` (and "
+                "`--view reported --central-only`); JSON lines in `paper-repro/central-queue/`.")
 
 
 def with_rates_of(extra: list[dict], rows: list[dict]) -> list[dict]:
@@ -280,6 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     if variants:
         lines += ["## Migration settings near the knee", "", VARIANTS_TEXT, "",
                   *ratio_table(variants), ""]
+    central = [json.loads(line) for path in sorted((base / "central-queue").glob("*.jsonl"))
+               for line in path.read_text().splitlines() if line.strip()]
+    if central:
+        lines += ["## Pooling the queues (simulator experiment)", "", CENTRAL_TEXT, "", *central_queue_table(central),
+                  ""]
     prio = _load(base / "priorities.json")
     if prio:
         lines += ["## Priorities", "", *priority_table(prio), "", *priority_detail(prio), ""]

@@ -133,3 +133,15 @@ def test_central_queue_releases_the_first_held_request_that_fits_anywhere():
     assert first_fit([120, 8], best_room=200) == 0
     assert first_fit([120, 80], best_room=50) is None
     assert first_fit([120, 8], best_room=10, window=1) is None
+
+
+def test_central_queue_table_puts_each_mode_of_a_seed_on_one_row():
+    from bench.paper_report import central_queue_table
+
+    rows = [{"kind": "L-L", "rate": 56.0, "seed": 0, "policy": p, "central_queue": m,
+             "p99_prefill_s": v}
+            for p, m, v in (("least_load", False, 2.0), ("llumnix", False, 0.7),
+                            ("llumnix", "reported", 0.4))]
+    lines = central_queue_table(rows)
+    assert len(lines) == 3
+    assert lines[2] == "| L-L | 56 | 0 | 2.00 | - | - | 0.70 | - | 0.40 |"
