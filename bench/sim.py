@@ -35,7 +35,7 @@ from common.config import Endpoint, EngineConfig, SchedulerConfig
 from common.logging import configure
 from common.sampling import SamplingParams
 from services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
-from services.scheduler.core import SchedulerCore
+from services.scheduler.core import Pending, SchedulerCore
 from services.worker.engine.batch import ModelBatch
 from services.worker.engine.engine import Engine, RequestRejected
 from services.worker.engine.request import Status
@@ -257,16 +257,24 @@ class Simulator:
                                     ignore_eos=True, seed=index),
             priority=0 if self.ignore_priority else int(priority), reply_addr=GATEWAY,
             arrival_s=self.now)
-        chosen = self.core.dispatch(dispatch)
+        chosen = self.core.dispatch(dispatch, now=self.now)
         if isinstance(chosen, wire.DispatchRejected):
-            self.records[req_id].error = chosen.message
-            self.num_ended += 1
-            return
-        inst = self.instances[chosen]
+            self._rejected(chosen)
+        elif not isinstance(chosen, Pending):  # pending: placed by _release_pending
+            self._deliver(chosen, dispatch)
+
+    def _rejected(self, msg: wire.DispatchRejected) -> None:
+        self.records[msg.req_id].error = msg.message
+        self.num_ended += 1
+
+    def _deliver(self, instance_id: str, dispatch: wire.Dispatch) -> None:
+        """The request reaches its instance's engine (the frames the scheduler forwards)."""
+        inst = self.instances[instance_id]
         inst.num_dispatched += 1
+        req_id = dispatch.req_id
         try:
             inst.engine.add_request(req_id, dispatch.prompt_token_ids, dispatch.sampling,
-                                    priority=dispatch.priority, arrival_s=self.now)
+                                    priority=dispatch.priority, arrival_s=dispatch.arrival_s)
         except RequestRejected as err:
             self.records[req_id].error = err.message
             self.num_ended += 1
@@ -274,12 +282,21 @@ class Simulator:
             return
         self._kick(inst)
 
+    def _release_pending(self) -> None:
+        placed, out = self.core.release_pending(self.now)
+        for one in placed:
+            self._deliver(one.instance_id, one.req)
+        for _, msg in out:
+            self._rejected(msg)
+
     # ---- periodic ---------------------------------------------------------------------
 
     def _on_report(self, _: Any) -> None:
         for inst in self.instances.values():
             if inst.alive:
                 self._report(inst)
+        if self.core.pending:
+            self._release_pending()
         if self._unfinished():
             self._at(self.now + self.report_interval_s, "report")
 
@@ -502,6 +519,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--migrate-dst-growth-blocks", type=int, default=None,
                         help="blocks per running request a destination keeps after a move")
     parser.add_argument("--max-migrations-per-instance", type=int, default=None)
+    parser.add_argument("--hold-until-room", action="store_true",
+                        help="the scheduler holds requests no instance has room for "
+                             "(services/scheduler/pending.py)")
+    parser.add_argument("--pending-max-wait-s", type=float, default=None)
     parser.add_argument("--headroom-blocks", type=int, default=0,
                         help="high-priority headroom in virtual usage; > 0 also packs "
                         "high-priority requests onto few instances (llumnix)")
@@ -528,6 +549,7 @@ def run(args: argparse.Namespace) -> dict:
         "migrate_dst_growth_blocks": args.migrate_dst_growth_blocks,
         "migration_interval_s": args.migration_interval_s,
         "max_migrations_per_instance": args.max_migrations_per_instance,
+        "pending_max_wait_s": args.pending_max_wait_s,
         "scale_up_freeness": args.scale_up_freeness,
         "scale_down_freeness": args.scale_down_freeness,
         "scale_cooldown_s": args.scale_cooldown_s}.items() if v is not None}
@@ -536,6 +558,7 @@ def run(args: argparse.Namespace) -> dict:
                           # place each request once; only llumnix migrates.
                           enable_migration=args.policy == "llumnix" and not args.no_migration,
                           high_priority_headroom_blocks=args.headroom_blocks,
+                          hold_until_room=args.hold_until_room,
                           min_workers=args.min_workers, max_workers=args.max_workers,
                           **overrides)
     trace = load_trace(args.trace)

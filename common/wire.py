@@ -453,6 +453,7 @@ class StatusReply:
     num_migrations_committed: int
     num_migrations_aborted: int
     abort_reasons: dict[str, int] = field(default_factory=dict)  # reason -> count
+    num_pending: int = 0  # requests held in the scheduler's pending queue
 
 
 @REGISTRY.message(82)

@@ -50,6 +50,7 @@ def status_dict(reply: wire.StatusReply) -> dict:
             {"req_id": r.req_id, "instance_id": r.instance_id, "priority": r.priority}
             for r in reply.requests
         ],
+        "num_pending": reply.num_pending,
         "migrations": {"committed": reply.num_migrations_committed,
                        "aborted": reply.num_migrations_aborted,
                        "abort_reasons": dict(reply.abort_reasons)},
@@ -75,7 +76,8 @@ def main_status(argv: list[str] | None = None) -> None:
               f"{inst['num_free_blocks']:>5}/{inst['num_total_blocks']:<6}"
               f"{inst['num_running']:>6}{inst['num_waiting']:>6}{freeness:>10}"
               f"{inst['step_time_ewma_s'] * 1e3:>9.2f}")
-    print(f"{len(data['requests'])} requests in flight")
+    print(f"{len(data['requests'])} requests in flight, {data['num_pending']} pending in the "
+          "scheduler")
     for req in data["requests"]:
         print(f"  {req['req_id']:<30} on {req['instance_id']}")
 

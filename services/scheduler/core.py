@@ -23,6 +23,7 @@ from common.wire import (
     InstanceDown,
     InstanceStatus,
     InstanceView,
+    LoadFields,
     LoadReport,
     MigrateOut,
     MigrationDone,
@@ -38,12 +39,14 @@ from common.wire import (
 from services.scheduler.dispatch import LeastLoad, make_dispatch_policy
 from services.scheduler.load import (
     demand_blocks,
+    dispatch_room,
     empty_load,
     freeness,
     migration_room,
     to_wire,
 )
 from services.scheduler.migration import MigrationDecision, MigrationHook, pair_migrations
+from services.scheduler.pending import PendingEntry, PendingQueue
 from services.scheduler.table import Instance, InstanceTable, UnseenDispatch
 
 Out = list[tuple[str, Any]]  # (peer inbox address, wire message)
@@ -74,6 +77,23 @@ class HeldReq:
     instance_id: str  # the instance holding the request now
     priority: int
     gateway_addr: str | None  # its gateway's inbox; None when adopted from a Register
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """dispatch's answer for a request held in the pending queue (hold_until_room): it
+    comes out of `release_pending` later, with the payload it was held with."""
+
+    req_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """A pending request now placed on instance_id: forward it there."""
+
+    instance_id: str
+    req: Dispatch
+    payload: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +145,11 @@ class SchedulerCore:
         self.reregister_sent_s: dict[str, float] = {}  # instance_id -> last ReRegister sent
         self.counters = Counters()
         self._migration_numbers = itertools.count()
+        self.pending = (
+            PendingQueue(capacity=cfg.max_pending, window=cfg.pending_window,
+                         max_wait_s=cfg.pending_max_wait_s)
+            if cfg.hold_until_room else None
+        )
         # Periodic migration policies (DESIGN §5); least_load is the no-migration baseline.
         # A custom policy appends itself here; `ferry migrate` goes through `migrate` too.
         self.migration_hooks: list[MigrationHook] = []
@@ -155,19 +180,68 @@ class SchedulerCore:
             del self.gateways[next(iter(self.gateways))]
         return [(addr, self.instance_view())] if is_new else []
 
-    def dispatch(self, req: Dispatch) -> str | DispatchRejected:
+    def dispatch(
+        self, req: Dispatch, *, now: float = 0.0, payload: Any = None
+    ) -> str | DispatchRejected | Pending:
         """Choose an instance for req and count it into that instance's load at once.
-        The caller forwards req's frames to the instance (or calls `undo_dispatch`)."""
+        The caller forwards req's frames to the instance (or calls `undo_dispatch`).
+        With hold_until_room, a request no open instance has room to start is held
+        instead (`Pending`; payload comes back with it from `release_pending`)."""
+        open_ = self._open_instances()
+        if isinstance(open_, tuple):
+            return self._reject(req, *open_)
+        if self.pending is not None:
+            need = self._demand_blocks(req, open_)
+            if self._best_room(open_) < need:
+                if self.pending.is_full:
+                    return self._reject(req, 429, "overloaded: the pending queue is full")
+                self.pending.add(PendingEntry(req.req_id, need, now, (req, payload)))
+                return Pending(req.req_id)
+        return self._place(req, open_)
+
+    def release_pending(self, now: float) -> tuple[list[Released], Out]:
+        """Place the pending requests that now fit (first fit, in arrival order) or waited
+        pending_max_wait_s; call after anything that can free room (load reports, finish
+        notices) and periodically. Returns the placements to forward, and rejections for
+        requests that waited their longest with no instance open."""
+        placed: list[Released] = []
+        out: Out = []
+        while self.pending:
+            open_ = self._open_instances()
+            best_room = -1 if isinstance(open_, tuple) else self._best_room(open_)
+            entry = self.pending.next_release(best_room, now)
+            if entry is None:
+                break
+            req, payload = entry.payload
+            if isinstance(open_, tuple):
+                out.append((req.reply_addr, self._reject(req, *open_)))
+                continue
+            placed.append(Released(self._place(req, open_), req, payload))
+        return placed, out
+
+    def _open_instances(self) -> dict[str, LoadFields] | tuple[int, str]:
+        """The loads of the instances that may take a request, or (code, reason) if none."""
         serving = self.table.loads(serving_only=True)
         if not serving:
-            return self._reject(req, 503, "no live instance")
+            return 503, "no live instance"
         open_ = {
             i: load
             for i, load in serving.items()
             if load.num_waiting < self.max_queued_per_instance
         }
         if not open_:
-            return self._reject(req, 429, "overloaded: every instance's queue is full")
+            return 429, "overloaded: every instance's queue is full"
+        return open_
+
+    def _best_room(self, loads: dict[str, LoadFields]) -> int:
+        headroom = self.cfg.high_priority_headroom_blocks
+        return max(dispatch_room(load, headroom_blocks=headroom) for load in loads.values())
+
+    def _demand_blocks(self, req: Dispatch, loads: dict[str, LoadFields]) -> int:
+        block_size = min(self.table[i].block_size for i in loads)
+        return demand_blocks(req.prompt_len, block_size)
+
+    def _place(self, req: Dispatch, open_: dict[str, LoadFields]) -> str:
         instance_id = self.dispatch_policy.choose(
             open_, high_priority=req.priority == Priority.HIGH
         )
@@ -197,7 +271,10 @@ class SchedulerCore:
         return DispatchRejected(req_id=req.req_id, code=code, message=message)
 
     def release(self, msg: Release) -> Out:
-        """The gateway is done with a request; unless it finished, its holder aborts it."""
+        """The gateway is done with a request; unless it finished, its holder aborts it
+        (a pending one is just forgotten)."""
+        if self.pending is not None and self.pending.remove(msg.req_id) is not None:
+            return []
         held = self.reqs.pop(msg.req_id, None)
         self.recently_released[msg.req_id] = None
         while len(self.recently_released) > MAX_RECENTLY_RELEASED:
@@ -437,6 +514,7 @@ class SchedulerCore:
             num_migrations_committed=self.counters.num_committed,
             num_migrations_aborted=self.counters.num_aborted,
             abort_reasons=dict(self.counters.abort_reasons),
+            num_pending=len(self.pending) if self.pending is not None else 0,
         )
 
     # ---- helpers --------------------------------------------------------------------------

@@ -112,6 +112,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="arguments of `python -m services.worker` for autoscaled workers; "
         "{instance_id}, {port}, {scheduler_addr} are filled in",
     )
+    add(
+        "--hold-until-room",
+        action=argparse.BooleanOptionalAction,
+        default=d["hold_until_room"],
+        help="hold a request no instance has room to start in one pending queue here, "
+        "instead of queueing it at an instance",
+    )
+    add("--max-pending", type=int, default=d["max_pending"],
+        help="held requests at most (past it: 429)")
+    add("--pending-window", type=int, default=d["pending_window"],
+        help="held requests a release scans for one that fits (first fit)")
+    add("--pending-max-wait-s", type=float, default=d["pending_max_wait_s"],
+        help="a request held this long is dispatched regardless of room")
     add("--max-frame-bytes", type=int, default=env.max_frame_bytes())
     add("--log-level", default=env.log_level())
     add("--log-format", choices=("json", "console"), default=env.log_format())
@@ -136,6 +149,10 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         scale_up_freeness=args.scale_up_freeness,
         scale_down_freeness=args.scale_down_freeness,
         scale_cooldown_s=args.scale_cooldown_s,
+        hold_until_room=args.hold_until_room,
+        max_pending=args.max_pending,
+        pending_window=args.pending_window,
+        pending_max_wait_s=args.pending_max_wait_s,
         max_frame_bytes=args.max_frame_bytes,
     )
 

@@ -8,7 +8,9 @@ SchedulerCore, which makes every decision; this file only moves messages and kee
     send_to_peers    PUSH per inbox    worker inboxes: Dispatch (forwarded unread), Abort,
                                        MigrateOut, SetDraining, ReRegister; gateway inboxes:
                                        Placement, DispatchRejected, InstanceView, InstanceDown
-Periodic: heartbeat check, InstanceView, migration pairing, autoscaling (when enabled).
+Periodic: heartbeat check, InstanceView, migration pairing, autoscaling (when enabled),
+the pending queue (hold_until_room; also tried after every load report, which is what
+changes an instance's room in the scheduler's view).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
 from services.scheduler.core import (
     DEFAULT_MAX_QUEUED_PER_INSTANCE,
     Out,
+    Pending,
+    Released,
     SchedulerCore,
     SchedulerError,
 )
@@ -56,6 +60,7 @@ ADMIN_TYPES = (StatusRequest, MigrateCommand)
 MAX_ADMIN_WAITS = 64  # MigrateCommands waiting for their MigrationDone at once; more get 429
 MAX_ADMIN_TIMEOUT_S = 600.0
 AUTOSCALE_INTERVAL_S = 1.0
+PENDING_INTERVAL_S = 0.05  # the pending queue's tick (its max wait; rooms change on reports)
 
 log = get_logger()
 
@@ -134,6 +139,8 @@ class Scheduler:
                 tasks.create_task(self.every(self.cfg.migration_interval_s, self.rebalance))
             if self.autoscaler is not None:
                 tasks.create_task(self.every(AUTOSCALE_INTERVAL_S, self.autoscale))
+            if self.core.pending is not None:
+                tasks.create_task(self.every(PENDING_INTERVAL_S, self.release_pending))
 
     async def serve_peers(self) -> None:
         while True:
@@ -178,16 +185,28 @@ class Scheduler:
 
     def handle_dispatch(self, req: Dispatch, frames: list[bytes]) -> None:
         self.send_all(self.core.see_gateway(req.reply_addr))
-        placed = self.core.dispatch(req)
+        placed = self.core.dispatch(req, now=self.clock(), payload=frames)
         if isinstance(placed, DispatchRejected):
             self.send(req.reply_addr, placed)
-            return
+        elif not isinstance(placed, Pending):
+            self.forward(Released(placed, req, frames))
+
+    def forward(self, placed: Released) -> None:
+        """Send a placed request's frames to its instance; its gateway learns where."""
+        req = placed.req
         try:
-            self.send_to_peers.send_frames(self.core.table[placed].inbox_addr, frames)
+            self.send_to_peers.send_frames(self.core.table[placed.instance_id].inbox_addr,
+                                           placed.payload)
         except Overloaded as err:
-            self.send(req.reply_addr, self.core.undo_dispatch(req, placed, str(err)))
+            self.send(req.reply_addr, self.core.undo_dispatch(req, placed.instance_id, str(err)))
             return
-        self.send(req.reply_addr, Placement(req_id=req.req_id, instance_id=placed))
+        self.send(req.reply_addr, Placement(req_id=req.req_id, instance_id=placed.instance_id))
+
+    def release_pending(self) -> None:
+        placed, out = self.core.release_pending(self.clock())
+        for one in placed:
+            self.forward(one)
+        self.send_all(out)
 
     def handle_gateway_hello(self, msg: GatewayHello, frames: list[bytes]) -> None:
         self.send_all(self.core.see_gateway(msg.inbox_addr))
@@ -200,6 +219,8 @@ class Scheduler:
 
     def handle_load_report(self, msg: LoadReport, frames: list[bytes]) -> None:
         self.send_all(self.core.load_report(msg, self.clock()))
+        if self.core.pending:
+            self.release_pending()
 
     def handle_migration_done(self, msg: MigrationDone, frames: list[bytes]) -> None:
         self.send_all(self.core.migration_done(msg))

@@ -460,6 +460,10 @@ def test_every_config_field_has_a_flag():
         "scale_up_freeness": 3.0,
         "scale_down_freeness": 90.0,
         "scale_cooldown_s": 4.0,
+        "hold_until_room": True,
+        "max_pending": 99,
+        "pending_window": 8,
+        "pending_max_wait_s": 2.5,
         "max_frame_bytes": 12345,
     }
     fields = {f.name for f in dataclasses.fields(SchedulerConfig)} - {"inbox", "admin"}
