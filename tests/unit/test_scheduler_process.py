@@ -243,6 +243,27 @@ def test_dispatch_spreads_forwards_frames_unread_and_places():
     run_with_scheduler(scenario, view_interval_s=0.1)
 
 
+def test_a_held_request_is_forwarded_once_a_report_shows_room():
+    async def scenario(c: Cluster):
+        worker = c.worker("w0")
+        await worker.register()
+        await worker.report(num_free_blocks=1, num_running=5)  # full
+        await c.until(lambda s: s.instances and s.instances[0].load.num_free_blocks == 1)
+        req = c.request("r0")
+        await c.gateway.send(req)
+        status = await c.until(lambda s: s.num_pending == 1)
+        assert status.requests == ()  # held here, on no instance
+        assert await nothing_more(worker.inbox)
+        await worker.report(num_free_blocks=60, num_running=4)
+        frames, forwarded = await worker.recv_dispatch()
+        assert frames == wire.encode(req)
+        placement = await c.gateway.expect(Placement, skip=(InstanceView,))
+        assert (placement.req_id, placement.instance_id) == ("r0", "w0")
+        assert (await c.status()).num_pending == 0
+
+    run_with_scheduler(scenario, hold_until_room=True)
+
+
 def test_no_instance_rejects_503():
     async def scenario(c: Cluster):
         await c.gateway.send(c.request("r0"))
