@@ -249,11 +249,18 @@ class Gateway:
 
     def handle_instance_view(self, msg: wire.InstanceView) -> None:
         previous = self.routes.view
-        if previous is not None and previous.scheduler_epoch != msg.scheduler_epoch:
-            log.info("scheduler_restarted", scheduler_epoch=msg.scheduler_epoch)
         if self.routes.on_view(msg, time.monotonic()):
             self.metrics.bypass.set(0)
             log.warning("bypass_mode_off", scheduler_epoch=msg.scheduler_epoch)
+        if previous is not None and previous.scheduler_epoch != msg.scheduler_epoch:
+            lost = self.table.unplaced(msg.scheduler_epoch)
+            log.info("scheduler_restarted", scheduler_epoch=msg.scheduler_epoch,
+                     num_redispatched=len(lost))
+            for req in lost:
+                try:
+                    self.dispatch(req)
+                except Rejected as err:
+                    self.fail(req, err.code, f"re-dispatch after a scheduler restart: {err.message}")
 
     def handle_instance_down(self, msg: wire.InstanceDown) -> None:
         self.routes.heard(time.monotonic())
@@ -274,6 +281,8 @@ class Gateway:
         try:
             if not self.routes.bypass:
                 self.send_to_cluster.send(self.config.scheduler_addr, msg)
+                view = self.routes.view
+                req.dispatch_epoch = view.scheduler_epoch if view is not None else None
                 return
             worker = self.routes.next_worker()
             if worker is None:

@@ -99,6 +99,8 @@ class Request:
     num_seen: int = 0  # highest output index any Tokens message reached, + 1
     instance_id: str | None = None  # instance holding it, as far as the gateway knows
     direct_addr: str | None = None  # worker inbox, when dispatched in bypass mode
+    # The scheduler epoch it was last dispatched through (None: bypass, or no view yet).
+    dispatch_epoch: str | None = None
     num_replays: int = 0
     first_token_time: float = 0.0  # monotonic, 0 until the first token (metrics)
     last_token_time: float = 0.0  # monotonic, at the last delivered token (metrics)
@@ -311,6 +313,16 @@ class RequestTable:
             if req is not None and req.deadline == deadline:
                 out.append(req)
         return out
+
+    def unplaced(self, scheduler_epoch: str) -> list[Request]:
+        """Requests a restarted scheduler lost: sent through an earlier epoch, never placed
+        (no Placement, no token). A scheduler holds requests no instance has room for
+        (hold_until_room); its restart drops them, so the gateway dispatches them again."""
+        return [
+            req for req in self._reqs.values()
+            if req.instance_id is None and req.direct_addr is None and req.num_seen == 0
+            and req.dispatch_epoch is not None and req.dispatch_epoch != scheduler_epoch
+        ]
 
     def take_from(self, instance_id: str) -> list[Request]:
         """Requests the (dead) instance held, reset for replay: their gap buffers are

@@ -186,7 +186,14 @@ class SchedulerCore:
         """Choose an instance for req and count it into that instance's load at once.
         The caller forwards req's frames to the instance (or calls `undo_dispatch`).
         With hold_until_room, a request no open instance has room to start is held
-        instead (`Pending`; payload comes back with it from `release_pending`)."""
+        instead (`Pending`; payload comes back with it from `release_pending`). A request
+        already placed or held is ignored (also answered `Pending`: nothing to send)."""
+        if req.req_id in self.reqs or (self.pending is not None and req.req_id in self.pending):
+            # Sent twice (a gateway re-dispatching what a scheduler restart might have
+            # lost, racing the restart): it is placed or held already; forwarding it again
+            # would start it twice.
+            log.info("dispatch_duplicate_ignored", req_id=req.req_id)
+            return Pending(req.req_id)
         open_ = self._open_instances()
         if isinstance(open_, tuple):
             return self._reject(req, *open_)

@@ -148,6 +148,8 @@ class FakeCluster:
         self.down: set[str] = set()  # instances declared dead
         self.reject_code: int | None = None  # answer every Dispatch with DispatchRejected
         self.reject_next: list[int] = []  # codes to refuse the next Dispatches with
+        self.epoch = "e1"  # the scheduler epoch its views carry (a new one: it restarted)
+        self.hold = False  # keep Dispatches unanswered (a scheduler holding them pending)
         self.view_interval_s = 0.05
         self._next = 0
         self.tasks: list[asyncio.Task] = []
@@ -178,7 +180,7 @@ class FakeCluster:
         await sock.send_multipart(frames)
 
     def view(self) -> wire.InstanceView:
-        return wire.InstanceView(scheduler_epoch="e1", instances=tuple(
+        return wire.InstanceView(scheduler_epoch=self.epoch, instances=tuple(
             wire.InstanceAddr(instance_id=w.instance_id, inbox_addr=w.inbox_addr)
             for w in self.workers))
 
@@ -209,6 +211,8 @@ class FakeCluster:
                     worker.abort(msg.req_id)
 
     async def on_dispatch(self, msg: wire.Dispatch) -> None:
+        if self.hold:
+            return
         reply = msg.reply_addr
         code = self.reject_next.pop(0) if self.reject_next else self.reject_code
         if code is not None:

@@ -386,6 +386,22 @@ def test_instance_down_replays_without_duplicates(model_dir):
     arun(body())
 
 
+def test_a_scheduler_restart_re_dispatches_what_it_held_unplaced(model_dir):
+    async def body():
+        async with running(model_dir) as h, AsyncClient(h.sdk_addr) as client:
+            h.cluster.hold = True  # the scheduler keeps it pending, then restarts
+            task = asyncio.create_task(client.generate("hi", max_tokens=4))
+            await wait_until(lambda: len(h.cluster.dispatches) == 1, what="dispatch")
+            h.cluster.hold = False
+            h.cluster.epoch = "e2"
+            out = await task
+            assert out.token_ids == tuple(expected(h, 4))
+            first, again = h.cluster.dispatches
+            assert again.req_id == first.req_id and again.output_token_ids == ()
+
+    arun(body())
+
+
 def test_bypass_mode_when_the_scheduler_goes_silent(model_dir):
     async def body():
         async with running(model_dir, num_workers=2, bypass_after_s=0.2) as h, \

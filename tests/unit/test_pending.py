@@ -126,3 +126,15 @@ def test_placement_messages_are_the_process_job():
     core.dispatch(request("r1"), now=0.0)
     placed, out = core.release_pending(1.0)
     assert len(placed) == 1 and not any(isinstance(m, Placement) for _, m in out)
+
+
+def test_a_request_sent_twice_is_not_placed_twice():
+    core = full_cluster()
+    assert core.dispatch(request("r1"), now=0.0) == Pending("r1")
+    assert core.dispatch(request("r1"), now=0.1) == Pending("r1")  # held once
+    assert len(core.pending) == 1
+    report(core, "a", 2, 0.2, num_free_blocks=90)
+    placed, _ = core.release_pending(0.2)
+    assert [p.req.req_id for p in placed] == ["r1"]
+    assert core.dispatch(request("r1"), now=0.3) == Pending("r1")  # placed: ignored
+    assert core.counters.num_dispatched == 1
