@@ -103,7 +103,8 @@ def run_one(trace: list[dict], policy: str, *, central: bool,
             args: argparse.Namespace) -> dict:
     endpoint = Endpoint(bind="sim", advertise="sim")
     cfg = SchedulerConfig(inbox=endpoint, admin=endpoint, dispatch_policy=policy,
-                          enable_migration=policy == "llumnix", migration_interval_s=0.05)
+                          enable_migration=policy == "llumnix", migration_interval_s=0.05,
+                          hold_until_room=False)  # per-instance queues, as measured
     common = {"profile": Profile.load(args.profile), "num_instances": args.instances,
               "policy": policy, "kv_blocks": args.kv_blocks, "scheduler_config": cfg,
               "engine_config": EngineConfig(max_num_batched_tokens=4096)}

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {}
     for policy in args.policies.split(","):
         cfg = SchedulerConfig(inbox=endpoint, admin=endpoint, dispatch_policy=policy,
-                              enable_migration=policy == "llumnix", migration_interval_s=0.05)
+                              enable_migration=policy == "llumnix", migration_interval_s=0.05,
+                              hold_until_room=False)  # per-instance queues, as measured
         sim = PreemptionSites(trace, profile=Profile.load(args.profile),
                               num_instances=args.instances, policy=policy,
                               kv_blocks=args.kv_blocks,

@@ -22,6 +22,9 @@ def real_run(args: argparse.Namespace, policy: str, tmp: Path) -> dict:
     cluster = start_cluster(tmp / policy, workers=args.workers, extra=(
         "--executor", "sim", "--sim-profile", args.profile, "--num-blocks", str(args.kv_blocks),
         "--policy", policy, "--scheduler-arg=--migration-interval-s=0.05",
+        # Requests dispatched at once, as bench.sim does by default: this check compares
+        # the policies (the pending queue is measured in bench/results/paper-repro.md).
+        "--scheduler-arg=--no-hold-until-room",
         "--gateway-arg=--max-inflight=8192"))
     try:
         serve_args = argparse.Namespace(

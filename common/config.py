@@ -58,7 +58,7 @@ class SchedulerConfig:
     max_migrations_per_instance: int = 2  # concurrent migrations in or out of one instance
     high_priority_headroom_blocks: int = 0  # virtual usage added per high-priority request
     # --- pending queue (services/scheduler/pending.py) ---
-    hold_until_room: bool = False  # hold requests no instance has room for, here
+    hold_until_room: bool = True  # hold requests no instance has room for, here
     max_pending: int = 4096  # held requests at most; past it dispatch answers 429
     pending_window: int = 64  # held requests a release scans (first fit)
     pending_max_wait_s: float = 5.0  # held this long: dispatched regardless of room
