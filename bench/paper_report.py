@@ -31,24 +31,25 @@ BASELINE = "least_load"
 RATIO_SKIPS = (BASELINE, "round_robin")
 
 
-def ratio_table(rows: list[dict]) -> list[str]:
-    """least_load ÷ each migrating policy (llumnix and its variants), per trace and rate:
-    P99 prefill as a ratio of the medians over seeds and as the median of the per-seed
-    ratios (the paired comparison: both policies on the same trace), P99 decode and mean
-    e2e as ratios of the medians."""
-    lines = ["| trace | rate | policy | P99 prefill least_load ÷ policy (medians) | median of "
-             "per-seed ratios | seeds policy better / worse (>5%) | P99 decode least_load ÷ "
-             "policy | mean e2e least_load ÷ policy |",
+def ratio_table(rows: list[dict], *, baseline: str = BASELINE) -> list[str]:
+    """baseline ÷ each other policy but round_robin (llumnix and its variants), per trace
+    and rate: P99 prefill as a ratio of the medians over seeds and as the median of the
+    per-seed ratios (the paired comparison: both policies on the same trace), P99 decode
+    and mean e2e as ratios of the medians."""
+    b = baseline
+    lines = [f"| trace | rate | policy | P99 prefill {b} ÷ policy (medians) | median of "
+             f"per-seed ratios | seeds policy better / worse (>5%) | P99 decode {b} ÷ "
+             f"policy | mean e2e {b} ÷ policy |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by_key.setdefault((r["kind"], r["rate"]), {})[r["policy"]] = r
     for (kind, rate), runs in by_key.items():
-        ll = runs.get(BASELINE)
+        ll = runs.get(baseline)
         if ll is None:
             continue
         for policy, lx in runs.items():
-            if policy in RATIO_SKIPS:
+            if policy in (baseline, *RATIO_SKIPS):
                 continue
             paired = paired_ratio(ll, lx)
             lines.append(
@@ -263,6 +264,12 @@ VARIANTS_TEXT = ("llumnix with other migration settings, 4 trace seeds (0-3), ea
                  "every 50 ms and a move takes milliseconds, so 2 concurrent never binds.")
 
 
+HOLD_TEXT = ("The scheduler's pending queue (`hold_until_room`, DESIGN §2; on by default "
+             "in `ferry up`, off in `bench.sim` unless `--hold-until-room`): `+hold` runs "
+             "hold requests no instance has room for in the scheduler until a load report "
+             "shows room. Every trace at 0.85-0.94 of capacity, 3 seeds, each policy against "
+             "least_load dispatching at once (the INFaaS++-like baseline), then the two "
+             "policies both holding: `bench/results/paper-repro/hold/run.sh`.")
 CENTRAL_TEXT = ("P99 prefill s, seed by seed, at the rates where llumnix gained most past the "
                 "knee (L-L 56 and M-M 137 req/s, 0.92 of capacity): "
                 "`python -m bench.central_queue --kind L-L --rate 56 --seeds 0,1,2` (and "
@@ -305,6 +312,14 @@ def main(argv: list[str] | None = None) -> None:
     if variants:
         lines += ["## Migration settings near the knee", "", VARIANTS_TEXT, "",
                   *ratio_table(variants), ""]
+    hold = _load(base / "hold" / "hold.json")
+    if hold:
+        hold.sort(key=lambda r: (r["kind"], r["rate"]))
+        both_hold = [r for r in hold if r["policy"].endswith("+hold")]
+        lines += ["## The pending queue", "", HOLD_TEXT, "", *ratio_table(hold), "",
+                  "Both policies with the pending queue:", "",
+                  *ratio_table(both_hold, baseline="least_load+hold"), "",
+                  *policy_table(hold), ""]
     central = [json.loads(line) for path in sorted((base / "central-queue").glob("*.jsonl"))
                for line in path.read_text().splitlines() if line.strip()]
     if central:

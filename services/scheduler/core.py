@@ -199,11 +199,13 @@ class SchedulerCore:
             return self._reject(req, *open_)
         if self.pending is not None:
             need = self._demand_blocks(req, open_)
-            if self._best_room(open_) < need:
+            roomy = self._with_room(open_, need)
+            if not roomy:
                 if self.pending.is_full:
                     return self._reject(req, 429, "overloaded: the pending queue is full")
                 self.pending.add(PendingEntry(req.req_id, need, now, (req, payload)))
                 return Pending(req.req_id)
+            open_ = roomy
         return self._place(req, open_)
 
     def release_pending(self, now: float) -> tuple[list[Released], Out]:
@@ -223,7 +225,9 @@ class SchedulerCore:
             if isinstance(open_, tuple):
                 out.append((req.reply_addr, self._reject(req, *open_)))
                 continue
-            placed.append(Released(self._place(req, open_), req, payload))
+            # Among the instances with room for it (none when it waited its longest).
+            roomy = self._with_room(open_, entry.demand_blocks) or open_
+            placed.append(Released(self._place(req, roomy), req, payload))
         return placed, out
 
     def _open_instances(self) -> dict[str, LoadFields] | tuple[int, str]:
@@ -243,6 +247,13 @@ class SchedulerCore:
     def _best_room(self, loads: dict[str, LoadFields]) -> int:
         headroom = self.cfg.high_priority_headroom_blocks
         return max(dispatch_room(load, headroom_blocks=headroom) for load in loads.values())
+
+    def _with_room(self, loads: dict[str, LoadFields], need: int) -> dict[str, LoadFields]:
+        """The instances that could start a request of `need` blocks now: the policy
+        chooses among these, so a request placed for room lands where the room is."""
+        headroom = self.cfg.high_priority_headroom_blocks
+        return {i: load for i, load in loads.items()
+                if dispatch_room(load, headroom_blocks=headroom) >= need}
 
     def _demand_blocks(self, req: Dispatch, loads: dict[str, LoadFields]) -> int:
         block_size = min(self.table[i].block_size for i in loads)
