@@ -2,8 +2,10 @@
 instance only once it can start them at once.
 
 Near the knee the slowest prefills wait in per-instance queues (bench.preemption_sites).
-A central queue pools those waits (one M/G/c queue instead of c separate ones). Here it
-is a simulator experiment, not a scheduler feature: held requests are released the
+A central queue pools those waits (one M/G/c queue instead of c separate ones). This is
+the simulator experiment that led to the scheduler's pending queue
+(services/scheduler/pending.py, `hold_until_room`, which `bench.sim --hold-until-room`
+runs as it is); here held requests are released the
 moment some instance's room covers one, scanning the first WINDOW held requests in
 arrival order (first fit: a large request at the front does not block the small ones
 behind it), and the policy then places the released request as usual. Releases are
@@ -22,10 +24,9 @@ notices a scheduler gets). The room is read
 from __future__ import annotations
 
 import argparse
-import collections
 import json
+import math
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 from bench.paper_repro import make_trace
@@ -33,19 +34,11 @@ from bench.sim import SimInstance, Simulator, load_trace
 from common.config import Endpoint, EngineConfig, SchedulerConfig
 from common.logging import configure
 from services.scheduler.load import demand_blocks, dispatch_room
+from services.scheduler.pending import PendingEntry, PendingQueue
 from services.worker.latency_model import Profile
 
 WINDOW = 64  # held requests the release scans, in arrival order
 BLOCK_TOKENS = 16  # bench.sim's engine
-
-
-def first_fit(needs: Sequence[int], best_room: int, *, window: int = WINDOW) -> int | None:
-    """Index of the first of the first `window` held requests (their blocks to start, in
-    arrival order) that the roomiest instance can start now; None if none."""
-    for index, need in enumerate(needs[:window]):
-        if need <= best_room:
-            return index
-    return None
 
 
 def start_room(inst: SimInstance) -> int:
@@ -59,11 +52,14 @@ def start_room(inst: SimInstance) -> int:
 
 
 class CentralQueue(Simulator):
-    """The simulator with arrivals held centrally until an instance can start them."""
+    """The simulator with arrivals held centrally until an instance can start them (the
+    scheduler's own PendingQueue for the order, with no max wait), placed by the policy
+    among all open instances as the first version of the scheduler's pending queue did."""
 
     def __init__(self, *args, view: str = "true", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.held: collections.deque[tuple[int, dict]] = collections.deque()
+        self.held = PendingQueue(capacity=len(self.trace) + 1, window=WINDOW,
+                                 max_wait_s=math.inf)
         self.view = view  # "true": the engines' state; "reported": the scheduler's table
 
     def best_room(self) -> int:
@@ -77,7 +73,9 @@ class CentralQueue(Simulator):
         self._release()
 
     def _on_arrival(self, payload: tuple[int, dict]) -> None:
-        self.held.append(payload)
+        index, entry = payload
+        need = demand_blocks(int(entry["prompt_tokens"]) + 1, BLOCK_TOKENS)
+        self.held.add(PendingEntry(f"r{index}", need, self.now, payload))
         self._release()
 
     def _on_step_done(self, payload) -> None:
@@ -85,18 +83,10 @@ class CentralQueue(Simulator):
         self._release()
 
     def _release(self) -> None:
-        while self.held:
-            best_room = self.best_room()
-            needs = [demand_blocks(int(entry["prompt_tokens"]) + 1, BLOCK_TOKENS)
-                     for _, entry in list(self.held)[:WINDOW]]
-            index = first_fit(needs, best_room)
-            if index is None:
-                return
-            payload = self.held[index]
-            del self.held[index]
-            super()._on_arrival(payload)  # dispatch now, as the policy places it
-            self.records[f"r{payload[0]}"].arrival_s = float(payload[1]["arrival_s"])
-
+        while (entry := self.held.next_release(self.best_room(), self.now)) is not None:
+            index, trace_entry = entry.payload
+            super()._on_arrival(entry.payload)  # dispatch now, as the policy places it
+            self.records[f"r{index}"].arrival_s = float(trace_entry["arrival_s"])
 
 
 def run_one(trace: list[dict], policy: str, *, central: bool,

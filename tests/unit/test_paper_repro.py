@@ -126,15 +126,6 @@ def test_tail_sites_count_the_slowest_prefills_that_found_no_room_anywhere():
         "tail_median_need_blocks": 7, "tail_median_cluster_free_share": 0.2}
 
 
-def test_central_queue_releases_the_first_held_request_that_fits_anywhere():
-    from bench.central_queue import first_fit
-
-    assert first_fit([120, 8, 3], best_room=10) == 1  # the large front one does not block
-    assert first_fit([120, 8], best_room=200) == 0
-    assert first_fit([120, 80], best_room=50) is None
-    assert first_fit([120, 8], best_room=10, window=1) is None
-
-
 def test_central_queue_table_puts_each_mode_of_a_seed_on_one_row():
     from bench.paper_report import central_queue_table
 
