@@ -22,9 +22,9 @@ def real_run(args: argparse.Namespace, policy: str, tmp: Path) -> dict:
     cluster = start_cluster(tmp / policy, workers=args.workers, extra=(
         "--executor", "sim", "--sim-profile", args.profile, "--num-blocks", str(args.kv_blocks),
         "--policy", policy, "--scheduler-arg=--migration-interval-s=0.05",
-        # Requests dispatched at once, as bench.sim does by default: this check compares
-        # the policies (the pending queue is measured in bench/results/paper-repro.md).
-        "--scheduler-arg=--no-hold-until-room",
+        # The scheduler's pending queue as asked (bench.sim's default is off, and so is
+        # this check's: session 1's comparison of the policies dispatched at once).
+        "--scheduler-arg=--" + ("" if args.hold_until_room else "no-") + "hold-until-room",
         "--gateway-arg=--max-inflight=8192"))
     try:
         serve_args = argparse.Namespace(
@@ -43,7 +43,8 @@ def sim_run(args: argparse.Namespace, policy: str) -> dict:
     sim_args = parser.parse_args([
         "--trace", args.trace, "--instances", str(args.workers), "--policy", policy,
         "--profile", args.profile, "--kv-blocks", str(args.kv_blocks),
-        "--max-num-batched-tokens", "2048", "--migration-interval-s", "0.05"])
+        "--max-num-batched-tokens", "2048", "--migration-interval-s", "0.05",
+        *(["--hold-until-room"] if args.hold_until_room else [])])
     return sim.run(sim_args)
 
 
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-blocks", type=int, default=1000)
     parser.add_argument("--policies", default="least_load,llumnix")
     parser.add_argument("--out-dir", default="bench/results/real-check")
+    parser.add_argument("--hold-until-room", action="store_true",
+                        help="the scheduler's pending queue on, in both runs")
     args = parser.parse_args(argv)
     from common.logging import configure
 
