@@ -307,7 +307,8 @@ class Simulator:
 
     def _on_autoscale(self, _: Any) -> None:
         loads = self.core.table.loads()
-        for action in self.autoscaler.decide(loads, self.now):
+        pending = self.core.pending.demand_blocks if self.core.pending is not None else 0
+        for action in self.autoscaler.decide(loads, self.now, pending_demand_blocks=pending):
             if isinstance(action, ScaleUp):
                 instance_id = self._start_instance(delay_s=self.startup_s)
                 self.autoscaler.started(instance_id, self.now)

@@ -2,7 +2,9 @@
 provisioner.
 
 - below the band: average F of the serving (live, not draining) instances stays under
-  `scale_up_freeness` for `cooldown_s` -> start one instance (up to max_workers);
+  `scale_up_freeness` for `cooldown_s` -> start one instance (up to max_workers). The
+  requests held in the scheduler's pending queue count as if spread evenly over the
+  serving instances' free blocks: they are demand no instance had room for;
 - above the band: it stays over `scale_down_freeness` for `cooldown_s` -> drain the
   serving instance holding the fewest requests (down to min_workers). Draining makes its
   virtual usage infinite, so the migration pairing moves its requests away;
@@ -89,10 +91,11 @@ class Autoscaler:
         now: float,
         *,
         removable: Collection[str] | None = None,
+        pending_demand_blocks: int = 0,
     ) -> list[ScaleAction]:
         """loads: estimated loads of the live instances (draining ones included).
         removable: the instances scale-down may pick (those the provisioner can stop);
-        None: any."""
+        None: any. pending_demand_blocks: what the scheduler's pending queue needs."""
         actions: list[ScaleAction] = []
         actions += self._settle_starting(loads, now)
         actions += self._terminate_drained(loads)
@@ -101,7 +104,7 @@ class Autoscaler:
         if num_serving < self.min_workers:
             return actions + [ScaleUp()] * (self.min_workers - num_serving)
 
-        self._track_band(serving, now)
+        self._track_band(serving, now, pending_demand_blocks)
         if self.starting or now - self.last_action_s < self.cooldown_s:
             return actions
         if self._held(self.below_since, now) and num_serving < self.max_workers:
@@ -145,12 +148,16 @@ class Autoscaler:
                 actions.append(Terminate(instance_id))
         return actions
 
-    def _track_band(self, serving: Mapping[str, LoadFields], now: float) -> None:
+    def _track_band(
+        self, serving: Mapping[str, LoadFields], now: float, pending_demand_blocks: int
+    ) -> None:
         if not serving:
             self.below_since = self.above_since = None
             return
+        share = pending_demand_blocks / len(serving)  # blocks of pending demand per instance
         total = sum(
-            freeness(load, headroom_blocks=self.headroom_blocks) for load in serving.values()
+            freeness(load, headroom_blocks=self.headroom_blocks) - share / max(1, load.num_running)
+            for load in serving.values()
         )
         average = total / len(serving)
         if average < self.scale_up_freeness:

@@ -300,7 +300,9 @@ class Scheduler:
         for instance_id in self.provisioner.reap(now):
             self.autoscaler.forget(instance_id)
         owned = set(self.provisioner.procs)
-        for action in self.autoscaler.decide(self.core.table.loads(), now, removable=owned):
+        pending = self.core.pending.demand_blocks if self.core.pending is not None else 0
+        for action in self.autoscaler.decide(self.core.table.loads(), now, removable=owned,
+                                             pending_demand_blocks=pending):
             if isinstance(action, ScaleUp):
                 handle = self.provisioner.start_worker()
                 self.autoscaler.started(handle.instance_id, now)

@@ -48,6 +48,17 @@ def test_scale_up_only_after_the_average_stays_below_the_band_for_the_cooldown()
     assert s.decide(loads, now=COOLDOWN_S) == [ScaleUp()]
 
 
+def test_the_pending_queue_counts_as_demand_spread_over_the_instances():
+    s = scaler()
+    loads = {"a": warm(), "b": warm()}  # F = 30 each: inside the band
+    assert s.decide(loads, now=0.0, pending_demand_blocks=80) == []
+    # 80 held blocks: 40 per instance, 20 per running request -> average F 10, not below.
+    assert s.decide(loads, now=COOLDOWN_S, pending_demand_blocks=80) == []
+    assert s.decide(loads, now=COOLDOWN_S + 1, pending_demand_blocks=100) == []  # F 5: below
+    assert s.decide(loads, now=2 * COOLDOWN_S + 1, pending_demand_blocks=100) == [ScaleUp()]
+    assert scaler().decide(loads, now=0.0) == []  # without it: inside the band
+
+
 def test_a_dip_inside_the_band_restarts_the_clock():
     s = scaler()
     s.decide({"a": hot()}, now=0.0)
