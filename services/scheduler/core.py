@@ -203,7 +203,8 @@ class SchedulerCore:
             if not roomy:
                 if self.pending.is_full:
                     return self._reject(req, 429, "overloaded: the pending queue is full")
-                self.pending.add(PendingEntry(req.req_id, need, now, (req, payload)))
+                self.pending.add(PendingEntry(req.req_id, need, now, (req, payload),
+                                              priority=req.priority))
                 return Pending(req.req_id)
             open_ = roomy
         return self._place(req, open_)

@@ -12,9 +12,10 @@ the caller decides where a released request goes (the dispatch policy) and when 
 
 Invariants:
 - at most `capacity` entries (the caller answers 429 past it);
-- entries are in arrival order; a release scans the first `window` of them and takes the
-  first one that fits (first fit: a large request at the front does not hold back the
-  small ones behind it);
+- entries are in arrival order; a release scans the first `window` of the high-priority
+  ones, then the first `window` of all, and takes the first one that fits (first fit: a
+  large request at the front does not hold back the small ones behind it; a
+  high-priority one goes before normal ones as the engines' queues order them);
 - an entry older than `max_wait_s` is released regardless of room (it then queues at an
   instance, as without holding): nothing waits here without bound, and a request larger
   than any instance's free memory still reaches an engine, which serves or refuses it.
@@ -33,6 +34,7 @@ class PendingEntry:
     demand_blocks: int  # blocks its prompt needs to start (block size of the cluster)
     since_s: float  # when it was held (monotonic)
     payload: Any  # the caller's: the request and its frames
+    priority: int = 0  # wire.Priority value; higher goes first
 
 
 class PendingQueue:
@@ -73,15 +75,23 @@ class PendingQueue:
     def next_release(self, best_room: int, now: float) -> PendingEntry | None:
         """Take the entry to dispatch now, given the most blocks any open instance could
         give a new request (`dispatch_room`): the oldest if it waited max_wait_s, else the
-        first of the first `window` that fits in best_room; None if none."""
+        first that fits in best_room among the first `window` high-priority entries, then
+        among the first `window` of all; None if none."""
         if not self._entries:
             return None
         oldest = next(iter(self._entries.values()))
         if now - oldest.since_s >= self.max_wait_s:
             return self._entries.pop(oldest.req_id)
-        for index, entry in enumerate(self._entries.values()):
-            if index >= self.window:
-                return None
-            if entry.demand_blocks <= best_room:
-                return self._entries.pop(entry.req_id)
+        priorities = {e.priority for e in self._entries.values()}
+        levels = (max(priorities), None) if len(priorities) > 1 else (None,)
+        for level in levels:  # None: every priority
+            scanned = 0
+            for entry in self._entries.values():
+                if level is not None and entry.priority != level:
+                    continue
+                if scanned >= self.window:
+                    break
+                scanned += 1
+                if entry.demand_blocks <= best_room:
+                    return self._entries.pop(entry.req_id)
         return None

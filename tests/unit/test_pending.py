@@ -142,3 +142,14 @@ def test_a_request_sent_twice_is_not_placed_twice():
     assert [p.req.req_id for p in placed] == ["r1"]
     assert core.dispatch(request("r1"), now=0.3) == Pending("r1")  # placed: ignored
     assert core.counters.num_dispatched == 1
+
+
+def test_high_priority_requests_are_released_first():
+    q = queue(window=2)
+    q.add(entry("n1", 5))
+    q.add(entry("n2", 5))
+    q.add(PendingEntry("h1", 50, 0.0, "h1", priority=1))
+    q.add(PendingEntry("h2", 5, 0.0, "h2", priority=1))
+    assert q.next_release(10, now=1.0).req_id == "h2"  # past the window of all, not of high
+    assert q.next_release(10, now=1.0).req_id == "n1"  # h1 does not fit: normal ones go
+    assert q.next_release(60, now=1.0).req_id == "h1"
