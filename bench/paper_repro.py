@@ -127,7 +127,7 @@ def isolated_e2e_s(trace: list[dict], latency: LatencyModel, *, priority: str,
 def simulate(trace: Path, policy: str, args: argparse.Namespace, *extra: str) -> dict:
     out = sh("bench.sim", "--trace", str(trace), "--instances", str(args.instances),
              "--policy", policy, "--profile", args.profile, "--kv-blocks", str(args.kv_blocks),
-             "--migration-interval-s", "0.05", *extra)
+             "--migration-interval-s", "0.05", *shlex.split(args.sim_args), *extra)
     return json.loads(out)
 
 
@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="traces per rate (seeds 0..N-1); results are medians over them")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="simulations run at once")
+    parser.add_argument("--sim-args", default="",
+                        help="flags added to every simulation, e.g. '--hold-until-room'")
     parser.add_argument("--variant", dest="variants", action="append", default=[],
                         help="policies experiment: 'label=policy --sim-flag value ...' "
                              "(repeatable; default: the three policies as they are)")
