@@ -324,6 +324,13 @@ def main(argv: list[str] | None = None) -> None:
                   "Both policies with the pending queue:", "",
                   *ratio_table(both_hold, baseline="least_load+hold"), "",
                   *policy_table(hold), ""]
+    prio_hold = _load(base / "hold" / "priorities-hold.json")
+    scale_hold = _load(base / "hold" / "autoscale-hold.json")
+    if prio_hold or scale_hold:
+        lines += ["### Priorities and auto-scaling with the pending queue", "",
+                  "The two experiments below, every simulation with `--hold-until-room`: "
+                  "`bench/results/paper-repro/hold/run-prio-scale.sh`.", "",
+                  *priority_table(prio_hold), "", *autoscale_ratio_table(scale_hold), ""]
     central = [json.loads(line) for path in sorted((base / "central-queue").glob("*.jsonl"))
                for line in path.read_text().splitlines() if line.strip()]
     if central:
