@@ -210,10 +210,11 @@ class SchedulerCore:
         return self._place(req, open_)
 
     def release_pending(self, now: float) -> tuple[list[Released], Out]:
-        """Place the pending requests that now fit (first fit, in arrival order) or waited
-        pending_max_wait_s; call after anything that can free room (load reports, finish
-        notices) and periodically. Returns the placements to forward, and rejections for
-        requests that waited their longest with no instance open."""
+        """Place the pending requests that now fit (first fit in arrival order, high
+        priority first; `PendingQueue.next_release`) or waited pending_max_wait_s; call
+        after each load report (what changes an instance's room here) and periodically.
+        Returns the placements to forward, and rejections for requests that waited their
+        longest with no instance open."""
         placed: list[Released] = []
         out: Out = []
         while self.pending:
