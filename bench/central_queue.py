@@ -26,16 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
-from pathlib import Path
 
-from bench.paper_repro import make_trace
-from bench.sim import SimInstance, Simulator, load_trace
-from common.config import Endpoint, EngineConfig, SchedulerConfig
+from bench.experiment import add_cluster_arguments, generated_trace, simulator_kwargs
+from bench.sim import SimInstance, Simulator
 from common.logging import configure
 from services.scheduler.load import demand_blocks, dispatch_room
 from services.scheduler.pending import PendingEntry, PendingQueue
-from services.worker.latency_model import Profile
 
 WINDOW = 64  # held requests the release scans, in arrival order
 BLOCK_TOKENS = 16  # bench.sim's engine
@@ -91,13 +87,7 @@ class CentralQueue(Simulator):
 
 def run_one(trace: list[dict], policy: str, *, central: bool,
             args: argparse.Namespace) -> dict:
-    endpoint = Endpoint(bind="sim", advertise="sim")
-    cfg = SchedulerConfig(inbox=endpoint, admin=endpoint, dispatch_policy=policy,
-                          enable_migration=policy == "llumnix", migration_interval_s=0.05,
-                          hold_until_room=False)  # per-instance queues, as measured
-    common = {"profile": Profile.load(args.profile), "num_instances": args.instances,
-              "policy": policy, "kv_blocks": args.kv_blocks, "scheduler_config": cfg,
-              "engine_config": EngineConfig(max_num_batched_tokens=4096)}
+    common = simulator_kwargs(policy, args)
     sim = (CentralQueue(trace, view=args.view, **common) if central
            else Simulator(trace, **common))
     result = sim.run()
@@ -109,14 +99,8 @@ def run_one(trace: list[dict], policy: str, *, central: bool,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", default="L-L")
-    parser.add_argument("--rate", type=float, required=True)
+    add_cluster_arguments(parser, kind="L-L")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--duration-s", type=float, default=120.0)
-    parser.add_argument("--instances", type=int, default=16)
-    parser.add_argument("--kv-blocks", type=int, default=1000)
-    parser.add_argument("--profile", default="bench/profiles/llama2-7b-h200.json")
-    parser.add_argument("--policies", default="least_load,llumnix")
     parser.add_argument("--view", choices=("true", "reported"), default="true",
                         help="the room a held request is released on (module docstring)")
     parser.add_argument("--central-only", action="store_true",
@@ -125,11 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     configure("sim", level="warning")
     report = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "trace.jsonl"
-            make_trace(args.kind, args.rate, int(args.rate * args.duration_s), path,
-                       max_total=4096, seed=seed)
-            trace = load_trace(path)
+        trace = generated_trace(args, seed)
         for policy in args.policies.split(","):
             for central in (True,) if args.central_only else (False, True):
                 row = {"kind": args.kind, "rate": args.rate, "seed": seed, "policy": policy,

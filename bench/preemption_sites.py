@@ -18,15 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
-from pathlib import Path
 
-from bench.paper_repro import make_trace
-from bench.sim import Simulator, load_trace
-from common.config import Endpoint, EngineConfig, SchedulerConfig
+from bench.experiment import add_cluster_arguments, generated_trace, simulator_kwargs
+from bench.sim import Simulator
 from common.logging import configure
 from services.scheduler.load import demand_blocks, dispatch_room
-from services.worker.latency_model import Profile
 
 ROOMY_OTHER_BLOCKS = 100  # "beside room": the median other instance has this many free
 
@@ -103,32 +99,14 @@ def classify_tail(arrivals: dict[str, tuple[int, int, int]], latencies: dict[str
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", default="M-M")
-    parser.add_argument("--rate", type=float, required=True)
+    add_cluster_arguments(parser, kind="M-M")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--duration-s", type=float, default=120.0)
-    parser.add_argument("--instances", type=int, default=16)
-    parser.add_argument("--kv-blocks", type=int, default=1000)
-    parser.add_argument("--profile", default="bench/profiles/llama2-7b-h200.json")
-    parser.add_argument("--policies", default="least_load,llumnix")
     args = parser.parse_args(argv)
     configure("sim", level="warning")
-    endpoint = Endpoint(bind="sim", advertise="sim")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.jsonl"
-        make_trace(args.kind, args.rate, int(args.rate * args.duration_s), path,
-                   max_total=4096, seed=args.seed)
-        trace = load_trace(path)
+    trace = generated_trace(args, args.seed)
     report = {}
     for policy in args.policies.split(","):
-        cfg = SchedulerConfig(inbox=endpoint, admin=endpoint, dispatch_policy=policy,
-                              enable_migration=policy == "llumnix", migration_interval_s=0.05,
-                              hold_until_room=False)  # per-instance queues, as measured
-        sim = PreemptionSites(trace, profile=Profile.load(args.profile),
-                              num_instances=args.instances, policy=policy,
-                              kv_blocks=args.kv_blocks,
-                              engine_config=EngineConfig(max_num_batched_tokens=4096),
-                              scheduler_config=cfg)
+        sim = PreemptionSites(trace, **simulator_kwargs(policy, args))
         result = sim.run()
         report[policy] = {"p99_prefill_s": result["prefill_latency_s"]["p99"],
                           **classify(sim.sites, args.instances * args.kv_blocks),
