@@ -257,10 +257,7 @@ class Gateway:
             log.info("scheduler_restarted", scheduler_epoch=msg.scheduler_epoch,
                      num_redispatched=len(lost))
             for req in lost:
-                try:
-                    self.dispatch(req)
-                except Rejected as err:
-                    self.fail(req, err.code, f"re-dispatch after a scheduler restart: {err.message}")
+                self.redispatch(req, "re-dispatch after a scheduler restart")
 
     def handle_instance_down(self, msg: wire.InstanceDown) -> None:
         self.routes.heard(time.monotonic())
@@ -268,10 +265,14 @@ class Gateway:
         log.warning("instance_down", instance_id=msg.instance_id, num_replayed=len(reqs))
         for req in reqs:
             self.metrics.replays.inc()
-            try:
-                self.dispatch(req)
-            except Rejected as err:
-                self.fail(req, err.code, f"replay after {msg.instance_id} died: {err.message}")
+            self.redispatch(req, f"replay after {msg.instance_id} died")
+
+    def redispatch(self, req: Request, why: str) -> None:
+        """Dispatch a request the gateway already tracks again; fail it if refused."""
+        try:
+            self.dispatch(req)
+        except Rejected as err:
+            self.fail(req, err.code, f"{why}: {err.message}")
 
     # ---- outputs ----------------------------------------------------------------------
 

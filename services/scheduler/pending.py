@@ -12,10 +12,10 @@ the caller decides where a released request goes (the dispatch policy) and when 
 
 Invariants:
 - at most `capacity` entries (the caller answers 429 past it);
-- entries are in arrival order; a release scans the first `window` of the high-priority
-  ones, then the first `window` of all, and takes the first one that fits (first fit: a
+- entries are kept in arrival order per priority; a release scans the oldest `window`
+  of each priority, highest first, and takes the first one that fits (first fit: a
   large request at the front does not hold back the small ones behind it; a
-  high-priority one goes before normal ones as the engines' queues order them);
+  high-priority one goes before normal ones, as the engines' queues order them);
 - an entry older than `max_wait_s` is released regardless of room (it then queues at an
   instance, as without holding): nothing waits here without bound, and a request larger
   than any instance's free memory still reaches an engine, which serves or refuses it.
@@ -23,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -44,54 +45,55 @@ class PendingQueue:
         self.capacity = capacity
         self.window = window
         self.max_wait_s = max_wait_s
-        self._entries: OrderedDict[str, PendingEntry] = OrderedDict()  # arrival order
+        # priority -> its entries in arrival order; no empty ones
+        self._by_priority: dict[int, OrderedDict[str, PendingEntry]] = {}
+        self._priority_of: dict[str, int] = {}  # req_id -> priority, every entry
+        self.demand_blocks = 0  # blocks all held requests need to start
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._priority_of)
 
     def __contains__(self, req_id: str) -> bool:
-        return req_id in self._entries
+        return req_id in self._priority_of
 
     @property
     def is_full(self) -> bool:
-        return len(self._entries) >= self.capacity
-
-    @property
-    def demand_blocks(self) -> int:
-        """Blocks all held requests need to start."""
-        return sum(e.demand_blocks for e in self._entries.values())
+        return len(self._priority_of) >= self.capacity
 
     def add(self, entry: PendingEntry) -> None:
-        if entry.req_id in self._entries:
+        if entry.req_id in self._priority_of:
             raise ValueError(f"request {entry.req_id!r} is already pending")
         if self.is_full:
             raise OverflowError("pending queue is full")
-        self._entries[entry.req_id] = entry
+        self._by_priority.setdefault(entry.priority, OrderedDict())[entry.req_id] = entry
+        self._priority_of[entry.req_id] = entry.priority
+        self.demand_blocks += entry.demand_blocks
 
     def remove(self, req_id: str) -> PendingEntry | None:
         """Forget a request (its gateway released it): None if it is not here."""
-        return self._entries.pop(req_id, None)
+        priority = self._priority_of.pop(req_id, None)
+        if priority is None:
+            return None
+        queue = self._by_priority[priority]
+        entry = queue.pop(req_id)
+        if not queue:
+            del self._by_priority[priority]
+        self.demand_blocks -= entry.demand_blocks
+        return entry
 
     def next_release(self, best_room: int, now: float) -> PendingEntry | None:
         """Take the entry to dispatch now, given the most blocks any open instance could
-        give a new request (`dispatch_room`): the oldest if it waited max_wait_s, else the
-        first that fits in best_room among the first `window` high-priority entries, then
-        among the first `window` of all; None if none."""
-        if not self._entries:
+        give a new request (`dispatch_room`): the oldest if it waited max_wait_s, else,
+        highest priority first, the first that fits in best_room among the oldest
+        `window` of that priority; None if none. O(priorities * window)."""
+        if not self._priority_of:
             return None
-        oldest = next(iter(self._entries.values()))
+        oldest = min((next(iter(q.values())) for q in self._by_priority.values()),
+                     key=lambda e: e.since_s)
         if now - oldest.since_s >= self.max_wait_s:
-            return self._entries.pop(oldest.req_id)
-        priorities = {e.priority for e in self._entries.values()}
-        levels = (max(priorities), None) if len(priorities) > 1 else (None,)
-        for level in levels:  # None: every priority
-            scanned = 0
-            for entry in self._entries.values():
-                if level is not None and entry.priority != level:
-                    continue
-                if scanned >= self.window:
-                    break
-                scanned += 1
+            return self.remove(oldest.req_id)
+        for priority in sorted(self._by_priority, reverse=True):
+            for entry in itertools.islice(self._by_priority[priority].values(), self.window):
                 if entry.demand_blocks <= best_room:
-                    return self._entries.pop(entry.req_id)
+                    return self.remove(entry.req_id)
         return None
