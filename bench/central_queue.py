@@ -18,7 +18,7 @@ notices a scheduler gets). The room is read
   dispatched since, `dispatch_room`): what a real scheduler could run. It releases more
   eagerly (stale free blocks, no watermark), and measured no worse than `true`.
 
-    python -m bench.central_queue --kind L-L --rate 56 --seeds 0,1,2
+    python -m ferry.bench.central_queue --kind L-L --rate 56 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import argparse
 import json
 import math
 
-from bench.experiment import add_cluster_arguments, generated_trace, simulator_kwargs
-from bench.sim import SimInstance, Simulator
-from common.logging import configure
-from services.scheduler.load import demand_blocks, dispatch_room
-from services.scheduler.pending import PendingEntry, PendingQueue
+from ferry.bench.experiment import add_cluster_arguments, generated_trace, simulator_kwargs
+from ferry.bench.sim import SimInstance, Simulator
+from ferry.common.logging import configure
+from ferry.services.scheduler.load import demand_blocks, dispatch_room
+from ferry.services.scheduler.pending import PendingEntry, PendingQueue
 
 WINDOW = 64  # held requests the release scans, in arrival order
 BLOCK_TOKENS = 16  # bench.sim's engine

@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 
 SUBCOMMANDS = {
-    "trace": ("bench.trace", "make a seeded trace (JSONL)"),
-    "serve": ("bench.serve", "replay a trace against a running cluster"),
-    "sim": ("bench.sim", "discrete-event simulation of a cluster"),
-    "engine": ("bench.engine_bench", "engine step times vs roofline (GPU)"),
-    "migration": ("bench.migration_bench", "live migration downtime and bandwidth (GPUs)"),
-    "kernels": ("bench.kernels_bench", "attention kernels vs roofline (GPU)"),
+    "trace": ("ferry.bench.trace", "make a seeded trace (JSONL)"),
+    "serve": ("ferry.bench.serve", "replay a trace against a running cluster"),
+    "sim": ("ferry.bench.sim", "discrete-event simulation of a cluster"),
+    "engine": ("ferry.bench.engine_bench", "engine step times vs roofline (GPU)"),
+    "migration": ("ferry.bench.migration_bench", "live migration downtime and bandwidth (GPUs)"),
+    "kernels": ("ferry.bench.kernels_bench", "attention kernels vs roofline (GPU)"),
 }
 
 

@@ -1,4 +1,4 @@
-"""`python -m bench.control_plane`: how many requests per second the control plane
+"""`python -m ferry.bench.control_plane`: how many requests per second the control plane
 (gateway + scheduler + workers, their ZMQ hops and codecs) carries, through the SDK and
 through HTTP, and the latency it adds to one request.
 
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.worker.latency_model import LatencyModel, Profile
+from ferry.services.worker.latency_model import LatencyModel, Profile
 
 STEP_S = 1e-4  # the modelled step time
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
 
-    from bench.local_cluster import start_cluster  # the launcher the e2e tests use too
+    from ferry.bench.local_cluster import start_cluster  # the launcher the e2e tests use too
 
     with tempfile.TemporaryDirectory() as tmp:
         profile = Path(tmp) / "near-zero.json"

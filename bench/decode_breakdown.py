@@ -7,7 +7,7 @@ between two events); what follows the graph (logits, sampling, copy back) as the
 and the number of kernels one replay launches (torch.profiler). Prints a table, writes
 JSON (--out).
 
-    python -m bench.decode_breakdown --out bench/results/h200/decode_breakdown.json
+    python -m ferry.bench.decode_breakdown --out bench/results/h200/decode_breakdown.json
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.engine_bench import HBM_BYTES_S, median_time
+from ferry.bench.engine_bench import HBM_BYTES_S, median_time
 
 
 def _runner(ops: str, args):
-    from services.worker.model.resolve import preset_config
-    from services.worker.runner import ModelRunner, RunnerConfig
+    from ferry.services.worker.model.resolve import preset_config
+    from ferry.services.worker.runner import ModelRunner, RunnerConfig
 
     return ModelRunner(RunnerConfig(
         model_config=preset_config(args.preset), random_on_device=True, device="cuda",
@@ -60,7 +60,7 @@ def _kernels_per_replay(graph) -> int:
 def measure(runner, ops: str, args) -> list[dict]:
     import torch
 
-    from bench.profile import synthetic_batch
+    from ferry.bench.profile import synthetic_batch
 
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_per_token = runner.block_bytes / runner.block_size

@@ -28,8 +28,8 @@ BF16_FLOPS = 790e12  # measured H200 dense bf16 matmul rate
 
 
 def _runner(args):
-    from services.worker.model.resolve import preset_config
-    from services.worker.runner import ModelRunner, RunnerConfig
+    from ferry.services.worker.model.resolve import preset_config
+    from ferry.services.worker.runner import ModelRunner, RunnerConfig
 
     config = preset_config(args.preset)
     if args.num_layers:
@@ -61,7 +61,7 @@ def median_time(fn, repeats: int) -> float:
 
 
 def decode_table(runner, args) -> list[dict]:
-    from bench.profile import synthetic_batch
+    from ferry.bench.profile import synthetic_batch
 
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_per_token = runner.block_bytes / runner.block_size
@@ -79,7 +79,7 @@ def decode_table(runner, args) -> list[dict]:
 
 
 def prefill_table(runner, args) -> list[dict]:
-    from bench.profile import synthetic_batch
+    from ferry.bench.profile import synthetic_batch
 
     c = runner.model_config
     params = sum(p.numel() for n, p in runner.model.named_parameters() if "embed" not in n)
@@ -101,9 +101,9 @@ def generate_throughput(runner, args) -> dict:
     """Ferry's engine vs transformers, batch 64, same prompt and output lengths."""
     import torch
 
-    from common.config import EngineConfig
-    from common.sampling import SamplingParams
-    from services.worker.engine.engine import Engine
+    from ferry.common.config import EngineConfig
+    from ferry.common.sampling import SamplingParams
+    from ferry.services.worker.engine.engine import Engine
 
     batch, prompt_len, new_tokens = args.gen_batch, 128, 128
     gen = torch.Generator().manual_seed(0)

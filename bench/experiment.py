@@ -9,10 +9,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from bench.paper_repro import make_trace
-from bench.sim import load_trace
-from common.config import Endpoint, EngineConfig, SchedulerConfig
-from services.worker.latency_model import Profile
+from ferry.bench.paper_repro import make_trace
+from ferry.bench.sim import load_trace
+from ferry.common.config import Endpoint, EngineConfig, SchedulerConfig
+from ferry.services.worker.latency_model import Profile
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser, *, kind: str) -> None:

@@ -29,24 +29,24 @@ for step in "$@"; do
         -o addopts="" -rs -s --timeout 280 2>&1 | tee "$OUT/gpu_model_tests.log" \
         | grep -E "agreement|passed|failed|Error" | tail -12 ;;
     kernels)
-      timeout 400 python3 -m bench.kernels_bench --out "$OUT/kernels_h200.json" 2>&1 \
+      timeout 400 python3 -m ferry.bench.kernels_bench --out "$OUT/kernels_h200.json" 2>&1 \
         | tee "$OUT/kernels_h200.log" | tail -40 ;;
     breakdown)
-      timeout 400 python3 -m bench.decode_breakdown --out "$OUT/decode_breakdown_h200.json" 2>&1 \
+      timeout 400 python3 -m ferry.bench.decode_breakdown --out "$OUT/decode_breakdown_h200.json" 2>&1 \
         | tee "$OUT/decode_breakdown_h200.log" | tail -20 ;;
     engine)
-      timeout 400 python3 -m bench.engine_bench --out "$OUT/engine_h200.json" 2>&1 \
+      timeout 400 python3 -m ferry.bench.engine_bench --out "$OUT/engine_h200.json" 2>&1 \
         | tee "$OUT/engine_h200.log" | tail -20 ;;
     profiles)
       for preset in llama3-8b llama2-7b; do
-        timeout 250 python3 -m services.cli profile --model "random:$preset" --device cuda \
+        timeout 250 python3 -m ferry.services.cli profile --model "random:$preset" --device cuda \
           --name "$preset-h200" --out "$OUT/$preset-h200.json" 2>&1 | tail -3
       done ;;
     migration)
-      timeout 560 python3 -m bench.migration_bench --devices cuda:0,cuda:1 --log-dir "$OUT/mlogs" \
+      timeout 560 python3 -m ferry.bench.migration_bench --devices cuda:0,cuda:1 --log-dir "$OUT/mlogs" \
         --out "$OUT/migration_h200x2.json" 2>&1 | tee "$OUT/migration_h200x2.log" | tail -14 ;;
     concurrent)
-      timeout 400 python3 -m bench.migration_bench --devices cuda:0,cuda:1,cuda:2,cuda:3 \
+      timeout 400 python3 -m ferry.bench.migration_bench --devices cuda:0,cuda:1,cuda:2,cuda:3 \
         --concurrent --verify-kv --lengths 1024,8192,32768 --log-dir "$OUT/clogs" \
         --out "$OUT/migration_h200x4_concurrent.json" 2>&1 | tail -6 ;;
     *) echo "unknown step $step" ;;

@@ -1,7 +1,7 @@
 """Attention kernel benchmark for one H100/H200: timing, a small tuning sweep, and the
 correctness of every variant timed, in one call.
 
-    python -m bench.kernels_bench --out kernels_bench.json [--no-sweep]
+    python -m ferry.bench.kernels_bench --out kernels_bench.json [--no-sweep]
 
 Cases (llama3-8b attention: 32 q heads, 8 kv heads, head_dim 128, bf16, 16-token
 blocks, shuffled block tables on a multi-layer cache seen through strided views):
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.testing import PagedCase, make_case, reference_fp32, rel_err
+from ferry.kernels.testing import PagedCase, make_case, reference_fp32, rel_err
 
 PEAK_BYTES_PER_S = 4.3e12  # H200 device-to-device copy, read + write (KINDS.md)
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128  # llama3-8b
@@ -105,7 +105,7 @@ def _decode_case(batch: int, context: int, num_layers: int) -> PagedCase:
         layer=0,
         spare_blocks=8,
     )
-    from kernels.attention_triton import write_kv_triton
+    from ferry.kernels.attention_triton import write_kv_triton
 
     write_kv_triton(case.k_new, case.v_new, case.k_cache, case.v_cache, case.meta.slot_mapping)
     return case
@@ -135,9 +135,9 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> to
 
 
 def _bench_decode(batch: int, context: int, num_layers: int, sweep: bool) -> list[Row]:
-    from kernels.decode_triton import paged_decode
-    from kernels.kv_layout import layer_view
-    from kernels.triton_configs import DecodeConfig, choose_num_splits, default_decode_config
+    from ferry.kernels.decode_triton import paged_decode
+    from ferry.kernels.kv_layout import layer_view
+    from ferry.kernels.triton_configs import DecodeConfig, choose_num_splits, default_decode_config
 
     name = f"decode b{batch} x {context // 1024}k"
     case = _decode_case(batch, context, num_layers)
@@ -211,9 +211,9 @@ def _bench_decode(batch: int, context: int, num_layers: int, sweep: bool) -> lis
 
 
 def _bench_prefill(num_tokens: int, sweep: bool) -> list[Row]:
-    from kernels.attention_triton import write_kv_triton
-    from kernels.prefill_triton import paged_prefill
-    from kernels.triton_configs import PrefillConfig, default_prefill_config
+    from ferry.kernels.attention_triton import write_kv_triton
+    from ferry.kernels.prefill_triton import paged_prefill
+    from ferry.kernels.triton_configs import PrefillConfig, default_prefill_config
 
     name = f"prefill {num_tokens // 1024}k"
     case = make_case(

@@ -51,12 +51,12 @@ class Cluster:
 
     def status(self) -> dict:
         out = subprocess.run(
-            [sys.executable, "-m", "services.cli", "status", "--json", "--admin-addr",
+            [sys.executable, "-m", "ferry.services.cli", "status", "--json", "--admin-addr",
              self.admin_addr], capture_output=True, text=True, cwd=REPO, check=True)
         return json.loads(out.stdout)
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "services.cli", *args, "--admin-addr",
+        return subprocess.run([sys.executable, "-m", "ferry.services.cli", *args, "--admin-addr",
                                self.admin_addr], capture_output=True, text=True, cwd=REPO,
                               check=check)
 
@@ -91,7 +91,7 @@ def start_cluster(tmp_dir: Path, *, workers: int = 2, extra: tuple[str, ...] = (
     if model_cache:
         env["FERRY_MODEL_CACHE"] = model_cache
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--workers", str(workers), "--device", "cpu",
+        [sys.executable, "-m", "ferry.services.cli", "up", "--workers", str(workers), "--device", "cpu",
          "--port-base", str(base), "--http-port", str(http_port), "--sdk-port", str(sdk_port),
          "--log-dir", str(log_dir), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)

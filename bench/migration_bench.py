@@ -34,8 +34,8 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
-from common import wire
-from common.sampling import SamplingParams
+from ferry.common import wire
+from ferry.common.sampling import SamplingParams
 
 # How long each request keeps the source busy decoding (it is aborted after migrating).
 DECODE_TOKENS = 4096
@@ -111,7 +111,7 @@ class Driver:
     def start_workers(self) -> None:
         a = self.args
         for name, device in self.worker_names():
-            argv = [sys.executable, "-m", "services.worker", "--instance-id", name,
+            argv = [sys.executable, "-m", "ferry.services.worker", "--instance-id", name,
                     "--port", str(_free_port()), "--scheduler-addr", self.addr,
                     "--model", a.model, "--device", device, "--kv-cache-gb", str(a.kv_cache_gb),
                     "--max-num-batched-tokens", "8192", "--max-migrations", "4",

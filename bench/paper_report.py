@@ -7,7 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bench.plots import policy_comparison
+from ferry.bench.plots import policy_comparison
 
 
 def _load(path: Path) -> list[dict]:
@@ -273,7 +273,7 @@ HOLD_TEXT = ("The scheduler's pending queue (`hold_until_room`, DESIGN §2; on b
              "holding) and `run-roomy.sh` (the `+hold` runs).")
 CENTRAL_TEXT = ("P99 prefill s, seed by seed, at the rates where llumnix gained most past the "
                 "knee (L-L 56 and M-M 137 req/s, 0.92 of capacity): "
-                "`python -m bench.central_queue --kind L-L --rate 56 --seeds 0,1,2` (and "
+                "`python -m ferry.bench.central_queue --kind L-L --rate 56 --seeds 0,1,2` (and "
                 "`--view reported --central-only`); JSON lines in `paper-repro/central-queue/`.")
 
 

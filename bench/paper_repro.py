@@ -13,7 +13,7 @@ scheduling matters; past capacity every queue grows without bound. Traces last
 the cluster's steady state, not its fill-up. Runs go `--jobs` at a time (each
 simulation is one single-threaded process).
 
-    python -m bench.paper_repro --out-dir bench/results/paper-repro
+    python -m ferry.bench.paper_repro --out-dir bench/results/paper-repro
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.sim import load_trace
-from services.worker.latency_model import LatencyModel, Profile, StepFeatures
+from ferry.bench.sim import load_trace
+from ferry.services.worker.latency_model import LatencyModel, Profile, StepFeatures
 
 KINDS = ("S-S", "M-M", "L-L", "S-L", "L-S", "sharegpt", "burstgpt")
 POLICIES = ("round_robin", "least_load", "llumnix")
@@ -54,7 +54,7 @@ def sh(*args: str, stderr: bool = False) -> str:
 
 def make_trace(kind: str, rate: float, num: int, out: Path, *, max_total: int, seed: int = 0,
                cv: float = 1.0, high_frac: float = 0.0) -> dict:
-    stats = sh("bench.trace", "--kind", kind, "--rate", f"{rate:.3f}", "--num", str(num),
+    stats = sh("ferry.bench.trace", "--kind", kind, "--rate", f"{rate:.3f}", "--num", str(num),
                "--seed", str(seed), "--cv", str(cv), "--high-frac", str(high_frac),
                "--max-total-tokens", str(max_total), "--out", str(out), stderr=True)
     return json.loads(stats.strip().splitlines()[-1])
@@ -125,7 +125,7 @@ def isolated_e2e_s(trace: list[dict], latency: LatencyModel, *, priority: str,
 
 
 def simulate(trace: Path, policy: str, args: argparse.Namespace, *extra: str) -> dict:
-    out = sh("bench.sim", "--trace", str(trace), "--instances", str(args.instances),
+    out = sh("ferry.bench.sim", "--trace", str(trace), "--instances", str(args.instances),
              "--policy", policy, "--profile", args.profile, "--kv-blocks", str(args.kv_blocks),
              "--migration-interval-s", "0.05", *shlex.split(args.sim_args), *extra)
     return json.loads(out)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.metrics import RequestRecord
+from ferry.bench.metrics import RequestRecord
 
 METRICS = (("prefill_latency_s", "prefill latency (s)"),
            ("decode_latency_s", "decode latency per token (s)"),

@@ -18,9 +18,9 @@ import json
 import statistics
 import time
 
-from common.sampling import SamplingParams
-from services.worker.engine.batch import ModelBatch, SeqChunk
-from services.worker.latency_model import LatencyModel, Profile, StepFeatures
+from ferry.common.sampling import SamplingParams
+from ferry.services.worker.engine.batch import ModelBatch, SeqChunk
+from ferry.services.worker.latency_model import LatencyModel, Profile, StepFeatures
 
 GRIDS = {
     # (prefill tokens, decode batches, decode contexts)
@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention-backend", default="auto")
     args = parser.parse_args(argv)
 
-    from services.worker.entry import DEFAULT_CPU_KV_GB, resolve_device
-    from services.worker.model.resolve import RANDOM_PREFIX, preset_config, resolve_model
-    from services.worker.runner import ModelRunner, RunnerConfig
+    from ferry.services.worker.entry import DEFAULT_CPU_KV_GB, resolve_device
+    from ferry.services.worker.model.resolve import RANDOM_PREFIX, preset_config, resolve_model
+    from ferry.services.worker.runner import ModelRunner, RunnerConfig
 
     device = resolve_device(args.device)
     is_random = args.model.startswith(RANDOM_PREFIX)  # a preset's shape, weights in memory

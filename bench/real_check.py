@@ -1,4 +1,4 @@
-"""`python -m bench.real_check`: the simulator's verdict checked on real processes.
+"""`python -m ferry.bench.real_check`: the simulator's verdict checked on real processes.
 
 For each policy, the same trace runs twice: through a real cluster (`ferry up
 --executor sim`: real gateway, scheduler, workers, ZMQ and migrations; only model
@@ -14,8 +14,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench import serve, sim
-from bench.local_cluster import start_cluster
+from ferry.bench import serve, sim
+from ferry.bench.local_cluster import start_cluster
 
 
 def real_run(args: argparse.Namespace, policy: str, tmp: Path) -> dict:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hold-until-room", action="store_true",
                         help="the scheduler's pending queue on, in both runs")
     args = parser.parse_args(argv)
-    from common.logging import configure
+    from ferry.common.logging import configure
 
     configure("real-check", level="warning")  # the in-process simulator logs decisions
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,9 @@ import random
 import time
 from pathlib import Path
 
-from bench.metrics import RequestRecord, summarize
-from bench.sim import load_trace
-from common import env
+from ferry.bench.metrics import RequestRecord, summarize
+from ferry.bench.sim import load_trace
+from ferry.common import env
 
 # Token ids used for synthetic prompts: above the special tokens of our tokenizers.
 FIRST_PLAIN_TOKEN = 16
@@ -140,8 +140,8 @@ async def replay(args: argparse.Namespace) -> list[RequestRecord]:
 
 def cluster_counts(admin_addr: str) -> dict:
     """Migrations, preemptions and instance count from the scheduler (ferry status)."""
-    from common import wire
-    from common.zmq_util import make_context, request
+    from ferry.common import wire
+    from ferry.common.zmq_util import make_context, request
 
     try:
         reply = asyncio.run(request(make_context(), admin_addr, wire.StatusRequest(),
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
-        from bench.plots import latency_cdfs
+        from ferry.bench.plots import latency_cdfs
 
         latency_cdfs({result["label"]: records}, out.with_suffix(".png"))
     return result

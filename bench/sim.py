@@ -29,21 +29,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.metrics import RequestRecord, stats, summarize
-from common import wire
-from common.config import Endpoint, EngineConfig, SchedulerConfig
-from common.logging import configure
-from common.sampling import SamplingParams
-from services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
-from services.scheduler.core import Pending, SchedulerCore
-from services.worker.engine.batch import ModelBatch
-from services.worker.engine.engine import Engine, RequestRejected
-from services.worker.engine.request import Status
-from services.worker.engine.scheduler import StepPlan
-from services.worker.latency_model import Profile
-from services.worker.migration.choice import CHOICES, pick_request
-from services.worker.report import load_fields
-from services.worker.sim_executor import SimExecutor
+from ferry.bench.metrics import RequestRecord, stats, summarize
+from ferry.common import wire
+from ferry.common.config import Endpoint, EngineConfig, SchedulerConfig
+from ferry.common.logging import configure
+from ferry.common.sampling import SamplingParams
+from ferry.services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
+from ferry.services.scheduler.core import Pending, SchedulerCore
+from ferry.services.worker.engine.batch import ModelBatch
+from ferry.services.worker.engine.engine import Engine, RequestRejected
+from ferry.services.worker.engine.request import Status
+from ferry.services.worker.engine.scheduler import StepPlan
+from ferry.services.worker.latency_model import Profile
+from ferry.services.worker.migration.choice import CHOICES, pick_request
+from ferry.services.worker.report import load_fields
+from ferry.services.worker.sim_executor import SimExecutor
 
 GATEWAY = "sim-gateway"
 

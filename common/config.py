@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common import env
+from ferry.common import env
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

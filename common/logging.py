@@ -8,7 +8,7 @@ import sys
 
 import structlog
 
-from common import env
+from ferry.common import env
 
 
 def configure(service: str, *, level: str | None = None, fmt: str | None = None) -> None:

@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from common.codec import PROTOCOL_VERSION, Registry, WireError, peek_tag
-from common.sampling import SamplingParams
+from ferry.common.codec import PROTOCOL_VERSION, Registry, WireError, peek_tag
+from ferry.common.sampling import SamplingParams
 
 __all__ = ["PROTOCOL_VERSION", "WireError", "peek_tag", "REGISTRY", "encode", "decode", "Priority"]
 

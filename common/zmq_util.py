@@ -12,9 +12,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from common import wire
-from common.codec import WireError
-from common.logging import get_logger
+from ferry.common import wire
+from ferry.common.codec import WireError
+from ferry.common.logging import get_logger
 
 # Messages a PUSH socket may queue for one peer before sends fail with Overloaded.
 DEFAULT_HWM = 10_000

@@ -7,8 +7,9 @@ docker-init when the container runs with `init: true`), parses it with that serv
 flags (so the ports and ids it probes are the ones the process uses, environment defaults
 included) and probes:
 
-    gateway, up   GET http://<http host>:<http port>/health answers 200 (the gateway has
-                  a view of the instances from the scheduler)
+    gateway, up   GET http://<http host>:<http port>/health answers 200 (readiness: some
+                  instance can serve; 503 before the workers register and after the last
+                  one left)
     scheduler     its admin endpoint answers a status request
     worker        the scheduler lists this worker's instance id as alive: its model is
                   loaded and its load reports arrive
@@ -53,8 +54,8 @@ def probe_for(argv: list[str]) -> Probe | None:
     so this runs with the service's environment (the check inherits the container's)."""
     if not argv or argv[0] not in SERVICES:
         return None
-    from common import env
-    from services.cli import COMMANDS
+    from ferry.common import env
+    from ferry.services.cli import COMMANDS
 
     parser = argparse.ArgumentParser(add_help=False)
     importlib.import_module(COMMANDS[argv[0]][0]).add_arguments(parser)
@@ -71,7 +72,7 @@ def probe_for(argv: list[str]) -> Probe | None:
         return Probe(kind="admin", target=f"tcp://{local(env.bind_host())}:{args.admin_port}")
     # The worker's instance id exactly as the worker derives it. config_from_args resolves
     # device "auto" by importing torch; the id does not depend on the device, so skip that.
-    from services.worker.entry import config_from_args
+    from ferry.services.worker.entry import config_from_args
 
     config = config_from_args(argparse.Namespace(**{**vars(args), "device": "cpu"}))
     return Probe(kind="instance", target=env.scheduler_admin_addr(),
@@ -89,8 +90,8 @@ def http_ok(url: str, timeout_s: float = TIMEOUT_S) -> bool:
 def ask_status(addr: str, timeout_s: float = TIMEOUT_S) -> object | None:
     """The scheduler's answer to a StatusRequest (a StatusReply, or an AdminError), or None
     when it does not answer in time."""
-    from common import wire
-    from common.zmq_util import make_context, request
+    from ferry.common import wire
+    from ferry.common.zmq_util import make_context, request
 
     try:
         return asyncio.run(request(make_context(), addr, wire.StatusRequest(),
@@ -102,7 +103,7 @@ def ask_status(addr: str, timeout_s: float = TIMEOUT_S) -> object | None:
 
 def instance_alive(status: object | None, instance_id: str) -> bool:
     """Whether `status` (ask_status's answer) lists `instance_id` as alive."""
-    from common import wire
+    from ferry.common import wire
 
     return isinstance(status, wire.StatusReply) and any(
         inst.instance_id == instance_id and inst.alive for inst in status.instances

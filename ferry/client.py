@@ -26,9 +26,9 @@ from typing import Any, TypeVar
 import zmq
 import zmq.asyncio
 
-from common import env, wire
-from common.codec import WireError
-from common.sampling import SamplingParams
+from ferry.common import env, wire
+from ferry.common.codec import WireError
+from ferry.common.sampling import SamplingParams
 from ferry.errors import (
     BadRequest,
     FerryError,

@@ -17,7 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kernels.metadata import AttentionMetadata
+from ferry.kernels.metadata import AttentionMetadata
 
 MIN_VERSION = (2, 6)  # flash_attn_varlen_func takes block_table from 2.6 on
 PAGE_MULTIPLE = 256
@@ -83,9 +83,9 @@ def write_kv_flash(
     """flash-attn has no standalone cache write: the Triton one where Triton imports,
     else the torch reference (an index_put)."""
     try:
-        from kernels.cache_ops_triton import write_kv_triton
+        from ferry.kernels.cache_ops_triton import write_kv_triton
     except ImportError:
-        from kernels.attention_torch import write_kv_torch
+        from ferry.kernels.attention_torch import write_kv_torch
 
         write_kv_torch(k, v, k_cache, v_cache, slot_mapping)
     else:

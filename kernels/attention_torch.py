@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.metadata import AttentionMetadata
+from ferry.kernels.metadata import AttentionMetadata
 
 
 def write_kv_torch(

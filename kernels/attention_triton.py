@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cache_ops_triton import write_kv_triton
-from kernels.decode_triton import paged_decode
-from kernels.metadata import AttentionMetadata
-from kernels.prefill_triton import paged_prefill
+from ferry.kernels.cache_ops_triton import write_kv_triton
+from ferry.kernels.decode_triton import paged_decode
+from ferry.kernels.metadata import AttentionMetadata
+from ferry.kernels.prefill_triton import paged_prefill
 
 
 def paged_attention_triton(

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import check_attention_inputs, dot_mode, kv_tile_offsets, mma
-from kernels.triton_configs import (
+from ferry.kernels.triton_common import check_attention_inputs, dot_mode, kv_tile_offsets, mma
+from ferry.kernels.triton_configs import (
     DEFAULT_NUM_SMS,
     DecodeConfig,
     choose_num_splits,

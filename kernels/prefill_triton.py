@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.metadata import AttentionMetadata
-from kernels.triton_common import check_attention_inputs, dot_mode, kv_tile_offsets, mma
-from kernels.triton_configs import PrefillConfig, default_prefill_config
+from ferry.kernels.metadata import AttentionMetadata
+from ferry.kernels.triton_common import check_attention_inputs, dot_mode, kv_tile_offsets, mma
+from ferry.kernels.triton_configs import PrefillConfig, default_prefill_config
 
 LOG2E = 1.4426950408889634
 

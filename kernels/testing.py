@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.kv_layout import allocate_kv_cache, layer_view
-from kernels.metadata import AttentionMetadata
+from ferry.kernels.kv_layout import allocate_kv_cache, layer_view
+from ferry.kernels.metadata import AttentionMetadata
 
 INVALID_BLOCK_ID = 1 << 30
 
@@ -130,7 +130,7 @@ def make_case(
 
 def reference_fp32(case: PagedCase) -> torch.Tensor:
     """The torch reference in fp32 from the case's (low-precision) inputs: [T, Hq, D]."""
-    from kernels.attention_torch import paged_attention_torch
+    from ferry.kernels.attention_torch import paged_attention_torch
 
     return paged_attention_torch(
         case.q.float(), case.k_cache.float(), case.v_cache.float(), case.meta, case.scale

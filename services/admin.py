@@ -8,8 +8,8 @@ import dataclasses
 import json
 import sys
 
-from common import env, wire
-from common.zmq_util import make_context, request
+from ferry.common import env, wire
+from ferry.common.zmq_util import make_context, request
 
 # A freeness at or above this prints as "inf" (draining instances).
 INF_FRACTION = 1e17

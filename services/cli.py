@@ -9,16 +9,16 @@ from collections.abc import Callable
 
 # name -> (module, help). The module offers add_arguments(parser) and run(args).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("services.up", "run a whole local cluster in the foreground"),
-    "gateway": ("services.gateway.entry", "run the gateway alone"),
-    "scheduler": ("services.scheduler.entry", "run the scheduler alone"),
-    "worker": ("services.worker.entry", "run one worker alone"),
-    "generate": ("services.generate", "offline generation in one process, JSON out"),
-    "status": ("services.admin", "instances, requests and migrations of a cluster"),
-    "migrate": ("services.admin", "migrate one request now"),
-    "make-model": ("services.worker.model.make_model", "write a random-weight model directory"),
-    "profile": ("bench.profile", "measure engine step times and fit the sim latency model"),
-    "bench": ("bench.cli", "traces, load driver, simulator, GPU benchmarks"),
+    "up": ("ferry.services.up", "run a whole local cluster in the foreground"),
+    "gateway": ("ferry.services.gateway.entry", "run the gateway alone"),
+    "scheduler": ("ferry.services.scheduler.entry", "run the scheduler alone"),
+    "worker": ("ferry.services.worker.entry", "run one worker alone"),
+    "generate": ("ferry.services.generate", "offline generation in one process, JSON out"),
+    "status": ("ferry.services.admin", "instances, requests and migrations of a cluster"),
+    "migrate": ("ferry.services.admin", "migrate one request now"),
+    "make-model": ("ferry.services.worker.model.make_model", "write a random-weight model directory"),
+    "profile": ("ferry.bench.profile", "measure engine step times and fit the sim latency model"),
+    "bench": ("ferry.bench.cli", "traces, load driver, simulator, GPU benchmarks"),
 }
 
 

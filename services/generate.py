@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from common.sampling import SamplingParams
+from ferry.common.sampling import SamplingParams
 
 
 def parse_ids(text: str) -> list[int]:
@@ -40,12 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.prompt and not args.prompt_ids:
         parser.error("give at least one --prompt or --prompt-ids")
 
-    from common.config import EngineConfig
-    from services.worker.engine.engine import Engine, RequestRejected
-    from services.worker.entry import DEFAULT_CPU_KV_GB, resolve_device
-    from services.worker.model.resolve import resolve_model
-    from services.worker.model.tokenizer import Tokenizer
-    from services.worker.runner import ModelRunner, RunnerConfig
+    from ferry.common.config import EngineConfig
+    from ferry.services.worker.engine.engine import Engine, RequestRejected
+    from ferry.services.worker.entry import DEFAULT_CPU_KV_GB, resolve_device
+    from ferry.services.worker.model.resolve import resolve_model
+    from ferry.services.worker.model.tokenizer import Tokenizer
+    from ferry.services.worker.runner import ModelRunner, RunnerConfig
 
     try:
         model_dir = resolve_model(args.model)

@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.request
 
-from common import env
+from ferry.common import env
 
 STOP_GRACE_S = 8.0
 READY_TIMEOUT_S = 300.0  # making the tiny model the first time takes a few seconds
@@ -67,7 +67,7 @@ class Cluster:
     def worker_argv(self, instance_id: str, port: int, model_dir: str,
                     device: str | None = None) -> list[str]:
         a = self.args
-        argv = [sys.executable, "-m", "services.worker", "--instance-id", instance_id,
+        argv = [sys.executable, "-m", "ferry.services.worker", "--instance-id", instance_id,
                 "--port", str(port), "--scheduler-addr", self.scheduler_addr,
                 "--model", model_dir, "--device", device or a.device, "--executor", a.executor,
                 "--sim-speedup", str(a.sim_speedup)]
@@ -80,7 +80,7 @@ class Cluster:
     def start(self, model_dir: str) -> None:
         a = self.args
         base = a.port_base
-        sched = [sys.executable, "-m", "services.scheduler", "--port", str(base),
+        sched = [sys.executable, "-m", "ferry.services.scheduler", "--port", str(base),
                  "--admin-port", str(base + 1), "--dispatch-policy", a.policy]
         if a.autoscale:
             template = " ".join(self.worker_argv("{instance_id}", 0, model_dir)[3:])
@@ -89,7 +89,7 @@ class Cluster:
                       "--max-workers", str(a.max_workers), "--worker-args", template]
         self._spawn("scheduler", sched + a.scheduler_arg)
         self._spawn("gateway", [
-            sys.executable, "-m", "services.gateway", "--http-port", str(a.http_port),
+            sys.executable, "-m", "ferry.services.gateway", "--http-port", str(a.http_port),
             "--sdk-port", str(a.sdk_port), "--inbox-port", str(self.gateway_inbox_port),
             "--scheduler-addr", self.scheduler_addr, "--model", model_dir, *a.gateway_arg,
         ])
@@ -130,8 +130,8 @@ class Cluster:
 
     def _live_workers(self) -> int:
         """Live instances as the scheduler sees them (0 while it is not answering)."""
-        from common import wire
-        from common.zmq_util import make_context, request
+        from ferry.common import wire
+        from ferry.common.zmq_util import make_context, request
 
         try:
             reply = asyncio.run(request(make_context(), self.admin_addr, wire.StatusRequest(),
@@ -177,9 +177,10 @@ def _die_with_parent() -> None:
 
 
 def default_sim_profile() -> str:
-    from pathlib import Path
+    """The bundled CPU profile of the tiny model (package data of ferry.bench.profiles)."""
+    from importlib.resources import files
 
-    return str(Path(__file__).resolve().parent.parent / "bench" / "profiles" / "tiny-cpu.json")
+    return str(files("ferry.bench.profiles") / "tiny-cpu.json")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    from services.worker.model.resolve import resolve_model
+    from ferry.services.worker.model.resolve import resolve_model
 
     model_dir = str(resolve_model(args.model))  # the gateway's tokenizer, even for sim
     cluster = Cluster(args)

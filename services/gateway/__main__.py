@@ -1,5 +1,5 @@
-"""`python -m services.gateway [flags]`: the gateway process alone."""
+"""`python -m ferry.services.gateway [flags]`: the gateway process alone."""
 
-from services.gateway.entry import main
+from ferry.services.gateway.entry import main
 
 main()

@@ -1,4 +1,4 @@
-"""`ferry gateway …` / `python -m services.gateway …`: flags for every GatewayConfig field
+"""`ferry gateway …` / `python -m ferry.services.gateway …`: flags for every GatewayConfig field
 (defaults from common.env where it has them, else GatewayConfig's), and the process entry
 point: the Gateway loop on uvloop until SIGINT / SIGTERM."""
 
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import uvloop
 
-from common import env
-from common import logging as ferry_logging
-from common.config import Endpoint, GatewayConfig
-from services.gateway.main import Gateway
-from services.gateway.text import TextModel
+from ferry.common import env
+from ferry.common import logging as ferry_logging
+from ferry.common.config import Endpoint, GatewayConfig
+from ferry.services.gateway.main import Gateway
+from ferry.services.gateway.text import TextModel
 
 DEFAULT_HTTP_PORT = 8000  # DESIGN §8
 DEFAULT_SDK_PORT = 8001
@@ -88,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 def load_text(model: str) -> TextModel:
     """The tokenizer side of `model`: a directory, or a preset the worker package makes."""
     try:
-        from services.worker.model.resolve import resolve_model
+        from ferry.services.worker.model.resolve import resolve_model
     except ImportError:  # a checkout without the worker package: directories only
         return TextModel.load(model)
     return TextModel.load(resolve_model(model))

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API (aiohttp, on the gateway's loop):
 
     POST /v1/completions, /v1/chat/completions   stream (SSE, `data: [DONE]`) or not
-    GET  /v1/models, /health, /metrics
+    GET  /v1/models, /health (readiness), /live (liveness), /metrics
 
 Errors are OpenAI-shaped JSON, {"error": {"message", "type", "code"}}, with the HTTP
 status. A client that disconnects aborts its request (the handler is cancelled)."""
@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from common.logging import get_logger
-from services.gateway import openai_protocol as oai
-from services.gateway.requests import Delta, Rejected
+from ferry.common.logging import get_logger
+from ferry.services.gateway import openai_protocol as oai
+from ferry.services.gateway.requests import Delta, Rejected
 
 if TYPE_CHECKING:
-    from services.gateway.main import Gateway
+    from ferry.services.gateway.main import Gateway
 
 log = get_logger()
 
@@ -84,6 +84,7 @@ class HttpApi:
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/health", self.health)
+        self.app.router.add_get("/live", self.live)
         self.app.router.add_get("/metrics", self.metrics)
         self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         self.port = self.config.http_port  # the bound port once started (for port 0)
@@ -150,7 +151,13 @@ class HttpApi:
             }],
         })
 
+    async def live(self, request: web.Request) -> web.Response:
+        """Liveness: the gateway's event loop answers. Restart it if this fails."""
+        return web.json_response({"status": "ok"})
+
     async def health(self, request: web.Request) -> web.Response:
+        """Readiness: 200 while some instance can take a request, else 503 with the reason
+        (before the workers register, after the last one left). Route traffic on this."""
         ok, reason = self.gateway.health()
         return web.json_response(
             {"status": "ok" if ok else "unavailable", "reason": reason}, status=200 if ok else 503

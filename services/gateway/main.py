@@ -20,16 +20,16 @@ from typing import Any, Protocol, TypeVar
 
 import zmq
 
-from common import wire
-from common.codec import WireError
-from common.config import GatewayConfig
-from common.logging import get_logger
-from common.sampling import SamplingParams
-from common.zmq_util import Inbox, Outboxes, Overloaded, make_context
-from services.gateway.http_api import HttpApi
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.recv import MAX_BATCH, recv_batches
-from services.gateway.requests import (
+from ferry.common import wire
+from ferry.common.codec import WireError
+from ferry.common.config import GatewayConfig
+from ferry.common.logging import get_logger
+from ferry.common.sampling import SamplingParams
+from ferry.common.zmq_util import Inbox, Outboxes, Overloaded, make_context
+from ferry.services.gateway.http_api import HttpApi
+from ferry.services.gateway.metrics import GatewayMetrics
+from ferry.services.gateway.recv import MAX_BATCH, recv_batches
+from ferry.services.gateway.requests import (
     RELEASE_FINISHED,
     Delta,
     GapOverflow,
@@ -38,9 +38,9 @@ from services.gateway.requests import (
     RequestTable,
     check_request,
 )
-from services.gateway.routing import Routes
-from services.gateway.sdk import SdkFrontend
-from services.gateway.text import TextModel
+from ferry.services.gateway.routing import Routes
+from ferry.services.gateway.sdk import SdkFrontend
+from ferry.services.gateway.text import TextModel
 
 T = TypeVar("T")
 log = get_logger()

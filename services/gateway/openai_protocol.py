@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from common import wire
-from common.sampling import SamplingParams
-from services.gateway.text import TextModel
+from ferry.common import wire
+from ferry.common.sampling import SamplingParams
+from ferry.services.gateway.text import TextModel
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 

@@ -23,9 +23,9 @@ import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from common import wire
-from common.sampling import MAX_SEED, SamplingParams
-from services.gateway.text import Detokenizer, TextModel
+from ferry.common import wire
+from ferry.common.sampling import MAX_SEED, SamplingParams
+from ferry.services.gateway.text import Detokenizer, TextModel
 
 # Release reasons (wire.Release.reason)
 RELEASE_FINISHED = "finished"  # the worker ended it itself; nothing to abort

@@ -4,7 +4,7 @@ the workers of the last InstanceView when the scheduler has been silent for
 
 from __future__ import annotations
 
-from common import wire
+from ferry.common import wire
 
 
 class Routes:
@@ -53,10 +53,13 @@ class Routes:
         return self._addr_of.get(instance_id) if instance_id is not None else None
 
     def health(self) -> tuple[bool, str]:
-        """(serving?, reason) for /health."""
+        """(ready?, reason) for /health: ready once some instance can take a request, that
+        is while the last view (or, in bypass mode, the last view kept) lists one."""
         if not self.bypass:
             if self.view is None:
                 return False, "no instance view from the scheduler yet"
+            if not self.num_instances:
+                return False, "the scheduler knows no instance that can serve yet"
             return True, f"scheduler view with {self.num_instances} instances"
         if self.num_instances:
             return True, f"bypass mode: scheduler silent, {self.num_instances} instances known"

@@ -16,15 +16,15 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from common import wire
-from common.codec import WireError
-from common.logging import get_logger
-from common.zmq_util import DEFAULT_HWM, hard_frame_cap
-from services.gateway.recv import recv_batches
-from services.gateway.requests import Delta, Rejected
+from ferry.common import wire
+from ferry.common.codec import WireError
+from ferry.common.logging import get_logger
+from ferry.common.zmq_util import DEFAULT_HWM, hard_frame_cap
+from ferry.services.gateway.recv import recv_batches
+from ferry.services.gateway.requests import Delta, Rejected
 
 if TYPE_CHECKING:
-    from services.gateway.main import Gateway
+    from ferry.services.gateway.main import Gateway
 
 log = get_logger()
 

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 try:
-    from services.worker.model import tokenizer as worker_tokenizer
+    from ferry.services.worker.model import tokenizer as worker_tokenizer
 except ImportError:  # a checkout without the worker's model package
     worker_tokenizer = None
 

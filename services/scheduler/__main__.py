@@ -1,7 +1,7 @@
-"""`python -m services.scheduler [flags]`: the scheduler process alone."""
+"""`python -m ferry.services.scheduler [flags]`: the scheduler process alone."""
 
 import sys
 
-from services.scheduler.entry import main
+from ferry.services.scheduler.entry import main
 
 sys.exit(main())

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from common.wire import LoadFields
-from services.scheduler.load import freeness, num_requests
+from ferry.common.wire import LoadFields
+from ferry.services.scheduler.load import freeness, num_requests
 
 # A started instance that has not registered after this long is given up (and stopped).
 DEFAULT_START_TIMEOUT_S = 300.0

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from common.config import SchedulerConfig
-from common.logging import get_logger
-from common.wire import (
+from ferry.common.config import SchedulerConfig
+from ferry.common.logging import get_logger
+from ferry.common.wire import (
     Abort,
     Dispatch,
     DispatchRejected,
@@ -36,8 +36,8 @@ from common.wire import (
     SetDraining,
     StatusReply,
 )
-from services.scheduler.dispatch import LeastLoad, make_dispatch_policy
-from services.scheduler.load import (
+from ferry.services.scheduler.dispatch import LeastLoad, make_dispatch_policy
+from ferry.services.scheduler.load import (
     demand_blocks,
     dispatch_room,
     empty_load,
@@ -45,9 +45,9 @@ from services.scheduler.load import (
     migration_room,
     to_wire,
 )
-from services.scheduler.migration import MigrationDecision, MigrationHook, pair_migrations
-from services.scheduler.pending import PendingEntry, PendingQueue
-from services.scheduler.table import Instance, InstanceTable, UnseenDispatch
+from ferry.services.scheduler.migration import MigrationDecision, MigrationHook, pair_migrations
+from ferry.services.scheduler.pending import PendingEntry, PendingQueue
+from ferry.services.scheduler.table import Instance, InstanceTable, UnseenDispatch
 
 Out = list[tuple[str, Any]]  # (peer inbox address, wire message)
 

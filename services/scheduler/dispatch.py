@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from common.wire import LoadFields
-from services.scheduler.load import (
+from ferry.common.wire import LoadFields
+from ferry.services.scheduler.load import (
     dispatch_freeness,
     dispatch_rank,
     high_priority_room,

@@ -1,4 +1,4 @@
-"""`ferry scheduler …` / `python -m services.scheduler …`: flags for every SchedulerConfig
+"""`ferry scheduler …` / `python -m ferry.services.scheduler …`: flags for every SchedulerConfig
 field (defaults from common.env where it has them, else SchedulerConfig's), and the
 process entry point: the Scheduler loop on uvloop until SIGINT / SIGTERM."""
 
@@ -12,14 +12,14 @@ from urllib.parse import urlparse
 
 import uvloop
 
-from common import env
-from common import logging as ferry_logging
-from common.config import Endpoint, SchedulerConfig
-from common.logging import get_logger
-from services.scheduler.core import DEFAULT_MAX_QUEUED_PER_INSTANCE
-from services.scheduler.dispatch import POLICY_NAMES
-from services.scheduler.main import Scheduler
-from services.scheduler.provisioner import DEFAULT_WORKER_ARGS, LocalProcessProvisioner
+from ferry.common import env
+from ferry.common import logging as ferry_logging
+from ferry.common.config import Endpoint, SchedulerConfig
+from ferry.common.logging import get_logger
+from ferry.services.scheduler.core import DEFAULT_MAX_QUEUED_PER_INSTANCE
+from ferry.services.scheduler.dispatch import POLICY_NAMES
+from ferry.services.scheduler.main import Scheduler
+from ferry.services.scheduler.provisioner import DEFAULT_WORKER_ARGS, LocalProcessProvisioner
 
 log = get_logger()
 
@@ -109,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--worker-args",
         default=DEFAULT_WORKER_ARGS,
-        help="arguments of `python -m services.worker` for autoscaled workers; "
+        help="arguments of `python -m ferry.services.worker` for autoscaled workers; "
         "{instance_id}, {port}, {scheduler_addr} are filled in",
     )
     add(

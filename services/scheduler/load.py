@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 
-from common.wire import LoadFields
+from ferry.common.wire import LoadFields
 
 # Largest finite magnitude a freeness takes on the wire (StatusReply: inf travels as this).
 WIRE_INF = 1e18

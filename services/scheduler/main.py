@@ -25,11 +25,11 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from common import wire
-from common.codec import WireError
-from common.config import SchedulerConfig
-from common.logging import get_logger
-from common.wire import (
+from ferry.common import wire
+from ferry.common.codec import WireError
+from ferry.common.config import SchedulerConfig
+from ferry.common.logging import get_logger
+from ferry.common.wire import (
     AdminError,
     Dispatch,
     DispatchRejected,
@@ -43,9 +43,16 @@ from common.wire import (
     Release,
     StatusRequest,
 )
-from common.zmq_util import DEFAULT_HWM, Inbox, Outboxes, Overloaded, hard_frame_cap, make_context
-from services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
-from services.scheduler.core import (
+from ferry.common.zmq_util import (
+    DEFAULT_HWM,
+    Inbox,
+    Outboxes,
+    Overloaded,
+    hard_frame_cap,
+    make_context,
+)
+from ferry.services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
+from ferry.services.scheduler.core import (
     DEFAULT_MAX_QUEUED_PER_INSTANCE,
     Out,
     Pending,
@@ -53,7 +60,7 @@ from services.scheduler.core import (
     SchedulerCore,
     SchedulerError,
 )
-from services.scheduler.provisioner import LocalProcessProvisioner
+from ferry.services.scheduler.provisioner import LocalProcessProvisioner
 
 INBOX_TYPES = (Dispatch, Release, GatewayHello, Register, LoadReport, MigrationDone)
 ADMIN_TYPES = (StatusRequest, MigrateCommand)

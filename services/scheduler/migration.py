@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from common.wire import LoadFields
-from services.scheduler.load import freeness
+from ferry.common.wire import LoadFields
+from ferry.services.scheduler.load import freeness
 
 
 @dataclass(frozen=True, slots=True)

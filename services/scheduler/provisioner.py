@@ -3,7 +3,7 @@
     start_worker() -> WorkerHandle     start one instance (it registers by itself)
     stop_worker(instance_id)           stop one (drained to zero first)
 
-`LocalProcessProvisioner` runs each worker as a local `python -m services.worker` process.
+`LocalProcessProvisioner` runs each worker as a local `python -m ferry.services.worker` process.
 Its arguments come from a template in which `{instance_id}`, `{port}` (a free TCP port on
 this host, for the worker's inbox) and `{scheduler_addr}` are filled in, e.g.
 
@@ -23,9 +23,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from common.logging import get_logger
+from ferry.common.logging import get_logger
 
-WORKER_COMMAND = (sys.executable, "-m", "services.worker")
+WORKER_COMMAND = (sys.executable, "-m", "ferry.services.worker")
 DEFAULT_WORKER_ARGS = "--instance-id {instance_id} --port {port} --scheduler-addr {scheduler_addr}"
 # After SIGTERM, a worker gets this long to exit before SIGKILL.
 STOP_GRACE_S = 10.0

@@ -24,8 +24,8 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from common.wire import LoadFields, LoadReport, Register
-from services.scheduler.load import empty_load
+from ferry.common.wire import LoadFields, LoadReport, Register
+from ferry.services.scheduler.load import empty_load
 
 # Unseen dispatches kept per instance at most; beyond it the oldest (the first a report
 # would supersede) are forgotten. Reached only by an instance that stopped reporting.

@@ -1,3 +1,3 @@
-from services.worker.entry import main
+from ferry.services.worker.entry import main
 
 main()

@@ -7,10 +7,10 @@ import asyncio
 import os
 import socket
 
-from common import env
-from common.config import Endpoint, EngineConfig, WorkerConfig
-from common.logging import configure, get_logger
-from services.worker.engine.engine import Engine
+from ferry.common import env
+from ferry.common.config import Endpoint, EngineConfig, WorkerConfig
+from ferry.common.logging import configure, get_logger
+from ferry.services.worker.engine.engine import Engine
 
 # KV cache on CPU when nothing says otherwise: small models, small machines.
 DEFAULT_CPU_KV_GB = 0.25
@@ -92,12 +92,12 @@ def served_vocab_size(model: str) -> int:
     made (0 otherwise): sim workers emit ids the gateway's tokenizer can decode."""
     from pathlib import Path
 
-    from services.worker.model.resolve import is_preset, preset_dir
+    from ferry.services.worker.model.resolve import is_preset, preset_dir
 
     path = preset_dir(model) if is_preset(model) else Path(model)
     if not (path / "config.json").is_file():
         return 0
-    from services.worker.model.config import ModelConfig
+    from ferry.services.worker.model.config import ModelConfig
 
     return ModelConfig.from_dir(path).vocab_size
 
@@ -105,8 +105,8 @@ def served_vocab_size(model: str) -> int:
 def build_engine(config: WorkerConfig, *, sim_speedup: float = 1.0) -> Engine:
     """The executor the config asks for, wrapped in an engine."""
     if config.executor == "sim":
-        from services.worker.latency_model import Profile
-        from services.worker.sim_executor import SimExecutor
+        from ferry.services.worker.latency_model import Profile
+        from ferry.services.worker.sim_executor import SimExecutor
 
         if not config.sim_profile:
             raise ValueError("--executor sim needs --sim-profile")
@@ -116,8 +116,8 @@ def build_engine(config: WorkerConfig, *, sim_speedup: float = 1.0) -> Engine:
                                             vocab_size=served_vocab_size(config.model))
         return Engine(executor, config.engine)
 
-    from services.worker.model.resolve import RANDOM_PREFIX, preset_config, resolve_model
-    from services.worker.runner import ModelRunner, RunnerConfig
+    from ferry.services.worker.model.resolve import RANDOM_PREFIX, preset_config, resolve_model
+    from ferry.services.worker.runner import ModelRunner, RunnerConfig
 
     on_cpu = config.device == "cpu"
     kv_gb = config.kv_cache_gb or (DEFAULT_CPU_KV_GB if on_cpu else None)
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = build_engine(config, sim_speedup=args.sim_speedup)
     log.info("engine_built", executor=config.executor, num_blocks=engine.blocks.num_total)
 
-    from services.worker.main import serve
+    from ferry.services.worker.main import serve
 
     try:
         import uvloop

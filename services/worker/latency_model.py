@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.worker.engine.batch import ModelBatch
+from ferry.services.worker.engine.batch import ModelBatch
 
 FEATURES = ("P", "A", "D", "C")
 

@@ -13,15 +13,15 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from common import wire
-from common.config import WorkerConfig
-from common.logging import get_logger
-from common.zmq_util import Inbox, Outboxes, Overloaded, make_context
-from services.worker.engine.engine import Engine, RequestRejected
-from services.worker.engine.request import RequestOutput
-from services.worker.migration.coordinator import MIGRATION_MESSAGES, MigrationCoordinator
-from services.worker.report import load_fields
-from services.worker.stepper import make_stepper
+from ferry.common import wire
+from ferry.common.config import WorkerConfig
+from ferry.common.logging import get_logger
+from ferry.common.zmq_util import Inbox, Outboxes, Overloaded, make_context
+from ferry.services.worker.engine.engine import Engine, RequestRejected
+from ferry.services.worker.engine.request import RequestOutput
+from ferry.services.worker.migration.coordinator import MIGRATION_MESSAGES, MigrationCoordinator
+from ferry.services.worker.report import load_fields
+from ferry.services.worker.stepper import make_stepper
 
 INBOX_MESSAGES = (
     wire.Dispatch,

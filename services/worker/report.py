@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from common import wire
-from services.worker.engine.engine import EngineLoad
+from ferry.common import wire
+from ferry.services.worker.engine.engine import EngineLoad
 
 
 def load_fields(load: EngineLoad, *, num_migrations_in: int, num_migrations_out: int,

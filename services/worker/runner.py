@@ -20,16 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-from common.sampling import SamplingParams
-from kernels import FusedOps, fused_ops, get_backend
-from kernels.kv_layout import allocate_kv_cache, bytes_per_block
-from kernels.metadata import AttentionMetadata
-from services.worker.engine.batch import ModelBatch, SeqChunk
-from services.worker.model.config import ModelConfig
-from services.worker.model.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
-from services.worker.model.llama import LlamaModel, PagedAttention, WriteKV
-from services.worker.model.loader import build_random_model, load_model
-from services.worker.sampler import SamplingTensors, sample
+from ferry.common.sampling import SamplingParams
+from ferry.kernels.backend import FusedOps, fused_ops, get_backend
+from ferry.kernels.kv_layout import allocate_kv_cache, bytes_per_block
+from ferry.kernels.metadata import AttentionMetadata
+from ferry.services.worker.engine.batch import ModelBatch, SeqChunk
+from ferry.services.worker.model.config import ModelConfig
+from ferry.services.worker.model.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
+from ferry.services.worker.model.llama import LlamaModel, PagedAttention, WriteKV
+from ferry.services.worker.model.loader import build_random_model, load_model
+from ferry.services.worker.sampler import SamplingTensors, sample
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.sampling import SamplingParams
+from ferry.common.sampling import SamplingParams
 
 # lowbias32 (Chris Wellons' hash-prospector): x ^= x >> 16; x *= M1; x ^= x >> 15;
 # x *= M2; x ^= x >> 16, all mod 2^32. Multipliers as signed int32 (int32 products wrap).

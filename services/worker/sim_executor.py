@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 
-from services.worker.engine.batch import ModelBatch
-from services.worker.latency_model import LatencyModel, Profile, StepFeatures
+from ferry.services.worker.engine.batch import ModelBatch
+from ferry.services.worker.latency_model import LatencyModel, Profile, StepFeatures
 
 # Knuth's multiplicative hash constant; any odd 32-bit constant works.
 _MIX = 2654435761

@@ -20,10 +20,10 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from services.worker.engine.batch import ModelBatch
-from services.worker.engine.engine import Engine
-from services.worker.engine.request import RequestOutput
-from services.worker.sim_executor import SimExecutor
+from ferry.services.worker.engine.batch import ModelBatch
+from ferry.services.worker.engine.engine import Engine
+from ferry.services.worker.engine.request import RequestOutput
+from ferry.services.worker.sim_executor import SimExecutor
 
 
 class ModelStepper:

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from bench import serve
-from bench.local_cluster import REPO, start_cluster
+from ferry.bench import serve
+from ferry.bench.local_cluster import REPO, start_cluster
 
 pytestmark = pytest.mark.e2e
 

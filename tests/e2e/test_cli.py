@@ -10,13 +10,13 @@ import sys
 
 import pytest
 
-from bench.local_cluster import REPO
+from ferry.bench.local_cluster import REPO
 
 pytestmark = pytest.mark.e2e
 
 
 def ferry(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "ferry.services.cli", *args], capture_output=True,
                           text=True, cwd=REPO, timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -11,10 +11,10 @@ import msgpack
 import pytest
 import zmq
 
-from bench.local_cluster import Cluster, pid_alive, start_cluster
-from common import wire
-from common.codec import HEADER, PROTOCOL_VERSION
-from common.zmq_util import make_context, request
+from ferry.bench.local_cluster import Cluster, pid_alive, start_cluster
+from ferry.common import wire
+from ferry.common.codec import HEADER, PROTOCOL_VERSION
+from ferry.common.zmq_util import make_context, request
 
 pytestmark = pytest.mark.e2e
 

@@ -23,10 +23,10 @@ import uvloop
 import zmq
 import zmq.asyncio
 
-from common import wire
-from common.config import Endpoint, GatewayConfig
-from services.gateway.main import Gateway
-from services.gateway.text import TextModel
+from ferry.common import wire
+from ferry.common.config import Endpoint, GatewayConfig
+from ferry.services.gateway.main import Gateway
+from ferry.services.gateway.text import TextModel
 
 SCRIPT_TEXT = "the quick brown fox jumps over the lazy dog. hello world! "
 

@@ -1,4 +1,4 @@
-"""`python -m services.gateway` as a real process: flags, JSON logs, SDK and HTTP, and a
+"""`python -m ferry.services.gateway` as a real process: flags, JSON logs, SDK and HTTP, and a
 clean exit on SIGTERM."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import uvloop
 
 from ferry import AsyncClient, Unauthorized
-from services.gateway.text import TextModel
+from ferry.services.gateway.text import TextModel
 from tests.e2e.test_gateway_harness import FakeCluster, free_ports, gateway_config, wait_until
 from tests.unit.test_gateway_text import make_model_dir
 
@@ -31,7 +31,7 @@ def test_gateway_process(tmp_path):
     sdk_port = config.sdk.bind.rsplit(":", 1)[1]
     inbox_port = config.inbox.bind.rsplit(":", 1)[1]
     cmd = [
-        sys.executable, "-m", "services.gateway", "--model", str(model_dir),
+        sys.executable, "-m", "ferry.services.gateway", "--model", str(model_dir),
         "--model-name", "tiny", "--gateway-id", "gwp", "--http-host", "127.0.0.1",
         "--http-port", str(http_port), "--sdk-port", sdk_port, "--inbox-port", inbox_port,
         "--scheduler-addr", config.scheduler_addr, "--api-keys", "key1",

@@ -16,10 +16,10 @@ import uvloop
 import zmq
 import zmq.asyncio
 
-from common import wire
 from ferry import AsyncClient
-from services.gateway.main import Gateway
-from services.gateway.text import TextModel
+from ferry.common import wire
+from ferry.services.gateway.main import Gateway
+from ferry.services.gateway.text import TextModel
 from tests.e2e.test_gateway_harness import (
     SCRIPT_TEXT,
     free_ports,
@@ -123,7 +123,7 @@ def test_gateway_with_the_real_scheduler(tmp_path):
     port, admin_port = free_ports(2)
     config = gateway_config(model_dir, scheduler_addr=tcp(port), bypass_after_s=2.0)
     scheduler = subprocess.Popen(
-        [sys.executable, "-m", "services.scheduler", "--port", str(port), "--admin-port",
+        [sys.executable, "-m", "ferry.services.scheduler", "--port", str(port), "--admin-port",
          str(admin_port), "--view-interval-s", "0.2", "--heartbeat-timeout-s", "0.5",
          "--dispatch-policy", "round_robin", "--no-enable-migration"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "FERRY_LOG_LEVEL": "warning"},

@@ -14,9 +14,6 @@ import uvloop
 import zmq
 import zmq.asyncio
 
-from common import wire
-from common.codec import HEADER, PROTOCOL_VERSION
-from common.sampling import SamplingParams
 from ferry import (
     AsyncClient,
     BadRequest,
@@ -26,6 +23,9 @@ from ferry import (
     Unauthorized,
     Unavailable,
 )
+from ferry.common import wire
+from ferry.common.codec import HEADER, PROTOCOL_VERSION
+from ferry.common.sampling import SamplingParams
 from tests.e2e.test_gateway_harness import (
     ThreadedHarness,
     free_ports,

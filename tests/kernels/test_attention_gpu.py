@@ -16,9 +16,9 @@ import zlib
 import pytest
 import torch
 
-from kernels.attention_torch import write_kv_torch
-from kernels.kv_layout import layer_view
-from kernels.testing import PagedCase, make_case, reference_fp32, rel_err
+from ferry.kernels.attention_torch import write_kv_torch
+from ferry.kernels.kv_layout import layer_view
+from ferry.kernels.testing import PagedCase, make_case, reference_fp32, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -77,7 +77,7 @@ def _make(case_id: str, kind: str, gqa: str, head_dim: int, dtype, block_size: i
 
 def _write_and_check(case: PagedCase) -> None:
     """Triton's cache write must equal the reference write bit for bit, cache-wide."""
-    from kernels.attention_triton import write_kv_triton
+    from ferry.kernels.attention_triton import write_kv_triton
 
     expected = case.kv_cache.clone()
     write_kv_torch(case.k_new, case.v_new, *layer_view(expected, 1), case.meta.slot_mapping)
@@ -98,7 +98,7 @@ def _check(case: PagedCase, out: torch.Tensor) -> float:
 @pytest.mark.parametrize("gqa", list(GQA))
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_paged_attention_bf16(kind: str, gqa: str, head_dim: int) -> None:
-    from kernels.attention_triton import paged_attention_triton
+    from ferry.kernels.attention_triton import paged_attention_triton
 
     case = _make(f"{kind}-{gqa}-{head_dim}", kind, gqa, head_dim, torch.bfloat16)
     _write_and_check(case)
@@ -120,7 +120,7 @@ def test_paged_attention_bf16(kind: str, gqa: str, head_dim: int) -> None:
     ],
 )
 def test_paged_attention_other_configs(kind, dtype, head_dim, block_size) -> None:
-    from kernels.attention_triton import paged_attention_triton
+    from ferry.kernels.attention_triton import paged_attention_triton
 
     case_id = f"{kind}-{dtype}-{head_dim}-{block_size}"
     case = _make(case_id, kind, "gqa4", head_dim, dtype, block_size)
@@ -132,8 +132,8 @@ def test_paged_attention_other_configs(kind, dtype, head_dim, block_size) -> Non
 
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
 def test_decode_any_split_count(num_splits: int) -> None:
-    from kernels.decode_triton import paged_decode
-    from kernels.triton_configs import DecodeConfig
+    from ferry.kernels.decode_triton import paged_decode
+    from ferry.kernels.triton_configs import DecodeConfig
 
     case = _make(f"splits-{num_splits}", "decode", "gqa4", 128, torch.bfloat16)
     _write_and_check(case)
@@ -154,7 +154,7 @@ def test_decode_any_split_count(num_splits: int) -> None:
 
 def test_decode_padding_row_gets_zeros() -> None:
     """A request with seq_len 0 (CUDA-graph batch padding) yields zeros, not NaN."""
-    from kernels.decode_triton import paged_decode
+    from ferry.kernels.decode_triton import paged_decode
 
     case = _make("padding", "decode", "gqa4", 128, torch.bfloat16)
     seq_lens = case.meta.seq_lens.clone()
@@ -174,7 +174,7 @@ def test_decode_padding_row_gets_zeros() -> None:
 
 def test_offsets_past_2_31_elements() -> None:
     """Block ids times the block stride exceed int32 in a real cache (here 4.4 GB)."""
-    from kernels.attention_triton import paged_attention_triton
+    from ferry.kernels.attention_triton import paged_attention_triton
 
     gen = _generator("large")
     case = make_case(
@@ -200,14 +200,14 @@ def test_offsets_past_2_31_elements() -> None:
                 case.q, case.k_cache, case.v_cache, case.meta, case.scale, out=out
             )
         else:  # same step through the prefill kernel (q_len 1 rows)
-            from kernels.prefill_triton import paged_prefill
+            from ferry.kernels.prefill_triton import paged_prefill
 
             paged_prefill(case.q, case.k_cache, case.v_cache, case.meta, case.scale, out=out)
         _check(case, out)
 
 
 def _write_and_check_layer(case: PagedCase, *, layer: int) -> None:
-    from kernels.attention_triton import write_kv_triton
+    from ferry.kernels.attention_triton import write_kv_triton
 
     expected = case.kv_cache[:, layer].clone()
     k_expected, v_expected = expected[:, 0], expected[:, 1]
@@ -217,7 +217,7 @@ def _write_and_check_layer(case: PagedCase, *, layer: int) -> None:
 
 
 def test_write_kv_skips_negative_slots() -> None:
-    from kernels.attention_triton import write_kv_triton
+    from ferry.kernels.attention_triton import write_kv_triton
 
     case = _make("negative-slots", "prefill", "gqa4", 128, torch.bfloat16)
     slots = case.meta.slot_mapping.clone()
@@ -232,7 +232,7 @@ def test_write_kv_skips_negative_slots() -> None:
 def test_decode_cuda_graph_replay_matches_eager() -> None:
     """Capture decode at one set of lengths, replay at longer ones: the split count is
     baked in, the per-request split length is not, so replay stays exact."""
-    from kernels.attention_triton import paged_attention_triton
+    from ferry.kernels.attention_triton import paged_attention_triton
 
     long_case = _make("graph", "decode", "gqa4", 128, torch.bfloat16)
     _write_and_check(long_case)
@@ -273,7 +273,7 @@ def test_decode_cuda_graph_replay_matches_eager() -> None:
 
 
 def test_backend_selection_on_gpu() -> None:
-    from kernels import get_backend
+    from ferry.kernels.backend import get_backend
 
     backend = get_backend("auto", device="cuda", block_size=16, head_dim=128, dtype=torch.bfloat16)
     assert backend.name == "triton"
@@ -286,8 +286,8 @@ def test_backend_selection_on_gpu() -> None:
 @pytest.mark.parametrize("kind", ["decode", "mixed"])
 def test_flash_backend_matches_reference(kind: str) -> None:
     """Runs only where flash-attn is installed; it needs 256-token blocks."""
-    from kernels import get_backend
-    from kernels.attention_flash import unavailable_reason
+    from ferry.kernels.attention_flash import unavailable_reason
+    from ferry.kernels.backend import get_backend
 
     reason = unavailable_reason(device="cuda", block_size=256, head_dim=128, dtype=torch.bfloat16)
     if reason is not None:

@@ -14,10 +14,10 @@ import importlib.util
 import pytest
 import torch
 
-from kernels import fused_torch
-from kernels.attention_torch import write_kv_torch
-from kernels.kv_layout import allocate_kv_cache, layer_view
-from kernels.testing import rel_err
+from ferry.kernels import fused_torch
+from ferry.kernels.attention_torch import write_kv_torch
+from ferry.kernels.kv_layout import allocate_kv_cache, layer_view
+from ferry.kernels.testing import rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -30,7 +30,7 @@ TOKENS = (1, 37, 2048)
 
 
 def _fused_triton():
-    from kernels import fused_triton
+    from ferry.kernels import fused_triton
 
     return fused_triton
 

@@ -10,12 +10,12 @@ import random
 import pytest
 import torch
 
-from common.sampling import SamplingParams
-from kernels import get_backend
-from services.worker.engine.batch import ModelBatch, SeqChunk
-from services.worker.model.make_model import PRESETS, make_model
-from services.worker.runner import ModelRunner, RunnerConfig, prepare_inputs
-from services.worker.sampler import SamplingTensors, sample, uniform_from_hash
+from ferry.common.sampling import SamplingParams
+from ferry.kernels.backend import get_backend
+from ferry.services.worker.engine.batch import ModelBatch, SeqChunk
+from ferry.services.worker.model.make_model import PRESETS, make_model
+from ferry.services.worker.runner import ModelRunner, RunnerConfig, prepare_inputs
+from ferry.services.worker.sampler import SamplingTensors, sample, uniform_from_hash
 
 pytestmark = [
     pytest.mark.gpu,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from services.worker.engine.batch import ModelBatch
+from ferry.services.worker.engine.batch import ModelBatch
 
 EMPTY = -1
 PRIME = 1_000_003

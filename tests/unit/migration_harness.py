@@ -13,12 +13,12 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-from common import wire
-from common.config import Endpoint, EngineConfig, WorkerConfig
-from common.sampling import SamplingParams
-from services.worker.engine.engine import Engine
-from services.worker.migration.coordinator import MigrationCoordinator
-from services.worker.migration.kv_transfer import KVTransport
+from ferry.common import wire
+from ferry.common.config import Endpoint, EngineConfig, WorkerConfig
+from ferry.common.sampling import SamplingParams
+from ferry.services.worker.engine.engine import Engine
+from ferry.services.worker.migration.coordinator import MigrationCoordinator
+from ferry.services.worker.migration.kv_transfer import KVTransport
 from tests.unit.fakes import TokenKVExecutor
 
 SCHEDULER = "inproc://scheduler"

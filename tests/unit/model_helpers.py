@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from common.sampling import SamplingParams
-from services.worker.engine.batch import ModelBatch, SeqChunk
+from ferry.common.sampling import SamplingParams
+from ferry.services.worker.engine.batch import ModelBatch, SeqChunk
 
 VOCAB_SIZE = 512
 

@@ -1,6 +1,6 @@
 import pytest
 
-from services.worker.engine.block_manager import BlockManager, OutOfBlocks
+from ferry.services.worker.engine.block_manager import BlockManager, OutOfBlocks
 
 
 def test_paired_verbs_keep_the_invariant():

@@ -10,11 +10,11 @@ import random
 
 import torch
 
-from common.sampling import SamplingParams
-from kernels.attention_torch import paged_attention_torch
-from kernels.metadata import AttentionMetadata
-from services.worker.model.cuda_graphs import DecodeGraphs
-from services.worker.runner import ModelRunner, RunnerConfig
+from ferry.common.sampling import SamplingParams
+from ferry.kernels.attention_torch import paged_attention_torch
+from ferry.kernels.metadata import AttentionMetadata
+from ferry.services.worker.model.cuda_graphs import DecodeGraphs
+from ferry.services.worker.runner import ModelRunner, RunnerConfig
 from tests.unit.model_helpers import FakeEngine
 from tests.unit.test_runner import CONFIG
 

@@ -34,8 +34,8 @@ import pytest
 import yaml
 import zmq
 
-from common import wire
-from services.cli import COMMANDS
+from ferry.common import wire
+from ferry.services.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_GPU = "docker-compose.yml"
@@ -149,18 +149,27 @@ def test_dockerfile_final_stage(path):
     assert {"8000", "8001", "5600", "5601", "5602", "5700"} <= exposed
 
 
-def test_dockerfiles_install_the_right_torch():
+def test_dockerfiles_install_from_the_lock_files():
+    """Each image installs every package at its lock's version, torch first (a code change
+    must not download torch again), on the Python version the lock was resolved for."""
+    for dockerfile, lock, python in (("docker/Dockerfile.cpu", "requirements/cpu.lock", "3.11"),
+                                     ("docker/Dockerfile", "requirements/gpu.lock", "3.12")):
+        text = (ROOT / dockerfile).read_text()
+        installs = [line for line in text.splitlines() if re.match(r"RUN pip install", line)]
+        assert len(installs) == 2, (dockerfile, installs)
+        for line in installs:
+            assert f"-c {lock}" in line, f"{dockerfile}: {line!r} ignores {lock}"
+        assert installs[0].endswith(" torch"), installs[0]
+        assert text.index(installs[0]) < text.index("COPY . .") < text.index(installs[1])
+        assert f"COPY {lock} requirements/" in text
+        header = (ROOT / lock).read_text().splitlines()[1]
+        assert f"--python-version {python}" in header, (lock, header)
     cpu = (ROOT / "docker/Dockerfile.cpu").read_text()
-    # The CPU wheel first; `pip install .` then finds torch satisfied and keeps it.
-    assert "download.pytorch.org/whl/cpu" in cpu
-    assert cpu.index('"torch==${TORCH_VERSION}"') < cpu.index("RUN pip install .")
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-", cpu, re.M)
+    assert "download.pytorch.org/whl/cpu" in cpu  # torch==X+cpu is on PyTorch's index
     cuda = (ROOT / "docker/Dockerfile").read_text()
-    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+", cuda, re.M)
-    assert cuda.index('"torch==${TORCH_VERSION}"') < cuda.index('RUN pip install ".[gpu]"')
-    makefile_pin = re.search(r"^TORCH_CPU := torch==(\S+)", (ROOT / "Makefile").read_text(), re.M)
-    assert makefile_pin, "the Makefile's CPU torch pin moved"
-    for text in (cpu, cuda):
-        assert f"ARG TORCH_VERSION={makefile_pin.group(1)}\n" in text
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+-ubuntu24\.04$", cuda, re.M)
+    assert 'RUN pip install -c requirements/gpu.lock ".[gpu]"' in cuda
 
 
 def dockerignored(rel: str, patterns: list[str]) -> bool:
@@ -183,7 +192,8 @@ def dockerignored(rel: str, patterns: list[str]) -> bool:
 def test_dockerignore_keeps_the_package_and_drops_the_rest():
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
-    needed = ["pyproject.toml", "README.md", "docker/healthcheck.py",
+    needed = ["pyproject.toml", "README.md", "docker/healthcheck.py", "requirements/cpu.lock",
+              "requirements/gpu.lock",
               "bench/profiles/tiny-cpu.json", "services/worker/entry.py", "common/env.py",
               "kernels/attention_torch.py", "ferry/client.py", "bench/trace.py"]
     for rel in needed:

@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from common.config import EngineConfig
-from common.sampling import SamplingParams
-from services.worker.engine.batch import ModelBatch
-from services.worker.engine.engine import Engine, RequestRejected
-from services.worker.engine.request import Status
+from ferry.common.config import EngineConfig
+from ferry.common.sampling import SamplingParams
+from ferry.services.worker.engine.batch import ModelBatch
+from ferry.services.worker.engine.engine import Engine, RequestRejected
+from ferry.services.worker.engine.request import Status
 from tests.unit.fakes import TokenKVExecutor
 
 
@@ -315,7 +315,7 @@ def _running_engine(prompt_lens, num_blocks=64):
 
 
 def test_migration_choice_relief_takes_the_smallest_request_that_covers_the_lack():
-    from services.worker.migration.choice import pick_request
+    from ferry.services.worker.migration.choice import pick_request
 
     # blocks held (prompt + 1 token, 4 per block): r0 2, r1 5, r2 9, r3 13 of 40
     engine = _running_engine([7, 19, 35, 51], num_blocks=40)

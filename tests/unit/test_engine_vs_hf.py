@@ -11,10 +11,10 @@ import random
 import pytest
 import torch
 
-from common.config import EngineConfig
-from common.sampling import SamplingParams
-from services.worker.engine.engine import Engine
-from services.worker.runner import ModelRunner, RunnerConfig
+from ferry.common.config import EngineConfig
+from ferry.common.sampling import SamplingParams
+from ferry.services.worker.engine.engine import Engine
+from ferry.services.worker.runner import ModelRunner, RunnerConfig
 from tests.unit.model_helpers import VOCAB_SIZE, make_hf_model, save_hf_model
 
 PROMPT_LENS = (3, 9, 17, 30, 45, 61)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.gateway import openai_protocol as oai
-from services.gateway.text import TextModel
+from ferry.services.gateway import openai_protocol as oai
+from ferry.services.gateway.text import TextModel
 from tests.unit.test_gateway_text import MAX_MODEL_LEN, make_model_dir
 
 MODEL = "tiny"

@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from common import wire
-from common.sampling import MAX_SEED, SamplingParams
-from services.gateway.requests import (
+from ferry.common import wire
+from ferry.common.sampling import MAX_SEED, SamplingParams
+from ferry.services.gateway.requests import (
     RELEASE_FINISHED,
     GapOverflow,
     Rejected,
@@ -18,7 +18,7 @@ from services.gateway.requests import (
     StopMatcher,
     check_request,
 )
-from services.gateway.text import TextModel
+from ferry.services.gateway.text import TextModel
 from tests.unit.test_gateway_text import EOS, make_model_dir
 
 REPLY_ADDR = "tcp://gateway:5610"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from common import wire
-from services.gateway.routing import Routes
+from ferry.common import wire
+from ferry.services.gateway.routing import Routes
 
 
 def view(*ids: str, epoch: str = "e1") -> wire.InstanceView:
@@ -19,7 +19,12 @@ def test_no_bypass_before_a_first_view():
     assert routes.health() == (False, "no instance view from the scheduler yet")
     assert not routes.check(1000.0)  # nothing to bypass to: keep asking the scheduler
     routes.on_view(view(), now=1000.0)
-    assert routes.health() == (True, "scheduler view with 0 instances")
+    # a view before any worker registered: nothing can serve yet (a load balancer must wait)
+    assert routes.health() == (False, "the scheduler knows no instance that can serve yet")
+    routes.on_view(view("a"), now=1000.0)
+    assert routes.health() == (True, "scheduler view with 1 instances")
+    routes.on_view(view(), now=1000.0)  # the last instance left: not ready again
+    assert not routes.health()[0]
     assert not routes.check(1003.0)
     assert routes.check(1003.1)  # switch reported once
     assert routes.bypass and not routes.check(1010.0)

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from services.gateway import text as text_module
-from services.gateway.text import TextModel
+from ferry.services.gateway import text as text_module
+from ferry.services.gateway.text import TextModel
 
 CORPUS = [
     "hello world, the quick brown fox jumps over the lazy dog.",

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import BACKEND_NAMES, BackendUnavailableError, get_backend
-from kernels.attention_torch import paged_attention_torch, write_kv_torch
-from kernels.testing import INVALID_BLOCK_ID, make_case, reference_fp32, rel_err
-from kernels.triton_configs import (
+from ferry.kernels.attention_torch import paged_attention_torch, write_kv_torch
+from ferry.kernels.backend import BACKEND_NAMES, BackendUnavailableError, get_backend
+from ferry.kernels.testing import INVALID_BLOCK_ID, make_case, reference_fp32, rel_err
+from ferry.kernels.triton_configs import (
     DECODE_SMEM_BUDGET,
     KV_BUFFERS,
     PREFILL_SMEM_BUDGET,
@@ -54,7 +54,7 @@ def test_triton_refuses_odd_head_dim_up_front() -> None:
 
 
 def test_flash_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kernels import attention_flash
+    from ferry.kernels import attention_flash
 
     with pytest.raises(BackendUnavailableError, match="flash backend unavailable"):
         get_backend("flash", device="cpu")
@@ -66,12 +66,13 @@ def test_flash_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_package_imports_without_triton() -> None:
-    """`kernels` must import, and pick torch, on a machine without triton."""
+    """`ferry.kernels.backend` must import, and pick torch, on a machine without triton."""
     script = textwrap.dedent(
         """
         import sys
         sys.modules["triton"] = None  # import triton now raises ImportError
-        import kernels, kernels.attention_flash
+        import ferry.kernels.attention_flash
+        from ferry.kernels import backend as kernels
         assert kernels.get_backend("auto", device="cuda").name == "torch"
         try:
             kernels.get_backend("triton", device="cuda")

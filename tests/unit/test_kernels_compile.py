@@ -156,9 +156,9 @@ DECODE_SHAPES = [
 def test_decode_compiles_for_sm90(capture: list[Launch], shape, num_splits: int) -> None:
     import torch
 
-    from kernels.decode_triton import paged_decode
-    from kernels.testing import make_case
-    from kernels.triton_configs import default_decode_config
+    from ferry.kernels.decode_triton import paged_decode
+    from ferry.kernels.testing import make_case
+    from ferry.kernels.triton_configs import default_decode_config
 
     num_q_heads, num_kv_heads, head_dim, dtype_name, block_size = shape
     dtype = getattr(torch, dtype_name)
@@ -211,8 +211,8 @@ PREFILL_SHAPES = [
 def test_prefill_compiles_for_sm90(capture: list[Launch], shape) -> None:
     import torch
 
-    from kernels.prefill_triton import paged_prefill
-    from kernels.testing import make_case
+    from ferry.kernels.prefill_triton import paged_prefill
+    from ferry.kernels.testing import make_case
 
     num_q_heads, num_kv_heads, head_dim, dtype_name, block_size, query_lens, seq_lens = shape
     dtype = getattr(torch, dtype_name)
@@ -240,8 +240,8 @@ def test_prefill_compiles_for_sm90(capture: list[Launch], shape) -> None:
 def test_write_kv_compiles_for_sm90(capture: list[Launch], num_kv_heads: int) -> None:
     import torch
 
-    from kernels.cache_ops_triton import write_kv_triton
-    from kernels.testing import make_case
+    from ferry.kernels.cache_ops_triton import write_kv_triton
+    from ferry.kernels.testing import make_case
 
     case = make_case(
         query_lens=[5],

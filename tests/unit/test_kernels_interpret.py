@@ -127,10 +127,10 @@ def _run_fused_case(name: str, spec: dict) -> dict:
     """One kernels/fused_triton.py op against fused_torch.py on the same inputs."""
     import torch
 
-    from kernels import fused_torch, fused_triton
-    from kernels.attention_torch import write_kv_torch
-    from kernels.kv_layout import layer_view
-    from kernels.testing import make_case, rel_err
+    from ferry.kernels import fused_torch, fused_triton
+    from ferry.kernels.attention_torch import write_kv_torch
+    from ferry.kernels.kv_layout import layer_view
+    from ferry.kernels.testing import make_case, rel_err
 
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
     dtype = getattr(torch, spec["dtype"])
@@ -187,13 +187,13 @@ def _run_fused_case(name: str, spec: dict) -> dict:
 def _run_case(name: str, spec: dict) -> dict:
     import torch
 
-    from kernels.attention_torch import paged_attention_torch, write_kv_torch
-    from kernels.attention_triton import paged_attention_triton, write_kv_triton
-    from kernels.decode_triton import paged_decode
-    from kernels.kv_layout import layer_view
-    from kernels.prefill_triton import paged_prefill
-    from kernels.testing import make_case, make_metadata, reference_fp32, rel_err
-    from kernels.triton_configs import DecodeConfig, PrefillConfig
+    from ferry.kernels.attention_torch import paged_attention_torch, write_kv_torch
+    from ferry.kernels.attention_triton import paged_attention_triton, write_kv_triton
+    from ferry.kernels.decode_triton import paged_decode
+    from ferry.kernels.kv_layout import layer_view
+    from ferry.kernels.prefill_triton import paged_prefill
+    from ferry.kernels.testing import make_case, make_metadata, reference_fp32, rel_err
+    from ferry.kernels.triton_configs import DecodeConfig, PrefillConfig
 
     if spec["kind"] in ("rms_norm", "add_rms_norm", "rope_write_kv", "silu_mul"):
         return _run_fused_case(name, spec)

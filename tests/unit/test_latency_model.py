@@ -2,10 +2,10 @@ import random
 
 import pytest
 
-from common.sampling import SamplingParams
-from services.worker.engine.batch import ModelBatch, SeqChunk
-from services.worker.latency_model import LatencyModel, Profile, StepFeatures
-from services.worker.sim_executor import SimExecutor
+from ferry.common.sampling import SamplingParams
+from ferry.services.worker.engine.batch import ModelBatch, SeqChunk
+from ferry.services.worker.latency_model import LatencyModel, Profile, StepFeatures
+from ferry.services.worker.sim_executor import SimExecutor
 
 TRUE = LatencyModel(base_s=0.004, per_prefill_token_s=5e-5, per_prefill_attn_s=1e-9,
                     per_decode_seq_s=2e-4, per_decode_context_s=3e-8)

@@ -11,16 +11,16 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from common.sampling import SamplingParams
-from services.worker.model.config import ModelConfig
-from services.worker.model.loader import build_random_model, load_model
-from services.worker.model.make_model import (
+from ferry.common.sampling import SamplingParams
+from ferry.services.worker.model.config import ModelConfig
+from ferry.services.worker.model.loader import build_random_model, load_model
+from ferry.services.worker.model.make_model import (
     PRESETS,
     make_model,
     write_random_weights,
 )
-from services.worker.model.tokenizer import IncrementalDetokenizer, Tokenizer
-from services.worker.runner import ModelRunner, RunnerConfig
+from ferry.services.worker.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from ferry.services.worker.runner import ModelRunner, RunnerConfig
 from tests.unit.model_helpers import FakeEngine
 
 

@@ -9,7 +9,7 @@ import contextlib
 
 import pytest
 
-from common import wire
+from ferry.common import wire
 from tests.unit.migration_harness import (
     Gateway,
     Network,

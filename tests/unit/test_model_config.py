@@ -7,7 +7,7 @@ import json
 import pytest
 import transformers
 
-from services.worker.model.config import ModelConfig, RopeScaling
+from ferry.services.worker.model.config import ModelConfig, RopeScaling
 
 LLAMA3_SCALING = {
     "factor": 8.0,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.worker.model.config import ModelConfig
-from services.worker.model.loader import (
+from ferry.services.worker.model.config import ModelConfig
+from ferry.services.worker.model.loader import (
     build_random_model,
     hf_weight_shapes,
     load_model,

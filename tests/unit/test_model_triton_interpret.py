@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None
-    or importlib.util.find_spec("kernels.attention_triton") is None,
+    or importlib.util.find_spec("ferry.kernels.attention_triton") is None,
     reason="needs triton and kernels/attention_triton.py",
 )
 
@@ -40,12 +40,12 @@ def _patched(tensor, scope):
     scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).item()))
 interpreter._patch_lang_tensor = _patched
 
-from common.sampling import SamplingParams
-from kernels import fused_ops
-from kernels.attention_triton import paged_attention_triton, write_kv_triton
-from services.worker.model.cuda_graphs import DecodeGraphs
-from services.worker.model.llama import ModelKernels
-from services.worker.runner import ModelRunner, RunnerConfig
+from ferry.common.sampling import SamplingParams
+from ferry.kernels.backend import fused_ops
+from ferry.kernels.attention_triton import paged_attention_triton, write_kv_triton
+from ferry.services.worker.model.cuda_graphs import DecodeGraphs
+from ferry.services.worker.model.llama import ModelKernels
+from ferry.services.worker.runner import ModelRunner, RunnerConfig
 from tests.unit.model_helpers import FakeEngine
 from tests.unit.test_runner import CONFIG
 

@@ -10,10 +10,10 @@ import random
 import pytest
 import torch
 
-from common.sampling import SamplingParams
-from services.worker.engine.batch import SeqChunk
-from services.worker.model.loader import load_model
-from services.worker.runner import ModelRunner, RunnerConfig, prepare_inputs
+from ferry.common.sampling import SamplingParams
+from ferry.services.worker.engine.batch import SeqChunk
+from ferry.services.worker.model.loader import load_model
+from ferry.services.worker.runner import ModelRunner, RunnerConfig, prepare_inputs
 from tests.unit.model_helpers import VOCAB_SIZE, FakeEngine, make_hf_model, save_hf_model, split
 
 GREEDY = SamplingParams(temperature=0.0, seed=0)

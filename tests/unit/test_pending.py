@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from common.wire import DispatchRejected, Placement, Release
-from services.scheduler.core import Pending, Released
-from services.scheduler.pending import PendingEntry, PendingQueue
+from ferry.common.wire import DispatchRejected, Placement, Release
+from ferry.services.scheduler.core import Pending, Released
+from ferry.services.scheduler.pending import PendingEntry, PendingQueue
 from tests.unit.test_scheduler_core import GATEWAY, make_core, register, report, request
 
 

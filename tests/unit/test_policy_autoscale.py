@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
-from services.scheduler.load import empty_load
+from ferry.services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
+from ferry.services.scheduler.load import empty_load
 
 COOLDOWN_S = 10.0
 

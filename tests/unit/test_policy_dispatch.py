@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from common.wire import Register
-from services.scheduler.dispatch import (
+from ferry.common.wire import Register
+from ferry.services.scheduler.dispatch import (
     POLICY_NAMES,
     LeastLoad,
     Llumnix,
@@ -16,8 +16,8 @@ from services.scheduler.dispatch import (
     RoundRobin,
     make_dispatch_policy,
 )
-from services.scheduler.load import empty_load
-from services.scheduler.table import InstanceTable, UnseenDispatch
+from ferry.services.scheduler.load import empty_load
+from ferry.services.scheduler.table import InstanceTable, UnseenDispatch
 
 
 def load(total=100, **fields):

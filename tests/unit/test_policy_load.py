@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from services.scheduler.load import (
+from ferry.services.scheduler.load import (
     WIRE_INF,
     demand_blocks,
     dispatch_freeness,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.scheduler.load import empty_load
-from services.scheduler.migration import MigrationDecision, pair_migrations
+from ferry.services.scheduler.load import empty_load
+from ferry.services.scheduler.migration import MigrationDecision, pair_migrations
 
 
 def load(total=100, **fields):

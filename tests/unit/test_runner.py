@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from common.sampling import SamplingParams
-from services.worker.engine.batch import ModelBatch, SeqChunk
-from services.worker.model.config import ModelConfig
-from services.worker.runner import ModelRunner, RunnerConfig, prepare_inputs
+from ferry.common.sampling import SamplingParams
+from ferry.services.worker.engine.batch import ModelBatch, SeqChunk
+from ferry.services.worker.model.config import ModelConfig
+from ferry.services.worker.runner import ModelRunner, RunnerConfig, prepare_inputs
 from tests.unit.model_helpers import FakeEngine, Req
 
 CONFIG = ModelConfig.from_hf_dict(

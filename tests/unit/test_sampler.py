@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.sampling import SamplingParams
-from services.worker.sampler import SamplingTensors, hash32, sample, uniform_from_hash
+from ferry.common.sampling import SamplingParams
+from ferry.services.worker.sampler import SamplingTensors, hash32, sample, uniform_from_hash
 
 # chi-square critical values at alpha = 1e-3, by degrees of freedom
 CHI2_CRIT = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 15: 37.70}

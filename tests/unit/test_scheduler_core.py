@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 
-from common.config import Endpoint, SchedulerConfig
-from common.sampling import SamplingParams
-from common.wire import (
+from ferry.common.config import Endpoint, SchedulerConfig
+from ferry.common.sampling import SamplingParams
+from ferry.common.wire import (
     Abort,
     Dispatch,
     DispatchRejected,
@@ -25,9 +25,9 @@ from common.wire import (
     ReRegister,
     SetDraining,
 )
-from services.scheduler.core import MIGRATION_LOST_AFTER_S, SchedulerCore, SchedulerError
-from services.scheduler.load import empty_load, migration_room
-from services.scheduler.migration import MigrationDecision
+from ferry.services.scheduler.core import MIGRATION_LOST_AFTER_S, SchedulerCore, SchedulerError
+from ferry.services.scheduler.load import empty_load, migration_room
+from ferry.services.scheduler.migration import MigrationDecision
 
 GATEWAY = "tcp://gateway:1"
 

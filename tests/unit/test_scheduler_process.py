@@ -19,10 +19,10 @@ import uvloop
 import zmq
 import zmq.asyncio
 
-from common import wire
-from common.config import Endpoint, SchedulerConfig
-from common.sampling import SamplingParams
-from common.wire import (
+from ferry.common import wire
+from ferry.common.config import Endpoint, SchedulerConfig
+from ferry.common.sampling import SamplingParams
+from ferry.common.wire import (
     Abort,
     AdminError,
     Dispatch,
@@ -41,11 +41,11 @@ from common.wire import (
     StatusReply,
     StatusRequest,
 )
-from common.zmq_util import request
-from services.scheduler.entry import add_arguments, config_from_args
-from services.scheduler.load import empty_load
-from services.scheduler.main import Scheduler
-from services.scheduler.provisioner import WorkerHandle, free_port
+from ferry.common.zmq_util import request
+from ferry.services.scheduler.entry import add_arguments, config_from_args
+from ferry.services.scheduler.load import empty_load
+from ferry.services.scheduler.main import Scheduler
+from ferry.services.scheduler.provisioner import WorkerHandle, free_port
 
 RECV_TIMEOUT_S = 3.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -517,7 +517,7 @@ def test_the_module_runs_answers_status_and_stops_on_sigterm():
         [
             sys.executable,
             "-m",
-            "services.scheduler",
+            "ferry.services.scheduler",
             "--port",
             str(port),
             "--admin-port",
@@ -598,7 +598,7 @@ class FakeProvisioner:
 
 
 def test_autoscale_starts_drains_and_stops_workers(monkeypatch):
-    monkeypatch.setattr("services.scheduler.main.AUTOSCALE_INTERVAL_S", 3600.0)  # ticks driven here
+    monkeypatch.setattr("ferry.services.scheduler.main.AUTOSCALE_INTERVAL_S", 3600.0)  # ticks driven here
     provisioner = FakeProvisioner()
     now = [0.0]
 

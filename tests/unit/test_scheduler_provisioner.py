@@ -1,4 +1,4 @@
-"""The local-process provisioner, with a stand-in for `python -m services.worker`."""
+"""The local-process provisioner, with a stand-in for `python -m ferry.services.worker`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from services.scheduler.provisioner import LocalProcessProvisioner
+from ferry.services.scheduler.provisioner import LocalProcessProvisioner
 
 # Writes its argv to the file named by its first argument, then waits to be stopped.
 # With "--ignore-term" it ignores SIGTERM (to exercise the SIGKILL path).

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from common.wire import LoadReport, Register
-from services.scheduler.load import empty_load
-from services.scheduler.table import InstanceTable, UnseenDispatch
+from ferry.common.wire import LoadReport, Register
+from ferry.services.scheduler.load import empty_load
+from ferry.services.scheduler.table import InstanceTable, UnseenDispatch
 
 
 def register(table, instance_id="a", num_blocks=100, now=0.0, req_ids=()):

@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 
-from common import wire
 from ferry import (
     AsyncClient,
     BadRequest,
@@ -17,6 +16,7 @@ from ferry import (
     Unavailable,
 )
 from ferry.client import MAX_BUFFERED_CHUNKS, _Replies
+from ferry.common import wire
 from ferry.errors import FerryError, error_from_reply
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.sim import Simulator
-from common.config import Endpoint, SchedulerConfig
-from services.worker.latency_model import Profile
+from ferry.bench.sim import Simulator
+from ferry.common.config import Endpoint, SchedulerConfig
+from ferry.services.worker.latency_model import Profile
 
 PROFILE = Path(__file__).parents[2] / "bench" / "profiles" / "llama2-7b-h200.json"
 OUTPUT_TOKENS = 1500  # ~6 s of decode steps: much longer than the 1 s autoscaler tick

@@ -12,8 +12,8 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, trainers
 
-from services.worker.model.make_model import write_tokenizer
-from services.worker.model.tokenizer import (
+from ferry.services.worker.model.make_model import write_tokenizer
+from ferry.services.worker.model.tokenizer import (
     REPLACEMENT_CHAR,
     IncrementalDetokenizer,
     Tokenizer,

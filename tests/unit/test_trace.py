@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.trace import (
+from ferry.bench.trace import (
     KINDS,
     MAX_LEN,
     POWER_LAW_MEANS,

@@ -9,9 +9,9 @@ import typing
 import msgpack
 import pytest
 
-from common import wire
-from common.codec import HEADER, PROTOCOL_VERSION, WireError
-from common.sampling import SamplingParams
+from ferry.common import wire
+from ferry.common.codec import HEADER, PROTOCOL_VERSION, WireError
+from ferry.common.sampling import SamplingParams
 
 
 def example(hint, depth=0):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from common.sampling import SamplingParams
+from ferry.common.sampling import SamplingParams
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

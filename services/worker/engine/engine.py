@@ -11,12 +11,12 @@ import random
 import time
 from dataclasses import dataclass, replace
 
-from common.config import EngineConfig
-from common.sampling import MAX_SEED, SamplingParams
-from services.worker.engine.batch import Executor, ModelBatch
-from services.worker.engine.block_manager import BlockManager
-from services.worker.engine.request import Request, RequestOutput, Status
-from services.worker.engine.scheduler import LocalScheduler, StepPlan
+from ferry.common.config import EngineConfig
+from ferry.common.sampling import MAX_SEED, SamplingParams
+from ferry.services.worker.engine.batch import Executor, ModelBatch
+from ferry.services.worker.engine.block_manager import BlockManager
+from ferry.services.worker.engine.request import Request, RequestOutput, Status
+from ferry.services.worker.engine.scheduler import LocalScheduler, StepPlan
 
 # Weight of the newest sample in the step-time moving average.
 STEP_TIME_EWMA_ALPHA = 0.2

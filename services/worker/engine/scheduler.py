@@ -19,10 +19,10 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
-from common.config import EngineConfig
-from services.worker.engine.batch import SeqChunk
-from services.worker.engine.block_manager import BlockManager
-from services.worker.engine.request import Request, RequestOutput, Status
+from ferry.common.config import EngineConfig
+from ferry.services.worker.engine.batch import SeqChunk
+from ferry.services.worker.engine.block_manager import BlockManager
+from ferry.services.worker.engine.request import Request, RequestOutput, Status
 
 
 @dataclass(slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from services.worker.engine.engine import Engine
+from ferry.services.worker.engine.engine import Engine
 
 # Blocks of headroom a moved request should leave at the destination for its growth.
 GROWTH_BLOCKS = 4

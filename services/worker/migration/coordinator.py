@@ -15,15 +15,15 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
-from common import wire
-from common.config import WorkerConfig
-from common.logging import get_logger
-from services.worker.engine.engine import Engine
-from services.worker.engine.request import RequestOutput, Status
-from services.worker.migration.choice import pick_request
-from services.worker.migration.incoming import IncomingMigration, IncomingRunner, InPhase
-from services.worker.migration.kv_transfer import KVTransport, SimulatedTransport
-from services.worker.migration.outgoing import (
+from ferry.common import wire
+from ferry.common.config import WorkerConfig
+from ferry.common.logging import get_logger
+from ferry.services.worker.engine.engine import Engine
+from ferry.services.worker.engine.request import RequestOutput, Status
+from ferry.services.worker.migration.choice import pick_request
+from ferry.services.worker.migration.incoming import IncomingMigration, IncomingRunner, InPhase
+from ferry.services.worker.migration.kv_transfer import KVTransport, SimulatedTransport
+from ferry.services.worker.migration.outgoing import (
     LocalCancel,
     MigrationLimits,
     OutgoingMigration,

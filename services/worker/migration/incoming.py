@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from common import wire
-from services.worker.engine.engine import Engine
-from services.worker.migration.state import from_wire
+from ferry.common import wire
+from ferry.services.worker.engine.engine import Engine
+from ferry.services.worker.migration.state import from_wire
 
 
 class InPhase(enum.Enum):

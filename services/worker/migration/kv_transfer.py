@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from common.logging import get_logger
+from ferry.common.logging import get_logger
 
 SENDER_RANK = 0
 RECEIVER_RANK = 1

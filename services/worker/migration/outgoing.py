@@ -21,10 +21,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from common import wire
-from services.worker.engine.engine import Engine
-from services.worker.engine.request import Request, Status
-from services.worker.migration.state import to_wire
+from ferry.common import wire
+from ferry.services.worker.engine.engine import Engine
+from ferry.services.worker.engine.request import Request, Status
+from ferry.services.worker.migration.state import to_wire
 
 
 class Phase(enum.Enum):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from common import wire
-from services.worker.engine.engine import ExportedRequest
+from ferry.common import wire
+from ferry.services.worker.engine.engine import ExportedRequest
 
 _WIRE_FIELDS = tuple(f.name for f in dataclasses.fields(wire.RequestState))
 

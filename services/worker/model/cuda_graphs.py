@@ -27,8 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.metadata import AttentionMetadata
-from services.worker.model.llama import LlamaModel
+from ferry.kernels.metadata import AttentionMetadata
+from ferry.services.worker.model.llama import LlamaModel
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 CONTEXT_BUCKETS = (4096, 32768)  # plus max_model_len

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import FusedOps, fused_ops
-from kernels.attention_torch import paged_attention_torch, write_kv_torch
-from kernels.kv_layout import layer_view
-from kernels.metadata import AttentionMetadata
-from services.worker.model.config import ModelConfig, RopeScaling
+from ferry.kernels.attention_torch import paged_attention_torch, write_kv_torch
+from ferry.kernels.backend import FusedOps, fused_ops
+from ferry.kernels.kv_layout import layer_view
+from ferry.kernels.metadata import AttentionMetadata
+from ferry.services.worker.model.config import ModelConfig, RopeScaling
 
 # write_kv(k [T, Hkv, D], v [T, Hkv, D], k_cache, v_cache, slot_mapping [T]) -> None
 WriteKV = Callable[..., None]

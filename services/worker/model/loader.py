@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kernels import FusedOps
-from services.worker.model.config import ModelConfig
-from services.worker.model.llama import LlamaModel, PagedAttention, WriteKV, build_empty_model
+from ferry.kernels.backend import FusedOps
+from ferry.services.worker.model.config import ModelConfig
+from ferry.services.worker.model.llama import LlamaModel, PagedAttention, WriteKV, build_empty_model
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

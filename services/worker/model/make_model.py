@@ -1,6 +1,6 @@
 """Make a random-weight model directory Ferry (and Hugging Face) can load, offline.
 
-    python -m services.worker.model.make_model tiny /tmp/tiny [--seed 0]
+    python -m ferry.services.worker.model.make_model tiny /tmp/tiny [--seed 0]
 
 Writes config.json, generation_config.json, tokenizer.json, tokenizer_config.json and
 the weights as safetensors (one file, or shards plus model.safetensors.index.json).
@@ -27,8 +27,13 @@ import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from services.worker.model.config import ModelConfig, RopeScaling
-from services.worker.model.loader import INDEX_FILE, SINGLE_FILE, hf_weight_shapes, random_hf_weight
+from ferry.services.worker.model.config import ModelConfig, RopeScaling
+from ferry.services.worker.model.loader import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    hf_weight_shapes,
+    random_hf_weight,
+)
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"

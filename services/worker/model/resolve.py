@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import env
+from ferry.common import env
 
 PRESET_NAMES = ("tiny", "llama2-7b", "llama3-8b")
 # "random:PRESET" names a preset's shape with random weights made in memory, no files.
@@ -28,7 +28,7 @@ def is_preset(name: str) -> bool:
 
 def preset_config(name: str):
     """The ModelConfig of "random:PRESET" (or of a bare preset name)."""
-    from services.worker.model.make_model import PRESETS
+    from ferry.services.worker.model.make_model import PRESETS
 
     preset = name.removeprefix(RANDOM_PREFIX)
     if preset not in PRESETS:
@@ -64,7 +64,7 @@ def resolve_model(name: str, *, create: bool = True, wait_s: float = 0.0) -> Pat
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / COMPLETE_MARKER).exists():
             return target
-        from services.worker.model.make_model import make_model  # torch: only when making
+        from ferry.services.worker.model.make_model import make_model  # torch: only when making
 
         partial = target.parent / f".{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)

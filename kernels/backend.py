@@ -10,7 +10,7 @@ Names: "torch" (reference, CPU and GPU), "triton" (paged prefill + split-K decod
 default on GPU), "flash" (flash-attn, only where importable and the block size is a
 multiple of 256), "auto" (triton on CUDA when Triton imports and takes the config, else
 torch). Triton and flash-attn are imported only when their backend is asked for, so
-this package imports on a machine with neither.
+this module imports on a machine with neither.
 
 The model's element-wise steps (RMSNorm with the residual add, rotary with the cache
 write, SiLU-and-multiply) come in two sets with the same calls: `fused_ops("torch")`
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention_torch import paged_attention_torch, write_kv_torch
+from ferry.kernels.attention_torch import paged_attention_torch, write_kv_torch
 
 BACKEND_NAMES = ("torch", "triton", "flash", "auto")
 
@@ -70,7 +70,7 @@ def _torch_backend() -> AttentionBackend:
 
 
 def _triton_backend() -> AttentionBackend:
-    from kernels.attention_triton import paged_attention_triton, write_kv_triton
+    from ferry.kernels.attention_triton import paged_attention_triton, write_kv_triton
 
     return AttentionBackend(
         name="triton", write_kv=write_kv_triton, paged_attention=paged_attention_triton
@@ -78,7 +78,7 @@ def _triton_backend() -> AttentionBackend:
 
 
 def _flash_backend() -> AttentionBackend:
-    from kernels.attention_flash import paged_attention_flash, write_kv_flash
+    from ferry.kernels.attention_flash import paged_attention_flash, write_kv_flash
 
     return AttentionBackend(
         name="flash", write_kv=write_kv_flash, paged_attention=paged_attention_flash
@@ -99,9 +99,9 @@ class FusedOps:
 def fused_ops(name: str) -> FusedOps:
     """The element-wise step set called `name` ("torch" or "triton"; see the module doc)."""
     if name == "torch":
-        from kernels import fused_torch as module
+        from ferry.kernels import fused_torch as module
     elif name == "triton":
-        from kernels import fused_triton as module
+        from ferry.kernels import fused_triton as module
     else:
         raise ValueError(f"unknown fused ops {name!r}; choose torch or triton")
     return FusedOps(
@@ -135,7 +135,7 @@ def get_backend(
         if triton_reason is not None:
             raise BackendUnavailableError(f"triton backend unavailable: {triton_reason}")
         return _triton_backend()
-    from kernels.attention_flash import unavailable_reason
+    from ferry.kernels.attention_flash import unavailable_reason
 
     flash_reason = unavailable_reason(
         device=device, block_size=block_size, head_dim=head_dim, dtype=dtype
