@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# How the cluster is launched: the CLI module with this interpreter (tests, benchmarks); a
+# test of what users run passes the installed `ferry` console script instead.
+CLI_MODULE = (sys.executable, "-m", "ferry.services.cli")
 
 
 def _free(port: int) -> bool:
@@ -51,14 +54,13 @@ class Cluster:
 
     def status(self) -> dict:
         out = subprocess.run(
-            [sys.executable, "-m", "ferry.services.cli", "status", "--json", "--admin-addr",
-             self.admin_addr], capture_output=True, text=True, cwd=REPO, check=True)
+            [*CLI_MODULE, "status", "--json", "--admin-addr", self.admin_addr],
+            capture_output=True, text=True, cwd=REPO, check=True)
         return json.loads(out.stdout)
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ferry.services.cli", *args, "--admin-addr",
-                               self.admin_addr], capture_output=True, text=True, cwd=REPO,
-                              check=check)
+        return subprocess.run([*CLI_MODULE, *args, "--admin-addr", self.admin_addr],
+                              capture_output=True, text=True, cwd=REPO, check=check)
 
     def wait_idle(self, timeout_s: float = 20.0) -> dict:
         """Until no request is in flight and every live instance's blocks are all free."""
@@ -83,7 +85,8 @@ class Cluster:
 
 
 def start_cluster(tmp_dir: Path, *, workers: int = 2, extra: tuple[str, ...] = (),
-                  model_cache: str | None = None, timeout_s: float = 240.0) -> Cluster:
+                  model_cache: str | None = None, timeout_s: float = 240.0,
+                  launcher: tuple[str, ...] = CLI_MODULE, cwd: Path = REPO) -> Cluster:
     base = free_port_base(workers)
     http_port, sdk_port = base + 10, base + 11
     log_dir = tmp_dir / "logs"
@@ -91,10 +94,10 @@ def start_cluster(tmp_dir: Path, *, workers: int = 2, extra: tuple[str, ...] = (
     if model_cache:
         env["FERRY_MODEL_CACHE"] = model_cache
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ferry.services.cli", "up", "--workers", str(workers), "--device", "cpu",
-         "--port-base", str(base), "--http-port", str(http_port), "--sdk-port", str(sdk_port),
-         "--log-dir", str(log_dir), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+        [*launcher, "up", "--workers", str(workers), "--device", "cpu", "--port-base", str(base),
+         "--http-port", str(http_port), "--sdk-port", str(sdk_port), "--log-dir", str(log_dir),
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
     deadline = time.monotonic() + timeout_s
     line = ""
     while time.monotonic() < deadline:
