@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from ferry.bench.engine_bench import HBM_BYTES_S, median_time
+from ferry.bench.engine_bench import copy_bandwidth_bytes_s, median_time
 
 
 def _runner(ops: str, args):
@@ -57,7 +57,7 @@ def _kernels_per_replay(graph) -> int:
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
-def measure(runner, ops: str, args) -> list[dict]:
+def measure(runner, ops: str, args, copy_bytes_s: float) -> list[dict]:
     import torch
 
     from ferry.bench.profile import synthetic_batch
@@ -87,7 +87,7 @@ def measure(runner, ops: str, args) -> list[dict]:
             bucket = next(b for b in graphs.len_buckets if b >= context)
             graph = graphs.graphs[bs, bucket]
             replay_ms = _replay_gpu_ms(graph, args.repeats)
-            roof_ms = (weight_bytes + batch_size * context * kv_per_token) / HBM_BYTES_S * 1e3
+            roof_ms = (weight_bytes + batch_size * context * kv_per_token) / copy_bytes_s * 1e3
             rows.append({
                 "ops": ops, "batch": batch_size, "context": context, "step_ms": step_ms,
                 "host_ms": statistics.median(host) * 1e3, "replay_ms": replay_ms,
@@ -117,18 +117,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    copy_bytes_s = copy_bandwidth_bytes_s("cuda")  # the roofline's bandwidth, this card's
+    print(f"{torch.cuda.get_device_name()}: copy {copy_bytes_s / 1e12:.2f} TB/s")
     print(f"{'ops':>7}{'batch':>6}{'ctx':>6}{'step ms':>9}{'host ms':>9}{'replay ms':>10}"
           f"{'rest ms':>9}{'kernels':>8}{'roof ms':>9}{'ratio':>7}")
     rows = []
     for ops in args.ops.split(","):
         runner = _runner(ops, args)
         with torch.inference_mode():
-            rows += measure(runner, ops, args)
+            rows += measure(runner, ops, args, copy_bytes_s)
         del runner
         torch.cuda.empty_cache()
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                              "rows": rows}, indent=1) + "\n")
+                                              "copy_bytes_s": copy_bytes_s, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Prints one table and writes JSON (--out):
 
 - decode step time (ModelRunner.execute: inputs, CUDA-graph replay, sampling, reading the
   tokens) at batch {1,16,64,256} x context {512,4096}, beside its roofline
-  (weight bytes + KV bytes read) / HBM bandwidth, and the ratio;
+  (weight bytes + KV bytes read) / the card's copy bandwidth, measured in the same run
+  (a 1 GiB device-to-device copy: bytes read + written per second), and the ratio;
 - prefill tokens/s and MFU at 2k and 8k tokens (one chunk; FLOPs = 2 x params x T
   + causal attention 2 x T^2 x head_dim x q_heads x layers);
 - end-to-end generation throughput at batch 64 (128-token prompts, 128 new tokens,
@@ -13,6 +14,8 @@ Prints one table and writes JSON (--out):
 
 When batch x context exceeds the KV cache, sequences share blocks (block ids modulo the
 cache): every sequence still reads its full context, so the bytes moved are as counted.
+The KV cache is sized from the card's free memory (at most 60 GiB), leaving room for the
+transformers baseline, so the same command runs on an 80 GB H100 and a 141 GB H200.
 """
 
 from __future__ import annotations
@@ -23,8 +26,46 @@ import statistics
 import time
 from pathlib import Path
 
-HBM_BYTES_S = 4.3e12  # measured H200 copy bandwidth (see docs/DESIGN.md)
-BF16_FLOPS = 790e12  # measured H200 dense bf16 matmul rate
+BF16_FLOPS = 790e12  # measured dense bf16 matmul rate of an H100 and an H200 (both ~790)
+MAX_KV_CACHE_GB = 60.0  # what the H200 results in bench/results/h200 used
+ACTIVATIONS_GIB = 6.0  # set aside for the runner's largest step and its CUDA graphs
+TRANSFORMERS_EXTRA_GIB = 8.0  # the baseline's KV and activations at batch 64, beside its weights
+
+
+def copy_bandwidth_bytes_s(device, nbytes: int = 2**30, repeats: int = 10) -> float:
+    """The device's copy rate, bytes read + written per second (median of `repeats` copies
+    of `nbytes`): the roofline's bandwidth, measured on the card that runs the bench."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync()
+        times.append(time.perf_counter() - start)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+def kv_cache_gb_from_free_memory(args) -> float:
+    """KV cache GiB: the free memory less the weights, the runner's activations and (unless
+    skipped) the transformers baseline, at most MAX_KV_CACHE_GB."""
+    import torch
+
+    from ferry.services.worker.model.resolve import preset_config
+
+    free_gib = torch.cuda.mem_get_info()[0] / 2**30
+    weights_gib = preset_config(args.preset).num_params * 2 / 2**30  # bf16
+    baseline_gib = 0.0 if args.skip_transformers else weights_gib + TRANSFORMERS_EXTRA_GIB
+    usable = 0.9 * (free_gib - weights_gib - ACTIVATIONS_GIB - baseline_gib)
+    if usable < 1.0:
+        raise SystemExit(f"only {free_gib:.0f} GiB free: too little for {args.preset} "
+                         "with the transformers baseline (try --skip-transformers)")
+    return min(MAX_KV_CACHE_GB, usable)
 
 
 def _runner(args):
@@ -38,7 +79,7 @@ def _runner(args):
         config = dataclasses.replace(config, num_layers=args.num_layers)
     return ModelRunner(RunnerConfig(
         model_config=config, random_on_device=True, device=args.device,
-        attention_backend=args.attention_backend, kv_cache_gb=args.kv_cache_gb,
+        attention_backend=args.attention_backend, kv_cache_gb=args.kv_cache_gb or None,
         max_num_seqs=256, max_num_tokens=8192 + 256, max_model_len=8192 + 16))
 
 
@@ -60,7 +101,7 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def decode_table(runner, args) -> list[dict]:
+def decode_table(runner, args, copy_bytes_s: float) -> list[dict]:
     from ferry.bench.profile import synthetic_batch
 
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
@@ -71,7 +112,7 @@ def decode_table(runner, args) -> list[dict]:
             batch = synthetic_batch(0, batch_size, context, block_size=runner.block_size,
                                     num_blocks=runner.num_blocks, vocab_size=runner.vocab_size)
             step_s = median_time(lambda b=batch: runner.execute(b), args.repeats)
-            roof_s = (weight_bytes + batch_size * context * kv_per_token) / HBM_BYTES_S
+            roof_s = (weight_bytes + batch_size * context * kv_per_token) / copy_bytes_s
             rows.append({"batch": batch_size, "context": context, "step_ms": step_s * 1e3,
                          "roofline_ms": roof_s * 1e3, "ratio": step_s / roof_s,
                          "aliased": batch_size * context > runner.num_blocks * runner.block_size})
@@ -153,7 +194,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to try the script)")
     parser.add_argument("--num-layers", type=int, default=0, help="override (quick checks)")
     parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--kv-cache-gb", type=float, default=60.0)
+    parser.add_argument("--kv-cache-gb", type=float, default=0.0,
+                        help="KV cache GiB; 0: from the free memory (at most 60)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--gen-batch", type=int, default=64)
     parser.add_argument("--skip-transformers", action="store_true")
@@ -163,14 +205,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
+    cuda = torch.device(args.device).type == "cuda"
+    if not args.kv_cache_gb:
+        args.kv_cache_gb = kv_cache_gb_from_free_memory(args) if cuda else 1.0
+    copy_bytes_s = copy_bandwidth_bytes_s(args.device)
     runner = _runner(args)
     result = {
         "device": torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",
+        "copy_bytes_s": copy_bytes_s, "kv_cache_gb": args.kv_cache_gb,
         "preset": args.preset,
         "num_layers": runner.model_config.num_layers, "dtype": str(runner.dtype),
         "attention_backend": runner.attention_backend, "cuda_graphs": runner.graphs is not None,
         "num_kv_blocks": runner.num_blocks,
-        "decode": decode_table(runner, args), "prefill": prefill_table(runner, args),
+        "decode": decode_table(runner, args, copy_bytes_s), "prefill": prefill_table(runner, args),
         "generate": generate_throughput(runner, args),
     }
     if args.out:
@@ -181,7 +228,9 @@ def run(args: argparse.Namespace) -> dict:
 def format_table(result: dict) -> str:
     lines = [f"engine bench: {result['preset']} ({result['num_layers']} layers, "
              f"{result['dtype']}, {result['attention_backend']}, graphs "
-             f"{result['cuda_graphs']}) on {result['device']}",
+             f"{result['cuda_graphs']}) on {result['device']}; copy "
+             f"{result['copy_bytes_s'] / 1e12:.2f} TB/s (the roofline's), KV "
+             f"{result['kv_cache_gb']:.0f} GiB",
              f"{'decode':<8}{'batch':>6}{'ctx':>6}{'step ms':>10}{'roof ms':>10}{'ratio':>7}"]
     for row in result["decode"]:
         lines.append(f"{'':<8}{row['batch']:>6}{row['context']:>6}{row['step_ms']:>10.3f}"
