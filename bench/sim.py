@@ -124,8 +124,9 @@ class Simulator:
         self.cfg = scheduler_config or SchedulerConfig(inbox=endpoint, admin=endpoint,
                                                        dispatch_policy=policy)
         self.cfg = dataclasses.replace(self.cfg, dispatch_policy=policy, autoscale=autoscale)
-        self.core = SchedulerCore(self.cfg, epoch="sim")
-        self.core.see_gateway(GATEWAY)
+        # The simulated scheduler never restarts: no start-up grace to wait out.
+        self.core = SchedulerCore(dataclasses.replace(self.cfg, startup_grace_s=0.0), epoch="sim")
+        self.core.see_gateway(GATEWAY, 0.0)
         self.migration = migration or MigrationCost()
         self.autoscaler = Autoscaler(
             min_workers=self.cfg.min_workers, max_workers=self.cfg.max_workers,

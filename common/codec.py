@@ -9,7 +9,9 @@ Frames of one message:
 
 Routers read only the header (`peek_tag`) and forward the frames unread.
 Decoding checks version, tag, size, arity and every field's type against the
-dataclass annotations; anything off raises WireError (never a crash further in).
+dataclass annotations, and the value checks a field declares with
+`Annotated[T, Check(...)]` (an address must be one a socket can dial); anything off
+raises WireError (never a crash further in).
 No pickle anywhere.
 """
 
@@ -24,12 +26,21 @@ from typing import Any, TypeVar
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct("!BH")
 # Default cap on one message's body; processes pass their configured limit.
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Check:
+    """A value check for a field annotated `Annotated[T, Check(...)]`: a decoded value
+    must satisfy `holds`, else the message is rejected saying it must be `what`."""
+
+    what: str
+    holds: Callable[[Any], bool]
 
 
 class WireError(Exception):
@@ -75,7 +86,7 @@ class Registry:
         params = getattr(cls, "__dataclass_params__", None)
         if params is None or not params.frozen:
             raise TypeError(f"{cls.__name__} must be a frozen dataclass")
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
         self._fields[cls] = tuple(
             (f.name, self._converter(hints[f.name], f"{cls.__name__}.{f.name}"))
             for f in dataclasses.fields(cls)
@@ -150,6 +161,19 @@ class Registry:
         """A function that checks a decoded msgpack value against `hint` and returns the
         Python value (tuples for tuple fields, instances for nested structs)."""
         origin = typing.get_origin(hint)
+        if origin is typing.Annotated:
+            base, *extras = typing.get_args(hint)
+            convert = self._converter(base, where)
+            checks = [c for c in extras if isinstance(c, Check)]
+
+            def checked(value: Any) -> Any:
+                value = convert(value)
+                for check in checks:
+                    if not check.holds(value):
+                        raise WireError(400, f"{where}: {value!r:.80} is not {check.what}")
+                return value
+
+            return checked
         if origin in (types.UnionType, typing.Union):
             options = [self._converter(a, where) for a in typing.get_args(hint) if a is not type(None)]
             nullable = type(None) in typing.get_args(hint)

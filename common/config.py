@@ -48,6 +48,12 @@ class SchedulerConfig:
     dispatch_policy: str = "llumnix"  # round_robin | least_load | llumnix
     heartbeat_timeout_s: float = 2.0  # silence past this marks an instance dead
     view_interval_s: float = 1.0  # InstanceView to gateways
+    # After a start, no InstanceView for this long (workers re-register meanwhile), so a
+    # restarted scheduler's empty table never replaces the gateways' view of the instances.
+    startup_grace_s: float = 2.0
+    # A gateway silent this long (its GatewayHello comes every second) is gone: workers
+    # drop its requests, whose output nobody reads any more.
+    gateway_timeout_s: float = 10.0
     # --- migration (DESIGN §5) ---
     enable_migration: bool = True
     migration_interval_s: float = 0.2  # how often pairs are formed
@@ -82,6 +88,9 @@ class EngineConfig:
     admission_watermark: float = 0.01  # fraction of blocks kept free when admitting
 
 
+DEFAULT_BLOCK_SIZE = 16  # tokens per KV block, unless a worker is configured otherwise
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerConfig:
     instance_id: str
@@ -92,7 +101,7 @@ class WorkerConfig:
     executor: str = "model"  # model | sim
     sim_profile: str = ""  # profile JSON for the sim executor
     attention_backend: str = "auto"  # torch | triton | flash | auto
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     num_blocks: int = 0  # 0: derive from kv_cache_gb / free memory
     kv_cache_gb: float = field(default_factory=env.kv_cache_gb)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -103,4 +112,8 @@ class WorkerConfig:
     migration_timeout_s: float = 30.0  # a migration with no progress for this long aborts
     migration_chunk_bytes: int = 256 * 1024 * 1024  # one send (NCCL peaks at >= 256 MiB)
     migration_verify_kv: bool = False  # checksum the KV at commit (costs a read of it)
+    # SIGTERM: requests migrate away for at most this long before the worker exits (what
+    # is still here then is replayed by the gateways); keep it below the supervisor's stop
+    # timeout (compose stop_grace_period, systemd TimeoutStopSec).
+    drain_timeout_s: float = 25.0
     max_frame_bytes: int = field(default_factory=env.max_frame_bytes)

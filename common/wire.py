@@ -11,21 +11,26 @@ CLI talk request/reply over ROUTER/DEALER):
     SDK client --DEALER--> gateway.sdk (ROUTER)        GenerateRequest, CancelRequest
     gateway    --PUSH--> scheduler.inbox               Dispatch, Release, GatewayHello
     scheduler  --PUSH--> worker.inbox                  Dispatch (forwarded unread), Abort,
-                                                       MigrateOut, SetDraining, ReRegister
+                                                       MigrateOut, SetDraining, ReRegister,
+                                                       GatewayGone
     scheduler  --PUSH--> gateway.inbox                 Placement, DispatchRejected,
                                                        InstanceView, InstanceDown
     worker     --PUSH--> gateway.inbox (reply_addr)    Tokens, RequestError
-    worker     --PUSH--> scheduler.inbox               Register, LoadReport, MigrationDone
+    worker     --PUSH--> scheduler.inbox               Register, LoadReport, MigrationDone,
+                                                       Leaving
     worker     --PUSH--> worker.inbox                  Mig* (migration control)
-    ferry CLI  --DEALER--> scheduler.admin (ROUTER)    StatusRequest, MigrateCommand, ...
+    ferry CLI  --DEALER--> scheduler.admin (ROUTER)    StatusRequest, MigrateCommand,
+                                                       DrainCommand
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Annotated
 
-from ferry.common.codec import PROTOCOL_VERSION, Registry, WireError, peek_tag
+from ferry.common.codec import PROTOCOL_VERSION, Check, Registry, WireError, peek_tag
 from ferry.common.sampling import SamplingParams
 
 __all__ = ["PROTOCOL_VERSION", "WireError", "peek_tag", "REGISTRY", "encode", "decode", "Priority"]
@@ -35,6 +40,29 @@ encode = REGISTRY.encode
 decode = REGISTRY.decode
 
 REGISTRY.struct(SamplingParams)
+
+_TCP_ENDPOINT = re.compile(r"tcp://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]*):(\d{1,5})")
+_LOCAL_ENDPOINT = re.compile(r"(?:ipc|inproc)://\S+")
+_HOST_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]*):(\d{1,5})")
+
+
+def is_endpoint(value: str) -> bool:
+    """A ZMQ address a socket can dial: tcp://HOST:PORT (a name, IPv4 or [IPv6], port
+    1-65535), ipc://PATH or inproc://NAME. Not a bind form (tcp://*:N)."""
+    if match := _TCP_ENDPOINT.fullmatch(value):
+        return 0 < int(match.group(1)) < 65536
+    return _LOCAL_ENDPOINT.fullmatch(value) is not None
+
+
+def is_host_port_or_empty(value: str) -> bool:
+    match = _HOST_PORT.fullmatch(value)
+    return value == "" or (match is not None and 0 < int(match.group(1)) < 65536)
+
+
+# Every address field a process will later send to: checked when the message is decoded,
+# so a bad one is refused with the message (and logged) instead of failing a send later.
+DialAddr = Annotated[str, Check("a ZMQ endpoint (tcp://HOST:PORT, ipc://PATH)", is_endpoint)]
+HostPortOrEmpty = Annotated[str, Check("HOST:PORT", is_host_port_or_empty)]
 
 
 class Priority(IntEnum):
@@ -112,8 +140,12 @@ class Dispatch:
     output_token_ids: tuple[int, ...]  # tokens already delivered (failure replay), else ()
     sampling: SamplingParams  # seed resolved by the gateway (never None)
     priority: int  # Priority value
-    reply_addr: str  # gateway inbox address; Tokens go there (PUSH)
+    reply_addr: DialAddr  # gateway inbox address; Tokens go there (PUSH)
     arrival_s: float  # gateway wall clock (time.time()) when the request arrived
+    # The gateway's dispatch attempt for req_id: 0, then +1 for every replay or re-dispatch.
+    # Tokens and RequestError echo it; the gateway takes output from the current one only,
+    # so a copy left on an instance wrongly declared dead can never reach the client.
+    attempt: int = 0
 
     @property
     def prompt_len(self) -> int:
@@ -137,7 +169,11 @@ class GatewayHello:
     gateway learns the instances (and can report healthy) before its first request."""
 
     gateway_id: str
-    inbox_addr: str  # where the scheduler sends InstanceView, Placement, ...
+    inbox_addr: DialAddr  # where the scheduler sends InstanceView, Placement, ...
+    # Every req_id this gateway process makes starts with it (new on each start). Sent
+    # every second as the gateway's heartbeat: a gateway silent too long, or a new prefix
+    # at the same inbox, makes the scheduler tell the workers to drop the old requests.
+    req_id_prefix: str = ""
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,7 +200,7 @@ class DispatchRejected:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InstanceAddr:
     instance_id: str
-    inbox_addr: str  # worker inbox (advertised form)
+    inbox_addr: DialAddr  # worker inbox (advertised form)
 
 
 @REGISTRY.message(22)
@@ -197,6 +233,7 @@ class Tokens:
     first_index: int  # output index of token_ids[0]
     token_ids: tuple[int, ...]  # new output tokens (may be empty with a finish_reason)
     finish_reason: str | None  # "length" | "stop" | "abort" | None
+    attempt: int = 0  # Dispatch.attempt of the copy that made them
 
 
 @REGISTRY.message(31)
@@ -206,6 +243,7 @@ class RequestError:
     instance_id: str
     code: int  # 400 the request can't run (e.g. too long), 500 engine failure
     message: str
+    attempt: int = 0  # Dispatch.attempt of the copy that failed
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,7 +255,7 @@ class RequestError:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Register:
     instance_id: str
-    inbox_addr: str  # advertised address of the worker's inbox
+    inbox_addr: DialAddr  # advertised address of the worker's inbox
     num_blocks: int  # KV capacity in blocks
     block_size: int  # tokens per block
     max_model_len: int  # longest sequence the model accepts
@@ -250,11 +288,26 @@ class LoadFields:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LoadReport:
     instance_id: str
-    inbox_addr: str  # lets a restarted scheduler ask an unknown instance to re-register
+    inbox_addr: DialAddr  # lets a restarted scheduler ask an unknown instance to re-register
     seq: int  # report counter, increasing
     num_dispatch_received: int  # Dispatch messages seen so far: the scheduler counts the
     # load of later dispatches on top of this report
     load: LoadFields
+    # Every request it holds, in every report_every-th report (about once a second), else
+    # None: the scheduler reconciles its placement table with it (no phantom entries).
+    req_ids: tuple[str, ...] | None = None
+
+
+@REGISTRY.message(43)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Leaving:
+    """Worker -> scheduler, when it is asked to stop (SIGTERM): with done=False (sent with
+    every load report until it is empty) the scheduler drains it, migrating its requests
+    away; with done=True, just before it exits, the scheduler forgets it at once (gateways
+    replay anything it still held, without waiting for the heartbeat timeout)."""
+
+    instance_id: str
+    done: bool
 
 
 @REGISTRY.message(42)
@@ -290,6 +343,19 @@ class MigrationDone:
 class Abort:
     req_id: str
     reason: str
+    attempt: int | None = None  # abort only this Dispatch.attempt's copy; None: any copy
+
+
+@REGISTRY.message(54)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayGone:
+    """Scheduler -> every worker: a gateway died (silent past the scheduler's
+    gateway_timeout_s) or restarted (a new req_id_prefix at its inbox). Nobody reads the
+    output of its requests any more: drop each one whose reply_addr is inbox_addr and whose
+    req_id starts with req_id_prefix, with no output, and free its KV."""
+
+    inbox_addr: DialAddr
+    req_id_prefix: str
 
 
 @REGISTRY.message(51)
@@ -297,7 +363,7 @@ class Abort:
 class MigrateOut:
     migration_id: str  # chosen by the scheduler, echoed in MigrationDone
     dst_instance_id: str
-    dst_inbox_addr: str
+    dst_inbox_addr: DialAddr
     req_id: str | None  # None: the source picks (shortest running, low priority first)
     max_stages: int = -1  # stages before the pausing one; -1: the worker's limit, 0: stop-and-copy
     # Blocks the moved request may take at dst (the scheduler's view: its free blocks, less
@@ -331,7 +397,7 @@ class MigPrealloc:
     migration_id: str
     req_id: str
     src_instance_id: str
-    src_inbox_addr: str  # where the destination answers
+    src_inbox_addr: DialAddr  # where the destination answers
     num_blocks: int  # blocks to reserve now (the request's current blocks + growth)
     kv_block_bytes: int  # bytes of one KV block; the peers must agree
     group_id: str | None  # pairwise KV group the source already shares with dst, if any
@@ -345,7 +411,7 @@ class MigPreallocReply:
     ok: bool
     reason: str  # why not, when ok is False
     group_id: str  # pairwise KV group to use
-    store_addr: str  # "host:port" of the group's rendezvous store (dst hosts it)
+    store_addr: HostPortOrEmpty  # "host:port" of the group's rendezvous store (dst hosts it)
     dst_rank: int  # the destination's rank in the group (0 or 1)
 
 
@@ -382,10 +448,11 @@ class RequestState:
     num_delivered: int  # output tokens already sent to the gateway
     sampling: SamplingParams
     priority: int
-    reply_addr: str
+    reply_addr: DialAddr
     arrival_s: float
     num_computed_tokens: int  # tokens whose KV the destination now holds
     num_preemptions: int
+    attempt: int = 0  # Dispatch.attempt of this copy (its Tokens carry it on)
 
 
 @REGISTRY.message(64)
@@ -428,7 +495,7 @@ class StatusRequest:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InstanceStatus:
     instance_id: str
-    inbox_addr: str
+    inbox_addr: DialAddr
     alive: bool
     load: LoadFields
     freeness: float  # the policy's F (DESIGN §5); inf encoded as a large number
@@ -477,3 +544,24 @@ class MigrateCommandReply:
 class AdminError:
     code: int
     message: str
+
+
+@REGISTRY.message(85)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DrainCommand:
+    """`ferry drain INSTANCE`: take no new requests there and migrate every request it
+    holds (running and queued) to the other instances; the reply comes when none is left
+    or at the timeout. cancel: take requests again (after a drain)."""
+
+    instance_id: str
+    timeout_s: float  # how long the CLI waits for the instance to be empty
+    cancel: bool = False
+
+
+@REGISTRY.message(86)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DrainReply:
+    ok: bool  # drained (or, with cancel, serving again)
+    reason: str  # why not, else ""
+    num_left: int  # requests it still holds
+

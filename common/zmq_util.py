@@ -30,6 +30,11 @@ class Overloaded(Exception):
     """A bounded queue is full; the caller answers 'overloaded' (HTTP 429)."""
 
 
+class BadAddress(ValueError):
+    """No socket can connect to this address (decoding rejects such addresses; this is the
+    last guard, for addresses from configuration)."""
+
+
 def make_context() -> zmq.asyncio.Context:
     return zmq.asyncio.Context.instance()
 
@@ -101,7 +106,11 @@ class Outboxes:
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, self.hwm)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(addr)
+            try:
+                sock.connect(addr)
+            except zmq.ZMQError as err:
+                sock.close(linger=0)
+                raise BadAddress(f"cannot connect to {addr!r}: {err}") from None
             self._sockets[addr] = sock
         return sock
 
@@ -109,7 +118,8 @@ class Outboxes:
         self.send_frames(addr, wire.encode(msg))
 
     def send_frames(self, addr: str, frames: list[bytes]) -> None:
-        """Queue frames for addr without blocking; Overloaded when the peer's queue is full."""
+        """Queue frames for addr without blocking; Overloaded when the peer's queue is full,
+        BadAddress when addr cannot be connected to."""
         try:
             self._socket(addr).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -120,9 +130,10 @@ class Outboxes:
         if sock is not None:
             sock.close(linger=0)
 
-    def close(self) -> None:
+    def close(self, *, linger_ms: int = 0) -> None:
+        """Close every socket; linger_ms: how long queued messages may still go out."""
         for sock in self._sockets.values():
-            sock.close(linger=0)
+            sock.close(linger=linger_ms)
         self._sockets.clear()
 
 

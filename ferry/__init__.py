@@ -27,7 +27,7 @@ _SDK_NAMES = {
     "Client": "ferry.client", "Completion": "ferry.client", "Stream": "ferry.client",
     "FerryError": "ferry.errors", "BadRequest": "ferry.errors", "Unauthorized": "ferry.errors",
     "Overloaded": "ferry.errors", "Unavailable": "ferry.errors", "Timeout": "ferry.errors",
-    "ServerError": "ferry.errors",
+    "ServerError": "ferry.errors", "ConnectionLost": "ferry.errors",
 }
 
 __all__ = list(_SDK_NAMES)

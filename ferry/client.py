@@ -25,12 +25,14 @@ from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from ferry.common import env, wire
 from ferry.common.codec import WireError
 from ferry.common.sampling import SamplingParams
 from ferry.errors import (
     BadRequest,
+    ConnectionLost,
     FerryError,
     Overloaded,
     ServerError,
@@ -50,6 +52,11 @@ MAX_BUFFERED_CHUNKS = 256
 REPLY_MESSAGES = (wire.TokenChunk, wire.ErrorReply)
 RETRYABLE = (Overloaded, Unavailable)  # refused before running: safe to send again
 MAX_READ_BATCH = 256  # replies routed per wake-up of the reader
+# ZMTP heartbeats on the connection: a gateway that stops answering them (a dead host, a
+# cut network) counts as disconnected after HEARTBEAT_TIMEOUT_MS; a killed process is
+# seen at once (its socket closes). Requests in flight then fail with ConnectionLost.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +87,10 @@ class _Replies:
         self.chunks: deque[wire.TokenChunk] = deque()
         self.error: FerryError | None = None
         self.event = asyncio.Event()
+
+    def fail(self, error: FerryError) -> None:
+        self.error = error
+        self.event.set()
 
     def put(self, msg: wire.TokenChunk | wire.ErrorReply) -> None:
         if isinstance(msg, wire.ErrorReply):
@@ -131,6 +142,7 @@ class AsyncClient:
         self._replies: dict[str, _Replies] = {}  # client_req_id -> its replies
         self._socket: zmq.asyncio.Socket | None = None  # made in the running loop
         self._reader: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None  # the connection's monitor
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -139,10 +151,11 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._reader = self._watcher = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -240,9 +253,28 @@ class AsyncClient:
         if self._socket is None:
             self._socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
             self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+            monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             self._socket.connect(self.addr)
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            loop = asyncio.get_running_loop()
+            self._reader = loop.create_task(self._read())
+            self._watcher = loop.create_task(self._watch(monitor))
         return self._socket
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """Fail the requests in flight when the connection to the gateway breaks (they
+        are lost with it); the socket reconnects by itself for the next ones."""
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    lost, self._replies = self._replies, {}
+                    for replies in lost.values():
+                        replies.fail(ConnectionLost(f"lost the connection to the gateway at "
+                                                    f"{self.addr} with the request in flight"))
+        finally:
+            monitor.close(linger=0)
 
     async def _read(self) -> None:
         """Route every reply to its request; replies of finished requests are dropped.

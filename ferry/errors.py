@@ -40,6 +40,14 @@ class Unavailable(FerryError):
     code = 503
 
 
+class ConnectionLost(Unavailable):
+    """The connection to the gateway broke (it died or restarted, or the network failed:
+    seen within ~3 s by heartbeats) while the request was in flight; whether it ran is
+    unknown. Retried like Unavailable when it had no output yet and retries are allowed."""
+
+    code = 0
+
+
 class Timeout(FerryError, TimeoutError):
     """The request's deadline passed (504 from the gateway, or the client's own timer).
     `partial` holds what arrived before, when anything did."""

@@ -1,4 +1,4 @@
-"""`ferry status` and `ferry migrate`: the admin client of the scheduler."""
+"""`ferry status`, `ferry migrate` and `ferry drain`: the admin client of the scheduler."""
 
 from __future__ import annotations
 
@@ -101,3 +101,20 @@ def main_migrate(argv: list[str] | None = None) -> None:
     if not reply.ok:
         print(f"ferry migrate: {reply.reason}", file=sys.stderr)
         sys.exit(1)
+
+
+def main_drain(argv: list[str] | None = None) -> None:
+    parser = _admin_parser("ferry drain", "Empty an instance: no new requests, and every "
+                           "request it holds migrates to the others (zero-drop restarts).")
+    parser.add_argument("instance_id")
+    parser.add_argument("--cancel", action="store_true", help="take requests again")
+    parser.set_defaults(timeout=120.0)
+    args = parser.parse_args(argv)
+    reply = _ask(args.admin_addr, wire.DrainCommand(instance_id=args.instance_id,
+                                                   timeout_s=args.timeout, cancel=args.cancel),
+                 args.timeout + 2.0, (wire.DrainReply,))
+    if not reply.ok:
+        print(f"ferry drain: {reply.reason} ({reply.num_left} requests left)", file=sys.stderr)
+        sys.exit(1)
+    print(f"{args.instance_id}: serving again" if args.cancel else
+          f"{args.instance_id}: drained, holds no request (stop it now; SIGTERM drains too)")

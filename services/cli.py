@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("ferry.services.generate", "offline generation in one process, JSON out"),
     "status": ("ferry.services.admin", "instances, requests and migrations of a cluster"),
     "migrate": ("ferry.services.admin", "migrate one request now"),
+    "drain": ("ferry.services.admin", "move every request off an instance (zero-drop restart)"),
     "make-model": ("ferry.services.worker.model.make_model", "write a random-weight model directory"),
     "profile": ("ferry.bench.profile", "measure engine step times and fit the sim latency model"),
     "bench": ("ferry.bench.cli", "traces, load driver, simulator, GPU benchmarks"),

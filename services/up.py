@@ -2,8 +2,9 @@
 
 Starts the scheduler, the gateway and N workers as child processes, waits until the
 gateway is healthy and every worker has registered, prints the endpoints, and on Ctrl-C
-or SIGTERM stops every child (SIGTERM, then SIGKILL after a grace period). Children also
-get SIGTERM from the kernel if this process dies, so nothing is left behind.
+or SIGTERM stops every child (SIGINT: stop now, the whole cluster goes; then SIGKILL after
+a grace period). Children also get SIGINT from the kernel if this process dies, so nothing
+is left behind. (A worker given SIGTERM drains first: that is for stopping one of many.)
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class Cluster:
     def stop(self) -> None:
         for _, proc in self.children:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGINT)
         deadline = time.monotonic() + STOP_GRACE_S
         for _, proc in self.children:
             try:
@@ -167,11 +168,11 @@ def worker_devices(device: str, num_workers: int) -> list[str]:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent dies (Linux), own process group
+    """In the child, before exec: SIGINT when the parent dies (Linux), own process group
     so a terminal's Ctrl-C reaches only `ferry up`, which then stops children in order."""
     os.setpgrp()
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
     except OSError:
         pass
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 import zmq
@@ -55,6 +56,9 @@ CLUSTER_MESSAGES = (
 )
 SWEEP_INTERVAL_S = 0.05  # timeouts and the bypass check run this often
 PROBE_INTERVAL_S = 0.5  # announce this gateway to the scheduler this often until a view comes
+HELLO_INTERVAL_S = 1.0  # then this often: the scheduler's heartbeat of this gateway
+MAX_ATTEMPTS = 8  # dispatches of one request (first run, replays); then it fails with 503
+MAX_STALE_TOLD = 4096  # (req_id, attempt, instance) stale copies told to stop, remembered
 
 
 class Sink(Protocol):
@@ -88,7 +92,7 @@ class Gateway:
         self.send_to_cluster = Outboxes(zmq.Context.shadow(ctx.underlying))
         self.cluster_backlogged = False  # the inbox had more queued than one batch takes
         self.num_tokenizing = 0  # long prompts being tokenized in threads (not yet submitted)
-        self.num_probes = 0  # announce() calls so far
+        self.stale_told: dict[tuple[str, int, str], None] = {}  # see stop_stale_copy
         self.sdk = SdkFrontend(self, ctx)
         self.http = HttpApi(self)
         self.cluster_handlers = {
@@ -144,23 +148,31 @@ class Gateway:
             now = time.monotonic()
             for req in self.table.expired(now):
                 self.deliver(self.table.finish(req.req_id, "timeout"))
-            if self.routes.view is None and now - last_probe >= PROBE_INTERVAL_S:
+            interval = PROBE_INTERVAL_S if self.routes.view is None else HELLO_INTERVAL_S
+            if now - last_probe >= interval:
                 last_probe = now
                 self.announce()
             if not self.cluster_backlogged and self.routes.check(now):
                 self.metrics.bypass.set(1)
+                lost = self.table.never_placed()
                 log.warning(
                     "bypass_mode_on", silent_s=round(now - self.routes.last_heard, 3),
-                    num_instances=self.routes.num_instances,
+                    num_instances=self.routes.num_instances, num_redispatched=len(lost),
                 )
+                # Sent to the scheduler before it fell silent, with no word back: they may
+                # be lost with it, so they go straight to the workers now (a new attempt:
+                # a copy the scheduler did forward cannot reach the client).
+                for req in lost:
+                    self.replay(req, "re-dispatch in bypass mode")
 
     def announce(self) -> None:
-        """Make the scheduler learn this gateway's inbox, so that it sends instance views
-        before the first request."""
-        self.num_probes += 1
+        """Tell the scheduler this gateway lives (its heartbeat, HELLO_INTERVAL_S): it
+        learns the inbox and sends instance views before the first request, and it tells
+        the workers to drop this process's requests once the hellos stop."""
         try:
             self.send_to_cluster.send(self.config.scheduler_addr, wire.GatewayHello(
-                gateway_id=self.config.gateway_id, inbox_addr=self.config.inbox.advertise))
+                gateway_id=self.config.gateway_id, inbox_addr=self.config.inbox.advertise,
+                req_id_prefix=self.table.id_prefix))
         except Overloaded:
             pass  # the scheduler is not reading: the next hello tries again
 
@@ -224,6 +236,15 @@ class Gateway:
     # ---- cluster messages -------------------------------------------------------------
 
     def handle_tokens(self, msg: wire.Tokens) -> None:
+        req = self.table.get(msg.req_id)
+        if req is None:
+            return  # finished already: a late message
+        if req.attempt != msg.attempt:
+            self.stop_stale_copy(msg.req_id, msg.attempt, msg.instance_id)
+            return
+        unasked_abort = msg.finish_reason == "abort"  # the gateway ends aborts itself
+        if unasked_abort:
+            msg = replace(msg, finish_reason=None)  # keep its tokens, not its ending
         try:
             delta = self.table.on_tokens(msg)
         except GapOverflow as err:
@@ -231,11 +252,29 @@ class Gateway:
             return
         if delta is not None:
             self.deliver(delta)
+        if unasked_abort and self.table.get(msg.req_id) is req:
+            self.replay(req, f"{msg.instance_id} dropped it")
 
     def handle_request_error(self, msg: wire.RequestError) -> None:
-        req = self.table.get(msg.req_id)
+        req = self.table.current(msg.req_id, msg.attempt)
         if req is not None:
             self.fail(req, msg.code, f"{msg.instance_id}: {msg.message}")
+
+    def stop_stale_copy(self, req_id: str, attempt: int, instance_id: str) -> None:
+        """Output of an earlier attempt: ignored, and its instance is told (once) to drop
+        that copy, which would otherwise run to max_tokens for nobody."""
+        key = (req_id, attempt, instance_id)
+        addr = self.routes.addr_of(instance_id)
+        if key in self.stale_told or addr is None:
+            return
+        self.stale_told[key] = None
+        while len(self.stale_told) > MAX_STALE_TOLD:
+            del self.stale_told[next(iter(self.stale_told))]
+        try:
+            self.send_to_cluster.send(addr, wire.Abort(req_id=req_id, reason="stale copy",
+                                                       attempt=attempt))
+        except Overloaded:
+            pass
 
     def handle_placement(self, msg: wire.Placement) -> None:
         self.routes.heard(time.monotonic())
@@ -257,18 +296,23 @@ class Gateway:
             log.info("scheduler_restarted", scheduler_epoch=msg.scheduler_epoch,
                      num_redispatched=len(lost))
             for req in lost:
-                self.redispatch(req, "re-dispatch after a scheduler restart")
+                self.replay(req, "re-dispatch after a scheduler restart")
 
     def handle_instance_down(self, msg: wire.InstanceDown) -> None:
         self.routes.heard(time.monotonic())
-        reqs = self.table.take_from(msg.instance_id)
+        reqs = [req for req in self.table.active() if req.instance_id == msg.instance_id]
         log.warning("instance_down", instance_id=msg.instance_id, num_replayed=len(reqs))
         for req in reqs:
-            self.metrics.replays.inc()
-            self.redispatch(req, f"replay after {msg.instance_id} died")
+            self.replay(req, f"replay after {msg.instance_id} died")
 
-    def redispatch(self, req: Request, why: str) -> None:
-        """Dispatch a request the gateway already tracks again; fail it if refused."""
+    def replay(self, req: Request, why: str) -> None:
+        """Dispatch a tracked request again as a new attempt (prompt + delivered tokens);
+        fail it if refused, or once it has been dispatched MAX_ATTEMPTS times."""
+        if req.attempt + 1 >= MAX_ATTEMPTS:
+            self.fail(req, 503, f"{why}: interrupted {req.attempt + 1} times, giving up")
+            return
+        self.table.reset_for_replay(req)
+        self.metrics.replays.inc()
         try:
             self.dispatch(req)
         except Rejected as err:

@@ -12,6 +12,11 @@ Per request, output indices look like this:
 
 A Tokens message with indices below num_delivered is a resend: those indices are dropped.
 Indices past a gap wait in `pending` (bounded) until the gap fills.
+
+Fencing: every Dispatch of a request carries its attempt number (0, then +1 for each
+replay or re-dispatch), and only Tokens and errors of the current attempt count. A copy
+left running on an instance that was declared dead and came back, or one a scheduler
+forwarded just before it died, can never add, end or fail the client's stream.
 """
 
 from __future__ import annotations
@@ -101,7 +106,7 @@ class Request:
     direct_addr: str | None = None  # worker inbox, when dispatched in bypass mode
     # The scheduler epoch it was last dispatched through (None: bypass, or no view yet).
     dispatch_epoch: str | None = None
-    num_replays: int = 0
+    attempt: int = 0  # the current Dispatch.attempt; output of any other is ignored
     first_token_time: float = 0.0  # monotonic, 0 until the first token (metrics)
     last_token_time: float = 0.0  # monotonic, at the last delivered token (metrics)
 
@@ -136,7 +141,8 @@ class RequestTable:
         self.reply_addr = reply_addr  # gateway inbox, where workers send Tokens
         self.max_pending_tokens = max_pending_tokens
         self._rng = rng or random.Random()
-        self._id_prefix = f"{gateway_id}-{secrets.token_hex(3)}-"
+        # Every req_id of this gateway process starts with it (GatewayHello.req_id_prefix).
+        self.id_prefix = f"{gateway_id}-{secrets.token_hex(3)}-"
         self._counter = itertools.count()
         self._reqs: dict[str, Request] = {}
         # (deadline, req_id) heap; entries of finished requests are skipped, and dropped
@@ -174,7 +180,7 @@ class RequestTable:
         if changes:
             sampling = replace(sampling, **changes)
         req = Request(
-            req_id=self._id_prefix + str(next(self._counter)),
+            req_id=self.id_prefix + str(next(self._counter)),
             prompt_token_ids=prompt_token_ids,
             sampling=sampling,
             priority=priority,
@@ -205,6 +211,7 @@ class RequestTable:
             priority=req.priority,
             reply_addr=self.reply_addr,
             arrival_s=req.arrival_s,
+            attempt=req.attempt,
         )
 
     def remove(self, req_id: str) -> Request | None:
@@ -218,12 +225,18 @@ class RequestTable:
         if req is not None:
             req.instance_id = msg.instance_id
 
+    def current(self, req_id: str, attempt: int) -> Request | None:
+        """The request, if `attempt` is its current one (else the message is stale)."""
+        req = self._reqs.get(req_id)
+        return req if req is not None and req.attempt == attempt else None
+
     def on_tokens(self, msg: wire.Tokens) -> Delta | None:
-        """Merge one Tokens message; the Delta of newly deliverable output, if any.
-        Raises GapOverflow when too many tokens wait behind a gap."""
-        req = self._reqs.get(msg.req_id)
+        """Merge one Tokens message of the current attempt (the caller checks with
+        `current`); the Delta of newly deliverable output, if any. Raises GapOverflow when
+        too many tokens wait behind a gap."""
+        req = self.current(msg.req_id, msg.attempt)
         if req is None:
-            return None  # finished, aborted or failed already: a late message
+            return None  # finished, aborted or failed already, or a stale copy's output
         end = msg.first_index + len(msg.token_ids)
         if end >= req.num_seen:  # the most advanced sender holds the request now
             req.num_seen = end
@@ -324,20 +337,27 @@ class RequestTable:
             and req.dispatch_epoch is not None and req.dispatch_epoch != scheduler_epoch
         ]
 
-    def take_from(self, instance_id: str) -> list[Request]:
-        """Requests the (dead) instance held, reset for replay: their gap buffers are
-        dropped (the replay regenerates those indices) and their holder is unknown."""
-        out = []
-        for req in self._reqs.values():
-            if req.instance_id == instance_id:
-                req.instance_id = None
-                req.direct_addr = None
-                req.pending.clear()
-                req.finish_at = None
-                req.num_seen = req.num_delivered
-                req.num_replays += 1
-                out.append(req)
-        return out
+    def never_placed(self) -> list[Request]:
+        """Requests sent to the scheduler with no word back (no Placement, no token): when
+        it falls silent, these may be lost with it."""
+        return [req for req in self._reqs.values()
+                if req.instance_id is None and req.direct_addr is None and req.num_seen == 0]
+
+    def active(self) -> list[Request]:
+        """Every request in flight (a copy: the caller may finish some)."""
+        return list(self._reqs.values())
+
+    @staticmethod
+    def reset_for_replay(req: Request) -> None:
+        """Make req ready to be dispatched again as a new attempt: its gap buffer is
+        dropped (the replay regenerates those indices), its holder unknown, and output of
+        the earlier attempts is ignored from now on."""
+        req.instance_id = None
+        req.direct_addr = None
+        req.pending.clear()
+        req.finish_at = None
+        req.num_seen = req.num_delivered
+        req.attempt += 1
 
 
 

@@ -13,16 +13,18 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from ferry.common.config import SchedulerConfig
+from ferry.common.config import DEFAULT_BLOCK_SIZE, SchedulerConfig
 from ferry.common.logging import get_logger
 from ferry.common.wire import (
     Abort,
     Dispatch,
     DispatchRejected,
+    GatewayGone,
     InstanceAddr,
     InstanceDown,
     InstanceStatus,
     InstanceView,
+    Leaving,
     LoadFields,
     LoadReport,
     MigrateOut,
@@ -58,7 +60,14 @@ MAX_GATEWAYS = 256  # gateway addresses remembered (least recently seen forgotte
 MAX_ABORT_REASONS = 64  # distinct abort reasons counted; the rest count as "other"
 MAX_RECENTLY_RELEASED = 16_384  # released req_ids remembered (see migration_done)
 MIGRATION_LOST_AFTER_S = 120.0  # no MigrationDone this long after MigrateOut: count it lost
-DEAD_FORGET_AFTER_S = 600.0  # a dead instance stays in `ferry status` this long
+DEAD_SHOWN_S = 30.0  # a dead instance stays in `ferry status` this long (alive=False)
+# Dead instances remembered past that (at most MAX_TOMBSTONES, for TOMBSTONE_S): one that
+# comes back later still has to drop the requests replayed elsewhere.
+TOMBSTONE_S = 3600.0
+MAX_TOMBSTONES = 4096
+# Reconciling a worker's list of the requests it holds (LoadReport.req_ids): an entry
+# here that the list has left out twice, placed at least this long ago, is a phantom.
+PHANTOM_MIN_AGE_S = 2.0
 
 log = get_logger()
 
@@ -77,6 +86,14 @@ class HeldReq:
     instance_id: str  # the instance holding the request now
     priority: int
     gateway_addr: str | None  # its gateway's inbox; None when adopted from a Register
+    since_s: float = 0.0  # when it was placed on instance_id (or adopted there)
+    missing: bool = False  # the holder's last list of its requests left it out
+
+
+@dataclass(slots=True)
+class GatewaySeen:
+    req_id_prefix: str  # of the gateway process at this inbox ("" until its first hello)
+    last_seen_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +146,11 @@ class SchedulerCore:
         epoch: str,
         max_queued_per_instance: int = DEFAULT_MAX_QUEUED_PER_INSTANCE,
         migrate_margin: float | None = None,
+        started_s: float = 0.0,
     ) -> None:
         self.cfg = cfg
         self.epoch = epoch  # changes on every scheduler start
+        self.started_s = started_s  # monotonic; views wait cfg.startup_grace_s after it
         self.max_queued_per_instance = max_queued_per_instance
         self.table = InstanceTable()
         self.dispatch_policy = make_dispatch_policy(
@@ -139,9 +158,13 @@ class SchedulerCore:
         )
         self.reqs: dict[str, HeldReq] = {}  # req_id -> holder, for every request in flight
         self.migrations: dict[str, InFlightMigration] = {}  # migration_id -> migration
-        self.gateways: dict[str, None] = {}  # gateway inbox addresses, least recently seen first
+        self.gateways: dict[str, GatewaySeen] = {}  # inbox -> gateway, least recently seen first
         self.recently_released: dict[str, None] = {}
         self.dead_since: dict[str, float] = {}  # instance_id -> when it was declared dead
+        self.tombstones: dict[str, float] = {}  # instance_id -> declared dead, past DEAD_SHOWN_S
+        # Instances being emptied (`ferry drain`, a worker stopping): draining, and every
+        # request they hold is migrated away, whatever the dispatch policy.
+        self.evacuating: set[str] = set()
         self.reregister_sent_s: dict[str, float] = {}  # instance_id -> last ReRegister sent
         self.counters = Counters()
         self._migration_numbers = itertools.count()
@@ -171,14 +194,43 @@ class SchedulerCore:
 
     # ---- gateway -> scheduler -----------------------------------------------------------
 
-    def see_gateway(self, addr: str) -> Out:
-        """Remember a gateway inbox; a new one gets the instance view at once."""
-        is_new = addr not in self.gateways
-        self.gateways.pop(addr, None)
-        self.gateways[addr] = None
+    def in_grace(self, now: float) -> bool:
+        """Just started: the table may not hold every live instance yet."""
+        return now - self.started_s < self.cfg.startup_grace_s
+
+    def see_gateway(self, addr: str, now: float, req_id_prefix: str = "") -> Out:
+        """A gateway lives (any message of it; its GatewayHello gives its req_id_prefix).
+        A new one gets the instance view at once (after the start-up grace); a new prefix
+        at a known inbox means that gateway restarted: its old requests are orphans."""
+        seen = self.gateways.pop(addr, None)
+        out: Out = []
+        if seen is None:
+            seen = GatewaySeen(req_id_prefix, now)
+            if not self.in_grace(now):
+                out.append((addr, self.instance_view()))
+        elif req_id_prefix and req_id_prefix != seen.req_id_prefix:
+            if seen.req_id_prefix:
+                out += self._gateway_gone(addr, seen.req_id_prefix, reason="restarted")
+            seen.req_id_prefix = req_id_prefix
+        seen.last_seen_s = now
+        self.gateways[addr] = seen
         while len(self.gateways) > MAX_GATEWAYS:
             del self.gateways[next(iter(self.gateways))]
-        return [(addr, self.instance_view())] if is_new else []
+        return out
+
+    def _gateway_gone(self, addr: str, req_id_prefix: str, *, reason: str) -> Out:
+        """Forget a dead gateway's requests; its workers drop them (GatewayGone)."""
+        orphans = [r for r, h in self.reqs.items()
+                   if h.gateway_addr == addr and r.startswith(req_id_prefix)]
+        for req_id in orphans:
+            del self.reqs[req_id]
+        if self.pending is not None:
+            for req_id in self.pending.req_ids():
+                if req_id.startswith(req_id_prefix):
+                    self.pending.remove(req_id)
+        log.warning("gateway_gone", gateway_inbox=addr, reason=reason, num_reqs=len(orphans))
+        gone = GatewayGone(inbox_addr=addr, req_id_prefix=req_id_prefix)
+        return [(inst.inbox_addr, gone) for inst in self.table if inst.alive]
 
     def dispatch(
         self, req: Dispatch, *, now: float = 0.0, payload: Any = None
@@ -195,6 +247,14 @@ class SchedulerCore:
             log.info("dispatch_duplicate_ignored", req_id=req.req_id)
             return Pending(req.req_id)
         open_ = self._open_instances()
+        if isinstance(open_, tuple) and self.pending is not None and self.in_grace(now) \
+                and not self.pending.is_full:
+            # Just restarted: the instances are re-registering; hold it until one has room
+            # (its demand in the workers' default block size: none has told its own yet).
+            need = demand_blocks(req.prompt_len, DEFAULT_BLOCK_SIZE)
+            self.pending.add(PendingEntry(req.req_id, need, now, (req, payload),
+                                          priority=req.priority))
+            return Pending(req.req_id)
         if isinstance(open_, tuple):
             return self._reject(req, *open_)
         if self.pending is not None:
@@ -207,7 +267,7 @@ class SchedulerCore:
                                               priority=req.priority))
                 return Pending(req.req_id)
             open_ = roomy
-        return self._place(req, open_)
+        return self._place(req, open_, now)
 
     def release_pending(self, now: float) -> tuple[list[Released], Out]:
         """Place the pending requests that now fit (first fit in arrival order, high
@@ -229,7 +289,7 @@ class SchedulerCore:
                 continue
             # Among the instances with room for it (none when it waited its longest).
             roomy = self._with_room(open_, entry.demand_blocks) or open_
-            placed.append(Released(self._place(req, roomy), req, payload))
+            placed.append(Released(self._place(req, roomy, now), req, payload))
         return placed, out
 
     def _open_instances(self) -> dict[str, LoadFields] | tuple[int, str]:
@@ -261,7 +321,7 @@ class SchedulerCore:
         block_size = min(self.table[i].block_size for i in loads)
         return demand_blocks(req.prompt_len, block_size)
 
-    def _place(self, req: Dispatch, open_: dict[str, LoadFields]) -> str:
+    def _place(self, req: Dispatch, open_: dict[str, LoadFields], now: float) -> str:
         instance_id = self.dispatch_policy.choose(
             open_, high_priority=req.priority == Priority.HIGH
         )
@@ -274,7 +334,7 @@ class SchedulerCore:
                 high_priority=req.priority == Priority.HIGH,
             ),
         )
-        self.reqs[req.req_id] = HeldReq(instance_id, req.priority, req.reply_addr)
+        self.reqs[req.req_id] = HeldReq(instance_id, req.priority, req.reply_addr, now)
         self.counters.num_dispatched += 1
         return instance_id
 
@@ -316,11 +376,12 @@ class SchedulerCore:
           which gateways must replay (InstanceDown)."""
         prev = self.table.get(msg.instance_id)
         out: Out = []
-        was_dead = prev is not None and not prev.alive
+        was_dead = (prev is not None and not prev.alive) or msg.instance_id in self.tombstones
         if prev is not None and prev.alive and not msg.req_ids and self._held_by(msg.instance_id):
             out += self._instance_down(msg.instance_id, now, reason="restarted")
         self.table.register(msg, now)
         self.dead_since.pop(msg.instance_id, None)
+        self.tombstones.pop(msg.instance_id, None)
         self.reregister_sent_s.pop(msg.instance_id, None)
         log.info(
             "instance_registered",
@@ -342,6 +403,7 @@ class SchedulerCore:
                 msg.instance_id,
                 held.priority if held else priorities.get(req_id, Priority.NORMAL),
                 held.gateway_addr if held else None,
+                now,
             )
         return out
 
@@ -349,13 +411,39 @@ class SchedulerCore:
         """Apply a report; an instance we do not know (or declared dead) is asked to
         register again, at most every heartbeat_timeout_s / 2."""
         if self.table.apply_report(msg, now):
-            return []
+            return [] if msg.req_ids is None else self._reconcile(msg, now)
         last = self.reregister_sent_s.get(msg.instance_id)
         if last is not None and now - last < self.cfg.heartbeat_timeout_s / 2:
             return []
         self.reregister_sent_s[msg.instance_id] = now
         log.info("reregister_requested", instance_id=msg.instance_id)
         return [(msg.inbox_addr, ReRegister(scheduler_epoch=self.epoch))]
+
+    def _reconcile(self, msg: LoadReport, now: float) -> Out:
+        """Match the placement table with the requests the instance says it holds:
+        - held here per the table, left out of two lists in a row, and placed more than
+          PHANTOM_MIN_AGE_S ago (so not a Dispatch still on its way): a phantom, dropped;
+        - listed but unknown here: adopted (a scheduler restart, a lost Placement), or,
+          if its gateway released it, aborted again (the first Abort was lost)."""
+        listed = set(msg.req_ids or ())
+        for req_id in self._held_by(msg.instance_id):
+            held = self.reqs[req_id]
+            if req_id in listed:
+                held.missing = False
+            elif held.missing and now - held.since_s > PHANTOM_MIN_AGE_S:
+                del self.reqs[req_id]
+                log.info("phantom_request_dropped", req_id=req_id, instance_id=msg.instance_id)
+            else:
+                held.missing = True
+        out: Out = []
+        for req_id in listed:
+            if req_id in self.reqs:
+                continue  # here, or elsewhere while it migrates (MigrationDone decides)
+            if req_id in self.recently_released:
+                out.append((msg.inbox_addr, Abort(req_id=req_id, reason="released")))
+            else:
+                self.reqs[req_id] = HeldReq(msg.instance_id, Priority.NORMAL, None, now)
+        return out
 
     def migration_done(self, msg: MigrationDone) -> Out:
         """Count the outcome; on commit the request's holder is now dst, its gateway learns."""
@@ -391,19 +479,29 @@ class SchedulerCore:
     # ---- periodic -----------------------------------------------------------------------
 
     def expire(self, now: float) -> Out:
-        """Heartbeats, migrations that never reported, and old dead instances."""
+        """Heartbeats of instances and gateways, migrations that never reported, and old
+        dead instances."""
         out: Out = []
         for instance_id in self.table.silent_since(now - self.cfg.heartbeat_timeout_s):
             out += self._instance_down(instance_id, now, reason="heartbeat timeout")
+        for addr, seen in list(self.gateways.items()):
+            if now - seen.last_seen_s > self.cfg.gateway_timeout_s:
+                del self.gateways[addr]
+                if seen.req_id_prefix:
+                    out += self._gateway_gone(addr, seen.req_id_prefix, reason="silent")
         for mig in list(self.migrations.values()):
             if now - mig.started_s > MIGRATION_LOST_AFTER_S:
                 del self.migrations[mig.migration_id]
                 self.table.end_migration(mig.src_instance_id, mig.dst_instance_id)
                 self.counters.count_abort("no MigrationDone")
         for instance_id, since in list(self.dead_since.items()):
-            if now - since > DEAD_FORGET_AFTER_S:
+            if now - since > DEAD_SHOWN_S:
                 del self.dead_since[instance_id]
                 self.table.remove(instance_id)
+                self.tombstones[instance_id] = since
+        for instance_id, since in list(self.tombstones.items()):
+            if now - since > TOMBSTONE_S or len(self.tombstones) > MAX_TOMBSTONES:
+                del self.tombstones[instance_id]
         for instance_id, sent_s in list(self.reregister_sent_s.items()):
             if now - sent_s > self.cfg.heartbeat_timeout_s:
                 del self.reregister_sent_s[instance_id]
@@ -420,7 +518,10 @@ class SchedulerCore:
             ),
         )
 
-    def broadcast_view(self) -> Out:
+    def broadcast_view(self, now: float) -> Out:
+        """The view for every gateway; none in the start-up grace (see `in_grace`)."""
+        if self.in_grace(now):
+            return []
         view = self.instance_view()
         return [(addr, view) for addr in self.gateways]
 
@@ -489,13 +590,80 @@ class SchedulerCore:
         return self.migrate(decision, now)
 
     def drain(self, instance_id: str) -> Out:
+        """No new requests for the instance (the autoscaler's scale-down: its requests
+        finish there, or move as the migration policy decides)."""
         inst = self._live(instance_id)
         self.table.set_draining(instance_id)
         log.info("instance_draining", instance_id=instance_id)
         return [(inst.inbox_addr, SetDraining(draining=True))]
 
+    def evacuate(self, instance_id: str) -> Out:
+        """Drain the instance and migrate everything it holds away (`evacuation`)."""
+        out = [] if instance_id in self.evacuating else self.drain(instance_id)
+        self.evacuating.add(instance_id)
+        return out
+
+    def cancel_drain(self, instance_id: str) -> Out:
+        inst = self._live(instance_id)
+        self.evacuating.discard(instance_id)
+        self.table.set_draining(instance_id, False)
+        log.info("instance_serving_again", instance_id=instance_id)
+        return [(inst.inbox_addr, SetDraining(draining=False))]
+
+    def leaving(self, msg: Leaving, now: float) -> Out:
+        """A worker stops: evacuate it, or, once it exits (done), forget it."""
+        inst = self.table.get(msg.instance_id)
+        if inst is None or not inst.alive:
+            return []
+        if msg.done:
+            self.evacuating.discard(msg.instance_id)
+            return self.terminate(msg.instance_id, now)
+        return self.evacuate(msg.instance_id)
+
+    def num_held(self, instance_id: str) -> int:
+        """Requests the instance holds: per the placement table and its last report."""
+        load = self.table.load(instance_id)
+        return max(len(self._held_by(instance_id)), load.num_running + load.num_waiting)
+
+    def is_drained(self, instance_id: str) -> bool:
+        """Draining, holding nothing, and no migration out of it still running."""
+        inst = self.table.get(instance_id)
+        return (inst is not None and inst.alive and inst.draining
+                and self.num_held(instance_id) == 0
+                and not any(m.src_instance_id == instance_id for m in self.migrations.values()))
+
+    def evacuation(self, now: float) -> Out:
+        """For each evacuating instance, migrations out (up to max_migrations_per_instance
+        at once), each to the live non-draining instance with the most room for it after
+        the others' growth; the source worker picks the request (queued ones first)."""
+        out: Out = []
+        serving = self.table.loads(serving_only=True)
+        for instance_id in sorted(self.evacuating):
+            inst = self.table.get(instance_id)
+            if inst is None or not inst.alive:
+                self.evacuating.discard(instance_id)
+                continue
+            moving = [m for m in self.migrations.values() if m.src_instance_id == instance_id]
+            busy = len(moving)
+            if self.num_held(instance_id) <= busy:
+                continue
+            # One migration per pair at a time: a pair's KV goes over one ordered channel.
+            paired = {m.dst_instance_id for m in moving}
+            rooms = sorted(((self._room_for_migration(i, keep_growth=True), i)
+                            for i in serving if i not in paired), reverse=True)
+            for room, dst in rooms[: self.cfg.max_migrations_per_instance - busy]:
+                if room <= 0:
+                    break
+                try:
+                    out += self.migrate(MigrationDecision(instance_id, dst), now,
+                                        keep_growth=True)[1]
+                except SchedulerError as err:
+                    log.debug("evacuation_skipped", reason=err.message)
+        return out
+
     def terminate(self, instance_id: str, now: float) -> Out:
         """The instance is being stopped: forget it (gateways replay anything it still held)."""
+        self.evacuating.discard(instance_id)
         out: Out = []
         inst = self.table.get(instance_id)
         if inst is not None and inst.alive and self._held_by(instance_id):

@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d["view_interval_s"],
         help="how often gateways get the instance view",
     )
+    add("--startup-grace-s", type=float, default=d["startup_grace_s"],
+        help="no instance view this long after start (workers re-register meanwhile)")
+    add("--gateway-timeout-s", type=float, default=d["gateway_timeout_s"],
+        help="a gateway silent this long is gone: workers drop its requests")
     add("--enable-migration", action=argparse.BooleanOptionalAction, default=d["enable_migration"])
     add("--migration-interval-s", type=float, default=d["migration_interval_s"])
     add(
@@ -137,6 +141,8 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         dispatch_policy=args.dispatch_policy,
         heartbeat_timeout_s=args.heartbeat_timeout_s,
         view_interval_s=args.view_interval_s,
+        startup_grace_s=args.startup_grace_s,
+        gateway_timeout_s=args.gateway_timeout_s,
         enable_migration=args.enable_migration,
         migration_interval_s=args.migration_interval_s,
         migrate_out_threshold=args.migrate_out_threshold,

@@ -33,7 +33,10 @@ from ferry.common.wire import (
     AdminError,
     Dispatch,
     DispatchRejected,
+    DrainCommand,
+    DrainReply,
     GatewayHello,
+    Leaving,
     LoadReport,
     MigrateCommand,
     MigrateCommandReply,
@@ -62,8 +65,8 @@ from ferry.services.scheduler.core import (
 )
 from ferry.services.scheduler.provisioner import LocalProcessProvisioner
 
-INBOX_TYPES = (Dispatch, Release, GatewayHello, Register, LoadReport, MigrationDone)
-ADMIN_TYPES = (StatusRequest, MigrateCommand)
+INBOX_TYPES = (Dispatch, Release, GatewayHello, Register, LoadReport, MigrationDone, Leaving)
+ADMIN_TYPES = (StatusRequest, MigrateCommand, DrainCommand)
 MAX_ADMIN_WAITS = 64  # MigrateCommands waiting for their MigrationDone at once; more get 429
 MAX_ADMIN_TIMEOUT_S = 600.0
 AUTOSCALE_INTERVAL_S = 1.0
@@ -93,6 +96,7 @@ class Scheduler:
             epoch=uuid.uuid4().hex[:12],
             max_queued_per_instance=max_queued_per_instance,
             migrate_margin=migrate_margin,
+            started_s=clock(),
         )
         self.autoscaler = make_autoscaler(cfg) if cfg.autoscale else None
         self.provisioner = provisioner
@@ -108,12 +112,16 @@ class Scheduler:
             Register: self.handle_register,
             LoadReport: self.handle_load_report,
             MigrationDone: self.handle_migration_done,
+            Leaving: self.handle_leaving,
         }
         self.admin_handlers: dict[type, Callable[[list[bytes], Any], None]] = {
             StatusRequest: self.handle_status,
             MigrateCommand: self.handle_migrate_command,
+            DrainCommand: self.handle_drain_command,
         }
         self.admin_waits: dict[str, asyncio.Future[MigrationDone]] = {}  # migration_id -> outcome
+        # `ferry drain` commands waiting for their instance to be empty: (route, id, deadline)
+        self.drain_waits: list[tuple[list[bytes], str, float]] = []
         self.admin_tasks: set[asyncio.Task] = set()
         self.num_admin_rejected = 0  # malformed or unexpected admin messages
         self.num_handler_errors = 0  # exceptions raised by a handler (bugs; the loop goes on)
@@ -142,8 +150,8 @@ class Scheduler:
             tasks.create_task(self.serve_admin())
             tasks.create_task(self.every(self.cfg.heartbeat_timeout_s / 4, self.check_heartbeats))
             tasks.create_task(self.every(self.cfg.view_interval_s, self.broadcast_view))
-            if self.core.migration_hooks:
-                tasks.create_task(self.every(self.cfg.migration_interval_s, self.rebalance))
+            # migration policy (when it has hooks) and evacuations of draining instances
+            tasks.create_task(self.every(self.cfg.migration_interval_s, self.rebalance))
             if self.autoscaler is not None:
                 tasks.create_task(self.every(AUTOSCALE_INTERVAL_S, self.autoscale))
             if self.core.pending is not None:
@@ -191,8 +199,9 @@ class Scheduler:
     # ---- peers ----------------------------------------------------------------------------
 
     def handle_dispatch(self, req: Dispatch, frames: list[bytes]) -> None:
-        self.send_all(self.core.see_gateway(req.reply_addr))
-        placed = self.core.dispatch(req, now=self.clock(), payload=frames)
+        now = self.clock()
+        self.send_all(self.core.see_gateway(req.reply_addr, now))
+        placed = self.core.dispatch(req, now=now, payload=frames)
         if isinstance(placed, DispatchRejected):
             self.send(req.reply_addr, placed)
         elif not isinstance(placed, Pending):
@@ -216,7 +225,7 @@ class Scheduler:
         self.send_all(out)
 
     def handle_gateway_hello(self, msg: GatewayHello, frames: list[bytes]) -> None:
-        self.send_all(self.core.see_gateway(msg.inbox_addr))
+        self.send_all(self.core.see_gateway(msg.inbox_addr, self.clock(), msg.req_id_prefix))
 
     def handle_release(self, msg: Release, frames: list[bytes]) -> None:
         self.send_all(self.core.release(msg))
@@ -228,6 +237,9 @@ class Scheduler:
         self.send_all(self.core.load_report(msg, self.clock()))
         if self.core.pending:
             self.release_pending()
+
+    def handle_leaving(self, msg: Leaving, frames: list[bytes]) -> None:
+        self.send_all(self.core.leaving(msg, self.clock()))
 
     def handle_migration_done(self, msg: MigrationDone, frames: list[bytes]) -> None:
         self.send_all(self.core.migration_done(msg))
@@ -283,6 +295,49 @@ class Scheduler:
             route, MigrateCommandReply(ok=done.committed, reason=done.reason, done=done)
         )
 
+    def handle_drain_command(self, route: list[bytes], msg: DrainCommand) -> None:
+        """Evacuate an instance and answer once it is empty (or at the timeout); with
+        cancel, make it take requests again and answer at once."""
+        if not (msg.timeout_s > 0 and math.isfinite(msg.timeout_s)):
+            self.send_to_admin(route, AdminError(code=400,
+                                                 message="timeout_s must be a positive number"))
+            return
+        if len(self.drain_waits) >= MAX_ADMIN_WAITS:
+            self.send_to_admin(route, AdminError(code=429, message="too many drains waiting"))
+            return
+        try:
+            out = (self.core.cancel_drain(msg.instance_id) if msg.cancel
+                   else self.core.evacuate(msg.instance_id))
+        except SchedulerError as err:
+            self.send_to_admin(route, AdminError(code=err.code, message=err.message))
+            return
+        self.send_all(out)
+        if msg.cancel:
+            self.send_to_admin(route, DrainReply(ok=True, reason="", num_left=0))
+            return
+        timeout_s = min(msg.timeout_s, MAX_ADMIN_TIMEOUT_S)
+        self.drain_waits.append((route, msg.instance_id, self.clock() + timeout_s))
+        self.answer_drains()
+
+    def answer_drains(self) -> None:
+        """Answer the drain commands whose instance is now empty, dead, or out of time."""
+        now, waiting = self.clock(), []
+        for route, instance_id, deadline in self.drain_waits:
+            inst = self.core.table.get(instance_id)
+            if self.core.is_drained(instance_id):
+                self.send_to_admin(route, DrainReply(ok=True, reason="", num_left=0))
+            elif inst is None or not inst.alive:
+                self.send_to_admin(route, DrainReply(
+                    ok=False, reason=f"{instance_id} is gone (its requests were replayed)",
+                    num_left=0))
+            elif now >= deadline:
+                self.send_to_admin(route, DrainReply(
+                    ok=False, reason="timed out; it keeps draining",
+                    num_left=self.core.num_held(instance_id)))
+            else:
+                waiting.append((route, instance_id, deadline))
+        self.drain_waits = waiting
+
     def send_to_admin(self, route: list[bytes], msg: Any) -> None:
         try:
             self.recv_from_admin.send_multipart([*route, *wire.encode(msg)], flags=zmq.NOBLOCK)
@@ -296,10 +351,14 @@ class Scheduler:
         self.send_all(self.core.expire(self.clock()))
 
     def broadcast_view(self) -> None:
-        self.send_all(self.core.broadcast_view())
+        self.send_all(self.core.broadcast_view(self.clock()))
 
     def rebalance(self) -> None:
-        self.send_all(self.core.rebalance(self.clock()))
+        now = self.clock()
+        self.send_all(self.core.rebalance(now))
+        self.send_all(self.core.evacuation(now))
+        if self.drain_waits:
+            self.answer_drains()
 
     def autoscale(self) -> None:
         assert self.autoscaler is not None and self.provisioner is not None
@@ -326,11 +385,13 @@ class Scheduler:
             self.send(addr, msg)
 
     def send(self, addr: str, msg: Any) -> None:
+        """Queue msg for addr. One that cannot be queued (a full queue, an address no
+        socket reaches) is counted and logged; it never stops the sends after it."""
         try:
             self.send_to_peers.send(addr, msg)
-        except Overloaded:
+        except Exception as err:  # Overloaded, BadAddress, or a bug: contained to this msg
             self.num_send_dropped += 1
-            log.warning("send_dropped", addr=addr, type=type(msg).__name__)
+            log.warning("send_dropped", addr=addr, type=type(msg).__name__, error=str(err))
 
     def close(self) -> None:
         for task in self.admin_tasks:

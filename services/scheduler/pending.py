@@ -69,6 +69,10 @@ class PendingQueue:
         self._priority_of[entry.req_id] = entry.priority
         self.demand_blocks += entry.demand_blocks
 
+    def req_ids(self) -> list[str]:
+        """Every held request's id (a copy)."""
+        return list(self._priority_of)
+
     def remove(self, req_id: str) -> PendingEntry | None:
         """Forget a request (its gateway released it): None if it is not here."""
         priority = self._priority_of.pop(req_id, None)

@@ -27,7 +27,7 @@ from ferry.common.logging import get_logger
 
 WORKER_COMMAND = (sys.executable, "-m", "ferry.services.worker")
 DEFAULT_WORKER_ARGS = "--instance-id {instance_id} --port {port} --scheduler-addr {scheduler_addr}"
-# After SIGTERM, a worker gets this long to exit before SIGKILL.
+# After SIGINT, a worker gets this long to exit before SIGKILL.
 STOP_GRACE_S = 10.0
 
 log = get_logger()
@@ -61,7 +61,7 @@ class LocalProcessProvisioner:
         self.command = tuple(command)
         self.env = env
         self.procs: dict[str, subprocess.Popen] = {}  # running (or not yet reaped)
-        self.stopping: dict[str, float] = {}  # instance_id -> SIGTERM deadline (monotonic)
+        self.stopping: dict[str, float] = {}  # instance_id -> SIGKILL deadline (monotonic)
         self._numbers = itertools.count()
 
     def argv(self, instance_id: str, port: int) -> list[str]:
@@ -79,13 +79,14 @@ class LocalProcessProvisioner:
         return WorkerHandle(instance_id=instance_id, pid=proc.pid)
 
     def stop_worker(self, instance_id: str, *, now: float | None = None) -> None:
-        """SIGTERM now; `reap` sends SIGKILL if it is still there after STOP_GRACE_S."""
+        """SIGINT now (stop at once: the autoscaler drained it first; SIGTERM would make it
+        drain again); `reap` sends SIGKILL if it is still there after STOP_GRACE_S."""
         proc = self.procs.get(instance_id)
         if proc is None:
             log.warning("stop_unknown_worker", instance_id=instance_id)
             return
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGINT)
         self.stopping[instance_id] = (now if now is not None else time.monotonic()) + STOP_GRACE_S
         log.info("worker_stopping", instance_id=instance_id, pid=proc.pid)
 
@@ -108,7 +109,7 @@ class LocalProcessProvisioner:
         """Stop every worker this provisioner started and wait for them."""
         for proc in self.procs.values():
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGINT)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=timeout_s)

@@ -91,9 +91,9 @@ class InstanceTable:
     def remove(self, instance_id: str) -> None:
         self._instances.pop(instance_id, None)
 
-    def set_draining(self, instance_id: str) -> None:
+    def set_draining(self, instance_id: str, draining: bool = True) -> None:
         inst = self._instances[instance_id]
-        inst.draining = True
+        inst.draining = draining
         inst.estimate = None
 
     def get(self, instance_id: str) -> Instance | None:

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--migration-chunk-mb", type=int, default=256)
     parser.add_argument("--migration-verify-kv", action="store_true",
                         help="checksum each migrated request's KV at commit (debugging)")
+    parser.add_argument("--drain-timeout-s", type=float, default=25.0,
+                        help="on SIGTERM, migrate requests away for at most this long, then "
+                             "exit (SIGINT: exit at once)")
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -76,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         migration_timeout_s=args.migration_timeout,
         migration_chunk_bytes=args.migration_chunk_mb * 2**20,
         migration_verify_kv=args.migration_verify_kv,
+        drain_timeout_s=args.drain_timeout_s,
     )
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
 from ferry.common import wire
 from ferry.common.config import WorkerConfig
 from ferry.common.logging import get_logger
-from ferry.common.zmq_util import Inbox, Outboxes, Overloaded, make_context
+from ferry.common.zmq_util import Inbox, Outboxes, make_context
 from ferry.services.worker.engine.engine import Engine, RequestRejected
 from ferry.services.worker.engine.request import RequestOutput
 from ferry.services.worker.migration.coordinator import MIGRATION_MESSAGES, MigrationCoordinator
@@ -28,8 +29,12 @@ INBOX_MESSAGES = (
     wire.Abort,
     wire.SetDraining,
     wire.ReRegister,
+    wire.GatewayGone,
     *MIGRATION_MESSAGES,
 )
+LEAVING_LINGER_MS = 500  # at exit, how long the Leaving message may take to go out
+SEND_FAILURE_LOG_INTERVAL_S = 5.0  # one log line per address and this many seconds
+HELD_LIST_INTERVAL_S = 1.0  # a load report lists the requests held here about this often
 
 
 class Worker:
@@ -56,7 +61,11 @@ class Worker:
             wire.Abort: self.handle_abort,
             wire.SetDraining: self.handle_set_draining,
             wire.ReRegister: self.handle_reregister,
+            wire.GatewayGone: self.handle_gateway_gone,
         }
+        self.num_send_failed = 0  # messages not sent: the peer's queue full, or no such peer
+        self._leave_task: asyncio.Task | None = None  # draining after SIGTERM
+        self._send_failures_logged: dict[str, float] = {}  # addr -> monotonic, last logged
         self._handlers.update(dict.fromkeys(MIGRATION_MESSAGES, self.migrations.handle))
 
     # ---- loops ----------------------------------------------------------------------------
@@ -71,14 +80,39 @@ class Worker:
             asyncio.create_task(self._report_loop(), name="report"),
         ]
         await self._stopping.wait()
-        for task in tasks:
+        for task in [*tasks, *filter(None, [self._leave_task])]:
             task.cancel()
         await self.migrations.close()
+        # The scheduler forgets this instance now: gateways replay anything left here at
+        # once, not after the heartbeat timeout.
+        self._send(self.config.scheduler_addr,
+                   wire.Leaving(instance_id=self.config.instance_id, done=True))
         self.recv_from_peers.close()
-        self.send_to_peers.close()
+        self.send_to_peers.close(linger_ms=LEAVING_LINGER_MS)
 
     def stop(self) -> None:
+        """Exit now (SIGINT)."""
         self._stopping.set()
+
+    def leave(self) -> None:
+        """Exit once empty (SIGTERM): take no new requests, have the scheduler migrate
+        every request here away, stop when none is left or after drain_timeout_s."""
+        if self._leave_task is None:
+            self.draining = True
+            self._leave_task = asyncio.get_running_loop().create_task(self._leave())
+
+    async def _leave(self) -> None:
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        self.log.info("leaving", num_requests=len(self.engine.requests),
+                      drain_timeout_s=self.config.drain_timeout_s)
+        while self.engine.has_unfinished() or self.migrations.num_outgoing:
+            if time.monotonic() >= deadline:
+                self.log.warning("drain_timed_out", num_left=len(self.engine.requests))
+                break
+            self._send(self.config.scheduler_addr,
+                       wire.Leaving(instance_id=self.config.instance_id, done=False))
+            await asyncio.sleep(self.config.report_interval_s)
+        self.stop()
 
     async def _recv_loop(self) -> None:
         while True:
@@ -113,6 +147,15 @@ class Worker:
 
     def handle_dispatch(self, msg: wire.Dispatch) -> None:
         self.num_dispatch_received += 1
+        held = self.engine.get(msg.req_id)
+        if held is not None:
+            if held.attempt >= msg.attempt:
+                self.log.info("dispatch_duplicate_ignored", req_id=msg.req_id,
+                              attempt=msg.attempt, held_attempt=held.attempt)
+                return
+            # A newer attempt (a replay after this instance was thought dead, a re-dispatch
+            # after a scheduler restart): the old copy's output would be dropped anyway.
+            self._drop(msg.req_id, reason=f"replaced by attempt {msg.attempt}")
         try:
             self.engine.add_request(
                 msg.req_id,
@@ -122,19 +165,38 @@ class Worker:
                 output_token_ids=msg.output_token_ids,
                 arrival_s=msg.arrival_s,
                 reply_addr=msg.reply_addr,
+                attempt=msg.attempt,
             )
         except (RequestRejected, ValueError) as err:
             code = getattr(err, "code", 400)
             self._send(msg.reply_addr, wire.RequestError(
-                req_id=msg.req_id, instance_id=self.config.instance_id, code=code, message=str(err)))
+                req_id=msg.req_id, instance_id=self.config.instance_id, code=code,
+                message=str(err), attempt=msg.attempt))
             return
         self._work_arrived()
 
     def handle_abort(self, msg: wire.Abort) -> None:
-        self.migrations.cancel_request(msg.req_id, reason=f"aborted: {msg.reason}")
+        held = self.engine.get(msg.req_id)
+        if held is not None and msg.attempt is not None and held.attempt != msg.attempt:
+            return  # meant for another copy of the request
+        self.migrations.cancel_request(msg.req_id, reason=f"aborted: {msg.reason}",
+                                       attempt=msg.attempt)
         out = self.engine.abort(msg.req_id)
         if out is not None:
             self._send_outputs([out])
+
+    def handle_gateway_gone(self, msg: wire.GatewayGone) -> None:
+        """Nobody reads these requests' output any more: drop them and free their KV."""
+        gone = [r.req_id for r in self.engine.requests.values()
+                if r.reply_addr == msg.inbox_addr and r.req_id.startswith(msg.req_id_prefix)]
+        for req_id in gone:
+            self._drop(req_id, reason="gateway gone")
+        self.log.info("gateway_gone", gateway_inbox=msg.inbox_addr, num_dropped=len(gone))
+
+    def _drop(self, req_id: str, *, reason: str) -> None:
+        """End a request here with no output (its blocks return to the free pool)."""
+        self.migrations.cancel_request(req_id, reason=reason)
+        self.engine.abort(req_id)
 
     def handle_set_draining(self, msg: wire.SetDraining) -> None:
         self.draining = msg.draining
@@ -147,10 +209,21 @@ class Worker:
     # ---- outbound ---------------------------------------------------------------------
 
     def _send(self, addr: str, msg: Any) -> None:
+        """Queue msg for addr; a message that cannot be queued (the peer's queue is full,
+        or no socket can reach addr) is counted and logged, at most once per address every
+        SEND_FAILURE_LOG_INTERVAL_S, and never raises into the loop that sends it."""
         try:
             self.send_to_peers.send(addr, msg)
-        except Overloaded:
-            self.log.warning("send_dropped", addr=addr, message=type(msg).__name__)
+        except Exception as err:  # Overloaded, BadAddress, or a bug: contained to this msg
+            self.num_send_failed += 1
+            now = time.monotonic()
+            last = self._send_failures_logged.get(addr)
+            if last is None or now - last >= SEND_FAILURE_LOG_INTERVAL_S:
+                if len(self._send_failures_logged) > 1024:
+                    self._send_failures_logged.clear()
+                self._send_failures_logged[addr] = now
+                self.log.warning("send_failed", addr=addr, message=type(msg).__name__,
+                                 error=str(err), num_send_failed=self.num_send_failed)
 
     def _send_outputs(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -160,6 +233,7 @@ class Worker:
                 first_index=out.first_index,
                 token_ids=out.token_ids,
                 finish_reason=out.finish_reason,
+                attempt=out.attempt,
             ))
 
     def _fail_all(self, message: str) -> None:
@@ -167,7 +241,7 @@ class Worker:
             self.engine.abort(req.req_id)
             self._send(req.reply_addr, wire.RequestError(
                 req_id=req.req_id, instance_id=self.config.instance_id, code=500,
-                message=message))
+                message=message, attempt=req.attempt))
 
     def _register(self) -> None:
         self._send(self.config.scheduler_addr, wire.Register(
@@ -183,6 +257,7 @@ class Worker:
     def _report(self) -> None:
         load = self.engine.load()
         self.report_seq += 1
+        every = max(1, round(HELD_LIST_INTERVAL_S / self.config.report_interval_s))
         self._send(self.config.scheduler_addr, wire.LoadReport(
             instance_id=self.config.instance_id,
             inbox_addr=self.config.inbox.advertise,
@@ -191,6 +266,7 @@ class Worker:
             load=load_fields(load, num_migrations_in=self.migrations.num_incoming,
                              num_migrations_out=self.migrations.num_outgoing,
                              draining=self.draining),
+            req_ids=tuple(self.engine.requests) if self.report_seq % every == 0 else None,
         ))
 
     def _work_arrived(self) -> None:
@@ -200,6 +276,6 @@ class Worker:
 async def serve(config: WorkerConfig, engine: Engine) -> None:
     worker = Worker(config, engine)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, worker.stop)
+    loop.add_signal_handler(signal.SIGINT, worker.stop)
+    loop.add_signal_handler(signal.SIGTERM, worker.leave)  # supervisors: drain first
     await worker.run()

@@ -7,9 +7,11 @@ control, aborts, new requests) and the GIL is free for the KV-transfer threads. 
 aborted or paused meanwhile are skipped by `finish_step` (the plan's tokens for them are
 dropped; their KV progress is not advanced, so the state stays consistent).
 
-- ModelStepper: the real model. `ModelRunner.launch` enqueues the step and returns a
-  `PendingTokens`; its wait (a CUDA event sync, GIL released) runs on a helper thread.
-  On CPU the forward pass runs inside launch, and there is nothing to wait for.
+- ModelStepper: the real model. On GPU `ModelRunner.launch` enqueues the step and returns
+  a `PendingTokens`; its wait (a CUDA event sync, GIL released) runs on a helper thread.
+  On CPU the forward pass runs inside launch, so launch itself runs on that thread: a
+  long prefill (seconds on CPU) must not stall the loop, which sends the load reports the
+  scheduler takes as heartbeats, and handles aborts and migration control meanwhile.
 - SimStepper: the modelled step time is awaited, so eight simulated workers share a
   2-core machine without burning it.
 """
@@ -39,10 +41,16 @@ class ModelStepper:
             return []
         self.started_s = time.time()
         start = time.perf_counter()
-        pending = self.runner.launch(ModelBatch(chunks=tuple(plan.chunks))) if plan.chunks \
-            else None
-        if pending is not None and pending.event is not None:
-            await asyncio.get_running_loop().run_in_executor(self._waiter, pending.wait)
+        pending = None
+        if plan.chunks:
+            batch = ModelBatch(chunks=tuple(plan.chunks))
+            loop = asyncio.get_running_loop()
+            if self.runner.device.type == "cuda":
+                pending = self.runner.launch(batch)  # enqueues the GPU work only
+                if pending.event is not None:
+                    await loop.run_in_executor(self._waiter, pending.wait)
+            else:  # the CPU computes inside launch
+                pending = await loop.run_in_executor(self._waiter, self.runner.launch, batch)
         sampled = pending.result() if pending is not None else []
         return self.engine.finish_step(plan, sampled, time.perf_counter() - start)
 

@@ -114,7 +114,8 @@ class FakeWorker:
                 ids = ids[: b.eos_at - index] + [self.cluster.eos_id]
                 finish = "stop"
             msg = wire.Tokens(req_id=dispatch.req_id, instance_id=self.instance_id,
-                              first_index=index, token_ids=tuple(ids), finish_reason=finish)
+                              first_index=index, token_ids=tuple(ids), finish_reason=finish,
+                              attempt=dispatch.attempt)
             for _ in range(2 if b.duplicate else 1):
                 await self.cluster.push(dispatch.reply_addr, msg)
             index += len(ids)

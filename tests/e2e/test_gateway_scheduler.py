@@ -113,7 +113,8 @@ class Worker:
             await sock.send_multipart(wire.encode(wire.Tokens(
                 req_id=dispatch.req_id, instance_id=self.instance_id, first_index=index,
                 token_ids=(self.script[index % len(self.script)],),
-                finish_reason="length" if index + 1 == end else None)))
+                finish_reason="length" if index + 1 == end else None,
+                attempt=dispatch.attempt)))
         self.runs.pop(dispatch.req_id, None)
 
 

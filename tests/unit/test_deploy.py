@@ -753,3 +753,23 @@ def test_units_verify_catches_a_broken_unit(tmp_path):
                     .replace("KillSignal=", "KilSignal="))
     output = _verify(root).stderr
     assert "sometimes" in output and "KilSignal" in output
+
+
+def test_supervisors_wait_longer_than_a_worker_drains():
+    """SIGTERM drains a worker for up to drain_timeout_s: compose and systemd must not
+    SIGKILL it sooner, or its streams are cut instead of migrated."""
+    import dataclasses
+
+    from ferry.common.config import WorkerConfig
+
+    drain_s = next(f.default for f in dataclasses.fields(WorkerConfig)
+                   if f.name == "drain_timeout_s")
+    for name in COMPOSE_FILES:
+        workers = [(svc, spec) for svc, spec in load_compose(name)["services"].items()
+                   if spec.get("command", [None])[0] == "worker"]
+        assert len(workers) >= 2, name
+        for svc, spec in workers:
+            grace = spec["stop_grace_period"]
+            assert grace.endswith("s") and float(grace[:-1]) > drain_s, (name, svc)
+    unit = dict(read_unit("ferry-worker@.service")["Service"])
+    assert unit["KillSignal"] == "SIGTERM" and float(unit["TimeoutStopSec"]) > drain_s

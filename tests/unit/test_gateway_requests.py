@@ -42,9 +42,9 @@ def add(table: RequestTable, *, prompt=(5, 6, 7), timeout_s=10.0, now=0.0, **sam
     )
 
 
-def tokens(req, first_index, token_ids, finish_reason=None, instance_id="i0"):
+def tokens(req, first_index, token_ids, finish_reason=None, instance_id="i0", attempt=0):
     return wire.Tokens(req_id=req.req_id, instance_id=instance_id, first_index=first_index,
-                       token_ids=tuple(token_ids), finish_reason=finish_reason)
+                       token_ids=tuple(token_ids), finish_reason=finish_reason, attempt=attempt)
 
 
 def output_ids(text: TextModel, sample: str) -> list[int]:
@@ -260,9 +260,10 @@ def test_replay_dispatches_prompt_plus_delivered_tokens(text):
     other = add(table)
     table.on_tokens(tokens(other, 0, [1], instance_id="i1"))
 
-    assert table.take_from("i0") == [req]
-    assert req.instance_id is None and req.pending == {}
+    table.reset_for_replay(req)  # i0 died
+    assert req.instance_id is None and req.pending == {} and req.attempt == 1
     replay = table.dispatch(req)
+    assert replay.attempt == 1
     assert replay.prompt_token_ids == (1, 2, 3)
     assert replay.output_token_ids == (10, 11, 12)
     assert replay.sampling.max_tokens == 10  # the engine counts the 3 replayed outputs
@@ -270,10 +271,25 @@ def test_replay_dispatches_prompt_plus_delivered_tokens(text):
     assert replay.sampling.stop == ("zz",)
 
     # the new instance resends from the start: only new indices reach the client
-    assert table.on_tokens(tokens(req, 0, [10, 11, 12], instance_id="i2")) is None
-    delta = table.on_tokens(tokens(req, 3, [13, 14], instance_id="i2"))
+    assert table.on_tokens(tokens(req, 0, [10, 11, 12], instance_id="i2", attempt=1)) is None
+    delta = table.on_tokens(tokens(req, 3, [13, 14], instance_id="i2", attempt=1))
     assert (delta.first_index, delta.token_ids) == (3, (13, 14))
     assert req.instance_id == "i2"
+
+
+def test_output_of_an_earlier_attempt_never_reaches_the_client(text):
+    """i0 was declared dead and the request replayed; i0 comes back and sends what its
+    copy made (tokens, then the abort the scheduler told it): all of it is ignored."""
+    table = make_table(text)
+    req = add(table, max_tokens=10)
+    table.on_tokens(tokens(req, 0, [10, 11], instance_id="i0"))
+    table.reset_for_replay(req)
+    assert table.current(req.req_id, 0) is None and table.current(req.req_id, 1) is req
+    assert table.on_tokens(tokens(req, 2, [12, 13], instance_id="i0")) is None
+    assert table.on_tokens(tokens(req, 4, [], instance_id="i0", finish_reason="abort")) is None
+    assert req.output_token_ids == [10, 11] and req.finish_at is None
+    delta = table.on_tokens(tokens(req, 2, [22], instance_id="i1", attempt=1))
+    assert delta.token_ids == (22,) and req.instance_id == "i1"
 
 
 def test_holder_follows_the_most_advanced_sender(text):

@@ -49,7 +49,7 @@ async def cluster(num_nodes=2, *, num_blocks=128, budget=16, **worker_kw):
 
 
 def add(node: Node, req_id: str, sampling, prompt=None):
-    node.engine.add_request(req_id, prompt or PROMPTS[req_id], sampling, reply_addr="gw")
+    node.engine.add_request(req_id, prompt or PROMPTS[req_id], sampling, reply_addr="inproc://gw")
 
 
 def assert_pools_whole(*nodes: Node) -> None:

@@ -25,7 +25,12 @@ from ferry.common.wire import (
     ReRegister,
     SetDraining,
 )
-from ferry.services.scheduler.core import MIGRATION_LOST_AFTER_S, SchedulerCore, SchedulerError
+from ferry.services.scheduler.core import (
+    MIGRATION_LOST_AFTER_S,
+    Pending,
+    SchedulerCore,
+    SchedulerError,
+)
 from ferry.services.scheduler.load import empty_load, migration_room
 from ferry.services.scheduler.migration import MigrationDecision
 
@@ -34,6 +39,7 @@ GATEWAY = "tcp://gateway:1"
 
 def config(**kw):
     ep = Endpoint(bind="tcp://127.0.0.1:0", advertise="tcp://127.0.0.1:0")
+    kw.setdefault("startup_grace_s", 0.0)  # the grace has tests of its own
     return SchedulerConfig(inbox=ep, admin=ep, **kw)
 
 
@@ -175,10 +181,10 @@ def test_undo_dispatch_forgets_the_request_and_answers_429():
 def test_a_new_gateway_gets_the_view_at_once():
     core = make_core()
     register(core, "w0")
-    [(address, view)] = core.see_gateway(GATEWAY)
+    [(address, view)] = core.see_gateway(GATEWAY, 0.0)
     assert address == GATEWAY and isinstance(view, InstanceView) and view.scheduler_epoch == "e1"
-    assert core.see_gateway(GATEWAY) == []
-    assert core.broadcast_view() == [(GATEWAY, view)]
+    assert core.see_gateway(GATEWAY, 0.0) == []
+    assert core.broadcast_view(0.0) == [(GATEWAY, view)]
 
 
 # ---- release --------------------------------------------------------------------------------
@@ -204,8 +210,8 @@ def test_heartbeat_timeout_tells_gateways_and_drops_the_requests():
     core = make_core(heartbeat_timeout_s=2.0)
     register(core, "w0", now=0.0)
     register(core, "w1", now=0.0)
-    core.see_gateway(GATEWAY)
-    core.see_gateway("tcp://gateway2:1")
+    core.see_gateway(GATEWAY, 0.0)
+    core.see_gateway("tcp://gateway2:1", 0.0)
     placed = {req_id: core.dispatch(request(req_id)) for req_id in ("r0", "r1", "r2")}
     report(core, "w1", seq=1, now=1.5)
     assert core.expire(now=1.9) == []
@@ -248,7 +254,7 @@ def test_an_instance_declared_dead_that_comes_back_aborts_what_it_held():
 
 def test_a_worker_that_restarted_empty_is_reported_down_first():
     core = make_core()
-    core.see_gateway(GATEWAY)
+    core.see_gateway(GATEWAY, 0.0)
     register(core, "w0", now=0.0)
     core.dispatch(request("r0"))
     out = register(core, "w0", now=1.0)  # same id, holds nothing: it lost r0
@@ -413,7 +419,7 @@ def test_source_dying_aborts_its_migration():
 
 def test_drain_sends_set_draining_and_terminate_forgets():
     core = make_core()
-    core.see_gateway(GATEWAY)
+    core.see_gateway(GATEWAY, 0.0)
     register(core, "w0")
     register(core, "w1")
     assert core.drain("w0") == [(addr("w0"), SetDraining(draining=True))]
@@ -452,3 +458,135 @@ def test_migration_room_counts_the_queue_head_and_headroom_and_is_never_negative
                                num_running=3, num_running_high=1)
     assert migration_room(load, growth_blocks=4, headroom_blocks=8) == 60 - 10 - 8 - 4 * 4
     assert migration_room(load, growth_blocks=20, headroom_blocks=8) == 0
+
+
+# ---- gateway liveness, start-up grace, reconciling, forgetting the dead ---------------------
+
+
+def hello(core, now, prefix, gateway=GATEWAY):
+    return core.see_gateway(gateway, now, req_id_prefix=prefix)
+
+
+def test_a_silent_gateway_is_gone_and_the_workers_drop_its_requests():
+    from ferry.common.wire import GatewayGone
+
+    core = make_core(gateway_timeout_s=10.0, heartbeat_timeout_s=100.0)
+    register(core, "w0")
+    register(core, "w1")
+    hello(core, 0.0, "gw-aa-")
+    hello(core, 0.0, "gw2-bb-", gateway="tcp://gateway2:1")
+    core.dispatch(request("gw-aa-0"), now=0.0)
+    core.dispatch(request("gw2-bb-0", gateway="tcp://gateway2:1"), now=0.0)
+    hello(core, 9.0, "gw2-bb-", gateway="tcp://gateway2:1")
+    assert core.expire(now=9.5) == []
+    out = core.expire(now=10.5)
+    gone = GatewayGone(inbox_addr=GATEWAY, req_id_prefix="gw-aa-")
+    assert sorted(out) == sorted([(addr("w0"), gone), (addr("w1"), gone)])
+    assert set(core.reqs) == {"gw2-bb-0"} and GATEWAY not in core.gateways
+
+
+def test_a_restarted_gateway_makes_the_old_process_requests_orphans():
+    from ferry.common.wire import GatewayGone
+
+    core = make_core()
+    register(core, "w0")
+    hello(core, 0.0, "gw-aa-")
+    core.dispatch(request("gw-aa-0"), now=0.0)
+    assert hello(core, 1.0, "gw-aa-") == []
+    out = hello(core, 2.0, "gw-cc-")  # same inbox, new process
+    assert out == [(addr("w0"), GatewayGone(inbox_addr=GATEWAY, req_id_prefix="gw-aa-"))]
+    assert core.reqs == {}
+
+
+def test_a_restarted_scheduler_sends_no_view_and_holds_requests_during_its_grace():
+    core = make_core(startup_grace_s=2.0)
+    assert hello(core, 0.1, "gw-aa-") == []  # a new gateway, but no view yet
+    assert core.broadcast_view(1.0) == []
+    assert core.dispatch(request("r0"), now=1.0) == Pending("r0")  # not "no live instance"
+    register(core, "w0", now=1.2)
+    report(core, "w0", seq=1, now=1.25)
+    placed, _ = core.release_pending(1.25)
+    assert [p.instance_id for p in placed] == ["w0"]
+    [(gateway, view)] = core.broadcast_view(2.1)
+    assert gateway == GATEWAY and [i.instance_id for i in view.instances] == ["w0"]
+    core.table.mark_dead("w0")
+    assert core.dispatch(request("r1"), now=2.2).code == 503  # past the grace: refused
+
+
+def test_reconciling_drops_phantoms_adopts_the_unknown_and_re_aborts_the_released():
+    core = make_core()
+    register(core, "w0", now=0.0)
+    core.dispatch(request("r-gone"), now=0.0)  # its Release was lost: a phantom
+    core.dispatch(request("r-new"), now=9.9)  # just sent: not in the worker's list yet
+    core.release(Release(req_id="r-released", reason="abort"))
+
+    def listing(now, *req_ids):
+        return core.load_report(LoadReport(
+            instance_id="w0", inbox_addr=addr("w0"), seq=int(now * 10),
+            num_dispatch_received=0, load=empty_load(100), req_ids=req_ids), now)
+
+    assert listing(10.0, "r-adopt") == []
+    assert set(core.reqs) == {"r-gone", "r-new", "r-adopt"}  # left out once: not yet
+    out = listing(11.0, "r-adopt", "r-released")
+    assert out == [(addr("w0"), Abort(req_id="r-released", reason="released"))]
+    assert set(core.reqs) == {"r-new", "r-adopt"}  # r-new is too young to judge
+    assert core.reqs["r-adopt"].instance_id == "w0"
+
+
+def test_a_dead_instance_leaves_status_but_is_remembered():
+    from ferry.services.scheduler.core import DEAD_SHOWN_S
+
+    core = make_core(heartbeat_timeout_s=1.0)
+    register(core, "w0", now=0.0)
+    core.dispatch(request("r0"), now=0.0)
+    core.expire(now=2.0)
+    assert [i.alive for i in core.status(2.0).instances] == [False]
+    core.expire(now=2.0 + DEAD_SHOWN_S + 1)
+    assert core.status(40.0).instances == ()
+    # back much later, still holding r0 (replayed elsewhere long ago): it must drop it
+    out = register(core, "w0", now=100.0, req_ids=("r0",))
+    assert out == [(addr("w0"), Abort(req_id="r0", reason="instance was declared down"))]
+
+
+def test_evacuation_moves_everything_off_and_reports_drained():
+    core = make_core(max_migrations_per_instance=2)
+    for instance_id in ("w0", "w1", "w2"):
+        register(core, instance_id)
+    report(core, "w0", seq=1, now=0.0, num_running=3, num_waiting=2, num_free_blocks=10)
+    report(core, "w1", seq=1, now=0.0, num_free_blocks=90)
+    report(core, "w2", seq=1, now=0.0, num_free_blocks=60)
+    assert core.evacuate("w0") == [(addr("w0"), SetDraining(draining=True))]
+    assert core.evacuate("w0") == []  # idempotent (a stopping worker repeats Leaving)
+    out = core.evacuation(now=0.1)
+    assert [(a, m.dst_instance_id) for a, m in out] == [(addr("w0"), "w1"), (addr("w0"), "w2")]
+    assert core.evacuation(now=0.2) == []  # two at a time
+    assert not core.is_drained("w0")
+    for migration_id in list(core.migrations):
+        core.migration_done(MigrationDone(
+            migration_id=migration_id, req_id="x", src_instance_id="w0",
+            dst_instance_id="w1", committed=True, reason="", num_blocks=1, num_stages=1,
+            num_bytes=64, total_s=0.01, downtime_s=0.003))
+    report(core, "w0", seq=2, now=0.3, num_running=0, num_waiting=0, draining=True)
+    assert core.is_drained("w0") and core.evacuation(now=0.4) == []
+    assert "w0" not in core.table.loads(serving_only=True)
+    assert core.cancel_drain("w0") == [(addr("w0"), SetDraining(draining=False))]
+    report(core, "w0", seq=3, now=0.5)
+    assert "w0" in core.table.loads(serving_only=True)
+
+
+def test_a_worker_leaving_is_evacuated_then_forgotten_at_once():
+    from ferry.common.wire import Leaving
+
+    core = make_core()
+    core.see_gateway(GATEWAY, 0.0)
+    register(core, "w0")
+    register(core, "w1")
+    core.dispatch(request("r0"), now=0.0)  # on w0 (round robin of equals: the first)
+    held_by = core.reqs["r0"].instance_id
+    assert core.leaving(Leaving(instance_id=held_by, done=False), now=1.0) == [
+        (addr(held_by), SetDraining(draining=True))]
+    assert held_by in core.evacuating
+    # it exits with r0 still there (drain timeout): the gateway replays it now
+    out = core.leaving(Leaving(instance_id=held_by, done=True), now=2.0)
+    assert out == [(GATEWAY, InstanceDown(instance_id=held_by))]
+    assert core.table.get(held_by) is None and held_by not in core.evacuating

@@ -186,6 +186,7 @@ class Cluster:
 def run_with_scheduler(scenario, *, provisioner=None, clock=time.monotonic, **cfg_fields):
     """Start a Scheduler on free ports, run scenario(cluster), stop everything."""
     any_port = Endpoint(bind="tcp://127.0.0.1:*", advertise="tcp://127.0.0.1:0")
+    cfg_fields.setdefault("startup_grace_s", 0.0)  # views at once (the grace: test_scheduler_core)
     cfg = SchedulerConfig(inbox=any_port, admin=any_port, **cfg_fields)
 
     async def main():
@@ -469,6 +470,8 @@ def test_every_config_field_has_a_flag():
         "dispatch_policy": "least_load",
         "heartbeat_timeout_s": 3.5,
         "view_interval_s": 0.5,
+        "startup_grace_s": 0.25,
+        "gateway_timeout_s": 7.5,
         "enable_migration": False,
         "migration_interval_s": 0.7,
         "migrate_out_threshold": 2.5,

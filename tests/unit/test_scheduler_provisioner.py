@@ -11,11 +11,12 @@ import pytest
 from ferry.services.scheduler.provisioner import LocalProcessProvisioner
 
 # Writes its argv to the file named by its first argument, then waits to be stopped.
-# With "--ignore-term" it ignores SIGTERM (to exercise the SIGKILL path).
+# With "--ignore-term" it ignores SIGINT, the provisioner's stop (to exercise SIGKILL).
 FAKE_WORKER = """
 import json, signal, sys, time
+signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # like the worker: stop at once
 if "--ignore-term" in sys.argv:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 with open(sys.argv[1], "w") as f:
     json.dump(sys.argv[2:], f)
 while True:
@@ -78,7 +79,7 @@ def test_ids_are_unique(provisioner_for):
 def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace(provisioner_for):
     provisioner, argv_file = provisioner_for("--ignore-term")
     handle = provisioner.start_worker()
-    wait_for(argv_file.exists)  # its SIGTERM handler is installed by now
+    wait_for(argv_file.exists)  # its SIGINT handler is installed by now
     provisioner.stop_worker(handle.instance_id, now=0.0)
     time.sleep(0.2)
     assert provisioner.reap(now=1.0) == []  # within the grace: still there

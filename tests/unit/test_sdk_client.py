@@ -97,3 +97,46 @@ def test_stream_is_lazy_and_stop_strings_normalize():
     assert msg.sampling.stop == ("\n",) and msg.priority == int(wire.Priority.HIGH)
     assert msg.stream and msg.api_key == "k" and msg.timeout_s == client.timeout_s
     assert client.stream("hi").client_req_id != stream.client_req_id
+
+
+def test_a_dead_gateway_fails_the_requests_in_flight_within_seconds():
+    """The gateway takes the request, then its process dies: the client hears it from
+    the connection (not after its 600 s deadline) as ConnectionLost, and the next request
+    on the same client reaches a gateway started again at the same address."""
+    import time
+
+    import zmq
+    import zmq.asyncio
+
+    from ferry import ConnectionLost
+    from tests.e2e.test_gateway_harness import free_ports, tcp
+
+    async def body():
+        addr = tcp(free_ports(1)[0])
+        ctx = zmq.asyncio.Context.instance()
+        gateway = ctx.socket(zmq.ROUTER)
+        gateway.setsockopt(zmq.LINGER, 0)
+        gateway.bind(addr)
+        async with AsyncClient(addr, timeout_s=600) as client:
+            stream = client.stream("hi", max_tokens=4)
+            await stream.start()
+            route, *frames = await gateway.recv_multipart()  # taken, never answered
+            start = time.monotonic()
+            gateway.close(linger=0)  # the process dies
+            with pytest.raises(ConnectionLost, match="lost the connection"):
+                await stream.__anext__()
+            assert time.monotonic() - start < 5.0
+            gateway = ctx.socket(zmq.ROUTER)  # restarted
+            gateway.setsockopt(zmq.LINGER, 0)
+            gateway.bind(addr)
+            second = client.stream("again", max_tokens=1)
+            await second.start()
+            route, *frames = await asyncio.wait_for(gateway.recv_multipart(), 10)
+            request = wire.decode(frames)
+            await gateway.send_multipart([route, *wire.encode(wire.TokenChunk(
+                client_req_id=request.client_req_id, req_id="r1", first_index=0,
+                token_ids=(5,), text="x", finish_reason="length", num_prompt_tokens=1))])
+            assert (await second.__anext__()).finish_reason == "length"
+        gateway.close(linger=0)
+
+    asyncio.run(asyncio.wait_for(body(), 30))

@@ -16,6 +16,10 @@ from ferry.common.sampling import SamplingParams
 
 def example(hint, depth=0):
     """A non-default example value for a field annotation."""
+    if hint is wire.DialAddr:
+        return "tcp://host-1:5600"
+    if hint is wire.HostPortOrEmpty:
+        return "host-1:29500"
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
         return example(next(a for a in typing.get_args(hint) if a is not type(None)), depth)
@@ -33,7 +37,7 @@ def build(cls, depth=0):
     if cls is SamplingParams:
         return SamplingParams(max_tokens=5, temperature=0.7, top_k=3, top_p=0.9, seed=11,
                               stop_token_ids=(2, 3), ignore_eos=True, stop=("\n\n",))
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     return cls(**{f.name: example(hints[f.name], depth) for f in dataclasses.fields(cls)})
 
 
@@ -76,14 +80,14 @@ def test_rejects_malformed_msgpack():
 def test_rejects_wrong_field_types():
     tag = wire.REGISTRY.tag_of(wire.Abort)
     with pytest.raises(WireError, match="Abort.req_id: expected str"):
-        wire.decode(_frames(tag, [5, "x"]))
-    with pytest.raises(WireError, match="expected 2 fields"):
+        wire.decode(_frames(tag, [5, "x", None]))
+    with pytest.raises(WireError, match="expected 3 fields"):
         wire.decode(_frames(tag, ["r"]))
     tag = wire.REGISTRY.tag_of(wire.Tokens)
     with pytest.raises(WireError, match="expected int, got bool"):
-        wire.decode(_frames(tag, ["r", "i", True, [1], None]))
+        wire.decode(_frames(tag, ["r", "i", True, [1], None, 0]))
     with pytest.raises(WireError, match=r"token_ids\[\]: expected int"):
-        wire.decode(_frames(tag, ["r", "i", 0, ["a"], None]))
+        wire.decode(_frames(tag, ["r", "i", 0, ["a"], None, 0]))
 
 
 def test_rejects_oversized_frames():
@@ -113,7 +117,26 @@ def test_nested_struct_checked():
     tag = wire.REGISTRY.tag_of(wire.Dispatch)
     bad_sampling = [5, "hot", 0, 1.0, None, [], False, []]
     with pytest.raises(WireError, match="temperature: expected a number"):
-        wire.decode(_frames(tag, ["r", [1], [], bad_sampling, 0, "tcp://a:1", 1.0]))
+        wire.decode(_frames(tag, ["r", [1], [], bad_sampling, 0, "tcp://a:1", 1.0, 0]))
+
+
+@pytest.mark.parametrize("addr", ["tcp://bad", "tcp://*:5600", "tcp://h:0", "tcp://h:70000",
+                                  "", "http://h:1", "tcp://h:1 ", "tcp://-h:1"])
+def test_address_fields_must_be_dialable(addr):
+    """A peer could otherwise plant an address that fails every later send to it."""
+    good = wire.GatewayHello(gateway_id="g", inbox_addr="tcp://gw-1:5602", req_id_prefix="g-1-")
+    assert wire.decode(wire.encode(good)) == good
+    bad = dataclasses.replace(good, inbox_addr=addr)
+    with pytest.raises(WireError, match="GatewayHello.inbox_addr: .* is not a ZMQ endpoint"):
+        wire.decode(wire.encode(bad))
+
+
+def test_dialable_addresses_are_accepted():
+    for addr in ("tcp://127.0.0.1:5600", "tcp://[::1]:80", "tcp://worker-0.ferry:5700",
+                 "ipc:///tmp/ferry.sock", "inproc://w0"):
+        assert wire.is_endpoint(addr), addr
+    assert wire.is_host_port_or_empty("") and wire.is_host_port_or_empty("10.0.0.2:29500")
+    assert not wire.is_host_port_or_empty("10.0.0.2")
 
 
 def test_tags_are_unique_and_small():

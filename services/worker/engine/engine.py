@@ -62,6 +62,7 @@ class ExportedRequest:
     arrival_s: float
     num_computed_tokens: int
     num_preemptions: int
+    attempt: int
 
 
 class Engine:
@@ -92,9 +93,11 @@ class Engine:
         output_token_ids: tuple[int, ...] | list[int] = (),
         arrival_s: float | None = None,
         reply_addr: str = "",
+        attempt: int = 0,
     ) -> None:
         """Queue a request. output_token_ids are outputs generated before (failure replay):
-        they count towards max_tokens and are not emitted again."""
+        they count towards max_tokens and are not emitted again. reply_addr and attempt are
+        opaque here: they travel with the request's outputs."""
         if req_id in self.requests:
             raise RequestRejected(400, f"request {req_id} already exists")
         sampling.validate()
@@ -124,6 +127,7 @@ class Engine:
             priority=priority,
             arrival_s=time.time() if arrival_s is None else arrival_s,
             reply_addr=reply_addr,
+            attempt=attempt,
             output_token_ids=list(output_token_ids),
             num_delivered=len(output_token_ids),
         )
@@ -246,6 +250,7 @@ class Engine:
             arrival_s=req.arrival_s,
             num_computed_tokens=req.num_computed_tokens,
             num_preemptions=req.num_preemptions,
+            attempt=req.attempt,
         )
 
     def remove(self, req_id: str) -> None:
@@ -266,6 +271,7 @@ class Engine:
             priority=state.priority,
             arrival_s=state.arrival_s,
             reply_addr=state.reply_addr,
+            attempt=state.attempt,
             output_token_ids=list(state.output_token_ids),
             num_computed_tokens=state.num_computed_tokens,
             block_ids=list(block_ids),

@@ -23,6 +23,7 @@ class Request:
     priority: int = 0  # higher runs first
     arrival_s: float = 0.0  # for queue order within a priority
     reply_addr: str = ""  # opaque to the engine: where outputs go
+    attempt: int = 0  # opaque to the engine: the sender's dispatch attempt, echoed in outputs
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     block_ids: list[int] = field(default_factory=list)  # block table, logical order
@@ -61,6 +62,7 @@ class RequestOutput:
 
     req_id: str
     reply_addr: str
+    attempt: int  # Request.attempt
     first_index: int  # output index of token_ids[0]
     token_ids: tuple[int, ...]
     finish_reason: str | None  # "length" | "stop" | "abort" | None

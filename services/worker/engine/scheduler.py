@@ -205,6 +205,7 @@ class LocalScheduler:
         return RequestOutput(
             req_id=req.req_id,
             reply_addr=req.reply_addr,
+            attempt=req.attempt,
             first_index=first,
             token_ids=tuple(req.output_token_ids[first:]),
             finish_reason=req.finish_reason,

@@ -95,6 +95,7 @@ class MigrationCoordinator:
         self.num_committed = 0
         self.num_aborted = 0
         self._tasks: set[asyncio.Task] = set()
+        self.prealloc_locks: dict[str, asyncio.Lock] = {}  # see OutgoingRunner
         self._step_done = asyncio.Event()  # set (and replaced) after every engine step
         self._handlers: dict[type, Callable[[Any], None]] = {
             wire.MigrateOut: self.handle_migrate_out,
@@ -153,6 +154,7 @@ class MigrationCoordinator:
             inbox_addr=self.config.inbox.advertise,
             limits=self.limits,
             step_boundary=self.step_boundary,
+            prealloc_locks=self.prealloc_locks,
         )
         self._spawn(self._run_outgoing(runner))
 
@@ -191,15 +193,15 @@ class MigrationCoordinator:
         except asyncio.QueueFull:
             self.log.warning("migration_reply_dropped", migration_id=msg.migration_id)
 
-    def cancel_request(self, req_id: str, *, reason: str) -> None:
+    def cancel_request(self, req_id: str, *, reason: str, attempt: int | None = None) -> None:
         """The request is being aborted here: stop any migration of it, and forward the
-        abort if it already moved away."""
+        abort (for the same attempt) if it already moved away."""
         for mig in self.outgoing.values():
             if mig.req_id == req_id and not mig.replies.full():
                 mig.replies.put_nowait(LocalCancel(reason))
         dst = self.moved_to.pop(req_id, None)
         if dst is not None:
-            self.send(dst, wire.Abort(req_id=req_id, reason=reason))
+            self.send(dst, wire.Abort(req_id=req_id, reason=reason, attempt=attempt))
 
     # ---- destination side -----------------------------------------------------------------
 

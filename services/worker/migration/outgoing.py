@@ -118,6 +118,7 @@ class OutgoingRunner:
         inbox_addr: str,
         limits: MigrationLimits,
         step_boundary: Callable[[], Awaitable[None]],
+        prealloc_locks: dict[str, asyncio.Lock] | None = None,
     ) -> None:
         self.mig = mig
         self.engine = engine
@@ -127,6 +128,10 @@ class OutgoingRunner:
         self.inbox_addr = inbox_addr
         self.limits = limits
         self.step_boundary = step_boundary
+        # dst instance id -> lock held from a MigPrealloc to joining the KV group of its
+        # reply: a second migration to the same destination names that group instead of
+        # racing the first to create one (the destination would replace the first's).
+        self.prealloc_locks = prealloc_locks if prealloc_locks is not None else {}
         self.block_size = engine.blocks.block_size
 
     async def run(self) -> OutgoingMigration:
@@ -153,6 +158,10 @@ class OutgoingRunner:
     # ---- phases ---------------------------------------------------------------------------
 
     async def _prealloc(self, req: Request) -> None:
+        async with self.prealloc_locks.setdefault(self.mig.dst_instance_id, asyncio.Lock()):
+            await self._prealloc_locked(req)
+
+    async def _prealloc_locked(self, req: Request) -> None:
         mig = self.mig
         self.send(mig.dst_inbox_addr, wire.MigPrealloc(
             migration_id=mig.migration_id,
