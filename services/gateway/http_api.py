@@ -106,6 +106,8 @@ class HttpApi:
             return await handler(request)
         except oai.ApiError as err:
             return self.error_response(err.status, err.message)
+        except Rejected as err:
+            return self.error_response(err.code, err.message)
         except web.HTTPException as err:  # unknown route, wrong method, body too large
             if err.status < 400:
                 raise
@@ -171,18 +173,12 @@ class HttpApi:
     # ---- generation -------------------------------------------------------------------
 
     async def parse(self, request: web.Request, parse: Callable[[Any], oai.Submission]):
-        """The body as a Submission; a large one (tokenizing takes long) in a thread."""
+        """The body as a Submission; a large one (parsing and tokenizing take long) in a
+        thread. Raises ApiError or Rejected."""
         raw = await request.read()  # 413 past client_max_size
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise oai.ApiError(400, f"the body is not valid JSON: {err}") from None
         if len(raw) > LONG_BODY_BYTES:
-            try:
-                return await self.gateway.tokenize_off_loop(parse, body)
-            except Rejected as err:
-                raise oai.ApiError(err.code, err.message) from None
-        return parse(body)
+            return await self.gateway.tokenize_off_loop(_decode_and_parse, raw, parse)
+        return _decode_and_parse(raw, parse)
 
     async def generate(self, request: web.Request, sub: oai.Submission, *, chat: bool):
         sink = HttpSink(self.config.max_queued_chunks)
@@ -287,6 +283,10 @@ class Reply:
             text = None  # a closing chat chunk carries an empty delta
         return oai.stream_chunk(self.req_id, self.created, self.model, text, finish_reason,
                                 chat=self.chat, role=role)
+
+
+def _decode_and_parse(raw: bytes, parse: Callable[[Any], oai.Submission]) -> oai.Submission:
+    return parse(oai.decode_body(raw))
 
 
 async def _send_event(response: web.StreamResponse, payload: dict[str, Any]) -> None:

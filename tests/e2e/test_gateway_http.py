@@ -341,3 +341,84 @@ def test_metrics(model_dir):
             assert samples["ferry_gateway_bypass_mode"] == 0
 
     arun(body())
+
+
+# ---- input hygiene: Unicode, nesting, prompts no tokenization can fit ------------------
+
+
+async def post_raw(session, h, data, path="/v1/completions"):
+    async with session.post(h.base_url + path, data=data,
+                            headers={"Content-Type": "application/json"}) as resp:
+        return resp.status, await resp.json()
+
+
+def test_prompt_text_longer_than_any_tokenization_fits_is_400_untokenized(model_dir):
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            text = h.gateway.text
+            calls = []
+            encode = text.encode
+            text.encode = lambda s, **kw: calls.append(len(s)) or encode(s, **kw)
+            limit = text.max_prompt_chars
+            status, data = await post(session, h, "/v1/completions",
+                                      {"prompt": "y" * (limit + 1), "max_tokens": 2})
+            assert status == 400 and "maximum context length is 256" in data["error"]["message"]
+            assert f"the prompt has {limit + 1} characters" in data["error"]["message"]
+            big = "z" * 40_000  # a large body: parsed in the pool, refused there
+            status, data = await post(session, h, "/v1/chat/completions",
+                                      {"messages": [{"role": "user", "content": big}]})
+            assert status == 400 and "maximum context length" in data["error"]["message"]
+            assert calls == []
+            status, _ = await post(session, h, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+            assert status == 200 and calls == [2]
+
+    arun(body())
+
+
+SURROGATES = [
+    ("/v1/completions", b'{"prompt": "hi \\ud800 there"}', "prompt is not valid Unicode"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00"}]}',
+     "messages[0].content is not valid Unicode"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "\\ud800", "content": "hi"}]}',
+     "messages[0].role is not valid Unicode"),
+    ("/v1/completions", b'{"prompt": "hi", "stop": "\\ud800"}', "stop is not valid Unicode"),
+    ("/v1/completions", b'{"prompt": [1, 2], "model": "\\ud800"}', "model is not valid Unicode"),
+    # large bodies, parsed in the pool
+    ("/v1/completions", b'{"prompt": "' + b"a" * 40_000 + b'\\ud800"}', "prompt is not valid"),
+    ("/v1/completions", b'{"prompt": [' + b"1," * 60_000 + b'1], "stop": ["\\ud800"]}',
+     "stop[0] is not valid Unicode"),
+]
+
+
+def test_lone_surrogates_are_400_naming_the_field(model_dir):
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            for path, raw, match in SURROGATES:
+                status, data = await post_raw(session, h, raw, path)
+                assert status == 400 and match in data["error"]["message"], (raw[:60], data)
+            status, _ = await post(session, h, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+            assert status == 200
+            assert h.gateway.metrics.render().count(b'rejected_total{code="500"}') == 0
+
+    arun(body())
+
+
+def test_deep_nesting_is_400(model_dir):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    cases = [
+        b'{"prompt": "hi", "x": ' + b"[" * 64 + b"]" * 64 + b"}",  # 65 levels, a small body
+        b'{"prompt": "hi", "x": ' + deep + b"}",  # RecursionError in the C parser (pool)
+        b'{"prompt": [' + b"1," * 60_000 + b'1], "x": ' + deep + b"}",  # the Python scanner
+        deep,
+    ]
+
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            for raw in cases:
+                status, data = await post_raw(session, h, raw)
+                assert status == 400 and "nested too deeply" in data["error"]["message"]
+            status, _ = await post(session, h, "/v1/completions",
+                                   {"prompt": "hi", "max_tokens": 2, "x": [[[[[]]]]]})
+            assert status == 200
+
+    arun(body())

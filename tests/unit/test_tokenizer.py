@@ -7,6 +7,8 @@ import json
 import random
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
@@ -257,3 +259,27 @@ def test_long_text_encodes_as_short_text_does(byte_level_dir, sentencepiece_dir,
         ids = tok.encode(text, add_special_tokens=special)
         assert ids[len(ids) - len(plain):] == plain
         assert ids == tok.encode(text[:100] + text[100:], add_special_tokens=special)
+
+
+def test_long_text_is_encoded_without_holding_the_gil(byte_level_dir):
+    """Another thread keeps running while a long text is encoded (the gateway's event loop
+    while its pool tokenizes); plain `encode` would stop it for the whole call."""
+    tok = Tokenizer(byte_level_dir)
+    text = TEXTS[0] * 4000  # ~260k characters
+    ticks, done = [0], threading.Event()
+
+    def ticker():
+        while not done.is_set():
+            ticks[0] += 1
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    try:
+        before = ticks[0]
+        tok.encode(text)
+        during = ticks[0] - before
+    finally:
+        done.set()
+        thread.join()
+    assert during >= 5, during
