@@ -39,6 +39,9 @@ class GatewayConfig:
     max_tokens_limit: int = 32768  # largest max_tokens accepted
     bypass_after_s: float = 3.0  # no InstanceView for this long: dispatch straight to workers
     max_frame_bytes: int = field(default_factory=env.max_frame_bytes)
+    # --- input hygiene (DESIGN §7) ---
+    num_tokenizer_threads: int = 2  # threads parsing large bodies and tokenizing long prompts
+    max_tokenizer_queue: int = 64  # requests waiting for those threads; beyond that 429
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = get_logger()
 
-LONG_BODY_BYTES = 32_768  # larger bodies are parsed and tokenized in a thread, off the loop
+LONG_BODY_BYTES = 32_768  # larger bodies are parsed and tokenized in the pool, off the loop
 
 
 class HttpSink:
@@ -173,8 +173,8 @@ class HttpApi:
     # ---- generation -------------------------------------------------------------------
 
     async def parse(self, request: web.Request, parse: Callable[[Any], oai.Submission]):
-        """The body as a Submission; a large one (parsing and tokenizing take long) in a
-        thread. Raises ApiError or Rejected."""
+        """The body as a Submission; a large one (parsing and tokenizing take long) in the
+        pool. Raises ApiError or Rejected."""
         raw = await request.read()  # 413 past client_max_size
         if len(raw) > LONG_BODY_BYTES:
             return await self.gateway.tokenize_off_loop(_decode_and_parse, raw, parse)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 
 import aiohttp
 import openai
@@ -343,7 +345,35 @@ def test_metrics(model_dir):
     arun(body())
 
 
-# ---- input hygiene: Unicode, nesting, prompts no tokenization can fit ------------------
+# ---- input hygiene: Unicode, nesting, prompts no tokenization can fit, the pool -------
+
+
+PROSE = "the quick brown fox jumps over the lazy dog, hello world! "
+
+
+def unbounded_model_dir(path):
+    """The test model with an added token that swallows the spaces before it (lstrip), so
+    no characters-per-token bound holds: every prompt must be tokenized to be judged."""
+    root = make_model_dir(path)
+    spec = json.loads((root / "tokenizer.json").read_text())
+    spec["added_tokens"][0]["lstrip"] = True
+    (root / "tokenizer.json").write_text(json.dumps(spec))
+    return root
+
+
+async def probe_latencies(session, h, stop: asyncio.Event, busy: list | None = None) -> list[float]:
+    """Small completions one after another until `stop`; each one's latency. `busy` gets
+    one entry per completion made while the gateway's pool had a request in it."""
+    times = []
+    while not stop.is_set():
+        start = time.perf_counter()
+        status, data = await post(session, h, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert status == 200, data
+        times.append(time.perf_counter() - start)
+        if busy is not None and h.gateway.num_tokenizing:
+            busy.append(times[-1])
+        await asyncio.sleep(0.01)
+    return times
 
 
 async def post_raw(session, h, data, path="/v1/completions"):
@@ -420,5 +450,60 @@ def test_deep_nesting_is_400(model_dir):
             status, _ = await post(session, h, "/v1/completions",
                                    {"prompt": "hi", "max_tokens": 2, "x": [[[[[]]]]]})
             assert status == 200
+
+    arun(body())
+
+
+def test_the_tokenizer_pool_is_bounded_and_429s_past_its_queue(tmp_path):
+    gate = threading.Event()
+
+    async def body():
+        async with running(unbounded_model_dir(tmp_path / "m"), num_tokenizer_threads=1,
+                           max_tokenizer_queue=1) as h, aiohttp.ClientSession() as session:
+            text = h.gateway.text
+            assert text.max_prompt_chars is None
+            encode = text.encode
+
+            def slow_encode(s, **kwargs):
+                if len(s) > 1000:
+                    gate.wait(10)
+                    return [5] * 10
+                return encode(s, **kwargs)
+
+            text.encode = slow_encode
+            long = {"prompt": "w" * 40_000, "max_tokens": 2}
+            first = asyncio.ensure_future(post(session, h, "/v1/completions", long))
+            second = asyncio.ensure_future(post(session, h, "/v1/completions", long))
+            await wait_until(lambda: h.gateway.pool.num_jobs == 2)
+            status, data = await post(session, h, "/v1/completions", long)
+            assert status == 429 and "overloaded" in data["error"]["message"]
+            status, _ = await post(session, h, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+            assert status == 200  # short requests never wait for the pool
+            gate.set()
+            assert [s for s, _ in await asyncio.gather(first, second)] == [200, 200]
+            assert h.gateway.pool.num_jobs == 0 and h.gateway.num_tokenizing == 0
+
+    try:
+        arun(body())
+    finally:
+        gate.set()
+
+
+def test_a_long_prompt_is_tokenized_while_small_requests_are_served(tmp_path):
+    """No bound refuses it (the model has none): it is tokenized, in the pool, with the
+    GIL released, and found too long. The old code held the loop for all of it."""
+    prompt = PROSE * (2_000_000 // len(PROSE))  # ~2 s of tokenizing
+
+    async def body():
+        async with running(unbounded_model_dir(tmp_path / "m")) as h, \
+                aiohttp.ClientSession() as session:
+            stop, busy = asyncio.Event(), []
+            probe = asyncio.ensure_future(probe_latencies(session, h, stop, busy))
+            status, data = await post(session, h, "/v1/completions", {"prompt": prompt})
+            stop.set()
+            latencies = await probe
+            assert status == 400 and "maximum context length" in data["error"]["message"]
+            assert len(busy) >= 5, busy  # the old code served none while it tokenized
+            assert max(latencies) < 2.0, latencies
 
     arun(body())
