@@ -62,6 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="threads that parse large bodies and tokenize long prompts")
     p.add_argument("--max-tokenizer-queue", type=int, default=d["max_tokenizer_queue"],
                    help="requests waiting for a tokenizer thread; beyond that 429")
+    p.add_argument("--http-idle-timeout-s", type=float, default=d["http_idle_timeout_s"],
+                   help="close an HTTP connection silent this long (idle keep-alive, "
+                        "no request yet, stalled headers or body)")
+    p.add_argument("--max-http-connections", type=int, default=d["max_http_connections"],
+                   help="open HTTP connections; more are answered 429 and closed")
     p.add_argument("--log-level", default=env.log_level())
 
 
@@ -88,6 +93,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_frame_bytes=args.max_frame_bytes,
         num_tokenizer_threads=args.tokenizer_threads,
         max_tokenizer_queue=args.max_tokenizer_queue,
+        http_idle_timeout_s=args.http_idle_timeout_s,
+        max_http_connections=args.max_http_connections,
     )
 
 

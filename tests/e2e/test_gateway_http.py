@@ -345,7 +345,7 @@ def test_metrics(model_dir):
     arun(body())
 
 
-# ---- input hygiene: Unicode, nesting, prompts no tokenization can fit, the pool -------
+# ---- input hygiene: size, Unicode, nesting, the pool, idle connections ----------------------
 
 
 PROSE = "the quick brown fox jumps over the lazy dog, hello world! "
@@ -380,6 +380,33 @@ async def post_raw(session, h, data, path="/v1/completions"):
     async with session.post(h.base_url + path, data=data,
                             headers={"Content-Type": "application/json"}) as resp:
         return resp.status, await resp.json()
+
+
+def test_a_10mb_prompt_is_refused_at_once_while_small_requests_are_served(model_dir):
+    huge = json.dumps({"prompt": PROSE * (10_000_000 // len(PROSE))}).encode()
+
+    async def chunked():  # no Content-Length: refused once the bound is read
+        for i in range(0, len(huge), 1 << 20):
+            yield huge[i:i + (1 << 20)]
+
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            assert h.gateway.http.max_body_bytes < len(huge) // 4
+            stop = asyncio.Event()
+            probe = asyncio.ensure_future(probe_latencies(session, h, stop))
+            await asyncio.sleep(0.05)
+            results = await asyncio.gather(
+                *[post_raw(session, h, huge) for _ in range(3)], post_raw(session, h, chunked()))
+            await asyncio.sleep(0.05)
+            stop.set()
+            latencies = await probe
+            for status, data in results:
+                assert status == 413 and "Too Large" in data["error"]["message"]
+                assert data["error"]["type"] == "invalid_request_error"
+            assert latencies and max(latencies) < 2.0, latencies  # the old code: ~10 s
+            await h.wait_idle()
+
+    arun(body())
 
 
 def test_prompt_text_longer_than_any_tokenization_fits_is_400_untokenized(model_dir):
@@ -505,5 +532,70 @@ def test_a_long_prompt_is_tokenized_while_small_requests_are_served(tmp_path):
             assert status == 400 and "maximum context length" in data["error"]["message"]
             assert len(busy) >= 5, busy  # the old code served none while it tokenized
             assert max(latencies) < 2.0, latencies
+
+    arun(body())
+
+
+async def read_until_closed(reader, timeout_s: float = 5.0) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    return await asyncio.wait_for(reader.read(), timeout_s)
+
+
+def test_idle_and_stalled_connections_are_closed(model_dir):
+    async def body():
+        async with running(model_dir, http_idle_timeout_s=0.3) as h:
+            port = h.gateway.http.port
+
+            async def connect():
+                return await asyncio.open_connection("127.0.0.1", port)
+
+            silent = await connect()
+            headers_only = await connect()
+            headers_only[1].write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            stalled_body = await connect()
+            stalled_body[1].write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Type: application/json\r\nContent-Length: 100\r\n"
+                                  b"\r\n{\"prompt\": ")
+            keep_alive = await connect()
+            keep_alive[1].write(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+            start = time.monotonic()
+            assert await read_until_closed(silent[0]) == b""
+            assert await read_until_closed(headers_only[0]) == b""
+            answer = await read_until_closed(stalled_body[0])
+            assert answer.startswith(b"HTTP/1.1 408") and b"stalled" in answer
+            answer = await read_until_closed(keep_alive[0])
+            assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
+            assert time.monotonic() - start < 4.0
+            for _, writer in (silent, headers_only, stalled_body, keep_alive):
+                writer.close()
+            await wait_until(lambda: not h.gateway.http.runner.server.connections)
+            # A request that takes longer than the idle timeout is not cut off.
+            h.worker.behaviour.token_delay_s = 0.1
+            async with aiohttp.ClientSession() as session:
+                status, data = await post(session, h, "/v1/completions",
+                                          {"prompt": "hi", "max_tokens": 8})
+                assert status == 200 and data["usage"]["completion_tokens"] == 8
+
+    arun(body())
+
+
+def test_connections_past_the_bound_are_refused(model_dir):
+    async def body():
+        async with running(model_dir, max_http_connections=2) as h:
+            port = h.gateway.http.port
+            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            await wait_until(lambda: len(h.gateway.http.runner.server.connections) == 2)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            answer = await read_until_closed(reader)
+            assert answer.startswith(b"HTTP/1.1 429")
+            assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == 429
+            writer.close()
+            held[0][1].close()
+            await wait_until(lambda: len(h.gateway.http.runner.server.connections) == 1)
+            async with aiohttp.ClientSession() as session:
+                status, _ = await post(session, h, "/v1/completions",
+                                       {"prompt": "hi", "max_tokens": 2})
+                assert status == 200
+            held[1][1].close()
 
     arun(body())

@@ -1,12 +1,14 @@
-"""The gateway's bounded work pool."""
+"""The gateway's bounded work pool, and the HTTP body bound derived from the model."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
 
 import pytest
 
+from ferry.services.gateway.http_api import BODY_SLACK_BYTES, max_body_bytes
 from ferry.services.gateway.pool import WorkPool
 from ferry.services.gateway.requests import Rejected
 
@@ -75,3 +77,12 @@ def test_pool_passes_exceptions_through():
         pool.close()
 
     asyncio.run(body())
+
+
+def test_body_bound_follows_the_longest_prompt_that_fits():
+    text = SimpleNamespace(max_prompt_chars=256 * 10, max_model_len=256)
+    bound = 12 * 2560 + 64 * 256 + BODY_SLACK_BYTES
+    assert max_body_bytes(text, max_frame_bytes=16 << 20) == bound
+    assert max_body_bytes(text, max_frame_bytes=4096) == 4096  # never above the frame cap
+    unbounded = SimpleNamespace(max_prompt_chars=None, max_model_len=256)
+    assert max_body_bytes(unbounded, max_frame_bytes=16 << 20) == 16 << 20
