@@ -38,7 +38,12 @@ class GatewayConfig:
     default_timeout_s: float = 600.0  # per-request deadline unless the request says
     max_tokens_limit: int = 32768  # largest max_tokens accepted
     bypass_after_s: float = 3.0  # no InstanceView for this long: dispatch straight to workers
-    max_frame_bytes: int = field(default_factory=env.max_frame_bytes)
+    max_frame_bytes: int = field(default_factory=env.max_frame_bytes)  # also caps HTTP bodies
+    # --- input hygiene (DESIGN §7) ---
+    num_tokenizer_threads: int = 2  # threads parsing large bodies and tokenizing long prompts
+    max_tokenizer_queue: int = 64  # requests waiting for those threads; beyond that 429
+    http_idle_timeout_s: float = 30.0  # an HTTP connection silent this long is closed
+    max_http_connections: int = 4096  # open HTTP connections; more are refused (429)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -58,6 +58,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="scheduler silent this long: dispatch straight to workers")
     p.add_argument("--max-frame-bytes", type=int, default=env.max_frame_bytes(),
                    help="largest message body (and HTTP body) accepted")
+    p.add_argument("--tokenizer-threads", type=int, default=d["num_tokenizer_threads"],
+                   help="threads that parse large bodies and tokenize long prompts")
+    p.add_argument("--max-tokenizer-queue", type=int, default=d["max_tokenizer_queue"],
+                   help="requests waiting for a tokenizer thread; beyond that 429")
+    p.add_argument("--http-idle-timeout-s", type=float, default=d["http_idle_timeout_s"],
+                   help="close an HTTP connection silent this long (idle keep-alive, "
+                        "no request yet, stalled headers or body)")
+    p.add_argument("--max-http-connections", type=int, default=d["max_http_connections"],
+                   help="open HTTP connections; more are answered 429 and closed")
     p.add_argument("--log-level", default=env.log_level())
 
 
@@ -82,6 +91,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_tokens_limit=args.max_tokens_limit,
         bypass_after_s=args.bypass_after_s,
         max_frame_bytes=args.max_frame_bytes,
+        num_tokenizer_threads=args.tokenizer_threads,
+        max_tokenizer_queue=args.max_tokenizer_queue,
+        http_idle_timeout_s=args.http_idle_timeout_s,
+        max_http_connections=args.max_http_connections,
     )
 
 

@@ -4,7 +4,13 @@
     GET  /v1/models, /health (readiness), /live (liveness), /metrics
 
 Errors are OpenAI-shaped JSON, {"error": {"message", "type", "code"}}, with the HTTP
-status. A client that disconnects aborts its request (the handler is cancelled)."""
+status. A client that disconnects aborts its request (the handler is cancelled).
+
+Input hygiene (DESIGN §7): a body longer than any request that could fit the model is
+refused (413) before it is read whole; bodies over LONG_BODY_BYTES are parsed (and their
+prompts tokenized) in the gateway's bounded pool, never on the loop; a connection silent
+for http_idle_timeout_s (before its first request, between requests, mid-headers or
+mid-body) is closed; past max_http_connections a new connection gets 429 and is closed."""
 
 from __future__ import annotations
 
@@ -22,13 +28,46 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ferry.common.logging import get_logger
 from ferry.services.gateway import openai_protocol as oai
 from ferry.services.gateway.requests import Delta, Rejected
+from ferry.services.gateway.text import TextModel
 
 if TYPE_CHECKING:
     from ferry.services.gateway.main import Gateway
 
 log = get_logger()
 
-LONG_BODY_BYTES = 32_768  # larger bodies are parsed and tokenized in a thread, off the loop
+LONG_BODY_BYTES = 32_768  # larger bodies are parsed and tokenized in the pool, off the loop
+# A body's bound, from the longest prompt that could fit (TextModel.max_prompt_chars):
+JSON_BYTES_PER_CHAR = 12  # the most one prompt character takes in JSON ("\ud83d\ude00")
+BYTES_PER_CONTEXT_TOKEN = 64  # a token id ("123456, "), or a short chat message, per token
+BODY_SLACK_BYTES = 1 << 20  # every other field (stop strings, options)
+
+
+def max_body_bytes(text: TextModel, max_frame_bytes: int) -> int:
+    """The largest HTTP body worth reading: what the longest prompt that could fit takes
+    in JSON, plus room for the rest; never more than max_frame_bytes."""
+    if text.max_prompt_chars is None:
+        return max_frame_bytes
+    bound = (JSON_BYTES_PER_CHAR * text.max_prompt_chars
+             + BYTES_PER_CONTEXT_TOKEN * text.max_model_len + BODY_SLACK_BYTES)
+    return min(max_frame_bytes, bound)
+
+
+def _too_many_connections(limit: int) -> bytes:
+    """A whole HTTP/1.1 429 response that closes its connection (sent without aiohttp)."""
+    body = json.dumps(oai.error_body(429, f"overloaded: {limit} HTTP connections open")).encode()
+    return (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)) + body
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection past max_http_connections: one canned answer, then closed."""
+
+    def __init__(self, response: bytes) -> None:
+        self.response = response
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.response)  # type: ignore[attr-defined]
+        transport.close()
 
 
 class HttpSink:
@@ -77,8 +116,9 @@ class HttpApi:
         self.gateway = gateway
         self.config = gateway.config
         self.api_keys = tuple(key.encode() for key in self.config.api_keys)
+        self.max_body_bytes = max_body_bytes(gateway.text, self.config.max_frame_bytes)
         self.app = web.Application(
-            middlewares=[self.errors_as_json], client_max_size=self.config.max_frame_bytes
+            middlewares=[self.errors_as_json], client_max_size=self.max_body_bytes
         )
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
@@ -86,16 +126,32 @@ class HttpApi:
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/live", self.live)
         self.app.router.add_get("/metrics", self.metrics)
-        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        # aiohttp's keep-alive timer closes a connection that has had no request for
+        # this long: from its start (nothing sent, or headers never finished) and after
+        # each response. A stalled body is read_body's to time out.
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
+                                    keepalive_timeout=self.config.http_idle_timeout_s)
+        self.listener: asyncio.Server | None = None
         self.port = self.config.http_port  # the bound port once started (for port 0)
 
     async def start(self) -> None:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.config.http_host, self.config.http_port)
-        await site.start()
-        self.port = self.runner.addresses[0][1]
+        self.listener = await asyncio.get_running_loop().create_server(
+            self.accept, self.config.http_host, self.config.http_port, backlog=1024)
+        self.port = self.listener.sockets[0].getsockname()[1]
+
+    def accept(self) -> asyncio.Protocol:
+        """A new connection's protocol: aiohttp's, or a refusal past max_http_connections."""
+        server, limit = self.runner.server, self.config.max_http_connections
+        assert server is not None  # set up before the listener opens
+        if len(server.connections) < limit:
+            return server()
+        self.gateway.metrics.error(429)
+        return _Refuse(_too_many_connections(limit))
 
     async def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
         await self.runner.cleanup()
 
     @web.middleware
@@ -105,7 +161,16 @@ class HttpApi:
                 self.check_auth(request)
             return await handler(request)
         except oai.ApiError as err:
-            return self.error_response(err.status, err.message)
+            response = self.error_response(err.status, err.message)
+            if err.status == 408:  # the body stalled: answer, then hang up at once
+                response.force_close()
+                await response.prepare(request)
+                await response.write_eof()
+                if request.transport is not None:
+                    request.transport.close()
+            return response
+        except Rejected as err:
+            return self.error_response(err.code, err.message)
         except web.HTTPException as err:  # unknown route, wrong method, body too large
             if err.status < 400:
                 raise
@@ -171,18 +236,34 @@ class HttpApi:
     # ---- generation -------------------------------------------------------------------
 
     async def parse(self, request: web.Request, parse: Callable[[Any], oai.Submission]):
-        """The body as a Submission; a large one (tokenizing takes long) in a thread."""
-        raw = await request.read()  # 413 past client_max_size
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise oai.ApiError(400, f"the body is not valid JSON: {err}") from None
+        """The body as a Submission; a large one (parsing and tokenizing take long) in the
+        pool. Raises ApiError or Rejected."""
+        raw = await self.read_body(request)
         if len(raw) > LONG_BODY_BYTES:
+            return await self.gateway.tokenize_off_loop(_decode_and_parse, raw, parse)
+        return _decode_and_parse(raw, parse)
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The whole body: 413 past max_body_bytes (at once when Content-Length says so),
+        408 when the client sends nothing for http_idle_timeout_s mid-body."""
+        limit, idle_s = self.max_body_bytes, self.config.http_idle_timeout_s
+        too_large = f"the request body is too large (Request Entity Too Large): over {limit} bytes"
+        if request.content_length is not None and request.content_length > limit:
+            raise oai.ApiError(413, too_large)
+        chunks, size = [], 0
+        while True:
             try:
-                return await self.gateway.tokenize_off_loop(parse, body)
-            except Rejected as err:
-                raise oai.ApiError(err.code, err.message) from None
-        return parse(body)
+                async with asyncio.timeout(idle_s):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                raise oai.ApiError(408, f"the request body stalled: nothing for {idle_s} s") \
+                    from None
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise oai.ApiError(413, too_large)
+            chunks.append(chunk)
 
     async def generate(self, request: web.Request, sub: oai.Submission, *, chat: bool):
         sink = HttpSink(self.config.max_queued_chunks)
@@ -287,6 +368,10 @@ class Reply:
             text = None  # a closing chat chunk carries an empty delta
         return oai.stream_chunk(self.req_id, self.created, self.model, text, finish_reason,
                                 chat=self.chat, role=role)
+
+
+def _decode_and_parse(raw: bytes, parse: Callable[[Any], oai.Submission]) -> oai.Submission:
+    return parse(oai.decode_body(raw))
 
 
 async def _send_event(response: web.StreamResponse, payload: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from ferry.common.sampling import SamplingParams
 from ferry.common.zmq_util import Inbox, Outboxes, Overloaded, make_context
 from ferry.services.gateway.http_api import HttpApi
 from ferry.services.gateway.metrics import GatewayMetrics
+from ferry.services.gateway.pool import WorkPool
 from ferry.services.gateway.recv import MAX_BATCH, recv_batches
 from ferry.services.gateway.requests import (
     RELEASE_FINISHED,
@@ -91,7 +92,9 @@ class Gateway:
         # zmq.Again (-> Overloaded) at once; on a zmq.asyncio socket it would not.
         self.send_to_cluster = Outboxes(zmq.Context.shadow(ctx.underlying))
         self.cluster_backlogged = False  # the inbox had more queued than one batch takes
-        self.num_tokenizing = 0  # long prompts being tokenized in threads (not yet submitted)
+        # Large bodies parsed and long prompts tokenized off the loop (bounded, then 429).
+        self.pool = WorkPool(config.num_tokenizer_threads, config.max_tokenizer_queue)
+        self.num_tokenizing = 0  # requests in the pool (not yet submitted)
         self.stale_told: dict[tuple[str, int, str], None] = {}  # see stop_stale_copy
         self.sdk = SdkFrontend(self, ctx)
         self.http = HttpApi(self)
@@ -119,6 +122,7 @@ class Gateway:
             self.close()
 
     def close(self) -> None:
+        self.pool.close()
         self.sdk.close()
         self.recv_from_cluster.close()
         self.send_to_cluster.close()
@@ -212,11 +216,12 @@ class Gateway:
         return req
 
     async def tokenize_off_loop(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a long tokenization in a thread; it counts against max_inflight meanwhile."""
+        """Parse or tokenize a long request in the pool; it counts against max_inflight
+        meanwhile. Rejected(429) when the pool's queue is full."""
         self.check_capacity()
         self.num_tokenizing += 1
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await self.pool.run(fn, *args)
         finally:
             self.num_tokenizing -= 1
 

@@ -2,18 +2,31 @@
 /v1/completions and /v1/chat/completions in, a Submission out; deltas in, JSON out.
 
 Extra fields beyond OpenAI's: top_k, ignore_eos, priority ("normal" | "high"),
-timeout_s (per-request deadline, seconds)."""
+timeout_s (per-request deadline, seconds).
+
+A body is checked before any field is read (`decode_body`): valid JSON, nested at most
+MAX_JSON_DEPTH levels, every string valid Unicode (JSON can escape a lone surrogate,
+"\\ud800", which no tokenizer or wire codec takes). A prompt longer than the model's
+`max_prompt_chars` is refused without tokenizing it."""
 
 from __future__ import annotations
 
+import json
+import json.scanner
 from dataclasses import dataclass
 from typing import Any
 
 from ferry.common import wire
 from ferry.common.sampling import SamplingParams
+from ferry.services.gateway.requests import Rejected, check_prompt_chars
 from ferry.services.gateway.text import TextModel
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_JSON_DEPTH = 64  # deepest nesting accepted (a request needs 4: messages[0].content[0])
+# json.loads (C) holds the GIL for its whole run, ~0.1 us per value: a body with more
+# commas than this (values, roughly) is parsed by the json module's Python scanner
+# instead, which lets other threads run (strings are still scanned in C).
+FAST_JSON_MAX_COMMAS = 50_000
 
 # Fields Ferry does not implement: refused unless absent or at their neutral value, so a
 # client never gets silently different behaviour.
@@ -35,6 +48,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "timeout",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_error",
@@ -54,6 +68,68 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "code": status}}
 
 
+def decode_body(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The JSON value of a request body; ApiError(400) when it is not JSON, is nested
+    deeper than max_depth, or holds a string that is not valid Unicode."""
+    too_deep = f"the body is nested too deeply (at most {max_depth} levels)"
+    try:
+        if raw.count(b",") <= FAST_JSON_MAX_COMMAS:
+            body = json.loads(raw)
+        else:
+            decoder = json.JSONDecoder()
+            decoder.scan_once = json.scanner.py_make_scanner(decoder)
+            body = decoder.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+    except RecursionError:
+        raise ApiError(400, too_deep) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ApiError(400, f"the body is not valid JSON: {err}") from None
+    check_json(body, max_depth=max_depth)
+    return body
+
+
+def check_json(body: Any, *, max_depth: int) -> None:
+    """ApiError(400) naming the first place where `body` nests deeper than max_depth or
+    holds a string (value or key) that is not valid Unicode. Iterative: any depth."""
+    if type(body) not in (dict, list):
+        return
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) >= max_depth:
+            raise ApiError(400, f"the body is nested too deeply (at most {max_depth} levels; "
+                                f"{_path(path)} is deeper)")
+        for key, item in value.items() if type(value) is dict else enumerate(value):
+            if type(key) is str and not key.isascii():
+                _check_unicode(key, path, what="a key in ")
+            kind = type(item)
+            if kind is str:
+                if not item.isascii():
+                    _check_unicode(item, (*path, key))
+            elif kind is dict or kind is list:
+                stack.append((item, (*path, key)))
+
+
+def _check_unicode(text: str, path: tuple[str | int, ...], *, what: str = "") -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = text[err.start].encode("utf-8", "backslashreplace").decode()
+        raise ApiError(400, f"{what}{_path(path) or 'the body'} is not valid Unicode: a lone "
+                            f"surrogate ({char}) at character {err.start}") from None
+
+
+def _path(path: tuple[str | int, ...]) -> str:
+    """("messages", 0, "content") -> messages[0].content"""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            part = part.encode("utf-8", "backslashreplace").decode()
+            out += f".{part}" if out else part
+    return out
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Submission:
     prompt_token_ids: tuple[int, ...]
@@ -70,6 +146,7 @@ def parse_completion(body: Any, text: TextModel, *, model_name: str) -> Submissi
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
+        _check_prompt_chars(len(prompt), text)
         prompt_token_ids = tuple(text.encode(prompt))
     elif isinstance(prompt, list) and all(_is_int(t) for t in prompt):
         prompt_token_ids = tuple(prompt)
@@ -91,6 +168,7 @@ def parse_chat(body: Any, text: TextModel, *, model_name: str, max_tokens_limit:
         prompt_text = text.apply_chat_template(plain)
     except ValueError as err:
         raise ApiError(400, str(err)) from None
+    _check_prompt_chars(len(prompt_text), text)
     # The template writes the special tokens (BOS...) itself.
     prompt_token_ids = tuple(text.encode(prompt_text, add_special_tokens=False))
     max_tokens = _field(body, "max_completion_tokens", int, None)
@@ -150,6 +228,14 @@ def _submission(
         include_usage=_field(stream_options, "include_usage", bool, False),
         timeout_s=timeout_s,
     )
+
+
+def _check_prompt_chars(num_chars: int, text: TextModel) -> None:
+    try:
+        check_prompt_chars(num_chars, max_model_len=text.max_model_len,
+                           max_prompt_chars=text.max_prompt_chars)
+    except Rejected as err:
+        raise ApiError(err.code, err.message) from None
 
 
 def _object(body: Any) -> dict[str, Any]:

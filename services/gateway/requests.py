@@ -391,3 +391,15 @@ def check_request(
             f"{prompt_len} tokens and max_tokens is {sampling.max_tokens} "
             f"({prompt_len + sampling.max_tokens} in all)",
         )
+
+
+def check_prompt_chars(num_chars: int, *, max_model_len: int, max_prompt_chars: int | None) -> None:
+    """Raise Rejected(400) for prompt text too long to fit the context whatever its tokens
+    (TextModel.max_prompt_chars), before anyone spends time tokenizing it."""
+    if max_prompt_chars is not None and num_chars > max_prompt_chars:
+        raise Rejected(
+            400,
+            f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+            f"{num_chars} characters, more than {max_model_len} tokens can hold "
+            f"(at most {max_prompt_chars // max_model_len} characters each)",
+        )

@@ -21,7 +21,7 @@ from ferry.common.codec import WireError
 from ferry.common.logging import get_logger
 from ferry.common.zmq_util import DEFAULT_HWM, hard_frame_cap
 from ferry.services.gateway.recv import recv_batches
-from ferry.services.gateway.requests import Delta, Rejected
+from ferry.services.gateway.requests import Delta, Rejected, check_prompt_chars
 
 if TYPE_CHECKING:
     from ferry.services.gateway.main import Gateway
@@ -30,7 +30,7 @@ log = get_logger()
 
 CLIENT_MESSAGES = (wire.GenerateRequest, wire.CancelRequest)
 PRIORITIES = frozenset(int(p) for p in wire.Priority)
-LONG_PROMPT_CHARS = 32_768  # longer prompt text is tokenized in a thread, off the loop
+LONG_PROMPT_CHARS = 32_768  # longer prompt text is tokenized in the gateway's pool, off the loop
 
 
 class SdkFrontend:
@@ -103,8 +103,16 @@ class SdkFrontend:
             return
         if msg.prompt is None:
             self.start(identity, msg, msg.prompt_token_ids)
-        elif len(msg.prompt) <= LONG_PROMPT_CHARS:
-            self.start(identity, msg, tuple(self.gateway.text.encode(msg.prompt)))
+            return
+        text = self.gateway.text
+        try:  # refuse text that can never fit before tokenizing it
+            check_prompt_chars(len(msg.prompt), max_model_len=text.max_model_len,
+                               max_prompt_chars=text.max_prompt_chars)
+        except Rejected as err:
+            self.send_error(identity, msg.client_req_id, err.code, err.message)
+            return
+        if len(msg.prompt) <= LONG_PROMPT_CHARS:
+            self.start(identity, msg, tuple(text.encode(msg.prompt)))
         else:
             self.req_ids[key] = ""  # reserved while the prompt is tokenized off the loop
             task = asyncio.get_running_loop().create_task(self.generate_long(identity, msg))

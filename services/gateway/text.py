@@ -13,12 +13,19 @@ Encoding and chat templates come from the worker's tokenizer module
 (services/worker/model/tokenizer.py) so that gateway and engine agree on every id; where
 that module is absent, `_TokenizersOnly` does the same job with `tokenizers` alone.
 Detokenization uses the `tokenizers` DecodeStream (Rust; one call per delta).
+
+`max_prompt_chars` bounds a prompt's length in characters without tokenizing it: a token
+covers at most `max_chars_per_token` characters of the text (its vocabulary string's
+length, times what the normalizer may merge), so more than max_model_len times that many
+characters can never fit the context. None where the tokenizer can make one token of
+unboundedly many characters (it drops or fuses text: whitespace pre-tokenizers, strip
+normalizers, fused unknowns, added tokens that eat spaces).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +37,21 @@ try:
     from ferry.services.worker.model import tokenizer as worker_tokenizer
 except ImportError:  # a checkout without the worker's model package
     worker_tokenizer = None
+
+# NFC / NFKC compose at most this many characters into one (the longest canonical
+# decomposition, e.g. U+1F82 -> 4 code points; tests check it against unicodedata).
+MAX_COMPOSED_CHARS = 4
+# Normalizers that never shrink text (NFD/NFKD only decompose; no lowercase mapping is
+# shorter than its character); the value is how many input characters one output
+# character may stand for.
+_NORMALIZER_FACTORS = {
+    "NFD": 1, "NFKD": 1, "Lowercase": 1, "Prepend": 1, "ByteLevel": 1,
+    "NFC": MAX_COMPOSED_CHARS, "NFKC": MAX_COMPOSED_CHARS,
+}
+# Pre-tokenizers that keep every character (Split and Punctuation unless "Removed").
+_KEEPING_PRE_TOKENIZERS = frozenset(
+    {"ByteLevel", "Metaspace", "Digits", "UnicodeScripts", "Split", "Punctuation", "FixedLength"}
+)
 
 # Prompt tokens the detokenizer starts from, so the first output token's text is rendered
 # in context (a leading space of a SentencePiece "▁word" token survives).
@@ -73,12 +95,18 @@ class TextModel:
         *,
         eos_token_ids: tuple[int, ...],
         max_model_len: int,
+        max_chars_per_token: int | None = None,
     ) -> None:
         self.base = base  # encode, chat template
         self.tokenizer = fast  # the `tokenizers` object behind detokenization
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.vocab_size = fast.get_vocab_size(with_added_tokens=True)
+        self.max_chars_per_token = max_chars_per_token  # None: no bound (see module doc)
+        # Longer prompt text can never fit the context; None: no bound.
+        self.max_prompt_chars = (
+            None if max_chars_per_token is None else max_model_len * max_chars_per_token
+        )
 
     @classmethod
     def load(cls, model_dir: str | Path) -> TextModel:
@@ -103,7 +131,11 @@ class TextModel:
         max_model_len = model_config.get("max_position_embeddings")
         if not isinstance(max_model_len, int) or not 0 < max_model_len < 10**8:
             raise ValueError(f"{root}: config.json has no max_position_embeddings")
-        return cls(base, fast, eos_token_ids=tuple(eos_ids), max_model_len=max_model_len)
+        spec = json.loads((root / "tokenizer.json").read_text())
+        return cls(
+            base, fast, eos_token_ids=tuple(eos_ids), max_model_len=max_model_len,
+            max_chars_per_token=max_chars_per_token(spec, fast.get_vocab(with_added_tokens=True)),
+        )
 
     @property
     def has_chat_template(self) -> bool:
@@ -169,6 +201,68 @@ class _TokenizersOnly:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+
+def max_chars_per_token(spec: dict[str, Any], vocab: Iterable[str]) -> int | None:
+    """Most characters of input text one token can stand for, from tokenizer.json (`spec`)
+    and the vocabulary's token strings (added tokens included); None when unbounded.
+
+    A token's string is at least as long as the text it covers: byte-level tokens spell
+    one character per byte, SentencePiece ones one per character ("▁" for a space),
+    byte-fallback and continuation tokens ("<0x41>", "##s") more. So the bound is the
+    longest string, times what the normalizer may compose into one character, provided
+    no stage drops or fuses text."""
+    if spec.get("truncation"):
+        return None  # any text encodes to at most max_length tokens
+    for added in spec.get("added_tokens") or ():
+        if added.get("lstrip") or added.get("rstrip"):
+            return None  # the token swallows any run of spaces beside it
+    model = spec.get("model") or {}
+    kind = model.get("type")
+    if kind not in ("BPE", "Unigram"):
+        return None  # WordPiece / WordLevel: a whole unknown word becomes one [UNK]
+    fuses_unknowns = model.get("fuse_unk", kind == "Unigram")
+    unknown = model.get("unk_token") is not None or model.get("unk_id") is not None
+    if unknown and fuses_unknowns and not model.get("byte_fallback"):
+        return None  # a run of unknown characters becomes one token
+    factor = _normalizer_factor(spec.get("normalizer"))
+    if factor is None or not _keeps_characters(spec.get("pre_tokenizer")):
+        return None
+    longest = max((len(token) for token in vocab), default=0)
+    return longest * factor if longest else None
+
+
+def _normalizer_factor(normalizer: dict[str, Any] | None) -> int | None:
+    """How many input characters one normalized character may stand for; None when the
+    normalizer can drop characters (Strip, StripAccents, Bert, Precompiled, unknown)."""
+    if normalizer is None:
+        return 1
+    kind = normalizer.get("type")
+    if kind == "Sequence":
+        factor = 1
+        for part in normalizer.get("normalizers") or ():
+            part_factor = _normalizer_factor(part)
+            if part_factor is None:
+                return None
+            factor *= part_factor
+        return factor
+    if kind == "Replace":
+        pattern, content = normalizer.get("pattern") or {}, normalizer.get("content")
+        if "String" not in pattern or not isinstance(content, str) or not content:
+            return None  # a regex can match any length; an empty content deletes
+        return max(1, -(-len(pattern["String"]) // len(content)))
+    return _NORMALIZER_FACTORS.get(kind)
+
+
+def _keeps_characters(pre_tokenizer: dict[str, Any] | None) -> bool:
+    """False when the pre-tokenizer can drop characters (Whitespace, Bert, a "Removed"
+    split, unknown kinds)."""
+    if pre_tokenizer is None:
+        return True
+    kind = pre_tokenizer.get("type")
+    if kind == "Sequence":
+        return all(_keeps_characters(p) for p in pre_tokenizer.get("pretokenizers") or ())
+    return kind in _KEEPING_PRE_TOKENIZERS and pre_tokenizer.get("behavior") != "Removed"
 
 
 def _raise_template_error(message: str) -> None:

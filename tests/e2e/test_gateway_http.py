@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 
 import aiohttp
 import openai
@@ -339,5 +341,261 @@ def test_metrics(model_dir):
             assert samples["ferry_gateway_e2e_latency_seconds_count"] == 3
             assert samples["ferry_gateway_inflight_requests"] == 0
             assert samples["ferry_gateway_bypass_mode"] == 0
+
+    arun(body())
+
+
+# ---- input hygiene: size, Unicode, nesting, the pool, idle connections ----------------------
+
+
+PROSE = "the quick brown fox jumps over the lazy dog, hello world! "
+
+
+def unbounded_model_dir(path):
+    """The test model with an added token that swallows the spaces before it (lstrip), so
+    no characters-per-token bound holds: every prompt must be tokenized to be judged."""
+    root = make_model_dir(path)
+    spec = json.loads((root / "tokenizer.json").read_text())
+    spec["added_tokens"][0]["lstrip"] = True
+    (root / "tokenizer.json").write_text(json.dumps(spec))
+    return root
+
+
+async def probe_latencies(session, h, stop: asyncio.Event, busy: list | None = None) -> list[float]:
+    """Small completions one after another until `stop`; each one's latency. `busy` gets
+    one entry per completion made while the gateway's pool had a request in it."""
+    times = []
+    while not stop.is_set():
+        start = time.perf_counter()
+        status, data = await post(session, h, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert status == 200, data
+        times.append(time.perf_counter() - start)
+        if busy is not None and h.gateway.num_tokenizing:
+            busy.append(times[-1])
+        await asyncio.sleep(0.01)
+    return times
+
+
+async def post_raw(session, h, data, path="/v1/completions"):
+    async with session.post(h.base_url + path, data=data,
+                            headers={"Content-Type": "application/json"}) as resp:
+        return resp.status, await resp.json()
+
+
+def test_a_10mb_prompt_is_refused_at_once_while_small_requests_are_served(model_dir):
+    huge = json.dumps({"prompt": PROSE * (10_000_000 // len(PROSE))}).encode()
+
+    async def chunked():  # no Content-Length: refused once the bound is read
+        for i in range(0, len(huge), 1 << 20):
+            yield huge[i:i + (1 << 20)]
+
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            assert h.gateway.http.max_body_bytes < len(huge) // 4
+            stop = asyncio.Event()
+            probe = asyncio.ensure_future(probe_latencies(session, h, stop))
+            await asyncio.sleep(0.05)
+            results = await asyncio.gather(
+                *[post_raw(session, h, huge) for _ in range(3)], post_raw(session, h, chunked()))
+            await asyncio.sleep(0.05)
+            stop.set()
+            latencies = await probe
+            for status, data in results:
+                assert status == 413 and "Too Large" in data["error"]["message"]
+                assert data["error"]["type"] == "invalid_request_error"
+            assert latencies and max(latencies) < 2.0, latencies  # the old code: ~10 s
+            await h.wait_idle()
+
+    arun(body())
+
+
+def test_prompt_text_longer_than_any_tokenization_fits_is_400_untokenized(model_dir):
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            text = h.gateway.text
+            calls = []
+            encode = text.encode
+            text.encode = lambda s, **kw: calls.append(len(s)) or encode(s, **kw)
+            limit = text.max_prompt_chars
+            status, data = await post(session, h, "/v1/completions",
+                                      {"prompt": "y" * (limit + 1), "max_tokens": 2})
+            assert status == 400 and "maximum context length is 256" in data["error"]["message"]
+            assert f"the prompt has {limit + 1} characters" in data["error"]["message"]
+            big = "z" * 40_000  # a large body: parsed in the pool, refused there
+            status, data = await post(session, h, "/v1/chat/completions",
+                                      {"messages": [{"role": "user", "content": big}]})
+            assert status == 400 and "maximum context length" in data["error"]["message"]
+            assert calls == []
+            status, _ = await post(session, h, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+            assert status == 200 and calls == [2]
+
+    arun(body())
+
+
+SURROGATES = [
+    ("/v1/completions", b'{"prompt": "hi \\ud800 there"}', "prompt is not valid Unicode"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00"}]}',
+     "messages[0].content is not valid Unicode"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "\\ud800", "content": "hi"}]}',
+     "messages[0].role is not valid Unicode"),
+    ("/v1/completions", b'{"prompt": "hi", "stop": "\\ud800"}', "stop is not valid Unicode"),
+    ("/v1/completions", b'{"prompt": [1, 2], "model": "\\ud800"}', "model is not valid Unicode"),
+    # large bodies, parsed in the pool
+    ("/v1/completions", b'{"prompt": "' + b"a" * 40_000 + b'\\ud800"}', "prompt is not valid"),
+    ("/v1/completions", b'{"prompt": [' + b"1," * 60_000 + b'1], "stop": ["\\ud800"]}',
+     "stop[0] is not valid Unicode"),
+]
+
+
+def test_lone_surrogates_are_400_naming_the_field(model_dir):
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            for path, raw, match in SURROGATES:
+                status, data = await post_raw(session, h, raw, path)
+                assert status == 400 and match in data["error"]["message"], (raw[:60], data)
+            status, _ = await post(session, h, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+            assert status == 200
+            assert h.gateway.metrics.render().count(b'rejected_total{code="500"}') == 0
+
+    arun(body())
+
+
+def test_deep_nesting_is_400(model_dir):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    cases = [
+        b'{"prompt": "hi", "x": ' + b"[" * 64 + b"]" * 64 + b"}",  # 65 levels, a small body
+        b'{"prompt": "hi", "x": ' + deep + b"}",  # RecursionError in the C parser (pool)
+        b'{"prompt": [' + b"1," * 60_000 + b'1], "x": ' + deep + b"}",  # the Python scanner
+        deep,
+    ]
+
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            for raw in cases:
+                status, data = await post_raw(session, h, raw)
+                assert status == 400 and "nested too deeply" in data["error"]["message"]
+            status, _ = await post(session, h, "/v1/completions",
+                                   {"prompt": "hi", "max_tokens": 2, "x": [[[[[]]]]]})
+            assert status == 200
+
+    arun(body())
+
+
+def test_the_tokenizer_pool_is_bounded_and_429s_past_its_queue(tmp_path):
+    gate = threading.Event()
+
+    async def body():
+        async with running(unbounded_model_dir(tmp_path / "m"), num_tokenizer_threads=1,
+                           max_tokenizer_queue=1) as h, aiohttp.ClientSession() as session:
+            text = h.gateway.text
+            assert text.max_prompt_chars is None
+            encode = text.encode
+
+            def slow_encode(s, **kwargs):
+                if len(s) > 1000:
+                    gate.wait(10)
+                    return [5] * 10
+                return encode(s, **kwargs)
+
+            text.encode = slow_encode
+            long = {"prompt": "w" * 40_000, "max_tokens": 2}
+            first = asyncio.ensure_future(post(session, h, "/v1/completions", long))
+            second = asyncio.ensure_future(post(session, h, "/v1/completions", long))
+            await wait_until(lambda: h.gateway.pool.num_jobs == 2)
+            status, data = await post(session, h, "/v1/completions", long)
+            assert status == 429 and "overloaded" in data["error"]["message"]
+            status, _ = await post(session, h, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+            assert status == 200  # short requests never wait for the pool
+            gate.set()
+            assert [s for s, _ in await asyncio.gather(first, second)] == [200, 200]
+            assert h.gateway.pool.num_jobs == 0 and h.gateway.num_tokenizing == 0
+
+    try:
+        arun(body())
+    finally:
+        gate.set()
+
+
+def test_a_long_prompt_is_tokenized_while_small_requests_are_served(tmp_path):
+    """No bound refuses it (the model has none): it is tokenized, in the pool, with the
+    GIL released, and found too long. The old code held the loop for all of it."""
+    prompt = PROSE * (2_000_000 // len(PROSE))  # ~2 s of tokenizing
+
+    async def body():
+        async with running(unbounded_model_dir(tmp_path / "m")) as h, \
+                aiohttp.ClientSession() as session:
+            stop, busy = asyncio.Event(), []
+            probe = asyncio.ensure_future(probe_latencies(session, h, stop, busy))
+            status, data = await post(session, h, "/v1/completions", {"prompt": prompt})
+            stop.set()
+            latencies = await probe
+            assert status == 400 and "maximum context length" in data["error"]["message"]
+            assert len(busy) >= 5, busy  # the old code served none while it tokenized
+            assert max(latencies) < 2.0, latencies
+
+    arun(body())
+
+
+async def read_until_closed(reader, timeout_s: float = 5.0) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    return await asyncio.wait_for(reader.read(), timeout_s)
+
+
+def test_idle_and_stalled_connections_are_closed(model_dir):
+    async def body():
+        async with running(model_dir, http_idle_timeout_s=0.3) as h:
+            port = h.gateway.http.port
+
+            async def connect():
+                return await asyncio.open_connection("127.0.0.1", port)
+
+            silent = await connect()
+            headers_only = await connect()
+            headers_only[1].write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            stalled_body = await connect()
+            stalled_body[1].write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Type: application/json\r\nContent-Length: 100\r\n"
+                                  b"\r\n{\"prompt\": ")
+            keep_alive = await connect()
+            keep_alive[1].write(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+            start = time.monotonic()
+            assert await read_until_closed(silent[0]) == b""
+            assert await read_until_closed(headers_only[0]) == b""
+            answer = await read_until_closed(stalled_body[0])
+            assert answer.startswith(b"HTTP/1.1 408") and b"stalled" in answer
+            answer = await read_until_closed(keep_alive[0])
+            assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
+            assert time.monotonic() - start < 4.0
+            for _, writer in (silent, headers_only, stalled_body, keep_alive):
+                writer.close()
+            await wait_until(lambda: not h.gateway.http.runner.server.connections)
+            # A request that takes longer than the idle timeout is not cut off.
+            h.worker.behaviour.token_delay_s = 0.1
+            async with aiohttp.ClientSession() as session:
+                status, data = await post(session, h, "/v1/completions",
+                                          {"prompt": "hi", "max_tokens": 8})
+                assert status == 200 and data["usage"]["completion_tokens"] == 8
+
+    arun(body())
+
+
+def test_connections_past_the_bound_are_refused(model_dir):
+    async def body():
+        async with running(model_dir, max_http_connections=2) as h:
+            port = h.gateway.http.port
+            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            await wait_until(lambda: len(h.gateway.http.runner.server.connections) == 2)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            answer = await read_until_closed(reader)
+            assert answer.startswith(b"HTTP/1.1 429")
+            assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == 429
+            writer.close()
+            held[0][1].close()
+            await wait_until(lambda: len(h.gateway.http.runner.server.connections) == 1)
+            async with aiohttp.ClientSession() as session:
+                status, _ = await post(session, h, "/v1/completions",
+                                       {"prompt": "hi", "max_tokens": 2})
+                assert status == 200
+            held[1][1].close()
 
     arun(body())

@@ -594,3 +594,20 @@ def test_retries_on_overloaded_and_unavailable_before_any_output(model_dir):
                     await client.generate("hi")
 
     arun(body())
+
+
+def test_prompt_text_too_long_for_any_tokenization_is_refused_untokenized(model_dir):
+    async def body():
+        async with running(model_dir) as h, AsyncClient(h.sdk_addr) as client:
+            text = h.gateway.text
+            calls = []
+            encode = text.encode
+            text.encode = lambda s, **kw: calls.append(len(s)) or encode(s, **kw)
+            for size in (text.max_prompt_chars + 1, 200_000):  # short path, long path
+                with pytest.raises(BadRequest, match="maximum context length is 256 tokens; "
+                                                     f"the prompt has {size} characters"):
+                    await client.generate("x" * size, max_tokens=2)
+            assert calls == [] and h.gateway.num_tokenizing == 0 and h.gateway.sdk.req_ids == {}
+            assert (await client.generate("hi", max_tokens=2)).finish_reason == "length"
+
+    arun(body())

@@ -135,3 +135,78 @@ def test_response_shapes():
     assert oai.error_body(429, "busy") == {
         "error": {"message": "busy", "type": "rate_limit_error", "code": 429}
     }
+
+
+# ---- body hygiene -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "match"), [
+    (b'{"prompt": "ok \\ud800"}', "prompt is not valid Unicode: a lone surrogate (\\ud800) at "
+                                  "character 3"),
+    (b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "messages[0].content is not"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a\\ud800b"}]}]}',
+     "messages[0].content[0].text is not valid Unicode"),
+    (b'{"prompt": "x", "stop": ["fine", "\\ud83d"]}', "stop[1] is not valid Unicode"),
+    (b'{"prompt": "x", "\\ud800": 1}', "a key in the body is not valid Unicode"),
+    (b'{"prompt": "\xed\xa0\x80"}', "prompt is not valid Unicode"),  # UTF-8-encoded surrogate
+])
+def test_strings_that_are_not_unicode_are_400_naming_the_field(raw, match):
+    assert match in rejected(400, oai.decode_body, raw)
+    # the same through the Python scanner large bodies with many values take
+    many = raw[:-1] + b', "ids": [' + b"1," * oai.FAST_JSON_MAX_COMMAS + b"1]}"
+    assert match in rejected(400, oai.decode_body, many)
+
+
+def test_surrogate_pairs_are_fine():
+    assert oai.decode_body(b'{"prompt": "\\ud83d\\ude80"}') == {"prompt": "🚀"}
+
+
+@pytest.mark.parametrize("scanner", ["c", "python"])
+def test_nesting_past_the_limit_is_400(scanner):
+    pad = b', "ids": [' + b"1," * oai.FAST_JSON_MAX_COMMAS + b"1]" if scanner == "python" else b""
+
+    def body(depth: int) -> bytes:
+        return b'{"x": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + pad + b"}"
+
+    assert oai.decode_body(body(oai.MAX_JSON_DEPTH))["x"]  # 64 levels: fine
+    assert "nested too deeply (at most 64 levels; x" in rejected(
+        400, oai.decode_body, body(oai.MAX_JSON_DEPTH + 1))
+    # Deeper than Python's recursion limit: the parser itself gives up (RecursionError).
+    assert "nested too deeply" in rejected(400, oai.decode_body, body(100_000))
+    assert "nested too deeply" in rejected(400, oai.decode_body, b"[" * 100_000)
+
+
+def test_depth_counts_levels_from_the_top():
+    oai.check_json({"a": [{"b": [1]}]}, max_depth=4)
+    assert "messages[0].content is deeper" in rejected(
+        400, oai.check_json, {"messages": [{"content": []}]}, max_depth=3)
+
+
+def test_python_scanner_reads_what_json_loads_reads():
+    import json
+
+    raw = json.dumps({"prompt": list(range(60_000)), "stop": ["a,b", "é"], "x": {"y": None},
+                      "t": 0.5, "u": True}).encode()
+    assert raw.count(b",") > oai.FAST_JSON_MAX_COMMAS
+    assert oai.decode_body(raw) == json.loads(raw)
+    assert "not valid JSON" in rejected(400, oai.decode_body, raw[:-1])
+    assert "not valid JSON" in rejected(400, oai.decode_body, b"\xff\xfe" + raw)
+
+
+def test_prompt_text_too_long_for_any_tokenization_is_400_without_tokenizing(text):
+    class Untouchable:
+        def __getattr__(self, name):
+            return getattr(text, name)
+
+        def encode(self, *args, **kwargs):
+            raise AssertionError("tokenized")
+
+    limit = text.max_prompt_chars
+    assert limit is not None
+    message = rejected(400, completion, Untouchable(), prompt="x" * (limit + 1))
+    assert message.startswith(f"this model's maximum context length is {MAX_MODEL_LEN} tokens; "
+                              f"the prompt has {limit + 1} characters")
+    half = "y" * (limit // 2 + 1)
+    messages = [{"role": "user", "content": half}, {"role": "assistant", "content": half}]
+    assert "maximum context length" in rejected(400, chat, Untouchable(), messages=messages)
+    assert completion(text, prompt="x" * limit).prompt_token_ids  # at the bound: tokenized

@@ -7,7 +7,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 from ferry.services.gateway import text as text_module
 from ferry.services.gateway.text import TextModel
@@ -159,3 +167,87 @@ def test_encoding_and_chat_template_delegate_to_the_worker_tokenizer(tmp_path, m
     assert text.encode("anything", add_special_tokens=False) == [42, 0]
     assert text.apply_chat_template([{"role": "user", "content": "x"}]) == "rendered 1"
     assert 3 in text.eos_token_ids
+
+
+# ---- the characters-per-token bound -------------------------------------------------------
+
+
+def test_max_prompt_chars_is_the_context_times_the_longest_token(text):
+    vocab = text.tokenizer.get_vocab(with_added_tokens=True)
+    longest = max(len(token) for token in vocab)
+    assert text.max_chars_per_token == longest
+    assert text.max_prompt_chars == MAX_MODEL_LEN * longest
+
+
+def test_max_composed_chars_matches_unicodedata():
+    import unicodedata
+
+    assert text_module.MAX_COMPOSED_CHARS == max(
+        len(unicodedata.normalize("NFD", chr(c))) for c in range(0x110000))
+
+
+BPE = {"type": "BPE", "unk_token": None, "fuse_unk": False, "byte_fallback": False}
+SPACE = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+
+
+@pytest.mark.parametrize(("spec", "bound"), [
+    ({"model": BPE}, 5),
+    ({"model": BPE, "pre_tokenizer": {"type": "ByteLevel"}}, 5),
+    ({"model": BPE, "normalizer": {"type": "NFC"}}, 20),
+    ({"model": BPE, "normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, SPACE]}}, 5),
+    ({"model": BPE, "normalizer": {"type": "Replace", "pattern": {"String": "abc"},
+                                   "content": "x"}}, 15),
+    ({"model": BPE, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "behavior": "Isolated"}, {"type": "ByteLevel"}]}}, 5),
+    ({"model": {**BPE, "unk_token": "<unk>", "fuse_unk": True, "byte_fallback": True}}, 5),
+    ({"model": {**BPE, "unk_token": "<unk>"}}, 5),  # one unknown character, one token
+    # Unbounded: text is dropped or fused somewhere.
+    ({"model": {**BPE, "unk_token": "<unk>", "fuse_unk": True}}, None),
+    ({"model": {"type": "Unigram", "unk_id": 0}}, None),
+    ({"model": {"type": "WordPiece"}}, None),
+    ({"model": BPE, "pre_tokenizer": {"type": "Whitespace"}}, None),
+    ({"model": BPE, "pre_tokenizer": {"type": "Split", "behavior": "Removed"}}, None),
+    ({"model": BPE, "normalizer": {"type": "Sequence", "normalizers": [
+        SPACE, {"type": "Strip"}]}}, None),
+    ({"model": BPE, "normalizer": {"type": "Replace", "pattern": {"Regex": " +"},
+                                   "content": " "}}, None),
+    ({"model": BPE, "normalizer": {"type": "Precompiled"}}, None),
+    ({"model": BPE, "added_tokens": [{"content": "<m>", "lstrip": True, "rstrip": False}]}, None),
+    ({"model": BPE, "truncation": {"max_length": 8}}, None),
+])
+def test_max_chars_per_token_follows_the_pipeline(spec, bound):
+    assert text_module.max_chars_per_token(spec, ["a", "hello", "xy"]) == bound
+
+
+def _nfc_metaspace_tokenizer(path: Path) -> Path:
+    """NFC normalizer + Metaspace + byte-fallback BPE (Llama 2 / Qwen2 shapes combined)."""
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<unk>", *(f"<0x{b:02X}>" for b in range(256))],
+        limit_alphabet=60)
+    tok.train_from_iterator(CORPUS * 4 + ["e\u0301 \u1100\u1161\u11a8 " * 20], trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
+    return path
+
+
+ADVERSARIAL = [
+    " " * 5000, "#" * 5000, "\n" * 3000, "hello world " * 400,
+    "e\u0301" * 2000, "\u1100\u1161\u11a8" * 1500, "\u03b1\u0313\u0300\u0345" * 1000,
+    "🚀" * 1000, "the quick brown fox " * 300, "<s></s>" * 500,
+]
+
+
+@pytest.mark.parametrize("which", ["byte_level", "nfc_metaspace"])
+def test_no_text_packs_more_characters_into_a_token_than_the_bound(tmp_path, which):
+    root = (make_model_dir(tmp_path) if which == "byte_level"
+            else _nfc_metaspace_tokenizer(tmp_path / "m"))
+    text = TextModel.load(root)
+    assert text.max_chars_per_token is not None
+    for sample in ADVERSARIAL:
+        num_tokens = len(text.encode(sample, add_special_tokens=False))
+        assert len(sample) <= num_tokens * text.max_chars_per_token, sample[:20]

@@ -7,11 +7,14 @@ import json
 import random
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, trainers
 
+from ferry.services.worker.model import tokenizer as tokenizer_module
 from ferry.services.worker.model.make_model import write_tokenizer
 from ferry.services.worker.model.tokenizer import (
     REPLACEMENT_CHAR,
@@ -241,3 +244,42 @@ def test_incremental_equals_full_decode_byte_fallback(sentencepiece_dir):
         deltas = _stream(tok, ids, rng, prompt_ids=prompt)
         assert tok.decode(prompt) + "".join(deltas) == tok.decode(prompt + ids)
         assert not any(REPLACEMENT_CHAR in d for d in deltas)
+
+
+@pytest.mark.parametrize("special", [True, False])
+def test_long_text_encodes_as_short_text_does(byte_level_dir, sentencepiece_dir, special):
+    """Text past GIL_FREE_ENCODE_CHARS goes through encode_batch (which releases the GIL):
+    the same ids as the tokenizer's plain encode."""
+    text = "".join(TEXTS) * 200
+    assert len(text) > tokenizer_module.GIL_FREE_ENCODE_CHARS
+    for model_dir in (byte_level_dir, sentencepiece_dir):
+        tok = Tokenizer(model_dir)
+        hf = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
+        plain = hf.encode(text, add_special_tokens=False).ids
+        ids = tok.encode(text, add_special_tokens=special)
+        assert ids[len(ids) - len(plain):] == plain
+        assert ids == tok.encode(text[:100] + text[100:], add_special_tokens=special)
+
+
+def test_long_text_is_encoded_without_holding_the_gil(byte_level_dir):
+    """Another thread keeps running while a long text is encoded (the gateway's event loop
+    while its pool tokenizes); plain `encode` would stop it for the whole call."""
+    tok = Tokenizer(byte_level_dir)
+    text = TEXTS[0] * 4000  # ~260k characters
+    ticks, done = [0], threading.Event()
+
+    def ticker():
+        while not done.is_set():
+            ticks[0] += 1
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    try:
+        before = ticks[0]
+        tok.encode(text)
+        during = ticks[0] - before
+    finally:
+        done.set()
+        thread.join()
+    assert during >= 5, during

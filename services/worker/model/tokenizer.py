@@ -26,6 +26,9 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer transformers save the template alone
 REPLACEMENT_CHAR = "\ufffd"
+# Longer text is encoded with encode_batch, which releases the GIL (encode holds it: a
+# 1 MB prompt stopped every other thread of the process for a second).
+GIL_FREE_ENCODE_CHARS = 4096
 
 
 class Tokenizer:
@@ -59,14 +62,19 @@ class Tokenizer:
         """Token ids of text; add_special_tokens adds BOS (and EOS) as the model expects.
         Encode a rendered chat template with add_special_tokens=False: it has its BOS."""
         if self._add_bos is None:
-            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+            return self._encode(text, add_special_tokens)
+        ids = self._encode(text, False)
         if add_special_tokens:
             if self._add_bos and self.bos_token_id is not None:
                 ids.insert(0, self.bos_token_id)
             if self._add_eos and self.eos_token_id is not None:
                 ids.append(self.eos_token_id)
         return ids
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) > GIL_FREE_ENCODE_CHARS:
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
