@@ -119,7 +119,9 @@ def _decode_group(
     tables = torch.where(block_start[None, :] < seq_lens[:, None], tables, 0)
 
     def gather(cache: torch.Tensor) -> torch.Tensor:  # [G, Hkv, max_len, D]
-        x = cache[tables].flatten(1, 2)[:, :max_len]  # [G, max_len, Hkv, D]
+        # index_select copies whole blocks: 2-3x faster here than cache[tables]
+        x = cache.index_select(0, tables.flatten())  # [G * num_blocks, block_size, Hkv, D]
+        x = x.view(num_reqs, num_blocks * block_size, num_kv_heads, head_dim)[:, :max_len]
         return x.to(q.dtype).transpose(1, 2)
 
     lens = meta.seq_lens_host[first:end]
