@@ -6,11 +6,12 @@ against in tests/unit/test_attention_sdpa.py).
 
 A step's requests are taken in order:
 
-    chunk (q_len > 1)   K/V gathered from its blocks: [1, Hkv, kv_len, D]; one call,
-                        GQA inside SDPA (no copy of K/V per query head). Causal by
+    chunk (q_len > 1)   K/V gathered from its blocks: [1, Hkv, kv_len, D]; GQA inside
+                        SDPA (no copy of K/V per query head). Causal by
                         `is_causal` when the chunk is the whole sequence (q_len == kv_len),
-                        else by a bottom-right mask: query i sits at position
-                        kv_len - q_len + i and sees keys 0 .. kv_len - q_len + i.
+                        else by a bottom-right mask, in tiles of CHUNK_TILE query rows:
+                        query i sits at position kv_len - q_len + i and sees keys
+                        0 .. kv_len - q_len + i.
     decode rows         a run of consecutive q_len == 1 requests, in groups of up to
                         DECODE_GROUP_BYTES of K/V: K/V padded to the group's longest
                         sequence [G, Hkv, max_len, D] (padding masked), each row's query
@@ -26,6 +27,10 @@ import torch.nn.functional as F
 
 from ferry.kernels.metadata import AttentionMetadata
 
+# Query rows of one masked SDPA call in a chunk over cached context. A masked call
+# computes every key it is given, so a tile wastes (rows^2)/2 scores past the diagonal:
+# tiles keep that, and the [rows, kv_len] mask, small.
+CHUNK_TILE = 256
 # K+V bytes one batched decode call gathers at most: large enough that a call is not
 # dominated by its overhead, small enough that the gathered K/V stays in cache.
 DECODE_GROUP_BYTES = 4 << 20
@@ -82,19 +87,30 @@ def _chunk(
         x = cache.index_select(0, blocks).flatten(0, 1)[:kv_len]  # [kv_len, Hkv, D]
         return x.to(q.dtype).transpose(0, 1)[None]
 
-    mask = None
-    if q_len != kv_len:
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
-        mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos  # [q_len, kv_len]
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None],  # [1, Hq, q_len, D]
-        gather(k_cache),
-        gather(v_cache),
-        attn_mask=mask,
-        is_causal=mask is None,
-        scale=scale,
-        enable_gqa=True,
-    )  # [1, Hq, q_len, D]
+    k, v = gather(k_cache), gather(v_cache)
+    q = q.transpose(0, 1)[None]  # [1, Hq, q_len, D]
+    if q_len == kv_len:  # the whole sequence: causal from position 0
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                             enable_gqa=True)  # [1, Hq, q_len, D]
+        return out[0].transpose(0, 1)
+    # Over cached context, in tiles of query rows [i, end):
+    #
+    #   keys    0 ............ start ........................ kv_len-1
+    #   q rows                 0 ....... i ..... end-1 ....... q_len-1
+    #
+    # row r sits at position start + r, so the tile reads keys [0, start + end), the
+    # last end - i of them under a causal mask.
+    out = torch.empty_like(q)
+    start = kv_len - q_len
+    for i in range(0, q_len, CHUNK_TILE):
+        end = min(i + CHUNK_TILE, q_len)
+        num_keys = start + end
+        q_pos = torch.arange(start + i, num_keys, device=q.device)[:, None]
+        mask = torch.arange(num_keys, device=q.device)[None, :] <= q_pos  # [end-i, num_keys]
+        out[:, :, i:end] = F.scaled_dot_product_attention(
+            q[:, :, i:end], k[:, :, :num_keys], v[:, :, :num_keys], attn_mask=mask,
+            scale=scale, enable_gqa=True,
+        )  # fmt: skip
     return out[0].transpose(0, 1)
 
 

@@ -1,8 +1,8 @@
 """The SDPA paged attention (what the torch backend runs) against the readable reference
 in attention_torch.py, on CPU: whole prompts (is_causal), chunks over cached context
-(the bottom-right mask), decode rows batched in groups (padded, masked), mixed steps in
-any order, a request with no new tokens, GQA 1/3/4/8, block sizes 1 to 32, fp32, bf16
-and fp16, and random steps drawn from a seed."""
+(the bottom-right mask, in query tiles), decode rows batched in groups (padded, masked),
+mixed steps in any order, a request with no new tokens, GQA 1/3/4/8, block sizes 1 to
+32, fp32, bf16 and fp16, and random steps drawn from a seed."""
 
 from __future__ import annotations
 
@@ -69,6 +69,17 @@ def test_decode_groups_split_by_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     case = make_case(query_lens=[1] * len(seq_lens), seq_lens=seq_lens, num_q_heads=8,
                      num_kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32,
                      generator=torch.Generator().manual_seed(3))
+    _check(case, torch.float32)
+
+
+@pytest.mark.parametrize("tile", [1, 7, 256])
+def test_chunk_tiles(monkeypatch: pytest.MonkeyPatch, tile: int) -> None:
+    """Chunks over cached context in query tiles: one row each, tiles off the chunk
+    length and the block size, and the default tile over a 600-row chunk."""
+    monkeypatch.setattr(attention_sdpa, "CHUNK_TILE", tile)
+    case = make_case(query_lens=[30, 1, 600, 9], seq_lens=[45, 20, 900, 9], num_q_heads=6,
+                     num_kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32,
+                     generator=torch.Generator().manual_seed(4))
     _check(case, torch.float32)
 
 
