@@ -4,20 +4,26 @@ attention and the rest.
     python -m ferry.bench.cpu_prefill [--model random:tiny] [--out result.json]
 
 Each prefill is one chunk of P tokens from position 0 (the whole prompt in one step);
-each decode step is B requests with one new token at context C. A step is timed through
-`ModelRunner.execute` (inputs, model, logits, sampling), median of --repeats runs after
-a warm-up. "attention" is the runner's own paged-attention function timed alone on the
+each "chunk" is the last N tokens of a prompt of C (chunked prefill: the engine splits a
+prompt longer than its step budget, 2048 tokens by default); each decode step is B
+requests with one new token at context C. A step is timed through
+`ModelRunner.execute` (inputs, model, logits, sampling): the best of --repeats runs
+after a warm-up (the least disturbed by other work on a shared machine). "attention" is the runner's own paged-attention function timed alone on the
 step's shapes (its q, KV cache and metadata) times the number of layers; "rest" is the
 step minus that (projections, MLP, norms, rotary, the cache write, logits, sampling).
 The runner keeps its default of one torch thread, as a worker on CPU does.
+
+`--attention reference` runs the model with the readable reference instead
+(kernels/attention_torch.py, what the torch backend ran before attention_sdpa.py), so
+before and after can be compared in one run on the same machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
-import statistics
 import time
 from collections.abc import Callable
 
@@ -27,18 +33,19 @@ from ferry.common.sampling import SamplingParams
 from ferry.services.worker.engine.batch import ModelBatch, SeqChunk
 
 PREFILL_LENS = (500, 1000, 2000, 3000, 4000)
+CHUNK_CASES = ((952, 3000), (2048, 4000))  # (N, C)
 DECODE_CASES = ((1, 512), (1, 4000), (8, 512), (8, 2048), (32, 512), (32, 2048))  # (B, C)
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of fn() in seconds, after one untimed call."""
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Least wall time of fn() over `repeats` calls in seconds, after one untimed call."""
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def make_batch(num_reqs: int, num_tokens: int, context: int, *, block_size: int) -> ModelBatch:
@@ -66,7 +73,7 @@ def time_case(runner, batch: ModelBatch, repeats: int) -> dict:
     from ferry.services.worker.runner import prepare_inputs
 
     mc = runner.model_config
-    step_s = median_time(lambda: runner.execute(batch), repeats)
+    step_s = best_time(lambda: runner.execute(batch), repeats)
     inputs = prepare_inputs(batch.chunks, block_size=runner.block_size, device=runner.device)
     num_tokens = inputs.input_ids.shape[0]
     q = torch.randn(num_tokens, mc.num_heads, mc.head_dim, dtype=runner.dtype)
@@ -74,7 +81,7 @@ def time_case(runner, batch: ModelBatch, repeats: int) -> dict:
     attention = runner.model.kernels.paged_attention
     scale = mc.head_dim**-0.5
     with torch.inference_mode():
-        attn_s = median_time(
+        attn_s = best_time(
             lambda: attention(q, k_cache, v_cache, inputs.meta, scale), repeats
         ) * mc.num_layers
     return {
@@ -93,9 +100,13 @@ def main(argv: list[str] | None = None) -> None:
                              "the tiny preset's shape, weights made in memory)")
     parser.add_argument("--prefill", type=int, nargs="*", default=list(PREFILL_LENS),
                         help="prefill lengths (tokens)")
+    parser.add_argument("--chunk", nargs="*", default=[f"{n}x{c}" for n, c in CHUNK_CASES],
+                        help="chunked-prefill cases TOKENSxCONTEXT")
     parser.add_argument("--decode", nargs="*", default=[f"{b}x{c}" for b, c in DECODE_CASES],
                         help="decode cases BATCHxCONTEXT")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--attention", choices=["backend", "reference"], default="backend",
+                        help="the runner's attention backend, or the readable reference")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", default="", help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -112,10 +123,17 @@ def main(argv: list[str] | None = None) -> None:
         kv_cache_gb=DEFAULT_CPU_KV_GB,
         cpu_threads=args.threads,
     ))
+    if args.attention == "reference":
+        from ferry.kernels.attention_torch import paged_attention_torch
+
+        runner.model.kernels = dataclasses.replace(
+            runner.model.kernels, paged_attention=paged_attention_torch
+        )
+    attention_name = runner.model.kernels.paged_attention.__name__
     mc = runner.model_config
     print(f"model {args.model}: {mc.num_layers} layers, hidden {mc.hidden_size}, heads "
           f"{mc.num_heads}/{mc.num_kv_heads} x {mc.head_dim}, {runner.dtype}, "
-          f"attention {runner.attention_backend}, {torch.get_num_threads()} thread(s), "
+          f"attention {attention_name}, {torch.get_num_threads()} thread(s), "
           f"torch {torch.__version__}", flush=True)
 
     rows: list[dict] = []
@@ -141,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
 
     for num_tokens in args.prefill:
         run("prefill", 1, num_tokens, num_tokens)
+    for case in args.chunk:
+        num_tokens, context = (int(x) for x in case.split("x"))
+        run("chunk", 1, num_tokens, context)
     for case in args.decode:
         num_reqs, context = (int(x) for x in case.split("x"))
         run("decode", num_reqs, 1, context)
@@ -149,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         result = {
             "model": args.model,
             "dtype": str(runner.dtype),
-            "attention_backend": runner.attention_backend,
+            "attention": attention_name,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "machine": platform.processor() or platform.machine(),
