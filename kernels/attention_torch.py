@@ -1,5 +1,6 @@
-"""Reference paged attention in plain PyTorch (CPU and GPU). Every other backend is
-tested against this one; it favours clarity over speed."""
+"""Reference paged attention in plain PyTorch (CPU and GPU). Every backend is tested
+against this one; it favours clarity over speed (it holds the [Hq, q_len, kv_len] scores
+in fp32). The torch backend runs attention_sdpa.py; write_kv_torch is its cache write."""
 
 from __future__ import annotations
 

@@ -6,10 +6,11 @@ Every backend offers the same two calls:
 
     backend = get_backend("auto", device="cuda", block_size=16, head_dim=128)
 
-Names: "torch" (reference, CPU and GPU), "triton" (paged prefill + split-K decode, the
-default on GPU), "flash" (flash-attn, only where importable and the block size is a
-multiple of 256), "auto" (triton on CUDA when Triton imports and takes the config, else
-torch). Triton and flash-attn are imported only when their backend is asked for, so
+Names: "torch" (plain torch's scaled_dot_product_attention, CPU and GPU:
+attention_sdpa.py; attention_torch.py holds the readable reference every backend is
+tested against), "triton" (paged prefill + split-K decode, the default on GPU), "flash"
+(flash-attn, only where importable and the block size is a multiple of 256), "auto"
+(triton on CUDA when Triton imports and takes the config, else torch). Triton and flash-attn are imported only when their backend is asked for, so
 this module imports on a machine with neither.
 
 The model's element-wise steps (RMSNorm with the residual add, rotary with the cache
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ferry.kernels.attention_torch import paged_attention_torch, write_kv_torch
+from ferry.kernels.attention_sdpa import paged_attention_sdpa
+from ferry.kernels.attention_torch import write_kv_torch
 
 BACKEND_NAMES = ("torch", "triton", "flash", "auto")
 
@@ -65,7 +67,7 @@ def triton_unavailable_reason(
 
 def _torch_backend() -> AttentionBackend:
     return AttentionBackend(
-        name="torch", write_kv=write_kv_torch, paged_attention=paged_attention_torch
+        name="torch", write_kv=write_kv_torch, paged_attention=paged_attention_sdpa
     )
 
 

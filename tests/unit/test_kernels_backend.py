@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ferry.kernels.attention_torch import paged_attention_torch, write_kv_torch
+from ferry.kernels.attention_sdpa import paged_attention_sdpa
+from ferry.kernels.attention_torch import write_kv_torch
 from ferry.kernels.backend import BACKEND_NAMES, BackendUnavailableError, get_backend
 from ferry.kernels.testing import INVALID_BLOCK_ID, make_case, reference_fp32, rel_err
 from ferry.kernels.triton_configs import (
@@ -26,11 +27,13 @@ from ferry.kernels.triton_configs import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_torch_backend_is_the_reference() -> None:
+def test_torch_backend_runs_sdpa() -> None:
+    """The torch backend runs SDPA (tests/unit/test_attention_sdpa.py checks it against
+    the reference, paged_attention_torch)."""
     backend = get_backend("torch")
     assert backend.name == "torch"
     assert backend.write_kv is write_kv_torch
-    assert backend.paged_attention is paged_attention_torch
+    assert backend.paged_attention is paged_attention_sdpa
 
 
 def test_auto_on_cpu_is_torch() -> None:

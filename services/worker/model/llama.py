@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ferry.kernels.attention_torch import paged_attention_torch, write_kv_torch
+from ferry.kernels.attention_sdpa import paged_attention_sdpa
+from ferry.kernels.attention_torch import write_kv_torch
 from ferry.kernels.backend import FusedOps, fused_ops
 from ferry.kernels.kv_layout import layer_view
 from ferry.kernels.metadata import AttentionMetadata
@@ -196,12 +197,12 @@ class LlamaModel(nn.Module):
         ops: FusedOps | None = None,
         max_model_len: int | None = None,
     ) -> None:
-        """attention: a backend's (write_kv, paged_attention); None: the torch reference.
+        """attention: a backend's (write_kv, paged_attention); None: the torch backend's.
         ops: the element-wise step set; None: the torch reference.
         max_model_len: longest sequence to precompute RoPE for (config.max_model_len)."""
         super().__init__()
         self.config = config
-        write_kv, paged_attention = attention or (write_kv_torch, paged_attention_torch)
+        write_kv, paged_attention = attention or (write_kv_torch, paged_attention_sdpa)
         self.kernels = ModelKernels(write_kv, paged_attention, ops or fused_ops("torch"))
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
