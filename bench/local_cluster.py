@@ -47,6 +47,7 @@ class Cluster:
     sdk_addr: str
     admin_addr: str
     log_dir: Path
+    env: dict[str, str]  # the environment it runs with (keys for the admin commands)
 
     @property
     def base_url(self) -> str:
@@ -55,12 +56,13 @@ class Cluster:
     def status(self) -> dict:
         out = subprocess.run(
             [*CLI_MODULE, "status", "--json", "--admin-addr", self.admin_addr],
-            capture_output=True, text=True, cwd=REPO, check=True)
+            capture_output=True, text=True, cwd=REPO, check=True, env=self.env)
         return json.loads(out.stdout)
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
         return subprocess.run([*CLI_MODULE, *args, "--admin-addr", self.admin_addr],
-                              capture_output=True, text=True, cwd=REPO, check=check)
+                              capture_output=True, text=True, cwd=REPO, check=check,
+                              env=self.env)
 
     def wait_idle(self, timeout_s: float = 20.0) -> dict:
         """Until no request is in flight and every live instance's blocks are all free."""
@@ -86,11 +88,12 @@ class Cluster:
 
 def start_cluster(tmp_dir: Path, *, workers: int = 2, extra: tuple[str, ...] = (),
                   model_cache: str | None = None, timeout_s: float = 240.0,
-                  launcher: tuple[str, ...] = CLI_MODULE, cwd: Path = REPO) -> Cluster:
+                  launcher: tuple[str, ...] = CLI_MODULE, cwd: Path = REPO,
+                  env: dict[str, str] | None = None) -> Cluster:
     base = free_port_base(workers)
     http_port, sdk_port = base + 10, base + 11
     log_dir = tmp_dir / "logs"
-    env = {**os.environ, "FERRY_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "FERRY_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1", **(env or {})}
     if model_cache:
         env["FERRY_MODEL_CACHE"] = model_cache
     proc = subprocess.Popen(
@@ -108,7 +111,7 @@ def start_cluster(tmp_dir: Path, *, workers: int = 2, extra: tuple[str, ...] = (
             raise RuntimeError(f"ferry up exited: {proc.stderr.read()}")
     ready = json.loads(line)
     return Cluster(proc=proc, ready=ready, http_port=http_port, sdk_addr=ready["sdk"],
-                   admin_addr=ready["admin"], log_dir=log_dir)
+                   admin_addr=ready["admin"], log_dir=log_dir, env=env)
 
 
 def pid_alive(pid: int) -> bool:

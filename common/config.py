@@ -44,6 +44,8 @@ class GatewayConfig:
     max_tokenizer_queue: int = 64  # requests waiting for those threads; beyond that 429
     http_idle_timeout_s: float = 30.0  # an HTTP connection silent this long is closed
     max_http_connections: int = 4096  # open HTTP connections; more are refused (429)
+    keys_dir: str = field(default_factory=env.keys_dir)  # CURVE keys; "": plain sockets
+    key_name: str = field(default_factory=env.key_name)  # identity; "": "gateway"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,6 +83,8 @@ class SchedulerConfig:
     scale_down_freeness: float = 60.0  # average F above this: drain one
     scale_cooldown_s: float = 10.0
     max_frame_bytes: int = field(default_factory=env.max_frame_bytes)
+    keys_dir: str = field(default_factory=env.keys_dir)  # CURVE keys; "": plain sockets
+    key_name: str = field(default_factory=env.key_name)  # identity; "": "scheduler"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,3 +126,5 @@ class WorkerConfig:
     # timeout (compose stop_grace_period, systemd TimeoutStopSec).
     drain_timeout_s: float = 25.0
     max_frame_bytes: int = field(default_factory=env.max_frame_bytes)
+    keys_dir: str = field(default_factory=env.keys_dir)  # CURVE keys; "": plain sockets
+    key_name: str = field(default_factory=env.key_name)  # identity; "": "worker"

@@ -128,3 +128,15 @@ def torch_threads() -> int:
     # CPU threads torch may use in a worker; 0 means half the cores (a local cluster
     # shares the machine).
     return _int("FERRY_TORCH_THREADS", 0)
+
+
+def keys_dir() -> str:
+    # Directory of the cluster's CURVE keys (`ferry keys init`); empty: internal sockets
+    # are plain and accept any sender (loopback only!).
+    return _str("FERRY_KEYS_DIR", "")
+
+
+def key_name() -> str:
+    # This process's identity in FERRY_KEYS_DIR (NAME.key_secret); empty: its role's name
+    # ("scheduler", "gateway", "worker", "admin").
+    return _str("FERRY_KEY_NAME", "")

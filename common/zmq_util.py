@@ -3,6 +3,10 @@ outboxes per peer address with bounded queues, and a small request/reply client.
 
 Every queue is bounded: sockets carry a high-water mark, and a send that would block
 raises Overloaded instead of buffering without limit.
+
+With cluster keys (common/security.py) every socket here is CURVE: inboxes bind as
+servers and check each message's sender against what its role may send; outboxes and
+the request client connect with the process's own key. Without keys they are plain.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import zmq.asyncio
 from ferry.common import wire
 from ferry.common.codec import WireError
 from ferry.common.logging import get_logger
+from ferry.common.security import KEYLESS, Allowed, ClusterKeys, Sender, refusal
 
 # Messages a PUSH socket may queue for one peer before sends fail with Overloaded.
 DEFAULT_HWM = 10_000
@@ -39,17 +44,25 @@ def make_context() -> zmq.asyncio.Context:
     return zmq.asyncio.Context.instance()
 
 
+def frames_and_sender(frames: list[zmq.Frame]) -> tuple[list[bytes], Sender]:
+    """The bytes of a message received with copy=False, and who sent it (the User-Id the
+    process's ZAP handler gave the connection)."""
+    return [f.bytes for f in frames], Sender.from_user_id(frames[0].get("User-Id"))
+
+
 class Inbox:
-    """A bound PULL socket. `recv()` returns the next well-formed message of an expected
-    type; malformed frames are logged and counted, never raised into the loop."""
+    """A bound PULL socket. `recv()` returns the next well-formed message that its sender
+    may send here (`allowed`: message type -> roles); malformed or refused messages are
+    logged and counted, never raised into the loop."""
 
     def __init__(
         self,
         ctx: zmq.asyncio.Context,
         bind: str,
         *,
-        expected: tuple[type, ...] | None,
+        allowed: Allowed,
         max_frame_bytes: int,
+        keys: ClusterKeys | None = None,
         hwm: int = DEFAULT_HWM,
     ) -> None:
         self.socket = ctx.socket(zmq.PULL)
@@ -59,29 +72,44 @@ class Inbox:
         # more, before the bytes reach Python. Between the limit and the cap, decode()
         # rejects the message with a logged 413 and the peer stays connected.
         self.socket.setsockopt(zmq.MAXMSGSIZE, hard_frame_cap(max_frame_bytes))
+        if keys is not None:
+            keys.server(self.socket)
         self.socket.bind(bind)
-        self.expected = expected
+        self.allowed = allowed
+        self.expected = tuple(allowed)
+        self.keys = keys
         self.max_frame_bytes = max_frame_bytes
-        self.num_rejected = 0
+        self.num_rejected = 0  # malformed, or of a type this socket does not take
+        self.num_refused = 0  # well formed, from a sender not allowed to send it
 
     async def recv(self) -> Any:
-        while True:
-            frames = await self.socket.recv_multipart(copy=True)
-            try:
-                return wire.decode(frames, self.expected, self.max_frame_bytes)
-            except WireError as err:
-                self.num_rejected += 1
-                log.warning("rejected_message", code=err.code, error=err.message)
+        return (await self.recv_raw())[1]
 
     async def recv_raw(self) -> tuple[list[bytes], Any]:
-        """Like recv, but also returns the frames (for forwarding unread)."""
+        """The next accepted message and its frames (for forwarding unread)."""
         while True:
-            frames = await self.socket.recv_multipart(copy=True)
-            try:
-                return frames, wire.decode(frames, self.expected, self.max_frame_bytes)
-            except WireError as err:
-                self.num_rejected += 1
-                log.warning("rejected_message", code=err.code, error=err.message)
+            if self.keys is None:
+                frames, sender = await self.socket.recv_multipart(copy=True), KEYLESS
+            else:
+                frames, sender = frames_and_sender(
+                    await self.socket.recv_multipart(copy=False))
+            msg = self.accept(frames, sender)
+            if msg is not None:
+                return frames, msg
+
+    def accept(self, frames: list[bytes], sender: Sender) -> Any | None:
+        """The decoded message, or None (logged, counted) if malformed or refused."""
+        try:
+            msg = wire.decode(frames, self.expected, self.max_frame_bytes)
+        except WireError as err:
+            self.num_rejected += 1
+            log.warning("rejected_message", code=err.code, error=err.message)
+            return None
+        if self.keys is not None and (why := refusal(msg, sender, self.allowed)) is not None:
+            self.num_refused += 1
+            log.warning("sender_refused", reason=why)
+            return None
+        return msg
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -95,9 +123,11 @@ class Outboxes:
     (On an asyncio socket the error would land in a Future nobody awaits, and a full
     queue would drop messages silently.)"""
 
-    def __init__(self, ctx: zmq.asyncio.Context, *, hwm: int = DEFAULT_HWM) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, *, hwm: int = DEFAULT_HWM,
+                 keys: ClusterKeys | None = None) -> None:
         self.ctx = zmq.Context.shadow(ctx.underlying)
         self.hwm = hwm
+        self.keys = keys
         self._sockets: dict[str, zmq.Socket] = {}
 
     def _socket(self, addr: str) -> zmq.Socket:
@@ -106,6 +136,8 @@ class Outboxes:
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, self.hwm)
             sock.setsockopt(zmq.LINGER, 0)
+            if self.keys is not None:
+                self.keys.client(sock)
             try:
                 sock.connect(addr)
             except zmq.ZMQError as err:
@@ -138,11 +170,14 @@ class Outboxes:
 
 
 async def request(
-    ctx: zmq.asyncio.Context, addr: str, msg: Any, *, timeout_s: float, expected: tuple[type, ...]
+    ctx: zmq.asyncio.Context, addr: str, msg: Any, *, timeout_s: float,
+    expected: tuple[type, ...], keys: ClusterKeys | None = None,
 ) -> Any:
     """One request/reply round trip over a fresh DEALER (admin CLI)."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.client(sock)
     sock.connect(addr)
     try:
         await sock.send_multipart(wire.encode(msg))

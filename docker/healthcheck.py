@@ -91,12 +91,14 @@ def ask_status(addr: str, timeout_s: float = TIMEOUT_S) -> object | None:
     """The scheduler's answer to a StatusRequest (a StatusReply, or an AdminError), or None
     when it does not answer in time."""
     from ferry.common import wire
+    from ferry.common.security import admin_keys
     from ferry.common.zmq_util import make_context, request
 
     try:
         return asyncio.run(request(make_context(), addr, wire.StatusRequest(),
                                    timeout_s=timeout_s,
-                                   expected=(wire.StatusReply, wire.AdminError)))
+                                   expected=(wire.StatusReply, wire.AdminError),
+                                   keys=admin_keys()))
     except TimeoutError:
         return None
 

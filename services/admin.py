@@ -9,6 +9,7 @@ import json
 import sys
 
 from ferry.common import env, wire
+from ferry.common.security import KeysError, check_role, load_keys
 from ferry.common.zmq_util import make_context, request
 
 # A freeness at or above this prints as "inf" (draining instances).
@@ -20,13 +21,25 @@ def _admin_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--admin-addr", default=env.scheduler_admin_addr(),
                         help="scheduler admin endpoint")
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--keys-dir", default=env.keys_dir(),
+                        help="cluster keys (default FERRY_KEYS_DIR); the admin identity speaks")
+    parser.add_argument("--key-name", default=env.key_name() or "admin")
     return parser
 
 
-def _ask(addr: str, msg: object, timeout_s: float, expected: tuple[type, ...]) -> object:
+def _ask(args: argparse.Namespace, msg: object, timeout_s: float,
+         expected: tuple[type, ...]) -> object:
+    try:
+        keys = load_keys(args.keys_dir, args.key_name)
+        if keys is not None:
+            check_role(keys, "admin")
+    except KeysError as err:
+        print(f"ferry: {err}", file=sys.stderr)
+        sys.exit(2)
+    addr = args.admin_addr
     try:
         reply = asyncio.run(request(make_context(), addr, msg, timeout_s=timeout_s,
-                                    expected=(*expected, wire.AdminError)))
+                                    expected=(*expected, wire.AdminError), keys=keys))
     except TimeoutError as err:
         print(f"ferry: {err} (is the scheduler running?)", file=sys.stderr)
         sys.exit(1)
@@ -61,7 +74,7 @@ def main_status(argv: list[str] | None = None) -> None:
     parser = _admin_parser("ferry status", "Instances, requests and migrations.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    reply = _ask(args.admin_addr, wire.StatusRequest(), args.timeout, (wire.StatusReply,))
+    reply = _ask(args, wire.StatusRequest(), args.timeout, (wire.StatusReply,))
     data = status_dict(reply)
     if args.json:
         print(json.dumps(data, indent=1))
@@ -88,7 +101,7 @@ def main_migrate(argv: list[str] | None = None) -> None:
     parser.add_argument("--to", required=True, dest="dst", help="destination instance id")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    reply = _ask(args.admin_addr, wire.MigrateCommand(req_id=args.req_id, dst_instance_id=args.dst,
+    reply = _ask(args, wire.MigrateCommand(req_id=args.req_id, dst_instance_id=args.dst,
                                                       timeout_s=args.timeout),
                  args.timeout + 2.0, (wire.MigrateCommandReply,))
     details = dataclasses.asdict(reply.done) if reply.done else {}
@@ -110,7 +123,7 @@ def main_drain(argv: list[str] | None = None) -> None:
     parser.add_argument("--cancel", action="store_true", help="take requests again")
     parser.set_defaults(timeout=120.0)
     args = parser.parse_args(argv)
-    reply = _ask(args.admin_addr, wire.DrainCommand(instance_id=args.instance_id,
+    reply = _ask(args, wire.DrainCommand(instance_id=args.instance_id,
                                                    timeout_s=args.timeout, cancel=args.cancel),
                  args.timeout + 2.0, (wire.DrainReply,))
     if not reply.ok:

@@ -132,11 +132,13 @@ class Cluster:
     def _live_workers(self) -> int:
         """Live instances as the scheduler sees them (0 while it is not answering)."""
         from ferry.common import wire
+        from ferry.common.security import admin_keys
         from ferry.common.zmq_util import make_context, request
 
         try:
             reply = asyncio.run(request(make_context(), self.admin_addr, wire.StatusRequest(),
-                                        timeout_s=1.0, expected=(wire.StatusReply,)))
+                                        timeout_s=1.0, expected=(wire.StatusReply,),
+                                        keys=admin_keys()))
         except TimeoutError:
             return 0
         return sum(1 for inst in reply.instances if inst.alive)
@@ -212,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
                                                                    f"{args.max_workers}",
             "model": model_dir,
             "pids": {name: proc.pid for name, proc in cluster.children},
+            # keyless on loopback is fine; say so (FERRY_KEYS_DIR turns CURVE on)
+            "internal_sockets": "curve" if env.keys_dir() else "plain (loopback only)",
         }), flush=True)
         reported: set[str] = set()
         while not stop["now"]:

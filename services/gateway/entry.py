@@ -56,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest max_tokens accepted")
     p.add_argument("--bypass-after-s", type=float, default=d["bypass_after_s"],
                    help="scheduler silent this long: dispatch straight to workers")
+    p.add_argument("--keys-dir", default=env.keys_dir(),
+        help="cluster CURVE keys (ferry keys init); default FERRY_KEYS_DIR; empty: plain sockets")
+    p.add_argument("--key-name", default=env.key_name(),
+        help="this process's identity in the keys directory (default: its role)")
     p.add_argument("--max-frame-bytes", type=int, default=env.max_frame_bytes(),
                    help="largest message body (and HTTP body) accepted")
     p.add_argument("--tokenizer-threads", type=int, default=d["num_tokenizer_threads"],
@@ -91,6 +95,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_tokens_limit=args.max_tokens_limit,
         bypass_after_s=args.bypass_after_s,
         max_frame_bytes=args.max_frame_bytes,
+        keys_dir=args.keys_dir,
+        key_name=args.key_name,
         num_tokenizer_threads=args.tokenizer_threads,
         max_tokenizer_queue=args.max_tokenizer_queue,
         http_idle_timeout_s=args.http_idle_timeout_s,

@@ -22,11 +22,11 @@ from typing import Any, Protocol, TypeVar
 import zmq
 
 from ferry.common import wire
-from ferry.common.codec import WireError
 from ferry.common.config import GatewayConfig
 from ferry.common.logging import get_logger
 from ferry.common.sampling import SamplingParams
-from ferry.common.zmq_util import Inbox, Outboxes, Overloaded, make_context
+from ferry.common.security import KEYLESS, describe, for_process
+from ferry.common.zmq_util import Inbox, Outboxes, Overloaded, frames_and_sender, make_context
 from ferry.services.gateway.http_api import HttpApi
 from ferry.services.gateway.metrics import GatewayMetrics
 from ferry.services.gateway.pool import WorkPool
@@ -47,14 +47,16 @@ from ferry.services.gateway.text import TextModel
 T = TypeVar("T")
 log = get_logger()
 
-CLUSTER_MESSAGES = (
-    wire.Tokens,
-    wire.RequestError,
-    wire.Placement,
-    wire.DispatchRejected,
-    wire.InstanceView,
-    wire.InstanceDown,
-)
+# Who may send what (checked per message when the cluster has keys; common/security.py).
+WORKER, SCHEDULER = frozenset({"worker"}), frozenset({"scheduler"})
+CLUSTER_SENDERS = {
+    wire.Tokens: WORKER,
+    wire.RequestError: WORKER,
+    wire.Placement: SCHEDULER,
+    wire.DispatchRejected: SCHEDULER,
+    wire.InstanceView: SCHEDULER,
+    wire.InstanceDown: SCHEDULER,
+}
 SWEEP_INTERVAL_S = 0.05  # timeouts and the bypass check run this often
 PROBE_INTERVAL_S = 0.5  # announce this gateway to the scheduler this often until a view comes
 HELLO_INTERVAL_S = 1.0  # then this often: the scheduler's heartbeat of this gateway
@@ -77,6 +79,7 @@ class Sink(Protocol):
 class Gateway:
     def __init__(self, config: GatewayConfig, text: TextModel) -> None:
         ctx = make_context()
+        self.keys = for_process(ctx, config.keys_dir, config.key_name, "gateway")
         self.config = config
         self.text = text
         self.metrics = GatewayMetrics()
@@ -84,13 +87,11 @@ class Gateway:
             text, gateway_id=config.gateway_id, reply_addr=config.inbox.advertise
         )
         self.routes = Routes(bypass_after_s=config.bypass_after_s, now=time.monotonic())
-        self.recv_from_cluster = Inbox(
-            ctx, config.inbox.bind, expected=CLUSTER_MESSAGES,
-            max_frame_bytes=config.max_frame_bytes,
-        )
+        self.recv_from_cluster = Inbox(ctx, config.inbox.bind, allowed=CLUSTER_SENDERS,
+                                       max_frame_bytes=config.max_frame_bytes, keys=self.keys)
         # A synchronous view of the context: a non-blocking send on a sync socket raises
         # zmq.Again (-> Overloaded) at once; on a zmq.asyncio socket it would not.
-        self.send_to_cluster = Outboxes(zmq.Context.shadow(ctx.underlying))
+        self.send_to_cluster = Outboxes(zmq.Context.shadow(ctx.underlying), keys=self.keys)
         self.cluster_backlogged = False  # the inbox had more queued than one batch takes
         # Large bodies parsed and long prompts tokenized off the loop (bounded, then 429).
         self.pool = WorkPool(config.num_tokenizer_threads, config.max_tokenizer_queue)
@@ -115,6 +116,7 @@ class Gateway:
                 "gateway_ready", http=f"http://{self.config.http_host}:{self.http.port}",
                 sdk=self.config.sdk.advertise, inbox=self.config.inbox.advertise,
                 scheduler=self.config.scheduler_addr,
+                **describe(self.keys, self.config.inbox.bind),
             )
             await asyncio.gather(self.serve_cluster(), self.sdk.serve(), self.sweep())
         finally:
@@ -129,17 +131,15 @@ class Gateway:
 
     async def serve_cluster(self) -> None:
         inbox, handlers = self.recv_from_cluster, self.cluster_handlers
-        async for batch in recv_batches(inbox.socket, MAX_BATCH):
+        async for batch in recv_batches(inbox.socket, MAX_BATCH, copy=inbox.keys is None):
             # A full batch means more is queued: scheduler messages may be waiting behind
             # tokens, so its silence proves nothing (see sweep).
             self.cluster_backlogged = len(batch) == MAX_BATCH
             for frames in batch:
-                try:
-                    msg = wire.decode(frames, CLUSTER_MESSAGES, inbox.max_frame_bytes)
-                except WireError as err:  # logged and counted like Inbox.recv does
-                    inbox.num_rejected += 1
-                    log.warning("rejected_message", code=err.code, error=err.message)
-                    continue
+                msg = inbox.accept(*(frames_and_sender(frames) if inbox.keys is not None
+                                     else (frames, KEYLESS)))
+                if msg is None:
+                    continue  # malformed, or from a sender that may not send it (logged)
                 try:
                     handlers[type(msg)](msg)
                 except Exception:

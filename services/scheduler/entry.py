@@ -130,6 +130,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--pending-max-wait-s", type=float, default=d["pending_max_wait_s"],
         help="a request held this long is dispatched regardless of room")
     add("--max-frame-bytes", type=int, default=env.max_frame_bytes())
+    add("--keys-dir", default=env.keys_dir(),
+        help="cluster CURVE keys (ferry keys init); default FERRY_KEYS_DIR; empty: plain sockets")
+    add("--key-name", default=env.key_name(),
+        help="this process's identity in the keys directory (default: its role)")
     add("--log-level", default=env.log_level())
     add("--log-format", choices=("json", "console"), default=env.log_format())
 
@@ -160,6 +164,8 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         pending_window=args.pending_window,
         pending_max_wait_s=args.pending_max_wait_s,
         max_frame_bytes=args.max_frame_bytes,
+        keys_dir=args.keys_dir,
+        key_name=args.key_name,
     )
 
 

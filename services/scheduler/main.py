@@ -29,6 +29,7 @@ from ferry.common import wire
 from ferry.common.codec import WireError
 from ferry.common.config import SchedulerConfig
 from ferry.common.logging import get_logger
+from ferry.common.security import KEYLESS, ClusterKeys, describe, for_process, refusal
 from ferry.common.wire import (
     AdminError,
     Dispatch,
@@ -51,6 +52,7 @@ from ferry.common.zmq_util import (
     Inbox,
     Outboxes,
     Overloaded,
+    frames_and_sender,
     hard_frame_cap,
     make_context,
 )
@@ -65,8 +67,12 @@ from ferry.services.scheduler.core import (
 )
 from ferry.services.scheduler.provisioner import LocalProcessProvisioner
 
-INBOX_TYPES = (Dispatch, Release, GatewayHello, Register, LoadReport, MigrationDone, Leaving)
-ADMIN_TYPES = (StatusRequest, MigrateCommand, DrainCommand)
+# Who may send what (checked per message when the cluster has keys; common/security.py).
+GATEWAY, WORKER, ADMIN = frozenset({"gateway"}), frozenset({"worker"}), frozenset({"admin"})
+INBOX_SENDERS = {Dispatch: GATEWAY, Release: GATEWAY, GatewayHello: GATEWAY,
+                 Register: WORKER, LoadReport: WORKER, MigrationDone: WORKER, Leaving: WORKER}
+ADMIN_SENDERS = {StatusRequest: ADMIN, MigrateCommand: ADMIN, DrainCommand: ADMIN}
+ADMIN_TYPES = tuple(ADMIN_SENDERS)
 MAX_ADMIN_WAITS = 64  # MigrateCommands waiting for their MigrationDone at once; more get 429
 MAX_ADMIN_TIMEOUT_S = 600.0
 AUTOSCALE_INTERVAL_S = 1.0
@@ -89,6 +95,7 @@ class Scheduler:
         if cfg.autoscale and provisioner is None:
             raise ValueError("autoscale needs a provisioner")
         ctx = ctx or make_context()
+        self.keys = for_process(ctx, cfg.keys_dir, cfg.key_name, "scheduler")
         self.cfg = cfg
         self.clock = clock
         self.core = SchedulerCore(
@@ -100,11 +107,10 @@ class Scheduler:
         )
         self.autoscaler = make_autoscaler(cfg) if cfg.autoscale else None
         self.provisioner = provisioner
-        self.recv_from_peers = Inbox(
-            ctx, cfg.inbox.bind, expected=INBOX_TYPES, max_frame_bytes=cfg.max_frame_bytes
-        )
-        self.recv_from_admin = bind_router(ctx, cfg.admin.bind, cfg.max_frame_bytes)
-        self.send_to_peers = Outboxes(ctx)
+        self.recv_from_peers = Inbox(ctx, cfg.inbox.bind, allowed=INBOX_SENDERS,
+                                     max_frame_bytes=cfg.max_frame_bytes, keys=self.keys)
+        self.recv_from_admin = bind_router(ctx, cfg.admin.bind, cfg.max_frame_bytes, self.keys)
+        self.send_to_peers = Outboxes(ctx, keys=self.keys)
         self.handlers: dict[type, Callable[[Any, list[bytes]], None]] = {
             Dispatch: self.handle_dispatch,
             Release: self.handle_release,
@@ -144,6 +150,7 @@ class Scheduler:
             policy=self.cfg.dispatch_policy,
             migration=bool(self.core.migration_hooks),
             autoscale=self.cfg.autoscale,
+            **describe(self.keys, self.cfg.inbox.bind),
         )
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.serve_peers())
@@ -164,7 +171,11 @@ class Scheduler:
 
     async def serve_admin(self) -> None:
         while True:
-            frames = await self.recv_from_admin.recv_multipart()
+            if self.keys is None:
+                frames, sender = await self.recv_from_admin.recv_multipart(), KEYLESS
+            else:
+                frames, sender = frames_and_sender(
+                    await self.recv_from_admin.recv_multipart(copy=False))
             route, body = frames[:1], frames[1:]
             if body and body[0] == b"":  # a REQ client: keep its delimiter
                 route, body = frames[:2], frames[2:]
@@ -174,6 +185,11 @@ class Scheduler:
                 self.num_admin_rejected += 1
                 log.warning("rejected_admin_message", code=err.code, error=err.message)
                 self.send_to_admin(route, AdminError(code=err.code, message=err.message))
+                continue
+            if self.keys is not None and (why := refusal(msg, sender, ADMIN_SENDERS)):
+                self.num_admin_rejected += 1
+                log.warning("admin_sender_refused", reason=why)
+                self.send_to_admin(route, AdminError(code=403, message=why))
                 continue
             if not self.guarded(self.admin_handlers[type(msg)], route, msg):
                 self.send_to_admin(
@@ -403,13 +419,16 @@ class Scheduler:
             self.provisioner.close()
 
 
-def bind_router(ctx: zmq.asyncio.Context, bind: str, max_frame_bytes: int) -> zmq.asyncio.Socket:
-    """The admin ROUTER, bounded like every other socket."""
+def bind_router(ctx: zmq.asyncio.Context, bind: str, max_frame_bytes: int,
+                keys: ClusterKeys | None) -> zmq.asyncio.Socket:
+    """The admin ROUTER, bounded like every other socket (CURVE with cluster keys)."""
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, DEFAULT_HWM)
     sock.setsockopt(zmq.SNDHWM, DEFAULT_HWM)
     sock.setsockopt(zmq.MAXMSGSIZE, hard_frame_cap(max_frame_bytes))
+    if keys is not None:
+        keys.server(sock)
     sock.bind(bind)
     return sock
 

@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--migration-chunk-mb", type=int, default=256)
     parser.add_argument("--migration-verify-kv", action="store_true",
                         help="checksum each migrated request's KV at commit (debugging)")
+    parser.add_argument("--keys-dir", default=env.keys_dir(),
+        help="cluster CURVE keys (ferry keys init); default FERRY_KEYS_DIR; empty: plain sockets")
+    parser.add_argument("--key-name", default=env.key_name(),
+        help="this process's identity in the keys directory (default: its role)")
     parser.add_argument("--drain-timeout-s", type=float, default=25.0,
                         help="on SIGTERM, migrate requests away for at most this long, then "
                              "exit (SIGINT: exit at once)")
@@ -80,6 +84,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         migration_chunk_bytes=args.migration_chunk_mb * 2**20,
         migration_verify_kv=args.migration_verify_kv,
         drain_timeout_s=args.drain_timeout_s,
+        keys_dir=args.keys_dir,
+        key_name=args.key_name,
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from ferry.common import wire
 from ferry.common.config import WorkerConfig
 from ferry.common.logging import get_logger
+from ferry.common.security import describe, for_process
 from ferry.common.zmq_util import Inbox, Outboxes, make_context
 from ferry.services.worker.engine.engine import Engine, RequestRejected
 from ferry.services.worker.engine.request import RequestOutput
@@ -24,14 +25,19 @@ from ferry.services.worker.migration.coordinator import MIGRATION_MESSAGES, Migr
 from ferry.services.worker.report import load_fields
 from ferry.services.worker.stepper import make_stepper
 
-INBOX_MESSAGES = (
-    wire.Dispatch,
-    wire.Abort,
-    wire.SetDraining,
-    wire.ReRegister,
-    wire.GatewayGone,
-    *MIGRATION_MESSAGES,
-)
+# Who may send what (checked per message when the cluster has keys; common/security.py):
+# the scheduler places and steers, a gateway dispatches and aborts in bypass mode, a peer
+# worker runs the migration protocol (and forwards an abort to where a request moved).
+SCHEDULER = frozenset({"scheduler"})
+INBOX_SENDERS = {
+    wire.Dispatch: frozenset({"scheduler", "gateway"}),
+    wire.Abort: frozenset({"scheduler", "gateway", "worker"}),
+    wire.SetDraining: SCHEDULER,
+    wire.ReRegister: SCHEDULER,
+    wire.GatewayGone: SCHEDULER,
+    wire.MigrateOut: SCHEDULER,
+    **{t: frozenset({"worker"}) for t in MIGRATION_MESSAGES if t is not wire.MigrateOut},
+}
 LEAVING_LINGER_MS = 500  # at exit, how long the Leaving message may take to go out
 SEND_FAILURE_LOG_INTERVAL_S = 5.0  # one log line per address and this many seconds
 HELD_LIST_INTERVAL_S = 1.0  # a load report lists the requests held here about this often
@@ -43,10 +49,10 @@ class Worker:
         self.engine = engine
         self.log = get_logger(instance_id=config.instance_id)
         ctx = make_context()
-        self.recv_from_peers = Inbox(
-            ctx, config.inbox.bind, expected=INBOX_MESSAGES, max_frame_bytes=config.max_frame_bytes
-        )
-        self.send_to_peers = Outboxes(ctx)
+        self.keys = for_process(ctx, config.keys_dir, config.key_name, "worker")
+        self.recv_from_peers = Inbox(ctx, config.inbox.bind, allowed=INBOX_SENDERS,
+                                     max_frame_bytes=config.max_frame_bytes, keys=self.keys)
+        self.send_to_peers = Outboxes(ctx, keys=self.keys)
         self.stepper = make_stepper(engine)
         self.migrations = MigrationCoordinator(
             config=config, engine=engine, send=self._send, on_request_placed=self._work_arrived
@@ -73,6 +79,7 @@ class Worker:
     async def run(self) -> None:
         self._register()
         self.log.info("worker_ready", inbox=self.config.inbox.advertise,
+                      **describe(self.keys, self.config.inbox.bind),
                       num_blocks=self.engine.blocks.num_total, pid=os.getpid())
         tasks = [
             asyncio.create_task(self._recv_loop(), name="recv"),

@@ -264,7 +264,7 @@ def published(service: dict) -> dict[int, int]:
 def test_compose_services_use_real_flags_and_variables(name):
     compose = load_compose(name)
     services = compose["services"]
-    assert set(services) == {"scheduler", "gateway", "worker-0", "worker-1"}
+    assert set(services) == {"keys", "scheduler", "gateway", "worker-0", "worker-1"}
     known = ferry_env_names()
     for svc, spec in services.items():
         assert (ROOT / spec["build"]["dockerfile"]).is_file()
@@ -273,6 +273,39 @@ def test_compose_services_use_real_flags_and_variables(name):
         assert not unknown, f"{name} {svc}: common/env.py does not read {unknown}"
         service_config(compose, svc)  # raises on a flag the service does not have
         assert spec["command"][0] == ("worker" if svc.startswith("worker") else svc)
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_services_speak_with_keys_the_keys_service_makes(name, tmp_path):
+    """CURVE is on: every service has FERRY_KEYS_DIR on the keys volume, and the identity
+    it will load (FERRY_KEY_NAME, else its role) is one `ferry keys init` makes with the
+    keys service's own arguments, of the service's role (workers: bound to themselves)."""
+    from ferry.common.security import check_role, load_keys
+
+    compose = load_compose(name)
+    services = compose["services"]
+    keys_cmd = services["keys"]["command"]
+    assert keys_cmd[:3] == ["keys", "init", "/var/lib/ferry/keys"] and "--if-missing" in keys_cmd
+    assert services["keys"]["restart"] == "no"
+    assert services["keys"]["volumes"] == ["ferry-keys:/var/lib/ferry/keys"]
+    made = tmp_path / "keys"
+    out = subprocess.run([sys.executable, "-m", "ferry.services.cli", *keys_cmd[:2], str(made),
+                          *keys_cmd[3:]], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for svc, spec in services.items():
+        if svc == "keys":
+            continue
+        environ = service_env(compose, svc)
+        assert environ["FERRY_KEYS_DIR"] == "/var/lib/ferry/keys", svc
+        assert "ferry-keys:/var/lib/ferry/keys:ro" in spec["volumes"], svc
+        assert spec["depends_on"]["keys"] == {"condition": "service_completed_successfully"}
+        role = spec["command"][0]
+        keys = load_keys(str(made), environ.get("FERRY_KEY_NAME") or role)
+        check_role(keys, role)
+        if role == "worker":
+            assert keys.own.instance_id == environ["FERRY_INSTANCE_ID"] == svc
+        # the health check speaks to the scheduler with the admin key
+        check_role(load_keys(str(made), "admin"), "admin")
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
@@ -285,7 +318,8 @@ def test_compose_addresses_meet(name):
     gw_args, gw = service_config(compose, "gateway")
     for svc, spec in services.items():
         assert spec["hostname"] == svc
-        assert service_env(compose, svc)["FERRY_HOST"] == svc
+        if svc != "keys":  # makes the keys and exits: nobody dials it
+            assert service_env(compose, svc)["FERRY_HOST"] == svc
     # The scheduler binds everywhere, on the ports the others dial.
     assert sched.inbox.bind == f"tcp://0.0.0.0:{sched_args.port}"
     assert sched.admin.bind == f"tcp://0.0.0.0:{sched_args.admin_port}"
@@ -312,7 +346,7 @@ def test_compose_addresses_meet(name):
     for svc, addr in dialers.items():
         assert (host_of(addr), port_of(addr)) == ("scheduler", sched_args.port), svc
     assert published(services["scheduler"]) == {sched_args.admin_port: 5601}
-    assert services["scheduler"]["ports"] == ["127.0.0.1:5601:5601"]  # admin has no auth
+    assert services["scheduler"]["ports"] == ["127.0.0.1:5601:5601"]  # loopback all the same
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
@@ -320,17 +354,25 @@ def test_compose_health_order_and_cache(name):
     compose = load_compose(name)
     services = compose["services"]
     healthcheck = _load_healthcheck_module()
-    for spec in services.values():
+    for svc, spec in services.items():
+        if svc == "keys":  # a one-shot job: no health check, no restart
+            continue
         assert spec["healthcheck"]["test"] == ["CMD", "python", HEALTHCHECK_PATH]
         assert spec["init"] is True and spec["restart"] == "unless-stopped"
         for dep, cond in spec.get("depends_on", {}).items():
+            if dep == "keys":
+                assert cond == {"condition": "service_completed_successfully"}
+                continue
             assert cond == {"condition": "service_healthy"}
             assert "healthcheck" in services[dep]
+    assert set(services["scheduler"]["depends_on"]) == {"keys"}
     for svc in ("gateway", "worker-0", "worker-1"):
-        assert set(services[svc]["depends_on"]) == {"scheduler"}
+        assert set(services[svc]["depends_on"]) == {"keys", "scheduler"}
     # What docker/healthcheck.py will probe in each container.
     probes = {}
     for svc, spec in services.items():
+        if svc == "keys":
+            continue
         with ferry_environ(service_env(compose, svc)):
             probes[svc] = healthcheck.probe_for(spec["command"])
     assert probes["scheduler"] == healthcheck.Probe(kind="admin", target="tcp://127.0.0.1:5601")
@@ -340,7 +382,7 @@ def test_compose_health_order_and_cache(name):
         assert probes[svc] == healthcheck.Probe(kind="instance", target="tcp://scheduler:5601",
                                                 instance_id=svc)
     # The gateway and the workers share one model cache (tiny is made once, under a lock).
-    assert set(compose["volumes"]) == {"ferry-cache"}
+    assert set(compose["volumes"]) == {"ferry-cache", "ferry-keys"}
     for svc in ("gateway", "worker-0", "worker-1"):
         cache = Path(service_env(compose, svc)["FERRY_MODEL_CACHE"])
         mounts = [v.split(":") for v in services[svc]["volumes"]]

@@ -489,6 +489,8 @@ def test_every_config_field_has_a_flag():
         "pending_window": 8,
         "pending_max_wait_s": 2.5,
         "max_frame_bytes": 12345,
+        "keys_dir": "/etc/ferry/keys",
+        "key_name": "scheduler-a",
     }
     fields = {f.name for f in dataclasses.fields(SchedulerConfig)} - {"inbox", "admin"}
     assert set(non_defaults) == fields, "a SchedulerConfig field has no flag test"

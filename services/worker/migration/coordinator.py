@@ -58,11 +58,17 @@ def make_transport(config: WorkerConfig, engine: Engine) -> KVTransport | Simula
     return KVTransport(
         kv_cache,
         instance_id=config.instance_id,
-        advertise_host=urlparse(config.inbox.advertise.replace("tcp://", "http://")).hostname
-        or "127.0.0.1",
+        advertise_host=host_of(config.inbox.advertise) or "127.0.0.1",
         chunk_bytes=config.migration_chunk_bytes,
         timeout_s=config.migration_timeout_s,
+        bind_host=host_of(config.inbox.bind) or "0.0.0.0",  # the inbox's interface
     )
+
+
+def host_of(endpoint: str) -> str | None:
+    """The host of tcp://HOST:PORT; None for "*" (every interface) or no host."""
+    host = urlparse(endpoint.replace("tcp://", "http://", 1)).hostname
+    return None if host in (None, "*") else host
 
 
 class MigrationCoordinator:

@@ -2,8 +2,12 @@
 
 Groups. One two-rank process group per *direction* of a pair (src -> dst), created lazily
 the first time src migrates to dst, with no world-wide group: the destination hosts a
-TCPStore on a free port and answers MigPrealloc with its address; both sides then build
-the group (gloo on CPU, NCCL on GPU) in the group's own thread. Rank 0 sends, rank 1
+TCPStore on a free port of the configured interface (FERRY_BIND_HOST) and answers
+MigPrealloc with its address; both sides then build the group (gloo on CPU, NCCL on GPU)
+in the group's own thread. The group id, which prefixes every key the two put in the
+store, ends in 128 random bits and travels only in MigPreallocReply (on the CURVE channel
+when the cluster has keys): a process that reaches the store's port but not the control
+channel cannot name a key of the group, let alone join it. Rank 0 sends, rank 1
 receives. A group per direction means each group has one sender and one receiver, so
 transfers are ordered by the control messages that announce them and cannot deadlock.
 
@@ -22,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import itertools
+import secrets
+import socket
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,10 +67,12 @@ class KVTransport:
         advertise_host: str,
         chunk_bytes: int,
         timeout_s: float,
+        bind_host: str = "127.0.0.1",
     ) -> None:
         self.kv_cache = kv_cache  # [num_blocks, ...] block-major, one block per row
         self.instance_id = instance_id
         self.advertise_host = advertise_host
+        self.bind_host = bind_host  # the interface the stores listen on
         self.block_bytes = kv_cache[0].numel() * kv_cache.element_size()
         self.blocks_per_chunk = max(1, chunk_bytes // self.block_bytes)
         self.timeout = datetime.timedelta(seconds=timeout_s)
@@ -90,15 +98,28 @@ class KVTransport:
             return group.group_id, ""
         if group is not None:
             self._drop(group)
-        group_id = f"{src_instance_id}->{self.instance_id}#{next(self._counter)}"
-        store = dist.TCPStore(
-            "0.0.0.0", 0, world_size=2, is_master=True, timeout=self.timeout,
-            wait_for_workers=False,
-        )
+        group_id = (f"{src_instance_id}->{self.instance_id}#{next(self._counter)}-"
+                    f"{secrets.token_hex(16)}")
+        store = self._host_store()
         group = self._new_group(group_id, src_instance_id, RECEIVER_RANK, store)
         self._receiving[group_id] = group
         self._receiving_from[src_instance_id] = group_id
         return group_id, f"{self.advertise_host}:{store.port}"
+
+    def _host_store(self) -> dist.TCPStore:
+        """A TCPStore listening on bind_host only (TCPStore alone listens on every
+        interface): on a socket bound here, whose descriptor the store then owns."""
+        family = socket.AF_INET6 if ":" in self.bind_host else socket.AF_INET
+        with socket.create_server((self.bind_host, 0), family=family) as listener:
+            port = listener.getsockname()[1]
+            fd = listener.detach()  # the store closes it
+        try:
+            return dist.TCPStore(self.bind_host, port, world_size=2, is_master=True,
+                                 timeout=self.timeout, wait_for_workers=False,
+                                 master_listen_fd=fd)
+        except BaseException:
+            socket.close(fd)
+            raise
 
     def join_sending(self, dst_instance_id: str, group_id: str, store_addr: str) -> None:
         """Source side: join the group the destination named (no-op if already in it)."""
@@ -271,6 +292,21 @@ class SimulatedTransport:
 
     def open_receiving(self, src_instance_id: str, known_group_id: str | None) -> tuple[str, str]:
         return f"sim:{src_instance_id}->{self.instance_id}", ""
+
+    def _host_store(self) -> dist.TCPStore:
+        """A TCPStore listening on bind_host only (TCPStore alone listens on every
+        interface): on a socket bound here, whose descriptor the store then owns."""
+        family = socket.AF_INET6 if ":" in self.bind_host else socket.AF_INET
+        with socket.create_server((self.bind_host, 0), family=family) as listener:
+            port = listener.getsockname()[1]
+            fd = listener.detach()  # the store closes it
+        try:
+            return dist.TCPStore(self.bind_host, port, world_size=2, is_master=True,
+                                 timeout=self.timeout, wait_for_workers=False,
+                                 master_listen_fd=fd)
+        except BaseException:
+            socket.close(fd)
+            raise
 
     def join_sending(self, dst_instance_id: str, group_id: str, store_addr: str) -> None:
         pass
