@@ -9,6 +9,9 @@ A real `ferry up --executor sim` cluster whose latency model makes every step ta
 - added latency: p50 of one request at a time on the idle cluster, minus the modelled
   step times it went through;
 - throughput: `--concurrency` requests kept in flight for `--seconds`, completed req/s.
+
+`--keys`: the same with cluster keys (CURVE and sender checks on every internal socket),
+to show what trust costs.
 """
 
 from __future__ import annotations
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--max-tokens", type=int, default=1)
     parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument("--keys", action="store_true",
+                        help="CURVE on the internal sockets (keys made for the run)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
 
@@ -126,9 +131,16 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         profile = Path(tmp) / "near-zero.json"
         write_profile(profile)
+        env = {}
+        if args.keys:
+            from ferry.common.security import ROLES, init_keys
+
+            init_keys(Path(tmp) / "keys", [(role, role, "") for role in ROLES])
+            env["FERRY_KEYS_DIR"] = str(Path(tmp) / "keys")
         cluster = start_cluster(Path(tmp), workers=args.workers, extra=(
             "--executor", "sim", "--sim-profile", str(profile),
-            "--gateway-arg=--max-inflight=4096", "--worker-arg=--report-interval=0.05"))
+            "--gateway-arg=--max-inflight=4096", "--worker-arg=--report-interval=0.05"),
+            env=env)
         try:
             steps = args.max_tokens  # one prefill step gives token 1, then one per token
             sdk_lat = asyncio.run(sdk_latency(cluster.sdk_addr, args.latency_samples,
@@ -143,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             cluster.stop()
     result = {
         "workers": args.workers, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+        "internal_sockets": "curve" if args.keys else "plain",
         "modelled_step_s": STEP_S,
         "sdk": {**sdk_tp, "added_latency_ms_p50":
                 (statistics.median(sdk_lat) - steps * STEP_S) * 1e3},
@@ -152,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"control plane, {args.workers} sim workers (step {STEP_S * 1e3:.1f} ms), "
-          f"{args.concurrency} in flight, {args.max_tokens} output token(s):")
+          f"{args.concurrency} in flight, {args.max_tokens} output token(s), internal "
+          f"sockets {result['internal_sockets']}:")
     for name in ("sdk", "http"):
         r = result[name]
         print(f"  {name:<4} {r['req_per_s']:8.0f} req/s   added latency p50 "

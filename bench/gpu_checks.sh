@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks, run on the lent H200 machines (see docs/gpu.md):
-#   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine profiles migration concurrent
+#   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine profiles migration concurrent simcheck
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
 set -uo pipefail
@@ -49,6 +49,11 @@ for step in "$@"; do
       timeout 400 python3 -m ferry.bench.migration_bench --devices cuda:0,cuda:1,cuda:2,cuda:3 \
         --concurrent --verify-kv --lengths 1024,8192,32768 --log-dir "$OUT/clogs" \
         --out "$OUT/migration_h200x4_concurrent.json" 2>&1 | tail -6 ;;
+    simcheck)
+      # the simulator against one real worker (random:llama2-7b, 1000 KV blocks): ~5 min
+      timeout 420 python3 -m ferry.bench.sim_check --model random:llama2-7b --device cuda \
+        --kv-blocks 1000 --num 100 --kinds M-M,L-L --load-fractions 0.5,0.8,1.1 \
+        --out-dir "$OUT/simcheck" 2>&1 | tee "$OUT/simcheck.log" | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac
 done

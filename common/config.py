@@ -125,6 +125,7 @@ class WorkerConfig:
     # is still here then is replayed by the gateways); keep it below the supervisor's stop
     # timeout (compose stop_grace_period, systemd TimeoutStopSec).
     drain_timeout_s: float = 25.0
+    step_log: str = ""  # a file to append every step's features and time to (sim_check)
     max_frame_bytes: int = field(default_factory=env.max_frame_bytes)
     keys_dir: str = field(default_factory=env.keys_dir)  # CURVE keys; "": plain sockets
     key_name: str = field(default_factory=env.key_name)  # identity; "": "worker"

@@ -21,6 +21,7 @@ import time
 import urllib.request
 
 from ferry.common import env
+from ferry.services.worker.model.resolve import RANDOM_PREFIX
 
 STOP_GRACE_S = 8.0
 READY_TIMEOUT_S = 300.0  # making the tiny model the first time takes a few seconds
@@ -68,9 +69,13 @@ class Cluster:
     def worker_argv(self, instance_id: str, port: int, model_dir: str,
                     device: str | None = None) -> list[str]:
         a = self.args
+        # "random:PRESET": workers draw the weights on the device (the gateway's model_dir
+        # holds the preset's config and tokenizer only)
+        worker_model = a.model if a.model.startswith(RANDOM_PREFIX) else model_dir
         argv = [sys.executable, "-m", "ferry.services.worker", "--instance-id", instance_id,
                 "--port", str(port), "--scheduler-addr", self.scheduler_addr,
-                "--model", model_dir, "--device", device or a.device, "--executor", a.executor,
+                "--model", worker_model, "--device", device or a.device,
+                "--executor", a.executor,
                 "--sim-speedup", str(a.sim_speedup)]
         if a.executor == "sim":
             argv += ["--sim-profile", a.sim_profile or default_sim_profile()]

@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cluster CURVE keys (ferry keys init); default FERRY_KEYS_DIR; empty: plain sockets")
     parser.add_argument("--key-name", default=env.key_name(),
         help="this process's identity in the keys directory (default: its role)")
+    parser.add_argument("--step-log", default="",
+                        help="append each step's features and time to this file (JSONL)")
     parser.add_argument("--drain-timeout-s", type=float, default=25.0,
                         help="on SIGTERM, migrate requests away for at most this long, then "
                              "exit (SIGINT: exit at once)")
@@ -84,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         migration_chunk_bytes=args.migration_chunk_mb * 2**20,
         migration_verify_kv=args.migration_verify_kv,
         drain_timeout_s=args.drain_timeout_s,
+        step_log=args.step_log,
         keys_dir=args.keys_dir,
         key_name=args.key_name,
     )

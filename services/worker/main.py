@@ -23,6 +23,7 @@ from ferry.services.worker.engine.engine import Engine, RequestRejected
 from ferry.services.worker.engine.request import RequestOutput
 from ferry.services.worker.migration.coordinator import MIGRATION_MESSAGES, MigrationCoordinator
 from ferry.services.worker.report import load_fields
+from ferry.services.worker.step_log import StepLog
 from ferry.services.worker.stepper import make_stepper
 
 # Who may send what (checked per message when the cluster has keys; common/security.py):
@@ -53,7 +54,8 @@ class Worker:
         self.recv_from_peers = Inbox(ctx, config.inbox.bind, allowed=INBOX_SENDERS,
                                      max_frame_bytes=config.max_frame_bytes, keys=self.keys)
         self.send_to_peers = Outboxes(ctx, keys=self.keys)
-        self.stepper = make_stepper(engine)
+        self.step_log = StepLog(config.step_log) if config.step_log else None
+        self.stepper = make_stepper(engine, self.step_log)
         self.migrations = MigrationCoordinator(
             config=config, engine=engine, send=self._send, on_request_placed=self._work_arrived
         )
@@ -96,6 +98,8 @@ class Worker:
                    wire.Leaving(instance_id=self.config.instance_id, done=True))
         self.recv_from_peers.close()
         self.send_to_peers.close(linger_ms=LEAVING_LINGER_MS)
+        if self.step_log is not None:
+            self.step_log.close()
 
     def stop(self) -> None:
         """Exit now (SIGINT)."""

@@ -26,22 +26,25 @@ from ferry.services.worker.engine.batch import ModelBatch
 from ferry.services.worker.engine.engine import Engine
 from ferry.services.worker.engine.request import RequestOutput
 from ferry.services.worker.sim_executor import SimExecutor
+from ferry.services.worker.step_log import StepLog
 
 
 class ModelStepper:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, step_log: StepLog | None = None) -> None:
         self.engine = engine
         self.runner = engine.executor
+        self.step_log = step_log
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-wait")
         self.started_s = 0.0  # wall clock (time.time()) when the latest step began
 
     async def step(self) -> list[RequestOutput]:
+        scheduled = time.perf_counter()
         plan = self.engine.schedule()
         if plan.is_empty:
             return []
         self.started_s = time.time()
         start = time.perf_counter()
-        pending = None
+        pending = batch = None
         if plan.chunks:
             batch = ModelBatch(chunks=tuple(plan.chunks))
             loop = asyncio.get_running_loop()
@@ -52,7 +55,11 @@ class ModelStepper:
             else:  # the CPU computes inside launch
                 pending = await loop.run_in_executor(self._waiter, self.runner.launch, batch)
         sampled = pending.result() if pending is not None else []
-        return self.engine.finish_step(plan, sampled, time.perf_counter() - start)
+        step_s = time.perf_counter() - start
+        outputs = self.engine.finish_step(plan, sampled, step_s)
+        if self.step_log is not None and batch is not None:
+            self.step_log.record(batch, step_s, time.perf_counter() - scheduled - step_s)
+        return outputs
 
 
 class SimStepper:
@@ -74,7 +81,8 @@ class SimStepper:
         return self.engine.finish_step(plan, sampled, time.perf_counter() - start)
 
 
-def make_stepper(engine: Engine) -> ModelStepper | SimStepper:
+def make_stepper(engine: Engine, step_log: StepLog | None = None) -> ModelStepper | SimStepper:
+    """step_log: record every model step (services/worker/step_log.py); not for sim."""
     if isinstance(engine.executor, SimExecutor):
         return SimStepper(engine, engine.executor)
-    return ModelStepper(engine)
+    return ModelStepper(engine, step_log)

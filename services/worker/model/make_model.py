@@ -143,9 +143,12 @@ def make_model(
     *,
     num_layers: int | None = None,
     cache_dir: str | Path | None = None,
+    weights: bool = True,
 ) -> Path:
     """Write a random model of `preset` (a key of PRESETS) to out_dir and return it.
-    num_layers overrides the preset's depth (full widths, fewer layers: quick tests)."""
+    num_layers overrides the preset's depth (full widths, fewer layers: quick tests).
+    weights=False writes the config and tokenizer only: what a gateway reads of a
+    "random:PRESET" cluster, whose workers draw their weights on the device."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     spec = PRESETS[preset]
@@ -168,9 +171,10 @@ def make_model(
         model_max_length=config.max_model_len,
         cache_dir=cache_dir,
     )
-    write_random_weights(
-        out_dir, config, seed=seed, dtype=spec.dtype, max_shard_bytes=spec.max_shard_bytes
-    )
+    if weights:
+        write_random_weights(
+            out_dir, config, seed=seed, dtype=spec.dtype, max_shard_bytes=spec.max_shard_bytes
+        )
     return out_dir
 
 

@@ -4,6 +4,9 @@ A path is used as it is. A preset name ("tiny", "llama2-7b", "llama3-8b") means 
 random-weight model Ferry makes itself under FERRY_MODEL_CACHE/<preset>: the first
 process to need it makes it under a file lock, writing into a temporary directory that
 is renamed into place when complete, so other processes never see half a model.
+"random:PRESET" resolves to a directory with the preset's config and tokenizer but no
+weights (FERRY_MODEL_CACHE/random-<preset>): what a gateway reads; workers given
+"random:PRESET" draw the weights on their device instead.
 """
 
 from __future__ import annotations
@@ -43,12 +46,17 @@ def preset_dir(name: str) -> Path:
 def resolve_model(name: str, *, create: bool = True, wait_s: float = 0.0) -> Path:
     """The directory of model `name`. For a preset: make it if `create`, else wait up to
     wait_s for another process to finish making it."""
-    if not is_preset(name):
+    text_only = name.startswith(RANDOM_PREFIX)
+    if text_only:
+        preset_config(name)  # an unknown preset: a clear error
+    elif not is_preset(name):
         path = Path(name)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{name}: not a model directory (no config.json) and not "
                                     f"one of the presets {', '.join(PRESET_NAMES)}")
         return path
+    preset = name.removeprefix(RANDOM_PREFIX)
+    name = f"random-{preset}" if text_only else name
     target = preset_dir(name)
     if (target / COMPLETE_MARKER).exists():
         return target
@@ -68,7 +76,7 @@ def resolve_model(name: str, *, create: bool = True, wait_s: float = 0.0) -> Pat
 
         partial = target.parent / f".{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        make_model(name, partial)
+        make_model(preset, partial, weights=not text_only)
         (partial / COMPLETE_MARKER).write_text("ok\n")
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)

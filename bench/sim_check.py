@@ -1,0 +1,242 @@
+"""`python -m ferry.bench.sim_check`: the simulator checked against a real worker.
+
+One real worker (`--model`, e.g. random:llama2-7b, on `--device cuda`) behind the real
+gateway and scheduler (`ferry up --workers 1`) replays seeded traces with the load
+driver (`ferry bench serve`), logging every engine step it runs (`--step-log`). Then:
+
+- the latency model is refitted to those in-situ steps (every step the trace made:
+  prefill chunks, decode batches and mixed ones, at the contexts that really occurred);
+- the same traces run through the discrete-event simulator (`ferry bench sim
+  --instances 1`) with the bundled profile (`--profile`) and with the refitted one, at the
+  same KV size and step token budget;
+- side by side: P50/P99 TTFT (prefill latency), P99 decode, mean e2e, preemptions,
+  throughput, and each model's per-step error against the measured steps (median and
+  p90 of |predicted - measured| / measured, by step kind). The refit is evaluated on the
+  steps it was fitted to (in-sample) and, per trace, fitted on the other traces only.
+
+Writes sim_check.json, the step log and the refitted profile under --out-dir and prints
+the tables. Plan a GPU call around `--num` and `--load-fractions`: each replay lasts about
+num / rate seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from ferry.bench import serve, sim
+from ferry.bench import trace as traces
+from ferry.bench.local_cluster import start_cluster
+from ferry.bench.paper_repro import capacity_rate
+from ferry.services.worker.latency_model import LatencyModel, Profile, StepFeatures
+from ferry.services.worker.model.config import ModelConfig
+from ferry.services.worker.model.resolve import resolve_model
+
+TOKENS_PER_BLOCK = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="random:llama2-7b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--profile", default=str(Path(__file__).parent / "profiles"
+                                                 / "llama2-7b-h200.json"),
+                        help="the bundled profile the simulator uses (and the rates' base)")
+    parser.add_argument("--kv-blocks", type=int, default=1000,
+                        help="KV blocks of the worker and the simulated instance")
+    parser.add_argument("--kinds", default="M-M,L-L", help="trace kinds (ferry bench trace)")
+    parser.add_argument("--load-fractions", default="0.5,0.8,1.1",
+                        help="rates as fractions of the bundled profile's capacity estimate")
+    parser.add_argument("--num", type=int, default=200, help="requests per trace")
+    parser.add_argument("--max-total-tokens", type=int, default=4096)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default="bench/results/sim-check",
+                        help="sim_check.json, steps.jsonl, profile-insitu.json")
+    parser.add_argument("--serve-dir", default="",
+                        help="each replay's serve JSON and plot (default: not kept)")
+
+
+@dataclasses.dataclass
+class Replay:
+    kind: str
+    fraction: float
+    rate: float
+    trace: Path
+    real: dict
+    steps: list[dict]  # the worker's step log lines written during this replay
+
+
+def make_traces(args: argparse.Namespace, latency: LatencyModel, tmp: Path) -> list[tuple]:
+    out = []
+    for kind in args.kinds.split(","):
+        probe = traces.generate(kind, num=20_000, rate=1.0, seed=args.seed + 1,
+                                max_total_tokens=args.max_total_tokens)
+        capacity = capacity_rate([dataclasses.asdict(r) for r in probe], instances=1,
+                                 kv_tokens=args.kv_blocks * TOKENS_PER_BLOCK, latency=latency)
+        for fraction in (float(f) for f in args.load_fractions.split(",")):
+            rate = fraction * capacity
+            path = tmp / f"{kind}-{fraction}.jsonl"
+            with path.open("w") as f:
+                traces.write_jsonl(traces.generate(kind, num=args.num, rate=rate,
+                                                   seed=args.seed,
+                                                   max_total_tokens=args.max_total_tokens), f)
+            out.append((kind, fraction, rate, path))
+    return out
+
+
+def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> list[Replay]:
+    step_log = Path(args.out_dir) / "steps.jsonl"
+    step_log.unlink(missing_ok=True)
+    cluster = start_cluster(tmp / "up", workers=1, timeout_s=600, extra=(
+        "--model", args.model, "--device", args.device, "--num-blocks", str(args.kv_blocks),
+        "--policy", "least_load", f"--worker-arg=--step-log={step_log.resolve()}",
+        f"--worker-arg=--max-num-batched-tokens={args.max_num_batched_tokens}",
+        "--gateway-arg=--max-inflight=8192", "--gateway-arg=--max-tokens-limit=32768"))
+    replays = []
+    vocab_size = ModelConfig.from_dir(resolve_model(args.model)).vocab_size
+    try:
+        for kind, fraction, rate, path in planned:
+            done = len(step_log.read_text().splitlines()) if step_log.exists() else 0
+            serve_args = argparse.Namespace(
+                trace=str(path), sdk_addr=cluster.sdk_addr, http="",
+                admin_addr=cluster.admin_addr, vocab_size=vocab_size, time_scale=1.0,
+                max_output_tokens=0, max_prompt_tokens=0, timeout=600.0, seed=args.seed,
+                out=str(Path(args.serve_dir or tmp) / f"serve-{kind}-{fraction}.json"),
+                label=f"{kind}@{fraction}", no_progress=True)
+            real = serve.run(serve_args)
+            cluster.wait_idle(timeout_s=60)
+            time.sleep(0.5)  # the step log's buffer reaches the file
+            lines = step_log.read_text().splitlines()[done:]
+            replays.append(Replay(kind, fraction, rate, path, real,
+                                  [json.loads(line) for line in lines if line.strip()]))
+            print(f"replayed {kind} at {rate:.2f} req/s: {len(lines)} steps, p99 ttft "
+                  f"{real['prefill_latency_s']['p99']:.3f} s", flush=True)
+    finally:
+        cluster.stop()
+    return replays
+
+
+def refit(samples: list[dict]) -> LatencyModel:
+    return LatencyModel.fit([(features(s), s["step_s"]) for s in samples])
+
+
+def features(sample: dict) -> StepFeatures:
+    return StepFeatures(P=sample["P"], A=sample["A"], D=sample["D"], C=sample["C"])
+
+
+def step_errors(latency: LatencyModel, samples: list[dict]) -> dict:
+    """Relative error of the model per step kind: median and p90."""
+    by_kind: dict[str, list[float]] = {"prefill": [], "decode": [], "mixed": [], "all": []}
+    for s in samples:
+        err = abs(latency.step_time(features(s)) - s["step_s"]) / s["step_s"]
+        kind = "mixed" if s["P"] and s["D"] else "prefill" if s["P"] else "decode"
+        by_kind[kind].append(err)
+        by_kind["all"].append(err)
+    return {k: {"n": len(v), "median": statistics.median(v) if v else None,
+                "p90": sorted(v)[int(0.9 * (len(v) - 1))] if v else None}
+            for k, v in by_kind.items()}
+
+
+def simulate(args: argparse.Namespace, trace: Path, profile: Path) -> dict:
+    parser = argparse.ArgumentParser()
+    sim.add_arguments(parser)
+    return sim.run(parser.parse_args([
+        "--trace", str(trace), "--instances", "1", "--policy", "least_load",
+        "--profile", str(profile), "--kv-blocks", str(args.kv_blocks),
+        "--max-num-batched-tokens", str(args.max_num_batched_tokens)]))
+
+
+def summary(result: dict) -> dict:
+    duration = result.get("duration_s") or result.get("sim_end_s") or 0.0  # real / simulated
+    return {"ttft_p50": result["prefill_latency_s"]["p50"],
+            "ttft_p99": result["prefill_latency_s"]["p99"],
+            "decode_p99": result["decode_latency_s"]["p99"],
+            "e2e_mean": result["e2e_latency_s"]["mean"],
+            "preemptions": result["num_preemptions"],
+            "req_per_s": result["num_requests"] / duration if duration else None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    from ferry.common.logging import configure
+
+    configure("sim-check", level="warning")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundled = Profile.load(args.profile)
+    device = args.device
+    if shutil.which("nvidia-smi"):
+        device = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                capture_output=True, text=True).stdout.strip() or device
+    with tempfile.TemporaryDirectory() as tmp:
+        planned = make_traces(args, bundled.latency, Path(tmp))
+        replays = replay_all(args, planned, Path(tmp))
+        all_steps = [s for r in replays for s in r.steps]
+        insitu = dataclasses.replace(bundled, name=f"{bundled.name}-insitu", device=device,
+                                     latency=refit(all_steps), samples=all_steps,
+                                     num_blocks=args.kv_blocks)
+        insitu_path = out_dir / "profile-insitu.json"
+        insitu.save(insitu_path)
+        rows = []
+        for r in replays:
+            held_out = [s for o in replays if o.kind != r.kind for s in o.steps]
+            cross = dataclasses.replace(insitu, latency=refit(held_out)) if held_out else insitu
+            cross_path = Path(tmp) / f"cross-{r.kind}.json"
+            cross.save(cross_path)
+            rows.append({
+                "kind": r.kind, "fraction": r.fraction, "rate": r.rate,
+                "real": summary(r.real) | {"num_steps": len(r.steps)},
+                "sim_bundled": summary(simulate(args, r.trace, Path(args.profile))),
+                "sim_insitu": summary(simulate(args, r.trace, insitu_path)),
+                "sim_held_out": summary(simulate(args, r.trace, cross_path)),
+                "step_error": {"bundled": step_errors(bundled.latency, r.steps),
+                               "insitu": step_errors(insitu.latency, r.steps),
+                               "held_out": step_errors(cross.latency, r.steps)},
+            })
+    result = {"device": device, "model": args.model, "kv_blocks": args.kv_blocks,
+              "max_num_batched_tokens": args.max_num_batched_tokens, "num": args.num,
+              "bundled_profile": args.profile,
+              "coefficients": {"bundled": dataclasses.asdict(bundled.latency),
+                               "insitu": dataclasses.asdict(insitu.latency)},
+              "step_error_all": {"bundled": step_errors(bundled.latency, all_steps),
+                                 "insitu": step_errors(insitu.latency, all_steps)},
+              "rows": rows}
+    (out_dir / "sim_check.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(format_table(result))
+
+
+def format_table(result: dict) -> str:
+    lines = [f"sim check: {result['model']} on {result['device']}, "
+             f"{result['kv_blocks']} KV blocks",
+             "| trace | rate | run | TTFT p50 s | TTFT p99 s | decode p99 s | e2e mean s "
+             "| preempt | req/s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+
+    def num(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
+    for row in result["rows"]:
+        for run in ("real", "sim_bundled", "sim_insitu", "sim_held_out"):
+            s = row[run]
+            lines.append(f"| {row['kind']} | {row['rate']:.2f} | {run} | "
+                         f"{num(s['ttft_p50'], '.3f')} | {num(s['ttft_p99'], '.3f')} | "
+                         f"{num(s['decode_p99'], '.4f')} | {num(s['e2e_mean'], '.2f')} | "
+                         f"{s['preemptions']} | {num(s['req_per_s'], '.2f')} |")
+    lines += ["", "| steps | model | n | median err | p90 err |", "|---|---|---:|---:|---:|"]
+    for model, errs in result["step_error_all"].items():
+        for kind, e in errs.items():
+            lines.append(f"| {kind} | {model} | {e['n']} | {num(e['median'], '.1%')} | "
+                         f"{num(e['p90'], '.1%')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
