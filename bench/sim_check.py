@@ -5,7 +5,11 @@ gateway and scheduler (`ferry up --workers 1`) replays seeded traces with the lo
 driver (`ferry bench serve`), logging every engine step it runs (`--step-log`). Then:
 
 - the latency model is refitted to those in-situ steps (every step the trace made:
-  prefill chunks, decode batches and mixed ones, at the contexts that really occurred);
+  prefill chunks, decode batches and mixed ones, at the contexts that really occurred),
+  once to the model's step time alone (what `ferry profile` measures) and once to the
+  whole engine cycle (the step, the engine's scheduling and bookkeeping around it, and
+  the event loop's gap before the next step starts, which the simulator does not model
+  otherwise);
 - the same traces run through the discrete-event simulator (`ferry bench sim
   --instances 1`) with the bundled profile (`--profile`) and with the refitted one, at the
   same KV size and step token budget;
@@ -114,8 +118,9 @@ def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> lis
             cluster.wait_idle(timeout_s=60)
             time.sleep(0.5)  # the step log's buffer reaches the file
             lines = step_log.read_text().splitlines()[done:]
-            replays.append(Replay(kind, fraction, rate, path, real,
-                                  [json.loads(line) for line in lines if line.strip()]))
+            steps = [json.loads(line) for line in lines if line.strip()]
+            add_gaps(steps)
+            replays.append(Replay(kind, fraction, rate, path, real, steps))
             print(f"replayed {kind} at {rate:.2f} req/s: {len(lines)} steps, p99 ttft "
                   f"{real['prefill_latency_s']['p99']:.3f} s", flush=True)
     finally:
@@ -123,19 +128,42 @@ def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> lis
     return replays
 
 
-def refit(samples: list[dict]) -> LatencyModel:
-    return LatencyModel.fit([(features(s), s["step_s"]) for s in samples])
+BUSY_GAP_S = 0.02  # a longer pause between two steps is idleness, not overhead
+
+
+def add_gaps(steps: list[dict]) -> None:
+    """Each step's gap_s: from its end to the next step's start while the engine is busy
+    (None before an idle pause or at the end)."""
+    for step, after in zip(steps, steps[1:], strict=False):
+        gap = after["t"] - after["step_s"] - after.get("engine_s", 0.0) - step["t"]
+        step["gap_s"] = gap if 0.0 <= gap < BUSY_GAP_S else None
+    if steps:
+        steps[-1]["gap_s"] = None
+
+
+def cycle_s(sample: dict) -> float:
+    """The engine's whole cycle of one step: the model step, the engine's own time, and
+    the loop's gap to the next step (none before an idle pause)."""
+    return sample["step_s"] + sample.get("engine_s", 0.0) + (sample.get("gap_s") or 0.0)
+
+
+def refit(samples: list[dict], *, whole_cycle: bool = False) -> LatencyModel:
+    return LatencyModel.fit([(features(s), cycle_s(s) if whole_cycle else s["step_s"])
+                             for s in samples])
 
 
 def features(sample: dict) -> StepFeatures:
     return StepFeatures(P=sample["P"], A=sample["A"], D=sample["D"], C=sample["C"])
 
 
-def step_errors(latency: LatencyModel, samples: list[dict]) -> dict:
-    """Relative error of the model per step kind: median and p90."""
+def step_errors(latency: LatencyModel, samples: list[dict], *, whole_cycle: bool = False
+                ) -> dict:
+    """Relative error of the model per step kind (against the step time, or the whole
+    cycle): median and p90."""
     by_kind: dict[str, list[float]] = {"prefill": [], "decode": [], "mixed": [], "all": []}
     for s in samples:
-        err = abs(latency.step_time(features(s)) - s["step_s"]) / s["step_s"]
+        measured = cycle_s(s) if whole_cycle else s["step_s"]
+        err = abs(latency.step_time(features(s)) - measured) / measured
         kind = "mixed" if s["P"] and s["D"] else "prefill" if s["P"] else "decode"
         by_kind[kind].append(err)
         by_kind["all"].append(err)
@@ -186,6 +214,10 @@ def main(argv: list[str] | None = None) -> None:
                                      num_blocks=args.kv_blocks)
         insitu_path = out_dir / "profile-insitu.json"
         insitu.save(insitu_path)
+        cycle = dataclasses.replace(insitu, name=f"{bundled.name}-insitu-cycle",
+                                    latency=refit(all_steps, whole_cycle=True))
+        cycle_path = out_dir / "profile-insitu-cycle.json"
+        cycle.save(cycle_path)
         rows = []
         for r in replays:
             held_out = [s for o in replays if o.kind != r.kind for s in o.steps]
@@ -197,18 +229,30 @@ def main(argv: list[str] | None = None) -> None:
                 "real": summary(r.real) | {"num_steps": len(r.steps)},
                 "sim_bundled": summary(simulate(args, r.trace, Path(args.profile))),
                 "sim_insitu": summary(simulate(args, r.trace, insitu_path)),
+                "sim_cycle": summary(simulate(args, r.trace, cycle_path)),
                 "sim_held_out": summary(simulate(args, r.trace, cross_path)),
                 "step_error": {"bundled": step_errors(bundled.latency, r.steps),
                                "insitu": step_errors(insitu.latency, r.steps),
+                               "cycle": step_errors(cycle.latency, r.steps, whole_cycle=True),
                                "held_out": step_errors(cross.latency, r.steps)},
             })
     result = {"device": device, "model": args.model, "kv_blocks": args.kv_blocks,
               "max_num_batched_tokens": args.max_num_batched_tokens, "num": args.num,
               "bundled_profile": args.profile,
               "coefficients": {"bundled": dataclasses.asdict(bundled.latency),
-                               "insitu": dataclasses.asdict(insitu.latency)},
+                               "insitu": dataclasses.asdict(insitu.latency),
+                               "cycle": dataclasses.asdict(cycle.latency)},
+              "engine_s": {"median": statistics.median(s.get("engine_s", 0.0)
+                                                        for s in all_steps),
+                           "gap_median": statistics.median(
+                               [s["gap_s"] for s in all_steps if s.get("gap_s") is not None]
+                               or [0.0]),
+                           "mean_share_of_cycle": statistics.fmean(
+                               1 - s["step_s"] / cycle_s(s) for s in all_steps)},
               "step_error_all": {"bundled": step_errors(bundled.latency, all_steps),
-                                 "insitu": step_errors(insitu.latency, all_steps)},
+                                 "insitu": step_errors(insitu.latency, all_steps),
+                                 "cycle": step_errors(cycle.latency, all_steps,
+                                                      whole_cycle=True)},
               "rows": rows}
     (out_dir / "sim_check.json").write_text(json.dumps(result, indent=1) + "\n")
     print(format_table(result))
@@ -224,13 +268,17 @@ def format_table(result: dict) -> str:
         return "–" if v is None else format(v, fmt)
 
     for row in result["rows"]:
-        for run in ("real", "sim_bundled", "sim_insitu", "sim_held_out"):
+        for run in ("real", "sim_bundled", "sim_insitu", "sim_cycle", "sim_held_out"):
             s = row[run]
             lines.append(f"| {row['kind']} | {row['rate']:.2f} | {run} | "
                          f"{num(s['ttft_p50'], '.3f')} | {num(s['ttft_p99'], '.3f')} | "
                          f"{num(s['decode_p99'], '.4f')} | {num(s['e2e_mean'], '.2f')} | "
                          f"{s['preemptions']} | {num(s['req_per_s'], '.2f')} |")
-    lines += ["", "| steps | model | n | median err | p90 err |", "|---|---|---:|---:|---:|"]
+    engine = result["engine_s"]
+    lines += ["", f"around a step: engine median {engine['median'] * 1e3:.2f} ms, loop gap "
+              f"median {engine['gap_median'] * 1e3:.2f} ms; together "
+              f"{engine['mean_share_of_cycle']:.1%} of the cycle on average",
+              "", "| steps | model | n | median err | p90 err |", "|---|---|---:|---:|---:|"]
     for model, errs in result["step_error_all"].items():
         for kind, e in errs.items():
             lines.append(f"| {kind} | {model} | {e['n']} | {num(e['median'], '.1%')} | "
