@@ -44,7 +44,7 @@ def start_room(inst: SimInstance) -> int:
     queued = sum(blocks.blocks_for(r.num_tokens + 1) - len(r.block_ids)
                  for r in inst.engine.scheduler.waiting)
     watermark = int(blocks.num_total * inst.engine.scheduler.config.admission_watermark)
-    return blocks.num_free - queued - watermark
+    return blocks.num_available - queued - watermark
 
 
 class CentralQueue(Simulator):

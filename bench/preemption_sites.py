@@ -41,7 +41,7 @@ class PreemptionSites(Simulator):
     def _on_arrival(self, payload) -> None:
         index, entry = payload
         rooms = [dispatch_room(load, headroom_blocks=0) for load in self.core.table.loads().values()]
-        cluster_free = sum(i.engine.blocks.num_free for i in self.instances.values() if i.alive)
+        cluster_free = sum(i.engine.blocks.num_available for i in self.instances.values() if i.alive)
         need = demand_blocks(int(entry["prompt_tokens"]) + 1, self.block_size)
         self.arrivals[f"r{index}"] = (need, max(rooms, default=0), cluster_free)
         super()._on_arrival(payload)
@@ -56,7 +56,7 @@ class PreemptionSites(Simulator):
 
     def _on_report(self, payload) -> None:
         live = [i for i in self.instances.values() if i.alive]
-        free = {i.instance_id: i.engine.blocks.num_free for i in live}
+        free = {i.instance_id: i.engine.blocks.num_available for i in live}
         for inst in live:
             count = inst.engine.scheduler.num_preemptions
             new = count - self.seen.get(inst.instance_id, 0)

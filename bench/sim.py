@@ -119,7 +119,10 @@ class Simulator:
         self.migration_choice = migration_choice  # the source's rule (migration/choice.py)
         self.profile = profile
         self.kv_blocks = kv_blocks or profile.num_blocks
-        self.engine_config = engine_config or EngineConfig()
+        # Simulated prompts are all the same token: a prefix cache would find every
+        # prompt in every other one. Off until the traces carry real token ids.
+        self.engine_config = dataclasses.replace(engine_config or EngineConfig(),
+                                                 enable_prefix_cache=False)
         endpoint = Endpoint(bind="sim", advertise="sim")
         self.cfg = scheduler_config or SchedulerConfig(inbox=endpoint, admin=endpoint,
                                                        dispatch_policy=policy)

@@ -95,6 +95,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
     max_waiting: int = 4096  # queue bound; beyond it new requests are refused
     admission_watermark: float = 0.01  # fraction of blocks kept free when admitting
+    # Keep full blocks findable by their prefix hash; a request skips the prefill of its
+    # cached prefix (block_manager.py). `--no-prefix-cache` turns it off.
+    enable_prefix_cache: bool = True
 
 
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block, unless a worker is configured otherwise

@@ -269,7 +269,7 @@ class LoadFields:
     """What the global policy needs of one instance (DESIGN §5)."""
 
     num_total_blocks: int
-    num_free_blocks: int
+    num_free_blocks: int  # free, and cached blocks nobody uses (reclaimable)
     num_reserved_blocks: int  # held for migrations coming in
     num_running: int
     num_waiting: int  # queued, not yet admitted (includes preempted)
@@ -282,6 +282,9 @@ class LoadFields:
     draining: bool
     step_time_ewma_s: float  # EWMA of engine step time, seconds
     num_preemptions: int  # total since start
+    num_cached_blocks: int = 0  # of num_free_blocks, those holding a cached prefix
+    num_prompt_tokens: int = 0  # tokens of the requests admitted, total since start
+    num_prefix_hit_tokens: int = 0  # of those, found in the prefix cache, total
 
 
 @REGISTRY.message(41)

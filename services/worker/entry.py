@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-waiting", type=int, default=4096)
+    parser.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep computed prefixes and reuse them (--no-prefix-cache: off)")
     parser.add_argument("--report-interval", type=float, default=env.report_interval_s())
     parser.add_argument("--max-migrations", type=int, default=2,
                         help="concurrent migrations in (and out) of this instance")
@@ -75,7 +77,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         block_size=args.block_size,
         num_blocks=args.num_blocks,
         kv_cache_gb=args.kv_cache_gb,
-        engine=EngineConfig(max_num_seqs=args.max_num_seqs,
+        engine=EngineConfig(enable_prefix_cache=args.prefix_cache,
+                            max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_num_batched_tokens,
                             max_waiting=args.max_waiting),
         report_interval_s=args.report_interval,
@@ -127,7 +130,7 @@ def build_engine(config: WorkerConfig, *, sim_speedup: float = 1.0) -> Engine:
                                             num_blocks=config.num_blocks, sleep=False,
                                             speedup=sim_speedup,
                                             vocab_size=served_vocab_size(config.model))
-        return Engine(executor, config.engine)
+        return Engine(executor, config.engine, model_identity=config.model)
 
     from ferry.services.worker.model.resolve import RANDOM_PREFIX, preset_config, resolve_model
     from ferry.services.worker.runner import ModelRunner, RunnerConfig
@@ -149,7 +152,7 @@ def build_engine(config: WorkerConfig, *, sim_speedup: float = 1.0) -> Engine:
         max_num_seqs=config.engine.max_num_seqs,
         max_num_tokens=config.engine.max_num_batched_tokens,
     ))
-    return Engine(runner, config.engine)
+    return Engine(runner, config.engine, model_identity=config.model)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,7 +52,7 @@ def run_all(engine: Engine, collector: Collector | None = None) -> dict[str, lis
             break
         step(engine, collector)
     assert not engine.has_unfinished()
-    assert engine.blocks.num_free == engine.blocks.num_total
+    assert engine.blocks.num_available == engine.blocks.num_total
     return collector.tokens
 
 
@@ -319,7 +319,7 @@ def test_migration_choice_relief_takes_the_smallest_request_that_covers_the_lack
 
     # blocks held (prompt + 1 token, 4 per block): r0 2, r1 5, r2 9, r3 13 of 40
     engine = _running_engine([7, 19, 35, 51], num_blocks=40)
-    free = engine.blocks.num_free
+    free = engine.blocks.num_available
     # a queued 60-token request needs 15 blocks: lacking 15 + 4 running - free
     engine.add_request("q", list(range(1, 61)), SamplingParams(max_tokens=5))
     lacking = 15 + 4 - free

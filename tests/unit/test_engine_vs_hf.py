@@ -40,7 +40,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], params: list[SamplingPa
             assert o.first_index == len(out[o.req_id])
             out[o.req_id].extend(o.token_ids)
         engine.check_invariants()
-    assert engine.blocks.num_free == engine.blocks.num_total
+    assert engine.blocks.num_available == engine.blocks.num_total
     return out
 
 

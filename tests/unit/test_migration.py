@@ -56,7 +56,7 @@ def assert_pools_whole(*nodes: Node) -> None:
     for node in nodes:
         node.engine.check_invariants()
         assert node.engine.blocks.num_reserved == 0
-        assert node.engine.blocks.num_free == node.engine.blocks.num_total, node.name
+        assert node.engine.blocks.num_available == node.engine.blocks.num_total, node.name
 
 
 async def finish_all(gateway: Gateway, req_ids, timeout_s=20.0):

@@ -140,7 +140,7 @@ def test_gateway_gone_drops_its_requests_and_frees_their_blocks():
         await wait_until(lambda: set(worker.engine.requests) == {"gw1-bb-0", "gw2-cc-0"})
         for req_id in ("gw1-bb-0", "gw2-cc-0"):
             worker.engine.abort(req_id)
-        assert worker.engine.blocks.num_free == worker.engine.blocks.num_total
+        assert worker.engine.blocks.num_available == worker.engine.blocks.num_total
         assert peers.finish_of("gw1-aa-0", 0) is None  # dropped without output
 
     run(body)

@@ -1,18 +1,27 @@
-"""Fixed-size KV blocks: who holds which, and nothing else.
+"""Fixed-size KV blocks: who holds which, and which full blocks hold a known prefix.
 
-Callers see block ids only. Every block is in exactly one of three pools:
+Callers see block ids only. Every block is in exactly one of four pools:
 
-    free      ready to allocate
-    used      ref count >= 1 (a request's table; a migration pinning it while it is read)
-    reserved  set aside for a migration coming in, keyed by migration id
+    free       ready to allocate, holds nothing anyone can find
+    used       ref count >= 1 (requests' tables; a migration pinning it while it is read)
+    reserved   set aside for a migration coming in, keyed by migration id
+    evictable  ref count 0 but cached: a full block whose prefix hash is known
+               (`register`), kept until its memory is needed, least recently freed first
+
+A cached block (used or evictable) is found by its prefix hash (common/prefix_hash.py):
+a new request `match`es the longest run of its blocks' hashes and `claim`s those blocks
+instead of computing their KV again. Allocation takes free blocks first, then evicts the
+least recently freed evictable ones (their hashes are forgotten, and reported by
+`take_evicted`). Cached blocks are full and never written again; a request writes only
+its own, private, blocks.
 
 Invariant (checked by `check()` and after every step in tests):
-    num_free + num_used + num_reserved == num_total
+    num_free + num_used + num_reserved + num_evictable == num_total
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 
 class OutOfBlocks(Exception):
@@ -29,6 +38,11 @@ class BlockManager:
         self._ref_counts = [0] * num_blocks
         self._num_used = 0
         self._reservations: dict[str, list[int]] = {}
+        self._block_of: dict[int, int] = {}  # prefix hash -> the block caching it
+        self._hash_of: dict[int, int] = {}  # cached block -> its prefix hash
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently freed first
+        self._stored: list[int] = []  # hashes cached since the last take_events
+        self._evicted: list[int] = []  # hashes forgotten since the last take_events
 
     # ---- sizes --------------------------------------------------------------------------
 
@@ -44,27 +58,49 @@ class BlockManager:
     def num_reserved(self) -> int:
         return sum(len(b) for b in self._reservations.values())
 
+    @property
+    def num_evictable(self) -> int:
+        """Cached blocks nobody uses: reclaimable, so they count as free memory."""
+        return len(self._evictable)
+
+    @property
+    def num_available(self) -> int:
+        """Blocks an allocation may take now: free, then evictable."""
+        return len(self._free) + len(self._evictable)
+
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold num_tokens tokens."""
         return -(-num_tokens // self.block_size)
 
     # ---- paired verbs -----------------------------------------------------------------
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
+    def can_allocate(self, num_blocks: int, *, claiming: list[int] = ()) -> bool:
+        """Whether num_blocks more can be allocated after `claiming` (matched cached
+        blocks about to be claimed: those that are evictable leave that pool)."""
+        taken = sum(1 for b in claiming if b in self._evictable)
+        return num_blocks <= self.num_available - taken
 
     def allocate(self, num_blocks: int) -> list[int]:
-        if num_blocks > len(self._free):
-            raise OutOfBlocks(f"asked for {num_blocks} blocks, {len(self._free)} free")
-        block_ids = [self._free.popleft() for _ in range(num_blocks)]
+        block_ids = self._take(num_blocks)
         for block_id in block_ids:
             self._ref_counts[block_id] = 1
         self._num_used += num_blocks
         return block_ids
 
+    def _take(self, num_blocks: int) -> list[int]:
+        """num_blocks out of the free pool, evicting cached blocks when it runs dry."""
+        if num_blocks > self.num_available:
+            raise OutOfBlocks(f"asked for {num_blocks} blocks, {self.num_available} available")
+        taken = [self._free.popleft() for _ in range(min(num_blocks, len(self._free)))]
+        while len(taken) < num_blocks:
+            block_id, _ = self._evictable.popitem(last=False)
+            self._forget(block_id)
+            taken.append(block_id)
+        return taken
+
     def append_slot(self, block_ids: list[int], num_tokens: int) -> bool:
         """Grow a request's table in place so it holds num_tokens tokens.
-        Returns False (table unchanged) when there are not enough free blocks."""
+        Returns False (table unchanged) when there are not enough available blocks."""
         missing = self.blocks_for(num_tokens) - len(block_ids)
         if missing <= 0:
             return True
@@ -82,7 +118,8 @@ class BlockManager:
             self._ref_counts[block_id] += 1
 
     def free(self, block_ids: list[int]) -> None:
-        """Drop one reference from each block; a block at zero returns to the free pool."""
+        """Drop one reference from each block; a block at zero returns to the free pool,
+        or, if it is cached, to the evictable pool (most recently freed last)."""
         for block_id in block_ids:
             count = self._ref_counts[block_id]
             if count < 1:
@@ -90,16 +127,74 @@ class BlockManager:
             self._ref_counts[block_id] = count - 1
             if count == 1:
                 self._num_used -= 1
-                self._free.append(block_id)
+                if block_id in self._hash_of:
+                    self._evictable[block_id] = None
+                else:
+                    self._free.append(block_id)
+
+    # ---- the prefix cache -------------------------------------------------------------
+
+    def match(self, hashes: list[int]) -> list[int]:
+        """The cached blocks of the longest prefix of `hashes` (nothing is claimed)."""
+        found = []
+        for h in hashes:
+            block_id = self._block_of.get(h)
+            if block_id is None:
+                break
+            found.append(block_id)
+        return found
+
+    def claim(self, block_ids: list[int]) -> None:
+        """Take a reference on matched cached blocks (used or evictable)."""
+        for block_id in block_ids:
+            if block_id not in self._hash_of:
+                raise ValueError(f"block {block_id} is not cached")
+            if self._ref_counts[block_id] == 0:
+                del self._evictable[block_id]
+                self._num_used += 1
+            self._ref_counts[block_id] += 1
+
+    def register(self, block_id: int, block_hash: int) -> None:
+        """A used block now holds the full block `block_hash`: others may find it. A
+        hash cached already (two requests computed the same prefix) keeps its block."""
+        if self._ref_counts[block_id] < 1:
+            raise ValueError(f"block {block_id} is not in use")
+        if block_hash in self._block_of or block_id in self._hash_of:
+            return
+        self._block_of[block_hash] = block_id
+        self._hash_of[block_id] = block_hash
+        self._stored.append(block_hash)
+
+    def _forget(self, block_id: int) -> None:
+        block_hash = self._hash_of.pop(block_id)
+        del self._block_of[block_hash]
+        self._evicted.append(block_hash)
+
+    def take_events(self) -> tuple[list[int], list[int]]:
+        """(hashes cached, hashes evicted) since the last call, in order (a hash cached
+        then evicted appears in both)."""
+        stored, evicted = self._stored, self._evicted
+        self._stored, self._evicted = [], []
+        return stored, evicted
+
+    def is_cached(self, block_id: int) -> bool:
+        return block_id in self._hash_of
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref_counts[block_id]
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks findable by hash (used or evictable)."""
+        return len(self._hash_of)
 
     # ---- reservations for migrations in -------------------------------------------------
 
     def reserve(self, key: str, num_blocks: int) -> bool:
-        """Set aside num_blocks more free blocks under key; False if not enough free."""
-        if num_blocks > len(self._free):
+        """Set aside num_blocks more available blocks under key; False if not enough."""
+        if num_blocks > self.num_available:
             return False
-        held = self._reservations.setdefault(key, [])
-        held.extend(self._free.popleft() for _ in range(num_blocks))
+        self._reservations.setdefault(key, []).extend(self._take(num_blocks))
         return True
 
     def reserved(self, key: str) -> list[int]:
@@ -130,10 +225,15 @@ class BlockManager:
         free = set(self._free)
         reserved = [b for held in self._reservations.values() for b in held]
         used = {b for b, c in enumerate(self._ref_counts) if c > 0}
+        evictable = set(self._evictable)
         assert len(free) == len(self._free), "a block is twice in the free pool"
         assert len(set(reserved)) == len(reserved), "a block is in two reservations"
-        assert not (free & used) and not (free & set(reserved)) and not (used & set(reserved))
+        pools = (free, used, set(reserved), evictable)
+        assert sum(map(len, pools)) == len(set().union(*pools)), "a block is in two pools"
         assert len(used) == self._num_used, "used count drifted"
-        assert len(free) + len(used) + len(reserved) == self.num_total, (
-            f"free {len(free)} + used {len(used)} + reserved {len(reserved)} != {self.num_total}"
-        )
+        assert evictable <= set(self._hash_of), "an evictable block is not cached"
+        assert set(self._hash_of) <= used | evictable, "a cached block is free or reserved"
+        assert {self._block_of[h] for h in self._hash_of.values()} == set(self._hash_of)
+        assert len(free) + len(used) + len(reserved) + len(evictable) == self.num_total, (
+            f"free {len(free)} + used {len(used)} + reserved {len(reserved)} + evictable "
+            f"{len(evictable)} != {self.num_total}")

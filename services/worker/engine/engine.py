@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from ferry.common.config import EngineConfig
+from ferry.common.prefix_hash import seed_hash
 from ferry.common.sampling import MAX_SEED, SamplingParams
 from ferry.services.worker.engine.batch import Executor, ModelBatch
 from ferry.services.worker.engine.block_manager import BlockManager
@@ -46,6 +48,9 @@ class EngineLoad:
     num_running_high: int
     num_preemptions: int
     step_time_ewma_s: float
+    num_cached_blocks: int  # evictable cached blocks (counted in num_free_blocks too)
+    num_prompt_tokens: int  # tokens of the requests admitted, total
+    num_prefix_hit_tokens: int  # of those, found in the prefix cache, total
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,7 +71,10 @@ class ExportedRequest:
 
 
 class Engine:
-    def __init__(self, executor: Executor, config: EngineConfig | None = None) -> None:
+    def __init__(self, executor: Executor, config: EngineConfig | None = None, *,
+                 model_identity: str = "") -> None:
+        """model_identity: what makes this model's KV differ from another's for the same
+        tokens (its name, weights); the prefix cache's hash chain starts from it."""
         self.executor = executor
         self.config = config or EngineConfig()
         self.blocks = BlockManager(executor.num_blocks, executor.block_size)
@@ -75,6 +83,7 @@ class Engine:
             self.blocks,
             eos_token_ids=executor.eos_token_ids,
             max_model_len=executor.max_model_len,
+            prefix_seed=seed_hash(model_identity) if self.config.enable_prefix_cache else None,
         )
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.step_time_ewma_s = 0.0
@@ -185,7 +194,7 @@ class Engine:
         high += [r for r in sched.paused.values() if r.priority > 0]
         return EngineLoad(
             num_total_blocks=self.blocks.num_total,
-            num_free_blocks=self.blocks.num_free,
+            num_free_blocks=self.blocks.num_available,
             num_reserved_blocks=self.blocks.num_reserved,
             num_running=len(sched.running) + len(sched.paused),
             num_waiting=len(sched.waiting),
@@ -195,13 +204,19 @@ class Engine:
             num_running_high=len(high),
             num_preemptions=sched.num_preemptions,
             step_time_ewma_s=self.step_time_ewma_s,
+            num_cached_blocks=self.blocks.num_evictable,
+            num_prompt_tokens=sched.num_admitted_tokens,
+            num_prefix_hit_tokens=sched.num_hit_tokens,
         )
 
     def check_invariants(self) -> None:
         """Block pools consistent, and every block accounted to exactly one holder."""
         self.blocks.check()
-        held = [b for r in self.requests.values() for b in r.block_ids]
-        assert len(held) == len(set(held)), "a block is in two requests' tables"
+        holders = Counter(b for r in self.requests.values() for b in r.block_ids)
+        for block_id, num in holders.items():
+            if num > 1:  # only a cached prefix block is shared, one reference per table
+                assert self.blocks.is_cached(block_id), f"block {block_id} shared, not cached"
+            assert self.blocks.ref_count(block_id) >= num, f"block {block_id} under-counted"
         for req in self.requests.values():
             assert len(req.block_ids) >= self.blocks.blocks_for(req.num_computed_tokens)
             if req.status is Status.WAITING:

@@ -30,6 +30,10 @@ class Request:
     status: Status = Status.WAITING
     num_preemptions: int = 0
     num_delivered: int = 0  # output tokens already handed out in a RequestOutput
+    # Prefix cache: hashes of the request's full blocks computed so far (prompt and
+    # outputs; common/prefix_hash.py), and how many of block_ids are registered as cached.
+    block_hashes: list[int] = field(default_factory=list)
+    num_registered: int = 0
     finish_reason: str | None = None
     last_step_s: float = 0.0  # wall clock (time.time()) at the end of its latest step
 

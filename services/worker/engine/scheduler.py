@@ -11,6 +11,12 @@ When a running request needs a block and none is free, the lowest-priority, late
 request is preempted by recompute (blocks freed, back to waiting, KV rebuilt later).
 Waiting requests are admitted strictly in order (head-of-line), and not in a step that
 preempted.
+
+Prefix cache (`prefix_seed` set): every block a step fills completely is registered with
+its prefix hash; a request being admitted claims the cached blocks of its longest
+cached prefix and starts computing at the first uncached token (at least its last token
+is always computed, in a block of its own: that step's logits sample the next token).
+A preempted request finds its own freed blocks again if nobody evicted them.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from ferry.common.config import EngineConfig
+from ferry.common.prefix_hash import block_hashes
 from ferry.services.worker.engine.batch import SeqChunk
 from ferry.services.worker.engine.block_manager import BlockManager
 from ferry.services.worker.engine.request import Request, RequestOutput, Status
@@ -50,15 +57,19 @@ class LocalScheduler:
         *,
         eos_token_ids: tuple[int, ...],
         max_model_len: int,
+        prefix_seed: int | None = None,
     ) -> None:
         self.config = config
         self.blocks = block_manager
+        self.prefix_seed = prefix_seed  # the hash chain's root; None: no prefix cache
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         self.waiting: list[Request] = []  # sorted by queue_key
         self.running: list[Request] = []
         self.paused: dict[str, Request] = {}  # out of the batch, blocks kept (migration)
         self.num_preemptions = 0
+        self.num_admitted_tokens = 0  # tokens of the requests admitted (from waiting)
+        self.num_hit_tokens = 0  # of those, found in the prefix cache (not computed)
 
     # ---- queue --------------------------------------------------------------------------
 
@@ -70,6 +81,7 @@ class LocalScheduler:
         """A request that arrives with its KV already in place (migration in)."""
         req.status = Status.RUNNING
         self.running.append(req)
+        self._register_computed(req)
 
     @property
     def num_unfinished(self) -> int:
@@ -97,9 +109,17 @@ class LocalScheduler:
             return plan
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._fits_whole(req):
+            cached = self._match(req)
+            if not self._fits_whole(req, cached):
                 break  # head-of-line blocking: the queue waits for memory
+            if cached:
+                self.blocks.claim(cached)
+                req.block_ids = cached
+                req.num_registered = len(cached)
+                req.num_computed_tokens = len(cached) * self.blocks.block_size
+            self.num_admitted_tokens += req.num_tokens
+            self.num_hit_tokens += req.num_computed_tokens
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             self.blocks.append_slot(req.block_ids, req.num_computed_tokens + num_new)
             self.waiting.pop(0)
             req.status = Status.RUNNING
@@ -108,13 +128,46 @@ class LocalScheduler:
             budget -= num_new
         return plan
 
-    def _fits_whole(self, req: Request) -> bool:
+    def _fits_whole(self, req: Request, cached: list[int]) -> bool:
         """Admit a waiting request only when its whole prompt (and first output) fits, with
         a small watermark left: admitting on the first chunk alone lets a long prompt
-        grow into preempting the batch, and itself, over and over."""
-        missing = self.blocks.blocks_for(req.num_tokens + 1) - len(req.block_ids)
+        grow into preempting the batch, and itself, over and over. `cached`: the blocks
+        of its prefix it would claim from the cache (they need no new memory)."""
+        missing = self.blocks.blocks_for(req.num_tokens + 1) - len(cached or req.block_ids)
         watermark = int(self.blocks.num_total * self.config.admission_watermark)
-        return self.blocks.can_allocate(missing + watermark)
+        return self.blocks.can_allocate(missing + watermark, claiming=cached)
+
+    # ---- the prefix cache ---------------------------------------------------------------
+
+    def _match(self, req: Request) -> list[int]:
+        """The cached blocks of req's longest cached prefix, leaving at least its last
+        token to compute; [] without a cache or for a request that holds blocks."""
+        if self.prefix_seed is None or req.block_ids:
+            return []
+        self._hash_full_blocks(req)
+        return self.blocks.match(req.block_hashes[: (req.num_tokens - 1) // self.blocks.block_size])
+
+    def _hash_full_blocks(self, req: Request) -> None:
+        """Extend req.block_hashes to every full block of its tokens."""
+        size = self.blocks.block_size
+        done = len(req.block_hashes)
+        if (req.num_tokens // size) > done:
+            parent = req.block_hashes[-1] if done else self.prefix_seed
+            end = req.num_tokens // size * size
+            req.block_hashes += block_hashes(req.token_slice(done * size, end), size,
+                                             parent=parent)
+
+    def _register_computed(self, req: Request) -> None:
+        """Register req's blocks whose KV is complete (full and computed) as cached."""
+        if self.prefix_seed is None:
+            return
+        num_full = req.num_computed_tokens // self.blocks.block_size
+        if num_full <= req.num_registered:
+            return
+        self._hash_full_blocks(req)
+        for i in range(req.num_registered, num_full):
+            self.blocks.register(req.block_ids[i], req.block_hashes[i])
+        req.num_registered = num_full
 
     def _grow_or_preempt(self, req: Request, num_tokens: int, plan: StepPlan) -> bool:
         """Make req's table hold num_tokens, preempting from the back of the running queue
@@ -150,7 +203,7 @@ class LocalScheduler:
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         self.blocks.free(req.block_ids)
         req.block_ids = []
-        req.num_computed_tokens = 0
+        req.num_computed_tokens = req.num_registered = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         plan.preempted_req_ids.append(req.req_id)
@@ -169,6 +222,7 @@ class LocalScheduler:
                 continue  # left the batch since schedule() (aborted, paused)
             req.num_computed_tokens = chunk.end_pos
             req.last_step_s = now
+            self._register_computed(req)
             if token is None:
                 continue
             req.output_token_ids.append(token)

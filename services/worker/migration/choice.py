@@ -49,7 +49,7 @@ def pick_request(engine: Engine, busy: Collection[str] = (), *,
     candidates = [r for r in candidates if r.priority == lowest]
     head = sched.waiting[0] if sched.waiting else None
     head_demand = blocks.blocks_for(head.num_tokens) if head is not None else 0
-    lacking = head_demand + len(sched.running) - blocks.num_free
+    lacking = head_demand + len(sched.running) - blocks.num_available
     covering = [r for r in candidates if len(r.block_ids) >= lacking]
     if covering:
         return min(covering, key=lambda r: (r.num_tokens, r.arrival_s)).req_id

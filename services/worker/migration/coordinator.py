@@ -214,7 +214,7 @@ class MigrationCoordinator:
     def handle_prealloc(self, msg: wire.MigPrealloc) -> None:
         reason = self._incoming_refusal(msg)
         if reason is None and not self.engine.blocks.reserve(msg.migration_id, msg.num_blocks):
-            reason = f"no memory: {msg.num_blocks} blocks asked, {self.engine.blocks.num_free} free"
+            reason = f"no memory: {msg.num_blocks} blocks asked, {self.engine.blocks.num_available} available"
         if reason is not None:
             self.send(msg.src_inbox_addr, wire.MigPreallocReply(
                 migration_id=msg.migration_id, ok=False, reason=reason, group_id="",
