@@ -301,11 +301,15 @@ class RequestTable:
 
     @staticmethod
     def _final_text(req: Request) -> str:
-        """Text still owed at the end: held back for stop strings, or all of it when the
-        text is not incremental."""
-        if req.stop is not None:
-            return req.stop.flush()
-        return "" if req.incremental else req.detok.step(req.output_token_ids)
+        """Text still owed at the end: all of it when the text is not incremental, the
+        bytes of a character the last token left unfinished (U+FFFD), and what the stop
+        matcher held back. Streamed deltas joined equal the non-streamed text."""
+        text = "" if req.incremental else req.detok.step(req.output_token_ids)
+        text += req.detok.flush()
+        if req.stop is None:
+            return text
+        piece, matched = req.stop.feed(text)
+        return piece if matched else piece + req.stop.flush()
 
     # ---- gateway-side endings ---------------------------------------------------------
 

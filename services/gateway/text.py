@@ -24,6 +24,7 @@ normalizers, fused unknowns, added tokens that eat spaces).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -73,18 +74,48 @@ class BaseTokenizer(Protocol):
 
 class Detokenizer:
     """Incremental detokenizer for one request: token ids in, text deltas out. A token that
-    ends inside a multi-byte UTF-8 character yields "" until the character completes."""
+    ends inside a multi-byte UTF-8 character yields "" until the character completes;
+    `flush` renders whatever is still incomplete at the end, with U+FFFD for the bytes of a
+    character that never completed (as vLLM does), so the deltas joined are the whole text
+    however the ids were split into steps."""
 
-    __slots__ = ("_tokenizer", "_stream")
+    __slots__ = ("_tokenizer", "_stream", "_skip_special_tokens", "_context", "_pending")
 
-    def __init__(self, tokenizer: Tokenizer, context_token_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Tokenizer, context_token_ids: Sequence[int], *,
+                 skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
-        self._stream = DecodeStream(ids=list(context_token_ids), skip_special_tokens=True)
+        self._skip_special_tokens = skip_special_tokens
+        self._stream = DecodeStream(ids=list(context_token_ids),
+                                    skip_special_tokens=skip_special_tokens)
+        # Ids before the pending ones (rendering context), and ids fed since the last text.
+        self._context: list[int] = list(context_token_ids)[-DETOKENIZE_CONTEXT_TOKENS:]
+        self._pending: list[int] = []
 
     def step(self, token_ids: Sequence[int]) -> str:
         if not token_ids:
             return ""
-        return self._stream.step(self._tokenizer, list(token_ids)) or ""
+        text = self._stream.step(self._tokenizer, list(token_ids))
+        if text is None:  # incomplete (or nothing visible yet): held by the stream
+            self._pending.extend(token_ids)
+            return ""
+        self._context = (self._context + self._pending + list(token_ids))[
+            -DETOKENIZE_CONTEXT_TOKENS:]
+        self._pending = []
+        return text
+
+    def flush(self) -> str:
+        """The text of the ids the stream still holds back, decoded lossily (the end of
+        the output: nothing will complete them)."""
+        if not self._pending:
+            return ""
+        decode = functools.partial(self._tokenizer.decode,
+                                   skip_special_tokens=self._skip_special_tokens)
+        before = decode(self._context)
+        whole = decode(self._context + self._pending)
+        text = whole[len(before):] if whole.startswith(before) else decode(self._pending)
+        self._context = (self._context + self._pending)[-DETOKENIZE_CONTEXT_TOKENS:]
+        self._pending = []
+        return text
 
 
 class TextModel:
@@ -154,8 +185,10 @@ class TextModel:
         except jinja2.TemplateError as err:
             raise ValueError(f"chat template failed: {err}") from None
 
-    def detokenizer(self, prompt_token_ids: Sequence[int]) -> Detokenizer:
-        return Detokenizer(self.tokenizer, prompt_token_ids[-DETOKENIZE_CONTEXT_TOKENS:])
+    def detokenizer(self, prompt_token_ids: Sequence[int], *,
+                    skip_special_tokens: bool = True) -> Detokenizer:
+        return Detokenizer(self.tokenizer, prompt_token_ids[-DETOKENIZE_CONTEXT_TOKENS:],
+                           skip_special_tokens=skip_special_tokens)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

@@ -15,7 +15,7 @@ import pytest
 import uvloop
 
 from tests.e2e.test_gateway_harness import running, wait_until
-from tests.unit.test_gateway_text import make_model_dir
+from tests.unit.test_gateway_text import cut_mid_character, make_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,31 @@ def test_chat_stream_and_non_stream(model_dir):
             assert "".join(d.get("content", "") for d in deltas) == \
                 h.gateway.text.decode(expected(h, 5))
             assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+    arun(body())
+
+
+def test_text_ending_mid_character_streamed_and_not(model_dir):
+    """The last generated token ends partway through a UTF-8 character: the non-streamed
+    text is the streamed text joined, with a trailing U+FFFD (vLLM's answer), not ''."""
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            ids = cut_mid_character(h.gateway.text, "hello world 世界 🚀")
+            h.cluster.script = ids
+            full = h.gateway.text.tokenizer.decode(ids)
+            assert full.endswith("\ufffd")
+            req = {"prompt": "hi", "max_tokens": len(ids)}
+            status, data = await post(session, h, "/v1/completions", req)
+            assert status == 200 and data["usage"]["completion_tokens"] == len(ids)
+            assert data["choices"][0]["text"] == full
+            async with session.post(h.base_url + "/v1/completions",
+                                    json={**req, "stream": True}) as resp:
+                events = await sse_events(resp)
+            assert "".join(e["choices"][0]["text"] for e in events[:-1]) == full
+            messages = [{"role": "user", "content": "hi"}]
+            status, data = await post(session, h, "/v1/chat/completions",
+                                      {"messages": messages, "max_tokens": len(ids)})
+            assert data["choices"][0]["message"]["content"] == full
 
     arun(body())
 

@@ -19,7 +19,7 @@ from ferry.services.gateway.requests import (
     check_request,
 )
 from ferry.services.gateway.text import TextModel
-from tests.unit.test_gateway_text import EOS, make_model_dir
+from tests.unit.test_gateway_text import EOS, cut_mid_character, make_model_dir
 
 REPLY_ADDR = "tcp://gateway:5610"
 
@@ -390,6 +390,31 @@ def test_non_streaming_abort_returns_the_text_so_far(text):
                     priority=0, timeout_s=10.0, sink=None, now=0.0, arrival_s=0.0, stream=False)
     assert table.on_tokens(tokens(req, 0, ids)).text == ""
     assert table.finish(req.req_id, "timeout").text == "hello world"
+
+
+@pytest.mark.parametrize("split", [1, 2, 5, 1000])
+@pytest.mark.parametrize("finish", ["length", "stop_string", "timeout"])
+def test_text_ending_mid_character_is_the_same_streamed_or_not(text, split, finish):
+    """The last token ends partway through a UTF-8 character: the non-streamed text equals
+    the streamed deltas joined, both ending with U+FFFD (vLLM's answer), never ''."""
+    ids = cut_mid_character(text, "hello world 世界 🚀")
+    full = text.tokenizer.decode(ids)
+    assert full.endswith("\ufffd")
+    texts = {}
+    for stream in (True, False):
+        table = make_table(text)
+        sampling = SamplingParams(max_tokens=len(ids) + (finish == "timeout"), seed=1,
+                                  stop=("never matched",) if finish == "stop_string" else ())
+        req = table.add(prompt_token_ids=(1, 2), sampling=sampling, priority=0, timeout_s=10.0,
+                        sink=None, now=0.0, arrival_s=0.0, stream=stream)
+        deltas = [table.on_tokens(tokens(req, i, ids[i : i + split]))
+                  for i in range(0, len(ids), split)]
+        if finish == "timeout":
+            deltas.append(table.finish(req.req_id, "timeout"))
+        deltas = [d for d in deltas if d is not None]
+        assert deltas[-1].finish_reason in ("length", "timeout")
+        texts[stream] = "".join(d.text for d in deltas)
+    assert texts[True] == texts[False] == full
 
 
 def test_stop_strings_force_incremental_text(text):
