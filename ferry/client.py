@@ -207,8 +207,12 @@ class AsyncClient:
         ignore_eos: bool = False,
         priority: str | int = "normal",
         timeout_s: float | None = None,
+        **unknown: Any,
     ) -> tuple[str, list[bytes], float]:
         """(client_req_id, the GenerateRequest's frames, timeout_s), checked."""
+        if unknown:
+            raise BadRequest(f"unknown argument {sorted(unknown)[0]!r}: the SDK does not take "
+                             f"it (see AsyncClient.stream for the arguments)")
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
             sampling = SamplingParams(

@@ -275,7 +275,8 @@ class HttpApi:
         except Rejected as err:
             raise oai.ApiError(err.code, err.message) from None
         reply = Reply(req.req_id, int(req.arrival_s), self.config.model_name,
-                      len(sub.prompt_token_ids), chat=chat)
+                      len(sub.prompt_token_ids), chat=chat,
+                      continuous_usage=sub.stream and sub.continuous_usage)
         try:
             if sub.stream:
                 return await self.stream(request, sink, reply, sub.include_usage)
@@ -342,16 +343,17 @@ class HttpApi:
 class Reply:
     """What one HTTP request has produced so far."""
 
-    __slots__ = ("req_id", "created", "model", "num_prompt_tokens", "chat", "num_output_tokens",
-                 "finish_reason")
+    __slots__ = ("req_id", "created", "model", "num_prompt_tokens", "chat", "continuous_usage",
+                 "num_output_tokens", "finish_reason")
 
     def __init__(self, req_id: str, created: int, model: str, num_prompt_tokens: int, *,
-                 chat: bool) -> None:
+                 chat: bool, continuous_usage: bool = False) -> None:
         self.req_id = req_id
         self.created = created
         self.model = model
         self.num_prompt_tokens = num_prompt_tokens
         self.chat = chat
+        self.continuous_usage = continuous_usage  # usage so far in every chunk
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
 
@@ -366,8 +368,11 @@ class Reply:
     def chunk(self, text: str | None, finish_reason: str | None, *, role: bool = False):
         if self.chat and not text and not role:
             text = None  # a closing chat chunk carries an empty delta
-        return oai.stream_chunk(self.req_id, self.created, self.model, text, finish_reason,
-                                chat=self.chat, role=role)
+        chunk = oai.stream_chunk(self.req_id, self.created, self.model, text, finish_reason,
+                                 chat=self.chat, role=role)
+        if self.continuous_usage:
+            chunk["usage"] = self.usage()
+        return chunk
 
 
 def _decode_and_parse(raw: bytes, parse: Callable[[Any], oai.Submission]) -> oai.Submission:

@@ -2,7 +2,9 @@
 /v1/completions and /v1/chat/completions in, a Submission out; deltas in, JSON out.
 
 Extra fields beyond OpenAI's: top_k, ignore_eos, priority ("normal" | "high"),
-timeout_s (per-request deadline, seconds).
+timeout_s (per-request deadline, seconds), and vLLM's stop_token_ids. Every field is
+honoured or refused: an unknown one, or one Ferry does not implement (at a value other
+than its neutral one), is a 400 that names it.
 
 A body is checked before any field is read (`decode_body`): valid JSON, nested at most
 MAX_JSON_DEPTH levels, every string valid Unicode (JSON can escape a lone surrogate,
@@ -28,8 +30,18 @@ MAX_JSON_DEPTH = 64  # deepest nesting accepted (a request needs 4: messages[0].
 # instead, which lets other threads run (strings are still scanned in C).
 FAST_JSON_MAX_COMMAS = 50_000
 
-# Fields Ferry does not implement: refused unless absent or at their neutral value, so a
-# client never gets silently different behaviour.
+# Every field each endpoint reads (Ferry's extras: top_k, ignore_eos, priority, timeout_s);
+# any other field is a 400 naming it, so a client never gets silently different behaviour.
+_SHARED_FIELDS = frozenset({
+    "model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
+    "stop", "stop_token_ids", "seed", "user", "ignore_eos", "priority", "timeout_s",
+})
+COMPLETION_FIELDS = _SHARED_FIELDS | {"prompt"}
+CHAT_FIELDS = _SHARED_FIELDS | {"messages", "max_completion_tokens"}
+STREAM_OPTIONS = frozenset({"include_usage", "continuous_usage_stats"})
+MESSAGE_FIELDS = frozenset({"role", "content", "name"})
+
+# Fields Ferry does not implement: refused unless absent or at their neutral value.
 _UNSUPPORTED = {
     "logprobs": (None, False, 0),
     "top_logprobs": (None, 0),
@@ -39,9 +51,29 @@ _UNSUPPORTED = {
     "logit_bias": (None, {}),
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
-    "tools": (None, []),
-    "functions": (None, []),
+    "repetition_penalty": (None, 1, 1.0),
+    "min_p": (None, 0, 0.0),
+    "min_tokens": (None, 0),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
 }
+# Structured output and tool calling: not built yet (400 "not supported yet").
+_NOT_YET = {
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,),
+    "structured_outputs": (None,),
+}
+_MESSAGE_NOT_YET = ("tool_calls", "tool_call_id", "function_call")
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -137,11 +169,13 @@ class Submission:
     priority: int  # wire.Priority value
     stream: bool
     include_usage: bool  # stream_options.include_usage: a final usage chunk
+    continuous_usage: bool  # stream_options.continuous_usage_stats: usage in every chunk
     timeout_s: float | None  # None: the gateway's default
 
 
 def parse_completion(body: Any, text: TextModel, *, model_name: str) -> Submission:
     body = _object(body)
+    check_fields(body, COMPLETION_FIELDS)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
@@ -160,6 +194,7 @@ def parse_completion(body: Any, text: TextModel, *, model_name: str) -> Submissi
 
 def parse_chat(body: Any, text: TextModel, *, model_name: str, max_tokens_limit: int) -> Submission:
     body = _object(body)
+    check_fields(body, CHAT_FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list")
@@ -179,15 +214,34 @@ def parse_chat(body: Any, text: TextModel, *, model_name: str, max_tokens_limit:
     return _submission(body, prompt_token_ids, max_tokens, model_name=model_name)
 
 
+def check_fields(body: dict[str, Any], known: frozenset[str]) -> None:
+    """ApiError(400) naming the first field Ferry would not honour: an unknown one, or a
+    known feature it does not implement at a value other than its neutral one."""
+    for name, value in body.items():
+        if name in known:
+            continue
+        if name in _NOT_YET:
+            if not _is_neutral(value, _NOT_YET[name]):
+                raise ApiError(400, f"{name} is not supported yet (structured output and tool "
+                                    f"calling are being built)")
+        elif name in _UNSUPPORTED:
+            if not _is_neutral(value, _UNSUPPORTED[name]):
+                raise ApiError(400, f"{name} is not supported")
+        else:
+            raise ApiError(400, f"Unrecognized request argument supplied: {name}")
+
+
+def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    """value equals one of `neutral` (an int equals a float; a bool never equals a number)."""
+    return any(value == n and (type(value) is bool) == (type(n) is bool) for n in neutral)
+
+
 def _submission(
     body: dict[str, Any], prompt_token_ids: tuple[int, ...], max_tokens: int, *, model_name: str
 ) -> Submission:
     model = _field(body, "model", str, None)
     if model is not None and model != model_name:
         raise ApiError(404, f"the model `{model}` does not exist; this server serves `{model_name}`")
-    for name, neutral in _UNSUPPORTED.items():
-        if name in body and body[name] not in neutral:
-            raise ApiError(400, f"{name} is not supported")
     if _field(body, "n", int, 1) != 1:
         raise ApiError(400, "only n=1 is supported")
     stop = body.get("stop")
@@ -199,17 +253,31 @@ def _submission(
         stop = tuple(stop)
     else:
         raise ApiError(400, "stop must be a string or a list of strings")
+    stop_token_ids = body.get("stop_token_ids")
+    if stop_token_ids is None:
+        stop_token_ids = ()
+    elif isinstance(stop_token_ids, list) and all(_is_int(t) for t in stop_token_ids):
+        stop_token_ids = tuple(stop_token_ids)
+    else:
+        raise ApiError(400, "stop_token_ids must be a list of token ids")
     top_k = _field(body, "top_k", int, 0)
     priority_name = _field(body, "priority", str, "normal")
     try:
         priority = int(wire.Priority.parse(priority_name))
     except ValueError as err:
         raise ApiError(400, str(err)) from None
+    _field(body, "user", str, None)  # an end-user id for the caller's records; no effect
+    stream = _field(body, "stream", bool, False)
     stream_options = body.get("stream_options")
     if stream_options is None:
         stream_options = {}
     elif not isinstance(stream_options, dict):
         raise ApiError(400, "stream_options must be an object")
+    elif not stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true")
+    for name in stream_options:
+        if name not in STREAM_OPTIONS:
+            raise ApiError(400, f"Unrecognized request argument supplied: stream_options.{name}")
     timeout_s = _field(body, "timeout_s", float, None)
     sampling = SamplingParams(
         max_tokens=max_tokens,
@@ -217,6 +285,7 @@ def _submission(
         top_p=_field(body, "top_p", float, 1.0),
         top_k=0 if top_k == -1 else top_k,  # -1 means off in vLLM's API
         seed=_field(body, "seed", int, None),
+        stop_token_ids=stop_token_ids,
         ignore_eos=_field(body, "ignore_eos", bool, False),
         stop=stop,
     )
@@ -224,8 +293,9 @@ def _submission(
         prompt_token_ids=prompt_token_ids,
         sampling=sampling,
         priority=priority,
-        stream=_field(body, "stream", bool, False),
+        stream=stream,
         include_usage=_field(stream_options, "include_usage", bool, False),
+        continuous_usage=_field(stream_options, "continuous_usage_stats", bool, False),
         timeout_s=timeout_s,
     )
 
@@ -263,9 +333,17 @@ def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
 
 
 def _message(message: Any, index: int) -> dict[str, str]:
-    """One chat message as {"role", "content": str}; content parts of type "text" join."""
+    """One chat message as {"role", "content": str[, "name"]}; content parts of type "text"
+    join."""
     if not isinstance(message, dict):
         raise ApiError(400, f"messages[{index}] must be an object")
+    for key, value in message.items():
+        if key in _MESSAGE_NOT_YET:
+            if value is not None:
+                raise ApiError(400, f"messages[{index}].{key} is not supported yet (tool "
+                                    f"calling is being built)")
+        elif key not in MESSAGE_FIELDS:
+            raise ApiError(400, f"Unrecognized request argument supplied: messages[{index}].{key}")
     role, content = message.get("role"), message.get("content")
     if not isinstance(role, str):
         raise ApiError(400, f"messages[{index}].role must be a string")
@@ -275,10 +353,21 @@ def _message(message: Any, index: int) -> dict[str, str]:
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                    for p in content):
             raise ApiError(400, f"messages[{index}].content: only text parts are supported")
+        for j, part in enumerate(content):
+            if set(part) - {"type", "text"}:
+                extra = sorted(set(part) - {"type", "text"})[0]
+                raise ApiError(400, f"Unrecognized request argument supplied: "
+                                    f"messages[{index}].content[{j}].{extra}")
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts")
-    return {"role": role, "content": content}
+    out = {"role": role, "content": content}
+    name = message.get("name")
+    if name is not None:
+        if not isinstance(name, str):
+            raise ApiError(400, f"messages[{index}].name must be a string")
+        out["name"] = name  # the chat template may render it
+    return out
 
 
 # ---- responses --------------------------------------------------------------------------

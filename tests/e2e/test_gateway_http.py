@@ -176,6 +176,27 @@ def test_official_openai_client(model_dir):
                 await client.completions.create(model="other", prompt="x", max_tokens=2)
             with pytest.raises(openai.BadRequestError, match="maximum context length"):
                 await client.completions.create(model="tiny", prompt=[1] * 250, max_tokens=10)
+            # Nothing a client sends is silently ignored: an unknown field is a 400 naming it.
+            with pytest.raises(openai.BadRequestError, match="supplied: max_toknes"):
+                await client.completions.create(model="tiny", prompt="x",
+                                                extra_body={"max_toknes": 3})
+            with pytest.raises(openai.BadRequestError, match="response_format is not supported"):
+                await client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "hi"}],
+                    response_format={"type": "json_object"})
+            with pytest.raises(openai.BadRequestError, match="tool_choice is not supported yet"):
+                await client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "hi"}],
+                    tool_choice="required")
+            stream = await client.completions.create(
+                model="tiny", prompt="hello", max_tokens=8, stream=True,
+                stream_options={"include_usage": True}, extra_body={
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+            chunks = [c async for c in stream]
+            counts = [c.usage.completion_tokens for c in chunks]
+            assert counts == sorted(counts) and counts[-1] == 8 and len(counts) > 2
+            assert all(c.usage.prompt_tokens == len(h.gateway.text.encode("hello"))
+                       for c in chunks)
             await client.close()
 
     arun(body())
@@ -499,8 +520,9 @@ def test_deep_nesting_is_400(model_dir):
             for raw in cases:
                 status, data = await post_raw(session, h, raw)
                 assert status == 400 and "nested too deeply" in data["error"]["message"]
-            status, _ = await post(session, h, "/v1/completions",
-                                   {"prompt": "hi", "max_tokens": 2, "x": [[[[[]]]]]})
+            messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+            status, _ = await post(session, h, "/v1/chat/completions",
+                                   {"messages": messages, "max_tokens": 2})  # 4 levels: fine
             assert status == 200
 
     arun(body())

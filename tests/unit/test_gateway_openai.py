@@ -39,6 +39,7 @@ def test_completion_defaults_and_text_prompt(text):
     assert (sub.sampling.temperature, sub.sampling.top_p, sub.sampling.top_k) == (1.0, 1.0, 0)
     assert sub.sampling.seed is None and sub.sampling.stop == ()
     assert (sub.stream, sub.priority, sub.timeout_s, sub.include_usage) == (False, 0, None, False)
+    assert not sub.continuous_usage
 
 
 def test_completion_fields_and_extras(text):
@@ -74,12 +75,73 @@ def test_completion_fields_and_extras(text):
         ({"prompt": "x", "n": 2}, "only n=1"),
         ({"prompt": "x", "priority": "urgent"}, "priority must be 'normal' or 'high'"),
         ({"prompt": "x", "logprobs": 5}, "logprobs is not supported"),
-        ({"prompt": "x", "stream_options": []}, "stream_options must be an object"),
+        ({"prompt": "x", "stream": True, "stream_options": []}, "stream_options must be an object"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}},
+         "stream_options is only allowed when stream is true"),
+        ({"prompt": "x", "stream": True, "stream_options": {"include_usagee": True}},
+         "Unrecognized request argument supplied: stream_options.include_usagee"),
+        ({"prompt": "x", "stop_token_ids": [1, "2"]}, "stop_token_ids must be a list of token ids"),
+        ({"prompt": "x", "user": 5}, "user must be a string"),
         ({"prompt": "x", "seed": "7"}, "seed must be an integer"),
     ],
 )
 def test_completion_bad_fields_are_400(text, body, match):
     assert match in rejected(400, oai.parse_completion, body, text, model_name=MODEL)
+
+
+UNKNOWN_OR_UNSUPPORTED = [
+    ("max_toknes", 5, "Unrecognized request argument supplied: max_toknes"),
+    ("metadata", {"a": "b"}, "Unrecognized request argument supplied: metadata"),
+    ("response_format", {"type": "json_object"}, "response_format is not supported yet"),
+    ("response_format", {"type": "json_schema", "json_schema": {}}, "response_format is not "
+                                                                    "supported yet"),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools is not supported yet"),
+    ("tool_choice", "required", "tool_choice is not supported yet"),
+    ("parallel_tool_calls", False, "parallel_tool_calls is not supported yet"),
+    ("guided_json", {"type": "object"}, "guided_json is not supported yet"),
+    ("guided_choice", ["a", "b"], "guided_choice is not supported yet"),
+    ("suffix", "tail", "suffix is not supported"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "match"), UNKNOWN_OR_UNSUPPORTED)
+@pytest.mark.parametrize("endpoint", ["completion", "chat"])
+def test_unknown_and_unsupported_fields_are_400_naming_them(text, endpoint, name, value, match):
+    call = completion if endpoint == "completion" else chat
+    body = {"prompt": "x"} if endpoint == "completion" else {}
+    message = rejected(400, call, text, **body, **{name: value})
+    assert match in message and name in message
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("response_format", {"type": "text"}), ("tools", []), ("tool_choice", "none"),
+    ("logit_bias", {}), ("presence_penalty", 0), ("best_of", 1), ("echo", False),
+    ("suffix", None), ("user", "someone"),
+])
+def test_neutral_values_of_unsupported_fields_are_fine(text, name, value):
+    completion(text, prompt="x", **{name: value})
+    chat(text, **{name: value})
+
+
+def test_continuous_usage_stats_is_read(text):
+    sub = completion(text, prompt="x", stream=True,
+                     stream_options={"include_usage": True, "continuous_usage_stats": True})
+    assert sub.include_usage and sub.continuous_usage
+
+
+@pytest.mark.parametrize(("message", "match"), [
+    ({"role": "user", "content": "hi", "tool_calls": [{"id": "1"}]},
+     "messages[0].tool_calls is not supported yet"),
+    ({"role": "tool", "content": "hi", "tool_call_id": "1"},
+     "messages[0].tool_call_id is not supported yet"),
+    ({"role": "user", "content": "hi", "weight": 1}, "Unrecognized request argument supplied: "
+                                                     "messages[0].weight"),
+    ({"role": "user", "content": [{"type": "text", "text": "a", "cache": 1}]},
+     "messages[0].content[0].cache"),
+    ({"role": "user", "content": "hi", "name": 5}, "messages[0].name must be a string"),
+])
+def test_unknown_message_fields_are_400_naming_them(text, message, match):
+    assert match in rejected(400, chat, text, messages=[message])
 
 
 def test_unknown_model_is_404_and_a_non_object_body_400(text):

@@ -9,6 +9,7 @@ import pytest
 from ferry import (
     AsyncClient,
     BadRequest,
+    Client,
     Overloaded,
     ServerError,
     Timeout,
@@ -80,6 +81,8 @@ def test_reply_buffer_raises_the_error_after_the_chunks():
         ({"stop": [""]}, "stop"),
         ({"priority": "urgent"}, "priority"),
         ({"prompt_token_ids": [1]}, "exactly one of prompt"),
+        ({"max_token": 5}, "unknown argument 'max_token'"),
+        ({"response_format": {"type": "json_object"}}, "unknown argument 'response_format'"),
     ],
 )
 def test_arguments_are_checked_before_anything_is_sent(kwargs, match):
@@ -87,6 +90,14 @@ def test_arguments_are_checked_before_anything_is_sent(kwargs, match):
     with pytest.raises(BadRequest, match=match):
         client.stream("hi", **kwargs)
     assert client._socket is None  # nothing connected, nothing sent
+
+
+def test_the_blocking_client_names_an_unknown_argument_too():
+    with Client("tcp://127.0.0.1:1") as client:
+        with pytest.raises(BadRequest, match="unknown argument 'temprature'"):
+            client.generate("hi", temprature=0.5)
+        with pytest.raises(BadRequest, match="unknown argument 'temprature'"):
+            client.stream("hi", temprature=0.5)
 
 
 def test_stream_is_lazy_and_stop_strings_normalize():
