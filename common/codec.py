@@ -5,7 +5,8 @@ Frames of one message:
     [header][body]
     header = struct "!BH": protocol version (u8), message tag (u16)
     body   = msgpack array of the message's field values, in declaration order;
-             a nested struct is itself an array; tuples travel as arrays.
+             a nested struct is itself an array; tuples travel as arrays. Trailing
+             fields that have a default may be missing (an older sender): they take it.
 
 Routers read only the header (`peek_tag`) and forward the frames unread.
 Decoding checks version, tag, size, arity and every field's type against the
@@ -63,6 +64,7 @@ class Registry:
         self._tag_of: dict[type, int] = {}
         self._class_of: dict[int, type] = {}
         self._fields: dict[type, tuple[tuple[str, _Convert], ...]] = {}
+        self._num_required: dict[type, int] = {}  # leading fields without a default
 
     def message(self, tag: int) -> Callable[[type[T]], type[T]]:
         """Class decorator registering a frozen kw-only dataclass under `tag`."""
@@ -87,10 +89,16 @@ class Registry:
         if params is None or not params.frozen:
             raise TypeError(f"{cls.__name__} must be a frozen dataclass")
         hints = typing.get_type_hints(cls, include_extras=True)
+        fields = dataclasses.fields(cls)
         self._fields[cls] = tuple(
-            (f.name, self._converter(hints[f.name], f"{cls.__name__}.{f.name}"))
-            for f in dataclasses.fields(cls)
+            (f.name, self._converter(hints[f.name], f"{cls.__name__}.{f.name}")) for f in fields
         )
+        has_default = [f.default is not dataclasses.MISSING
+                       or f.default_factory is not dataclasses.MISSING for f in fields]
+        required = len(fields)
+        while required and has_default[required - 1]:
+            required -= 1
+        self._num_required[cls] = required
 
     def tag_of(self, cls: type) -> int:
         return self._tag_of[cls]
@@ -148,9 +156,11 @@ class Registry:
         fields = self._fields[cls]
         if not isinstance(plain, list):
             raise WireError(400, f"{where}: expected an array of fields")
-        if len(plain) != len(fields):
+        # An older sender omits trailing fields added since with a default: they take it.
+        if not self._num_required[cls] <= len(plain) <= len(fields):
             raise WireError(400, f"{where}: expected {len(fields)} fields, got {len(plain)}")
-        kwargs = {name: convert(value) for (name, convert), value in zip(fields, plain, strict=True)}
+        kwargs = {name: convert(value)
+                  for (name, convert), value in zip(fields[: len(plain)], plain, strict=True)}
         try:
             msg = cls(**kwargs)
         except (TypeError, ValueError) as exc:

@@ -2,8 +2,9 @@
 
 Each message is a frozen, keyword-only dataclass registered under a u16 tag; the codec
 (common/codec.py) turns it into [header, msgpack body] frames. Tags are grouped by
-sender -> recipient. Extend by adding fields at the end with a protocol-version bump;
-never renumber a tag.
+sender -> recipient. Extend by adding fields at the end: with a default (an older sender
+omits them and the decoder fills the default in; keep the default neutral), else with a
+protocol-version bump; never renumber a tag.
 
 Topology (every process binds one PULL "inbox"; peers PUSH to it; the SDK and the admin
 CLI talk request/reply over ROUTER/DEALER):
@@ -31,7 +32,7 @@ from enum import IntEnum
 from typing import Annotated
 
 from ferry.common.codec import PROTOCOL_VERSION, Check, Registry, WireError, peek_tag
-from ferry.common.sampling import SamplingParams
+from ferry.common.sampling import SamplingParams, TokenLogprobs
 
 __all__ = ["PROTOCOL_VERSION", "WireError", "peek_tag", "REGISTRY", "encode", "decode", "Priority"]
 
@@ -40,6 +41,7 @@ encode = REGISTRY.encode
 decode = REGISTRY.decode
 
 REGISTRY.struct(SamplingParams)
+REGISTRY.struct(TokenLogprobs)
 
 _TCP_ENDPOINT = re.compile(r"tcp://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]*):(\d{1,5})")
 _LOCAL_ENDPOINT = re.compile(r"(?:ipc|inproc)://\S+")
@@ -114,6 +116,8 @@ class TokenChunk:
     text: str  # detokenized text delta for these tokens (stop strings already cut)
     finish_reason: str | None  # "length" | "stop" | "abort" | "timeout" | None (more to come)
     num_prompt_tokens: int  # prompt length in tokens (usage accounting)
+    # One per token of token_ids when the request asked for logprobs, else ().
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @REGISTRY.message(4)
@@ -234,6 +238,8 @@ class Tokens:
     token_ids: tuple[int, ...]  # new output tokens (may be empty with a finish_reason)
     finish_reason: str | None  # "length" | "stop" | "abort" | None
     attempt: int = 0  # Dispatch.attempt of the copy that made them
+    # One per token of token_ids when the request asked for logprobs, else ().
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @REGISTRY.message(31)

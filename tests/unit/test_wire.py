@@ -36,7 +36,12 @@ def example(hint, depth=0):
 def build(cls, depth=0):
     if cls is SamplingParams:
         return SamplingParams(max_tokens=5, temperature=0.7, top_k=3, top_p=0.9, seed=11,
-                              stop_token_ids=(2, 3), ignore_eos=True, stop=("\n\n",))
+                              stop_token_ids=(2, 3), ignore_eos=True, stop=("\n\n",),
+                              presence_penalty=0.5, frequency_penalty=-0.5,
+                              repetition_penalty=1.2, min_p=0.1, min_tokens=2,
+                              logit_bias_token_ids=(4, 9), logit_bias_values=(-100.0, 2.5),
+                              logprobs=3, include_stop_str_in_output=True,
+                              skip_special_tokens=False)
     hints = typing.get_type_hints(cls, include_extras=True)
     return cls(**{f.name: example(hints[f.name], depth) for f in dataclasses.fields(cls)})
 
@@ -109,6 +114,21 @@ def test_rejects_bad_frame_counts_and_headers():
         wire.decode([b"\x01"])
     with pytest.raises(WireError, match="bad header"):
         wire.decode([b"\x01\x00", b"\x90"])
+
+
+def test_trailing_fields_with_defaults_may_be_missing():
+    """An older sender omits fields added since with a default; the rest stay required."""
+    tag = wire.REGISTRY.tag_of(wire.Tokens)
+    old = wire.decode(_frames(tag, ["r", "i", 0, [1], None]))  # no attempt, no logprobs
+    assert (old.attempt, old.logprobs) == (0, ())
+    with pytest.raises(WireError, match="expected 7 fields, got 4"):
+        wire.decode(_frames(tag, ["r", "i", 0, [1]]))
+    with pytest.raises(WireError, match="expected 7 fields, got 8"):
+        wire.decode(_frames(tag, ["r", "i", 0, [1], None, 0, [], 5]))  # never ignored
+    tag = wire.REGISTRY.tag_of(wire.Dispatch)
+    sampling_v2_0 = [5, 0.5, 0, 1.0, 3, [], False, []]  # before the penalties were added
+    msg = wire.decode(_frames(tag, ["r", [1], [], sampling_v2_0, 0, "tcp://a:1", 1.0, 0]))
+    assert msg.sampling == SamplingParams(max_tokens=5, temperature=0.5, seed=3)
 
 
 def test_nested_struct_checked():
