@@ -79,12 +79,14 @@ class Registry:
 
         return register
 
-    def struct(self, cls: type[T]) -> type[T]:
-        """Class decorator for a nested value type (no tag of its own)."""
-        self._register_struct(cls)
+    def struct(self, cls: type[T], *, min_fields: int | None = None) -> type[T]:
+        """Register a nested value type (no tag of its own). min_fields: how many leading
+        fields a sender must send even though they have defaults (those the type had when
+        the protocol version began; later ones may be missing)."""
+        self._register_struct(cls, min_fields=min_fields)
         return cls
 
-    def _register_struct(self, cls: type) -> None:
+    def _register_struct(self, cls: type, *, min_fields: int | None = None) -> None:
         params = getattr(cls, "__dataclass_params__", None)
         if params is None or not params.frozen:
             raise TypeError(f"{cls.__name__} must be a frozen dataclass")
@@ -98,7 +100,7 @@ class Registry:
         required = len(fields)
         while required and has_default[required - 1]:
             required -= 1
-        self._num_required[cls] = required
+        self._num_required[cls] = max(required, min_fields or 0)
 
     def tag_of(self, cls: type) -> int:
         return self._tag_of[cls]
@@ -157,8 +159,10 @@ class Registry:
         if not isinstance(plain, list):
             raise WireError(400, f"{where}: expected an array of fields")
         # An older sender omits trailing fields added since with a default: they take it.
-        if not self._num_required[cls] <= len(plain) <= len(fields):
-            raise WireError(400, f"{where}: expected {len(fields)} fields, got {len(plain)}")
+        required = self._num_required[cls]
+        if not required <= len(plain) <= len(fields):
+            expected = len(fields) if required == len(fields) else f"{required} to {len(fields)}"
+            raise WireError(400, f"{where}: expected {expected} fields, got {len(plain)}")
         kwargs = {name: convert(value)
                   for (name, convert), value in zip(fields[: len(plain)], plain, strict=True)}
         try:

@@ -40,7 +40,7 @@ REGISTRY = Registry()
 encode = REGISTRY.encode
 decode = REGISTRY.decode
 
-REGISTRY.struct(SamplingParams)
+REGISTRY.struct(SamplingParams, min_fields=8)  # max_tokens .. stop; the rest came later
 REGISTRY.struct(TokenLogprobs)
 
 _TCP_ENDPOINT = re.compile(r"tcp://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]*):(\d{1,5})")

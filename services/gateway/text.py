@@ -7,7 +7,8 @@ Loaded from a Hugging Face model directory:
     tokenizer_config.json   chat_template, eos_token, bos_token, add_bos_token
     chat_template.jinja     chat template (newer layout; wins over tokenizer_config)
     config.json             max_position_embeddings, eos_token_id
-    generation_config.json  eos_token_id (int or list), optional
+    generation_config.json  eos_token_id (int or list); sampling defaults (temperature,
+                            top_p, top_k, min_p, repetition_penalty); optional
 
 Encoding and chat templates come from the worker's tokenizer module
 (services/worker/model/tokenizer.py) so that gateway and engine agree on every id; where
@@ -127,6 +128,7 @@ class TextModel:
         eos_token_ids: tuple[int, ...],
         max_model_len: int,
         max_chars_per_token: int | None = None,
+        sampling_defaults: dict[str, float | int] | None = None,
     ) -> None:
         self.base = base  # encode, chat template
         self.tokenizer = fast  # the `tokenizers` object behind detokenization
@@ -138,6 +140,8 @@ class TextModel:
         self.max_prompt_chars = (
             None if max_chars_per_token is None else max_model_len * max_chars_per_token
         )
+        # The model's sampling defaults (generation_config.json), for requests that give none
+        self.sampling_defaults = dict(sampling_defaults or {})
 
     @classmethod
     def load(cls, model_dir: str | Path) -> TextModel:
@@ -166,6 +170,7 @@ class TextModel:
         return cls(
             base, fast, eos_token_ids=tuple(eos_ids), max_model_len=max_model_len,
             max_chars_per_token=max_chars_per_token(spec, fast.get_vocab(with_added_tokens=True)),
+            sampling_defaults=sampling_defaults(gen_config),
         )
 
     @property
@@ -190,8 +195,13 @@ class TextModel:
         return Detokenizer(self.tokenizer, prompt_token_ids[-DETOKENIZE_CONTEXT_TOKENS:],
                            skip_special_tokens=skip_special_tokens)
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's text on its own, special tokens included (logprobs show these; a
+        token that is part of a character reads U+FFFD, as in vLLM)."""
+        return self.tokenizer.decode_batch([[t] for t in token_ids], skip_special_tokens=False)
 
 
 class _TokenizersOnly:
@@ -296,6 +306,18 @@ def _keeps_characters(pre_tokenizer: dict[str, Any] | None) -> bool:
     if kind == "Sequence":
         return all(_keeps_characters(p) for p in pre_tokenizer.get("pretokenizers") or ())
     return kind in _KEEPING_PRE_TOKENIZERS and pre_tokenizer.get("behavior") != "Removed"
+
+
+def sampling_defaults(gen_config: dict[str, Any]) -> dict[str, float | int]:
+    """The sampling defaults a generation_config.json sets (those vLLM reads), checked."""
+    out: dict[str, float | int] = {}
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        value = gen_config.get(name)
+        if type(value) in (int, float):
+            out[name] = float(value)
+    if type(gen_config.get("top_k")) is int:
+        out["top_k"] = gen_config["top_k"]
+    return out
 
 
 def _raise_template_error(message: str) -> None:

@@ -86,7 +86,7 @@ def test_rejects_wrong_field_types():
     tag = wire.REGISTRY.tag_of(wire.Abort)
     with pytest.raises(WireError, match="Abort.req_id: expected str"):
         wire.decode(_frames(tag, [5, "x", None]))
-    with pytest.raises(WireError, match="expected 3 fields"):
+    with pytest.raises(WireError, match="expected 2 to 3 fields, got 1"):
         wire.decode(_frames(tag, ["r"]))
     tag = wire.REGISTRY.tag_of(wire.Tokens)
     with pytest.raises(WireError, match="expected int, got bool"):
@@ -121,14 +121,16 @@ def test_trailing_fields_with_defaults_may_be_missing():
     tag = wire.REGISTRY.tag_of(wire.Tokens)
     old = wire.decode(_frames(tag, ["r", "i", 0, [1], None]))  # no attempt, no logprobs
     assert (old.attempt, old.logprobs) == (0, ())
-    with pytest.raises(WireError, match="expected 7 fields, got 4"):
+    with pytest.raises(WireError, match="expected 5 to 7 fields, got 4"):
         wire.decode(_frames(tag, ["r", "i", 0, [1]]))
-    with pytest.raises(WireError, match="expected 7 fields, got 8"):
+    with pytest.raises(WireError, match="expected 5 to 7 fields, got 8"):
         wire.decode(_frames(tag, ["r", "i", 0, [1], None, 0, [], 5]))  # never ignored
     tag = wire.REGISTRY.tag_of(wire.Dispatch)
     sampling_v2_0 = [5, 0.5, 0, 1.0, 3, [], False, []]  # before the penalties were added
     msg = wire.decode(_frames(tag, ["r", [1], [], sampling_v2_0, 0, "tcp://a:1", 1.0, 0]))
     assert msg.sampling == SamplingParams(max_tokens=5, temperature=0.5, seed=3)
+    with pytest.raises(WireError, match="Dispatch.sampling: expected 8 to 18 fields, got 7"):
+        wire.decode(_frames(tag, ["r", [1], [], sampling_v2_0[:7], 0, "tcp://a:1", 1.0, 0]))
 
 
 def test_nested_struct_checked():
