@@ -7,7 +7,7 @@ no per-row Python loop over the vocabulary and no host sync:
                                                    model's own distribution)
     logits[bias]  += logit_bias                    sparse (row, token) entries
     logits[stop]   = -inf                          EOS and stop ids while < min_tokens
-    penalties      (rows that have any; vLLM's semantics, from the request's tokens)
+    penalties      (rows that have any; vLLM's semantics, on the tokens each has seen)
         repetition: a token of prompt or output: logit / p if logit > 0 else logit * p
         frequency:  logit -= f * (times the token was generated)
         presence:   logit -= p * (token generated at least once)
@@ -20,13 +20,16 @@ no per-row Python loop over the vocabulary and no host sync:
 The Gumbel noise comes from a counter-based integer hash of (seed, position, token id),
 computed with int32 tensor ops; no generator state exists anywhere. So a request draws
 the same token at a position whatever else shares its batch, and after preemption,
-migration or replay. Penalty counts are rebuilt every step from the request's tokens
-(prompt and output, which travel with it) by one scatter-add: exact integers, the same
-on any instance that holds the same tokens.
+migration or replay. Penalties are rebuilt every step from the request's tokens (prompt
+and output, which travel with it): output counts by one scatter-add (exact integers),
+then each seen token's logit is gathered, penalized and scattered back, so the work is
+per token seen, not per vocabulary entry, and the same on any instance that holds the
+same tokens.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,14 +55,17 @@ class TokenHistory:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Penalties:
-    """The rows with any penalty, and what they need (on the logits' device)."""
+    """Every token a penalized row has seen, as flat entries (on the logits' device): its
+    output tokens, then its prompt tokens when it has a repetition penalty. A token seen
+    several times has several entries; they compute the same value."""
 
-    rows: torch.Tensor  # [m] int64, rows of the batch
-    presence: torch.Tensor  # [m, 1] float32
-    frequency: torch.Tensor  # [m, 1] float32
-    repetition: torch.Tensor  # [m, 1] float32
-    output_counts: torch.Tensor  # [m, vocab] int32, times each token was generated
-    seen: torch.Tensor  # [m, vocab] bool, in the prompt or the output (repetition)
+    num_rows: int  # m, rows with any penalty
+    output_slots: torch.Tensor  # [o] int64, slot*vocab + token of each output entry
+    logit_index: torch.Tensor  # [h] int64, row*vocab + token into the batch's logits
+    count_index: torch.Tensor  # [h] int64, slot*vocab + token into the output counts
+    presence: torch.Tensor  # [h] float32, the entry's row's penalties
+    frequency: torch.Tensor  # [h] float32
+    repetition: torch.Tensor  # [h] float32
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -195,36 +201,40 @@ def _build_extras(
 
 def _build_penalties(params, histories, rows: list[int], *, vocab_size: int,
                      to_device) -> Penalties:
-    """Counts of each row's output tokens and the set of its prompt + output tokens, by
-    one scatter each over the flattened [m, vocab] grid (index = slot * vocab + token)."""
+    """Flat entries of every token the penalized rows have seen. Host work is one list of
+    their tokens; row and slot offsets are added on the device (repeat_interleave with a
+    known size, so no sync)."""
     if histories is None or any(histories[row] is None for row in rows):
         raise ValueError("rows with penalties need their token history")
-    flat_out: list[int] = []
-    flat_prompt: list[int] = []
-    for slot, row in enumerate(rows):
-        history = histories[row]
-        base = slot * vocab_size
-        flat_out += [base + t for t in history.output_token_ids]
-        if params[row].repetition_penalty != 1.0:
-            flat_prompt += [base + t for t in history.prompt_token_ids]
+    outputs = [histories[row].output_token_ids for row in rows]
+    prompts = [histories[row].prompt_token_ids if params[row].repetition_penalty != 1.0 else ()
+               for row in rows]
+    tokens = list(itertools.chain(*outputs, *prompts))
+    lengths = [len(t) for t in outputs] + [len(t) for t in prompts]
+    num_out = sum(lengths[: len(rows)])
     m = len(rows)
-    scalars = to_device([[float(params[r].presence_penalty) for r in rows],
-                         [float(params[r].frequency_penalty) for r in rows],
-                         [float(params[r].repetition_penalty) for r in rows]], torch.float32)
-    index = to_device(rows + flat_out + flat_prompt, torch.int64)
-    out_index = index[m : m + len(flat_out)]
-    prompt_index = index[m + len(flat_out) :]
-    counts = torch.zeros(m * vocab_size, dtype=torch.int32, device=index.device)
-    counts.index_add_(0, out_index, torch.ones_like(out_index, dtype=torch.int32))
-    seen = counts > 0
-    seen.index_fill_(0, prompt_index, True)
+    # 2m segments (the rows' outputs, then their prompts): slot, batch row, length
+    token_t = to_device(tokens, torch.int64)
+    seg = to_device([[*range(m)] * 2, rows * 2, lengths], torch.int64)
+    scalars = to_device([[float(params[r].presence_penalty) for r in rows] * 2,
+                         [float(params[r].frequency_penalty) for r in rows] * 2,
+                         [float(params[r].repetition_penalty) for r in rows] * 2],
+                        torch.float32)
+    h = len(tokens)
+
+    def per_entry(values: torch.Tensor) -> torch.Tensor:  # [2m] -> [h]
+        return values.repeat_interleave(seg[2], output_size=h)
+
+    slot_e, row_e = per_entry(seg[0]), per_entry(seg[1])
+    count_index = slot_e * vocab_size + token_t
     return Penalties(
-        rows=index[:m],
-        presence=scalars[0][:, None],
-        frequency=scalars[1][:, None],
-        repetition=scalars[2][:, None],
-        output_counts=counts.view(m, vocab_size),
-        seen=seen.view(m, vocab_size),
+        num_rows=m,
+        output_slots=count_index[:num_out],
+        logit_index=row_e * vocab_size + token_t,
+        count_index=count_index,
+        presence=per_entry(scalars[0]),
+        frequency=per_entry(scalars[1]),
+        repetition=per_entry(scalars[2]),
     )
 
 
@@ -273,17 +283,19 @@ def run_sampler(
     logits: torch.Tensor,  # [n, vocab] float32; not modified
     st: SamplingTensors,
 ) -> SamplerOutput:
-    raw_logprobs = None
-    if st.logprob_rows is not None:  # [m, vocab], before any processing
-        raw_logprobs = logits.index_select(0, st.logprob_rows).float().log_softmax(dim=-1)
-    logits = process_logits(logits, st)
-    token_ids = _draw(logits, st)
-    if raw_logprobs is None:
+    token_ids = _draw(process_logits(logits, st), st)
+    if st.logprob_rows is None:
         return SamplerOutput(token_ids)
-    chosen = token_ids.index_select(0, st.logprob_rows)[:, None]  # [m, 1]
-    top = raw_logprobs.topk(st.num_top_logprobs, dim=-1)  # k = 0 gives [m, 0]
-    return SamplerOutput(token_ids, raw_logprobs.gather(1, chosen)[:, 0], top.indices,
-                         top.values)
+    # log_softmax(x)_v = x_v - logsumexp(x): only the sampled and the top-k entries are
+    # needed, so the [m, vocab] log_softmax is never materialized (top-k of the logits is
+    # top-k of the logprobs).
+    every_row = len(st.logprob_row_list) == logits.shape[0]
+    raw = (logits if every_row else logits.index_select(0, st.logprob_rows)).float()
+    lse = raw.logsumexp(dim=-1, keepdim=True)  # [m, 1]; raw: [m, vocab], the model's own
+    chosen = token_ids if every_row else token_ids.index_select(0, st.logprob_rows)
+    top = raw.topk(st.num_top_logprobs, dim=-1)  # k = 0 gives [m, 0]
+    return SamplerOutput(token_ids, (raw.gather(1, chosen[:, None]) - lse)[:, 0],
+                         top.indices, top.values - lse)
 
 
 def process_logits(
@@ -296,13 +308,18 @@ def process_logits(
     if st.bias_index is not None:
         logits.index_put_(st.bias_index, st.bias_values, accumulate=True)
     pen = st.penalties
-    if pen is not None:
-        rows = logits.index_select(0, pen.rows)  # [m, vocab]
-        factor = torch.where(pen.seen, pen.repetition, 1.0)
-        rows = torch.where(rows > 0, rows / factor, rows * factor)
-        rows -= pen.frequency * pen.output_counts
-        rows -= pen.presence * (pen.output_counts > 0)
-        logits.index_copy_(0, pen.rows, rows)
+    if pen is not None:  # work per seen token, never per vocabulary entry
+        counts = torch.zeros(pen.num_rows * logits.shape[1], dtype=torch.int32,
+                             device=logits.device)
+        counts.index_add_(0, pen.output_slots, torch.ones_like(pen.output_slots,
+                                                               dtype=torch.int32))
+        times = counts[pen.count_index].float()  # [h] the entry's token's output count
+        flat = logits.view(-1)
+        values = flat[pen.logit_index]  # [h]
+        values = torch.where(values > 0, values / pen.repetition, values * pen.repetition)
+        values -= pen.frequency * times
+        values -= pen.presence * (times > 0)
+        flat[pen.logit_index] = values  # repeated entries write the same value
     return logits
 
 
