@@ -1,7 +1,10 @@
 """The OpenAI-compatible HTTP API (aiohttp, on the gateway's loop):
 
     POST /v1/completions, /v1/chat/completions   stream (SSE, `data: [DONE]`) or not
-    GET  /v1/models, /health (readiness), /live (liveness), /metrics
+    POST /tokenize, /detokenize                  vLLM's shapes
+    GET  /v1/models, /version, /health (readiness), /live (liveness), /metrics
+
+An API key, when the gateway has any, is needed for /v1/* and /tokenize, /detokenize.
 
 Errors are OpenAI-shaped JSON, {"error": {"message", "type", "code"}}, with the HTTP
 status. A client that disconnects aborts its request (the handler is cancelled).
@@ -20,7 +23,9 @@ import hmac
 import json
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -34,12 +39,18 @@ if TYPE_CHECKING:
     from ferry.services.gateway.main import Gateway
 
 log = get_logger()
+T = TypeVar("T")
+try:
+    _VERSION = package_version("ferry-serve")
+except PackageNotFoundError:  # a checkout used without installing
+    _VERSION = "unknown"
 
 LONG_BODY_BYTES = 32_768  # larger bodies are parsed and tokenized in the pool, off the loop
 # A body's bound, from the longest prompt that could fit (TextModel.max_prompt_chars):
 JSON_BYTES_PER_CHAR = 12  # the most one prompt character takes in JSON ("\ud83d\ude00")
 BYTES_PER_CONTEXT_TOKEN = 64  # a token id ("123456, "), or a short chat message, per token
 BODY_SLACK_BYTES = 1 << 20  # every other field (stop strings, options)
+_KEYED_PATHS = frozenset({"/tokenize", "/detokenize"})  # besides /v1/*: they cost CPU
 
 
 def max_body_bytes(text: TextModel, max_frame_bytes: int) -> int:
@@ -125,6 +136,9 @@ class HttpApi:
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_post("/tokenize", self.tokenize)
+        self.app.router.add_post("/detokenize", self.detokenize)
+        self.app.router.add_get("/version", self.version)
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/live", self.live)
         self.app.router.add_get("/metrics", self.metrics)
@@ -159,7 +173,7 @@ class HttpApi:
     @web.middleware
     async def errors_as_json(self, request: web.Request, handler) -> web.StreamResponse:
         try:
-            if request.path.startswith("/v1/"):
+            if request.path.startswith("/v1/") or request.path in _KEYED_PATHS:
                 self.check_auth(request)
             return await handler(request)
         except oai.ApiError as err:
@@ -218,6 +232,17 @@ class HttpApi:
             }],
         })
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.parse(request, functools.partial(
+            oai.tokenize, text=self.gateway.text, model_name=self.config.model_name)))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.parse(request, functools.partial(
+            oai.detokenize, text=self.gateway.text, model_name=self.config.model_name)))
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": _VERSION})
+
     async def live(self, request: web.Request) -> web.Response:
         """Liveness: the gateway's event loop answers. Restart it if this fails."""
         return web.json_response({"status": "ok"})
@@ -237,9 +262,9 @@ class HttpApi:
 
     # ---- generation -------------------------------------------------------------------
 
-    async def parse(self, request: web.Request, parse: Callable[[Any], oai.Submission]):
-        """The body as a Submission; a large one (parsing and tokenizing take long) in the
-        pool. Raises ApiError or Rejected."""
+    async def parse(self, request: web.Request, parse: Callable[[Any], T]) -> T:
+        """The body through `parse` (to a Submission, a tokenize answer...); a large one
+        (parsing and tokenizing take long) in the pool. Raises ApiError or Rejected."""
         raw = await self.read_body(request)
         if len(raw) > LONG_BODY_BYTES:
             return await self.gateway.tokenize_off_loop(_decode_and_parse, raw, parse)
@@ -467,7 +492,7 @@ def _by_choice(batch: list[tuple[Choice, Delta]]) -> list[tuple[Choice, list[Del
     return out
 
 
-def _decode_and_parse(raw: bytes, parse: Callable[[Any], oai.Submission]) -> oai.Submission:
+def _decode_and_parse(raw: bytes, parse: Callable[[Any], T]) -> T:
     return parse(oai.decode_body(raw))
 
 

@@ -279,9 +279,7 @@ def _submission(
     body: dict[str, Any], prompt_token_ids: tuple[int, ...], max_tokens: int, text: TextModel,
     *, model_name: str, logprobs: int | None,
 ) -> Submission:
-    model = _field(body, "model", str, None)
-    if model is not None and model != model_name:
-        raise ApiError(404, f"the model `{model}` does not exist; this server serves `{model_name}`")
+    _check_model(body, model_name)
     n = _field(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
         raise ApiError(400, f"n must be in [1, {MAX_N}], got {n}")
@@ -374,6 +372,82 @@ def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, ...], tuple[float, ...
         ids.append(int(key))
         values.append(float(bias))
     return tuple(ids), tuple(values)
+
+
+# ---- /tokenize, /detokenize (vLLM's shapes) ---------------------------------------------
+
+TOKENIZE_FIELDS = frozenset({"model", "prompt", "add_special_tokens", "return_token_strs"})
+TOKENIZE_CHAT_FIELDS = frozenset({"model", "messages", "add_generation_prompt",
+                                  "continue_final_message", "add_special_tokens",
+                                  "return_token_strs"})
+_TOKENIZE_UNSUPPORTED = {
+    "chat_template": (None,), "chat_template_kwargs": (None, {}), "tools": (None, []),
+    "mm_processor_kwargs": (None, {}), "media_io_kwargs": (None, {}),
+}
+
+
+def tokenize(body: Any, text: TextModel, *, model_name: str) -> dict[str, Any]:
+    """POST /tokenize: {prompt} or {messages} in, {count, max_model_len, tokens,
+    token_strs} out, as vLLM. A prompt longer than the context is a 400 (as vLLM)."""
+    body = _object(body)
+    chat = "messages" in body
+    for name, value in body.items():
+        if name in (TOKENIZE_CHAT_FIELDS if chat else TOKENIZE_FIELDS):
+            continue
+        if name in _TOKENIZE_UNSUPPORTED and _is_neutral(value, _TOKENIZE_UNSUPPORTED[name]):
+            continue
+        if name in _TOKENIZE_UNSUPPORTED:
+            raise ApiError(400, f"{name} is not supported")
+        raise ApiError(400, f"Unrecognized request argument supplied: {name}")
+    _check_model(body, model_name)
+    if chat:
+        messages = body["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages must be a non-empty list")
+        if not _field(body, "add_generation_prompt", bool, True):
+            raise ApiError(400, "add_generation_prompt: false is not supported")
+        if _field(body, "continue_final_message", bool, False):
+            raise ApiError(400, "continue_final_message is not supported")
+        try:
+            prompt = text.apply_chat_template([_message(m, i) for i, m in enumerate(messages)])
+        except ValueError as err:
+            raise ApiError(400, str(err)) from None
+        add_special_tokens = _field(body, "add_special_tokens", bool, False)
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise ApiError(400, "prompt is required: a string (or give messages)")
+        add_special_tokens = _field(body, "add_special_tokens", bool, True)
+    _check_prompt_chars(len(prompt), text)
+    token_ids = text.encode(prompt, add_special_tokens=add_special_tokens)
+    if len(token_ids) > text.max_model_len:
+        raise ApiError(400, f"this model's maximum context length is {text.max_model_len} "
+                            f"tokens; the prompt has {len(token_ids)} tokens")
+    strings = (text.token_strings(token_ids)
+               if _field(body, "return_token_strs", bool, False) else None)
+    return {"count": len(token_ids), "max_model_len": text.max_model_len, "tokens": token_ids,
+            "token_strs": strings}
+
+
+def detokenize(body: Any, text: TextModel, *, model_name: str) -> dict[str, Any]:
+    """POST /detokenize: {tokens} in, {prompt} out (special tokens kept), as vLLM."""
+    body = _object(body)
+    for name in body:
+        if name not in ("model", "tokens"):
+            raise ApiError(400, f"Unrecognized request argument supplied: {name}")
+    _check_model(body, model_name)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+        raise ApiError(400, "tokens must be a list of token ids")
+    if tokens and (min(tokens) < 0 or max(tokens) >= text.vocab_size):
+        raise ApiError(400, f"token ids must be in [0, {text.vocab_size})")
+    return {"prompt": text.decode(tokens, skip_special_tokens=False)}
+
+
+def _check_model(body: dict[str, Any], model_name: str) -> None:
+    model = _field(body, "model", str, None)
+    if model is not None and model != model_name:
+        raise ApiError(404, f"the model `{model}` does not exist; this server serves `{model_name}`")
 
 
 def _check_prompt_chars(num_chars: int, text: TextModel) -> None:

@@ -262,6 +262,30 @@ def test_n_logprobs_and_echo_shapes_through_the_openai_client(model_dir):
     arun(body())
 
 
+def test_tokenize_detokenize_and_version(model_dir):
+    async def body():
+        async with running(model_dir, api_keys=("k1",)) as h, \
+                aiohttp.ClientSession(headers={"Authorization": "Bearer k1"}) as session:
+            status, data = await post(session, h, "/tokenize",
+                                      {"model": "tiny", "prompt": "hello world"})
+            ids = h.gateway.text.encode("hello world")
+            assert status == 200 and data == {"count": len(ids), "max_model_len": 256,
+                                              "tokens": ids, "token_strs": None}
+            status, data = await post(session, h, "/detokenize", {"tokens": ids})
+            assert status == 200 and data == {"prompt": "<s>hello world"}
+            status, data = await post(session, h, "/tokenize", {"prompt": "x", "nope": 1})
+            assert status == 400 and "nope" in data["error"]["message"]
+            async with session.get(h.base_url + "/version") as resp:
+                assert resp.status == 200 and (await resp.json())["version"]
+            async with aiohttp.ClientSession() as anonymous:  # keyed like /v1/*
+                status, _ = await post(anonymous, h, "/tokenize", {"prompt": "x"})
+                assert status == 401
+                async with anonymous.get(h.base_url + "/version") as resp:
+                    assert resp.status == 200
+
+    arun(body())
+
+
 # ---- bad input ----------------------------------------------------------------------------
 
 

@@ -353,3 +353,47 @@ def test_prompt_text_too_long_for_any_tokenization_is_400_without_tokenizing(tex
     messages = [{"role": "user", "content": half}, {"role": "assistant", "content": half}]
     assert "maximum context length" in rejected(400, chat, Untouchable(), messages=messages)
     assert completion(text, prompt="x" * limit).prompt_token_ids  # at the bound: tokenized
+
+
+# ---- /tokenize, /detokenize ---------------------------------------------------------------
+
+
+def test_tokenize_and_detokenize_in_vllm_shapes(text):
+    out = oai.tokenize({"model": MODEL, "prompt": "hello world"}, text, model_name=MODEL)
+    ids = text.encode("hello world")
+    assert out == {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids,
+                   "token_strs": None}
+    out = oai.tokenize({"prompt": "hello", "add_special_tokens": False, "return_token_strs": True},
+                       text, model_name=MODEL)
+    assert out["tokens"] == text.encode("hello", add_special_tokens=False)
+    assert out["token_strs"] == text.token_strings(out["tokens"])
+    messages = [{"role": "user", "content": "hi"}]
+    out = oai.tokenize({"messages": messages}, text, model_name=MODEL)
+    assert out["tokens"] == text.encode(text.apply_chat_template(messages),
+                                        add_special_tokens=False)
+    assert oai.detokenize({"tokens": ids}, text, model_name=MODEL) == {"prompt": "<s>hello world"}
+
+
+@pytest.mark.parametrize(("call", "body", "match"), [
+    ("tokenize", {}, "prompt is required"),
+    ("tokenize", {"prompt": "x", "foo": 1}, "Unrecognized request argument supplied: foo"),
+    ("tokenize", {"messages": [{"role": "user", "content": "x"}], "prompt": "x"},
+     "supplied: prompt"),
+    ("tokenize", {"messages": [{"role": "user", "content": "x"}],
+                  "add_generation_prompt": False}, "add_generation_prompt: false"),
+    ("tokenize", {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{x}}"},
+     "chat_template is not supported"),
+    ("tokenize", {"prompt": "hello " * 300}, "maximum context length is 256"),
+    ("detokenize", {"tokens": [1, "2"]}, "tokens must be a list of token ids"),
+    ("detokenize", {"tokens": [10**6]}, "token ids must be in"),
+    ("detokenize", {"tokens": [1], "skip": True}, "supplied: skip"),
+])
+def test_tokenize_and_detokenize_refuse_what_they_do_not_honour(text, call, body, match):
+    assert match in rejected(400, getattr(oai, call), body, text, model_name=MODEL)
+
+
+def test_tokenize_and_detokenize_check_the_model(text):
+    assert "does not exist" in rejected(404, oai.tokenize, {"prompt": "x", "model": "other"},
+                                        text, model_name=MODEL)
+    assert "does not exist" in rejected(404, oai.detokenize, {"tokens": [], "model": "other"},
+                                        text, model_name=MODEL)
