@@ -311,7 +311,11 @@ class RequestTable:
         else:
             pieces = []
             for n, token_id in enumerate(text_ids):
-                piece, matched = req.stop.feed(req.detok.step((token_id,)))
+                piece = req.detok.step((token_id,))
+                if first_index + n < req.sampling.min_tokens:
+                    pieces.append(piece)  # stop strings count from min_tokens on (vLLM)
+                    continue
+                piece, matched = req.stop.feed(piece)
                 pieces.append(piece)
                 if matched:
                     del new_ids[n + 1 :]

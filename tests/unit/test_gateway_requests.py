@@ -509,3 +509,14 @@ def test_skip_special_tokens_false_shows_them(text):
         req = add(table, skip_special_tokens=skip, max_tokens=2 * len(ids) + 1, ignore_eos=True)
         delta = table.on_tokens(tokens(req, 0, [*ids, eos, *ids], "length"))
         assert delta.text == want
+
+
+def test_stop_strings_are_not_matched_before_min_tokens(text):
+    ids = output_ids(text, "hello world, hello world, the end")
+    first_world = output_ids(text, "hello world")  # the first match ends within these
+    for min_tokens, want in [(0, "hello"), (len(first_world), "hello world, hello")]:
+        table = make_table(text)
+        req = add(table, stop=(" world",), min_tokens=min_tokens)
+        deltas = feed_one_by_one(table, req, ids)
+        assert "".join(d.text for d in deltas) == want
+        assert deltas[-1].finish_reason == "stop"
