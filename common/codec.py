@@ -64,15 +64,18 @@ class Registry:
         self._tag_of: dict[type, int] = {}
         self._class_of: dict[int, type] = {}
         self._fields: dict[type, tuple[tuple[str, _Convert], ...]] = {}
-        self._num_required: dict[type, int] = {}  # leading fields without a default
+        self._num_required: dict[type, int] = {}  # leading fields a sender must send
+        # min_fields and the defaults of the fields after them (types given min_fields)
+        self._trim: dict[type, tuple[int, tuple[Any, ...]]] = {}
 
-    def message(self, tag: int) -> Callable[[type[T]], type[T]]:
-        """Class decorator registering a frozen kw-only dataclass under `tag`."""
+    def message(self, tag: int, *, min_fields: int | None = None) -> Callable[[type[T]], type[T]]:
+        """Class decorator registering a frozen kw-only dataclass under `tag` (min_fields
+        as in `struct`)."""
 
         def register(cls: type[T]) -> type[T]:
             if tag in self._class_of:
                 raise ValueError(f"tag {tag} already used by {self._class_of[tag].__name__}")
-            self._register_struct(cls)
+            self._register_struct(cls, min_fields=min_fields)
             self._tag_of[cls] = tag
             self._class_of[tag] = cls
             return cls
@@ -80,9 +83,11 @@ class Registry:
         return register
 
     def struct(self, cls: type[T], *, min_fields: int | None = None) -> type[T]:
-        """Register a nested value type (no tag of its own). min_fields: how many leading
-        fields a sender must send even though they have defaults (those the type had when
-        the protocol version began; later ones may be missing)."""
+        """Register a nested value type (no tag of its own). min_fields: the fields the
+        type had when the protocol version began (a peer of that version expects them all).
+        Fields added since, at the end with defaults, are left out of the encoding while
+        they hold their default, so an older peer reads every message that uses none of
+        them; a decoder fills them in when missing."""
         self._register_struct(cls, min_fields=min_fields)
         return cls
 
@@ -101,6 +106,10 @@ class Registry:
         while required and has_default[required - 1]:
             required -= 1
         self._num_required[cls] = max(required, min_fields or 0)
+        if min_fields is not None:
+            self._trim[cls] = (min_fields, tuple(
+                f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in fields[min_fields:]))
 
     def tag_of(self, cls: type) -> int:
         return self._tag_of[cls]
@@ -116,7 +125,13 @@ class Registry:
 
     def _to_plain(self, value: Any) -> Any:
         if dataclasses.is_dataclass(value):
-            return [self._to_plain(getattr(value, name)) for name, _ in self._fields[type(value)]]
+            values = [getattr(value, name) for name, _ in self._fields[type(value)]]
+            trim = self._trim.get(type(value))
+            if trim is not None:  # drop trailing fields that hold their default
+                keep, defaults = trim
+                while len(values) > keep and _same(values[-1], defaults[len(values) - keep - 1]):
+                    values.pop()
+            return [self._to_plain(v) for v in values]
         if isinstance(value, tuple | list) and value and dataclasses.is_dataclass(value[0]):
             return [self._to_plain(v) for v in value]
         return value  # scalars, and sequences of scalars: msgpack packs tuples as arrays
@@ -239,6 +254,10 @@ class Registry:
         if hint in (str, bytes):
             return _exact(hint, where)
         raise TypeError(f"{where}: unsupported field type {hint!r}")
+
+
+def _same(value: Any, default: Any) -> bool:
+    return type(value) is type(default) and value == default
 
 
 def _exact(kind: type, where: str) -> _Convert:

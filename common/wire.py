@@ -2,9 +2,11 @@
 
 Each message is a frozen, keyword-only dataclass registered under a u16 tag; the codec
 (common/codec.py) turns it into [header, msgpack body] frames. Tags are grouped by
-sender -> recipient. Extend by adding fields at the end: with a default (an older sender
-omits them and the decoder fills the default in; keep the default neutral), else with a
-protocol-version bump; never renumber a tag.
+sender -> recipient. Extend by adding fields at the end: with a neutral default, and the
+type's field count before them as its `min_fields` (then a message that leaves them at
+their defaults encodes as before, so an older peer reads it, and an older sender's
+message decodes with the defaults filled in), else with a protocol-version bump; never
+renumber a tag.
 
 Topology (every process binds one PULL "inbox"; peers PUSH to it; the SDK and the admin
 CLI talk request/reply over ROUTER/DEALER):
@@ -106,7 +108,7 @@ class CancelRequest:
     api_key: str | None = None
 
 
-@REGISTRY.message(3)
+@REGISTRY.message(3, min_fields=7)  # logprobs came later
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TokenChunk:
     client_req_id: str  # echo of GenerateRequest.client_req_id
@@ -229,7 +231,7 @@ class InstanceDown:
 # ---------------------------------------------------------------------------------------
 
 
-@REGISTRY.message(30)
+@REGISTRY.message(30, min_fields=6)  # logprobs came later
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Tokens:
     req_id: str

@@ -119,11 +119,11 @@ def test_rejects_bad_frame_counts_and_headers():
 def test_trailing_fields_with_defaults_may_be_missing():
     """An older sender omits fields added since with a default; the rest stay required."""
     tag = wire.REGISTRY.tag_of(wire.Tokens)
-    old = wire.decode(_frames(tag, ["r", "i", 0, [1], None]))  # no attempt, no logprobs
-    assert (old.attempt, old.logprobs) == (0, ())
-    with pytest.raises(WireError, match="expected 5 to 7 fields, got 4"):
-        wire.decode(_frames(tag, ["r", "i", 0, [1]]))
-    with pytest.raises(WireError, match="expected 5 to 7 fields, got 8"):
+    old = wire.decode(_frames(tag, ["r", "i", 0, [1], None, 2]))  # no logprobs
+    assert (old.attempt, old.logprobs) == (2, ())
+    with pytest.raises(WireError, match="expected 6 to 7 fields, got 5"):
+        wire.decode(_frames(tag, ["r", "i", 0, [1], None]))  # attempt was in v2 from the start
+    with pytest.raises(WireError, match="expected 6 to 7 fields, got 8"):
         wire.decode(_frames(tag, ["r", "i", 0, [1], None, 0, [], 5]))  # never ignored
     tag = wire.REGISTRY.tag_of(wire.Dispatch)
     sampling_v2_0 = [5, 0.5, 0, 1.0, 3, [], False, []]  # before the penalties were added
@@ -131,6 +131,24 @@ def test_trailing_fields_with_defaults_may_be_missing():
     assert msg.sampling == SamplingParams(max_tokens=5, temperature=0.5, seed=3)
     with pytest.raises(WireError, match="Dispatch.sampling: expected 8 to 18 fields, got 7"):
         wire.decode(_frames(tag, ["r", [1], [], sampling_v2_0[:7], 0, "tcp://a:1", 1.0, 0]))
+
+
+def test_fields_added_since_are_left_out_at_their_defaults():
+    """A message that uses none of the fields added in this protocol version encodes as
+    before them, so a peer that predates them reads it."""
+    plain = wire.Tokens(req_id="r", instance_id="i", first_index=0, token_ids=(1,),
+                        finish_reason=None)
+    assert len(msgpack.unpackb(wire.encode(plain)[1])) == 6  # attempt stays (v2 had it)
+    sampling = SamplingParams(max_tokens=3, seed=1)
+    dispatch = wire.Dispatch(req_id="r", prompt_token_ids=(1,), output_token_ids=(),
+                             sampling=sampling, priority=0, reply_addr="tcp://a:1",
+                             arrival_s=0.0)
+    assert len(msgpack.unpackb(wire.encode(dispatch)[1])[3]) == 8
+    penalized = dataclasses.replace(dispatch, sampling=dataclasses.replace(
+        sampling, skip_special_tokens=False))
+    assert len(msgpack.unpackb(wire.encode(penalized)[1])[3]) == 18
+    for msg in (plain, dispatch, penalized):
+        assert wire.decode(wire.encode(msg)) == msg
 
 
 def test_nested_struct_checked():
