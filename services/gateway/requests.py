@@ -418,7 +418,7 @@ def check_request(
     max_tokens_limit: int,
 ) -> None:
     """Raise Rejected(400) for a request that can't run: bad sampling, empty prompt,
-    unknown token ids (prompt, logit_bias), or more tokens than the model's context holds."""
+    unknown token ids (prompt, logit_bias, stop_token_ids), or more tokens than the model's context holds."""
     try:
         sampling.validate()
     except ValueError as err:
@@ -431,8 +431,10 @@ def check_request(
         raise Rejected(400, "the prompt is empty")
     if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
         raise Rejected(400, f"prompt token ids must be in [0, {vocab_size})")
-    if any(t >= vocab_size for t in sampling.logit_bias_token_ids):
-        raise Rejected(400, f"logit_bias token ids must be in [0, {vocab_size})")
+    for name in ("logit_bias_token_ids", "stop_token_ids"):
+        if any(t >= vocab_size for t in getattr(sampling, name)):
+            field = name.removesuffix("_token_ids") if name.startswith("logit") else name
+            raise Rejected(400, f"{field} token ids must be in [0, {vocab_size})")
     prompt_len = len(prompt_token_ids)
     if prompt_len + sampling.max_tokens > max_model_len:
         raise Rejected(

@@ -174,8 +174,9 @@ def _build_extras(
                 raise ValueError(f"row {row} has min_tokens but no token history")
             if len(history.output_token_ids) < p.min_tokens:
                 # (a biased stop id gets both entries: they add up to -inf)
-                stops = list(dict.fromkeys(
-                    p.stop_token_ids + (() if p.ignore_eos else eos_token_ids)))
+                stops = [t for t in dict.fromkeys(
+                    p.stop_token_ids + (() if p.ignore_eos else eos_token_ids))
+                    if t < vocab_size]  # an id past the vocabulary is never sampled anyway
                 bias_rows += [row] * len(stops)
                 bias_ids += stops
                 bias_values += [float("-inf")] * len(stops)

@@ -305,6 +305,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of must equal n (1)"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"999999": 5}}, 400,
      "logit_bias token ids must be in"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [999999]}, 400,
+     "stop_token_ids token ids must be in"),
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400,
      "echo with logprobs is not supported"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],

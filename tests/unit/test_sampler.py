@@ -368,3 +368,9 @@ def test_sampling_params_check_the_new_fields():
     ]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(**{**{"max_tokens": 16}, **bad}).validate()
+
+
+def test_stop_ids_past_the_vocabulary_are_no_error():
+    p = SamplingParams(temperature=0.0, seed=0, min_tokens=2, stop_token_ids=(10**6,))
+    st = _build([p], [3], [TokenHistory([1], [])], 10)
+    assert 0 <= run_sampler(torch.zeros(1, 10), st).token_ids.item() < 10
