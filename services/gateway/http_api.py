@@ -371,7 +371,8 @@ class HttpApi:
                         await _send_event(response, reply.chunk(choice, text, token_ids,
                                                                 logprobs, None))
                     timed_out = True
-                elif text or token_ids or choice.finish_reason is not None:
+                elif text or choice.finish_reason is not None or token_ids and (
+                        reply.sub.sampling.logprobs is not None or reply.sub.continuous_usage):
                     await _send_event(response, reply.chunk(choice, text, token_ids, logprobs,
                                                             choice.finish_reason))
             if timed_out:
