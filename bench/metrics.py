@@ -7,12 +7,17 @@
 prefill latency: arrival -> first output token (queueing included);
 decode latency: mean time per output token after the first;
 e2e latency: arrival -> last token.
+
+Statistics of an empty set are NaN here; `json_safe` turns them into null before any JSON
+is written (JSON has no NaN: strict parsers refuse it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -83,3 +88,32 @@ def summarize(
     if extra:
         result.update(extra)
     return result
+
+
+def throughput(records: list[RequestRecord]) -> dict[str, float | int | None]:
+    """Completed work per second of the run (first request sent -> last one finished):
+    requests, prompt tokens and output tokens, as vLLM's benchmark names them."""
+    done = [r for r in records if r.finish_s is not None and r.error is None]
+    starts = [r.arrival_s for r in records]
+    duration = max((r.finish_s for r in done), default=0.0) - min(starts, default=0.0)
+    total_in = sum(r.num_prompt_tokens for r in done)
+    total_out = sum(r.num_output_tokens for r in done)
+
+    def rate(amount: float) -> float | None:
+        return amount / duration if duration > 0 else None
+
+    return {"duration_s": duration if done else None, "completed": len(done),
+            "total_input_tokens": total_in, "total_output_tokens": total_out,
+            "request_throughput": rate(len(done)), "input_throughput": rate(total_in),
+            "output_throughput": rate(total_out)}
+
+
+def json_safe(value: Any) -> Any:
+    """value with every NaN or infinity (nested in dicts, lists, tuples) made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value

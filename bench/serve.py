@@ -1,9 +1,17 @@
 """`ferry bench serve --trace F`: replay a trace against a running cluster.
 
-Each trace line becomes one streaming request at its arrival time (optionally scaled),
-with `prompt_tokens` random token ids, `max_tokens = output_tokens` and ignore_eos, so
-the lengths are the trace's. Through the SDK (default) or HTTP (`--http URL`). Prints the
-results JSON (DESIGN §8) and writes it, with plots, next to `--out`.
+Each trace line becomes one streaming request with `prompt_tokens` random token ids,
+`max_tokens = output_tokens` and ignore_eos, so the lengths are the trace's. Two modes:
+
+    open loop (default)     each request at its arrival time (scaled by --time-scale)
+    closed loop             --concurrency N: N clients, each sending the trace's next
+                            request as soon as its previous one finished (arrival times
+                            ignored): the throughput the cluster sustains at N in flight
+
+Through the SDK (default) or HTTP (`--http URL`). Prints the results JSON (DESIGN §8,
+plus throughput: request_throughput req/s, input_throughput and output_throughput tok/s
+over the run) on stdout and a table on stderr, and writes the JSON, with plots, next to
+`--out`. The JSON never holds NaN (a statistic of no request is null).
 """
 
 from __future__ import annotations
@@ -12,10 +20,11 @@ import argparse
 import asyncio
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
-from ferry.bench.metrics import RequestRecord, summarize
+from ferry.bench.metrics import RequestRecord, json_safe, summarize, throughput
 from ferry.bench.sim import load_trace
 from ferry.common import env
 
@@ -32,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt ids are drawn below this")
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="arrival_s is multiplied by this (0.5: twice the rate)")
+    parser.add_argument("--concurrency", type=int, default=0,
+                        help="closed loop: N requests in flight, each sent when one finishes "
+                             "(arrival times ignored); 0: replay the arrival times")
     parser.add_argument("--max-output-tokens", type=int, default=0,
                         help="cap each request's output length (0: the trace's)")
     parser.add_argument("--max-prompt-tokens", type=int, default=0)
@@ -112,11 +124,7 @@ async def replay(args: argparse.Namespace) -> list[RequestRecord]:
         if progress is not None:
             progress.update(1)
 
-    start = time.perf_counter()
-    for i, entry in enumerate(trace):
-        delay = start + entry["arrival_s"] * args.time_scale - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
+    def make(i: int, entry: dict) -> tuple[RequestRecord, list[int], int]:
         prompt_len = entry["prompt_tokens"]
         if args.max_prompt_tokens:
             prompt_len = min(prompt_len, args.max_prompt_tokens)
@@ -127,7 +135,23 @@ async def replay(args: argparse.Namespace) -> list[RequestRecord]:
         record = RequestRecord(req_id=str(i), priority=entry["priority"],
                                arrival_s=time.perf_counter(), num_prompt_tokens=prompt_len)
         records.append(record)
-        tasks.append(asyncio.create_task(run_one(record, prompt_ids, max(1, max_tokens))))
+        return record, prompt_ids, max(1, max_tokens)
+
+    if getattr(args, "concurrency", 0) > 0:  # closed loop
+        entries = iter(enumerate(trace))
+
+        async def client_loop() -> None:
+            for i, entry in entries:  # shared: each entry is taken once
+                await run_one(*make(i, entry))
+
+        tasks = [asyncio.create_task(client_loop()) for _ in range(args.concurrency)]
+    else:
+        start = time.perf_counter()
+        for i, entry in enumerate(trace):
+            delay = start + entry["arrival_s"] * args.time_scale - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(run_one(*make(i, entry))))
     await asyncio.gather(*tasks)
     if progress is not None:
         progress.close()
@@ -163,29 +187,62 @@ def run(args: argparse.Namespace) -> dict:
     records = asyncio.run(replay(args))
     duration = time.perf_counter() - start
     after = cluster_counts(args.admin_addr)
+    concurrency = getattr(args, "concurrency", 0) or None
     result = summarize(
         records,
         num_migrations=after["num_migrations"] - before["num_migrations"],
         num_preemptions=after["num_preemptions"] - before["num_preemptions"],
         instance_seconds=after["num_instances"] * duration,
         extra={"label": args.label or after.get("dispatch_policy", ""),
-               "duration_s": duration, "num_instances": after["num_instances"],
+               "num_instances": after["num_instances"],
+               "mode": "closed_loop" if concurrency else "trace",
+               "concurrency": concurrency,
+               **throughput(records),
                "errors": sorted({r.error for r in records if r.error})[:10]},
     )
+    result = json_safe(result)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
         from ferry.bench.plots import latency_cdfs
 
         latency_cdfs({result["label"]: records}, out.with_suffix(".png"))
     return result
 
 
+def table(result: dict) -> str:
+    """The run in a few lines for people (the JSON is for scripts)."""
+    def num(value, scale: float = 1.0, digits: int = 2) -> str:
+        return "-" if value is None else f"{value * scale:.{digits}f}"
+
+    def p50_p99(key: str, scale: float = 1.0) -> str:
+        return f"{num(result[key]['p50'], scale)} / {num(result[key]['p99'], scale)}"
+
+    mode = (f"closed loop, concurrency {result['concurrency']}" if result["concurrency"]
+            else "trace replay")
+    rows = [
+        ("mode", mode),
+        ("requests", f"{result['num_requests']} done, {result['num_failed']} failed"),
+        ("duration s", num(result["duration_s"])),
+        ("throughput req/s", num(result["request_throughput"])),
+        ("input tok/s", num(result["input_throughput"], digits=1)),
+        ("output tok/s", num(result["output_throughput"], digits=1)),
+        ("prefill p50 / p99 s", p50_p99("prefill_latency_s")),
+        ("decode p50 / p99 ms", p50_p99("decode_latency_s", 1e3)),
+        ("e2e p50 / p99 s", p50_p99("e2e_latency_s")),
+        ("migrations", str(result["num_migrations"])),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ferry bench serve", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    print(json.dumps(run(parser.parse_args(argv)), indent=1))
+    result = run(parser.parse_args(argv))
+    print(json.dumps(result, indent=1, allow_nan=False))
+    print(table(result), file=sys.stderr)
 
 
 if __name__ == "__main__":

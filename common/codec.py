@@ -5,7 +5,8 @@ Frames of one message:
     [header][body]
     header = struct "!BH": protocol version (u8), message tag (u16)
     body   = msgpack array of the message's field values, in declaration order;
-             a nested struct is itself an array; tuples travel as arrays.
+             a nested struct is itself an array; tuples travel as arrays. Trailing
+             fields that have a default may be missing (an older sender): they take it.
 
 Routers read only the header (`peek_tag`) and forward the frames unread.
 Decoding checks version, tag, size, arity and every field's type against the
@@ -63,34 +64,52 @@ class Registry:
         self._tag_of: dict[type, int] = {}
         self._class_of: dict[int, type] = {}
         self._fields: dict[type, tuple[tuple[str, _Convert], ...]] = {}
+        self._num_required: dict[type, int] = {}  # leading fields a sender must send
+        # min_fields and the defaults of the fields after them (types given min_fields)
+        self._trim: dict[type, tuple[int, tuple[Any, ...]]] = {}
 
-    def message(self, tag: int) -> Callable[[type[T]], type[T]]:
-        """Class decorator registering a frozen kw-only dataclass under `tag`."""
+    def message(self, tag: int, *, min_fields: int | None = None) -> Callable[[type[T]], type[T]]:
+        """Class decorator registering a frozen kw-only dataclass under `tag` (min_fields
+        as in `struct`)."""
 
         def register(cls: type[T]) -> type[T]:
             if tag in self._class_of:
                 raise ValueError(f"tag {tag} already used by {self._class_of[tag].__name__}")
-            self._register_struct(cls)
+            self._register_struct(cls, min_fields=min_fields)
             self._tag_of[cls] = tag
             self._class_of[tag] = cls
             return cls
 
         return register
 
-    def struct(self, cls: type[T]) -> type[T]:
-        """Class decorator for a nested value type (no tag of its own)."""
-        self._register_struct(cls)
+    def struct(self, cls: type[T], *, min_fields: int | None = None) -> type[T]:
+        """Register a nested value type (no tag of its own). min_fields: the fields the
+        type had when the protocol version began (a peer of that version expects them all).
+        Fields added since, at the end with defaults, are left out of the encoding while
+        they hold their default, so an older peer reads every message that uses none of
+        them; a decoder fills them in when missing."""
+        self._register_struct(cls, min_fields=min_fields)
         return cls
 
-    def _register_struct(self, cls: type) -> None:
+    def _register_struct(self, cls: type, *, min_fields: int | None = None) -> None:
         params = getattr(cls, "__dataclass_params__", None)
         if params is None or not params.frozen:
             raise TypeError(f"{cls.__name__} must be a frozen dataclass")
         hints = typing.get_type_hints(cls, include_extras=True)
+        fields = dataclasses.fields(cls)
         self._fields[cls] = tuple(
-            (f.name, self._converter(hints[f.name], f"{cls.__name__}.{f.name}"))
-            for f in dataclasses.fields(cls)
+            (f.name, self._converter(hints[f.name], f"{cls.__name__}.{f.name}")) for f in fields
         )
+        has_default = [f.default is not dataclasses.MISSING
+                       or f.default_factory is not dataclasses.MISSING for f in fields]
+        required = len(fields)
+        while required and has_default[required - 1]:
+            required -= 1
+        self._num_required[cls] = max(required, min_fields or 0)
+        if min_fields is not None:
+            self._trim[cls] = (min_fields, tuple(
+                f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in fields[min_fields:]))
 
     def tag_of(self, cls: type) -> int:
         return self._tag_of[cls]
@@ -106,7 +125,13 @@ class Registry:
 
     def _to_plain(self, value: Any) -> Any:
         if dataclasses.is_dataclass(value):
-            return [self._to_plain(getattr(value, name)) for name, _ in self._fields[type(value)]]
+            values = [getattr(value, name) for name, _ in self._fields[type(value)]]
+            trim = self._trim.get(type(value))
+            if trim is not None:  # drop trailing fields that hold their default
+                keep, defaults = trim
+                while len(values) > keep and _same(values[-1], defaults[len(values) - keep - 1]):
+                    values.pop()
+            return [self._to_plain(v) for v in values]
         if isinstance(value, tuple | list) and value and dataclasses.is_dataclass(value[0]):
             return [self._to_plain(v) for v in value]
         return value  # scalars, and sequences of scalars: msgpack packs tuples as arrays
@@ -148,9 +173,13 @@ class Registry:
         fields = self._fields[cls]
         if not isinstance(plain, list):
             raise WireError(400, f"{where}: expected an array of fields")
-        if len(plain) != len(fields):
-            raise WireError(400, f"{where}: expected {len(fields)} fields, got {len(plain)}")
-        kwargs = {name: convert(value) for (name, convert), value in zip(fields, plain, strict=True)}
+        # An older sender omits trailing fields added since with a default: they take it.
+        required = self._num_required[cls]
+        if not required <= len(plain) <= len(fields):
+            expected = len(fields) if required == len(fields) else f"{required} to {len(fields)}"
+            raise WireError(400, f"{where}: expected {expected} fields, got {len(plain)}")
+        kwargs = {name: convert(value)
+                  for (name, convert), value in zip(fields[: len(plain)], plain, strict=True)}
         try:
             msg = cls(**kwargs)
         except (TypeError, ValueError) as exc:
@@ -225,6 +254,10 @@ class Registry:
         if hint in (str, bytes):
             return _exact(hint, where)
         raise TypeError(f"{where}: unsupported field type {hint!r}")
+
+
+def _same(value: Any, default: Any) -> bool:
+    return type(value) is type(default) and value == default
 
 
 def _exact(kind: type, where: str) -> _Convert:

@@ -2,8 +2,11 @@
 
 Each message is a frozen, keyword-only dataclass registered under a u16 tag; the codec
 (common/codec.py) turns it into [header, msgpack body] frames. Tags are grouped by
-sender -> recipient. Extend by adding fields at the end with a protocol-version bump;
-never renumber a tag.
+sender -> recipient. Extend by adding fields at the end: with a neutral default, and the
+type's field count before them as its `min_fields` (then a message that leaves them at
+their defaults encodes as before, so an older peer reads it, and an older sender's
+message decodes with the defaults filled in), else with a protocol-version bump; never
+renumber a tag.
 
 Topology (every process binds one PULL "inbox"; peers PUSH to it; the SDK and the admin
 CLI talk request/reply over ROUTER/DEALER):
@@ -31,7 +34,7 @@ from enum import IntEnum
 from typing import Annotated
 
 from ferry.common.codec import PROTOCOL_VERSION, Check, Registry, WireError, peek_tag
-from ferry.common.sampling import SamplingParams
+from ferry.common.sampling import SamplingParams, TokenLogprobs
 
 __all__ = ["PROTOCOL_VERSION", "WireError", "peek_tag", "REGISTRY", "encode", "decode", "Priority"]
 
@@ -39,7 +42,8 @@ REGISTRY = Registry()
 encode = REGISTRY.encode
 decode = REGISTRY.decode
 
-REGISTRY.struct(SamplingParams)
+REGISTRY.struct(SamplingParams, min_fields=8)  # max_tokens .. stop; the rest came later
+REGISTRY.struct(TokenLogprobs)
 
 _TCP_ENDPOINT = re.compile(r"tcp://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]*):(\d{1,5})")
 _LOCAL_ENDPOINT = re.compile(r"(?:ipc|inproc)://\S+")
@@ -104,7 +108,7 @@ class CancelRequest:
     api_key: str | None = None
 
 
-@REGISTRY.message(3)
+@REGISTRY.message(3, min_fields=7)  # logprobs came later
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TokenChunk:
     client_req_id: str  # echo of GenerateRequest.client_req_id
@@ -114,6 +118,8 @@ class TokenChunk:
     text: str  # detokenized text delta for these tokens (stop strings already cut)
     finish_reason: str | None  # "length" | "stop" | "abort" | "timeout" | None (more to come)
     num_prompt_tokens: int  # prompt length in tokens (usage accounting)
+    # One per token of token_ids when the request asked for logprobs, else ().
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @REGISTRY.message(4)
@@ -225,7 +231,7 @@ class InstanceDown:
 # ---------------------------------------------------------------------------------------
 
 
-@REGISTRY.message(30)
+@REGISTRY.message(30, min_fields=6)  # logprobs came later
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Tokens:
     req_id: str
@@ -234,6 +240,8 @@ class Tokens:
     token_ids: tuple[int, ...]  # new output tokens (may be empty with a finish_reason)
     finish_reason: str | None  # "length" | "stop" | "abort" | None
     attempt: int = 0  # Dispatch.attempt of the copy that made them
+    # One per token of token_ids when the request asked for logprobs, else ().
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @REGISTRY.message(31)

@@ -29,7 +29,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from ferry.common import env, wire
 from ferry.common.codec import WireError
-from ferry.common.sampling import SamplingParams
+from ferry.common.sampling import SamplingParams, TokenLogprobs
 from ferry.errors import (
     BadRequest,
     ConnectionLost,
@@ -66,6 +66,7 @@ class Completion:
     text: str  # detokenized output, stop strings cut
     finish_reason: str  # "length" | "stop" | "abort"
     num_prompt_tokens: int
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token when asked (logprobs=k)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,7 @@ class Chunk:
     text: str  # text delta
     finish_reason: str | None  # None until the last chunk
     num_prompt_tokens: int
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token when asked (logprobs=k)
 
 
 class _Replies:
@@ -101,7 +103,7 @@ class _Replies:
                 client_req_id=last.client_req_id, req_id=last.req_id,
                 first_index=last.first_index, token_ids=last.token_ids + msg.token_ids,
                 text=last.text + msg.text, finish_reason=msg.finish_reason,
-                num_prompt_tokens=msg.num_prompt_tokens,
+                num_prompt_tokens=msg.num_prompt_tokens, logprobs=last.logprobs + msg.logprobs,
             ))
         else:
             self.chunks.append(msg)
@@ -170,15 +172,20 @@ class AsyncClient:
         finally:
             stream.abort()  # no-op once finished
         return Completion(chunk.req_id, chunk.token_ids, chunk.text, chunk.finish_reason,
-                          chunk.num_prompt_tokens)
+                          chunk.num_prompt_tokens, chunk.logprobs)
 
     def stream(self, prompt: str | None = None, **kwargs: Any) -> AsyncStream:
         """A request's chunks as an async iterator; the request goes out on the first
         iteration. Arguments are checked here (BadRequest):
 
         prompt / prompt_token_ids (exactly one), max_tokens=16, temperature=1.0,
-        top_p=1.0, top_k=0, seed=None, stop=() (a string or strings),
-        ignore_eos=False, priority="normal" | "high", timeout_s (client default)."""
+        top_p=1.0, top_k=0, min_p=0.0, seed=None, stop=() (a string or strings),
+        stop_token_ids=(), ignore_eos=False, min_tokens=0, presence_penalty=0.0,
+        frequency_penalty=0.0, repetition_penalty=1.0, logit_bias={token id: bias},
+        logprobs=None (k: each token's logprob and the top k, in chunk.logprobs),
+        include_stop_str_in_output=False, skip_special_tokens=True,
+        priority="normal" | "high", timeout_s (client default). Anything else is a
+        BadRequest naming it."""
         return AsyncStream(self, *self._request(prompt, stream=True, **kwargs))
 
     def abort(self, client_req_id: str) -> None:
@@ -202,23 +209,44 @@ class AsyncClient:
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
+        min_p: float = 0.0,
         seed: int | None = None,
         stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
+        min_tokens: int = 0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logit_bias: dict[int, float] | None = None,
+        logprobs: int | None = None,
+        include_stop_str_in_output: bool = False,
+        skip_special_tokens: bool = True,
         priority: str | int = "normal",
         timeout_s: float | None = None,
+        **unknown: Any,
     ) -> tuple[str, list[bytes], float]:
         """(client_req_id, the GenerateRequest's frames, timeout_s), checked."""
+        if unknown:
+            raise BadRequest(f"unknown argument {sorted(unknown)[0]!r}: the SDK does not take "
+                             f"it (see AsyncClient.stream for the arguments)")
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
+            bias = dict(logit_bias or {})
             sampling = SamplingParams(
                 max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                seed=seed, ignore_eos=ignore_eos,
+                min_p=min_p, seed=seed, ignore_eos=ignore_eos,
                 stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                stop_token_ids=tuple(stop_token_ids), min_tokens=min_tokens,
+                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                repetition_penalty=repetition_penalty,
+                logit_bias_token_ids=tuple(bias), logit_bias_values=tuple(bias.values()),
+                logprobs=logprobs, include_stop_str_in_output=include_stop_str_in_output,
+                skip_special_tokens=skip_special_tokens,
             )
             sampling.validate()
             priority_value = int(wire.Priority.parse(priority))
-        except ValueError as err:
+        except (TypeError, ValueError) as err:
             raise BadRequest(str(err)) from None
         if (prompt is None) == (prompt_token_ids is None):
             raise BadRequest("give exactly one of prompt and prompt_token_ids")
@@ -339,7 +367,7 @@ class AsyncStream:
         if msg.finish_reason == "timeout":
             self._timed_out = True
         return Chunk(msg.req_id, msg.first_index, msg.token_ids, msg.text, msg.finish_reason,
-                     msg.num_prompt_tokens)
+                     msg.num_prompt_tokens, msg.logprobs)
 
     async def start(self) -> None:
         """Send the request now (iterating does it otherwise); idempotent."""

@@ -1,7 +1,10 @@
 """The OpenAI-compatible HTTP API (aiohttp, on the gateway's loop):
 
     POST /v1/completions, /v1/chat/completions   stream (SSE, `data: [DONE]`) or not
-    GET  /v1/models, /health (readiness), /live (liveness), /metrics
+    POST /tokenize, /detokenize                  vLLM's shapes
+    GET  /v1/models, /version, /health (readiness), /live (liveness), /metrics
+
+An API key, when the gateway has any, is needed for /v1/* and /tokenize, /detokenize.
 
 Errors are OpenAI-shaped JSON, {"error": {"message", "type", "code"}}, with the HTTP
 status. A client that disconnects aborts its request (the handler is cancelled).
@@ -20,7 +23,9 @@ import hmac
 import json
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -34,12 +39,18 @@ if TYPE_CHECKING:
     from ferry.services.gateway.main import Gateway
 
 log = get_logger()
+T = TypeVar("T")
+try:
+    _VERSION = package_version("ferry-serve")
+except PackageNotFoundError:  # a checkout used without installing
+    _VERSION = "unknown"
 
 LONG_BODY_BYTES = 32_768  # larger bodies are parsed and tokenized in the pool, off the loop
 # A body's bound, from the longest prompt that could fit (TextModel.max_prompt_chars):
 JSON_BYTES_PER_CHAR = 12  # the most one prompt character takes in JSON ("\ud83d\ude00")
 BYTES_PER_CONTEXT_TOKEN = 64  # a token id ("123456, "), or a short chat message, per token
 BODY_SLACK_BYTES = 1 << 20  # every other field (stop strings, options)
+_KEYED_PATHS = frozenset({"/tokenize", "/detokenize"})  # besides /v1/*: they cost CPU
 
 
 def max_body_bytes(text: TextModel, max_frame_bytes: int) -> int:
@@ -71,17 +82,18 @@ class _Refuse(asyncio.Protocol):
 
 
 class HttpSink:
-    """One HTTP request's output: at most `max_chunks` deltas wait for the handler; past
-    that a new delta merges into the last one, so a slow reader gets fewer, larger pieces
-    and the buffer stays bounded."""
+    """One request's output (one choice of an HTTP request): at most `max_chunks` deltas
+    wait for the handler; past that a new delta merges into the last one, so a slow reader
+    gets fewer, larger pieces and the buffer stays bounded. The choices of one HTTP request
+    share `event`."""
 
     __slots__ = ("max_chunks", "deltas", "error", "event", "alive")
 
-    def __init__(self, max_chunks: int) -> None:
+    def __init__(self, max_chunks: int, event: asyncio.Event | None = None) -> None:
         self.max_chunks = max_chunks
         self.deltas: deque[Delta] = deque()
         self.error: oai.ApiError | None = None
-        self.event = asyncio.Event()
+        self.event = event or asyncio.Event()
         self.alive = True  # False once the handler has gone
 
     def push(self, delta: Delta) -> bool:
@@ -90,6 +102,7 @@ class HttpSink:
             delta = Delta(
                 last.req, last.first_index, last.token_ids + delta.token_ids,
                 last.text + delta.text, delta.finish_reason, delta.release,
+                last.logprobs + delta.logprobs,
             )
         self.deltas.append(delta)
         self.event.set()
@@ -99,16 +112,16 @@ class HttpSink:
         self.error = oai.ApiError(code, message)
         self.event.set()
 
-    async def next(self) -> list[Delta]:
-        """Every delta since the last call (waits for one); raises the request's error."""
-        while not self.deltas and self.error is None:
-            self.event.clear()
-            await self.event.wait()
+    def take(self) -> list[Delta]:
+        """Every delta since the last call (maybe none); raises the request's error once
+        they are taken."""
         if self.deltas:
             out = list(self.deltas)
             self.deltas.clear()
             return out
-        raise self.error
+        if self.error is not None:
+            raise self.error
+        return []
 
 
 class HttpApi:
@@ -123,6 +136,9 @@ class HttpApi:
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_post("/tokenize", self.tokenize)
+        self.app.router.add_post("/detokenize", self.detokenize)
+        self.app.router.add_get("/version", self.version)
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/live", self.live)
         self.app.router.add_get("/metrics", self.metrics)
@@ -157,7 +173,7 @@ class HttpApi:
     @web.middleware
     async def errors_as_json(self, request: web.Request, handler) -> web.StreamResponse:
         try:
-            if request.path.startswith("/v1/"):
+            if request.path.startswith("/v1/") or request.path in _KEYED_PATHS:
                 self.check_auth(request)
             return await handler(request)
         except oai.ApiError as err:
@@ -216,6 +232,17 @@ class HttpApi:
             }],
         })
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.parse(request, functools.partial(
+            oai.tokenize, text=self.gateway.text, model_name=self.config.model_name)))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.parse(request, functools.partial(
+            oai.detokenize, text=self.gateway.text, model_name=self.config.model_name)))
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": _VERSION})
+
     async def live(self, request: web.Request) -> web.Response:
         """Liveness: the gateway's event loop answers. Restart it if this fails."""
         return web.json_response({"status": "ok"})
@@ -235,9 +262,9 @@ class HttpApi:
 
     # ---- generation -------------------------------------------------------------------
 
-    async def parse(self, request: web.Request, parse: Callable[[Any], oai.Submission]):
-        """The body as a Submission; a large one (parsing and tokenizing take long) in the
-        pool. Raises ApiError or Rejected."""
+    async def parse(self, request: web.Request, parse: Callable[[Any], T]) -> T:
+        """The body through `parse` (to a Submission, a tokenize answer...); a large one
+        (parsing and tokenizing take long) in the pool. Raises ApiError or Rejected."""
         raw = await self.read_body(request)
         if len(raw) > LONG_BODY_BYTES:
             return await self.gateway.tokenize_off_loop(_decode_and_parse, raw, parse)
@@ -266,72 +293,94 @@ class HttpApi:
             chunks.append(chunk)
 
     async def generate(self, request: web.Request, sub: oai.Submission, *, chat: bool):
-        sink = HttpSink(self.config.max_queued_chunks)
+        """Run the request's n choices (each its own request) and answer with all of them."""
+        event = asyncio.Event()
+        reqs = []
         try:
-            req = self.gateway.submit(
-                sub.prompt_token_ids, sub.sampling, priority=sub.priority,
-                timeout_s=sub.timeout_s, stream=sub.stream, sink=sink,
-            )
+            for index in range(sub.n):
+                sink = HttpSink(self.config.max_queued_chunks, event)
+                reqs.append((self.gateway.submit(
+                    sub.prompt_token_ids, sub.sampling_of(index), priority=sub.priority,
+                    timeout_s=sub.timeout_s, stream=sub.stream, sink=sink,
+                ), sink))
         except Rejected as err:
+            for req, _ in reqs:
+                self.gateway.abort(req.req_id)
             raise oai.ApiError(err.code, err.message) from None
-        reply = Reply(req.req_id, int(req.arrival_s), self.config.model_name,
-                      len(sub.prompt_token_ids), chat=chat)
+        reply = Reply(reqs[0][0].req_id, int(reqs[0][0].arrival_s), self.config.model_name,
+                      len(sub.prompt_token_ids), sub, self.gateway.text, chat=chat)
+        reply.choices = [Choice(i, req.req_id, sink) for i, (req, sink) in enumerate(reqs)]
         try:
             if sub.stream:
-                return await self.stream(request, sink, reply, sub.include_usage)
-            return await self.collect(sink, reply)
+                return await self.stream(request, reply, event)
+            return await self.collect(reply, event)
         finally:
-            sink.alive = False
-            if reply.finish_reason is None:  # client gone, cancelled, or failed mid-way
-                self.gateway.abort(req.req_id)
+            for choice in reply.choices:
+                choice.sink.alive = False
+                if choice.finish_reason is None:  # client gone, cancelled, or failed
+                    self.gateway.abort(choice.req_id)
 
-    async def collect(self, sink: HttpSink, reply: Reply) -> web.Response:
-        texts = []
-        while reply.finish_reason is None:
+    async def collect(self, reply: Reply, event: asyncio.Event) -> web.Response:
+        while not reply.done:
             try:
-                deltas = await sink.next()
+                batch = await reply.next(event)
             except oai.ApiError:
-                reply.finish_reason = "error"
+                reply.failed()
                 raise
-            for delta in deltas:
-                texts.append(delta.text)
-                reply.add(delta)
-        if reply.finish_reason == "timeout":
-            raise oai.ApiError(504, "request timed out")
+            for choice, delta in batch:
+                choice.texts.append(delta.text)
+                choice.token_ids += delta.token_ids
+                choice.logprobs += delta.logprobs
+                choice.add(delta)
+            if any(c.finish_reason == "timeout" for c in reply.choices):
+                raise oai.ApiError(504, "request timed out")
+        choices = [reply.whole_choice(c) for c in reply.choices]
         return web.json_response(oai.completion_response(
-            reply.req_id, reply.created, reply.model, "".join(texts), reply.finish_reason,
-            reply.usage(), chat=reply.chat,
+            reply.req_id, reply.created, reply.model, choices, reply.usage(), chat=reply.chat,
         ))
 
-    async def stream(self, request: web.Request, sink: HttpSink, reply: Reply,
-                     include_usage: bool) -> web.StreamResponse:
+    async def stream(self, request: web.Request, reply: Reply,
+                     event: asyncio.Event) -> web.StreamResponse:
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "X-Request-Id": reply.req_id,
         })
         await response.prepare(request)
-        if reply.chat:
-            await _send_event(response, reply.chunk("", None, role=True))
-        while reply.finish_reason is None:
+        for choice in reply.choices:  # the chat opener, or the echoed prompt
+            if reply.chat:
+                await _send_event(response, reply.chunk(choice, "", (), (), None, role=True))
+            elif reply.sub.echo is not None:
+                await _send_event(response, reply.chunk(choice, reply.sub.echo, (), (), None))
+        while not reply.done:
             try:
-                deltas = await sink.next()
+                batch = await reply.next(event)
             except oai.ApiError as err:
-                reply.finish_reason = "error"
+                reply.failed()
                 self.gateway.metrics.error(err.status)
                 await _send_event(response, oai.error_body(err.status, err.message))
                 break
-            text = "".join(d.text for d in deltas)
-            for delta in deltas:
-                reply.add(delta)
-            if reply.finish_reason == "timeout":
-                if text:
-                    await _send_event(response, reply.chunk(text, None))
+            timed_out = False
+            for choice, deltas in _by_choice(batch):
+                for delta in deltas:
+                    choice.add(delta)
+                text = "".join(d.text for d in deltas)
+                token_ids = [t for d in deltas for t in d.token_ids]
+                logprobs = [lp for d in deltas for lp in d.logprobs]
+                if choice.finish_reason == "timeout":
+                    if text or token_ids:
+                        await _send_event(response, reply.chunk(choice, text, token_ids,
+                                                                logprobs, None))
+                    timed_out = True
+                elif text or choice.finish_reason is not None or token_ids and (
+                        reply.sub.sampling.logprobs is not None or reply.sub.continuous_usage):
+                    await _send_event(response, reply.chunk(choice, text, token_ids, logprobs,
+                                                            choice.finish_reason))
+            if timed_out:
+                reply.failed()
                 self.gateway.metrics.error(504)
                 await _send_event(response, oai.error_body(504, "request timed out"))
                 break
-            if text or reply.finish_reason is not None:
-                await _send_event(response, reply.chunk(text, reply.finish_reason))
-        if include_usage and reply.finish_reason != "error":
+        if reply.sub.include_usage and not reply.error:
             await _send_event(response, oai.usage_chunk(
                 reply.req_id, reply.created, reply.model, reply.usage(), chat=reply.chat))
         await response.write(b"data: [DONE]\n\n")
@@ -339,38 +388,112 @@ class HttpApi:
         return response
 
 
-class Reply:
-    """What one HTTP request has produced so far."""
+class Choice:
+    """What one choice (one request) of an HTTP request has produced so far."""
 
-    __slots__ = ("req_id", "created", "model", "num_prompt_tokens", "chat", "num_output_tokens",
-                 "finish_reason")
+    __slots__ = ("index", "req_id", "sink", "num_output_tokens", "finish_reason", "texts",
+                 "token_ids", "logprobs", "text_offset")
 
-    def __init__(self, req_id: str, created: int, model: str, num_prompt_tokens: int, *,
-                 chat: bool) -> None:
+    def __init__(self, index: int, req_id: str, sink: HttpSink) -> None:
+        self.index = index
         self.req_id = req_id
-        self.created = created
-        self.model = model
-        self.num_prompt_tokens = num_prompt_tokens
-        self.chat = chat
+        self.sink = sink
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
+        self.texts: list[str] = []  # non-stream: every delta's text
+        self.token_ids: list[int] = []  # non-stream: every token (for logprobs)
+        self.logprobs: list = []  # non-stream: their TokenLogprobs
+        self.text_offset = 0  # completions logprobs: where the next token's text starts
 
     def add(self, delta: Delta) -> None:
         self.num_output_tokens += len(delta.token_ids)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
 
-    def usage(self) -> dict[str, int]:
-        return oai.usage(self.num_prompt_tokens, self.num_output_tokens)
 
-    def chunk(self, text: str | None, finish_reason: str | None, *, role: bool = False):
+class Reply:
+    """What one HTTP request has produced so far: its choices, and how to shape them."""
+
+    __slots__ = ("req_id", "created", "model", "num_prompt_tokens", "sub", "text", "chat",
+                 "choices", "error")
+
+    def __init__(self, req_id: str, created: int, model: str, num_prompt_tokens: int,
+                 sub: oai.Submission, text: TextModel, *, chat: bool) -> None:
+        self.req_id = req_id  # the first choice's (the response's id)
+        self.created = created
+        self.model = model
+        self.num_prompt_tokens = num_prompt_tokens
+        self.sub = sub
+        self.text = text
+        self.chat = chat
+        self.choices: list[Choice] = []
+        self.error = False
+
+    @property
+    def done(self) -> bool:
+        return self.error or all(c.finish_reason is not None for c in self.choices)
+
+    def failed(self) -> None:
+        self.error = True
+
+    async def next(self, event: asyncio.Event) -> list[tuple[Choice, Delta]]:
+        """Every delta of every choice since the last call (waits for one); raises a
+        choice's error."""
+        while True:
+            batch = [(c, d) for c in self.choices for d in c.sink.take()]
+            if batch:
+                return batch
+            event.clear()
+            await event.wait()
+
+    def usage(self, choice: Choice | None = None) -> dict[str, int]:
+        """The prompt once, and the tokens of every choice (or of one)."""
+        chosen = self.choices if choice is None else [choice]
+        return oai.usage(self.num_prompt_tokens, sum(c.num_output_tokens for c in chosen))
+
+    def logprobs(self, choice: Choice, token_ids, logprobs) -> dict[str, Any] | None:
+        if self.sub.sampling.logprobs is None:
+            return None
+        if self.chat:
+            return oai.chat_logprobs(self.text.token_strings, token_ids, logprobs)
+        out, choice.text_offset = oai.completion_logprobs(
+            self.text.token_strings, token_ids, logprobs, choice.text_offset)
+        return out
+
+    def whole_choice(self, choice: Choice) -> dict[str, Any]:
+        text = "".join(choice.texts)
+        if self.sub.echo is not None:
+            text = self.sub.echo + text
+        return oai.choice(choice.index, text, choice.finish_reason,
+                          self.logprobs(choice, choice.token_ids, choice.logprobs),
+                          chat=self.chat, stream=False)
+
+    def chunk(self, choice: Choice, text: str, token_ids, logprobs, finish_reason: str | None,
+              *, role: bool = False) -> dict[str, Any]:
+        content: str | None = text
         if self.chat and not text and not role:
-            text = None  # a closing chat chunk carries an empty delta
-        return oai.stream_chunk(self.req_id, self.created, self.model, text, finish_reason,
-                                chat=self.chat, role=role)
+            content = None  # a chat chunk with no new text carries no content field
+        body = oai.choice(choice.index, content, finish_reason,
+                          self.logprobs(choice, token_ids, logprobs) if token_ids else None,
+                          chat=self.chat, stream=True, role=role)
+        chunk = oai.stream_chunk(self.req_id, self.created, self.model, [body], chat=self.chat)
+        if self.sub.continuous_usage:
+            chunk["usage"] = self.usage(choice)
+        return chunk
 
 
-def _decode_and_parse(raw: bytes, parse: Callable[[Any], oai.Submission]) -> oai.Submission:
+def _by_choice(batch: list[tuple[Choice, Delta]]) -> list[tuple[Choice, list[Delta]]]:
+    """Consecutive deltas of one choice grouped (one chunk each), in arrival order."""
+    out: list[tuple[Choice, list[Delta]]] = []
+    for choice, delta in batch:
+        if out and out[-1][0] is choice:
+            out[-1][1].append(delta)
+        else:
+            out.append((choice, [delta]))
+    return out
+
+
+def _decode_and_parse(raw: bytes, parse: Callable[[Any], T]) -> T:
     return parse(oai.decode_body(raw))
 
 

@@ -33,8 +33,8 @@ from ferry.services.gateway.pool import WorkPool
 from ferry.services.gateway.recv import MAX_BATCH, recv_batches
 from ferry.services.gateway.requests import (
     RELEASE_FINISHED,
+    BadStream,
     Delta,
-    GapOverflow,
     Rejected,
     Request,
     RequestTable,
@@ -252,7 +252,7 @@ class Gateway:
             msg = replace(msg, finish_reason=None)  # keep its tokens, not its ending
         try:
             delta = self.table.on_tokens(msg)
-        except GapOverflow as err:
+        except BadStream as err:
             self.fail(self.table.get(err.req_id), 500, str(err))
             return
         if delta is not None:

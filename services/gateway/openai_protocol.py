@@ -2,7 +2,9 @@
 /v1/completions and /v1/chat/completions in, a Submission out; deltas in, JSON out.
 
 Extra fields beyond OpenAI's: top_k, ignore_eos, priority ("normal" | "high"),
-timeout_s (per-request deadline, seconds).
+timeout_s (per-request deadline, seconds), and vLLM's stop_token_ids. Every field is
+honoured or refused: an unknown one, or one Ferry does not implement (at a value other
+than its neutral one), is a 400 that names it.
 
 A body is checked before any field is read (`decode_body`): valid JSON, nested at most
 MAX_JSON_DEPTH levels, every string valid Unicode (JSON can escape a lone surrogate,
@@ -13,11 +15,12 @@ from __future__ import annotations
 
 import json
 import json.scanner
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ferry.common import wire
-from ferry.common.sampling import SamplingParams
+from ferry.common.sampling import MAX_SEED, SamplingParams, TokenLogprobs
 from ferry.services.gateway.requests import Rejected, check_prompt_chars
 from ferry.services.gateway.text import TextModel
 
@@ -28,20 +31,48 @@ MAX_JSON_DEPTH = 64  # deepest nesting accepted (a request needs 4: messages[0].
 # instead, which lets other threads run (strings are still scanned in C).
 FAST_JSON_MAX_COMMAS = 50_000
 
-# Fields Ferry does not implement: refused unless absent or at their neutral value, so a
-# client never gets silently different behaviour.
+MAX_N = 64  # most choices (n) one request may ask for
+# Never -inf in JSON (it has none): logprobs are clamped to this, as vLLM does.
+MIN_LOGPROB = -9999.0
+# Sampling defaults a model's generation_config.json may set (vLLM reads the same ones);
+# they apply where the request gives none.
+GENERATION_CONFIG_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+# Every field each endpoint reads (Ferry's extras: top_k, ignore_eos, priority, timeout_s);
+# any other field is a 400 naming it, so a client never gets silently different behaviour.
+_SHARED_FIELDS = frozenset({
+    "model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
+    "stop", "stop_token_ids", "seed", "user", "ignore_eos", "priority", "timeout_s",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
+    "logit_bias", "logprobs", "include_stop_str_in_output", "skip_special_tokens",
+})
+COMPLETION_FIELDS = _SHARED_FIELDS | {"prompt", "echo", "best_of"}
+CHAT_FIELDS = _SHARED_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+STREAM_OPTIONS = frozenset({"include_usage", "continuous_usage_stats"})
+MESSAGE_FIELDS = frozenset({"role", "content", "name"})
+
+# Fields Ferry does not implement: refused unless absent or at their neutral value.
 _UNSUPPORTED = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "suffix": (None, ""),
-    "best_of": (None, 1),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "tools": (None, []),
-    "functions": (None, []),
+    "echo": (None, False),  # chat (vLLM's extension)
 }
+# Structured output and tool calling: not built yet (400 "not supported yet").
+_NOT_YET = {
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,),
+    "structured_outputs": (None,),
+}
+_MESSAGE_NOT_YET = ("tool_calls", "tool_call_id", "function_call")
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -133,15 +164,35 @@ def _path(path: tuple[str | int, ...]) -> str:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Submission:
     prompt_token_ids: tuple[int, ...]
-    sampling: SamplingParams
+    sampling: SamplingParams  # of choice 0; `sampling_of` gives each choice's
     priority: int  # wire.Priority value
     stream: bool
     include_usage: bool  # stream_options.include_usage: a final usage chunk
+    continuous_usage: bool  # stream_options.continuous_usage_stats: usage in every chunk
     timeout_s: float | None  # None: the gateway's default
+    n: int = 1  # independent samples (choices), each its own request
+    echo: str | None = None  # completions: the prompt text to put before the output
+
+    def sampling_of(self, choice: int) -> SamplingParams:
+        """Choice i's parameters: its own seed, derived from the request's (choice 0 keeps
+        it, so n=1 answers as before); no seed: each draws its own."""
+        seed = self.sampling.seed
+        if choice == 0 or seed is None:
+            return self.sampling
+        return replace(self.sampling, seed=choice_seed(seed, choice))
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """A seed for choice `choice` of a request seeded `seed` (splitmix64, 31 bits)."""
+    x = (seed * 0x9E3779B97F4A7C15 + choice * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (x ^ (x >> 31)) & MAX_SEED
 
 
 def parse_completion(body: Any, text: TextModel, *, model_name: str) -> Submission:
     body = _object(body)
+    check_fields(body, COMPLETION_FIELDS)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
@@ -155,11 +206,26 @@ def parse_completion(body: Any, text: TextModel, *, model_name: str) -> Submissi
     else:
         raise ApiError(400, "prompt is required: a string or a list of token ids")
     max_tokens = _field(body, "max_tokens", int, DEFAULT_COMPLETION_MAX_TOKENS)
-    return _submission(body, prompt_token_ids, max_tokens, model_name=model_name)
+    logprobs = _field(body, "logprobs", int, None)
+    sub = _submission(body, prompt_token_ids, max_tokens, text, model_name=model_name,
+                      logprobs=logprobs)
+    best_of = _field(body, "best_of", int, None)
+    if best_of is not None and best_of != sub.n:
+        raise ApiError(400, f"best_of must equal n ({sub.n}): Ferry returns every sample it "
+                            f"draws, got best_of={best_of}")
+    if _field(body, "echo", bool, False):
+        if logprobs is not None:
+            raise ApiError(400, "echo with logprobs is not supported: it needs the prompt's "
+                                "logprobs, which Ferry's engine does not compute")
+        echo = prompt if isinstance(prompt, str) else text.decode(
+            prompt_token_ids, skip_special_tokens=sub.sampling.skip_special_tokens)
+        sub = replace(sub, echo=echo)
+    return sub
 
 
 def parse_chat(body: Any, text: TextModel, *, model_name: str, max_tokens_limit: int) -> Submission:
     body = _object(body)
+    check_fields(body, CHAT_FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list")
@@ -176,20 +242,47 @@ def parse_chat(body: Any, text: TextModel, *, model_name: str, max_tokens_limit:
         max_tokens = _field(body, "max_tokens", int, None)
     if max_tokens is None:  # the rest of the context window
         max_tokens = max(1, min(max_tokens_limit, text.max_model_len - len(prompt_token_ids)))
-    return _submission(body, prompt_token_ids, max_tokens, model_name=model_name)
+    top_logprobs = _field(body, "top_logprobs", int, None)
+    if _field(body, "logprobs", bool, False):
+        logprobs = top_logprobs or 0
+    elif top_logprobs is not None:
+        raise ApiError(400, "top_logprobs needs logprobs: true")
+    else:
+        logprobs = None
+    return _submission(body, prompt_token_ids, max_tokens, text, model_name=model_name,
+                       logprobs=logprobs)
+
+
+def check_fields(body: dict[str, Any], known: frozenset[str]) -> None:
+    """ApiError(400) naming the first field Ferry would not honour: an unknown one, or a
+    known feature it does not implement at a value other than its neutral one."""
+    for name, value in body.items():
+        if name in known:
+            continue
+        if name in _NOT_YET:
+            if not _is_neutral(value, _NOT_YET[name]):
+                raise ApiError(400, f"{name} is not supported yet (structured output and tool "
+                                    f"calling are being built)")
+        elif name in _UNSUPPORTED:
+            if not _is_neutral(value, _UNSUPPORTED[name]):
+                raise ApiError(400, f"{name} is not supported")
+        else:
+            raise ApiError(400, f"Unrecognized request argument supplied: {name}")
+
+
+def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    """value equals one of `neutral` (an int equals a float; a bool never equals a number)."""
+    return any(value == n and (type(value) is bool) == (type(n) is bool) for n in neutral)
 
 
 def _submission(
-    body: dict[str, Any], prompt_token_ids: tuple[int, ...], max_tokens: int, *, model_name: str
+    body: dict[str, Any], prompt_token_ids: tuple[int, ...], max_tokens: int, text: TextModel,
+    *, model_name: str, logprobs: int | None,
 ) -> Submission:
-    model = _field(body, "model", str, None)
-    if model is not None and model != model_name:
-        raise ApiError(404, f"the model `{model}` does not exist; this server serves `{model_name}`")
-    for name, neutral in _UNSUPPORTED.items():
-        if name in body and body[name] not in neutral:
-            raise ApiError(400, f"{name} is not supported")
-    if _field(body, "n", int, 1) != 1:
-        raise ApiError(400, "only n=1 is supported")
+    _check_model(body, model_name)
+    n = _field(body, "n", int, 1)
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"n must be in [1, {MAX_N}], got {n}")
     stop = body.get("stop")
     if stop is None:
         stop = ()
@@ -199,35 +292,162 @@ def _submission(
         stop = tuple(stop)
     else:
         raise ApiError(400, "stop must be a string or a list of strings")
-    top_k = _field(body, "top_k", int, 0)
+    stop_token_ids = _token_ids(body, "stop_token_ids")
+    bias_ids, bias_values = _logit_bias(body)
     priority_name = _field(body, "priority", str, "normal")
     try:
         priority = int(wire.Priority.parse(priority_name))
     except ValueError as err:
         raise ApiError(400, str(err)) from None
+    _field(body, "user", str, None)  # an end-user id for the caller's records; no effect
+    stream = _field(body, "stream", bool, False)
     stream_options = body.get("stream_options")
     if stream_options is None:
         stream_options = {}
     elif not isinstance(stream_options, dict):
         raise ApiError(400, "stream_options must be an object")
+    elif not stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true")
+    for name in stream_options:
+        if name not in STREAM_OPTIONS:
+            raise ApiError(400, f"Unrecognized request argument supplied: stream_options.{name}")
     timeout_s = _field(body, "timeout_s", float, None)
+    defaults = text.sampling_defaults  # the model's generation_config.json
+    top_k = _field(body, "top_k", int, defaults.get("top_k", 0))
     sampling = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_field(body, "temperature", float, 1.0),
-        top_p=_field(body, "top_p", float, 1.0),
+        temperature=_field(body, "temperature", float, defaults.get("temperature", 1.0)),
+        top_p=_field(body, "top_p", float, defaults.get("top_p", 1.0)),
         top_k=0 if top_k == -1 else top_k,  # -1 means off in vLLM's API
         seed=_field(body, "seed", int, None),
+        stop_token_ids=stop_token_ids,
         ignore_eos=_field(body, "ignore_eos", bool, False),
         stop=stop,
+        presence_penalty=_field(body, "presence_penalty", float, 0.0),
+        frequency_penalty=_field(body, "frequency_penalty", float, 0.0),
+        repetition_penalty=_field(body, "repetition_penalty", float,
+                                  defaults.get("repetition_penalty", 1.0)),
+        min_p=_field(body, "min_p", float, defaults.get("min_p", 0.0)),
+        min_tokens=_field(body, "min_tokens", int, 0),
+        logit_bias_token_ids=bias_ids,
+        logit_bias_values=bias_values,
+        logprobs=logprobs,
+        include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),
+        skip_special_tokens=_field(body, "skip_special_tokens", bool, True),
     )
     return Submission(
         prompt_token_ids=prompt_token_ids,
         sampling=sampling,
         priority=priority,
-        stream=_field(body, "stream", bool, False),
+        stream=stream,
         include_usage=_field(stream_options, "include_usage", bool, False),
+        continuous_usage=_field(stream_options, "continuous_usage_stats", bool, False),
         timeout_s=timeout_s,
+        n=n,
     )
+
+
+def _token_ids(body: dict[str, Any], name: str) -> tuple[int, ...]:
+    value = body.get(name)
+    if value is None:
+        return ()
+    if isinstance(value, list) and all(_is_int(t) and t >= 0 for t in value):
+        return tuple(value)
+    raise ApiError(400, f"{name} must be a list of token ids")
+
+
+def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """logit_bias {"token id": bias} as (ids, biases); JSON keys are strings."""
+    value = body.get("logit_bias")
+    if value is None:
+        return (), ()
+    if not isinstance(value, dict):
+        raise ApiError(400, "logit_bias must be an object mapping token ids to biases")
+    ids, values = [], []
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit()):
+            raise ApiError(400, f"logit_bias keys must be token ids, got {key[:20]!r}")
+        if type(bias) not in (int, float):
+            raise ApiError(400, f"logit_bias[{key}] must be a number, got {type(bias).__name__}")
+        ids.append(int(key))
+        values.append(float(bias))
+    return tuple(ids), tuple(values)
+
+
+# ---- /tokenize, /detokenize (vLLM's shapes) ---------------------------------------------
+
+TOKENIZE_FIELDS = frozenset({"model", "prompt", "add_special_tokens", "return_token_strs"})
+TOKENIZE_CHAT_FIELDS = frozenset({"model", "messages", "add_generation_prompt",
+                                  "continue_final_message", "add_special_tokens",
+                                  "return_token_strs"})
+_TOKENIZE_UNSUPPORTED = {
+    "chat_template": (None,), "chat_template_kwargs": (None, {}), "tools": (None, []),
+    "mm_processor_kwargs": (None, {}), "media_io_kwargs": (None, {}),
+}
+
+
+def tokenize(body: Any, text: TextModel, *, model_name: str) -> dict[str, Any]:
+    """POST /tokenize: {prompt} or {messages} in, {count, max_model_len, tokens,
+    token_strs} out, as vLLM. A prompt longer than the context is a 400 (as vLLM)."""
+    body = _object(body)
+    chat = "messages" in body
+    for name, value in body.items():
+        if name in (TOKENIZE_CHAT_FIELDS if chat else TOKENIZE_FIELDS):
+            continue
+        if name in _TOKENIZE_UNSUPPORTED and _is_neutral(value, _TOKENIZE_UNSUPPORTED[name]):
+            continue
+        if name in _TOKENIZE_UNSUPPORTED:
+            raise ApiError(400, f"{name} is not supported")
+        raise ApiError(400, f"Unrecognized request argument supplied: {name}")
+    _check_model(body, model_name)
+    if chat:
+        messages = body["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages must be a non-empty list")
+        if not _field(body, "add_generation_prompt", bool, True):
+            raise ApiError(400, "add_generation_prompt: false is not supported")
+        if _field(body, "continue_final_message", bool, False):
+            raise ApiError(400, "continue_final_message is not supported")
+        try:
+            prompt = text.apply_chat_template([_message(m, i) for i, m in enumerate(messages)])
+        except ValueError as err:
+            raise ApiError(400, str(err)) from None
+        add_special_tokens = _field(body, "add_special_tokens", bool, False)
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise ApiError(400, "prompt is required: a string (or give messages)")
+        add_special_tokens = _field(body, "add_special_tokens", bool, True)
+    _check_prompt_chars(len(prompt), text)
+    token_ids = text.encode(prompt, add_special_tokens=add_special_tokens)
+    if len(token_ids) > text.max_model_len:
+        raise ApiError(400, f"this model's maximum context length is {text.max_model_len} "
+                            f"tokens; the prompt has {len(token_ids)} tokens")
+    strings = (text.token_strings(token_ids)
+               if _field(body, "return_token_strs", bool, False) else None)
+    return {"count": len(token_ids), "max_model_len": text.max_model_len, "tokens": token_ids,
+            "token_strs": strings}
+
+
+def detokenize(body: Any, text: TextModel, *, model_name: str) -> dict[str, Any]:
+    """POST /detokenize: {tokens} in, {prompt} out (special tokens kept), as vLLM."""
+    body = _object(body)
+    for name in body:
+        if name not in ("model", "tokens"):
+            raise ApiError(400, f"Unrecognized request argument supplied: {name}")
+    _check_model(body, model_name)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+        raise ApiError(400, "tokens must be a list of token ids")
+    if tokens and (min(tokens) < 0 or max(tokens) >= text.vocab_size):
+        raise ApiError(400, f"token ids must be in [0, {text.vocab_size})")
+    return {"prompt": text.decode(tokens, skip_special_tokens=False)}
+
+
+def _check_model(body: dict[str, Any], model_name: str) -> None:
+    model = _field(body, "model", str, None)
+    if model is not None and model != model_name:
+        raise ApiError(404, f"the model `{model}` does not exist; this server serves `{model_name}`")
 
 
 def _check_prompt_chars(num_chars: int, text: TextModel) -> None:
@@ -263,9 +483,17 @@ def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
 
 
 def _message(message: Any, index: int) -> dict[str, str]:
-    """One chat message as {"role", "content": str}; content parts of type "text" join."""
+    """One chat message as {"role", "content": str[, "name"]}; content parts of type "text"
+    join."""
     if not isinstance(message, dict):
         raise ApiError(400, f"messages[{index}] must be an object")
+    for key, value in message.items():
+        if key in _MESSAGE_NOT_YET:
+            if value is not None:
+                raise ApiError(400, f"messages[{index}].{key} is not supported yet (tool "
+                                    f"calling is being built)")
+        elif key not in MESSAGE_FIELDS:
+            raise ApiError(400, f"Unrecognized request argument supplied: messages[{index}].{key}")
     role, content = message.get("role"), message.get("content")
     if not isinstance(role, str):
         raise ApiError(400, f"messages[{index}].role must be a string")
@@ -275,10 +503,21 @@ def _message(message: Any, index: int) -> dict[str, str]:
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                    for p in content):
             raise ApiError(400, f"messages[{index}].content: only text parts are supported")
+        for j, part in enumerate(content):
+            if set(part) - {"type", "text"}:
+                extra = sorted(set(part) - {"type", "text"})[0]
+                raise ApiError(400, f"Unrecognized request argument supplied: "
+                                    f"messages[{index}].content[{j}].{extra}")
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts")
-    return {"role": role, "content": content}
+    out = {"role": role, "content": content}
+    name = message.get("name")
+    if name is not None:
+        if not isinstance(name, str):
+            raise ApiError(400, f"messages[{index}].name must be a string")
+        out["name"] = name  # the chat template may render it
+    return out
 
 
 # ---- responses --------------------------------------------------------------------------
@@ -292,53 +531,101 @@ def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_response(
-    req_id: str, created: int, model: str, text: str, finish_reason: str, usage_: dict[str, int],
-    *, chat: bool,
-) -> dict[str, Any]:
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+def choice(index: int, text: str | None, finish_reason: str | None,
+           logprobs: dict[str, Any] | None = None, *, chat: bool, stream: bool,
+           role: bool = False) -> dict[str, Any]:
+    """One entry of `choices`: a whole answer, or (stream) a delta of one; `text` None
+    means no content field (chat), `role` the chat stream's opener."""
+    if chat and stream:
+        delta: dict[str, str] = {"role": "assistant"} if role else {}
+        if text is not None:
+            delta["content"] = text
+        body: dict[str, Any] = {"index": index, "delta": delta}
+    elif chat:
+        body = {"index": index, "message": {"role": "assistant", "content": text or ""}}
     else:
-        choice = {"index": 0, "text": text}
-    choice |= {"logprobs": None, "finish_reason": finish_reason}
+        body = {"index": index, "text": text or ""}
+    return body | {"logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_response(req_id: str, created: int, model: str, choices: list[dict[str, Any]],
+                        usage_: dict[str, int], *, chat: bool) -> dict[str, Any]:
     return {
         "id": req_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
         "model": model,
-        "choices": [choice],
+        "choices": choices,
         "usage": usage_,
     }
 
 
-def stream_chunk(
-    req_id: str, created: int, model: str, text: str | None, finish_reason: str | None,
-    *, chat: bool, role: bool = False,
-) -> dict[str, Any]:
-    """One SSE chunk; `text` None means no content field (chat), `role` the chat opener."""
-    if chat:
-        delta: dict[str, str] = {"role": "assistant"} if role else {}
-        if text is not None:
-            delta["content"] = text
-        choice = {"index": 0, "delta": delta}
-    else:
-        choice = {"index": 0, "text": text or ""}
-    choice |= {"logprobs": None, "finish_reason": finish_reason}
+def stream_chunk(req_id: str, created: int, model: str, choices: list[dict[str, Any]], *,
+                 chat: bool) -> dict[str, Any]:
     return {
         "id": req_id,
         "object": "chat.completion.chunk" if chat else "text_completion",
         "created": created,
         "model": model,
-        "choices": [choice],
+        "choices": choices,
     }
 
 
 def usage_chunk(req_id: str, created: int, model: str, usage_: dict[str, int], *, chat: bool):
-    return {
-        "id": req_id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage_,
-    }
+    return stream_chunk(req_id, created, model, [], chat=chat) | {"usage": usage_}
+
+
+def completion_logprobs(
+    strings: Callable[[Sequence[int]], list[str]], token_ids: Sequence[int],
+    logprobs: Sequence[TokenLogprobs], text_offset: int,
+) -> tuple[dict[str, Any], int]:
+    """The completions shape, {tokens, token_logprobs, top_logprobs, text_offset}, for these
+    tokens; offsets count each token's own text from `text_offset` on (vLLM's rule). Each
+    top_logprobs entry maps the top k tokens' text to their logprob, and the sampled
+    token's (up to k + 1 entries). Returns it and the offset after the last token."""
+    names = _token_names(strings, token_ids, logprobs)
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                            "text_offset": []}
+    for (token, tops), lp in zip(names, logprobs, strict=True):
+        out["tokens"].append(token)
+        out["token_logprobs"].append(_clamp(lp.logprob))
+        top = {name: _clamp(value) for name, value in zip(tops, lp.top_logprobs, strict=True)}
+        top.setdefault(token, _clamp(lp.logprob))
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(text_offset)
+        text_offset += len(token)
+    return out, text_offset
+
+
+def chat_logprobs(strings: Callable[[Sequence[int]], list[str]], token_ids: Sequence[int],
+                  logprobs: Sequence[TokenLogprobs]) -> dict[str, Any]:
+    """The chat shape, {content: [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    content = []
+    for (token, tops), lp in zip(_token_names(strings, token_ids, logprobs), logprobs,
+                                 strict=True):
+        content.append(_chat_entry(token, lp.logprob) | {"top_logprobs": [
+            _chat_entry(name, value) for name, value in zip(tops, lp.top_logprobs, strict=True)
+        ]})
+    return {"content": content}
+
+
+def _token_names(strings, token_ids, logprobs) -> list[tuple[str, list[str]]]:
+    """(each token's text, its top tokens' texts), from one decode call."""
+    ids = list(token_ids)
+    for lp in logprobs:
+        ids += lp.top_token_ids
+    texts = strings(ids)
+    out, at = [], len(token_ids)
+    for i, lp in enumerate(logprobs):
+        k = len(lp.top_token_ids)
+        out.append((texts[i], texts[at : at + k]))
+        at += k
+    return out
+
+
+def _chat_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": _clamp(logprob), "bytes": list(token.encode("utf-8"))}
+
+
+def _clamp(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)

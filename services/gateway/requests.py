@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ferry.common import wire
-from ferry.common.sampling import MAX_SEED, SamplingParams
+from ferry.common.sampling import MAX_SEED, SamplingParams, TokenLogprobs
 from ferry.services.gateway.text import Detokenizer, TextModel
 
 # Release reasons (wire.Release.reason)
@@ -45,12 +45,19 @@ class Rejected(Exception):
         self.message = message
 
 
-class GapOverflow(Exception):
-    """A request's out-of-order buffer passed its bound; the transport fails it."""
+class BadStream(Exception):
+    """A request's output can't be delivered as it came; the transport fails it (500)."""
+
+    def __init__(self, req_id: str, message: str) -> None:
+        super().__init__(f"{req_id}: {message}")
+        self.req_id = req_id
+
+
+class GapOverflow(BadStream):
+    """A request's out-of-order buffer passed its bound."""
 
     def __init__(self, req_id: str, num_pending: int) -> None:
-        super().__init__(f"{req_id}: {num_pending} tokens wait behind a gap in the stream")
-        self.req_id = req_id
+        super().__init__(req_id, f"{num_pending} tokens wait behind a gap in the stream")
 
 
 class StopMatcher:
@@ -58,19 +65,21 @@ class StopMatcher:
     tail that could still start a stop string, so a match never straddles text already
     released; the first match ends the stream, cut before the stop string."""
 
-    __slots__ = ("stops", "held")
+    __slots__ = ("stops", "held", "include")
 
-    def __init__(self, stops: tuple[str, ...]) -> None:
+    def __init__(self, stops: tuple[str, ...], *, include: bool = False) -> None:
         self.stops = stops
         self.held = ""
+        self.include = include  # keep the matched stop string (include_stop_str_in_output)
 
     def feed(self, text: str) -> tuple[str, bool]:
         """(text safe to release, whether a stop string matched)."""
         buf = self.held + text
-        cut = min((i for s in self.stops if (i := buf.find(s)) >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, -len(s)) for s in self.stops if (i := buf.find(s)) >= 0]
+        if found:  # the earliest match; of matches there, the longest
+            cut, minus_len = min(found)
             self.held = ""
-            return buf[:cut], True
+            return buf[: cut - minus_len if self.include else cut], True
         keep = 0
         for k in range(min(len(buf), max(map(len, self.stops)) - 1), 0, -1):
             tail = buf[-k:]
@@ -99,7 +108,11 @@ class Request:
     stop: StopMatcher | None
     incremental: bool  # text with every delta (streaming); False: all of it with the last
     output_token_ids: list[int] = field(default_factory=list)  # delivered, index order
-    pending: dict[int, int] = field(default_factory=dict)  # index -> token id past a gap
+    # index -> (token id, its logprobs if asked) past a gap
+    pending: dict[int, tuple[int, TokenLogprobs | None]] = field(default_factory=dict)
+    # The last token is a stop token (EOS or a stop id) whose text stays out (vLLM's rule
+    # unless include_stop_str_in_output).
+    stop_token_hidden: bool = False
     finish_at: tuple[int, str] | None = None  # (index, reason) the worker finished at
     num_seen: int = 0  # highest output index any Tokens message reached, + 1
     instance_id: str | None = None  # instance holding it, as far as the gateway knows
@@ -125,6 +138,7 @@ class Delta:
     text: str  # stop strings already cut
     finish_reason: str | None  # "length" | "stop" | "abort" | "timeout" | None
     release: str | None  # wire.Release reason when finished, else None
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token when the request asked
 
 
 class RequestTable:
@@ -188,8 +202,10 @@ class RequestTable:
             start_time=now,
             deadline=now + timeout_s,
             sink=sink,
-            detok=self.text.detokenizer(prompt_token_ids),
-            stop=StopMatcher(sampling.stop) if sampling.stop else None,
+            detok=self.text.detokenizer(prompt_token_ids,
+                                        skip_special_tokens=sampling.skip_special_tokens),
+            stop=(StopMatcher(sampling.stop, include=sampling.include_stop_str_in_output)
+                  if sampling.stop else None),
             incremental=stream or bool(sampling.stop),
         )
         self._reqs[req.req_id] = req
@@ -233,7 +249,7 @@ class RequestTable:
     def on_tokens(self, msg: wire.Tokens) -> Delta | None:
         """Merge one Tokens message of the current attempt (the caller checks with
         `current`); the Delta of newly deliverable output, if any. Raises GapOverflow when
-        too many tokens wait behind a gap."""
+        too many tokens wait behind a gap, BadStream when logprobs asked for are missing."""
         req = self.current(msg.req_id, msg.attempt)
         if req is None:
             return None  # finished, aborted or failed already, or a stale copy's output
@@ -244,47 +260,69 @@ class RequestTable:
         if msg.finish_reason is not None:
             req.finish_at = (end, msg.finish_reason)
 
+        asked = req.sampling.logprobs is not None
+        if asked and len(msg.logprobs) != len(msg.token_ids):
+            raise BadStream(req.req_id, f"{len(msg.token_ids)} tokens came with "
+                                        f"{len(msg.logprobs)} logprobs")
+        logprobs = msg.logprobs if asked else (None,) * len(msg.token_ids)
         first_index = req.num_delivered
         skip = first_index - msg.first_index
         if skip >= 0:
             new_ids = list(msg.token_ids[skip:])
+            new_logprobs = list(logprobs[skip:])
         else:
-            new_ids = []
+            new_ids, new_logprobs = [], []
             for i, token_id in enumerate(msg.token_ids):
-                req.pending.setdefault(msg.first_index + i, token_id)
+                req.pending.setdefault(msg.first_index + i, (token_id, logprobs[i]))
             if len(req.pending) > self.max_pending_tokens:
                 raise GapOverflow(req.req_id, len(req.pending))
         if req.pending:
             index = first_index + len(new_ids)
             while index in req.pending:
-                new_ids.append(req.pending.pop(index))
+                token_id, token_logprobs = req.pending.pop(index)
+                new_ids.append(token_id)
+                new_logprobs.append(token_logprobs)
                 index += 1
             for stale in [i for i in req.pending if i < index]:
                 del req.pending[stale]
-        return self._advance(req, first_index, new_ids)
+        return self._advance(req, first_index, new_ids, new_logprobs if asked else [])
 
-    def _advance(self, req: Request, first_index: int, new_ids: list[int]) -> Delta | None:
-        """Deliver new_ids (contiguous from first_index): cap at max_tokens, detokenize,
-        match stop strings, decide whether the request is finished."""
+    def _advance(self, req: Request, first_index: int, new_ids: list[int],
+                 new_logprobs: list) -> Delta | None:
+        """Deliver new_ids (contiguous from first_index; new_logprobs alongside, or empty):
+        cap at max_tokens, detokenize, match stop strings, decide whether the request is
+        finished."""
         finish_reason = release = None
         room = req.sampling.max_tokens - first_index
         if len(new_ids) >= room:
             del new_ids[room:]
             finish_reason, release = "length", "stop"  # the gateway's cap; abort leftovers
+        # The worker stopped on a stop token (EOS or a stop id) and it is the last of these:
+        # its text is left out unless include_stop_str_in_output.
+        text_ids = new_ids
+        if (new_ids and req.finish_at == (first_index + len(new_ids), "stop")
+                and not req.sampling.include_stop_str_in_output):
+            text_ids = new_ids[:-1]
+            req.stop_token_hidden = True
 
         matched = False  # a stop string ended the text
         if req.stop is None:
-            text = req.detok.step(new_ids) if req.incremental else ""
+            text = req.detok.step(text_ids) if req.incremental else ""
         else:
             pieces = []
-            for n, token_id in enumerate(new_ids):
-                piece, matched = req.stop.feed(req.detok.step((token_id,)))
+            for n, token_id in enumerate(text_ids):
+                piece = req.detok.step((token_id,))
+                if first_index + n < req.sampling.min_tokens:
+                    pieces.append(piece)  # stop strings count from min_tokens on (vLLM)
+                    continue
+                piece, matched = req.stop.feed(piece)
                 pieces.append(piece)
                 if matched:
                     del new_ids[n + 1 :]
                     finish_reason, release = "stop", "stop"
                     break
             text = "".join(pieces)
+        del new_logprobs[len(new_ids):]
 
         req.output_token_ids.extend(new_ids)
         if req.finish_at is not None and not matched:
@@ -297,15 +335,24 @@ class RequestTable:
             if not matched:
                 text += self._final_text(req)
             del self._reqs[req.req_id]
-        return Delta(req, first_index, tuple(new_ids), text, finish_reason, release)
+        return Delta(req, first_index, tuple(new_ids), text, finish_reason, release,
+                     tuple(new_logprobs))
 
     @staticmethod
     def _final_text(req: Request) -> str:
-        """Text still owed at the end: held back for stop strings, or all of it when the
-        text is not incremental."""
-        if req.stop is not None:
-            return req.stop.flush()
-        return "" if req.incremental else req.detok.step(req.output_token_ids)
+        """Text still owed at the end: all of it when the text is not incremental, the
+        bytes of a character the last token left unfinished (U+FFFD), and what the stop
+        matcher held back. Streamed deltas joined equal the non-streamed text."""
+        if req.incremental:
+            text = ""
+        else:
+            ids = req.output_token_ids
+            text = req.detok.step(ids[:-1] if req.stop_token_hidden else ids)
+        text += req.detok.flush()
+        if req.stop is None:
+            return text
+        piece, matched = req.stop.feed(text)
+        return piece if matched else piece + req.stop.flush()
 
     # ---- gateway-side endings ---------------------------------------------------------
 
@@ -356,6 +403,7 @@ class RequestTable:
         req.direct_addr = None
         req.pending.clear()
         req.finish_at = None
+        req.stop_token_hidden = False
         req.num_seen = req.num_delivered
         req.attempt += 1
 
@@ -370,7 +418,7 @@ def check_request(
     max_tokens_limit: int,
 ) -> None:
     """Raise Rejected(400) for a request that can't run: bad sampling, empty prompt,
-    unknown token ids, or more tokens than the model's context holds."""
+    unknown token ids (prompt, logit_bias, stop_token_ids), or more tokens than the model's context holds."""
     try:
         sampling.validate()
     except ValueError as err:
@@ -383,6 +431,10 @@ def check_request(
         raise Rejected(400, "the prompt is empty")
     if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
         raise Rejected(400, f"prompt token ids must be in [0, {vocab_size})")
+    for name in ("logit_bias_token_ids", "stop_token_ids"):
+        if any(t >= vocab_size for t in getattr(sampling, name)):
+            field = name.removesuffix("_token_ids") if name.startswith("logit") else name
+            raise Rejected(400, f"{field} token ids must be in [0, {vocab_size})")
     prompt_len = len(prompt_token_ids)
     if prompt_len + sampling.max_tokens > max_model_len:
         raise Rejected(

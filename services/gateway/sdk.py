@@ -182,7 +182,7 @@ class SdkSink:
     """One SDK request's output: a TokenChunk per delta (stream), or one at the end."""
 
     __slots__ = ("frontend", "identity", "client_req_id", "stream", "num_prompt_tokens",
-                 "token_ids", "texts", "alive")
+                 "token_ids", "texts", "logprobs", "alive")
 
     def __init__(self, frontend: SdkFrontend, identity: bytes, client_req_id: str,
                  stream: bool, num_prompt_tokens: int) -> None:
@@ -193,6 +193,7 @@ class SdkSink:
         self.num_prompt_tokens = num_prompt_tokens
         self.token_ids: list[int] = []  # non-stream: everything so far
         self.texts: list[str] = []
+        self.logprobs: list = []  # non-stream: every token's TokenLogprobs (when asked)
         self.alive = True
 
     def push(self, delta: Delta) -> bool:
@@ -203,17 +204,18 @@ class SdkSink:
             return False
         if self.stream:
             chunk = self._chunk(delta.req.req_id, delta.first_index, delta.token_ids, delta.text,
-                                delta.finish_reason)
+                                delta.finish_reason, delta.logprobs)
         else:
             self.token_ids.extend(delta.token_ids)
             self.texts.append(delta.text)
+            self.logprobs.extend(delta.logprobs)
             if not finished:
                 return True
             if delta.finish_reason == "timeout":
                 self.fail(504, "request timed out")
                 return True
             chunk = self._chunk(delta.req.req_id, 0, tuple(self.token_ids), "".join(self.texts),
-                                delta.finish_reason)
+                                delta.finish_reason, tuple(self.logprobs))
         self.alive = self.frontend.send(self.identity, chunk)
         return self.alive
 
@@ -223,11 +225,12 @@ class SdkSink:
             self.frontend.send_error(self.identity, self.client_req_id, code, message)
             self.alive = False
 
-    def _chunk(self, req_id, first_index, token_ids, text, finish_reason) -> wire.TokenChunk:
+    def _chunk(self, req_id, first_index, token_ids, text, finish_reason,
+               logprobs) -> wire.TokenChunk:
         return wire.TokenChunk(
             client_req_id=self.client_req_id, req_id=req_id, first_index=first_index,
             token_ids=token_ids, text=text, finish_reason=finish_reason,
-            num_prompt_tokens=self.num_prompt_tokens,
+            num_prompt_tokens=self.num_prompt_tokens, logprobs=logprobs,
         )
 
 

@@ -7,7 +7,8 @@ Loaded from a Hugging Face model directory:
     tokenizer_config.json   chat_template, eos_token, bos_token, add_bos_token
     chat_template.jinja     chat template (newer layout; wins over tokenizer_config)
     config.json             max_position_embeddings, eos_token_id
-    generation_config.json  eos_token_id (int or list), optional
+    generation_config.json  eos_token_id (int or list); sampling defaults (temperature,
+                            top_p, top_k, min_p, repetition_penalty); optional
 
 Encoding and chat templates come from the worker's tokenizer module
 (services/worker/model/tokenizer.py) so that gateway and engine agree on every id; where
@@ -24,6 +25,7 @@ normalizers, fused unknowns, added tokens that eat spaces).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -73,18 +75,48 @@ class BaseTokenizer(Protocol):
 
 class Detokenizer:
     """Incremental detokenizer for one request: token ids in, text deltas out. A token that
-    ends inside a multi-byte UTF-8 character yields "" until the character completes."""
+    ends inside a multi-byte UTF-8 character yields "" until the character completes;
+    `flush` renders whatever is still incomplete at the end, with U+FFFD for the bytes of a
+    character that never completed (as vLLM does), so the deltas joined are the whole text
+    however the ids were split into steps."""
 
-    __slots__ = ("_tokenizer", "_stream")
+    __slots__ = ("_tokenizer", "_stream", "_skip_special_tokens", "_context", "_pending")
 
-    def __init__(self, tokenizer: Tokenizer, context_token_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Tokenizer, context_token_ids: Sequence[int], *,
+                 skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
-        self._stream = DecodeStream(ids=list(context_token_ids), skip_special_tokens=True)
+        self._skip_special_tokens = skip_special_tokens
+        self._stream = DecodeStream(ids=list(context_token_ids),
+                                    skip_special_tokens=skip_special_tokens)
+        # Ids before the pending ones (rendering context), and ids fed since the last text.
+        self._context: list[int] = list(context_token_ids)[-DETOKENIZE_CONTEXT_TOKENS:]
+        self._pending: list[int] = []
 
     def step(self, token_ids: Sequence[int]) -> str:
         if not token_ids:
             return ""
-        return self._stream.step(self._tokenizer, list(token_ids)) or ""
+        text = self._stream.step(self._tokenizer, list(token_ids))
+        if text is None:  # incomplete (or nothing visible yet): held by the stream
+            self._pending.extend(token_ids)
+            return ""
+        self._context = (self._context + self._pending + list(token_ids))[
+            -DETOKENIZE_CONTEXT_TOKENS:]
+        self._pending = []
+        return text
+
+    def flush(self) -> str:
+        """The text of the ids the stream still holds back, decoded lossily (the end of
+        the output: nothing will complete them)."""
+        if not self._pending:
+            return ""
+        decode = functools.partial(self._tokenizer.decode,
+                                   skip_special_tokens=self._skip_special_tokens)
+        before = decode(self._context)
+        whole = decode(self._context + self._pending)
+        text = whole[len(before):] if whole.startswith(before) else decode(self._pending)
+        self._context = (self._context + self._pending)[-DETOKENIZE_CONTEXT_TOKENS:]
+        self._pending = []
+        return text
 
 
 class TextModel:
@@ -96,6 +128,7 @@ class TextModel:
         eos_token_ids: tuple[int, ...],
         max_model_len: int,
         max_chars_per_token: int | None = None,
+        sampling_defaults: dict[str, float | int] | None = None,
     ) -> None:
         self.base = base  # encode, chat template
         self.tokenizer = fast  # the `tokenizers` object behind detokenization
@@ -107,6 +140,8 @@ class TextModel:
         self.max_prompt_chars = (
             None if max_chars_per_token is None else max_model_len * max_chars_per_token
         )
+        # The model's sampling defaults (generation_config.json), for requests that give none
+        self.sampling_defaults = dict(sampling_defaults or {})
 
     @classmethod
     def load(cls, model_dir: str | Path) -> TextModel:
@@ -135,6 +170,7 @@ class TextModel:
         return cls(
             base, fast, eos_token_ids=tuple(eos_ids), max_model_len=max_model_len,
             max_chars_per_token=max_chars_per_token(spec, fast.get_vocab(with_added_tokens=True)),
+            sampling_defaults=sampling_defaults(gen_config),
         )
 
     @property
@@ -154,11 +190,18 @@ class TextModel:
         except jinja2.TemplateError as err:
             raise ValueError(f"chat template failed: {err}") from None
 
-    def detokenizer(self, prompt_token_ids: Sequence[int]) -> Detokenizer:
-        return Detokenizer(self.tokenizer, prompt_token_ids[-DETOKENIZE_CONTEXT_TOKENS:])
+    def detokenizer(self, prompt_token_ids: Sequence[int], *,
+                    skip_special_tokens: bool = True) -> Detokenizer:
+        return Detokenizer(self.tokenizer, prompt_token_ids[-DETOKENIZE_CONTEXT_TOKENS:],
+                           skip_special_tokens=skip_special_tokens)
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's text on its own, special tokens included (logprobs show these; a
+        token that is part of a character reads U+FFFD, as in vLLM)."""
+        return self.tokenizer.decode_batch([[t] for t in token_ids], skip_special_tokens=False)
 
 
 class _TokenizersOnly:
@@ -263,6 +306,18 @@ def _keeps_characters(pre_tokenizer: dict[str, Any] | None) -> bool:
     if kind == "Sequence":
         return all(_keeps_characters(p) for p in pre_tokenizer.get("pretokenizers") or ())
     return kind in _KEEPING_PRE_TOKENIZERS and pre_tokenizer.get("behavior") != "Removed"
+
+
+def sampling_defaults(gen_config: dict[str, Any]) -> dict[str, float | int]:
+    """The sampling defaults a generation_config.json sets (those vLLM reads), checked."""
+    out: dict[str, float | int] = {}
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        value = gen_config.get(name)
+        if type(value) in (int, float):
+            out[name] = float(value)
+    if type(gen_config.get("top_k")) is int:
+        out["top_k"] = gen_config["top_k"]
+    return out
 
 
 def _raise_template_error(message: str) -> None:

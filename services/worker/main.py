@@ -245,6 +245,7 @@ class Worker:
                 token_ids=out.token_ids,
                 finish_reason=out.finish_reason,
                 attempt=out.attempt,
+                logprobs=out.logprobs,
             ))
 
     def _fail_all(self, message: str) -> None:

@@ -24,12 +24,19 @@ from ferry.common.sampling import SamplingParams
 from ferry.kernels.backend import FusedOps, fused_ops, get_backend
 from ferry.kernels.kv_layout import allocate_kv_cache, bytes_per_block
 from ferry.kernels.metadata import AttentionMetadata
-from ferry.services.worker.engine.batch import ModelBatch, SeqChunk
+from ferry.services.worker.engine.batch import ModelBatch, Sampled, SeqChunk, needs_history
 from ferry.services.worker.model.config import ModelConfig
 from ferry.services.worker.model.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ferry.services.worker.model.llama import LlamaModel, PagedAttention, WriteKV
 from ferry.services.worker.model.loader import build_random_model, load_model
-from ferry.services.worker.sampler import SamplingTensors, sample
+from ferry.services.worker.sampler import (
+    SamplerOutput,
+    SamplingTensors,
+    TokenHistory,
+    run_sampler,
+    sample,
+    token_logprobs,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -152,18 +159,22 @@ class ModelRunner:
         index = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         index = index.to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden.index_select(0, index))  # [n, vocab] fp32
+        sampled = [chunks[i] for i in sample_rows]
+        params = [c.sampling for c in sampled]
         st = SamplingTensors.build(
-            [chunks[i].sampling for i in sample_rows],
-            [chunks[i].end_pos for i in sample_rows],
+            params,
+            [c.end_pos for c in sampled],
             vocab_size=self.vocab_size,
             device=self.device,
+            histories=[TokenHistory(c.prompt_token_ids, c.output_token_ids)
+                       if needs_history(c.sampling) else None for c in sampled],
+            eos_token_ids=self.eos_token_ids,
         )
-        tokens = sample(logits, st)  # [n] int64, device
+        out = run_sampler(logits, st)  # device tensors
         if self.device.type != "cuda":
-            return PendingTokens(tokens, None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        return PendingTokens(host, self._done_event())
+            return PendingTokens(out, None, st, params)
+        host = out.to("cpu", non_blocking=True)  # pinned (torch does for non_blocking D2H)
+        return PendingTokens(host, self._done_event(), st, params)
 
     def _done_event(self) -> torch.cuda.Event | None:
         if self.device.type != "cuda":
@@ -301,23 +312,32 @@ class ModelRunner:
 
 
 class PendingTokens:
-    """A launched step's sampled tokens. On GPU they are being copied to pinned host
-    memory behind `event`; `wait()` blocks on the event with the GIL released (so other
-    threads, such as the KV-transfer ones, run meanwhile), `result()` reads them."""
+    """A launched step's sampled tokens (and logprobs). On GPU they are being copied to
+    host memory behind `event`; `wait()` blocks on the event with the GIL released (so
+    other threads, such as the KV-transfer ones, run meanwhile), `result()` reads them."""
 
-    __slots__ = ("tokens", "event")
+    __slots__ = ("output", "event", "st", "params")
 
-    def __init__(self, tokens: torch.Tensor | None, event: torch.cuda.Event | None) -> None:
-        self.tokens = tokens  # [n] int64: host (pinned) on GPU, or the CPU result
+    def __init__(self, output: SamplerOutput | None, event: torch.cuda.Event | None,
+                 st: SamplingTensors | None = None,
+                 params: Sequence[SamplingParams] = ()) -> None:
+        self.output = output  # host tensors on GPU (once the event completes), else CPU ones
         self.event = event  # None: already complete
+        self.st = st  # the step's sampling tensors (which rows asked for logprobs)
+        self.params = params
 
     def wait(self) -> None:
         if self.event is not None:
             self.event.synchronize()
 
-    def result(self) -> list[int]:
+    def result(self) -> Sampled:
         self.wait()
-        return [] if self.tokens is None else self.tokens.tolist()
+        if self.output is None:
+            return Sampled()
+        token_ids = self.output.token_ids.tolist()
+        if self.output.logprobs is None:
+            return Sampled(token_ids)
+        return Sampled(token_ids, token_logprobs(self.output, self.st, self.params))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

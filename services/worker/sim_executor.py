@@ -4,14 +4,16 @@ Block accounting, local scheduling, load reports and migration control stay real
 the forward pass is replaced. In a worker process each step sleeps for the modelled
 time; the discrete-event simulator instead asks `step_time()` and advances a virtual
 clock. Sampled tokens are a hash of (seed, position), never an EOS token, so output
-lengths follow max_tokens (traces set ignore_eos anyway).
+lengths follow max_tokens (traces set ignore_eos anyway). Its "model" puts all mass on
+that token: a request asking for logprobs gets 0.0 for it, and it alone as the top token.
 """
 
 from __future__ import annotations
 
 import time
 
-from ferry.services.worker.engine.batch import ModelBatch
+from ferry.common.sampling import TokenLogprobs
+from ferry.services.worker.engine.batch import ModelBatch, Sampled
 from ferry.services.worker.latency_model import LatencyModel, Profile, StepFeatures
 
 # Knuth's multiplicative hash constant; any odd 32-bit constant works.
@@ -67,7 +69,15 @@ class SimExecutor:
     def execute(self, batch: ModelBatch) -> list[int]:
         if self.sleep:
             time.sleep(self.step_time(batch) / self.speedup)
-        return [self._token(c.sampling.seed or 0, c.end_pos) for c in batch.chunks if c.sample]
+        chunks = [c for c in batch.chunks if c.sample]
+        token_ids = [self._token(c.sampling.seed or 0, c.end_pos) for c in chunks]
+        if all(c.sampling.logprobs is None for c in chunks):
+            return token_ids
+        top = [min(c.sampling.logprobs or 0, 1) for c in chunks]
+        return Sampled(token_ids, [
+            None if c.sampling.logprobs is None else
+            TokenLogprobs(logprob=0.0, top_token_ids=(t,) * k, top_logprobs=(0.0,) * k)
+            for c, t, k in zip(chunks, token_ids, top, strict=True)])
 
     def _token(self, seed: int, position: int) -> int:
         token = ((seed * _MIX) ^ (position * 40503)) % self.vocab_size

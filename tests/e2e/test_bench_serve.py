@@ -34,5 +34,33 @@ def test_replays_a_trace_through_sdk_and_http(tmp_path):
             assert result["by_priority"]["high"]["num_requests"] == 3
             assert result["prefill_latency_s"]["p50"] > 0
             assert (tmp_path / f"result{'-http' if http else ''}.png").is_file()
+            assert result["mode"] == "trace" and result["request_throughput"] > 0
+            assert result["total_input_tokens"] == sum(r["prompt_tokens"] for r in rows)
+            assert result["total_output_tokens"] == sum(r["output_tokens"] for r in rows)
+        # Closed loop, 3 in flight, a trace with no high-priority request: its statistics
+        # are null (never NaN: a strict parser reads the file).
+        normal = tmp_path / "normal.jsonl"
+        normal.write_text("".join(json.dumps({**r, "priority": "normal"}) + "\n" for r in rows))
+        args = argparse.Namespace(
+            trace=str(normal), sdk_addr=cluster.sdk_addr, http="", admin_addr=cluster.admin_addr,
+            vocab_size=1000, time_scale=1.0, max_output_tokens=0, max_prompt_tokens=0,
+            timeout=60.0, seed=0, out=str(tmp_path / "closed.json"), label="c",
+            no_progress=True, concurrency=3)
+        result = serve.run(args)
+        assert result["num_requests"] == 12 and result["num_failed"] == 0, result["errors"]
+        assert result["mode"] == "closed_loop" and result["concurrency"] == 3
+        for key in ("request_throughput", "input_throughput", "output_throughput"):
+            assert result[key] > 0
+        assert result["output_throughput"] == pytest.approx(
+            result["total_output_tokens"] / result["duration_s"])
+        written = json.loads((tmp_path / "closed.json").read_text(),
+                             parse_constant=_refuse_constant)
+        assert written["by_priority"]["high"]["e2e_latency_s"] == {
+            "mean": None, "p50": None, "p99": None}
+        assert "req/s" in serve.table(result)
     finally:
         cluster.stop()
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} in the results JSON")

@@ -14,6 +14,7 @@ import zmq
 from ferry.bench.local_cluster import Cluster, pid_alive, start_cluster
 from ferry.common import wire
 from ferry.common.codec import HEADER, PROTOCOL_VERSION
+from ferry.common.sampling import SamplingParams
 from ferry.common.zmq_util import make_context, request
 
 pytestmark = pytest.mark.e2e
@@ -233,3 +234,110 @@ def test_migrated_mid_decode_back_and_forth_same_tokens_unbroken_stream(cluster,
 def test_migrate_unknown_request_fails_with_reason(cluster):
     out = cluster.cli("migrate", "no-such-request", "--to", "worker-0")
     assert out.returncode != 0 and "unknown request" in out.stderr
+
+
+# ---- vLLM's sampling parameters on the real model --------------------------------------------
+
+
+class _ModelReference:
+    """The tiny model in this process: its logits at every position of a sequence."""
+
+    def __init__(self, model_dir: str) -> None:
+        import torch
+
+        from ferry.services.worker.runner import ModelRunner, RunnerConfig
+
+        self.torch = torch
+        self.runner = ModelRunner(RunnerConfig(model_dir=model_dir, num_blocks=64))
+
+    def logits(self, token_ids: list[int]):  # [len, vocab] float32, position i predicts i + 1
+        from ferry.services.worker.engine.batch import SeqChunk
+        from ferry.services.worker.runner import prepare_inputs
+
+        blocks = tuple(range(-(-len(token_ids) // self.runner.block_size)))
+        chunk = SeqChunk(req_id="ref", token_ids=tuple(token_ids), start_pos=0,
+                         block_ids=blocks, sample=True, sampling=SamplingParams(seed=0))
+        with self.torch.inference_mode():
+            inputs = prepare_inputs([chunk], block_size=self.runner.block_size,
+                                    device=self.runner.device)
+            hidden = self.runner.model(inputs.input_ids, inputs.positions, self.runner.kv_cache,
+                                       inputs.meta)
+            return self.runner.model.compute_logits(hidden)
+
+
+def test_sampling_parameters_on_the_tiny_model(cluster):
+    """logprobs are the model's distribution; penalties, logit_bias and min_tokens act as
+    vLLM's; n=3 gives 3 choices; an unknown field is a 400 naming it (official client)."""
+    import math
+
+    import openai
+
+    from ferry import Client
+    from tests.unit.test_sampler import _reference_logits
+
+    ref = _ModelReference(cluster.ready["model"])
+    prompt = list(range(300, 340))
+    oai = openai.OpenAI(base_url=cluster.base_url + "/v1", api_key="unused", max_retries=0)
+    with Client(cluster.sdk_addr) as client:
+        # logprobs: the raw distribution at each position (not the sampling temperature's)
+        kwargs = dict(prompt_token_ids=prompt, max_tokens=8, temperature=1.3, seed=5,
+                      ignore_eos=True, logprobs=5)
+        out = client.generate(**kwargs)
+        logprobs = ref.logits(prompt + list(out.token_ids)).log_softmax(dim=-1)
+        for i, (token, lp) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
+            row = logprobs[len(prompt) - 1 + i]
+            assert lp.logprob == pytest.approx(row[token].item(), abs=1e-3)
+            assert list(lp.top_token_ids) == row.topk(5).indices.tolist()
+            assert sum(math.exp(v) for v in lp.top_logprobs) <= 1.0 + 1e-5
+        http = oai.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=1.3,
+                                      seed=5, logprobs=5, extra_body={"ignore_eos": True})
+        assert http.choices[0].logprobs.token_logprobs == pytest.approx(
+            [lp.logprob for lp in out.logprobs], abs=1e-6)
+        chat = oai.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+        for entry in chat.choices[0].logprobs.content:
+            assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+            assert sum(math.exp(t.logprob) for t in entry.top_logprobs) <= 1.0 + 1e-5
+
+        # penalties: greedy decoding of the penalized logits, step by step
+        params = dict(presence_penalty=1.5, frequency_penalty=0.8, repetition_penalty=1.3)
+        got = client.generate(prompt_token_ids=prompt, max_tokens=12, temperature=0.0,
+                              ignore_eos=True, **params).token_ids
+        sampling = SamplingParams(ignore_eos=True, **params)
+        want: list[int] = []
+        for _ in range(12):
+            row = ref.logits(prompt + want)[-1]
+            want.append(int(_reference_logits(row, sampling, prompt, want).argmax()))
+        assert list(got) == want
+        plain = client.generate(prompt_token_ids=prompt, max_tokens=12, temperature=0.0,
+                                ignore_eos=True).token_ids
+        assert list(plain) != want  # they did change the output
+
+        # logit_bias and min_tokens
+        biased = oai.completions.create(model="tiny", prompt=prompt, max_tokens=5,
+                                        temperature=0.9, logit_bias={"777": 100},
+                                        extra_body={"ignore_eos": True})
+        assert biased.choices[0].text == ref_text(cluster, [777] * 5)
+        first = plain[0]
+        held = client.generate(prompt_token_ids=prompt, max_tokens=6, temperature=0.0,
+                               stop_token_ids=[first], min_tokens=3)
+        assert first not in held.token_ids[:3] and len(held.token_ids) >= 3
+
+        # n choices, and refusals naming the field
+        three = oai.completions.create(model="tiny", prompt=prompt, max_tokens=6, n=3, seed=9,
+                                       temperature=1.0, extra_body={"ignore_eos": True})
+        assert sorted(c.index for c in three.choices) == [0, 1, 2]
+        assert len({c.text for c in three.choices}) > 1
+        assert three.usage.completion_tokens == 18
+        with pytest.raises(openai.BadRequestError, match="supplied: frequency_penalti"):
+            oai.completions.create(model="tiny", prompt="x", max_tokens=2,
+                                   extra_body={"frequency_penalti": 1.0})
+    oai.close()
+    cluster.wait_idle()
+
+
+def ref_text(cluster, token_ids: list[int]) -> str:
+    from ferry.services.gateway.text import TextModel
+
+    return TextModel.load(cluster.ready["model"]).decode(token_ids)

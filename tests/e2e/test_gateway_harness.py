@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from ferry.common import wire
 from ferry.common.config import Endpoint, GatewayConfig
+from ferry.common.sampling import TokenLogprobs
 from ferry.services.gateway.main import Gateway
 from ferry.services.gateway.text import TextModel
 
@@ -63,6 +64,12 @@ class WorkerBehaviour:
     duplicate: bool = False  # send every Tokens message twice (as a migration might)
     die_after: int | None = None  # stop producing after this many output tokens
     eos_at: int | None = None  # emit EOS at this output index, finish "stop"
+
+
+def fake_logprobs(token_id: int, k: int) -> TokenLogprobs:
+    """A fake worker's logprobs: the sampled token at -0.25, then ids 10, 11, ... lower."""
+    return TokenLogprobs(logprob=-0.25, top_token_ids=tuple(range(10, 10 + k)),
+                         top_logprobs=tuple(-1.0 - i for i in range(k)))
 
 
 class FakeWorker:
@@ -113,9 +120,11 @@ class FakeWorker:
             if b.eos_at is not None and index <= b.eos_at < index + len(ids):
                 ids = ids[: b.eos_at - index] + [self.cluster.eos_id]
                 finish = "stop"
+            k = dispatch.sampling.logprobs
+            logprobs = () if k is None else tuple(fake_logprobs(t, k) for t in ids)
             msg = wire.Tokens(req_id=dispatch.req_id, instance_id=self.instance_id,
                               first_index=index, token_ids=tuple(ids), finish_reason=finish,
-                              attempt=dispatch.attempt)
+                              attempt=dispatch.attempt, logprobs=logprobs)
             for _ in range(2 if b.duplicate else 1):
                 await self.cluster.push(dispatch.reply_addr, msg)
             index += len(ids)

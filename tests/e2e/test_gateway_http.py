@@ -15,7 +15,7 @@ import pytest
 import uvloop
 
 from tests.e2e.test_gateway_harness import running, wait_until
-from tests.unit.test_gateway_text import make_model_dir
+from tests.unit.test_gateway_text import cut_mid_character, make_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,31 @@ def test_chat_stream_and_non_stream(model_dir):
     arun(body())
 
 
+def test_text_ending_mid_character_streamed_and_not(model_dir):
+    """The last generated token ends partway through a UTF-8 character: the non-streamed
+    text is the streamed text joined, with a trailing U+FFFD (vLLM's answer), not ''."""
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            ids = cut_mid_character(h.gateway.text, "hello world 世界 🚀")
+            h.cluster.script = ids
+            full = h.gateway.text.tokenizer.decode(ids)
+            assert full.endswith("\ufffd")
+            req = {"prompt": "hi", "max_tokens": len(ids)}
+            status, data = await post(session, h, "/v1/completions", req)
+            assert status == 200 and data["usage"]["completion_tokens"] == len(ids)
+            assert data["choices"][0]["text"] == full
+            async with session.post(h.base_url + "/v1/completions",
+                                    json={**req, "stream": True}) as resp:
+                events = await sse_events(resp)
+            assert "".join(e["choices"][0]["text"] for e in events[:-1]) == full
+            messages = [{"role": "user", "content": "hi"}]
+            status, data = await post(session, h, "/v1/chat/completions",
+                                      {"messages": messages, "max_tokens": len(ids)})
+            assert data["choices"][0]["message"]["content"] == full
+
+    arun(body())
+
+
 def test_official_openai_client(model_dir):
     async def body():
         async with running(model_dir) as h:
@@ -151,7 +176,112 @@ def test_official_openai_client(model_dir):
                 await client.completions.create(model="other", prompt="x", max_tokens=2)
             with pytest.raises(openai.BadRequestError, match="maximum context length"):
                 await client.completions.create(model="tiny", prompt=[1] * 250, max_tokens=10)
+            # Nothing a client sends is silently ignored: an unknown field is a 400 naming it.
+            with pytest.raises(openai.BadRequestError, match="supplied: max_toknes"):
+                await client.completions.create(model="tiny", prompt="x",
+                                                extra_body={"max_toknes": 3})
+            with pytest.raises(openai.BadRequestError, match="response_format is not supported"):
+                await client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "hi"}],
+                    response_format={"type": "json_object"})
+            with pytest.raises(openai.BadRequestError, match="tool_choice is not supported yet"):
+                await client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "hi"}],
+                    tool_choice="required")
+            stream = await client.completions.create(
+                model="tiny", prompt="hello", max_tokens=8, stream=True,
+                stream_options={"include_usage": True}, extra_body={
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+            chunks = [c async for c in stream]
+            counts = [c.usage.completion_tokens for c in chunks]
+            assert counts == sorted(counts) and counts[-1] == 8 and len(counts) > 2
+            assert all(c.usage.prompt_tokens == len(h.gateway.text.encode("hello"))
+                       for c in chunks)
             await client.close()
+
+    arun(body())
+
+
+def test_n_logprobs_and_echo_shapes_through_the_openai_client(model_dir):
+    """Shapes (fake workers: the semantics are tested on a real model in test_cluster)."""
+    async def body():
+        async with running(model_dir) as h:
+            client = openai.AsyncOpenAI(base_url=h.base_url + "/v1", api_key="unused",
+                                        max_retries=0)
+            strings = h.gateway.text.token_strings
+            out = await client.completions.create(model="tiny", prompt="hello", max_tokens=5,
+                                                  n=3, logprobs=2, seed=7)
+            assert [c.index for c in out.choices] == [0, 1, 2]
+            assert out.usage.completion_tokens == 15
+            assert out.usage.prompt_tokens == len(h.gateway.text.encode("hello"))
+            seeds = [d.sampling.seed for d in h.cluster.dispatches[-3:]]
+            assert seeds[0] == 7 and len(set(seeds)) == 3
+            lp = out.choices[1].logprobs
+            ids = expected(h, 5)
+            assert lp.tokens == strings(ids) and lp.token_logprobs == [-0.25] * 5
+            assert lp.top_logprobs[0] == {strings([10])[0]: -1.0, strings([11])[0]: -2.0,
+                                          strings([ids[0]])[0]: -0.25}
+            assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(strings(ids)[0])
+            stream = await client.completions.create(model="tiny", prompt="hello", max_tokens=5,
+                                                     n=2, logprobs=1, stream=True)
+            chunks = [c async for c in stream]
+            by_choice = {0: [], 1: []}
+            for c in chunks:
+                for ch in c.choices:
+                    by_choice[ch.index].append(ch)
+            for parts in by_choice.values():
+                assert "".join(p.text for p in parts) == h.gateway.text.decode(ids)
+                tokens = [t for p in parts if p.logprobs for t in p.logprobs.tokens]
+                offsets = [o for p in parts if p.logprobs for o in p.logprobs.text_offset]
+                assert tokens == strings(ids)
+                assert offsets == [sum(map(len, strings(ids)[:i])) for i in range(5)]
+                assert parts[-1].finish_reason == "length"
+            chat = await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                logprobs=True, top_logprobs=2, n=2)
+            assert len(chat.choices) == 2
+            content = chat.choices[0].logprobs.content
+            assert [e.token for e in content] == strings(ids[:4])
+            assert content[0].bytes == list(strings(ids[:1])[0].encode())
+            assert [t.logprob for t in content[0].top_logprobs] == [-1.0, -2.0]
+            stream = await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                logprobs=True, stream=True)
+            entries = [e async for c in stream for ch in c.choices
+                       if ch.logprobs for e in ch.logprobs.content]
+            assert [e.token for e in entries] == strings(ids[:4])
+            assert all(e.top_logprobs == [] for e in entries)
+            out = await client.completions.create(model="tiny", prompt="hello", max_tokens=3,
+                                                  echo=True)
+            assert out.choices[0].text == "hello" + h.gateway.text.decode(ids[:3])
+            stream = await client.completions.create(model="tiny", prompt="hello", max_tokens=3,
+                                                     echo=True, stream=True)
+            assert "".join([c.choices[0].text async for c in stream]) == out.choices[0].text
+            await client.close()
+
+    arun(body())
+
+
+def test_tokenize_detokenize_and_version(model_dir):
+    async def body():
+        async with running(model_dir, api_keys=("k1",)) as h, \
+                aiohttp.ClientSession(headers={"Authorization": "Bearer k1"}) as session:
+            status, data = await post(session, h, "/tokenize",
+                                      {"model": "tiny", "prompt": "hello world"})
+            ids = h.gateway.text.encode("hello world")
+            assert status == 200 and data == {"count": len(ids), "max_model_len": 256,
+                                              "tokens": ids, "token_strs": None}
+            status, data = await post(session, h, "/detokenize", {"tokens": ids})
+            assert status == 200 and data == {"prompt": "<s>hello world"}
+            status, data = await post(session, h, "/tokenize", {"prompt": "x", "nope": 1})
+            assert status == 400 and "nope" in data["error"]["message"]
+            async with session.get(h.base_url + "/version") as resp:
+                assert resp.status == 200 and (await resp.json())["version"]
+            async with aiohttp.ClientSession() as anonymous:  # keyed like /v1/*
+                status, _ = await post(anonymous, h, "/tokenize", {"prompt": "x"})
+                assert status == 401
+                async with anonymous.get(h.base_url + "/version") as resp:
+                    assert resp.status == 200
 
     arun(body())
 
@@ -171,7 +301,19 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": [1] * 250, "max_tokens": 10}, 400, "the prompt has 250 tokens"),
     ("/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt token ids must be in"),
     ("/v1/completions", {"prompt": []}, 400, "the prompt is empty"),
-    ("/v1/completions", {"prompt": "x", "n": 3}, 400, "only n=1"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n must be in [1, 64]"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of must equal n (1)"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"999999": 5}}, 400,
+     "logit_bias token ids must be in"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [999999]}, 400,
+     "stop_token_ids token ids must be in"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400,
+     "echo with logprobs is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "top_logprobs": 2}, 400, "top_logprobs needs logprobs: true"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs must be an integer in"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": 99, "max_tokens": 5}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "model": "llama"}, 404, "does not exist"),
     ("/v1/completions", {"prompt": "x", "timeout_s": -1}, 400, "timeout_s must be > 0"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages must be a non-empty list"),
@@ -326,7 +468,7 @@ def test_metrics(model_dir):
             h.worker.behaviour.chunk_size = 1
             for _ in range(3):
                 await post(session, h, "/v1/completions", {"prompt": [1, 2], "max_tokens": 4})
-            await post(session, h, "/v1/completions", {"prompt": "x", "n": 2})
+            await post(session, h, "/v1/completions", {"prompt": "x", "n": 0})
             async with session.get(h.base_url + "/metrics") as resp:
                 assert resp.status == 200
                 text = await resp.text()
@@ -474,8 +616,9 @@ def test_deep_nesting_is_400(model_dir):
             for raw in cases:
                 status, data = await post_raw(session, h, raw)
                 assert status == 400 and "nested too deeply" in data["error"]["message"]
-            status, _ = await post(session, h, "/v1/completions",
-                                   {"prompt": "hi", "max_tokens": 2, "x": [[[[[]]]]]})
+            messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+            status, _ = await post(session, h, "/v1/chat/completions",
+                                   {"messages": messages, "max_tokens": 2})  # 4 levels: fine
             assert status == 200
 
     arun(body())

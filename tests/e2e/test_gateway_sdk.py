@@ -28,6 +28,7 @@ from ferry.common.codec import HEADER, PROTOCOL_VERSION
 from ferry.common.sampling import SamplingParams
 from tests.e2e.test_gateway_harness import (
     ThreadedHarness,
+    fake_logprobs,
     free_ports,
     running,
     tcp,
@@ -70,6 +71,21 @@ def test_generate_returns_the_completion_and_releases(model_dir):
             by_ids = await client.generate(prompt_token_ids=[5, 6, 7], max_tokens=3, seed=4)
             assert by_ids.token_ids == tuple(expected(h, 3)) and by_ids.num_prompt_tokens == 3
             assert h.cluster.dispatches[1].sampling.seed == 4
+
+    arun(body())
+
+
+def test_logprobs_reach_the_sdk_streamed_and_not(model_dir):
+    async def body():
+        async with running(model_dir) as h, AsyncClient(h.sdk_addr) as client:
+            h.worker.behaviour.chunk_size = 3
+            out = await client.generate("hello", max_tokens=7, logprobs=2, presence_penalty=0.5)
+            assert out.logprobs == tuple(fake_logprobs(t, 2) for t in out.token_ids)
+            assert h.cluster.dispatches[-1].sampling.presence_penalty == 0.5
+            chunks = [c async for c in client.stream("hello", max_tokens=7, logprobs=0)]
+            assert [lp for c in chunks for lp in c.logprobs] == [
+                fake_logprobs(t, 0) for c in chunks for t in c.token_ids]
+            assert (await client.generate("hello", max_tokens=3)).logprobs == ()
 
     arun(body())
 
@@ -298,7 +314,7 @@ def test_bad_frames_on_the_sdk_socket_get_error_replies(model_dir):
         ([header, raw_generate_body("c1", prompt_token_ids="1,2")], 400, "c1",
          "prompt_token_ids: expected an array"),
         ([header, raw_generate_body("c2", stream="yes")], 400, "c2", "stream: expected bool"),
-        ([header, raw_generate_body("c3", sampling=[1])], 400, "c3", "expected 8 fields"),
+        ([header, raw_generate_body("c3", sampling=[1])], 400, "c3", "expected 8 to 18 fields"),
         ([header, raw_generate_body("c4", prompt_token_ids=list(range(3000)))], 413, "c4",
          "exceeds 4096"),
         ([header, raw_generate_body("c5", prompt="hi")], 400, "c5", "exactly one of prompt"),

@@ -52,11 +52,12 @@ class Network:
 
 class Node:
     def __init__(self, net: Network, name: str, *, num_blocks: int, budget: int,
-                 block_size: int = 4, **worker_kw: Any) -> None:
+                 block_size: int = 4, executor: type = TokenKVExecutor,
+                 **worker_kw: Any) -> None:
         self.name = name
         self.addr = f"inproc://{name}"
         self.engine = Engine(
-            TokenKVExecutor(num_blocks=num_blocks, block_size=block_size),
+            executor(num_blocks=num_blocks, block_size=block_size),
             EngineConfig(max_num_batched_tokens=budget, max_num_seqs=64),
         )
         config = WorkerConfig(
@@ -113,11 +114,16 @@ class Gateway:
 
     def __init__(self) -> None:
         self.tokens: dict[str, list[int]] = {}
+        self.logprobs: dict[str, list] = {}  # req_id -> TokenLogprobs by index (if asked)
         self.finished: dict[str, str] = {}
         self.num_duplicates = 0
 
     def on_output(self, node: Node, out) -> None:
         got = self.tokens.setdefault(out.req_id, [])
+        if out.logprobs:
+            assert len(out.logprobs) == len(out.token_ids)
+            logprobs = self.logprobs.setdefault(out.req_id, [])
+            logprobs[out.first_index:] = out.logprobs
         for i, token in enumerate(out.token_ids, start=out.first_index):
             if i < len(got):
                 assert got[i] == token, f"{out.req_id}: index {i} differs between instances"
@@ -164,7 +170,8 @@ def seeded(max_tokens: int, seed: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.9, seed=seed, ignore_eos=True)
 
 
-def reference_tokens(prompt: list[int], sampling: SamplingParams) -> list[int]:
-    engine = Engine(TokenKVExecutor(num_blocks=512, block_size=4),
+def reference_tokens(prompt: list[int], sampling: SamplingParams,
+                     executor: type = TokenKVExecutor) -> list[int]:
+    engine = Engine(executor(num_blocks=512, block_size=4),
                     EngineConfig(max_num_batched_tokens=4096))
     return engine.generate([prompt], dataclasses.replace(sampling))[0]

@@ -183,6 +183,8 @@ def test_rejects_bad_requests_with_clear_errors():
     cases = [
         ((), ok, 400, "empty"),
         ([1, 500], ok, 400, "vocabulary"),
+        ([1], SamplingParams(max_tokens=4, logit_bias_token_ids=(500,), logit_bias_values=(1,)),
+         400, "token id 500 is outside the vocabulary"),
         (list(range(1, 65)), ok, 400, "context"),
         (list(range(1, 30)), ok, 400, "KV cache"),
         ([1], SamplingParams(max_tokens=0), None, "max_tokens"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ferry.common.sampling import TokenLogprobs
 from ferry.services.gateway import openai_protocol as oai
 from ferry.services.gateway.text import TextModel
 from tests.unit.test_gateway_text import MAX_MODEL_LEN, make_model_dir
@@ -39,6 +40,7 @@ def test_completion_defaults_and_text_prompt(text):
     assert (sub.sampling.temperature, sub.sampling.top_p, sub.sampling.top_k) == (1.0, 1.0, 0)
     assert sub.sampling.seed is None and sub.sampling.stop == ()
     assert (sub.stream, sub.priority, sub.timeout_s, sub.include_usage) == (False, 0, None, False)
+    assert not sub.continuous_usage
 
 
 def test_completion_fields_and_extras(text):
@@ -71,15 +73,86 @@ def test_completion_fields_and_extras(text):
         ({"prompt": "x", "stream": "yes"}, "stream must be a boolean"),
         ({"prompt": "x", "stop": 3}, "stop must be a string or a list of strings"),
         ({"prompt": "x", "stop": ["a", 1]}, "stop must be a string or a list of strings"),
-        ({"prompt": "x", "n": 2}, "only n=1"),
+        ({"prompt": "x", "n": 0}, "n must be in [1, 64]"),
+        ({"prompt": "x", "n": 65}, "n must be in [1, 64]"),
+        ({"prompt": "x", "n": 2, "best_of": 3}, "best_of must equal n (2)"),
+        ({"prompt": "x", "logprobs": True}, "logprobs must be an integer, got bool"),
+        ({"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias keys must be token ids"),
+        ({"prompt": "x", "logit_bias": {"-1": 1}}, "logit_bias keys must be token ids"),
+        ({"prompt": "x", "logit_bias": {"5": "high"}}, "logit_bias[5] must be a number"),
+        ({"prompt": "x", "logit_bias": [5]}, "logit_bias must be an object"),
+        ({"prompt": "x", "presence_penalty": "a"}, "presence_penalty must be a number"),
+        ({"prompt": "x", "min_tokens": 1.5}, "min_tokens must be an integer"),
+        ({"prompt": "x", "skip_special_tokens": 1}, "skip_special_tokens must be a boolean"),
+        ({"prompt": "x", "echo": True, "logprobs": 0}, "echo with logprobs is not supported"),
         ({"prompt": "x", "priority": "urgent"}, "priority must be 'normal' or 'high'"),
-        ({"prompt": "x", "logprobs": 5}, "logprobs is not supported"),
-        ({"prompt": "x", "stream_options": []}, "stream_options must be an object"),
+        ({"prompt": "x", "stream": True, "stream_options": []}, "stream_options must be an object"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}},
+         "stream_options is only allowed when stream is true"),
+        ({"prompt": "x", "stream": True, "stream_options": {"include_usagee": True}},
+         "Unrecognized request argument supplied: stream_options.include_usagee"),
+        ({"prompt": "x", "stop_token_ids": [1, "2"]}, "stop_token_ids must be a list of token ids"),
+        ({"prompt": "x", "user": 5}, "user must be a string"),
         ({"prompt": "x", "seed": "7"}, "seed must be an integer"),
     ],
 )
 def test_completion_bad_fields_are_400(text, body, match):
     assert match in rejected(400, oai.parse_completion, body, text, model_name=MODEL)
+
+
+UNKNOWN_OR_UNSUPPORTED = [
+    ("max_toknes", 5, "Unrecognized request argument supplied: max_toknes"),
+    ("metadata", {"a": "b"}, "Unrecognized request argument supplied: metadata"),
+    ("response_format", {"type": "json_object"}, "response_format is not supported yet"),
+    ("response_format", {"type": "json_schema", "json_schema": {}}, "response_format is not "
+                                                                    "supported yet"),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools is not supported yet"),
+    ("tool_choice", "required", "tool_choice is not supported yet"),
+    ("parallel_tool_calls", False, "parallel_tool_calls is not supported yet"),
+    ("guided_json", {"type": "object"}, "guided_json is not supported yet"),
+    ("guided_choice", ["a", "b"], "guided_choice is not supported yet"),
+    ("suffix", "tail", "suffix is not supported"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "match"), UNKNOWN_OR_UNSUPPORTED)
+@pytest.mark.parametrize("endpoint", ["completion", "chat"])
+def test_unknown_and_unsupported_fields_are_400_naming_them(text, endpoint, name, value, match):
+    call = completion if endpoint == "completion" else chat
+    body = {"prompt": "x"} if endpoint == "completion" else {}
+    message = rejected(400, call, text, **body, **{name: value})
+    assert match in message and name in message
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("response_format", {"type": "text"}), ("tools", []), ("tool_choice", "none"),
+    ("logit_bias", {}), ("presence_penalty", 0), ("echo", False),
+    ("suffix", None), ("user", "someone"),
+])
+def test_neutral_values_of_unsupported_fields_are_fine(text, name, value):
+    completion(text, prompt="x", **{name: value})
+    chat(text, **{name: value})
+
+
+def test_continuous_usage_stats_is_read(text):
+    sub = completion(text, prompt="x", stream=True,
+                     stream_options={"include_usage": True, "continuous_usage_stats": True})
+    assert sub.include_usage and sub.continuous_usage
+
+
+@pytest.mark.parametrize(("message", "match"), [
+    ({"role": "user", "content": "hi", "tool_calls": [{"id": "1"}]},
+     "messages[0].tool_calls is not supported yet"),
+    ({"role": "tool", "content": "hi", "tool_call_id": "1"},
+     "messages[0].tool_call_id is not supported yet"),
+    ({"role": "user", "content": "hi", "weight": 1}, "Unrecognized request argument supplied: "
+                                                     "messages[0].weight"),
+    ({"role": "user", "content": [{"type": "text", "text": "a", "cache": 1}]},
+     "messages[0].content[0].cache"),
+    ({"role": "user", "content": "hi", "name": 5}, "messages[0].name must be a string"),
+])
+def test_unknown_message_fields_are_400_naming_them(text, message, match):
+    assert match in rejected(400, chat, text, messages=[message])
 
 
 def test_unknown_model_is_404_and_a_non_object_body_400(text):
@@ -123,18 +196,88 @@ def test_chat_bad_messages_are_400(text, messages, match):
 def test_response_shapes():
     usage = oai.usage(3, 2)
     assert usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-    body = oai.completion_response("r1", 7, MODEL, "hi", "stop", usage, chat=False)
+    choices = [oai.choice(0, "hi", "stop", chat=False, stream=False)]
+    body = oai.completion_response("r1", 7, MODEL, choices, usage, chat=False)
     assert body["id"] == "r1" and body["object"] == "text_completion"
     assert body["choices"] == [{"index": 0, "text": "hi", "logprobs": None, "finish_reason": "stop"}]
-    body = oai.completion_response("r1", 7, MODEL, "hi", "length", usage, chat=True)
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
-    chunk = oai.stream_chunk("r1", 7, MODEL, "", None, chat=True, role=True)
+    choices = [oai.choice(i, "hi", "length", chat=True, stream=False) for i in range(2)]
+    body = oai.completion_response("r1", 7, MODEL, choices, usage, chat=True)
+    assert body["choices"][1]["message"] == {"role": "assistant", "content": "hi"}
+    assert body["choices"][1]["index"] == 1
+    chunk = oai.stream_chunk("r1", 7, MODEL, [oai.choice(0, "", None, chat=True, stream=True,
+                                                          role=True)], chat=True)
     assert chunk["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    chunk = oai.stream_chunk("r1", 7, MODEL, None, "stop", chat=True)
+    chunk = oai.stream_chunk("r1", 7, MODEL, [oai.choice(0, None, "stop", chat=True,
+                                                          stream=True)], chat=True)
     assert chunk["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
     assert oai.error_body(429, "busy") == {
         "error": {"message": "busy", "type": "rate_limit_error", "code": 429}
     }
+
+
+def test_logprobs_shapes(text):
+    ids = text.encode("hello world", add_special_tokens=False)[:2]
+    strings = text.token_strings
+    first, second = strings(ids)
+    lps = [TokenLogprobs(logprob=-0.5, top_token_ids=(ids[0], 7), top_logprobs=(-0.5, -1.5)),
+           TokenLogprobs(logprob=float("-inf"), top_token_ids=(9,), top_logprobs=(-0.1,))]
+    out, end = oai.completion_logprobs(strings, ids, lps, text_offset=10)
+    assert out["tokens"] == [first, second]
+    assert out["token_logprobs"] == [-0.5, oai.MIN_LOGPROB]  # never -inf in JSON
+    assert out["text_offset"] == [10, 10 + len(first)] and end == 10 + len(first) + len(second)
+    seven, nine = strings([7, 9])
+    assert out["top_logprobs"] == [{first: -0.5, seven: -1.5},
+                                   {nine: -0.1, second: oai.MIN_LOGPROB}]  # + the sampled one
+    chat_out = oai.chat_logprobs(strings, ids, lps)
+    entry = chat_out["content"][0]
+    assert entry == {"token": first, "logprob": -0.5, "bytes": list(first.encode()),
+                     "top_logprobs": [
+                         {"token": first, "logprob": -0.5, "bytes": list(first.encode())},
+                         {"token": seven, "logprob": -1.5, "bytes": list(seven.encode())}]}
+    assert len(chat_out["content"][1]["top_logprobs"]) == 1
+
+
+def test_sampling_fields_are_read(text):
+    sub = completion(text, prompt="x", presence_penalty=0.5, frequency_penalty=-1,
+                     repetition_penalty=1.2, min_p=0.1, min_tokens=3, max_tokens=9,
+                     logit_bias={"5": -100, "17": 2.5}, logprobs=4, stop_token_ids=[8],
+                     include_stop_str_in_output=True, skip_special_tokens=False, n=3, best_of=3,
+                     seed=11)
+    s = sub.sampling
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert (s.min_p, s.min_tokens, s.logprobs, s.stop_token_ids) == (0.1, 3, 4, (8,))
+    assert (s.logit_bias_token_ids, s.logit_bias_values) == ((5, 17), (-100.0, 2.5))
+    assert s.include_stop_str_in_output and not s.skip_special_tokens
+    assert sub.n == 3
+    seeds = [sub.sampling_of(i).seed for i in range(3)]
+    assert seeds[0] == 11 and len(set(seeds)) == 3  # choice 0 keeps the request's seed
+    assert seeds == [sub.sampling_of(i).seed for i in range(3)]  # derived, not drawn
+    assert completion(text, prompt="x", n=2).sampling_of(1).seed is None
+    assert chat(text, logprobs=True).sampling.logprobs == 0
+    assert chat(text, logprobs=True, top_logprobs=5).sampling.logprobs == 5
+    assert chat(text, logprobs=False).sampling.logprobs is None
+    assert completion(text, prompt="x").sampling.logprobs is None
+
+
+def test_echo_puts_the_prompt_text_first(text):
+    assert completion(text, prompt="hello", echo=True).echo == "hello"
+    ids = text.encode("hello world")
+    assert completion(text, prompt=ids, echo=True).echo == "hello world"  # BOS skipped
+    assert completion(text, prompt="hello").echo is None
+
+
+def test_generation_config_gives_defaults_a_request_overrides(tmp_path):
+    import json
+
+    root = make_model_dir(tmp_path)
+    (root / "generation_config.json").write_text(json.dumps({
+        "temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1,
+        "do_sample": True}))
+    text = TextModel.load(root)
+    s = completion(text, prompt="x").sampling
+    assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (0.6, 0.9, 20, 1.1)
+    s = chat(text, temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0).sampling
+    assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (1.0, 1.0, 0, 1.0)
 
 
 # ---- body hygiene -------------------------------------------------------------------------
@@ -210,3 +353,47 @@ def test_prompt_text_too_long_for_any_tokenization_is_400_without_tokenizing(tex
     messages = [{"role": "user", "content": half}, {"role": "assistant", "content": half}]
     assert "maximum context length" in rejected(400, chat, Untouchable(), messages=messages)
     assert completion(text, prompt="x" * limit).prompt_token_ids  # at the bound: tokenized
+
+
+# ---- /tokenize, /detokenize ---------------------------------------------------------------
+
+
+def test_tokenize_and_detokenize_in_vllm_shapes(text):
+    out = oai.tokenize({"model": MODEL, "prompt": "hello world"}, text, model_name=MODEL)
+    ids = text.encode("hello world")
+    assert out == {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids,
+                   "token_strs": None}
+    out = oai.tokenize({"prompt": "hello", "add_special_tokens": False, "return_token_strs": True},
+                       text, model_name=MODEL)
+    assert out["tokens"] == text.encode("hello", add_special_tokens=False)
+    assert out["token_strs"] == text.token_strings(out["tokens"])
+    messages = [{"role": "user", "content": "hi"}]
+    out = oai.tokenize({"messages": messages}, text, model_name=MODEL)
+    assert out["tokens"] == text.encode(text.apply_chat_template(messages),
+                                        add_special_tokens=False)
+    assert oai.detokenize({"tokens": ids}, text, model_name=MODEL) == {"prompt": "<s>hello world"}
+
+
+@pytest.mark.parametrize(("call", "body", "match"), [
+    ("tokenize", {}, "prompt is required"),
+    ("tokenize", {"prompt": "x", "foo": 1}, "Unrecognized request argument supplied: foo"),
+    ("tokenize", {"messages": [{"role": "user", "content": "x"}], "prompt": "x"},
+     "supplied: prompt"),
+    ("tokenize", {"messages": [{"role": "user", "content": "x"}],
+                  "add_generation_prompt": False}, "add_generation_prompt: false"),
+    ("tokenize", {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{x}}"},
+     "chat_template is not supported"),
+    ("tokenize", {"prompt": "hello " * 300}, "maximum context length is 256"),
+    ("detokenize", {"tokens": [1, "2"]}, "tokens must be a list of token ids"),
+    ("detokenize", {"tokens": [10**6]}, "token ids must be in"),
+    ("detokenize", {"tokens": [1], "skip": True}, "supplied: skip"),
+])
+def test_tokenize_and_detokenize_refuse_what_they_do_not_honour(text, call, body, match):
+    assert match in rejected(400, getattr(oai, call), body, text, model_name=MODEL)
+
+
+def test_tokenize_and_detokenize_check_the_model(text):
+    assert "does not exist" in rejected(404, oai.tokenize, {"prompt": "x", "model": "other"},
+                                        text, model_name=MODEL)
+    assert "does not exist" in rejected(404, oai.detokenize, {"tokens": [], "model": "other"},
+                                        text, model_name=MODEL)

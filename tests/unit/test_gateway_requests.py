@@ -9,9 +9,10 @@ import random
 import pytest
 
 from ferry.common import wire
-from ferry.common.sampling import MAX_SEED, SamplingParams
+from ferry.common.sampling import MAX_SEED, SamplingParams, TokenLogprobs
 from ferry.services.gateway.requests import (
     RELEASE_FINISHED,
+    BadStream,
     GapOverflow,
     Rejected,
     RequestTable,
@@ -19,7 +20,7 @@ from ferry.services.gateway.requests import (
     check_request,
 )
 from ferry.services.gateway.text import TextModel
-from tests.unit.test_gateway_text import EOS, make_model_dir
+from tests.unit.test_gateway_text import EOS, cut_mid_character, make_model_dir
 
 REPLY_ADDR = "tcp://gateway:5610"
 
@@ -392,6 +393,31 @@ def test_non_streaming_abort_returns_the_text_so_far(text):
     assert table.finish(req.req_id, "timeout").text == "hello world"
 
 
+@pytest.mark.parametrize("split", [1, 2, 5, 1000])
+@pytest.mark.parametrize("finish", ["length", "stop_string", "timeout"])
+def test_text_ending_mid_character_is_the_same_streamed_or_not(text, split, finish):
+    """The last token ends partway through a UTF-8 character: the non-streamed text equals
+    the streamed deltas joined, both ending with U+FFFD (vLLM's answer), never ''."""
+    ids = cut_mid_character(text, "hello world 世界 🚀")
+    full = text.tokenizer.decode(ids)
+    assert full.endswith("\ufffd")
+    texts = {}
+    for stream in (True, False):
+        table = make_table(text)
+        sampling = SamplingParams(max_tokens=len(ids) + (finish == "timeout"), seed=1,
+                                  stop=("never matched",) if finish == "stop_string" else ())
+        req = table.add(prompt_token_ids=(1, 2), sampling=sampling, priority=0, timeout_s=10.0,
+                        sink=None, now=0.0, arrival_s=0.0, stream=stream)
+        deltas = [table.on_tokens(tokens(req, i, ids[i : i + split]))
+                  for i in range(0, len(ids), split)]
+        if finish == "timeout":
+            deltas.append(table.finish(req.req_id, "timeout"))
+        deltas = [d for d in deltas if d is not None]
+        assert deltas[-1].finish_reason in ("length", "timeout")
+        texts[stream] = "".join(d.text for d in deltas)
+    assert texts[True] == texts[False] == full
+
+
 def test_stop_strings_force_incremental_text(text):
     table = make_table(text)
     ids = output_ids(text, "hello world, the quick brown fox")
@@ -418,3 +444,79 @@ def test_deadline_heap_stays_bounded(text):
     assert len(table) == 0 and len(table._deadlines) <= 1024 + 1
     live = add(table, timeout_s=1.0)
     assert table.expired(2.0) == [live]
+
+
+# ---- logprobs, stop tokens, include_stop_str_in_output, skip_special_tokens ---------------
+
+
+def _lp(token_id: int) -> TokenLogprobs:
+    return TokenLogprobs(logprob=-token_id / 10, top_token_ids=(token_id,),
+                         top_logprobs=(-token_id / 10,))
+
+
+def test_logprobs_follow_their_tokens_through_gaps_and_resends(text):
+    table = make_table(text)
+    req = add(table, logprobs=1, max_tokens=6)
+
+    def msg(first, ids, finish=None):
+        return wire.Tokens(req_id=req.req_id, instance_id="i0", first_index=first,
+                           token_ids=tuple(ids), finish_reason=finish,
+                           logprobs=tuple(_lp(t) for t in ids))
+
+    assert table.on_tokens(msg(2, [12, 13])) is None  # past a gap
+    d1 = table.on_tokens(msg(0, [10, 11, 12]))  # overlaps the buffered 12
+    assert d1.token_ids == (10, 11, 12, 13) and d1.logprobs == tuple(map(_lp, d1.token_ids))
+    d2 = table.on_tokens(msg(3, [13, 14, 15], "length"))  # resends 13
+    assert d2.token_ids == (14, 15) and d2.logprobs == (_lp(14), _lp(15))
+
+
+def test_missing_logprobs_fail_the_request(text):
+    table = make_table(text)
+    req = add(table, logprobs=0)
+    with pytest.raises(BadStream, match="2 tokens came with 0 logprobs"):
+        table.on_tokens(tokens(req, 0, [10, 11]))
+
+
+def test_a_stop_token_text_is_left_out_unless_asked(text):
+    ids = output_ids(text, "hello world")
+    stop_id = output_ids(text, " the")[0]
+    for include, stream in [(False, True), (False, False), (True, True), (True, False)]:
+        table = make_table(text)
+        req = table.add(prompt_token_ids=(1,), sampling=SamplingParams(
+            max_tokens=50, seed=1, stop_token_ids=(stop_id,), include_stop_str_in_output=include),
+            priority=0, timeout_s=10.0, sink=None, now=0.0, arrival_s=0.0, stream=stream)
+        delta1 = table.on_tokens(tokens(req, 0, ids))
+        delta2 = table.on_tokens(tokens(req, len(ids), [stop_id], "stop"))
+        assert delta1.text + delta2.text == "hello world" + (" the" if include else "")
+        assert delta2.token_ids == (stop_id,) and delta2.finish_reason == "stop"
+
+
+def test_include_stop_str_in_output_keeps_the_matched_stop_string(text):
+    ids = output_ids(text, "hello world, the quick brown fox")
+    for include, want in [(False, "hello"), (True, "hello world")]:
+        table = make_table(text)
+        req = add(table, stop=(" world", "quick"), include_stop_str_in_output=include)
+        deltas = feed_one_by_one(table, req, ids)
+        assert "".join(d.text for d in deltas) == want
+        assert deltas[-1].finish_reason == "stop"
+
+
+def test_skip_special_tokens_false_shows_them(text):
+    eos = text.tokenizer.token_to_id(EOS)
+    ids = output_ids(text, "hello")
+    for skip, want in [(True, "hellohello"), (False, "hello</s>hello")]:
+        table = make_table(text)
+        req = add(table, skip_special_tokens=skip, max_tokens=2 * len(ids) + 1, ignore_eos=True)
+        delta = table.on_tokens(tokens(req, 0, [*ids, eos, *ids], "length"))
+        assert delta.text == want
+
+
+def test_stop_strings_are_not_matched_before_min_tokens(text):
+    ids = output_ids(text, "hello world, hello world, the end")
+    first_world = output_ids(text, "hello world")  # the first match ends within these
+    for min_tokens, want in [(0, "hello"), (len(first_world), "hello world, hello")]:
+        table = make_table(text)
+        req = add(table, stop=(" world",), min_tokens=min_tokens)
+        deltas = feed_one_by_one(table, req, ids)
+        assert "".join(d.text for d in deltas) == want
+        assert deltas[-1].finish_reason == "stop"

@@ -142,6 +142,37 @@ def test_detokenizer_skips_special_tokens(text):
     assert detok.step(ids) + detok.step([eos]) == "hello"
 
 
+def cut_mid_character(text: TextModel, sample: str) -> list[int]:
+    """Ids of `sample` cut after a token that ends partway through a UTF-8 character."""
+    ids = text.encode(sample, add_special_tokens=False)
+    cuts = [k for k in range(1, len(ids)) if text.tokenizer.decode(ids[:k]).endswith("\ufffd")]
+    assert cuts, "the sample has no multi-token character"
+    return ids[: cuts[-1]]
+
+
+@pytest.mark.parametrize("sizes", [(1,), (2,), (3, 1), (100,)])
+def test_flush_renders_a_last_token_that_ends_mid_character(text, sizes):
+    ids = cut_mid_character(text, "the fox 世界 🚀")
+    whole = text.tokenizer.decode(ids)
+    assert whole.endswith("\ufffd")
+    detok = text.detokenizer(text.encode("the", add_special_tokens=True))
+    pieces, i, k = [], 0, 0
+    while i < len(ids):
+        size = sizes[k % len(sizes)]
+        pieces.append(detok.step(ids[i : i + size]))
+        i, k = i + size, k + 1
+    assert not "".join(pieces).endswith("\ufffd")  # held back: it might still complete
+    pieces.append(detok.flush())
+    assert "".join(pieces) == whole
+    assert detok.flush() == ""
+
+
+def test_flush_is_empty_when_the_text_is_complete(text):
+    detok = text.detokenizer([])
+    ids = text.encode("hello 世界", add_special_tokens=False)
+    assert detok.step(ids) == "hello 世界" and detok.flush() == ""
+
+
 def test_encoding_and_chat_template_delegate_to_the_worker_tokenizer(tmp_path, monkeypatch):
     root = make_model_dir(tmp_path)
 

@@ -10,6 +10,10 @@ import contextlib
 import pytest
 
 from ferry.common import wire
+from ferry.common.config import EngineConfig
+from ferry.common.sampling import SamplingParams
+from ferry.services.worker.engine.engine import Engine
+from tests.unit.fakes import SamplerKVExecutor
 from tests.unit.migration_harness import (
     Gateway,
     Network,
@@ -84,6 +88,57 @@ def test_migrated_mid_decode_yields_the_same_tokens(make_sampling):
             for req_id, prompt in PROMPTS.items():
                 assert gateway.tokens[req_id] == reference_tokens(prompt, make_sampling())
             assert_pools_whole(a, b)
+
+    run(body())
+
+
+def _penalized(max_tokens: int, seed: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.9, seed=seed, presence_penalty=1.5,
+                          frequency_penalty=0.7, repetition_penalty=1.6, min_tokens=20,
+                          stop_token_ids=(5,), logit_bias_token_ids=(6, 7),
+                          logit_bias_values=(3.0, -2.0), min_p=0.02, logprobs=2)
+
+
+def _reference(prompt: list[int], sampling: SamplingParams,
+               output_token_ids: tuple[int, ...] = ()) -> tuple[list[int], list]:
+    """Tokens and logprobs of an undisturbed run (or of a replay from output_token_ids)."""
+    engine = Engine(SamplerKVExecutor(num_blocks=512, block_size=4),
+                    EngineConfig(max_num_batched_tokens=4096))
+    engine.add_request("ref", prompt, sampling, output_token_ids=output_token_ids)
+    tokens, logprobs = list(output_token_ids), [None] * len(output_token_ids)
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.token_ids
+            logprobs += out.logprobs
+    return tokens, logprobs
+
+
+def test_penalty_state_is_the_same_after_migration_and_replay():
+    """Penalties, min_tokens, bias and logprobs come from the request's tokens, which
+    travel with it: migrated back and forth, or replayed from its delivered tokens, it
+    samples exactly what an undisturbed run samples."""
+    async def body():
+        async with cluster(executor=SamplerKVExecutor) as (net, gateway, (a, b)):
+            for req_id in PROMPTS:
+                add(a, req_id, _penalized(60, seed=int(req_id[1:])))
+            src, dst = a, b
+            for at in (5, 15, 30):
+                await wait_until(lambda n=at: len(gateway.tokens.get("r3", [])) >= n)
+                done = await wait_done(net, migrate(net, src, dst, "r3"))
+                assert done.committed, done.reason
+                src, dst = dst, src
+            await finish_all(gateway, PROMPTS)
+        for req_id, prompt in PROMPTS.items():
+            sampling = _penalized(60, seed=int(req_id[1:]))
+            tokens, logprobs = _reference(prompt, sampling)
+            assert gateway.tokens[req_id] == tokens, req_id
+            assert gateway.logprobs[req_id] == logprobs, req_id
+            assert len(tokens) == 60 or len(tokens) > 20  # min_tokens held stops back
+            replayed, _ = _reference(prompt, sampling, output_token_ids=tuple(tokens[:17]))
+            assert replayed == tokens, req_id
+        plain = _reference(PROMPTS["r3"], SamplingParams(max_tokens=60, temperature=0.9, seed=3,
+                                                          ignore_eos=True))[0]
+        assert plain != gateway.tokens["r3"]  # the penalties did change the draw
 
     run(body())
 

@@ -164,3 +164,37 @@ def test_errors():
     with pytest.raises((ValueError, KeyError)):  # unknown attention backend
         ModelRunner(RunnerConfig(model_config=CONFIG, num_blocks=4, attention_backend="nope"))
     assert runner.execute(ModelBatch(chunks=())) == []
+
+
+def test_logprobs_and_penalties_come_from_the_model_logits():
+    """The runner's logprobs are log_softmax of the model's own logits at the sampled
+    position (before penalties and temperature), and its penalties act on those logits."""
+    runner = _runner()
+    prompt, output = [5, 9, 11, 9, 40], [70, 70, 12]
+    sequence = prompt + output
+    with torch.inference_mode():
+        inputs = prepare_inputs([_chunk("ref", sequence, 0, [20, 21])], block_size=16,
+                                device=torch.device("cpu"))
+        hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.meta)
+        logits = runner.model.compute_logits(hidden[-1:])[0].double()
+    reference = logits.log_softmax(dim=-1)
+    params = SamplingParams(temperature=0.7, seed=3, logprobs=5, presence_penalty=1.5,
+                            frequency_penalty=0.5, repetition_penalty=1.3)
+    chunk = SeqChunk(req_id="a", token_ids=tuple(sequence), start_pos=0, block_ids=(0,),
+                     sample=True, sampling=params, prompt_token_ids=tuple(prompt),
+                     output_token_ids=tuple(output))
+    out = runner.execute(ModelBatch(chunks=(chunk,)))
+    (lp,) = out.logprobs
+    assert lp.logprob == pytest.approx(reference[out[0]].item(), abs=1e-4)
+    assert list(lp.top_token_ids) == reference.topk(5).indices.tolist()
+    assert list(lp.top_logprobs) == pytest.approx(reference.topk(5).values.tolist(), abs=1e-4)
+    # Greedy: the argmax of the penalized logits (repetition on the model's top token).
+    top = int(logits.argmax())
+    greedy = SamplingParams(temperature=0.0, seed=0)
+    assert runner.execute(ModelBatch(chunks=(_chunk("g", sequence, 0, [1], sampling=greedy),))) \
+        == [top]
+    penalized = SamplingParams(temperature=0.0, seed=0, repetition_penalty=1e6)
+    chunk = SeqChunk(req_id="p", token_ids=tuple(sequence), start_pos=0, block_ids=(2,),
+                     sample=True, sampling=penalized, prompt_token_ids=(top,),
+                     output_token_ids=())
+    assert runner.execute(ModelBatch(chunks=(chunk,))) != [top]

@@ -9,6 +9,7 @@ import pytest
 from ferry import (
     AsyncClient,
     BadRequest,
+    Client,
     Overloaded,
     ServerError,
     Timeout,
@@ -80,6 +81,14 @@ def test_reply_buffer_raises_the_error_after_the_chunks():
         ({"stop": [""]}, "stop"),
         ({"priority": "urgent"}, "priority"),
         ({"prompt_token_ids": [1]}, "exactly one of prompt"),
+        ({"max_token": 5}, "unknown argument 'max_token'"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"logit_bias": {5: 101}}, "logit_bias"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"min_tokens": 20}, "min_tokens"),
+        ({"min_p": None}, "float"),
+        ({"response_format": {"type": "json_object"}}, "unknown argument 'response_format'"),
     ],
 )
 def test_arguments_are_checked_before_anything_is_sent(kwargs, match):
@@ -87,6 +96,27 @@ def test_arguments_are_checked_before_anything_is_sent(kwargs, match):
     with pytest.raises(BadRequest, match=match):
         client.stream("hi", **kwargs)
     assert client._socket is None  # nothing connected, nothing sent
+
+
+def test_sampling_arguments_travel_in_the_request():
+    client = AsyncClient("tcp://127.0.0.1:1")
+    stream = client.stream("hi", presence_penalty=0.5, frequency_penalty=1, repetition_penalty=1.1,
+                           min_p=0.05, min_tokens=2, logit_bias={7: -100, 9: 2.5}, logprobs=3,
+                           stop_token_ids=[4], include_stop_str_in_output=True,
+                           skip_special_tokens=False)
+    s = wire.decode(stream._frames).sampling
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, 1.0, 1.1)
+    assert (s.min_p, s.min_tokens, s.logprobs, s.stop_token_ids) == (0.05, 2, 3, (4,))
+    assert (s.logit_bias_token_ids, s.logit_bias_values) == ((7, 9), (-100.0, 2.5))
+    assert s.include_stop_str_in_output and not s.skip_special_tokens
+
+
+def test_the_blocking_client_names_an_unknown_argument_too():
+    with Client("tcp://127.0.0.1:1") as client:
+        with pytest.raises(BadRequest, match="unknown argument 'temprature'"):
+            client.generate("hi", temprature=0.5)
+        with pytest.raises(BadRequest, match="unknown argument 'temprature'"):
+            client.stream("hi", temprature=0.5)
 
 
 def test_stream_is_lazy_and_stop_strings_normalize():

@@ -36,7 +36,12 @@ def example(hint, depth=0):
 def build(cls, depth=0):
     if cls is SamplingParams:
         return SamplingParams(max_tokens=5, temperature=0.7, top_k=3, top_p=0.9, seed=11,
-                              stop_token_ids=(2, 3), ignore_eos=True, stop=("\n\n",))
+                              stop_token_ids=(2, 3), ignore_eos=True, stop=("\n\n",),
+                              presence_penalty=0.5, frequency_penalty=-0.5,
+                              repetition_penalty=1.2, min_p=0.1, min_tokens=2,
+                              logit_bias_token_ids=(4, 9), logit_bias_values=(-100.0, 2.5),
+                              logprobs=3, include_stop_str_in_output=True,
+                              skip_special_tokens=False)
     hints = typing.get_type_hints(cls, include_extras=True)
     return cls(**{f.name: example(hints[f.name], depth) for f in dataclasses.fields(cls)})
 
@@ -81,7 +86,7 @@ def test_rejects_wrong_field_types():
     tag = wire.REGISTRY.tag_of(wire.Abort)
     with pytest.raises(WireError, match="Abort.req_id: expected str"):
         wire.decode(_frames(tag, [5, "x", None]))
-    with pytest.raises(WireError, match="expected 3 fields"):
+    with pytest.raises(WireError, match="expected 2 to 3 fields, got 1"):
         wire.decode(_frames(tag, ["r"]))
     tag = wire.REGISTRY.tag_of(wire.Tokens)
     with pytest.raises(WireError, match="expected int, got bool"):
@@ -109,6 +114,41 @@ def test_rejects_bad_frame_counts_and_headers():
         wire.decode([b"\x01"])
     with pytest.raises(WireError, match="bad header"):
         wire.decode([b"\x01\x00", b"\x90"])
+
+
+def test_trailing_fields_with_defaults_may_be_missing():
+    """An older sender omits fields added since with a default; the rest stay required."""
+    tag = wire.REGISTRY.tag_of(wire.Tokens)
+    old = wire.decode(_frames(tag, ["r", "i", 0, [1], None, 2]))  # no logprobs
+    assert (old.attempt, old.logprobs) == (2, ())
+    with pytest.raises(WireError, match="expected 6 to 7 fields, got 5"):
+        wire.decode(_frames(tag, ["r", "i", 0, [1], None]))  # attempt was in v2 from the start
+    with pytest.raises(WireError, match="expected 6 to 7 fields, got 8"):
+        wire.decode(_frames(tag, ["r", "i", 0, [1], None, 0, [], 5]))  # never ignored
+    tag = wire.REGISTRY.tag_of(wire.Dispatch)
+    sampling_v2_0 = [5, 0.5, 0, 1.0, 3, [], False, []]  # before the penalties were added
+    msg = wire.decode(_frames(tag, ["r", [1], [], sampling_v2_0, 0, "tcp://a:1", 1.0, 0]))
+    assert msg.sampling == SamplingParams(max_tokens=5, temperature=0.5, seed=3)
+    with pytest.raises(WireError, match="Dispatch.sampling: expected 8 to 18 fields, got 7"):
+        wire.decode(_frames(tag, ["r", [1], [], sampling_v2_0[:7], 0, "tcp://a:1", 1.0, 0]))
+
+
+def test_fields_added_since_are_left_out_at_their_defaults():
+    """A message that uses none of the fields added in this protocol version encodes as
+    before them, so a peer that predates them reads it."""
+    plain = wire.Tokens(req_id="r", instance_id="i", first_index=0, token_ids=(1,),
+                        finish_reason=None)
+    assert len(msgpack.unpackb(wire.encode(plain)[1])) == 6  # attempt stays (v2 had it)
+    sampling = SamplingParams(max_tokens=3, seed=1)
+    dispatch = wire.Dispatch(req_id="r", prompt_token_ids=(1,), output_token_ids=(),
+                             sampling=sampling, priority=0, reply_addr="tcp://a:1",
+                             arrival_s=0.0)
+    assert len(msgpack.unpackb(wire.encode(dispatch)[1])[3]) == 8
+    penalized = dataclasses.replace(dispatch, sampling=dataclasses.replace(
+        sampling, skip_special_tokens=False))
+    assert len(msgpack.unpackb(wire.encode(penalized)[1])[3]) == 18
+    for msg in (plain, dispatch, penalized):
+        assert wire.decode(wire.encode(msg)) == msg
 
 
 def test_nested_struct_checked():

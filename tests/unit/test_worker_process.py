@@ -19,6 +19,7 @@ from ferry.services.worker.engine.engine import Engine
 from ferry.services.worker.latency_model import LatencyModel
 from ferry.services.worker.main import Worker
 from ferry.services.worker.runner import PendingTokens
+from ferry.services.worker.sampler import SamplerOutput
 from ferry.services.worker.sim_executor import SimExecutor
 from ferry.services.worker.stepper import ModelStepper
 from tests.e2e.test_gateway_harness import free_ports, tcp, wait_until
@@ -171,7 +172,8 @@ class SlowCpuExecutor(TokenKVExecutor):
 
     def launch(self, batch) -> PendingTokens:
         time.sleep(self.step_s)  # holds no lock the event loop needs
-        return PendingTokens(torch.tensor(self.execute(batch), dtype=torch.int64), None)
+        return PendingTokens(SamplerOutput(torch.tensor(self.execute(batch), dtype=torch.int64)),
+                             None)
 
 
 def test_a_long_cpu_step_does_not_stall_the_event_loop():

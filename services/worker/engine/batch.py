@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from ferry.common.sampling import SamplingParams
+from ferry.common.sampling import SamplingParams, TokenLogprobs
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,10 +26,31 @@ class SeqChunk:
     # are in the KV cache. The seeded RNG is keyed by (seed, start_pos + len(token_ids)),
     # the position of the token being sampled, which survives preemption, migration and
     # replay as prompt + delivered tokens.
+    # The sampler's penalties and min_tokens need the tokens themselves: set (on sampling
+    # chunks) only when `needs_history(sampling)`, else empty.
+    prompt_token_ids: tuple[int, ...] = ()
+    output_token_ids: tuple[int, ...] = ()  # generated so far
 
     @property
     def end_pos(self) -> int:
         return self.start_pos + len(self.token_ids)
+
+
+def needs_history(sampling: SamplingParams) -> bool:
+    """The sampler reads the request's tokens: penalties, or min_tokens."""
+    return sampling.has_penalties or sampling.min_tokens > 0
+
+
+class Sampled(list):
+    """What an executor returns: the sampled token ids (a list, one per sampling chunk in
+    chunk order) and, when any of those chunks asked for logprobs, `logprobs` (one entry
+    per token, None where not asked). A plain list means no logprobs."""
+
+    __slots__ = ("logprobs",)
+
+    def __init__(self, token_ids=(), logprobs: list[TokenLogprobs | None] | None = None):
+        super().__init__(token_ids)
+        self.logprobs = logprobs
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,5 +73,6 @@ class Executor(Protocol):
 
     def execute(self, batch: ModelBatch) -> list[int]:
         """Run every chunk (writing its KV) and return one sampled token id per chunk
-        with sample=True, in chunk order."""
+        with sample=True, in chunk order: a `Sampled` with the logprobs when a chunk's
+        sampling asks for them."""
         ...

@@ -115,6 +115,7 @@ class Engine:
         if not prompt_token_ids:
             raise RequestRejected(400, "prompt is empty")
         bad = [t for t in prompt_token_ids if not 0 <= t < self.executor.vocab_size]
+        bad += [t for t in sampling.logit_bias_token_ids if t >= self.executor.vocab_size]
         if bad:
             raise RequestRejected(400, f"token id {bad[0]} is outside the vocabulary")
         if num_tokens >= self.executor.max_model_len:

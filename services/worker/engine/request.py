@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from ferry.common.sampling import SamplingParams
+from ferry.common.sampling import SamplingParams, TokenLogprobs
 
 
 class Status(enum.Enum):
@@ -36,6 +36,9 @@ class Request:
     num_registered: int = 0
     finish_reason: str | None = None
     last_step_s: float = 0.0  # wall clock (time.time()) at the end of its latest step
+    # Logprobs of output_token_ids[num_delivered:] when sampling.logprobs is set (handed
+    # out with them; never migrated: outputs are handed out at the end of every step).
+    undelivered_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -70,3 +73,4 @@ class RequestOutput:
     first_index: int  # output index of token_ids[0]
     token_ids: tuple[int, ...]
     finish_reason: str | None  # "length" | "stop" | "abort" | None
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token when the request asked

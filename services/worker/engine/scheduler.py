@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from ferry.common.config import EngineConfig
 from ferry.common.prefix_hash import block_hashes
-from ferry.services.worker.engine.batch import SeqChunk
+from ferry.services.worker.engine.batch import SeqChunk, needs_history
 from ferry.services.worker.engine.block_manager import BlockManager
 from ferry.services.worker.engine.request import Request, RequestOutput, Status
 
@@ -188,14 +188,18 @@ class LocalScheduler:
     def _add_chunk(self, plan: StepPlan, req: Request, num_new: int) -> None:
         start = req.num_computed_tokens
         end = start + num_new
+        sample = end == req.num_tokens
+        history = sample and needs_history(req.sampling)
         plan.chunks.append(
             SeqChunk(
                 req_id=req.req_id,
                 token_ids=req.token_slice(start, end),
                 start_pos=start,
                 block_ids=tuple(req.block_ids),
-                sample=end == req.num_tokens,
+                sample=sample,
                 sampling=req.sampling,
+                prompt_token_ids=req.prompt_token_ids if history else (),
+                output_token_ids=tuple(req.output_token_ids) if history else (),
             )
         )
         plan.reqs.append(req)
@@ -215,9 +219,12 @@ class LocalScheduler:
         """Record a step's results; return the requests' new tokens (and finishes)."""
         outputs = [self._take_output(req) for req in plan.finished]
         sampled_iter = iter(sampled)
+        logprobs = getattr(sampled, "logprobs", None)
+        logprobs_iter = iter(logprobs if logprobs is not None else ())
         now = time.time()
         for chunk, req in zip(plan.chunks, plan.reqs, strict=True):
             token = next(sampled_iter) if chunk.sample else None
+            token_logprobs = next(logprobs_iter, None) if chunk.sample else None
             if req.status is not Status.RUNNING:
                 continue  # left the batch since schedule() (aborted, paused)
             req.num_computed_tokens = chunk.end_pos
@@ -225,6 +232,10 @@ class LocalScheduler:
             self._register_computed(req)
             if token is None:
                 continue
+            if req.sampling.logprobs is not None:
+                if token_logprobs is None:
+                    raise ValueError(f"{req.req_id} asked for logprobs; the executor gave none")
+                req.undelivered_logprobs.append(token_logprobs)
             req.output_token_ids.append(token)
             reason = self._finish_reason(req, token)
             if reason is not None:
@@ -236,9 +247,11 @@ class LocalScheduler:
         return outputs
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
-        if token in req.sampling.stop_token_ids:
+        # Before min_tokens the sampler suppresses stops; vLLM checks here too.
+        stops = req.num_output_tokens >= req.sampling.min_tokens
+        if stops and token in req.sampling.stop_token_ids:
             return "stop"
-        if not req.sampling.ignore_eos and token in self.eos_token_ids:
+        if stops and not req.sampling.ignore_eos and token in self.eos_token_ids:
             return "stop"
         if req.num_output_tokens >= req.sampling.max_tokens:
             return "length"
@@ -256,6 +269,7 @@ class LocalScheduler:
     def _take_output(req: Request) -> RequestOutput:
         first = req.num_delivered
         req.num_delivered = req.num_output_tokens
+        logprobs, req.undelivered_logprobs = tuple(req.undelivered_logprobs), []
         return RequestOutput(
             req_id=req.req_id,
             reply_addr=req.reply_addr,
@@ -263,6 +277,7 @@ class LocalScheduler:
             first_index=first,
             token_ids=tuple(req.output_token_ids[first:]),
             finish_reason=req.finish_reason,
+            logprobs=logprobs,
         )
 
     # ---- abort, pause (migration) ---------------------------------------------------------
