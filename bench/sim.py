@@ -36,6 +36,7 @@ from ferry.common.logging import configure
 from ferry.common.sampling import SamplingParams
 from ferry.services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
 from ferry.services.scheduler.core import Pending, SchedulerCore
+from ferry.services.scheduler.dispatch import POLICY_NAMES
 from ferry.services.worker.engine.batch import ModelBatch
 from ferry.services.worker.engine.engine import Engine, RequestRejected
 from ferry.services.worker.engine.request import Status
@@ -511,7 +512,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", required=True, help="JSONL trace (ferry bench trace)")
     parser.add_argument("--instances", type=int, default=16)
     parser.add_argument("--policy", default="llumnix",
-                        choices=["round_robin", "least_load", "llumnix"])
+                        choices=POLICY_NAMES)
     parser.add_argument("--profile", default=str(Path(__file__).parent / "profiles"
                                                  / "llama2-7b-h200.json"))
     parser.add_argument("--kv-blocks", type=int, default=0,

@@ -15,7 +15,7 @@ CLI talk request/reply over ROUTER/DEALER):
     gateway    --PUSH--> scheduler.inbox               Dispatch, Release, GatewayHello
     scheduler  --PUSH--> worker.inbox                  Dispatch (forwarded unread), Abort,
                                                        MigrateOut, SetDraining, ReRegister,
-                                                       GatewayGone
+                                                       GatewayGone, CacheSnapshotRequest
     scheduler  --PUSH--> gateway.inbox                 Placement, DispatchRejected,
                                                        InstanceView, InstanceDown
     worker     --PUSH--> gateway.inbox (reply_addr)    Tokens, RequestError
@@ -152,6 +152,10 @@ class Dispatch:
     # Tokens and RequestError echo it; the gateway takes output from the current one only,
     # so a copy left on an instance wrongly declared dead can never reach the client.
     attempt: int = 0
+    # Prefix hashes of the full blocks of prompt + output_token_ids (common/prefix_hash.py,
+    # with the cluster's seed and block size from InstanceView); () when unknown. The
+    # scheduler places by them (cache-aware dispatch).
+    prefix_hashes: tuple[int, ...] = ()
 
     @property
     def prompt_len(self) -> int:
@@ -216,6 +220,10 @@ class InstanceView:
 
     scheduler_epoch: str  # changes when the scheduler restarts
     instances: tuple[InstanceAddr, ...]
+    # How gateways hash prompts for Dispatch.prefix_hashes: the instances' block size and
+    # prefix-cache seed (0: no instance caches prefixes; send no hashes).
+    block_size: int = 16
+    prefix_seed: int = 0
 
 
 @REGISTRY.message(23)
@@ -269,6 +277,7 @@ class Register:
     max_model_len: int  # longest sequence the model accepts
     req_ids: tuple[str, ...]  # requests it holds now (non-empty after a scheduler restart)
     req_priorities: tuple[int, ...] = ()  # Priority of each of req_ids, same order
+    prefix_seed: int = 0  # root of its prefix-cache hash chain; 0: it caches no prefix
 
 
 @REGISTRY.struct
@@ -293,6 +302,7 @@ class LoadFields:
     num_cached_blocks: int = 0  # of num_free_blocks, those holding a cached prefix
     num_prompt_tokens: int = 0  # tokens of the requests admitted, total since start
     num_prefix_hit_tokens: int = 0  # of those, found in the prefix cache, total
+    prefill_tokens_per_s: float = 0.0  # EWMA of its prefill throughput; 0: not measured
 
 
 @REGISTRY.message(41)
@@ -307,6 +317,13 @@ class LoadReport:
     # Every request it holds, in every report_every-th report (about once a second), else
     # None: the scheduler reconciles its placement table with it (no phantom entries).
     req_ids: tuple[str, ...] | None = None
+    # Prefix-cache events since the previous report, in order: block hashes cached and
+    # evicted (a hash in both was cached, then evicted). With cache_snapshot (answering
+    # CacheSnapshotRequest, or past MAX_CACHE_EVENTS) the full set of its cached hashes
+    # instead, replacing what the scheduler knew.
+    cache_stored: tuple[int, ...] = ()
+    cache_evicted: tuple[int, ...] = ()
+    cache_snapshot: tuple[int, ...] | None = None
 
 
 @REGISTRY.message(43)
@@ -367,6 +384,14 @@ class GatewayGone:
 
     inbox_addr: DialAddr
     req_id_prefix: str
+
+
+@REGISTRY.message(55)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheSnapshotRequest:
+    """Scheduler -> worker: send the full set of your cached prefix hashes with the next
+    load report (the scheduler's index of them may have missed events: a restart, a lost
+    report)."""
 
 
 @REGISTRY.message(51)

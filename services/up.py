@@ -21,6 +21,7 @@ import time
 import urllib.request
 
 from ferry.common import env
+from ferry.services.scheduler.dispatch import POLICY_NAMES
 from ferry.services.worker.model.resolve import RANDOM_PREFIX
 
 STOP_GRACE_S = 8.0
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scheduler inbox (+0), admin (+1), gateway inbox (+2), "
                              "workers (+100 ...)")
     parser.add_argument("--policy", default="llumnix",
-                        choices=["round_robin", "least_load", "llumnix"])
+                        choices=POLICY_NAMES)
     parser.add_argument("--autoscale", action="store_true")
     parser.add_argument("--min-workers", type=int, default=1)
     parser.add_argument("--max-workers", type=int, default=4)

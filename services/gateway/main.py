@@ -327,7 +327,9 @@ class Gateway:
 
     def dispatch(self, req: Request) -> None:
         """Send req's Dispatch to the scheduler, or to a worker in bypass mode."""
-        msg = self.table.dispatch(req)
+        view = self.routes.view
+        msg = self.table.dispatch(req, block_size=view.block_size if view else 16,
+                                  prefix_seed=view.prefix_seed if view else 0)
         try:
             if not self.routes.bypass:
                 self.send_to_cluster.send(self.config.scheduler_addr, msg)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ferry.common import wire
+from ferry.common.prefix_hash import block_hashes
 from ferry.common.sampling import MAX_SEED, SamplingParams, TokenLogprobs
 from ferry.services.gateway.text import Detokenizer, TextModel
 
@@ -215,10 +216,15 @@ class RequestTable:
             heapq.heapify(self._deadlines)
         return req
 
-    def dispatch(self, req: Request) -> wire.Dispatch:
+    def dispatch(self, req: Request, *, block_size: int = 16, prefix_seed: int = 0
+                 ) -> wire.Dispatch:
         """The Dispatch for a first run, or for a replay: prompt + delivered tokens. The
         engine counts the delivered tokens as outputs already made (towards max_tokens)
-        and continues at index len(output_token_ids), so sampling is sent unchanged."""
+        and continues at index len(output_token_ids), so sampling is sent unchanged. With
+        the cluster's prefix seed (InstanceView), it carries the prefix hashes of its full
+        blocks, by which the scheduler places it near its cached prefix."""
+        tokens = req.prompt_token_ids + tuple(req.output_token_ids)
+        hashes = block_hashes(tokens, block_size, parent=prefix_seed) if prefix_seed else []
         return wire.Dispatch(
             req_id=req.req_id,
             prompt_token_ids=req.prompt_token_ids,
@@ -228,6 +234,7 @@ class RequestTable:
             reply_addr=self.reply_addr,
             arrival_s=req.arrival_s,
             attempt=req.attempt,
+            prefix_hashes=tuple(hashes),
         )
 
     def remove(self, req_id: str) -> Request | None:

@@ -9,14 +9,17 @@ migrations in flight, the gateways seen, and counters for `ferry status`.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from types import MappingProxyType
 from typing import Any
 
 from ferry.common.config import DEFAULT_BLOCK_SIZE, SchedulerConfig
 from ferry.common.logging import get_logger
 from ferry.common.wire import (
     Abort,
+    CacheSnapshotRequest,
     Dispatch,
     DispatchRejected,
     GatewayGone,
@@ -38,7 +41,13 @@ from ferry.common.wire import (
     SetDraining,
     StatusReply,
 )
-from ferry.services.scheduler.dispatch import LeastLoad, make_dispatch_policy
+from ferry.services.scheduler.dispatch import (
+    Demand,
+    Infaas,
+    LeastLoad,
+    PrefixAffinity,
+    make_dispatch_policy,
+)
 from ferry.services.scheduler.load import (
     demand_blocks,
     dispatch_room,
@@ -49,6 +58,7 @@ from ferry.services.scheduler.load import (
 )
 from ferry.services.scheduler.migration import MigrationDecision, MigrationHook, pair_migrations
 from ferry.services.scheduler.pending import PendingEntry, PendingQueue
+from ferry.services.scheduler.prefix_index import PrefixIndex
 from ferry.services.scheduler.table import Instance, InstanceTable, UnseenDispatch
 
 Out = list[tuple[str, Any]]  # (peer inbox address, wire message)
@@ -127,6 +137,7 @@ class Counters:
     num_dispatched: int = 0
     num_rejected: int = 0  # DispatchRejected sent
     num_committed: int = 0  # migrations
+    num_cached_blocks_placed: int = 0  # prefix blocks requests found where they were placed
     num_aborted: int = 0
     abort_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -165,6 +176,8 @@ class SchedulerCore:
         # Instances being emptied (`ferry drain`, a worker stopping): draining, and every
         # request they hold is migrated away, whatever the dispatch policy.
         self.evacuating: set[str] = set()
+        self.prefix_index = PrefixIndex()  # which instance caches which prefix block
+        self.snapshot_asked_s: dict[str, float] = {}  # instance -> CacheSnapshotRequest sent
         self.reregister_sent_s: dict[str, float] = {}  # instance_id -> last ReRegister sent
         self.counters = Counters()
         self._migration_numbers = itertools.count()
@@ -176,7 +189,8 @@ class SchedulerCore:
         # Periodic migration policies (DESIGN §5); least_load is the no-migration baseline.
         # A custom policy appends itself here; `ferry migrate` goes through `migrate` too.
         self.migration_hooks: list[MigrationHook] = []
-        if cfg.enable_migration and cfg.dispatch_policy != LeastLoad.name:
+        placement_only = (LeastLoad.name, Infaas.name, PrefixAffinity.name)  # baselines
+        if cfg.enable_migration and cfg.dispatch_policy not in placement_only:
             margin = (
                 migrate_margin
                 if migrate_margin is not None
@@ -259,7 +273,7 @@ class SchedulerCore:
             return self._reject(req, *open_)
         if self.pending is not None:
             need = self._demand_blocks(req, open_)
-            roomy = self._with_room(open_, need)
+            roomy = self._with_room(open_, need, self._demand(req, open_).cached_blocks)
             if not roomy:
                 if self.pending.is_full:
                     return self._reject(req, 429, "overloaded: the pending queue is full")
@@ -288,7 +302,8 @@ class SchedulerCore:
                 out.append((req.reply_addr, self._reject(req, *open_)))
                 continue
             # Among the instances with room for it (none when it waited its longest).
-            roomy = self._with_room(open_, entry.demand_blocks) or open_
+            cached = self._demand(req, open_).cached_blocks
+            roomy = self._with_room(open_, entry.demand_blocks, cached) or open_
             placed.append(Released(self._place(req, roomy, now), req, payload))
         return placed, out
 
@@ -310,30 +325,45 @@ class SchedulerCore:
         headroom = self.cfg.high_priority_headroom_blocks
         return max(dispatch_room(load, headroom_blocks=headroom) for load in loads.values())
 
-    def _with_room(self, loads: dict[str, LoadFields], need: int) -> dict[str, LoadFields]:
-        """The instances that could start a request of `need` blocks now: the policy
-        chooses among these, so a request placed for room lands where the room is."""
+    def _with_room(self, loads: dict[str, LoadFields], need: int,
+                   cached: Mapping[str, int] = MappingProxyType({})) -> dict[str, LoadFields]:
+        """The instances that could start a request of `need` blocks now (less the blocks
+        of its prefix each caches): the policy chooses among these, so a request placed
+        for room lands where the room is."""
         headroom = self.cfg.high_priority_headroom_blocks
         return {i: load for i, load in loads.items()
-                if dispatch_room(load, headroom_blocks=headroom) >= need}
+                if dispatch_room(load, headroom_blocks=headroom) >= need - cached.get(i, 0)}
+
+    def _demand(self, req: Dispatch, loads: Mapping[str, LoadFields]) -> Demand:
+        """What the policy knows of req: its length, and the leading blocks of its prefix
+        each candidate caches (the prefix index, from the workers' reports)."""
+        block_size = min(self.table[i].block_size for i in loads)
+        hashes = list(req.prefix_hashes)
+        cached = self.prefix_index.hits(hashes, loads) if hashes else {}
+        return Demand(num_tokens=req.prompt_len, block_size=block_size,
+                      num_prefix_blocks=len(hashes), cached_blocks=cached)
 
     def _demand_blocks(self, req: Dispatch, loads: dict[str, LoadFields]) -> int:
         block_size = min(self.table[i].block_size for i in loads)
         return demand_blocks(req.prompt_len, block_size)
 
     def _place(self, req: Dispatch, open_: dict[str, LoadFields], now: float) -> str:
+        demand = self._demand(req, open_)
         instance_id = self.dispatch_policy.choose(
-            open_, high_priority=req.priority == Priority.HIGH
+            open_, high_priority=req.priority == Priority.HIGH, demand=demand
         )
         block_size = self.table[instance_id].block_size
+        cached = demand.cached_blocks.get(instance_id, 0)  # claimed there, not allocated
         self.table.record_dispatch(
             instance_id,
             UnseenDispatch(
                 req_id=req.req_id,
-                demand_blocks=demand_blocks(req.prompt_len, block_size),
+                demand_blocks=demand_blocks(req.prompt_len, block_size) - cached,
                 high_priority=req.priority == Priority.HIGH,
             ),
         )
+        if cached:
+            self.counters.num_cached_blocks_placed += cached
         self.reqs[req.req_id] = HeldReq(instance_id, req.priority, req.reply_addr, now)
         self.counters.num_dispatched += 1
         return instance_id
@@ -382,6 +412,9 @@ class SchedulerCore:
         self.table.register(msg, now)
         self.dead_since.pop(msg.instance_id, None)
         self.tombstones.pop(msg.instance_id, None)
+        self.prefix_index.drop(msg.instance_id)
+        if msg.prefix_seed:  # what it caches already (a scheduler restart): a snapshot
+            out += self._ask_snapshot(msg.instance_id, msg.inbox_addr, now)
         self.reregister_sent_s.pop(msg.instance_id, None)
         log.info(
             "instance_registered",
@@ -410,14 +443,39 @@ class SchedulerCore:
     def load_report(self, msg: LoadReport, now: float) -> Out:
         """Apply a report; an instance we do not know (or declared dead) is asked to
         register again, at most every heartbeat_timeout_s / 2."""
+        inst = self.table.get(msg.instance_id)
+        prev_seq = inst.report_seq if inst is not None and inst.alive else None
         if self.table.apply_report(msg, now):
-            return [] if msg.req_ids is None else self._reconcile(msg, now)
+            out = [] if msg.req_ids is None else self._reconcile(msg, now)
+            if prev_seq is not None and msg.seq > prev_seq:  # fresh: its cache events count
+                out += self._cache_events(msg, prev_seq, now)
+            return out
         last = self.reregister_sent_s.get(msg.instance_id)
         if last is not None and now - last < self.cfg.heartbeat_timeout_s / 2:
             return []
         self.reregister_sent_s[msg.instance_id] = now
         log.info("reregister_requested", instance_id=msg.instance_id)
         return [(msg.inbox_addr, ReRegister(scheduler_epoch=self.epoch))]
+
+    def _cache_events(self, msg: LoadReport, prev_seq: int, now: float) -> Out:
+        """Keep the prefix index: a snapshot replaces the instance's entries, events
+        update them; a report missing in between (its events lost) asks for a snapshot."""
+        if msg.cache_snapshot is not None:
+            self.prefix_index.replace(msg.instance_id, msg.cache_snapshot)
+            self.snapshot_asked_s.pop(msg.instance_id, None)
+            return []
+        self.prefix_index.apply(msg.instance_id, msg.cache_stored, msg.cache_evicted)
+        if prev_seq >= 0 and msg.seq != prev_seq + 1 and self.table[msg.instance_id].prefix_seed:
+            return self._ask_snapshot(msg.instance_id, msg.inbox_addr, now)
+        return []
+
+    def _ask_snapshot(self, instance_id: str, inbox_addr: str, now: float) -> Out:
+        """CacheSnapshotRequest, at most every heartbeat_timeout_s per instance."""
+        last = self.snapshot_asked_s.get(instance_id)
+        if last is not None and now - last < self.cfg.heartbeat_timeout_s:
+            return []
+        self.snapshot_asked_s[instance_id] = now
+        return [(inbox_addr, CacheSnapshotRequest())]
 
     def _reconcile(self, msg: LoadReport, now: float) -> Out:
         """Match the placement table with the requests the instance says it holds:
@@ -509,13 +567,17 @@ class SchedulerCore:
 
     def instance_view(self) -> InstanceView:
         """The instances taking new work, for gateways' bypass mode."""
-        serving = self.table.loads(serving_only=True)
+        serving = sorted(self.table.loads(serving_only=True))
+        first = self.table[serving[0]] if serving else None
         return InstanceView(
             scheduler_epoch=self.epoch,
             instances=tuple(
                 InstanceAddr(instance_id=i, inbox_addr=self.table[i].inbox_addr)
-                for i in sorted(serving)
+                for i in serving
             ),
+            # how gateways hash prompts: as the instances do (one model per cluster)
+            block_size=first.block_size if first else 16,
+            prefix_seed=first.prefix_seed if first else 0,
         )
 
     def broadcast_view(self, now: float) -> Out:
@@ -669,6 +731,7 @@ class SchedulerCore:
         if inst is not None and inst.alive and self._held_by(instance_id):
             out = self._instance_down(instance_id, now, reason="terminated")
         self.table.remove(instance_id)
+        self.prefix_index.drop(instance_id)
         self.dead_since.pop(instance_id, None)
         return out
 
@@ -724,6 +787,7 @@ class SchedulerCore:
     def _instance_down(self, instance_id: str, now: float, *, reason: str) -> Out:
         """Tell gateways (they replay its requests), then drop its requests and migrations."""
         self.table.mark_dead(instance_id)
+        self.prefix_index.drop(instance_id)
         self.dead_since[instance_id] = now
         out: Out = [(addr, InstanceDown(instance_id=instance_id)) for addr in self.gateways]
         dropped = self._held_by(instance_id)

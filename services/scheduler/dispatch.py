@@ -1,20 +1,31 @@
 """Dispatch policies: pick the instance for a new request from the estimated loads of the
-candidates (live, not draining, queue not full; the caller filters).
+candidates (live, not draining, queue not full; the caller filters) and what is known of
+the request (`Demand`: its length and how much of its prefix each instance caches).
 
 Every policy spreads ties: among the instances with the best score it takes the one after
 the last it picked (in id order, wrapping), so equal loads never pile onto one instance.
 The caller counts the request into the chosen instance's load before the next choice.
+
+Policies: round_robin; least_load (INFaaS++-like, lowest memory use); infaas (the
+Llumnix paper's baseline as its artifact runs it: the highest dispatch freeness, no
+migration); prefix_affinity (llm-d's precise prefix-cache scoring: cached prefix share,
+queue and KV use, weighted 3:1:1); llumnix (freeness among roomy instances, priorities,
+migration); ferry (the lowest expected time to first token: the prefill tokens queued
+ahead plus the request's uncached tokens, at the instance's measured prefill rate, among
+roomy instances; migration as llumnix's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ferry.common.wire import LoadFields
 from ferry.services.scheduler.load import (
     dispatch_freeness,
     dispatch_rank,
+    dispatch_room,
     high_priority_room,
     is_host,
     memory_load,
@@ -22,12 +33,34 @@ from ferry.services.scheduler.load import (
 
 # Scores closer than this are a tie.
 TIE_EPS = 1e-9
+# prefix_affinity's weights: llm-d's default scheduling profile (prefix-cache-scorer 3,
+# queue-scorer 1, kv-cache-utilization scorer 1; gateway-api-inference-extension's
+# EndpointPickerConfig, with a max-score picker).
+PREFIX_WEIGHT, QUEUE_WEIGHT, KV_WEIGHT = 3.0, 1.0, 1.0
+# ferry's prefill rate for an instance that has not measured one yet (tokens/s): the
+# fastest any candidate measured, else this.
+DEFAULT_PREFILL_TOKENS_PER_S = 10_000.0
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """What a policy may know of the request it places."""
+
+    num_tokens: int = 0  # prompt, plus outputs replayed
+    block_size: int = 16
+    num_prefix_blocks: int = 0  # full blocks it sent prefix hashes for
+    cached_blocks: Mapping[str, int] = field(default_factory=dict)  # instance -> leading
+    # blocks of its prefix that instance caches (from the scheduler's prefix index)
+
+    def uncached_tokens(self, instance_id: str) -> int:
+        return max(0, self.num_tokens - self.cached_blocks.get(instance_id, 0) * self.block_size)
 
 
 class DispatchPolicy(Protocol):
     name: str
 
-    def choose(self, loads: Mapping[str, LoadFields], *, high_priority: bool = False) -> str:
+    def choose(self, loads: Mapping[str, LoadFields], *, high_priority: bool = False,
+               demand: Demand = Demand()) -> str:
         """The instance id for the next request (high_priority: a high-priority one; only
         llumnix with a headroom tells them apart); loads is non-empty."""
         ...
@@ -62,7 +95,8 @@ class RoundRobin:
     def __init__(self) -> None:
         self.rotation = Rotation()
 
-    def choose(self, loads: Mapping[str, LoadFields], *, high_priority: bool = False) -> str:
+    def choose(self, loads: Mapping[str, LoadFields], *, high_priority: bool = False,
+               demand: Demand = Demand()) -> str:
         return self.rotation.pick(list(loads))
 
 
@@ -74,8 +108,101 @@ class LeastLoad:
     def __init__(self) -> None:
         self.rotation = Rotation()
 
-    def choose(self, loads: Mapping[str, LoadFields], *, high_priority: bool = False) -> str:
+    def choose(self, loads: Mapping[str, LoadFields], *, high_priority: bool = False,
+               demand: Demand = Demand()) -> str:
         return self.rotation.pick(_best(loads, lambda load: (0, -memory_load(load))))
+
+
+class Infaas:
+    """The Llumnix paper's INFaaS++ baseline as its artifact (AlibabaPAI/llumnix, branch
+    osdi24ae) runs it: Llumnix's own dispatch freeness, the highest, with migration off:
+
+        F = (free - all queued blocks) / (running + waiting)
+
+    No room tier: an instance with few requests and no memory can win (weaker than
+    least_load under memory pressure; DESIGN §5)."""
+
+    name = "infaas"
+
+    def __init__(self) -> None:
+        self.rotation = Rotation()
+
+    def choose(self, loads: Mapping[str, LoadFields], *, high_priority: bool = False,
+               demand: Demand = Demand()) -> str:
+        return self.rotation.pick(
+            _best(loads, lambda load: (0, dispatch_freeness(load, headroom_blocks=0))))
+
+
+class PrefixAffinity:
+    """llm-d's precise prefix-cache-aware scheduling, as its default profile scores an
+    endpoint (each scorer in [0, 1], the weighted sum maximised):
+
+        3 * cached prefix blocks / prompt blocks
+      + 1 * queue score: (max queue - queue) / (max queue - min queue) over the candidates,
+            1 when all are equal (queue: waiting requests)
+      + 1 * (1 - KV cache use)
+
+    The longest cached prefix wins unless the load terms outweigh it; no migration."""
+
+    name = "prefix_affinity"
+
+    def __init__(self) -> None:
+        self.rotation = Rotation()
+
+    def choose(self, loads: Mapping[str, LoadFields], *, high_priority: bool = False,
+               demand: Demand = Demand()) -> str:
+        queues = {i: load.num_waiting for i, load in loads.items()}
+        low, high = min(queues.values()), max(queues.values())
+
+        def score(instance_id: str, load: LoadFields) -> float:
+            prefix = (demand.cached_blocks.get(instance_id, 0) / demand.num_prefix_blocks
+                      if demand.num_prefix_blocks else 0.0)
+            queue = (high - queues[instance_id]) / (high - low) if high > low else 1.0
+            kv_use = 1.0 - load.num_free_blocks / max(1, load.num_total_blocks)
+            return PREFIX_WEIGHT * prefix + QUEUE_WEIGHT * queue + KV_WEIGHT * (1.0 - kv_use)
+
+        scores = {i: score(i, load) for i, load in loads.items()}
+        top = max(scores.values())
+        return self.rotation.pick([i for i, s in scores.items() if s >= top - TIE_EPS])
+
+
+class Ferry:
+    """The lowest expected time to first token, among the instances with room for the
+    request (its memory need less the blocks of its prefix each caches; when none has
+    room, the most room):
+
+        ttft(i) = (prefill tokens queued at i + the request's tokens i does not cache)
+                  / i's measured prefill rate  +  one step of i
+
+    so a long cached prefix wins where it saves more than the queue in front of it costs,
+    and a hot prefix does not pile onto one busy instance. Ties (equal estimates, e.g. no
+    cache anywhere and empty queues) go to the highest dispatch freeness (llumnix's)."""
+
+    name = "ferry"
+
+    def __init__(self) -> None:
+        self.rotation = Rotation()
+
+    def choose(self, loads: Mapping[str, LoadFields], *, high_priority: bool = False,
+               demand: Demand = Demand()) -> str:
+        known = [load.prefill_tokens_per_s for load in loads.values() if load.prefill_tokens_per_s]
+        fallback = max(known, default=DEFAULT_PREFILL_TOKENS_PER_S)
+
+        def score(instance_id: str, load: LoadFields) -> tuple[int, float, float]:
+            room = dispatch_room(load, headroom_blocks=0)
+            need = -(-demand.uncached_tokens(instance_id) // demand.block_size) + 1
+            if room < need:
+                return (0, float(room), 0.0)
+            rate = load.prefill_tokens_per_s or fallback
+            queued = load.waiting_demand_blocks * demand.block_size
+            ttft = (queued + demand.uncached_tokens(instance_id)) / rate + load.step_time_ewma_s
+            return (1, -ttft, dispatch_freeness(load, headroom_blocks=0))
+
+        scores = {i: score(i, load) for i, load in loads.items()}
+        tier, top, _ = max(scores.values())
+        close = {i: s for i, s in scores.items() if s[0] == tier and s[1] >= top - 1e-6}
+        best_f = max(s[2] for s in close.values())
+        return self.rotation.pick([i for i, s in close.items() if s[2] >= best_f - TIE_EPS])
 
 
 class Llumnix:
@@ -106,7 +233,8 @@ class Llumnix:
         self.headroom_blocks = headroom_blocks
         self.rotation = Rotation()
 
-    def choose(self, loads: Mapping[str, LoadFields], *, high_priority: bool = False) -> str:
+    def choose(self, loads: Mapping[str, LoadFields], *, high_priority: bool = False,
+               demand: Demand = Demand()) -> str:
         candidates: Mapping[str, LoadFields] = loads
         if self.headroom_blocks > 0:
             place = self._hosts_with_room if high_priority else self._open_non_hosts
@@ -133,14 +261,17 @@ class Llumnix:
         }
 
 
-POLICY_NAMES = (RoundRobin.name, LeastLoad.name, Llumnix.name)
+POLICY_NAMES = (RoundRobin.name, LeastLoad.name, Infaas.name, PrefixAffinity.name,
+                Llumnix.name, Ferry.name)
+# The policies that come with Llumnix's migration pairing (the others only place).
+MIGRATING_POLICIES = (Llumnix.name, Ferry.name)
 
 
 def make_dispatch_policy(name: str, *, headroom_blocks: int) -> DispatchPolicy:
-    if name == RoundRobin.name:
-        return RoundRobin()
-    if name == LeastLoad.name:
-        return LeastLoad()
+    simple = {RoundRobin.name: RoundRobin, LeastLoad.name: LeastLoad, Infaas.name: Infaas,
+              PrefixAffinity.name: PrefixAffinity, Ferry.name: Ferry}
+    if name in simple:
+        return simple[name]()
     if name == Llumnix.name:
         return Llumnix(headroom_blocks=headroom_blocks)
     raise ValueError(f"unknown dispatch policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")

@@ -47,6 +47,7 @@ class Instance:
     block_size: int  # tokens per block
     max_model_len: int
     last_heard_s: float  # monotonic time of the last Register or LoadReport
+    prefix_seed: int = 0  # its prefix cache's hash seed; 0: it caches no prefix
     alive: bool = True
     draining: bool = False  # the scheduler told it to drain (SetDraining)
     report: LoadFields | None = None  # last LoadReport's load; None until the first
@@ -77,6 +78,7 @@ class InstanceTable:
             block_size=msg.block_size,
             max_model_len=msg.max_model_len,
             last_heard_s=now,
+            prefix_seed=msg.prefix_seed,
         )
         self._instances[msg.instance_id] = inst
         return inst

@@ -36,12 +36,15 @@ INBOX_SENDERS = {
     wire.SetDraining: SCHEDULER,
     wire.ReRegister: SCHEDULER,
     wire.GatewayGone: SCHEDULER,
+    wire.CacheSnapshotRequest: SCHEDULER,
     wire.MigrateOut: SCHEDULER,
     **{t: frozenset({"worker"}) for t in MIGRATION_MESSAGES if t is not wire.MigrateOut},
 }
 LEAVING_LINGER_MS = 500  # at exit, how long the Leaving message may take to go out
 SEND_FAILURE_LOG_INTERVAL_S = 5.0  # one log line per address and this many seconds
 HELD_LIST_INTERVAL_S = 1.0  # a load report lists the requests held here about this often
+# Prefix-cache events one report carries at most; past it, a snapshot of the whole cache.
+MAX_CACHE_EVENTS = 16_384
 
 
 class Worker:
@@ -70,7 +73,9 @@ class Worker:
             wire.SetDraining: self.handle_set_draining,
             wire.ReRegister: self.handle_reregister,
             wire.GatewayGone: self.handle_gateway_gone,
+            wire.CacheSnapshotRequest: self.handle_cache_snapshot_request,
         }
+        self._cache_snapshot_wanted = False  # the next report sends the whole cache
         self.num_send_failed = 0  # messages not sent: the peer's queue full, or no such peer
         self._leave_task: asyncio.Task | None = None  # draining after SIGTERM
         self._send_failures_logged: dict[str, float] = {}  # addr -> monotonic, last logged
@@ -204,6 +209,9 @@ class Worker:
             self._drop(req_id, reason="gateway gone")
         self.log.info("gateway_gone", gateway_inbox=msg.inbox_addr, num_dropped=len(gone))
 
+    def handle_cache_snapshot_request(self, msg: wire.CacheSnapshotRequest) -> None:
+        self._cache_snapshot_wanted = True
+
     def _drop(self, req_id: str, *, reason: str) -> None:
         """End a request here with no output (its blocks return to the free pool)."""
         self.migrations.cancel_request(req_id, reason=reason)
@@ -264,12 +272,18 @@ class Worker:
             max_model_len=self.engine.executor.max_model_len,
             req_ids=tuple(self.engine.requests),
             req_priorities=tuple(r.priority for r in self.engine.requests.values()),
+            prefix_seed=self.engine.scheduler.prefix_seed or 0,
         ))
 
     def _report(self) -> None:
         load = self.engine.load()
         self.report_seq += 1
         every = max(1, round(HELD_LIST_INTERVAL_S / self.config.report_interval_s))
+        stored, evicted = self.engine.blocks.take_events()
+        snapshot = None
+        if self._cache_snapshot_wanted or len(stored) + len(evicted) > MAX_CACHE_EVENTS:
+            snapshot, stored, evicted = tuple(self.engine.blocks.cached_hashes()), [], []
+            self._cache_snapshot_wanted = False
         self._send(self.config.scheduler_addr, wire.LoadReport(
             instance_id=self.config.instance_id,
             inbox_addr=self.config.inbox.advertise,
@@ -279,6 +293,7 @@ class Worker:
                              num_migrations_out=self.migrations.num_outgoing,
                              draining=self.draining),
             req_ids=tuple(self.engine.requests) if self.report_seq % every == 0 else None,
+            cache_stored=tuple(stored), cache_evicted=tuple(evicted), cache_snapshot=snapshot,
         ))
 
     def _work_arrived(self) -> None:

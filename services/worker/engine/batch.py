@@ -35,6 +35,11 @@ class SeqChunk:
     def end_pos(self) -> int:
         return self.start_pos + len(self.token_ids)
 
+    @property
+    def is_decode(self) -> bool:
+        """One token after some context (else a prefill chunk; the latency model's rule)."""
+        return len(self.token_ids) == 1 and self.start_pos > 0
+
 
 def needs_history(sampling: SamplingParams) -> bool:
     """The sampler reads the request's tokens: penalties, or min_tokens."""

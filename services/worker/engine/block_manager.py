@@ -41,8 +41,8 @@ class BlockManager:
         self._block_of: dict[int, int] = {}  # prefix hash -> the block caching it
         self._hash_of: dict[int, int] = {}  # cached block -> its prefix hash
         self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently freed first
-        self._stored: list[int] = []  # hashes cached since the last take_events
-        self._evicted: list[int] = []  # hashes forgotten since the last take_events
+        # hash -> cached (True) or evicted (False), its latest change since take_events
+        self._events: dict[int, bool] = {}
 
     # ---- sizes --------------------------------------------------------------------------
 
@@ -163,19 +163,24 @@ class BlockManager:
             return
         self._block_of[block_hash] = block_id
         self._hash_of[block_id] = block_hash
-        self._stored.append(block_hash)
+        self._events[block_hash] = True
 
     def _forget(self, block_id: int) -> None:
         block_hash = self._hash_of.pop(block_id)
         del self._block_of[block_hash]
-        self._evicted.append(block_hash)
+        self._events[block_hash] = False
 
     def take_events(self) -> tuple[list[int], list[int]]:
-        """(hashes cached, hashes evicted) since the last call, in order (a hash cached
-        then evicted appears in both)."""
-        stored, evicted = self._stored, self._evicted
-        self._stored, self._evicted = [], []
-        return stored, evicted
+        """What changed since the last call, net: (hashes cached now, hashes no longer
+        cached); disjoint, so their order does not matter (a hash cached and evicted in
+        between is only in the second)."""
+        events, self._events = self._events, {}
+        return ([h for h, cached in events.items() if cached],
+                [h for h, cached in events.items() if not cached])
+
+    def cached_hashes(self) -> list[int]:
+        """Every hash cached now (a snapshot for the scheduler's index)."""
+        return list(self._block_of)
 
     def is_cached(self, block_id: int) -> bool:
         return block_id in self._hash_of

@@ -22,6 +22,9 @@ from ferry.services.worker.engine.scheduler import LocalScheduler, StepPlan
 
 # Weight of the newest sample in the step-time moving average.
 STEP_TIME_EWMA_ALPHA = 0.2
+# A step feeding at least this many prompt tokens updates the prefill rate estimate
+# (smaller ones measure the step's fixed cost more than the tokens).
+PREFILL_RATE_MIN_TOKENS = 64
 
 
 class RequestRejected(Exception):
@@ -51,6 +54,7 @@ class EngineLoad:
     num_cached_blocks: int  # evictable cached blocks (counted in num_free_blocks too)
     num_prompt_tokens: int  # tokens of the requests admitted, total
     num_prefix_hit_tokens: int  # of those, found in the prefix cache, total
+    prefill_tokens_per_s: float  # EWMA of prefill throughput (0 until measured)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,6 +91,7 @@ class Engine:
         )
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.step_time_ewma_s = 0.0
+        self.prefill_tokens_per_s = 0.0  # EWMA over steps with enough prompt tokens
         self.num_steps = 0
         self._seeds = random.Random()
 
@@ -162,6 +167,7 @@ class Engine:
     ) -> list[RequestOutput]:
         """Second half of step(): record the sampled tokens."""
         self._record_step_time(step_time_s)
+        self._record_prefill_rate(plan, step_time_s)
         outputs = self.scheduler.update(plan, sampled)
         for out in outputs:
             if out.finish_reason is not None:
@@ -175,6 +181,17 @@ class Engine:
         else:
             a = STEP_TIME_EWMA_ALPHA
             self.step_time_ewma_s = a * seconds + (1 - a) * self.step_time_ewma_s
+
+    def _record_prefill_rate(self, plan: StepPlan, seconds: float) -> None:
+        """Prompt tokens per second of the steps that fed many (the whole step's time, a
+        decode batch sharing it included: what a new prompt would see)."""
+        num_prefill = sum(len(c.token_ids) for c in plan.chunks if not c.is_decode)
+        if num_prefill < PREFILL_RATE_MIN_TOKENS or seconds <= 0:
+            return
+        rate = num_prefill / seconds
+        a = STEP_TIME_EWMA_ALPHA
+        self.prefill_tokens_per_s = (rate if not self.prefill_tokens_per_s
+                                     else a * rate + (1 - a) * self.prefill_tokens_per_s)
 
     def abort(self, req_id: str) -> RequestOutput | None:
         """Abort wherever the request is; None if unknown (already finished)."""
@@ -208,6 +225,7 @@ class Engine:
             num_cached_blocks=self.blocks.num_evictable,
             num_prompt_tokens=sched.num_admitted_tokens,
             num_prefix_hit_tokens=sched.num_hit_tokens,
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
         )
 
     def check_invariants(self) -> None:
