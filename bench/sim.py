@@ -30,9 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from ferry.bench.metrics import RequestRecord, stats, summarize
+from ferry.bench.trace import read_jsonl
+from ferry.bench.workload import Workload
 from ferry.common import wire
 from ferry.common.config import Endpoint, EngineConfig, SchedulerConfig
 from ferry.common.logging import configure
+from ferry.common.prefix_hash import block_hashes
 from ferry.common.sampling import SamplingParams
 from ferry.services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
 from ferry.services.scheduler.core import Pending, SchedulerCore
@@ -120,10 +123,17 @@ class Simulator:
         self.migration_choice = migration_choice  # the source's rule (migration/choice.py)
         self.profile = profile
         self.kv_blocks = kv_blocks or profile.num_blocks
-        # Simulated prompts are all the same token: a prefix cache would find every
-        # prompt in every other one. Off until the traces carry real token ids.
-        self.engine_config = dataclasses.replace(engine_config or EngineConfig(),
-                                                 enable_prefix_cache=False)
+        # Prompts from the trace's prefixes and sessions (bench/workload.py), the same the
+        # load driver sends; a trace without them gets one repeated token (the lengths
+        # are all that matter there), and then the prefix cache stays off (every prompt
+        # would be a prefix of every longer one).
+        self.workload = Workload(trace, vocab_size=profile.vocab_size)
+        self.engine_config = engine_config or EngineConfig()
+        if not self.workload.has_structure:
+            self.engine_config = dataclasses.replace(self.engine_config,
+                                                     enable_prefix_cache=False)
+        self.prompts: dict[str, list[int]] = {}  # req_id -> prompt (sessions continue it)
+        self.outputs: dict[str, list[int]] = {}  # req_id -> tokens made (sessions only)
         endpoint = Endpoint(bind="sim", advertise="sim")
         self.cfg = scheduler_config or SchedulerConfig(inbox=endpoint, admin=endpoint,
                                                        dispatch_policy=policy)
@@ -162,8 +172,8 @@ class Simulator:
         heapq.heappush(self.events, Event(time_s, next(self._seq), kind, payload))
 
     def run(self) -> dict:
-        for i, entry in enumerate(self.trace):
-            self._at(float(entry["arrival_s"]), "arrival", (i, entry))
+        for i in self.workload.starts():  # a session's later turns follow its earlier ones
+            self._at(float(self.trace[i]["arrival_s"]), "arrival", (i, self.trace[i]))
         self._at(0.0, "report")
         if self.cfg.enable_migration:
             self._at(self.cfg.migration_interval_s, "rebalance")
@@ -204,19 +214,21 @@ class Simulator:
         self._apply(self.core.register(wire.Register(
             instance_id=inst.instance_id, inbox_addr=inst.instance_id,
             num_blocks=inst.engine.blocks.num_total, block_size=inst.engine.blocks.block_size,
-            max_model_len=inst.executor.max_model_len, req_ids=(), req_priorities=()),
-            self.now))
+            max_model_len=inst.executor.max_model_len, req_ids=(), req_priorities=(),
+            prefix_seed=inst.engine.scheduler.prefix_seed or 0), self.now))
         self._report(inst)
 
     def _report(self, inst: SimInstance) -> None:
         load = inst.engine.load()
         inst.num_reports += 1
+        stored, evicted = inst.engine.blocks.take_events()
         self._apply(self.core.load_report(wire.LoadReport(
             instance_id=inst.instance_id, inbox_addr=inst.instance_id, seq=inst.num_reports,
             num_dispatch_received=inst.num_dispatched,
             load=load_fields(load, num_migrations_in=inst.num_migrations_in,
                              num_migrations_out=inst.num_migrations_out,
-                             draining=inst.draining)), self.now))
+                             draining=inst.draining),
+            cache_stored=tuple(stored), cache_evicted=tuple(evicted)), self.now))
 
     def _kick(self, inst: SimInstance) -> None:
         """Start a step if the instance is idle and has work."""
@@ -239,11 +251,14 @@ class Simulator:
             if out.token_ids and record.first_token_s is None:
                 record.first_token_s = self.now
             record.num_output_tokens = out.first_index + len(out.token_ids)
+            if out.req_id in self.outputs:
+                self.outputs[out.req_id].extend(out.token_ids)
             if out.finish_reason is not None:
                 record.finish_s = self.now
                 self.num_ended += 1
                 self._apply(self.core.release(wire.Release(req_id=out.req_id,
                                                            reason="finished")))
+                self._next_turn(out.req_id)
         self._kick(inst)
 
     # ---- requests ---------------------------------------------------------------------
@@ -252,25 +267,50 @@ class Simulator:
         index, entry = payload
         req_id = f"r{index}"
         priority = wire.Priority.parse(entry.get("priority", "normal"))
-        prompt_len = int(entry["prompt_tokens"])
+        if self.workload.has_structure:
+            prompt = self.prompts[req_id] = self.workload.prompt(index)
+            self.outputs[req_id] = []
+        else:
+            prompt = [1] * int(entry["prompt_tokens"])
         self.records[req_id] = RequestRecord(
             req_id=req_id, priority=priority.name.lower(), arrival_s=self.now,
-            num_prompt_tokens=prompt_len)
+            num_prompt_tokens=len(prompt))
+        view = self.core.instance_view()  # how the gateway would hash it
         dispatch = wire.Dispatch(
-            req_id=req_id, prompt_token_ids=(1,) * prompt_len, output_token_ids=(),
+            req_id=req_id, prompt_token_ids=tuple(prompt), output_token_ids=(),
             sampling=SamplingParams(max_tokens=max(1, int(entry["output_tokens"])),
                                     ignore_eos=True, seed=index),
             priority=0 if self.ignore_priority else int(priority), reply_addr=GATEWAY,
-            arrival_s=self.now)
+            arrival_s=self.now,
+            prefix_hashes=tuple(block_hashes(prompt, view.block_size, parent=view.prefix_seed))
+            if view.prefix_seed else ())
         chosen = self.core.dispatch(dispatch, now=self.now)
         if isinstance(chosen, wire.DispatchRejected):
             self._rejected(chosen)
         elif not isinstance(chosen, Pending):  # pending: placed by _release_pending
             self._deliver(chosen, dispatch)
 
+    def _next_turn(self, req_id: str) -> None:
+        """A session's turn ended: its next turn arrives after the think time."""
+        if req_id not in self.outputs:
+            return
+        index = int(req_id[1:])
+        nxt = self.workload.finished(index, self.prompts.pop(req_id), self.outputs.pop(req_id))
+        if nxt is not None:
+            self._at(self.now + nxt[1], "arrival", (nxt[0], self.trace[nxt[0]]))
+
     def _rejected(self, msg: wire.DispatchRejected) -> None:
-        self.records[msg.req_id].error = msg.message
+        self._failed(msg.req_id, msg.message)
+
+    def _failed(self, req_id: str, error: str) -> None:
+        """req_id ends with an error; its session's later turns never come."""
+        self.records[req_id].error = error
         self.num_ended += 1
+        for index in self.workload.abandoned(int(req_id[1:])):
+            self.records[f"r{index}"] = RequestRecord(
+                req_id=f"r{index}", priority="normal", arrival_s=self.now,
+                num_prompt_tokens=0, error=f"its session ended early: {error}")
+            self.num_ended += 1
 
     def _deliver(self, instance_id: str, dispatch: wire.Dispatch) -> None:
         """The request reaches its instance's engine (the frames the scheduler forwards)."""
@@ -281,8 +321,7 @@ class Simulator:
             inst.engine.add_request(req_id, dispatch.prompt_token_ids, dispatch.sampling,
                                     priority=dispatch.priority, arrival_s=dispatch.arrival_s)
         except RequestRejected as err:
-            self.records[req_id].error = err.message
-            self.num_ended += 1
+            self._failed(req_id, err.message)
             self._apply(self.core.release(wire.Release(req_id=req_id, reason="error")))
             return
         self._kick(inst)
@@ -466,9 +505,19 @@ class Simulator:
                          extra={"num_migrations_aborted": self.num_aborted,
                                 "abort_reasons": dict(self.core.counters.abort_reasons),
                                 "num_instances_max": self._peak_instances(end),
+                                **self._cache_stats(),
                                 "mean_instances": instance_seconds / end if end else 0.0,
                                 **self._scale_stats(end),
                                 "sim_end_s": end})
+
+    def _cache_stats(self) -> dict:
+        """Prefix cache: prompt tokens admitted, found cached, the share (all instances)."""
+        loads = [i.engine.load() for i in self.instances.values()]
+        prompt = sum(load.num_prompt_tokens for load in loads)
+        hit = sum(load.num_prefix_hit_tokens for load in loads)
+        return {"prefix_cache": self.engine_config.enable_prefix_cache,
+                "num_prompt_tokens": prompt, "num_prefix_hit_tokens": hit,
+                "cache_hit_rate": hit / prompt if prompt else None}
 
     def _peak_instances(self, end: float) -> int:
         """Most instances paid for at once (starting, serving or draining)."""
@@ -493,19 +542,11 @@ class Simulator:
 
 
 def load_trace(path: str | Path) -> list[dict]:
-    rows = []
-    for line_no, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rows.append({"arrival_s": float(row["arrival_s"]),
-                         "prompt_tokens": int(row["prompt_tokens"]),
-                         "output_tokens": int(row["output_tokens"]),
-                         "priority": str(row.get("priority", "normal"))})
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{line_no}: not a trace line ({exc})") from None
-    return rows
+    """A trace file's requests as dicts (bench/trace.py's format, checked there)."""
+    try:
+        return [req.as_json() for req in read_jsonl(Path(path).read_text().splitlines())]
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

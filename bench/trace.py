@@ -22,6 +22,24 @@ Lengths (the Llumnix paper's workloads, §6.1):
   Every statistic is met within 3% on large samples. Inputs and outputs are independent.
 Arrivals: a Poisson process at `rate` requests/s (cv = 1), or Gamma-distributed gaps with
 coefficient of variation `cv` (> 1 bursty, < 1 smooth, 0 evenly spaced).
+
+Where KV memory is the constraint (prefix caching; bench/workload.py says how prompts
+are built from the fields these add):
+- "tenants": `tenants` tenants, each a system prompt of uniform(prefix_min, prefix_max)
+  tokens, picked by Zipf popularity with exponent `skew`; each request is its tenant's
+  prefix plus a user message (log-normal, median 200) and an output (log-normal, median
+  150).
+- "multiturn": sessions arrive as a Poisson process of rate / `turns` sessions/s, each
+  1 + Geometric turns (mean `turns`), `think_s` exponential between a turn's end and the
+  next; every turn's prompt is the whole conversation so far plus a new message
+  (log-normal, median 150), output log-normal median 200; an optional shared system
+  prompt of `system_tokens`. A session stops before its context would pass
+  max_total_tokens.
+- "longctx": prompts 4k-128k with a heavy tail and short outputs, after the Mooncake
+  trace's statistics (mean input ~7.6k, output ~180): log-normal input (median 5500,
+  sigma 0.85, clipped to [4096, 131072]), log-normal output (median 150, sigma 0.6).
+- "longctx-shared": the same lengths, but half the requests ask about one of `tenants`
+  long documents (the prompt: the document, Zipf popularity, then a short question).
 """
 
 from __future__ import annotations
@@ -32,7 +50,7 @@ import json
 import math
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import IO
 
 import numpy as np
@@ -41,7 +59,8 @@ MAX_LEN = 6000  # longest prompt or output the length laws produce
 POWER_LAW_MEANS = {"S": 128, "M": 256, "L": 512}
 POWER_LAW_SHIFT = 32
 DATASET_KINDS = ("sharegpt", "burstgpt")
-KINDS = ("S-S", "M-M", "L-L", "S-L", "L-S", *DATASET_KINDS)  # the named workloads; any X-Y works
+CACHE_KINDS = ("tenants", "multiturn", "longctx", "longctx-shared")
+KINDS = ("S-S", "M-M", "L-L", "S-L", "L-S", *DATASET_KINDS, *CACHE_KINDS)  # any X-Y works
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +100,37 @@ DATASET_LAWS = {
 @dataclass(frozen=True, slots=True)
 class TraceRequest:
     arrival_s: float  # seconds from the start of the trace
-    prompt_tokens: int
+    prompt_tokens: int  # its own new tokens (after a shared prefix or a session's history)
     output_tokens: int
     priority: str  # "normal" | "high"
+    prefix_id: str | None = None  # a shared prefix the prompt starts with (bench/workload.py)
+    prefix_tokens: int = 0
+    session_id: str | None = None  # multi-turn: the session, its turn, the think time
+    turn: int = 0
+    think_s: float = 0.0
 
+    def as_json(self) -> dict:
+        """The JSONL object: the cache fields only where set."""
+        out = {"arrival_s": self.arrival_s, "prompt_tokens": self.prompt_tokens,
+               "output_tokens": self.output_tokens, "priority": self.priority}
+        if self.prefix_id is not None:
+            out.update(prefix_id=self.prefix_id, prefix_tokens=self.prefix_tokens)
+        if self.session_id is not None:
+            out.update(session_id=self.session_id, turn=self.turn, think_s=self.think_s)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class CacheShape:
+    """The knobs of the cache-heavy kinds (see the module docstring)."""
+
+    tenants: int = 150
+    skew: float = 1.0  # Zipf exponent of tenant / document popularity
+    prefix_min: int = 2048
+    prefix_max: int = 8192
+    turns: float = 5.0  # mean turns per session
+    think_s: float = 10.0  # mean think time between turns
+    system_tokens: int = 0  # a system prompt shared by every session
 
 # ---- length laws ------------------------------------------------------------------------------
 
@@ -160,9 +206,13 @@ def generate(
     high_frac: float = 0.0,
     seed: int = 0,
     max_total_tokens: int | None = None,
+    shape: CacheShape = CacheShape(),
 ) -> list[TraceRequest]:
     """A seeded trace. max_total_tokens (e.g. a model's context length) caps prompt + output:
     the prompt keeps at most max_total_tokens - 1, the output gets what is left."""
+    if kind in CACHE_KINDS:
+        return generate_cached(kind, num=num, rate=rate, cv=cv, seed=seed, shape=shape,
+                               max_total_tokens=max_total_tokens or 131_072 + 4096)
     if num < 0:
         raise ValueError(f"num must be >= 0, got {num}")
     if not 0.0 <= high_frac <= 1.0:
@@ -189,9 +239,76 @@ def generate(
     ]
 
 
+def generate_cached(kind: str, *, num: int, rate: float, cv: float, seed: int,
+                    shape: CacheShape, max_total_tokens: int) -> list[TraceRequest]:
+    """The cache-heavy kinds (module docstring): num requests."""
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)]
+    lengths, arrivals, choice, sessions = rngs
+
+    def lognormal(median: float, sigma: float, n: int, low: int, high: int) -> np.ndarray:
+        return np.clip(np.rint(median * np.exp(sigma * lengths.standard_normal(n))),
+                       low, high).astype(np.int64)
+
+    def zipf_pick(n: int, count: int) -> np.ndarray:
+        weights = 1.0 / np.arange(1, count + 1) ** shape.skew
+        return choice.choice(count, size=n, p=weights / weights.sum())
+
+    if kind == "multiturn":
+        return _sessions(num, rate, cv, shape, max_total_tokens, lognormal, arrivals, sessions)
+    times = sample_arrivals(num, rate, cv, arrivals)
+    if kind == "tenants":
+        prefix_len = lengths.integers(shape.prefix_min, shape.prefix_max + 1, shape.tenants)
+        tenant = zipf_pick(num, shape.tenants)
+        messages = lognormal(200, 0.8, num, 8, 4096)
+        outputs = lognormal(150, 0.7, num, 8, 2048)
+        return [TraceRequest(round(float(times[i]), 6), int(messages[i]), int(outputs[i]),
+                             "normal", prefix_id=f"tenant-{tenant[i]}",
+                             prefix_tokens=int(prefix_len[tenant[i]])) for i in range(num)]
+    prompts = lognormal(5500, 0.85, num, 4096, 131_072)
+    outputs = lognormal(150, 0.6, num, 8, 2048)
+    if kind == "longctx":
+        return [TraceRequest(round(float(times[i]), 6), int(prompts[i]), int(outputs[i]),
+                             "normal") for i in range(num)]
+    # longctx-shared: half the requests ask about one of the tenants' documents
+    doc_len = lognormal(5500, 0.85, shape.tenants, 4096, 131_072)
+    doc = zipf_pick(num, shape.tenants)
+    shared = choice.random(num) < 0.5
+    questions = lognormal(60, 0.6, num, 8, 1024)
+    return [TraceRequest(round(float(times[i]), 6), int(questions[i]), int(outputs[i]),
+                         "normal", prefix_id=f"doc-{doc[i]}", prefix_tokens=int(doc_len[doc[i]]))
+            if shared[i] else
+            TraceRequest(round(float(times[i]), 6), int(prompts[i]), int(outputs[i]), "normal")
+            for i in range(num)]
+
+
+def _sessions(num, rate, cv, shape, max_total_tokens, lognormal, arrivals, rng):
+    """Multi-turn sessions until num requests (see the module docstring)."""
+    out: list[TraceRequest] = []
+    session_rate = rate / max(1.0, shape.turns)
+    starts = sample_arrivals(num, session_rate, cv, arrivals)  # at most num sessions
+    for s, start in enumerate(starts):
+        num_turns = int(rng.geometric(1.0 / max(1.0, shape.turns)))  # >= 1, mean turns
+        context = shape.system_tokens
+        for turn in range(num_turns):
+            if len(out) == num:
+                return out
+            message = int(lognormal(150, 0.8, 1, 8, 4096)[0])
+            output = int(lognormal(200, 0.7, 1, 8, 2048)[0])
+            if context + message + output > max_total_tokens:
+                break
+            system = {"prefix_id": "system", "prefix_tokens": shape.system_tokens} \
+                if shape.system_tokens and turn == 0 else {}
+            out.append(TraceRequest(round(float(start), 6), message, output, "normal",
+                                    session_id=f"s{s}", turn=turn,
+                                    think_s=round(float(rng.exponential(shape.think_s)), 3)
+                                    if turn else 0.0, **system))
+            context += message + output
+    return out
+
+
 def write_jsonl(trace: Iterable[TraceRequest], out: IO[str]) -> None:
     for req in trace:
-        out.write(json.dumps(asdict(req)) + "\n")
+        out.write(json.dumps(req.as_json()) + "\n")
 
 
 def read_jsonl(lines: Iterable[str]) -> list[TraceRequest]:
@@ -207,6 +324,12 @@ def read_jsonl(lines: Iterable[str]) -> list[TraceRequest]:
                 prompt_tokens=int(fields["prompt_tokens"]),
                 output_tokens=int(fields["output_tokens"]),
                 priority=str(fields.get("priority", "normal")),
+                prefix_id=None if fields.get("prefix_id") is None else str(fields["prefix_id"]),
+                prefix_tokens=int(fields.get("prefix_tokens", 0)),
+                session_id=None if fields.get("session_id") is None
+                else str(fields["session_id"]),
+                turn=int(fields.get("turn", 0)),
+                think_s=float(fields.get("think_s", 0.0)),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"trace line {line_number}: {exc}") from None
@@ -257,6 +380,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-total-tokens", type=int, default=None, help="cap prompt + output (context length)"
     )
     parser.add_argument("--out", default="-", help="JSONL file to write; - for stdout")
+    cache = parser.add_argument_group("cache-heavy kinds (tenants, multiturn, longctx-shared)")
+    d = CacheShape()
+    cache.add_argument("--tenants", type=int, default=d.tenants,
+                       help="tenants (system prompts), or documents for longctx-shared")
+    cache.add_argument("--skew", type=float, default=d.skew, help="Zipf exponent of popularity")
+    cache.add_argument("--prefix-min", type=int, default=d.prefix_min)
+    cache.add_argument("--prefix-max", type=int, default=d.prefix_max)
+    cache.add_argument("--turns", type=float, default=d.turns, help="mean turns per session")
+    cache.add_argument("--think-s", type=float, default=d.think_s,
+                       help="mean think time between turns")
+    cache.add_argument("--system-tokens", type=int, default=d.system_tokens,
+                       help="a system prompt every session shares")
+
+
+def shape_from_args(args: argparse.Namespace) -> CacheShape:
+    return CacheShape(tenants=args.tenants, skew=args.skew, prefix_min=args.prefix_min,
+                      prefix_max=args.prefix_max, turns=args.turns, think_s=args.think_s,
+                      system_tokens=args.system_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -268,6 +409,7 @@ def run(args: argparse.Namespace) -> int:
         high_frac=args.high_frac,
         seed=args.seed,
         max_total_tokens=args.max_total_tokens,
+        shape=shape_from_args(args),
     )
     if args.out == "-":
         write_jsonl(trace, sys.stdout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 
@@ -165,3 +166,61 @@ def test_every_named_kind_generates():
     for kind in KINDS:
         [req] = generate(kind, num=1, rate=1.0)
         assert isinstance(req, TraceRequest) and req.prompt_tokens >= 1
+
+
+# ---- the cache-heavy kinds and the workload built from them ---------------------------------
+
+
+def test_cache_kinds_carry_prefixes_and_sessions():
+    from ferry.bench.trace import CACHE_KINDS, CacheShape, generate, read_jsonl
+
+    shape = CacheShape(tenants=20, skew=1.2, turns=4, think_s=5.0, system_tokens=300)
+    for kind in CACHE_KINDS:
+        trace = generate(kind, num=400, rate=20.0, seed=3, shape=shape)
+        assert len(trace) == 400
+        again = read_jsonl(json.dumps(r.as_json()) for r in trace)
+        assert again == trace  # the JSONL round trip keeps every field
+    tenants = generate("tenants", num=2000, rate=20.0, seed=3, shape=shape)
+    counts = collections.Counter(r.prefix_id for r in tenants)
+    assert counts.most_common(1)[0][0] == "tenant-0"  # Zipf: the first is the hottest
+    sizes = {r.prefix_id: r.prefix_tokens for r in tenants}
+    assert all(shape.prefix_min <= n <= shape.prefix_max for n in sizes.values())
+    assert all(sizes[r.prefix_id] == r.prefix_tokens for r in tenants)  # one size each
+    turns = generate("multiturn", num=400, rate=20.0, seed=3, shape=shape)
+    sessions = collections.defaultdict(list)
+    for r in turns:
+        sessions[r.session_id].append(r.turn)
+    assert all(t == list(range(len(t))) for t in sessions.values())
+    assert 2.5 < len(turns) / len(sessions) < 6  # mean turns ~4
+    long = generate("longctx", num=2000, rate=20.0, seed=3)
+    assert min(r.prompt_tokens for r in long) >= 4096
+    assert 6500 < sum(r.prompt_tokens for r in long) / 2000 < 10_000  # Mooncake-like mean
+
+
+def test_the_workload_builds_the_same_prompts_everywhere():
+    from ferry.bench.workload import Workload
+
+    trace = [
+        {"arrival_s": 0.0, "prompt_tokens": 5, "output_tokens": 3, "priority": "normal",
+         "prefix_id": "sys", "prefix_tokens": 8},
+        {"arrival_s": 0.1, "prompt_tokens": 4, "output_tokens": 3, "priority": "normal",
+         "prefix_id": "sys", "prefix_tokens": 8},
+        {"arrival_s": 0.2, "prompt_tokens": 6, "output_tokens": 2, "priority": "normal",
+         "session_id": "s", "turn": 0, "prefix_id": "sys", "prefix_tokens": 8},
+        {"arrival_s": 99.0, "prompt_tokens": 2, "output_tokens": 2, "priority": "normal",
+         "session_id": "s", "turn": 1, "think_s": 1.5},
+        {"arrival_s": 99.0, "prompt_tokens": 2, "output_tokens": 2, "priority": "normal",
+         "session_id": "s", "turn": 2, "think_s": 0.5},
+    ]
+    a, b = Workload(trace, vocab_size=500), Workload(trace, vocab_size=500)
+    assert a.has_structure and a.starts() == [0, 1, 2]
+    p0, p1 = a.prompt(0), a.prompt(1)
+    assert p0[:8] == p1[:8] and p0 == b.prompt(0) and len(p0) == 13 and len(p1) == 12
+    turn0 = a.prompt(2)
+    assert turn0[:8] == p0[:8]
+    assert a.finished(2, turn0, [7, 7]) == (3, 1.5)
+    turn1 = a.prompt(3)
+    assert turn1[:16] == turn0 + [7, 7] and len(turn1) == 18  # history, then its message
+    assert a.abandoned(3) == [4] and a.finished(4, [], []) is None
+    plain = Workload([{"arrival_s": 0.0, "prompt_tokens": 3, "output_tokens": 1}], vocab_size=50)
+    assert not plain.has_structure
