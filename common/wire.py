@@ -303,6 +303,9 @@ class LoadFields:
     num_prompt_tokens: int = 0  # tokens of the requests admitted, total since start
     num_prefix_hit_tokens: int = 0  # of those, found in the prefix cache, total
     prefill_tokens_per_s: float = 0.0  # EWMA of its prefill throughput; 0: not measured
+    # Prompt tokens still to prefill before a new request's turn: the waiting requests'
+    # (less what they will find in the prefix cache) and the running ones' unfed chunks.
+    pending_prefill_tokens: int = 0
 
 
 @REGISTRY.message(41)

@@ -360,6 +360,7 @@ class SchedulerCore:
                 req_id=req.req_id,
                 demand_blocks=demand_blocks(req.prompt_len, block_size) - cached,
                 high_priority=req.priority == Priority.HIGH,
+                prefill_tokens=demand.uncached_tokens(instance_id),
             ),
         )
         if cached:

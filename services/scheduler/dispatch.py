@@ -171,8 +171,11 @@ class Ferry:
     request (its memory need less the blocks of its prefix each caches; when none has
     room, the most room):
 
-        ttft(i) = (prefill tokens queued at i + the request's tokens i does not cache)
+        ttft(i) = (prefill tokens pending at i + the request's tokens i does not cache)
                   / i's measured prefill rate  +  one step of i
+
+    (pending: the queued requests' prompts less their cached prefixes, and unfed chunks,
+    as the worker reports them, plus what was dispatched there since)
 
     so a long cached prefix wins where it saves more than the queue in front of it costs,
     and a hot prefix does not pile onto one busy instance. Ties (equal estimates, e.g. no
@@ -194,7 +197,7 @@ class Ferry:
             if room < need:
                 return (0, float(room), 0.0)
             rate = load.prefill_tokens_per_s or fallback
-            queued = load.waiting_demand_blocks * demand.block_size
+            queued = load.pending_prefill_tokens
             ttft = (queued + demand.uncached_tokens(instance_id)) / rate + load.step_time_ewma_s
             return (1, -ttft, dispatch_freeness(load, headroom_blocks=0))
 

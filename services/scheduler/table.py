@@ -35,8 +35,9 @@ MAX_UNSEEN_DISPATCHES = 65_536
 @dataclass(frozen=True, slots=True)
 class UnseenDispatch:
     req_id: str
-    demand_blocks: int  # ceil(prompt_len / block_size)
+    demand_blocks: int  # ceil(prompt_len / block_size), less its cached prefix blocks there
     high_priority: bool
+    prefill_tokens: int = 0  # tokens it will prefill there (its prompt less the cached part)
 
 
 @dataclass(slots=True)
@@ -211,6 +212,7 @@ def with_dispatch(load: LoadFields, dispatch: UnseenDispatch) -> LoadFields:
     when nothing is queued ahead of it and its prompt fits in the free blocks; otherwise it
     waits, and the first to wait becomes the head-of-line demand."""
     demand = dispatch.demand_blocks
+    prefill = load.pending_prefill_tokens + dispatch.prefill_tokens
     if load.num_waiting == 0 and demand <= load.num_free_blocks:
         high = dispatch.high_priority
         return dataclasses.replace(
@@ -219,10 +221,12 @@ def with_dispatch(load: LoadFields, dispatch: UnseenDispatch) -> LoadFields:
             num_running=load.num_running + 1,
             used_blocks_high=load.used_blocks_high + (demand if high else 0),
             num_running_high=load.num_running_high + (1 if high else 0),
+            pending_prefill_tokens=prefill,
         )
     return dataclasses.replace(
         load,
         num_waiting=load.num_waiting + 1,
         head_demand_blocks=load.head_demand_blocks if load.num_waiting else demand,
         waiting_demand_blocks=load.waiting_demand_blocks + demand,
+        pending_prefill_tokens=prefill,
     )

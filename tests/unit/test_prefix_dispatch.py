@@ -86,6 +86,7 @@ def test_a_request_goes_where_its_prefix_is_cached_and_counts_only_new_memory():
 def load(free=400, waiting=0, queued_blocks=0, rate=1000.0, step_s=0.01, running=0):
     return dataclasses.replace(empty_load(400), num_free_blocks=free, num_waiting=waiting,
                                waiting_demand_blocks=queued_blocks, num_running=running,
+                               pending_prefill_tokens=queued_blocks * 16,
                                prefill_tokens_per_s=rate, step_time_ewma_s=step_s)
 
 
@@ -141,3 +142,13 @@ def test_infaas_is_pure_freeness_even_into_a_full_instance():
     # the paper's baseline: few requests, little memory beats many requests, much memory
     loads = {"full": load(free=20, running=2), "roomy": load(free=200, running=40)}
     assert Infaas().choose(loads) == "full"  # F 10 vs 5: no room tier (llumnix has one)
+
+
+def test_ferry_counts_the_queue_by_its_uncached_prefill_not_its_memory():
+    """Queued requests that hit the cache cost little prefill: a cached instance with a
+    queue of them stays the better choice (the worker reports pending_prefill_tokens)."""
+    queue_of_hits = dataclasses.replace(load(waiting=6, queued_blocks=6 * 40),
+                                        pending_prefill_tokens=6 * 50)
+    loads = {"hot": queue_of_hits, "cold": load()}
+    assert Ferry().choose(loads, demand=demand({"hot": 87})) == "hot"
+

@@ -55,6 +55,7 @@ class EngineLoad:
     num_prompt_tokens: int  # tokens of the requests admitted, total
     num_prefix_hit_tokens: int  # of those, found in the prefix cache, total
     prefill_tokens_per_s: float  # EWMA of prefill throughput (0 until measured)
+    pending_prefill_tokens: int  # prefill work queued ahead of a new request (LoadFields)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,6 +227,7 @@ class Engine:
             num_prompt_tokens=sched.num_admitted_tokens,
             num_prefix_hit_tokens=sched.num_hit_tokens,
             prefill_tokens_per_s=self.prefill_tokens_per_s,
+            pending_prefill_tokens=sched.pending_prefill_tokens(),
         )
 
     def check_invariants(self) -> None:

@@ -137,6 +137,15 @@ class LocalScheduler:
         watermark = int(self.blocks.num_total * self.config.admission_watermark)
         return self.blocks.can_allocate(missing + watermark, claiming=cached)
 
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens to prefill before a request arriving now would start: each waiting
+        request's, less what it would find cached, and each running one's unfed chunks."""
+        size = self.blocks.block_size
+        waiting = sum(r.num_tokens - len(self._match(r)) * size for r in self.waiting)
+        running = sum(r.num_tokens - r.num_computed_tokens for r in self.running
+                      if r.num_tokens - r.num_computed_tokens > 1)
+        return waiting + running
+
     # ---- the prefix cache ---------------------------------------------------------------
 
     def _match(self, req: Request) -> list[int]:
