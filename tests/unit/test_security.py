@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -130,9 +131,29 @@ def test_the_scheduler_hears_only_keyed_senders_in_their_roles(keys_dir):
             # the real ones are
             await push("w1").send_multipart(wire.encode(register_msg("w1", ports[3])))
             await wait_until(lambda: scheduler.core.table.get("w1") is not None)
-            await asyncio.sleep(0.2)
+            # a request is placed by a gateway; a worker key can neither dispatch nor
+            # release (abort) someone's request, nor announce a gateway
+            gateway = ctx.socket(zmq.PULL)
+            gateway_addr = tcp(free_ports(1)[0])
+            gateway.bind(gateway_addr)
+            sockets.append(gateway)
+            victim = wire.Dispatch(
+                req_id="victim-0", prompt_token_ids=(1, 2, 3), output_token_ids=(),
+                sampling=wire.SamplingParams(max_tokens=4), priority=0,
+                reply_addr=gateway_addr, arrival_s=0.0)
+            await push("gateway").send_multipart(wire.encode(victim))
+            await wait_until(lambda: "victim-0" in scheduler.core.reqs)
+            for name, msg in (("worker", wire.Release(req_id="victim-0", reason="abort")),
+                              ("worker", dataclasses.replace(victim, req_id="evil-0")),
+                              ("worker", wire.GatewayHello(gateway_id="evil",
+                                                           inbox_addr="tcp://evil:1",
+                                                           req_id_prefix="evil-"))):
+                await push(name).send_multipart(wire.encode(msg))
+            await asyncio.sleep(0.3)
+            assert "victim-0" in scheduler.core.reqs and "evil-0" not in scheduler.core.reqs
+            assert "tcp://evil:1" not in scheduler.core.gateways
             assert [i.instance_id for i in scheduler.core.table] == ["w1"]
-            assert scheduler.recv_from_peers.num_refused == 2  # keyless never got through
+            assert scheduler.recv_from_peers.num_refused == 2 + 3  # keyless never got through
             # the admin port: no key -> no answer at all; a worker key -> 403; admin -> ok
             with pytest.raises(TimeoutError):
                 await status(None)
