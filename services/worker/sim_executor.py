@@ -67,9 +67,12 @@ class SimExecutor:
     def execute(self, batch: ModelBatch) -> list[int]:
         if self.sleep:
             time.sleep(self.step_time(batch) / self.speedup)
-        return [self._token(c.sampling.seed or 0, c.end_pos) for c in batch.chunks if c.sample]
+        return [self.token_at(c.sampling.seed or 0, c.end_pos) for c in batch.chunks if c.sample]
 
-    def _token(self, seed: int, position: int) -> int:
+    def token_at(self, seed: int, position: int) -> int:
+        """The token sampled at `position` (a chunk feeding positions [start, p) samples the
+        token at p, so output index i of a request is at len(prompt) + i). Pure: replays and migrations
+        yield the same tokens, and a client can check every one (bench/chaos_load.py)."""
         token = ((seed * _MIX) ^ (position * 40503)) % self.vocab_size
         while token in self.eos_token_ids:
             token = (token + 1) % self.vocab_size
