@@ -72,7 +72,8 @@ PROSE = "the quick brown fox jumps over the lazy dog, hello world! "
 NOTABLE_EVENTS = {"instance_registered", "scheduler_started", "scheduler_restarted",
                   "gateway_ready", "worker_ready", "reregister", "leaving", "draining",
                   "dispatch_duplicate_ignored", "request_failed", "gateway_gone",
-                  "engine_built", "instance_left"}
+                  "engine_built", "instance_left", "phantom_request_dropped",
+                  "migration_aborted"}
 CLI = (sys.executable, "-m", "ferry.services.cli")
 
 
@@ -85,8 +86,8 @@ class ChaosConfig:
     device: str = "cpu"
     sim_speedup: float = 0.25  # <1: slower than the profile, so streams last seconds
     num_blocks: int = 0  # per worker; 0: the worker's default
-    rate_per_s: float = 5.0  # stream arrivals
-    max_tokens: int = 160
+    rate_per_s: float = 6.0  # stream arrivals
+    max_tokens: int = 200
     prompt_len: tuple[int, int] = (16, 48)
     temperature: float = 0.8
     http_fraction: float = 0.25
@@ -125,8 +126,9 @@ class Run:
 
 
 # ---- faults --------------------------------------------------------------------------------
-# Each runs under load and returns what it did (times in seconds from the phase start); it
-# leaves the cluster whole again (every process running, every worker serving).
+# Each runs under load and writes what it did into `out` as it goes (times in seconds from
+# the phase start); it leaves the cluster whole again (every process running, every worker
+# serving).
 
 
 async def busiest_worker(run: Run) -> tuple[str, int]:
@@ -139,64 +141,59 @@ async def busiest_worker(run: Run) -> tuple[str, int]:
     return held.most_common(1)[0]
 
 
-async def fault_baseline(run: Run) -> dict:
+async def fault_baseline(run: Run, out: dict) -> None:
     await asyncio.sleep(max(0.0, run.cfg.baseline_s - run.cfg.warmup_s))
-    return {}
 
 
-async def fault_kill_worker(run: Run) -> dict:
-    target, held = await busiest_worker(run)
+async def fault_kill_worker(run: Run, out: dict) -> None:
+    target, out["held"] = await busiest_worker(run)
     run.cluster.kill(target)
-    out = {"target": target, "held": held, "killed_at_s": run.now()}
+    out.update(target=target, killed_at_s=run.now())
     out["declared_dead_after_s"] = round(await run.cluster.wait_dead(target, 30), 3)
     await asyncio.sleep(1.0)
     run.cluster.launch(target)
     out["restarted_at_s"] = run.now()
     out["alive_after_s"] = round(await run.cluster.wait_workers([target], RESTART_TIMEOUT_S), 3)
-    return out
 
 
-async def fault_sigstop(run: Run) -> dict:
-    target, held = await busiest_worker(run)
+async def fault_sigstop(run: Run, out: dict) -> None:
+    target, out["held"] = await busiest_worker(run)
     run.cluster.signal(target, signal.SIGSTOP)
-    out = {"target": target, "held": held, "stopped_at_s": run.now()}
+    out.update(target=target, stopped_at_s=run.now())
     try:
         await asyncio.sleep(run.cfg.sigstop_s)
     finally:
         run.cluster.signal(target, signal.SIGCONT)
     out["continued_at_s"] = run.now()
     out["alive_after_s"] = round(await run.cluster.wait_workers([target], RESTART_TIMEOUT_S), 3)
-    return out
 
 
-async def _kill_scheduler(run: Run, down_s: float) -> dict:
+async def _kill_scheduler(run: Run, out: dict, down_s: float) -> None:
     run.cluster.kill("scheduler")
-    out = {"killed_at_s": run.now(), "down_s": down_s}
+    out.update(killed_at_s=run.now(), down_s=down_s)
     await asyncio.sleep(down_s)
     run.cluster.launch("scheduler")
     out["restarted_at_s"] = run.now()
     out["all_alive_after_s"] = round(await run.cluster.wait_workers(
         run.cluster.worker_ids, RESTART_TIMEOUT_S), 3)
-    return out
 
 
-async def fault_kill_scheduler(run: Run) -> dict:
-    return await _kill_scheduler(run, run.cfg.scheduler_down_s)
+async def fault_kill_scheduler(run: Run, out: dict) -> None:
+    await _kill_scheduler(run, out, run.cfg.scheduler_down_s)
 
 
-async def fault_kill_scheduler_45s(run: Run) -> dict:
-    return await _kill_scheduler(run, run.cfg.scheduler_down_long_s)
+async def fault_kill_scheduler_45s(run: Run, out: dict) -> None:
+    await _kill_scheduler(run, out, run.cfg.scheduler_down_long_s)
 
 
-async def fault_kill_gateway(run: Run) -> dict:
+async def fault_kill_gateway(run: Run, out: dict) -> None:
     run.cluster.kill(KILLED_GATEWAY)
-    out = {"target": KILLED_GATEWAY, "killed_at_s": run.now()}
+    out.update(target=KILLED_GATEWAY, killed_at_s=run.now())
     await asyncio.sleep(run.cfg.gateway_down_s)
     run.cluster.launch(KILLED_GATEWAY)
     out["restarted_at_s"] = run.now()
     await run.cluster.wait_gateway(KILLED_GATEWAY, RESTART_TIMEOUT_S)
     out["healthy_at_s"] = run.now()
-    return out
 
 
 async def cli(run: Run, *args: str, timeout_s: float = 120.0) -> dict:
@@ -211,21 +208,21 @@ async def cli(run: Run, *args: str, timeout_s: float = 120.0) -> dict:
             "took_s": round(time.monotonic() - start, 3)}
 
 
-async def fault_drain(run: Run) -> dict:
+async def fault_drain(run: Run, out: dict) -> None:
     target, held = await busiest_worker(run)
-    out = {"target": target, "held": held, "drain_at_s": run.now()}
+    out.update(target=target, held=held, drain_at_s=run.now())
     out["drain"] = await cli(run, "drain", target, "--timeout", "60")
     out["cancel"] = await cli(run, "drain", target, "--cancel")
     out["serving_after_s"] = round(await run.cluster.wait_workers([target], RESTART_TIMEOUT_S), 3)
-    return out
 
 
-async def fault_rolling_restart(run: Run) -> dict:
-    steps = []
+async def fault_rolling_restart(run: Run, out: dict) -> None:
+    steps = out["steps"] = []
     for worker in run.cluster.worker_ids:
         status = await run.cluster.status()
         held = sum(r["instance_id"] == worker for r in status["requests"]) if status else None
         step = {"target": worker, "held": held, "sigterm_at_s": run.now()}
+        steps.append(step)
         run.cluster.signal(worker, signal.SIGTERM)
         proc = run.cluster.procs[worker]
         step["exit_code"] = await asyncio.to_thread(proc.wait, RESTART_TIMEOUT_S)
@@ -233,11 +230,9 @@ async def fault_rolling_restart(run: Run) -> dict:
         run.cluster.launch(worker)
         step["alive_after_s"] = round(await run.cluster.wait_workers([worker],
                                                                      RESTART_TIMEOUT_S), 3)
-        steps.append(step)
-    return {"steps": steps}
 
 
-async def fault_poison(run: Run) -> dict:
+async def fault_poison(run: Run, out: dict) -> None:
     cluster = run.cluster
     status = await cluster.status()
     live = [r["req_id"] for r in status["requests"]] if status else []
@@ -250,12 +245,9 @@ async def fault_poison(run: Run) -> dict:
     routers = {f"{name} sdk": (ports.sdk_addr, poison.router_cases())
                for name, ports in cluster.gateways.items()}
     routers["scheduler admin"] = (cluster.admin_addr, poison.router_cases())
-    out = {"sent_at_s": run.now()}
+    out["sent_at_s"] = run.now()
     out["targets"] = await asyncio.to_thread(poison.send_all, pulls, routers)
     out["done_at_s"] = run.now()
-    await asyncio.sleep(1.0)
-    out["not_running"] = [name for name in cluster.names if not cluster.running(name)]
-    return out
 
 
 def big_prompt_body(model_name: str) -> bytes:
@@ -265,12 +257,12 @@ def big_prompt_body(model_name: str) -> bytes:
                        "stream": True}).encode()
 
 
-async def fault_big_prompt(run: Run) -> dict:
+async def fault_big_prompt(run: Run, out: dict) -> None:
     import aiohttp
 
     body = run.notes.pop("big_prompt_body")
     url = run.cluster.gateways[GATEWAYS[0]].base_url + "/v1/completions"
-    out = {"bytes": len(body), "sent_at_s": run.now()}
+    out.update(bytes=len(body), sent_at_s=run.now())
     start = time.monotonic()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         try:
@@ -283,10 +275,9 @@ async def fault_big_prompt(run: Run) -> dict:
             out["status"] = None
             out["error"] = repr(err)
     out["answered_after_s"] = round(time.monotonic() - start, 3)
-    return out
 
 
-FAULTS: dict[str, Callable[[Run], Awaitable[dict]]] = {
+FAULTS: dict[str, Callable[[Run, dict], Awaitable[None]]] = {
     "baseline": fault_baseline,
     "kill_worker": fault_kill_worker,
     "sigstop": fault_sigstop,
@@ -306,6 +297,7 @@ FAULTS: dict[str, Callable[[Run], Awaitable[dict]]] = {
 async def run_phase(run: Run, name: str, index: int, expected: Expected, sdk: dict,
                     http: dict, logs: LogWindow) -> dict:
     cfg = run.cfg
+    repaired = await repair(run.cluster)
     if name == "big_prompt":
         run.notes["big_prompt_body"] = big_prompt_body(run.model_name)
     before = await run.cluster.status()
@@ -321,7 +313,7 @@ async def run_phase(run: Run, name: str, index: int, expected: Expected, sdk: di
     print(f"chaos: {name} ...", file=sys.stderr, flush=True)
     try:
         await asyncio.sleep(cfg.warmup_s)
-        fault = await FAULTS[name](run)
+        await FAULTS[name](run, fault)
     except Exception as err:  # noqa: BLE001 -- a fault that could not be carried out
         fault["error"] = repr(err)
         problems.append(f"the fault step failed: {err!r}")
@@ -359,9 +351,11 @@ async def run_phase(run: Run, name: str, index: int, expected: Expected, sdk: di
         "alive_instances": alive,
         "not_running": not_running,
         "migrations": migrations,
+        "repaired_before": repaired,
         "fault": fault,
         "load_s": round(load_s, 3),
         "streams_done_s": round(streams_s, 3),
+        "idle_after_streams_s": round(wall_s - streams_s, 3),  # work left for nobody, if long
         "wall_s": round(wall_s, 3),
         "log_events": events,
     }
@@ -370,6 +364,20 @@ async def run_phase(run: Run, name: str, index: int, expected: Expected, sdk: di
     print(f"chaos: {name}: {'ok' if not problems else 'FAILED: ' + '; '.join(problems)}",
           file=sys.stderr, flush=True)
     return out
+
+
+async def repair(cluster: ChaosCluster) -> list[str]:
+    """Start again whatever an earlier phase left down (that phase has failed already), so
+    each phase starts from a whole cluster; what had to be started."""
+    down = [name for name in cluster.names if not cluster.running(name)]
+    for name in down:
+        cluster.launch(name)
+    if down:
+        try:
+            await cluster.wait_ready(RESTART_TIMEOUT_S)
+        except (TimeoutError, RuntimeError) as err:
+            print(f"chaos: the cluster did not come back whole: {err}", file=sys.stderr)
+    return down
 
 
 def allowed_failure(name: str, rec: Any, fault: dict) -> bool:
