@@ -107,7 +107,8 @@ class ChaosConfig:
     worker_args: tuple[str, ...] = ()
     scheduler_args: tuple[str, ...] = ()
     gateway_args: tuple[str, ...] = ()
-    keep_records: bool = True  # every stream's record in the JSON
+    all_records: bool = False  # every stream's record in the JSON (else: the ones not ok
+    # and the 5 longest stalls)
 
 
 @dataclass
@@ -359,8 +360,11 @@ async def run_phase(run: Run, name: str, index: int, expected: Expected, sdk: di
         "wall_s": round(wall_s, 3),
         "log_events": events,
     }
-    if cfg.keep_records:
-        out["streams"] = [record_dict(r) for r in load.records]
+    kept = load.records if cfg.all_records else sorted(
+        {id(r): r for r in [*(r for r in load.records if not r.ok(cfg.max_tokens)),
+                            *sorted(load.records, key=lambda r: -r.max_gap_s)[:5]]}.values(),
+        key=lambda r: r.num)
+    out["streams"] = [record_dict(r) for r in kept]
     print(f"chaos: {name}: {'ok' if not problems else 'FAILED: ' + '; '.join(problems)}",
           file=sys.stderr, flush=True)
     return out
@@ -419,7 +423,8 @@ def check(name: str, cfg: ChaosConfig, summary: dict, load: Load, fault: dict, l
     for key, what in (("untyped_errors", "untyped errors"), ("cut_short", "streams cut short"),
                       ("duplicate_tokens", "duplicate tokens"),
                       ("missing_tokens", "missing tokens"), ("wrong_tokens", "wrong tokens"),
-                      ("http_text_mismatch", "HTTP streams with the wrong text")):
+                      ("http_text_mismatch", "HTTP streams with the wrong text"),
+                      ("sdk_text_mismatch", "SDK streams with the wrong text")):
         if summary[key]:
             problems.append(f"{summary[key]} {what}")
     if num_hung:
@@ -604,7 +609,7 @@ def _config_dict(cfg: ChaosConfig) -> dict:
 
 def table(result: dict) -> str:
     rows = ["| phase | streams | completed | failed (error) | cut short | dup | missing | wrong "
-            "| HTTP text ≠ | stall p50 / p99 / max (s) | leaked blocks | wall (s) | verdict |",
+            "| text ≠ | stall p50 / p99 / max (s) | leaked blocks | wall (s) | verdict |",
             "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for p in result["phases"]:
         failed = ", ".join(f"{n} {e}" for e, n in sorted(p["failed"].items())) or "0"
@@ -613,7 +618,7 @@ def table(result: dict) -> str:
         rows.append(
             f"| {p['phase']} | {p['started']} | {p['completed']} | {failed} | {p['cut_short']} "
             f"| {p['duplicate_tokens']} | {p['missing_tokens']} | {p['wrong_tokens']} "
-            f"| {p['http_text_mismatch']} | {stall['p50']:.2f} / {stall['p99']:.2f} / "
+            f"| {p['sdk_text_mismatch'] + p['http_text_mismatch']} | {stall['p50']:.2f} / {stall['p99']:.2f} / "
             f"{stall['max']:.2f} | {p['leaked_blocks']} | {p['wall_s']:.1f} | {verdict} |")
     return "\n".join(rows)
 
@@ -665,7 +670,9 @@ def parse_args(argv: list[str] | None) -> tuple[ChaosConfig, argparse.Namespace]
     p.add_argument("--worker-arg", action="append", default=[])
     p.add_argument("--scheduler-arg", action="append", default=[])
     p.add_argument("--gateway-arg", action="append", default=[])
-    p.add_argument("--no-records", action="store_true", help="leave per-stream records out")
+    p.add_argument("--all-records", action="store_true",
+                   help="every stream's record in the JSON (default: those not ok, and the "
+                        "5 longest stalls of each phase)")
     p.add_argument("--out", default="bench/results/chaos/chaos.json",
                    help="JSON result; the table goes beside it (.md)")
     a = p.parse_args(argv)
@@ -681,7 +688,7 @@ def parse_args(argv: list[str] | None) -> tuple[ChaosConfig, argparse.Namespace]
         scheduler_down_s=a.scheduler_down_s, scheduler_down_long_s=a.scheduler_down_long_s,
         idle_timeout_s=a.idle_timeout_s, seed=a.seed, log_dir=a.log_dir,
         worker_args=tuple(a.worker_arg), scheduler_args=tuple(a.scheduler_arg),
-        gateway_args=tuple(a.gateway_arg), keep_records=not a.no_records)
+        gateway_args=tuple(a.gateway_arg), all_records=a.all_records)
     return cfg, a
 
 

@@ -10,9 +10,10 @@ What each spec must yield:
 - model workers: what an undisturbed run of the same spec yielded (the reference pass).
 
 SDK streams read raw TokenChunks (`AsyncStream.next_reply`, which does not stop at the first
-index it dislikes) and check each index: duplicates, gaps and wrong tokens are counted.
-HTTP streams (the openai client, SSE) carry text only: their whole text is compared with
-the detokenized expected tokens, and the usage chunk's completion_tokens with max_tokens.
+index it dislikes) and check each index: duplicates, gaps and wrong tokens are counted,
+and the whole text is compared with the detokenized expected tokens. HTTP streams (the
+openai client, SSE) carry text only: their whole text is compared likewise, and the usage
+chunk's completion_tokens with max_tokens.
 """
 
 from __future__ import annotations
@@ -61,9 +62,8 @@ class Expected:
 
     def text(self, spec_index: int) -> str:
         """The text an undisturbed stream delivers: the gateway's detokenizer stepped one
-        token at a time, as tokens come from a worker (one a step). Stepping it several
-        at once may differ (a group whose text ends inside a UTF-8 character is held back
-        whole, and lost if it is the last)."""
+        token at a time, as tokens come from a worker (one a step); a character the last
+        token leaves unfinished is not part of it."""
         if spec_index not in self._texts:
             detok = self.text_model.detokenizer(self.specs[spec_index].prompt_token_ids)
             self._texts[spec_index] = "".join(detok.step((t,)) for t in self.tokens[spec_index])
@@ -284,6 +284,7 @@ def quantile(values: list[float], q: float) -> float:
 
 def summarize(records: list[StreamRecord], max_tokens: int) -> dict:
     gaps = [r.max_gap_s for r in records]
+    sdk = [r for r in records if r.protocol == "sdk"]
     by_gateway = {}
     for gateway in sorted({r.gateway for r in records}):
         mine = [r for r in records if r.gateway == gateway]
@@ -302,7 +303,9 @@ def summarize(records: list[StreamRecord], max_tokens: int) -> dict:
         "missing_tokens": sum(r.num_missing for r in records),
         "wrong_tokens": sum(r.num_wrong for r in records),
         "http_streams": sum(r.protocol == "http" for r in records),
-        "http_text_mismatch": sum(r.text_mismatch for r in records),
+        "http_text_mismatch": sum(r.text_mismatch for r in records if r.protocol == "http"),
+        "sdk_text_mismatch": sum(r.text_mismatch for r in sdk),
+        "max_chunk_tokens": max((r.max_chunk_tokens for r in sdk), default=0),
         "stall_s": {"p50": round(quantile(gaps, 0.5), 3), "p99": round(quantile(gaps, 0.99), 3),
                     "max": round(max(gaps, default=0.0), 3)},
         "by_gateway": by_gateway,

@@ -70,15 +70,27 @@ class FakeClient:
         return FakeStream(self.chunks)
 
 
-def chunk(first: int, ids: tuple[int, ...], finish: str | None = None) -> wire.TokenChunk:
+class DigitText:
+    """A text model whose token i reads as str(i % 10)."""
+
+    def detokenizer(self, prompt_token_ids):
+        return self
+
+    def step(self, token_ids) -> str:
+        return "".join(str(t % 10) for t in token_ids)
+
+
+def chunk(first: int, ids: tuple[int, ...], finish: str | None = None,
+          text: str | None = None) -> wire.TokenChunk:
     return wire.TokenChunk(client_req_id="0", req_id="r", first_index=first, token_ids=ids,
-                           text="", finish_reason=finish, num_prompt_tokens=3)
+                           text=DigitText().step(ids) if text is None else text,
+                           finish_reason=finish, num_prompt_tokens=3)
 
 
 def run_sdk_stream(chunks: list[wire.TokenChunk], expected: tuple[int, ...]) -> StreamRecord:
     spec = Spec((1, 2, 3), 7)
     load = Load(sdk={"gateway-a": FakeClient(chunks)}, http={}, model_name="tiny",
-                expected=Expected([spec], [expected], None), max_tokens=len(expected),
+                expected=Expected([spec], [expected], DigitText()), max_tokens=len(expected),
                 temperature=0.0, rate_per_s=1.0, http_fraction=0.0, rng=None, t0=0.0,
                 request_timeout_s=10.0)
     rec = StreamRecord(num=0, spec=0, gateway="gateway-a", protocol="sdk", sent_s=0.0)
@@ -98,6 +110,13 @@ def test_duplicates_gaps_and_wrong_tokens_are_counted_not_raised():
                           chunk(5, (15,), "length")], (10, 11, 12, 13, 14, 15))
     assert (rec.num_duplicate, rec.num_missing, rec.num_wrong) == (1, 1, 1)
     assert rec.num_received == 5 and rec.cut_short(6) and not rec.ok(6)
+
+
+def test_text_is_checked_too():
+    rec = run_sdk_stream([chunk(0, (10, 11)), chunk(2, (12,), "length", text="x")],
+                         (10, 11, 12))
+    assert rec.num_wrong == 0 and rec.text_mismatch and not rec.ok(3)
+    assert rec.text_diff["got"] == "01x" and rec.text_diff["want"] == "012"
 
 
 def test_an_abort_ending_is_cut_short():
