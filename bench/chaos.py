@@ -309,6 +309,7 @@ async def run_phase(run: Run, name: str, index: int, expected: Expected, sdk: di
         http_fraction=cfg.http_fraction, rng=random.Random(cfg.seed * 1000 + index), t0=t0,
         request_timeout_s=cfg.request_timeout_s)
     arrivals = asyncio.create_task(load.arrivals())
+    watcher = asyncio.create_task(load.watch_loop())
     fault: dict[str, Any] = {}
     problems: list[str] = []
     print(f"chaos: {name} ...", file=sys.stderr, flush=True)
@@ -324,6 +325,7 @@ async def run_phase(run: Run, name: str, index: int, expected: Expected, sdk: di
     load_s = load.now()
     num_hung = await load.wait(cfg.stream_wait_s)
     streams_s = load.now()
+    await watcher
     idle, status = await run.cluster.wait_idle(cfg.idle_timeout_s)
     wall_s = load.now()
     summary = summarize(load.records, cfg.max_tokens)
@@ -346,6 +348,8 @@ async def run_phase(run: Run, name: str, index: int, expected: Expected, sdk: di
         "problems": problems,
         **summary,
         "hung": num_hung,
+        "client_loop_lag_s": {"max": round(load.loop_lag_max_s, 3),
+                              "at_s": round(load.loop_lag_at_s, 3)},
         "leaked_blocks": leaked["blocks"],
         "leaks": leaked,
         "idle": idle,

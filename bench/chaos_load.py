@@ -93,6 +93,7 @@ class StreamRecord:
     error_s: float = 0.0  # when it was raised, seconds from the phase start
     untyped: bool = False  # an exception outside the client's typed errors
     max_gap_s: float = 0.0  # longest wait between chunks (the first: from the send)
+    max_gap_end_s: float = 0.0  # when it ended, seconds from the phase start
 
     def ok(self, max_tokens: int) -> bool:
         return (self.error is None and self.finish_reason == "length"
@@ -128,6 +129,8 @@ class Load:
         self.records: list[StreamRecord] = []
         self.tasks: list[asyncio.Task] = []
         self.stopped = asyncio.Event()
+        self.loop_lag_max_s = 0.0  # this process's event loop, the longest it was late
+        self.loop_lag_at_s = 0.0  # when, seconds from the phase start
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -152,6 +155,16 @@ class Load:
 
     def stop(self) -> None:
         self.stopped.set()
+
+    async def watch_loop(self, interval_s: float = 0.02) -> None:
+        """This process's own event-loop lag (how late a short sleep wakes), until stopped:
+        a stall every stream shows at once, with the loop late as long, is the client's."""
+        while not self.stopped.is_set() or any(not t.done() for t in self.tasks):
+            start = time.monotonic()
+            await asyncio.sleep(interval_s)
+            lag = time.monotonic() - start - interval_s
+            if lag > self.loop_lag_max_s:
+                self.loop_lag_max_s, self.loop_lag_at_s = lag, time.monotonic() - self.t0
 
     async def wait(self, timeout_s: float) -> int:
         """Wait for every stream to end; cancel (and record as hung) what is left after
@@ -181,9 +194,7 @@ class Load:
         try:
             while True:
                 msg = await stream.next_reply()
-                now = time.monotonic()
-                rec.max_gap_s = max(rec.max_gap_s, now - last)
-                last = now
+                last = self._chunk_arrived(rec, last)
                 rec.req_id = msg.req_id
                 parts.append(msg.text)
                 rec.max_chunk_tokens = max(rec.max_chunk_tokens, len(msg.token_ids))
@@ -228,9 +239,7 @@ class Load:
                 stream=True, stream_options={"include_usage": True},
                 extra_body={"ignore_eos": True, "timeout_s": self.request_timeout_s})
             async for chunk in stream:
-                now = time.monotonic()
-                rec.max_gap_s = max(rec.max_gap_s, now - last)
-                last = now
+                last = self._chunk_arrived(rec, last)
                 rec.req_id = chunk.id
                 if chunk.choices:
                     parts.append(chunk.choices[0].text or "")
@@ -250,6 +259,12 @@ class Load:
         finally:
             rec.end_s = self.now()
             self._check_text(rec, "".join(parts))
+
+    def _chunk_arrived(self, rec: StreamRecord, last: float) -> float:
+        now = time.monotonic()
+        if now - last > rec.max_gap_s:
+            rec.max_gap_s, rec.max_gap_end_s = now - last, now - self.t0
+        return now
 
     def _check_text(self, rec: StreamRecord, got: str) -> None:
         """A stream that ended by itself must have exactly the expected text."""
@@ -314,7 +329,7 @@ def summarize(records: list[StreamRecord], max_tokens: int) -> dict:
 
 def record_dict(rec: StreamRecord) -> dict:
     out = asdict(rec)
-    for key in ("sent_s", "end_s", "error_s", "max_gap_s"):
+    for key in ("sent_s", "end_s", "error_s", "max_gap_s", "max_gap_end_s"):
         out[key] = round(out[key], 3)
     return out
 
