@@ -234,21 +234,25 @@ async def fault_rolling_restart(run: Run, out: dict) -> None:
 
 
 async def fault_poison(run: Run, out: dict) -> None:
-    cluster = run.cluster
-    status = await cluster.status()
+    status = await run.cluster.status()
     live = [r["req_id"] for r in status["requests"]] if status else []
+    out["sent_at_s"] = run.now()
+    # Built in the thread too: a few hundred MB of frames would stall this loop's streams.
+    out["targets"] = await asyncio.to_thread(send_poison, run.cluster, live)
+    out["done_at_s"] = run.now()
+
+
+def send_poison(cluster: ChaosCluster, live_req_ids: list[str]) -> dict:
     pulls = {"scheduler": (cluster.scheduler_addr, poison.generic() + poison.scheduler_inbox())}
     for name, ports in cluster.gateways.items():
-        pulls[name] = (ports.inbox_addr, poison.generic() + poison.gateway_inbox(live))
+        pulls[name] = (ports.inbox_addr, poison.generic() + poison.gateway_inbox(live_req_ids))
     for i, worker in enumerate(cluster.worker_ids):
         addr = f"tcp://127.0.0.1:{cluster.args.port_base + 100 + i}"
         pulls[worker] = (addr, poison.generic() + poison.worker_inbox(worker))
     routers = {f"{name} sdk": (ports.sdk_addr, poison.router_cases())
                for name, ports in cluster.gateways.items()}
     routers["scheduler admin"] = (cluster.admin_addr, poison.router_cases())
-    out["sent_at_s"] = run.now()
-    out["targets"] = await asyncio.to_thread(poison.send_all, pulls, routers)
-    out["done_at_s"] = run.now()
+    return poison.send_all(pulls, routers)
 
 
 def big_prompt_body(model_name: str) -> bytes:
