@@ -67,13 +67,16 @@ class SimExecutor:
     def execute(self, batch: ModelBatch) -> list[int]:
         if self.sleep:
             time.sleep(self.step_time(batch) / self.speedup)
-        return [self.token_at(c.sampling.seed or 0, c.end_pos) for c in batch.chunks if c.sample]
+        return [self._token(c.sampling.seed or 0, c.end_pos) for c in batch.chunks if c.sample]
 
-    def token_at(self, seed: int, position: int) -> int:
-        """The token sampled at `position` (a chunk feeding positions [start, p) samples the
-        token at p, so output index i of a request is at len(prompt) + i). Pure: replays and migrations
-        yield the same tokens, and a client can check every one (bench/chaos_load.py)."""
+    def _token(self, seed: int, position: int) -> int:
         token = ((seed * _MIX) ^ (position * 40503)) % self.vocab_size
         while token in self.eos_token_ids:
             token = (token + 1) % self.vocab_size
         return token
+
+    def token_at(self, seed: int, position: int) -> int:
+        """The token sampled at `position` (a chunk feeding positions [start, p) samples the
+        token at p, so output index i of a request is at len(prompt) + i). Pure: replays and
+        migrations yield the same tokens, and a client can check every one (bench/chaos_load.py)."""
+        return self._token(seed, position)
