@@ -82,11 +82,9 @@ class Detokenizer:
         self._stream = DecodeStream(ids=list(context_token_ids), skip_special_tokens=True)
 
     def step(self, token_ids: Sequence[int]) -> str:
-        # One token at a time: DecodeStream holds back a whole batch whose text ends inside
-        # a character, so the text before that character would wait too (and be lost when
-        # the batch is the request's last: a completion cut there came back empty).
-        step, tokenizer = self._stream.step, self._tokenizer
-        return "".join(step(tokenizer, [token_id]) or "" for token_id in token_ids)
+        if not token_ids:
+            return ""
+        return self._stream.step(self._tokenizer, list(token_ids)) or ""
 
 
 class TextModel:

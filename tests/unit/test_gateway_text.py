@@ -135,19 +135,6 @@ def test_detokenizer_in_uneven_batches_matches_one_by_one(text):
     assert "".join(out) == sample
 
 
-def test_a_batch_ending_inside_a_character_keeps_the_text_before_it(text):
-    """Only the unfinished character waits; the text before it in the same batch comes
-    now. (Stepped whole, a batch whose last token ends inside a character gave nothing at
-    all: a non-streaming completion cut there by max_tokens came back with no text.)"""
-    ids = text.encode("hello world 🚀", add_special_tokens=False)
-    rocket = text.encode("🚀", add_special_tokens=False)
-    assert len(rocket) > 1  # the rocket spans several byte tokens
-    cut = ids[:-1]  # max_tokens ends inside the rocket
-    assert text.detokenizer([]).step(cut) == "hello world "
-    one_by_one = text.detokenizer([])
-    assert "".join(one_by_one.step([t]) for t in cut) == "hello world "
-
-
 def test_detokenizer_skips_special_tokens(text):
     eos = text.tokenizer.token_to_id(EOS)
     detok = text.detokenizer([])
