@@ -62,11 +62,14 @@ class Expected:
 
     def text(self, spec_index: int) -> str:
         """The text an undisturbed stream delivers: the gateway's detokenizer stepped one
-        token at a time, as tokens come from a worker (one a step); a character the last
-        token leaves unfinished is not part of it."""
+        token at a time, as tokens come from a worker (one a step), then flushed at the end
+        where it can be (a detokenizer with `flush` renders a character the last token left
+        unfinished; one without drops it)."""
         if spec_index not in self._texts:
             detok = self.text_model.detokenizer(self.specs[spec_index].prompt_token_ids)
-            self._texts[spec_index] = "".join(detok.step((t,)) for t in self.tokens[spec_index])
+            text = "".join(detok.step((t,)) for t in self.tokens[spec_index])
+            flush = getattr(detok, "flush", None)
+            self._texts[spec_index] = text + (flush() if flush is not None else "")
         return self._texts[spec_index]
 
 
