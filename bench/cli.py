@@ -1,4 +1,4 @@
-"""`ferry bench …`: trace, serve, sim (CPU); engine, migration, kernels (GPU)."""
+"""`ferry bench …`: trace, serve, sim, chaos (CPU); engine, migration, kernels (GPU)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "engine": ("ferry.bench.engine_bench", "engine step times vs roofline (GPU)"),
     "migration": ("ferry.bench.migration_bench", "live migration downtime and bandwidth (GPUs)"),
     "kernels": ("ferry.bench.kernels_bench", "attention kernels vs roofline (GPU)"),
+    "chaos": ("ferry.bench.chaos", "faults under load: does every stream survive? (own cluster)"),
 }
 
 

@@ -29,11 +29,13 @@ def _free(port: int) -> bool:
     return True
 
 
-def free_port_base(num_workers: int) -> int:
-    """A base port with base..base+2 and base+100..base+100+num_workers free."""
+def free_port_base(num_workers: int, extra_offsets: tuple[int, ...] = ()) -> int:
+    """A base port with base..base+2, base+100..base+100+num_workers and base + each of
+    extra_offsets free."""
     for _ in range(200):
         base = random.randrange(20_000, 40_000)
-        ports = [base, base + 1, base + 2, *range(base + 100, base + 100 + num_workers)]
+        ports = [base, base + 1, base + 2, *range(base + 100, base + 100 + num_workers),
+                 *(base + offset for offset in extra_offsets)]
         if all(_free(p) for p in ports):
             return base
     raise RuntimeError("no free port range")

@@ -45,22 +45,35 @@ decode = REGISTRY.decode
 REGISTRY.struct(SamplingParams, min_fields=8)  # max_tokens .. stop; the rest came later
 REGISTRY.struct(TokenLogprobs)
 
-_TCP_ENDPOINT = re.compile(r"tcp://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]*):(\d{1,5})")
+_HOST = r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]*)"
+_TCP_ENDPOINT = re.compile(r"tcp://" + _HOST + r":(?P<port>\d{1,5})")
 _LOCAL_ENDPOINT = re.compile(r"(?:ipc|inproc)://\S+")
-_HOST_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]*):(\d{1,5})")
+_HOST_PORT = re.compile(_HOST + r":(?P<port>\d{1,5})")
+MAX_HOST_CHARS = 253  # a DNS name (RFC 1035), labels of at most 63 characters
+MAX_IPC_PATH_BYTES = 107  # sockaddr_un.sun_path, less its terminating NUL
+
+
+def _host_port_ok(match: re.Match | None) -> bool:
+    if match is None or not 0 < int(match.group("port")) < 65536:
+        return False
+    host = match.group("host")
+    return host.startswith("[") or (
+        len(host) <= MAX_HOST_CHARS and all(len(label) <= 63 for label in host.split(".")))
 
 
 def is_endpoint(value: str) -> bool:
-    """A ZMQ address a socket can dial: tcp://HOST:PORT (a name, IPv4 or [IPv6], port
-    1-65535), ipc://PATH or inproc://NAME. Not a bind form (tcp://*:N)."""
-    if match := _TCP_ENDPOINT.fullmatch(value):
-        return 0 < int(match.group(1)) < 65536
+    """A ZMQ address a socket can dial: tcp://HOST:PORT (a DNS name or IPv4 address, or
+    [IPv6]; port 1-65535), ipc://PATH (at most 107 bytes) or inproc://NAME. Not a bind
+    form (tcp://*:N)."""
+    if value.startswith("tcp://"):
+        return _host_port_ok(_TCP_ENDPOINT.fullmatch(value))
+    if value.startswith("ipc://") and len(value[6:].encode()) > MAX_IPC_PATH_BYTES:
+        return False
     return _LOCAL_ENDPOINT.fullmatch(value) is not None
 
 
 def is_host_port_or_empty(value: str) -> bool:
-    match = _HOST_PORT.fullmatch(value)
-    return value == "" or (match is not None and 0 < int(match.group(1)) < 65536)
+    return value == "" or _host_port_ok(_HOST_PORT.fullmatch(value))
 
 
 # Every address field a process will later send to: checked when the message is decoded,

@@ -84,22 +84,35 @@ class Cluster:
             argv += ["--num-blocks", str(a.num_blocks)]
         return argv + a.worker_arg
 
-    def start(self, model_dir: str) -> None:
+    def scheduler_argv(self, model_dir: str) -> list[str]:
         a = self.args
         base = a.port_base
-        sched = [sys.executable, "-m", "ferry.services.scheduler", "--port", str(base),
-                 "--admin-port", str(base + 1), "--dispatch-policy", a.policy]
+        argv = [sys.executable, "-m", "ferry.services.scheduler", "--port", str(base),
+                "--admin-port", str(base + 1), "--dispatch-policy", a.policy]
         if a.autoscale:
             template = " ".join(self.worker_argv("{instance_id}", 0, model_dir)[3:])
             template = template.replace("--port 0", "--port {port}")
-            sched += ["--autoscale", "--min-workers", str(a.min_workers),
-                      "--max-workers", str(a.max_workers), "--worker-args", template]
-        self._spawn("scheduler", sched + a.scheduler_arg)
-        self._spawn("gateway", [
-            sys.executable, "-m", "ferry.services.gateway", "--http-port", str(a.http_port),
-            "--sdk-port", str(a.sdk_port), "--inbox-port", str(self.gateway_inbox_port),
+            argv += ["--autoscale", "--min-workers", str(a.min_workers),
+                     "--max-workers", str(a.max_workers), "--worker-args", template]
+        return argv + a.scheduler_arg
+
+    def gateway_argv(self, model_dir: str, *, http_port: int | None = None,
+                     sdk_port: int | None = None, inbox_port: int | None = None) -> list[str]:
+        """The gateway's command line; the ports default to this cluster's one gateway."""
+        a = self.args
+        return [
+            sys.executable, "-m", "ferry.services.gateway",
+            "--http-port", str(a.http_port if http_port is None else http_port),
+            "--sdk-port", str(a.sdk_port if sdk_port is None else sdk_port),
+            "--inbox-port", str(self.gateway_inbox_port if inbox_port is None else inbox_port),
             "--scheduler-addr", self.scheduler_addr, "--model", model_dir, *a.gateway_arg,
-        ])
+        ]
+
+    def start(self, model_dir: str) -> None:
+        a = self.args
+        base = a.port_base
+        self._spawn("scheduler", self.scheduler_argv(model_dir))
+        self._spawn("gateway", self.gateway_argv(model_dir))
         if not a.autoscale:
             devices = worker_devices(a.device, a.workers) if a.executor == "model" else \
                 [a.device] * a.workers
@@ -107,7 +120,7 @@ class Cluster:
                 self._spawn(f"worker-{i}", self.worker_argv(f"worker-{i}", base + 100 + i,
                                                             model_dir, devices[i]))
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         stderr = None
         if self.args.log_dir:
             os.makedirs(self.args.log_dir, exist_ok=True)
@@ -115,6 +128,7 @@ class Cluster:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=stderr,
                                 preexec_fn=_die_with_parent)
         self.children.append((name, proc))
+        return proc
 
     def wait_ready(self, expected_workers: int) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -163,6 +163,9 @@ class Gateway:
                     "bypass_mode_on", silent_s=round(now - self.routes.last_heard, 3),
                     num_instances=self.routes.num_instances, num_redispatched=len(lost),
                 )
+                # What still waits in the queue to the silent scheduler would reach its
+                # successor (ZMQ keeps it for the reconnection) and run again there: drop it.
+                self.send_to_cluster.drop(self.config.scheduler_addr)
                 # Sent to the scheduler before it fell silent, with no word back: they may
                 # be lost with it, so they go straight to the workers now (a new attempt:
                 # a copy the scheduler did forward cannot reach the client).

@@ -84,3 +84,9 @@ class SimExecutor:
         while token in self.eos_token_ids:
             token = (token + 1) % self.vocab_size
         return token
+
+    def token_at(self, seed: int, position: int) -> int:
+        """The token sampled at `position` (a chunk feeding positions [start, p) samples the
+        token at p, so output index i of a request is at len(prompt) + i). Pure: replays and
+        migrations yield the same tokens, and a client can check every one (bench/chaos_load.py)."""
+        return self._token(seed, position)

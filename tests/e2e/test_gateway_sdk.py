@@ -449,6 +449,37 @@ def test_bypass_mode_when_the_scheduler_goes_silent(model_dir):
     arun(body())
 
 
+def test_what_waited_for_a_dead_scheduler_never_reaches_its_successor(model_dir):
+    """A Dispatch sent while the scheduler is dead waits in the gateway's queue to it (ZMQ
+    keeps it for the reconnection). Bypass mode sends the request to a worker instead, so
+    the queue is dropped then: a restarted scheduler must not get it and start the request
+    again, a stale copy (or, after the client is long gone, one run for nobody: seen in
+    `ferry bench chaos`, phases kill_scheduler and kill_scheduler_45s)."""
+    async def body():
+        async with running(model_dir, num_workers=1, bypass_after_s=0.3) as h, \
+                AsyncClient(h.sdk_addr) as client:
+            h.cluster.alive = False
+            h.cluster.tasks[0].cancel()  # the scheduler process dies
+            h.cluster.recv_from_gateway.close(linger=0)
+            await asyncio.sleep(0.2)
+            out = await client.generate("hi", max_tokens=4)  # sent, then re-sent in bypass
+            assert out.token_ids == tuple(expected(h, 4))
+            assert h.gateway.routes.bypass and len(h.worker.direct_dispatches) == 1
+            successor = h.cluster.ctx.socket(zmq.PULL)
+            successor.bind(h.gateway.config.scheduler_addr)
+            try:
+                got = []
+                deadline = time.monotonic() + 1.5  # a GatewayHello comes each second
+                while time.monotonic() < deadline:
+                    if await successor.poll(100):
+                        got.append(type(wire.decode(await successor.recv_multipart())))
+            finally:
+                successor.close(linger=0)
+            assert wire.GatewayHello in got and wire.Dispatch not in got, got
+
+    arun(body())
+
+
 def test_no_instances_in_bypass_is_503(model_dir):
     async def body():
         async with running(model_dir, num_workers=0, bypass_after_s=0.1) as h, \

@@ -161,7 +161,12 @@ def test_nested_struct_checked():
 
 
 @pytest.mark.parametrize("addr", ["tcp://bad", "tcp://*:5600", "tcp://h:0", "tcp://h:70000",
-                                  "", "http://h:1", "tcp://h:1 ", "tcp://-h:1"])
+                                  "", "http://h:1", "tcp://h:1 ", "tcp://-h:1",
+                                  # longer than any DNS name or label (`ferry bench chaos`
+                                  # planted a fake instance and gateway with the first)
+                                  "tcp://" + "a" * 5000 + ":1", "tcp://" + "a" * 64 + ".b:1",
+                                  "tcp://" + "a." * 127 + "b:1",
+                                  "ipc:///" + "p" * 107])
 def test_address_fields_must_be_dialable(addr):
     """A peer could otherwise plant an address that fails every later send to it."""
     good = wire.GatewayHello(gateway_id="g", inbox_addr="tcp://gw-1:5602", req_id_prefix="g-1-")
@@ -173,10 +178,12 @@ def test_address_fields_must_be_dialable(addr):
 
 def test_dialable_addresses_are_accepted():
     for addr in ("tcp://127.0.0.1:5600", "tcp://[::1]:80", "tcp://worker-0.ferry:5700",
-                 "ipc:///tmp/ferry.sock", "inproc://w0"):
+                 "ipc:///tmp/ferry.sock", "inproc://w0", "tcp://" + "a" * 63 + ".b:1",
+                 "tcp://" + "a." * 126 + "b:1", "ipc:///" + "p" * 106):
         assert wire.is_endpoint(addr), addr
     assert wire.is_host_port_or_empty("") and wire.is_host_port_or_empty("10.0.0.2:29500")
     assert not wire.is_host_port_or_empty("10.0.0.2")
+    assert not wire.is_host_port_or_empty("a" * 254 + ":29500")
 
 
 def test_tags_are_unique_and_small():
