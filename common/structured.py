@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 
-import llguidance
-
 from ferry.common.sampling import GRAMMAR_KINDS, MAX_GRAMMAR_CHARS
 
 JSON = "json"
@@ -44,6 +42,8 @@ def to_llguidance(kind: str, spec: str) -> str:
     """The llguidance grammar (its JSON form) of a spec; ValueError when the spec is not
     of its kind's syntax (a schema that is not a JSON object, a choice list that is not a
     list of strings). Whether the grammar compiles is `check`'s job."""
+    import llguidance  # here: the SDK imports this module for the constants alone
+
     if kind == JSON:
         try:
             schema = json.loads(spec)
@@ -76,6 +76,8 @@ def check(kind: str, spec: str) -> None:
     if len(spec) > MAX_SPEC_CHARS:
         raise ValueError(f"the {kind} spec is too long ({len(spec)} characters; at most "
                          f"{MAX_SPEC_CHARS})")
+    import llguidance
+
     try:
         grammar = to_llguidance(kind, spec)
     except ValueError:
@@ -85,6 +87,38 @@ def check(kind: str, spec: str) -> None:
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
         raise ValueError(f"the {kind} spec does not compile: {messages[0]}")
+
+
+def from_guided(*, guided_json: object = None, guided_regex: str | None = None,
+                guided_choice: object = None, guided_grammar: str | None = None
+                ) -> tuple[str, str]:
+    """(kind, spec) of vLLM's guided_* arguments (a schema as an object or JSON text);
+    ("", "") for none; ValueError for more than one or a malformed one."""
+    given = [(name, value) for name, value in (
+        ("guided_json", guided_json), ("guided_regex", guided_regex),
+        ("guided_choice", guided_choice), ("guided_grammar", guided_grammar))
+        if value is not None]
+    if not given:
+        return "", ""
+    if len(given) > 1:
+        raise ValueError(f"only one of {', '.join(n for n, _ in given)} may be given")
+    name, value = given[0]
+    if name == "guided_json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError("guided_json must be a JSON schema") from None
+        if not isinstance(value, dict):
+            raise ValueError("guided_json must be a JSON schema object")
+        return JSON, json_spec(value)
+    if name == "guided_choice":
+        if not isinstance(value, list | tuple) or not all(isinstance(c, str) for c in value):
+            raise ValueError("guided_choice must be a list of strings")
+        return CHOICE, json.dumps(list(value))
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string")
+    return (REGEX if name == "guided_regex" else GRAMMAR), value
 
 
 def json_spec(schema: object) -> str:

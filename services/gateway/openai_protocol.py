@@ -677,25 +677,13 @@ def _structured_output(body: dict[str, Any], tool_spec: str | None) -> tuple[str
         elif kind != "text":
             raise ApiError(400, 'response_format.type must be "text", "json_object" or '
                                 '"json_schema"')
-    value = body.get("guided_json")
-    if value is not None:
-        if isinstance(value, str):
+    for name in STRUCTURED_FIELDS[1:]:
+        if body.get(name) is not None:
             try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                raise ApiError(400, "guided_json must be a JSON schema") from None
-        given.append(("guided_json", structured.JSON,
-                      structured.json_spec(_object_at(value, "guided_json"))))
-    if body.get("guided_regex") is not None:
-        given.append(("guided_regex", structured.REGEX, _field(body, "guided_regex", str, "")))
-    value = body.get("guided_choice")
-    if value is not None:
-        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-            raise ApiError(400, "guided_choice must be a list of strings")
-        given.append(("guided_choice", structured.CHOICE, json.dumps(value)))
-    if body.get("guided_grammar") is not None:
-        given.append(("guided_grammar", structured.GRAMMAR,
-                      _field(body, "guided_grammar", str, "")))
+                kind, spec = structured.from_guided(**{name: body[name]})
+            except ValueError as err:
+                raise ApiError(400, str(err)) from None
+            given.append((name, kind, spec))
     if tool_spec is not None:
         given.append(("tool_choice", structured.JSON, tool_spec))
     if not given:
