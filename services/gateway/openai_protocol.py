@@ -622,8 +622,10 @@ def _tool_plan(body: dict[str, Any], functions: dict[str, Any],
                text: TextModel) -> tuple[ToolPlan | None, str | None]:
     """(what to parse from the answer, the JSON schema its grammar forces, if any)."""
     choice = body.get("tool_choice")
-    _field(body, "parallel_tool_calls", bool, None)  # one call per answer: true permits
-    #                                                  more, never demands them
+    # One call per answer: true permits more, never demands them (OpenAI's rule: only
+    # with tools).
+    if _field(body, "parallel_tool_calls", bool, None) is not None and not functions:
+        raise ApiError(400, "parallel_tool_calls is only allowed when tools are given")
     if choice is None:
         choice = "auto" if functions else "none"
     if choice == "none":

@@ -504,6 +504,7 @@ def test_tools_render_and_force_a_call(tool_text):
     ({"tools": [WEATHER], "tool_choice": "required",
       "response_format": {"type": "json_object"}}, "only one of"),
     ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls must be a boolean"),
+    ({"parallel_tool_calls": True}, "only allowed when tools are given"),
 ])
 def test_bad_tools_are_400(tool_text, fields, match):
     assert match in rejected(400, chat, tool_text, **fields)
