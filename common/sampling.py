@@ -11,6 +11,8 @@ MAX_SEED = 2**31 - 1
 MAX_LOGPROBS = 20  # most top tokens a request may ask logprobs for (vLLM's default bound)
 MAX_LOGIT_BIAS = 100.0  # |bias| bound (OpenAI's)
 MAX_LOGIT_BIAS_ENTRIES = 1024  # token ids one request may bias
+GRAMMAR_KINDS = ("json", "regex", "choice", "grammar")  # common/structured.py's kinds
+MAX_GRAMMAR_CHARS = 256 * 1024  # longest grammar spec (common/structured.MAX_SPEC_CHARS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -39,6 +41,11 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # gateway: keep a matched stop string / stop
     #                                           token's text in the output
     skip_special_tokens: bool = True  # gateway: special tokens' text is left out
+    # Structured output (common/structured.py): the output must match this grammar; EOS
+    # only where it is complete. "" = none. The spec travels, never a compiled matcher: a
+    # worker rebuilds the matcher from (kind, grammar, output tokens so far).
+    grammar_kind: str = ""  # "" | "json" | "regex" | "choice" | "grammar"
+    grammar: str = ""  # the spec: a JSON schema (JSON text), regex, JSON list, Lark/GBNF
 
     def validate(self) -> None:
         """Raise ValueError with a clear message for any out-of-range field."""
@@ -79,10 +86,29 @@ class SamplingParams:
                 isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got "
                              f"{self.logprobs!r}")
+        if self.grammar_kind:
+            if self.grammar_kind not in GRAMMAR_KINDS:
+                raise ValueError(f"grammar_kind must be one of {', '.join(GRAMMAR_KINDS)}, "
+                                 f"got {self.grammar_kind!r}")
+            if not self.grammar or len(self.grammar) > MAX_GRAMMAR_CHARS:
+                raise ValueError(f"a grammar spec must hold 1 to {MAX_GRAMMAR_CHARS} "
+                                 f"characters")
+            # The grammar decides where output may end: EOS comes only where it is
+            # complete, and then nothing else may.
+            if self.ignore_eos:
+                raise ValueError("ignore_eos cannot be combined with structured output")
+            if self.min_tokens:
+                raise ValueError("min_tokens cannot be combined with structured output")
+        elif self.grammar:
+            raise ValueError("a grammar spec needs its grammar_kind")
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_grammar(self) -> bool:
+        return bool(self.grammar_kind)
 
     @property
     def has_penalties(self) -> bool:

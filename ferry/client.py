@@ -27,7 +27,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from ferry.common import env, wire
+from ferry.common import env, structured, wire
 from ferry.common.codec import WireError
 from ferry.common.sampling import SamplingParams, TokenLogprobs
 from ferry.errors import (
@@ -184,7 +184,9 @@ class AsyncClient:
         frequency_penalty=0.0, repetition_penalty=1.0, logit_bias={token id: bias},
         logprobs=None (k: each token's logprob and the top k, in chunk.logprobs),
         include_stop_str_in_output=False, skip_special_tokens=True,
-        priority="normal" | "high", timeout_s (client default). Anything else is a
+        priority="normal" | "high", timeout_s (client default); structured output, at
+        most one of guided_json (a JSON schema, an object or its text), guided_regex,
+        guided_choice (strings), guided_grammar (Lark or GBNF). Anything else is a
         BadRequest naming it."""
         return AsyncStream(self, *self._request(prompt, stream=True, **kwargs))
 
@@ -224,6 +226,10 @@ class AsyncClient:
         skip_special_tokens: bool = True,
         priority: str | int = "normal",
         timeout_s: float | None = None,
+        guided_json: dict[str, Any] | str | None = None,
+        guided_regex: str | None = None,
+        guided_choice: Sequence[str] | None = None,
+        guided_grammar: str | None = None,
         **unknown: Any,
     ) -> tuple[str, list[bytes], float]:
         """(client_req_id, the GenerateRequest's frames, timeout_s), checked."""
@@ -233,6 +239,10 @@ class AsyncClient:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
             bias = dict(logit_bias or {})
+            grammar_kind, grammar = structured.from_guided(
+                guided_json=guided_json, guided_regex=guided_regex,
+                guided_choice=guided_choice,
+                guided_grammar=guided_grammar)
             sampling = SamplingParams(
                 max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                 min_p=min_p, seed=seed, ignore_eos=ignore_eos,
@@ -243,6 +253,7 @@ class AsyncClient:
                 logit_bias_token_ids=tuple(bias), logit_bias_values=tuple(bias.values()),
                 logprobs=logprobs, include_stop_str_in_output=include_stop_str_in_output,
                 skip_special_tokens=skip_special_tokens,
+                grammar_kind=grammar_kind, grammar=grammar,
             )
             sampling.validate()
             priority_value = int(wire.Priority.parse(priority))

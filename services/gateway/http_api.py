@@ -34,6 +34,7 @@ from ferry.common.logging import get_logger
 from ferry.services.gateway import openai_protocol as oai
 from ferry.services.gateway.requests import Delta, Rejected
 from ferry.services.gateway.text import TextModel
+from ferry.services.gateway.tool_calls import ToolCallStream, parse_tool_call, tool_call
 
 if TYPE_CHECKING:
     from ferry.services.gateway.main import Gateway
@@ -309,7 +310,8 @@ class HttpApi:
             raise oai.ApiError(err.code, err.message) from None
         reply = Reply(reqs[0][0].req_id, int(reqs[0][0].arrival_s), self.config.model_name,
                       len(sub.prompt_token_ids), sub, self.gateway.text, chat=chat)
-        reply.choices = [Choice(i, req.req_id, sink) for i, (req, sink) in enumerate(reqs)]
+        reply.choices = [Choice(i, req.req_id, sink, _tool_stream(sub, req.req_id))
+                         for i, (req, sink) in enumerate(reqs)]
         try:
             if sub.stream:
                 return await self.stream(request, reply, event)
@@ -366,15 +368,24 @@ class HttpApi:
                 text = "".join(d.text for d in deltas)
                 token_ids = [t for d in deltas for t in d.token_ids]
                 logprobs = [lp for d in deltas for lp in d.logprobs]
-                if choice.finish_reason == "timeout":
+                calls: list[dict[str, Any]] = []
+                finish_reason = choice.finish_reason
+                if choice.tools is not None and finish_reason != "timeout":
+                    text, calls = choice.tools.feed(text)
+                    if finish_reason is not None:
+                        more_text, more_calls = choice.tools.finish()
+                        text, calls = text + more_text, calls + more_calls
+                        if choice.tools.called and finish_reason == "stop":
+                            finish_reason = "tool_calls"
+                if finish_reason == "timeout":
                     if text or token_ids:
                         await _send_event(response, reply.chunk(choice, text, token_ids,
                                                                 logprobs, None))
                     timed_out = True
-                elif text or choice.finish_reason is not None or token_ids and (
+                elif text or calls or finish_reason is not None or token_ids and (
                         reply.sub.sampling.logprobs is not None or reply.sub.continuous_usage):
                     await _send_event(response, reply.chunk(choice, text, token_ids, logprobs,
-                                                            choice.finish_reason))
+                                                            finish_reason, tool_calls=calls))
             if timed_out:
                 reply.failed()
                 self.gateway.metrics.error(504)
@@ -392,12 +403,14 @@ class Choice:
     """What one choice (one request) of an HTTP request has produced so far."""
 
     __slots__ = ("index", "req_id", "sink", "num_output_tokens", "finish_reason", "texts",
-                 "token_ids", "logprobs", "text_offset")
+                 "token_ids", "logprobs", "text_offset", "tools")
 
-    def __init__(self, index: int, req_id: str, sink: HttpSink) -> None:
+    def __init__(self, index: int, req_id: str, sink: HttpSink,
+                 tools: ToolCallStream | None = None) -> None:
         self.index = index
         self.req_id = req_id
         self.sink = sink
+        self.tools = tools  # stream: its answer read as a tool call (chat with tools)
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
         self.texts: list[str] = []  # non-stream: every delta's text
@@ -464,18 +477,25 @@ class Reply:
         text = "".join(choice.texts)
         if self.sub.echo is not None:
             text = self.sub.echo + text
-        return oai.choice(choice.index, text, choice.finish_reason,
+        finish_reason, calls = choice.finish_reason, None
+        call = None if self.sub.tools is None else parse_tool_call(text, self.sub.tools.names)
+        if call is not None:
+            calls = [tool_call(_call_id(choice.req_id), *call)]
+            if finish_reason == "stop":
+                finish_reason = "tool_calls"
+        return oai.choice(choice.index, text, finish_reason,
                           self.logprobs(choice, choice.token_ids, choice.logprobs),
-                          chat=self.chat, stream=False)
+                          chat=self.chat, stream=False, tool_calls=calls)
 
     def chunk(self, choice: Choice, text: str, token_ids, logprobs, finish_reason: str | None,
-              *, role: bool = False) -> dict[str, Any]:
+              *, role: bool = False, tool_calls: list[dict[str, Any]] | None = None
+              ) -> dict[str, Any]:
         content: str | None = text
         if self.chat and not text and not role:
             content = None  # a chat chunk with no new text carries no content field
         body = oai.choice(choice.index, content, finish_reason,
                           self.logprobs(choice, token_ids, logprobs) if token_ids else None,
-                          chat=self.chat, stream=True, role=role)
+                          chat=self.chat, stream=True, role=role, tool_calls=tool_calls)
         chunk = oai.stream_chunk(self.req_id, self.created, self.model, [body], chat=self.chat)
         if self.sub.continuous_usage:
             chunk["usage"] = self.usage(choice)
@@ -491,6 +511,17 @@ def _by_choice(batch: list[tuple[Choice, Delta]]) -> list[tuple[Choice, list[Del
         else:
             out.append((choice, [delta]))
     return out
+
+
+def _call_id(req_id: str) -> str:
+    return f"call_{req_id}"
+
+
+def _tool_stream(sub: oai.Submission, req_id: str) -> ToolCallStream | None:
+    """A streamed chat answer's tool-call reader (None: no tools, or not streamed)."""
+    if sub.tools is None or not sub.stream:
+        return None
+    return ToolCallStream(sub.tools.names, _call_id(req_id), forced=sub.tools.mode != "auto")
 
 
 def _decode_and_parse(raw: bytes, parse: Callable[[Any], T]) -> T:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ferry.common import wire
+from ferry.common import structured, wire
 from ferry.common.sampling import MAX_SEED, SamplingParams, TokenLogprobs
 from ferry.services.gateway.requests import Rejected, check_prompt_chars
 from ferry.services.gateway.text import TextModel
@@ -40,39 +40,36 @@ GENERATION_CONFIG_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetit
 
 # Every field each endpoint reads (Ferry's extras: top_k, ignore_eos, priority, timeout_s);
 # any other field is a 400 naming it, so a client never gets silently different behaviour.
+# Structured output (common/structured.py): OpenAI's response_format, vLLM's guided_*.
+STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar")
 _SHARED_FIELDS = frozenset({
     "model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
     "stop", "stop_token_ids", "seed", "user", "ignore_eos", "priority", "timeout_s",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
     "logit_bias", "logprobs", "include_stop_str_in_output", "skip_special_tokens",
+    *STRUCTURED_FIELDS,
 })
 COMPLETION_FIELDS = _SHARED_FIELDS | {"prompt", "echo", "best_of"}
-CHAT_FIELDS = _SHARED_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+CHAT_FIELDS = _SHARED_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
+                                "tool_choice", "parallel_tool_calls"}
 STREAM_OPTIONS = frozenset({"include_usage", "continuous_usage_stats"})
-MESSAGE_FIELDS = frozenset({"role", "content", "name"})
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
+TOOL_FIELDS = frozenset({"type", "function"})
+FUNCTION_FIELDS = frozenset({"name", "description", "parameters", "strict"})
+JSON_SCHEMA_FIELDS = frozenset({"name", "schema", "strict", "description"})
 
 # Fields Ferry does not implement: refused unless absent or at their neutral value.
 _UNSUPPORTED = {
     "suffix": (None, ""),
     "echo": (None, False),  # chat (vLLM's extension)
-}
-# Structured output and tool calling: not built yet (400 "not supported yet").
-_NOT_YET = {
-    "response_format": (None, {"type": "text"}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None,),
-    "functions": (None, []),
+    "functions": (None, []),  # OpenAI's deprecated form of tools
     "function_call": (None, "none"),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    "guided_decoding_backend": (None,),
+    "guided_decoding_backend": (None, "auto", "guidance", "llguidance"),
     "guided_whitespace_pattern": (None,),
     "structured_outputs": (None,),
 }
-_MESSAGE_NOT_YET = ("tool_calls", "tool_call_id", "function_call")
+_MESSAGE_UNSUPPORTED = ("function_call",)
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -172,6 +169,7 @@ class Submission:
     timeout_s: float | None  # None: the gateway's default
     n: int = 1  # independent samples (choices), each its own request
     echo: str | None = None  # completions: the prompt text to put before the output
+    tools: ToolPlan | None = None  # chat: answers to read as tool calls (None: never)
 
     def sampling_of(self, choice: int) -> SamplingParams:
         """Choice i's parameters: its own seed, derived from the request's (choice 0 keeps
@@ -230,8 +228,10 @@ def parse_chat(body: Any, text: TextModel, *, model_name: str, max_tokens_limit:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list")
     plain = [_message(m, i) for i, m in enumerate(messages)]
+    tools, functions = _tools(body)
+    plan, tool_spec = _tool_plan(body, functions, text)
     try:
-        prompt_text = text.apply_chat_template(plain)
+        prompt_text = text.apply_chat_template(plain, tools=tools or None)
     except ValueError as err:
         raise ApiError(400, str(err)) from None
     _check_prompt_chars(len(prompt_text), text)
@@ -249,8 +249,9 @@ def parse_chat(body: Any, text: TextModel, *, model_name: str, max_tokens_limit:
         raise ApiError(400, "top_logprobs needs logprobs: true")
     else:
         logprobs = None
-    return _submission(body, prompt_token_ids, max_tokens, text, model_name=model_name,
-                       logprobs=logprobs)
+    sub = _submission(body, prompt_token_ids, max_tokens, text, model_name=model_name,
+                      logprobs=logprobs, tool_spec=tool_spec)
+    return replace(sub, tools=plan) if plan is not None else sub
 
 
 def check_fields(body: dict[str, Any], known: frozenset[str]) -> None:
@@ -259,11 +260,7 @@ def check_fields(body: dict[str, Any], known: frozenset[str]) -> None:
     for name, value in body.items():
         if name in known:
             continue
-        if name in _NOT_YET:
-            if not _is_neutral(value, _NOT_YET[name]):
-                raise ApiError(400, f"{name} is not supported yet (structured output and tool "
-                                    f"calling are being built)")
-        elif name in _UNSUPPORTED:
+        if name in _UNSUPPORTED:
             if not _is_neutral(value, _UNSUPPORTED[name]):
                 raise ApiError(400, f"{name} is not supported")
         else:
@@ -277,9 +274,10 @@ def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
 
 def _submission(
     body: dict[str, Any], prompt_token_ids: tuple[int, ...], max_tokens: int, text: TextModel,
-    *, model_name: str, logprobs: int | None,
+    *, model_name: str, logprobs: int | None, tool_spec: str | None = None,
 ) -> Submission:
     _check_model(body, model_name)
+    grammar_kind, grammar = _structured_output(body, tool_spec)
     n = _field(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
         raise ApiError(400, f"n must be in [1, {MAX_N}], got {n}")
@@ -334,6 +332,8 @@ def _submission(
         logprobs=logprobs,
         include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),
         skip_special_tokens=_field(body, "skip_special_tokens", bool, True),
+        grammar_kind=grammar_kind,
+        grammar=grammar,
     )
     return Submission(
         prompt_token_ids=prompt_token_ids,
@@ -379,9 +379,9 @@ def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, ...], tuple[float, ...
 TOKENIZE_FIELDS = frozenset({"model", "prompt", "add_special_tokens", "return_token_strs"})
 TOKENIZE_CHAT_FIELDS = frozenset({"model", "messages", "add_generation_prompt",
                                   "continue_final_message", "add_special_tokens",
-                                  "return_token_strs"})
+                                  "return_token_strs", "tools"})
 _TOKENIZE_UNSUPPORTED = {
-    "chat_template": (None,), "chat_template_kwargs": (None, {}), "tools": (None, []),
+    "chat_template": (None,), "chat_template_kwargs": (None, {}),
     "mm_processor_kwargs": (None, {}), "media_io_kwargs": (None, {}),
 }
 
@@ -409,7 +409,8 @@ def tokenize(body: Any, text: TextModel, *, model_name: str) -> dict[str, Any]:
         if _field(body, "continue_final_message", bool, False):
             raise ApiError(400, "continue_final_message is not supported")
         try:
-            prompt = text.apply_chat_template([_message(m, i) for i, m in enumerate(messages)])
+            prompt = text.apply_chat_template([_message(m, i) for i, m in enumerate(messages)],
+                                              tools=_tools(body)[0] or None)
         except ValueError as err:
             raise ApiError(400, str(err)) from None
         add_special_tokens = _field(body, "add_special_tokens", bool, False)
@@ -488,10 +489,10 @@ def _message(message: Any, index: int) -> dict[str, str]:
     if not isinstance(message, dict):
         raise ApiError(400, f"messages[{index}] must be an object")
     for key, value in message.items():
-        if key in _MESSAGE_NOT_YET:
+        if key in _MESSAGE_UNSUPPORTED:
             if value is not None:
-                raise ApiError(400, f"messages[{index}].{key} is not supported yet (tool "
-                                    f"calling is being built)")
+                raise ApiError(400, f"messages[{index}].{key} is not supported (use "
+                                    f"tool_calls)")
         elif key not in MESSAGE_FIELDS:
             raise ApiError(400, f"Unrecognized request argument supplied: messages[{index}].{key}")
     role, content = message.get("role"), message.get("content")
@@ -511,13 +512,193 @@ def _message(message: Any, index: int) -> dict[str, str]:
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts")
-    out = {"role": role, "content": content}
+    out: dict[str, Any] = {"role": role, "content": content}
     name = message.get("name")
     if name is not None:
         if not isinstance(name, str):
             raise ApiError(400, f"messages[{index}].name must be a string")
         out["name"] = name  # the chat template may render it
+    calls = message.get("tool_calls")
+    if calls is not None:
+        out["tool_calls"] = [_message_tool_call(c, f"messages[{index}].tool_calls[{j}]")
+                             for j, c in enumerate(_list(calls, f"messages[{index}].tool_calls"))]
+    call_id = message.get("tool_call_id")
+    if call_id is not None:
+        if not isinstance(call_id, str):
+            raise ApiError(400, f"messages[{index}].tool_call_id must be a string")
+        out["tool_call_id"] = call_id
     return out
+
+
+def _message_tool_call(call: Any, where: str) -> dict[str, Any]:
+    """An assistant's earlier tool call, for the template: arguments as an object (chat
+    templates render them with tojson, as transformers passes them)."""
+    call = _object_at(call, where)
+    for key in call:
+        if key not in ("id", "type", "function"):
+            raise ApiError(400, f"Unrecognized request argument supplied: {where}.{key}")
+    function = _object_at(call.get("function"), f"{where}.function")
+    for key in function:
+        if key not in ("name", "arguments"):
+            raise ApiError(400, f"Unrecognized request argument supplied: {where}.function.{key}")
+    name, arguments = function.get("name"), function.get("arguments", "{}")
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, f"{where}.function.name must be a non-empty string")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise ApiError(400, f"{where}.function.arguments must be a JSON object") from None
+    if not isinstance(arguments, dict):
+        raise ApiError(400, f"{where}.function.arguments must be a JSON object")
+    return {"id": call.get("id"), "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _object_at(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ApiError(400, f"{where} must be an object")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ApiError(400, f"{where} must be a list")
+    return value
+
+
+# ---- structured output and tools ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolPlan:
+    """How a chat's tools shape its answer (OpenAI's tool_choice)."""
+
+    mode: str  # "auto": the model may answer with a call | "required" | "named": it must
+    names: tuple[str, ...]  # the functions it may call (one for "named")
+
+
+def tool_call_schema(name: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """A call as Llama 3.1 writes one: {"name": ..., "parameters": {...}}."""
+    return {"type": "object",
+            "properties": {"name": {"const": name},
+                           "parameters": parameters if parameters else {"type": "object"}},
+            "required": ["name", "parameters"], "additionalProperties": False}
+
+
+def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The tools as given (for the template) and each function's parameters by name."""
+    tools = body.get("tools")
+    if tools is None:
+        return [], {}
+    functions: dict[str, Any] = {}
+    for i, tool in enumerate(_list(tools, "tools")):
+        where = f"tools[{i}]"
+        tool = _object_at(tool, where)
+        for key in tool:
+            if key not in TOOL_FIELDS:
+                raise ApiError(400, f"Unrecognized request argument supplied: {where}.{key}")
+        if tool.get("type", "function") != "function":
+            raise ApiError(400, f"{where}.type must be \"function\"")
+        function = _object_at(tool.get("function"), f"{where}.function")
+        for key in function:
+            if key not in FUNCTION_FIELDS:
+                raise ApiError(400, f"Unrecognized request argument supplied: "
+                                    f"{where}.function.{key}")
+        name = function.get("name")
+        if not isinstance(name, str) or not name or name in functions:
+            raise ApiError(400, f"{where}.function.name must be a non-empty string, unique "
+                                f"among the tools")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise ApiError(400, f"{where}.function.parameters must be a JSON schema object")
+        _field(function, "description", str, None)
+        _field(function, "strict", bool, None)  # calls always follow the schema exactly
+        functions[name] = parameters
+    return tools, functions
+
+
+def _tool_plan(body: dict[str, Any], functions: dict[str, Any],
+               text: TextModel) -> tuple[ToolPlan | None, str | None]:
+    """(what to parse from the answer, the JSON schema its grammar forces, if any)."""
+    choice = body.get("tool_choice")
+    # One call per answer: true permits more, never demands them (OpenAI's rule: only
+    # with tools).
+    if _field(body, "parallel_tool_calls", bool, None) is not None and not functions:
+        raise ApiError(400, "parallel_tool_calls is only allowed when tools are given")
+    if choice is None:
+        choice = "auto" if functions else "none"
+    if choice == "none":
+        return None, None
+    if not functions:
+        raise ApiError(400, "tool_choice needs tools")
+    if choice == "auto":
+        if not text.renders_tools:
+            raise ApiError(400, "tool_choice \"auto\" needs a chat template that renders "
+                                "tools, and this model's does not")
+        return ToolPlan(mode="auto", names=tuple(functions)), None
+    if choice == "required":
+        calls = [tool_call_schema(n, p) for n, p in functions.items()]
+        schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        return ToolPlan(mode="required", names=tuple(functions)), structured.json_spec(schema)
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        if (set(choice) <= {"type", "function"} and choice.get("type") == "function"
+                and isinstance(function, dict) and set(function) == {"name"}):
+            name = function["name"]
+            if name not in functions:
+                raise ApiError(400, f"tool_choice names {name!r}, which is not in tools")
+            return (ToolPlan(mode="named", names=(name,)),
+                    structured.json_spec(tool_call_schema(name, functions[name])))
+    raise ApiError(400, 'tool_choice must be "none", "auto", "required" or {"type": '
+                        '"function", "function": {"name": ...}}')
+
+
+def _structured_output(body: dict[str, Any], tool_spec: str | None) -> tuple[str, str]:
+    """(grammar_kind, spec) from response_format, guided_* or a forced tool call; ("", "")
+    for none. At most one of them; the spec must compile (400 naming the field)."""
+    given: list[tuple[str, str, str]] = []  # (field, kind, spec)
+    fmt = body.get("response_format")
+    if fmt is not None:
+        fmt = _object_at(fmt, "response_format")
+        kind = fmt.get("type")
+        for key in fmt:
+            if key not in ("type", "json_schema"):
+                raise ApiError(400, f"Unrecognized request argument supplied: "
+                                    f"response_format.{key}")
+        if kind == "json_object":
+            given.append(("response_format", structured.JSON, structured.JSON_OBJECT_SCHEMA))
+        elif kind == "json_schema":
+            spec = _object_at(fmt.get("json_schema"), "response_format.json_schema")
+            for key in spec:
+                if key not in JSON_SCHEMA_FIELDS:
+                    raise ApiError(400, f"Unrecognized request argument supplied: "
+                                        f"response_format.json_schema.{key}")
+            schema = _object_at(spec.get("schema"), "response_format.json_schema.schema")
+            given.append(("response_format", structured.JSON, structured.json_spec(schema)))
+        elif kind != "text":
+            raise ApiError(400, 'response_format.type must be "text", "json_object" or '
+                                '"json_schema"')
+    for name in STRUCTURED_FIELDS[1:]:
+        if body.get(name) is not None:
+            try:
+                kind, spec = structured.from_guided(**{name: body[name]})
+            except ValueError as err:
+                raise ApiError(400, str(err)) from None
+            given.append((name, kind, spec))
+    if tool_spec is not None:
+        given.append(("tool_choice", structured.JSON, tool_spec))
+    if not given:
+        return "", ""
+    if len(given) > 1:
+        raise ApiError(400, f"only one of {', '.join(STRUCTURED_FIELDS)} and a forced "
+                            f"tool_choice may be given; got {', '.join(g[0] for g in given)}")
+    name, kind, spec = given[0]
+    try:
+        structured.check(kind, spec)
+    except ValueError as err:
+        raise ApiError(400, f"{name}: {err}") from None
+    return kind, spec
 
 
 # ---- responses --------------------------------------------------------------------------
@@ -533,14 +714,21 @@ def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict[str, int]:
 
 def choice(index: int, text: str | None, finish_reason: str | None,
            logprobs: dict[str, Any] | None = None, *, chat: bool, stream: bool,
-           role: bool = False) -> dict[str, Any]:
+           role: bool = False, tool_calls: list[dict[str, Any]] | None = None
+           ) -> dict[str, Any]:
     """One entry of `choices`: a whole answer, or (stream) a delta of one; `text` None
-    means no content field (chat), `role` the chat stream's opener."""
+    means no content field (chat), `role` the chat stream's opener. tool_calls (chat):
+    the message's calls (content null), or a stream's call deltas."""
     if chat and stream:
-        delta: dict[str, str] = {"role": "assistant"} if role else {}
+        delta: dict[str, Any] = {"role": "assistant"} if role else {}
         if text is not None:
             delta["content"] = text
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
         body: dict[str, Any] = {"index": index, "delta": delta}
+    elif chat and tool_calls:
+        body = {"index": index, "message": {"role": "assistant", "content": None,
+                                            "tool_calls": tool_calls}}
     elif chat:
         body = {"index": index, "message": {"role": "assistant", "content": text or ""}}
     else:

@@ -16,7 +16,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from ferry.common import wire
+from ferry.common import structured, wire
 from ferry.common.codec import WireError
 from ferry.common.logging import get_logger
 from ferry.common.zmq_util import DEFAULT_HWM, hard_frame_cap
@@ -138,6 +138,11 @@ class SdkFrontend:
         try:
             if msg.priority not in PRIORITIES:
                 raise Rejected(400, f"unknown priority {msg.priority}")
+            if msg.sampling.has_grammar:  # (HTTP checks its fields as it reads them)
+                try:
+                    structured.check(msg.sampling.grammar_kind, msg.sampling.grammar)
+                except ValueError as err:
+                    raise Rejected(400, str(err)) from None
             req = self.gateway.submit(
                 prompt_token_ids, msg.sampling, priority=msg.priority, timeout_s=msg.timeout_s,
                 stream=msg.stream, sink=sink,

@@ -68,7 +68,8 @@ class BaseTokenizer(Protocol):
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str: ...
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], *,
+                            tools: Sequence[dict[str, Any]] | None = None) -> str: ...
 
     def token_to_id(self, token: str) -> int | None: ...
 
@@ -177,16 +178,27 @@ class TextModel:
     def has_chat_template(self) -> bool:
         return self.base.chat_template is not None
 
+    @property
+    def renders_tools(self) -> bool:
+        """The chat template reads `tools` (transformers' convention), so a model sees the
+        functions it may call."""
+        template = self.base.chat_template
+        return template is not None and "tools" in template
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return self.base.encode(text, add_special_tokens=add_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt text for a chat, ending where the assistant's answer begins. Raises
-        ValueError when the model has no template or the template rejects the messages."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], *,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text for a chat, ending where the assistant's answer begins; `tools`
+        (OpenAI's shape) go to the template as transformers passes them. Raises ValueError
+        when the model has no template or the template rejects the messages."""
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use /v1/completions")
         try:
-            return self.base.apply_chat_template(messages)
+            if tools is None:  # (a tokenizer that knows no tools is asked as before)
+                return self.base.apply_chat_template(messages)
+            return self.base.apply_chat_template(messages, tools=tools)
         except jinja2.TemplateError as err:
             raise ValueError(f"chat template failed: {err}") from None
 
@@ -234,11 +246,12 @@ class _TokenizersOnly:
             return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], *,
+                            tools: Sequence[dict[str, Any]] | None = None) -> str:
         if self._template is None:
             raise ValueError("this tokenizer has no chat template")
         return self._template.render(
-            messages=list(messages), add_generation_prompt=True,
+            messages=list(messages), add_generation_prompt=True, tools=tools,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
         )
 

@@ -15,7 +15,9 @@ block, where padding rows of CUDA-graph batches write. Migration indexes
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,7 @@ from ferry.kernels.backend import FusedOps, fused_ops, get_backend
 from ferry.kernels.kv_layout import allocate_kv_cache, bytes_per_block
 from ferry.kernels.metadata import AttentionMetadata
 from ferry.services.worker.engine.batch import ModelBatch, Sampled, SeqChunk, needs_history
+from ferry.services.worker.grammar import GrammarRow, Grammars
 from ferry.services.worker.model.config import ModelConfig
 from ferry.services.worker.model.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ferry.services.worker.model.llama import LlamaModel, PagedAttention, WriteKV
@@ -65,6 +68,7 @@ class RunnerConfig:
     cpu_threads: int | None = 1  # torch intra-op threads (process-wide) on CPU; None: torch's
     #                              default (one per core). Several workers sharing a small
     #                              CPU with more threads than cores run decode 10-25x slower.
+    tokenizer_dir: str | None = None  # tokenizer.json for structured output; None: model_dir
 
 
 class ModelRunner:
@@ -117,6 +121,15 @@ class ModelRunner:
         self.pad_block_id = self.num_blocks
         self.kv_cache = self._allocate_kv(self.num_blocks + 1)
 
+        # Structured output: grammars compiled from the model's tokenizer (none: refused)
+        tokenizer_dir = config.tokenizer_dir or config.model_dir
+        self.grammars = None if tokenizer_dir is None else Grammars.from_dir(
+            tokenizer_dir, vocab_size=self.vocab_size, eos_token_ids=self.eos_token_ids,
+            pin_memory=on_gpu)
+        self.supports_grammar = self.grammars is not None
+        self._grammar_thread: ThreadPoolExecutor | None = None
+        self.grammar_wait_s = 0.0  # time steps waited for masks after their forward pass
+
         self.graphs: DecodeGraphs | None = None
         if on_gpu and config.cuda_graphs and self.attention_backend != "torch":
             with torch.inference_mode():
@@ -142,6 +155,8 @@ class ModelRunner:
             return PendingTokens(None, None)
         self._check(chunks)
         sample_rows = [i for i, c in enumerate(chunks) if c.sample]
+        sampled = [chunks[i] for i in sample_rows]
+        masks = self._start_masks(sampled)  # on a helper thread, while the forward runs
         if self._use_graph(chunks):
             assert self.graphs is not None
             hidden = self.graphs.run(
@@ -159,8 +174,8 @@ class ModelRunner:
         index = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         index = index.to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden.index_select(0, index))  # [n, vocab] fp32
-        sampled = [chunks[i] for i in sample_rows]
         params = [c.sampling for c in sampled]
+        grammar_rows, bitmask = self._finish_masks(masks)
         st = SamplingTensors.build(
             params,
             [c.end_pos for c in sampled],
@@ -169,12 +184,41 @@ class ModelRunner:
             histories=[TokenHistory(c.prompt_token_ids, c.output_token_ids)
                        if needs_history(c.sampling) else None for c in sampled],
             eos_token_ids=self.eos_token_ids,
+            grammar_rows=grammar_rows,
+            grammar_bitmask=bitmask,
         )
         out = run_sampler(logits, st)  # device tensors
         if self.device.type != "cuda":
             return PendingTokens(out, None, st, params)
         host = out.to("cpu", non_blocking=True)  # pinned (torch does for non_blocking D2H)
         return PendingTokens(host, self._done_event(), st, params)
+
+    def _start_masks(self, sampled: Sequence[SeqChunk]
+                     ) -> tuple[list[int], Future[torch.Tensor]] | None:
+        """Start filling the grammar bitmask of the step's constrained rows (their output
+        tokens so far are known before the step runs) on a helper thread; llguidance
+        drops the GIL, so it overlaps the forward pass on GPU and on CPU alike."""
+        rows = [i for i, c in enumerate(sampled) if c.sampling.has_grammar]
+        if not rows:
+            return None
+        if self.grammars is None:
+            raise ValueError(f"request {sampled[rows[0]].req_id}: structured output needs a "
+                             f"tokenizer")
+        if self._grammar_thread is None:
+            self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="ferry-grammar")
+        grammar_rows = [GrammarRow(sampled[i].req_id, sampled[i].sampling,
+                                   sampled[i].output_token_ids) for i in rows]
+        return rows, self._grammar_thread.submit(self.grammars.fill_bitmask, grammar_rows)
+
+    def _finish_masks(self, masks: tuple[list[int], Future[torch.Tensor]] | None
+                      ) -> tuple[list[int], torch.Tensor | None]:
+        if masks is None:
+            return [], None
+        rows, future = masks
+        start = time.perf_counter()
+        bitmask = future.result()
+        self.grammar_wait_s += time.perf_counter() - start
+        return rows, bitmask
 
     def _done_event(self) -> torch.cuda.Event | None:
         if self.device.type != "cuda":

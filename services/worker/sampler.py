@@ -3,8 +3,12 @@
 Each row of a logits batch has its own parameters. One step, on the logits' device, with
 no per-row Python loop over the vocabulary and no host sync:
 
+    logits[~allowed] = -inf                        rows under a grammar: the step's token
+                                                   bitmask ([g, vocab/32] int32, unpacked
+                                                   on the device; services/worker/grammar.py)
     raw logprobs  = log_softmax(logits)            rows that asked (vLLM's default: the
-                                                   model's own distribution)
+                                                   model's own distribution, after the
+                                                   grammar mask, as vLLM)
     logits[bias]  += logit_bias                    sparse (row, token) entries
     logits[stop]   = -inf                          EOS and stop ids while < min_tokens
     penalties      (rows that have any; vLLM's semantics, on the tokens each has seen)
@@ -91,6 +95,9 @@ class SamplingTensors:
     logprob_rows: torch.Tensor | None = None  # [m] int64, rows that asked for logprobs
     logprob_row_list: tuple[int, ...] = ()  # the same rows, on the host
     num_top_logprobs: int = 0  # k of the row asking most (the others take a prefix)
+    # Structured output: bit (v % 32) of word (v // 32) of a row set = token v allowed
+    grammar_bitmask: torch.Tensor | None = None  # [g, ceil(vocab/32)] int32
+    grammar_rows: torch.Tensor | None = None  # [g] int64, the rows it masks (None: all)
 
     @classmethod
     def build(
@@ -102,11 +109,14 @@ class SamplingTensors:
         device: torch.device | str,
         histories: Sequence[TokenHistory | None] | None = None,
         eos_token_ids: Sequence[int] = (),
+        grammar_rows: Sequence[int] = (),
+        grammar_bitmask: torch.Tensor | None = None,
     ) -> SamplingTensors:
         """params[i] and positions[i] describe row i. Every seed must be set. A row with
         penalties needs histories[i]; a row with min_tokens needs at least its history's
         output (its length). eos_token_ids are suppressed with the stop ids while a row
-        is short of min_tokens, unless it ignores EOS."""
+        is short of min_tokens, unless it ignores EOS. grammar_bitmask ([g, words] int32,
+        host or device) masks rows grammar_rows[0..g)."""
         if len(params) != len(positions):
             raise ValueError("one position per row is needed")
         if any(p.seed is None for p in params):
@@ -126,6 +136,17 @@ class SamplingTensors:
         ).to(device, non_blocking=True)
         extras = _build_extras(params, histories, vocab_size=vocab_size, device=device,
                                eos_token_ids=tuple(eos_token_ids))
+        if grammar_bitmask is not None:
+            if len(grammar_rows) != grammar_bitmask.shape[0]:
+                raise ValueError("one grammar row per bitmask row is needed")
+            if grammar_bitmask.shape[1] * 32 < vocab_size:
+                raise ValueError(f"a bitmask of {grammar_bitmask.shape[1]} words cannot "
+                                 f"cover {vocab_size} tokens")
+            extras["grammar_bitmask"] = grammar_bitmask.to(device, non_blocking=True)
+            if list(grammar_rows) != list(range(len(params))):
+                extras["grammar_rows"] = torch.tensor(
+                    list(grammar_rows), dtype=torch.int64, pin_memory=pin).to(
+                    device, non_blocking=True)
         return cls(
             temperatures=floats[0],
             top_ps=floats[1],
@@ -284,6 +305,8 @@ def run_sampler(
     logits: torch.Tensor,  # [n, vocab] float32; not modified
     st: SamplingTensors,
 ) -> SamplerOutput:
+    if st.grammar_bitmask is not None:
+        logits = apply_token_bitmask(logits, st.grammar_bitmask, st.grammar_rows)
     token_ids = _draw(process_logits(logits, st), st)
     if st.logprob_rows is None:
         return SamplerOutput(token_ids)
@@ -297,6 +320,32 @@ def run_sampler(
     top = raw.topk(st.num_top_logprobs, dim=-1)  # k = 0 gives [m, 0]
     return SamplerOutput(token_ids, (raw.gather(1, chosen[:, None]) - lse)[:, 0],
                          top.indices, top.values - lse)
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor,  # [n, vocab] float32; not modified
+    bitmask: torch.Tensor,  # [g, words] int32, words * 32 >= vocab, on logits' device
+    rows: torch.Tensor | None = None,  # [g] int64, the rows it masks; None: all (g == n)
+) -> torch.Tensor:  # [n, vocab] float32 (a copy): -inf where a row's bit is 0
+    """Unpacks the bitmask on the device: word w, bit b <-> token 32 * w + b.
+
+        bitmask[i]   |  word 0 (tokens 0..31)  |  word 1 (tokens 32..63)  | ...
+        allowed[i, v] = (bitmask[i, v // 32] >> (v % 32)) & 1
+    """
+    num_rows, num_words = bitmask.shape
+    vocab_size = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask[:, :, None] >> shifts).bitwise_and_(1)  # [g, words, 32], arithmetic
+    #                                                         shift then & 1: sign-safe
+    bits = bits.view(num_rows, num_words * 32)[:, :vocab_size]  # [g, vocab] 0 / 1
+    # +inf where allowed, -inf where not; min(logit, bound) keeps or refuses it exactly
+    # (5x faster than masked_fill with a bool mask on CPU, one pass fewer on GPU)
+    bound = bits.float().mul_(2.0).sub_(1.0).mul_(float("inf"))
+    if rows is None:
+        return torch.minimum(logits, bound, out=bound)
+    out = logits.clone()
+    out.index_copy_(0, rows, torch.minimum(out.index_select(0, rows), bound, out=bound))
+    return out
 
 
 def process_logits(

@@ -341,3 +341,65 @@ def ref_text(cluster, token_ids: list[int]) -> str:
     from ferry.services.gateway.text import TextModel
 
     return TextModel.load(cluster.ready["model"]).decode(token_ids)
+
+
+# ---- structured output and tools (official openai client) ------------------------------------
+
+
+def test_structured_output_and_tool_calls_through_the_openai_client(cluster):
+    """json_schema answers parse and follow the schema, json_object gives an object, a
+    named tool_choice returns a call whose arguments follow the function's schema,
+    required returns a call, and the streamed call's deltas join to the same call."""
+    import json
+
+    import openai
+
+    from tests.unit.test_grammar import PERSON, check_person
+
+    oai = openai.OpenAI(base_url=cluster.base_url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Describe a person."}]
+    person = oai.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=200, seed=1, response_format={
+            "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    assert person.choices[0].finish_reason == "stop"
+    check_person(json.loads(person.choices[0].message.content))
+    text = oai.completions.create(model="tiny", prompt="A person:", max_tokens=200, seed=2,
+                                  extra_body={"guided_json": PERSON})
+    check_person(json.loads(text.choices[0].text))
+    anything = oai.chat.completions.create(  # (a random model may never close an object
+        model="tiny", messages=messages, max_tokens=200,  # of any keys; seed 5 does)
+        seed=5, response_format={"type": "json_object"})
+    assert anything.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city now",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city", "unit"], "additionalProperties": False}}}
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+        "required": ["zone"], "additionalProperties": False}}}
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    named = dict(model="tiny", messages=ask, tools=[weather, clock], max_tokens=200, seed=3,
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    out = oai.chat.completions.create(**named)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("C", "F")
+    assert isinstance(arguments["city"], str) and len(arguments["city"]) <= 12
+
+    chunks = list(oai.chat.completions.create(**named, stream=True))
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    required = oai.chat.completions.create(**(named | {"tool_choice": "required", "seed": 4}))
+    [call] = required.choices[0].message.tool_calls
+    assert call.function.name in ("get_weather", "get_time")
+    assert isinstance(json.loads(call.function.arguments), dict)

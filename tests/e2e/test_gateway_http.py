@@ -180,11 +180,11 @@ def test_official_openai_client(model_dir):
             with pytest.raises(openai.BadRequestError, match="supplied: max_toknes"):
                 await client.completions.create(model="tiny", prompt="x",
                                                 extra_body={"max_toknes": 3})
-            with pytest.raises(openai.BadRequestError, match="response_format is not supported"):
+            with pytest.raises(openai.BadRequestError, match="functions is not supported"):
                 await client.chat.completions.create(
                     model="tiny", messages=[{"role": "user", "content": "hi"}],
-                    response_format={"type": "json_object"})
-            with pytest.raises(openai.BadRequestError, match="tool_choice is not supported yet"):
+                    functions=[{"name": "f"}])
+            with pytest.raises(openai.BadRequestError, match="tool_choice needs tools"):
                 await client.chat.completions.create(
                     model="tiny", messages=[{"role": "user", "content": "hi"}],
                     tool_choice="required")

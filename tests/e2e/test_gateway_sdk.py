@@ -314,7 +314,7 @@ def test_bad_frames_on_the_sdk_socket_get_error_replies(model_dir):
         ([header, raw_generate_body("c1", prompt_token_ids="1,2")], 400, "c1",
          "prompt_token_ids: expected an array"),
         ([header, raw_generate_body("c2", stream="yes")], 400, "c2", "stream: expected bool"),
-        ([header, raw_generate_body("c3", sampling=[1])], 400, "c3", "expected 8 to 18 fields"),
+        ([header, raw_generate_body("c3", sampling=[1])], 400, "c3", "expected 8 to 20 fields"),
         ([header, raw_generate_body("c4", prompt_token_ids=list(range(3000)))], 413, "c4",
          "exceeds 4096"),
         ([header, raw_generate_body("c5", prompt="hi")], 400, "c5", "exactly one of prompt"),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from ferry.common import structured
 from ferry.common.sampling import TokenLogprobs
 from ferry.services.gateway import openai_protocol as oai
 from ferry.services.gateway.text import TextModel
@@ -103,14 +106,10 @@ def test_completion_bad_fields_are_400(text, body, match):
 UNKNOWN_OR_UNSUPPORTED = [
     ("max_toknes", 5, "Unrecognized request argument supplied: max_toknes"),
     ("metadata", {"a": "b"}, "Unrecognized request argument supplied: metadata"),
-    ("response_format", {"type": "json_object"}, "response_format is not supported yet"),
-    ("response_format", {"type": "json_schema", "json_schema": {}}, "response_format is not "
-                                                                    "supported yet"),
-    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools is not supported yet"),
-    ("tool_choice", "required", "tool_choice is not supported yet"),
-    ("parallel_tool_calls", False, "parallel_tool_calls is not supported yet"),
-    ("guided_json", {"type": "object"}, "guided_json is not supported yet"),
-    ("guided_choice", ["a", "b"], "guided_choice is not supported yet"),
+    ("functions", [{"name": "f"}], "functions is not supported"),
+    ("guided_decoding_backend", "xgrammar", "guided_decoding_backend is not supported"),
+    ("guided_whitespace_pattern", " ", "guided_whitespace_pattern is not supported"),
+    ("structured_outputs", {"json": {}}, "structured_outputs is not supported"),
     ("suffix", "tail", "suffix is not supported"),
 ]
 
@@ -125,13 +124,16 @@ def test_unknown_and_unsupported_fields_are_400_naming_them(text, endpoint, name
 
 
 @pytest.mark.parametrize(("name", "value"), [
-    ("response_format", {"type": "text"}), ("tools", []), ("tool_choice", "none"),
+    ("response_format", {"type": "text"}), ("guided_decoding_backend", "guidance"),
     ("logit_bias", {}), ("presence_penalty", 0), ("echo", False),
     ("suffix", None), ("user", "someone"),
 ])
 def test_neutral_values_of_unsupported_fields_are_fine(text, name, value):
     completion(text, prompt="x", **{name: value})
     chat(text, **{name: value})
+    assert chat(text, tools=[], tool_choice="none").tools is None
+    message = rejected(400, completion, text, prompt="x", tools=[])
+    assert "Unrecognized request argument supplied: tools" in message  # chat only
 
 
 def test_continuous_usage_stats_is_read(text):
@@ -141,10 +143,14 @@ def test_continuous_usage_stats_is_read(text):
 
 
 @pytest.mark.parametrize(("message", "match"), [
-    ({"role": "user", "content": "hi", "tool_calls": [{"id": "1"}]},
-     "messages[0].tool_calls is not supported yet"),
-    ({"role": "tool", "content": "hi", "tool_call_id": "1"},
-     "messages[0].tool_call_id is not supported yet"),
+    ({"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]},
+     "messages[0].tool_calls[0].function must be an object"),
+    ({"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1"}}]},
+     "messages[0].tool_calls[0].function.arguments must be a JSON object"),
+    ({"role": "tool", "content": "hi", "tool_call_id": 1},
+     "messages[0].tool_call_id must be a string"),
+    ({"role": "assistant", "content": "hi", "function_call": {"name": "f"}},
+     "messages[0].function_call is not supported"),
     ({"role": "user", "content": "hi", "weight": 1}, "Unrecognized request argument supplied: "
                                                      "messages[0].weight"),
     ({"role": "user", "content": [{"type": "text", "text": "a", "cache": 1}]},
@@ -397,3 +403,143 @@ def test_tokenize_and_detokenize_check_the_model(text):
                                         text, model_name=MODEL)
     assert "does not exist" in rejected(404, oai.detokenize, {"tokens": [], "model": "other"},
                                         text, model_name=MODEL)
+
+
+# ---- structured output and tools ---------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather now", "parameters": SCHEMA}}
+CLOCK = {"type": "function", "function": {"name": "get_time"}}
+
+
+@pytest.fixture(scope="module")
+def tool_text(tmp_path_factory) -> TextModel:
+    """The test model with the tiny model's template (Llama 3.1's tool calling)."""
+    import json
+
+    from ferry.services.worker.model.make_model import CHAT_TEMPLATE
+
+    root = make_model_dir(tmp_path_factory.mktemp("tools"))
+    config = json.loads((root / "tokenizer_config.json").read_text())
+    (root / "tokenizer_config.json").write_text(json.dumps(config | {
+        "chat_template": CHAT_TEMPLATE}))
+    return TextModel.load(root)
+
+
+@pytest.mark.parametrize("endpoint", ["completion", "chat"])
+def test_structured_output_fields_become_a_grammar(text, endpoint):
+    call = completion if endpoint == "completion" else chat
+    body = {"prompt": "x"} if endpoint == "completion" else {}
+    cases = [
+        ({"response_format": {"type": "json_object"}}, ("json", structured.JSON_OBJECT_SCHEMA)),
+        ({"response_format": {"type": "json_schema", "json_schema": {
+            "name": "place", "schema": SCHEMA, "strict": True}}},
+         ("json", structured.json_spec(SCHEMA))),
+        ({"guided_json": SCHEMA}, ("json", structured.json_spec(SCHEMA))),
+        ({"guided_json": '{"type": "integer"}'}, ("json", '{"type":"integer"}')),
+        ({"guided_regex": "[0-9]+"}, ("regex", "[0-9]+")),
+        ({"guided_choice": ["yes", "no"]}, ("choice", '["yes", "no"]')),
+        ({"guided_grammar": 'start: "a" | "b"'}, ("grammar", 'start: "a" | "b"')),
+        ({"response_format": {"type": "text"}}, ("", "")),
+    ]
+    for fields, (kind, spec) in cases:
+        s = call(text, **body, **fields).sampling
+        assert (s.grammar_kind, s.grammar) == (kind, spec), fields
+        s.validate()
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema.schema must be an object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
+     "response_format: the json spec does not compile: Invalid type: nope"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type must be"),
+    ({"response_format": {"type": "json_object", "x": 1}},
+     "Unrecognized request argument supplied: response_format.x"),
+    ({"guided_regex": "[a-"}, "guided_regex: the regex spec does not compile"),
+    ({"guided_choice": []}, "guided_choice: choice must be a non-empty list"),
+    ({"guided_json": SCHEMA, "guided_regex": "a"}, "only one of"),
+])
+def test_bad_structured_output_is_400_naming_the_field(text, fields, match):
+    assert match in rejected(400, completion, text, prompt="x", **fields)
+
+
+def test_tools_render_and_force_a_call(tool_text):
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    auto = chat(tool_text, messages=messages, tools=[WEATHER, CLOCK])
+    assert auto.tools == oai.ToolPlan(mode="auto", names=("get_weather", "get_time"))
+    assert auto.sampling.grammar_kind == ""  # the model chooses
+    prompt = tool_text.decode(auto.prompt_token_ids, skip_special_tokens=False)
+    assert '"name": "get_weather"' in prompt and "Weather now" in prompt
+    named = chat(tool_text, messages=messages, tools=[WEATHER, CLOCK], parallel_tool_calls=False,
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert named.tools.mode == "named" and named.tools.names == ("get_weather",)
+    assert json.loads(named.sampling.grammar) == oai.tool_call_schema("get_weather", SCHEMA)
+    required = chat(tool_text, messages=messages, tools=[WEATHER, CLOCK], tool_choice="required")
+    assert [c["properties"]["name"] for c in json.loads(required.sampling.grammar)["anyOf"]] == [
+        {"const": "get_weather"}, {"const": "get_time"}]
+    none = chat(tool_text, messages=messages, tools=[WEATHER], tool_choice="none")
+    assert none.tools is None and none.sampling.grammar_kind == ""
+    # an earlier call and its result render (Llama 3.1's ipython turn)
+    history = messages + [
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"}]
+    sub = chat(tool_text, messages=history, tools=[WEATHER])
+    prompt = tool_text.decode(sub.prompt_token_ids, skip_special_tokens=False)
+    assert '{"name": "get_weather", "parameters": {"city": "Oslo"}}' in prompt
+    assert "ipython" in prompt and "-3 C" in prompt
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice names 'nope', which is not in tools"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice must be"),
+    ({"tools": [WEATHER, WEATHER]}, "unique among the tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "extra": 1}}]},
+     "Unrecognized request argument supplied: tools[0].function.extra"),
+    ({"tools": [WEATHER], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "only one of"),
+    ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls must be a boolean"),
+    ({"parallel_tool_calls": True}, "only allowed when tools are given"),
+])
+def test_bad_tools_are_400(tool_text, fields, match):
+    assert match in rejected(400, chat, tool_text, **fields)
+
+
+def test_auto_needs_a_template_that_renders_tools(text):
+    assert "renders tools" in rejected(400, chat, text, tools=[WEATHER])
+    assert chat(text, tools=[WEATHER], tool_choice="required").tools.mode == "required"
+
+
+def test_tool_call_parsing_and_streaming():
+    from ferry.services.gateway.tool_calls import ToolCallStream, parse_tool_call
+
+    text = '{"name": "get_weather", "parameters": {"city": "Oslo", "at": {"h": 1}}}'
+    assert parse_tool_call(text, ("get_weather",)) == (
+        "get_weather", '{"city": "Oslo", "at": {"h": 1}}')
+    assert parse_tool_call(text, ("other",)) is None
+    assert parse_tool_call("It is cold.", ("get_weather",)) is None
+    assert parse_tool_call('{"parameters": {}, "name": "f"}', ("f",)) == ("f", "{}")
+    for forced in (True, False):
+        for size in (1, 4, 100):
+            stream = ToolCallStream(("get_weather",), "call_x", forced=forced)
+            content, deltas = "", []
+            for i in range(0, len(text), size):
+                c, d = stream.feed(text[i:i + size])
+                content, deltas = content + c, deltas + d
+            c, d = stream.finish()
+            content, deltas = content + c, deltas + d
+            assert content == "" and stream.called
+            assert deltas[0] == {"index": 0, "id": "call_x", "type": "function",
+                                 "function": {"name": "get_weather", "arguments": ""}}
+            assert "".join(d["function"]["arguments"] for d in deltas) == \
+                '{"city": "Oslo", "at": {"h": 1}}'
+            if forced and size == 1:
+                assert len(deltas) > 10  # arguments streamed as they came
+    plain = ToolCallStream(("f",), "c", forced=False)
+    assert plain.feed(" It") == (" It", []) and plain.feed(" is") == (" is", [])
+    assert plain.finish() == ("", []) and not plain.called

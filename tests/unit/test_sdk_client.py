@@ -89,6 +89,9 @@ def test_reply_buffer_raises_the_error_after_the_chunks():
         ({"min_tokens": 20}, "min_tokens"),
         ({"min_p": None}, "float"),
         ({"response_format": {"type": "json_object"}}, "unknown argument 'response_format'"),
+        ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "only one of"),
+        ({"guided_choice": "yes"}, "guided_choice must be a list of strings"),
+        ({"guided_regex": "a+", "ignore_eos": True}, "cannot be combined"),
     ],
 )
 def test_arguments_are_checked_before_anything_is_sent(kwargs, match):
@@ -109,6 +112,10 @@ def test_sampling_arguments_travel_in_the_request():
     assert (s.min_p, s.min_tokens, s.logprobs, s.stop_token_ids) == (0.05, 2, 3, (4,))
     assert (s.logit_bias_token_ids, s.logit_bias_values) == ((7, 9), (-100.0, 2.5))
     assert s.include_stop_str_in_output and not s.skip_special_tokens
+    s = wire.decode(client.stream("hi", guided_json={"type": "object"})._frames).sampling
+    assert (s.grammar_kind, s.grammar) == ("json", '{"type":"object"}')
+    s = wire.decode(client.stream("hi", guided_choice=("a", "b"))._frames).sampling
+    assert (s.grammar_kind, s.grammar) == ("choice", '["a", "b"]')
 
 
 def test_the_blocking_client_names_an_unknown_argument_too():

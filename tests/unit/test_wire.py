@@ -41,7 +41,8 @@ def build(cls, depth=0):
                               repetition_penalty=1.2, min_p=0.1, min_tokens=2,
                               logit_bias_token_ids=(4, 9), logit_bias_values=(-100.0, 2.5),
                               logprobs=3, include_stop_str_in_output=True,
-                              skip_special_tokens=False)
+                              skip_special_tokens=False, grammar_kind="json",
+                              grammar='{"type": "object"}')
     hints = typing.get_type_hints(cls, include_extras=True)
     return cls(**{f.name: example(hints[f.name], depth) for f in dataclasses.fields(cls)})
 
@@ -129,7 +130,7 @@ def test_trailing_fields_with_defaults_may_be_missing():
     sampling_v2_0 = [5, 0.5, 0, 1.0, 3, [], False, []]  # before the penalties were added
     msg = wire.decode(_frames(tag, ["r", [1], [], sampling_v2_0, 0, "tcp://a:1", 1.0, 0]))
     assert msg.sampling == SamplingParams(max_tokens=5, temperature=0.5, seed=3)
-    with pytest.raises(WireError, match="Dispatch.sampling: expected 8 to 18 fields, got 7"):
+    with pytest.raises(WireError, match="Dispatch.sampling: expected 8 to 20 fields, got 7"):
         wire.decode(_frames(tag, ["r", [1], [], sampling_v2_0[:7], 0, "tcp://a:1", 1.0, 0]))
 
 
@@ -147,7 +148,10 @@ def test_fields_added_since_are_left_out_at_their_defaults():
     penalized = dataclasses.replace(dispatch, sampling=dataclasses.replace(
         sampling, skip_special_tokens=False))
     assert len(msgpack.unpackb(wire.encode(penalized)[1])[3]) == 18
-    for msg in (plain, dispatch, penalized):
+    constrained = dataclasses.replace(dispatch, sampling=dataclasses.replace(
+        sampling, grammar_kind="regex", grammar="[a-z]+"))
+    assert len(msgpack.unpackb(wire.encode(constrained)[1])[3]) == 20
+    for msg in (plain, dispatch, penalized, constrained):
         assert wire.decode(wire.encode(msg)) == msg
 
 

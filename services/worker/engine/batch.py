@@ -26,8 +26,8 @@ class SeqChunk:
     # are in the KV cache. The seeded RNG is keyed by (seed, start_pos + len(token_ids)),
     # the position of the token being sampled, which survives preemption, migration and
     # replay as prompt + delivered tokens.
-    # The sampler's penalties and min_tokens need the tokens themselves: set (on sampling
-    # chunks) only when `needs_history(sampling)`, else empty.
+    # The sampler's penalties, min_tokens and grammar need the tokens themselves: set (on
+    # sampling chunks) only when `needs_history(sampling)`, else empty.
     prompt_token_ids: tuple[int, ...] = ()
     output_token_ids: tuple[int, ...] = ()  # generated so far
 
@@ -42,8 +42,9 @@ class SeqChunk:
 
 
 def needs_history(sampling: SamplingParams) -> bool:
-    """The sampler reads the request's tokens: penalties, or min_tokens."""
-    return sampling.has_penalties or sampling.min_tokens > 0
+    """The sampler reads the request's tokens: penalties, min_tokens, or a grammar (its
+    matcher follows the output tokens)."""
+    return sampling.has_penalties or sampling.min_tokens > 0 or sampling.has_grammar
 
 
 class Sampled(list):
@@ -75,6 +76,9 @@ class Executor(Protocol):
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     max_model_len: int  # longest sequence (prompt + output) the model supports
+    # Honours SamplingParams' grammar (ModelRunner with a tokenizer); an executor without
+    # the attribute does not, and the engine refuses such requests.
+    supports_grammar: bool
 
     def execute(self, batch: ModelBatch) -> list[int]:
         """Run every chunk (writing its KV) and return one sampled token id per chunk

@@ -124,6 +124,9 @@ class Engine:
         bad += [t for t in sampling.logit_bias_token_ids if t >= self.executor.vocab_size]
         if bad:
             raise RequestRejected(400, f"token id {bad[0]} is outside the vocabulary")
+        if sampling.has_grammar and not getattr(self.executor, "supports_grammar", False):
+            raise RequestRejected(400, "structured output needs the model's tokenizer, which "
+                                       "this worker does not have")
         if num_tokens >= self.executor.max_model_len:
             raise RequestRejected(
                 400,

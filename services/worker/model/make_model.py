@@ -43,11 +43,35 @@ SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, "<|start_header_id|>", "<|end_header_id|
 BPE_VOCAB_SIZE = 4096  # trained tokens, specials included; the rest up to vocab is reserved
 TRAIN_CORPUS_CHARS = 4_000_000  # of stdlib source; trains in about a second
 
+# Llama 3.1's template, its JSON tool calling kept (tools in the first user message,
+# calls as {"name": ..., "parameters": {...}}, results in "ipython" turns); without the
+# system preamble (dates, builtin tools) and with the roles rendered as given.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% set ns = namespace(tools_shown=false) %}"
     "{% for message in messages %}"
+    "{% if message['role'] in ('tool', 'ipython') %}"
+    "<|start_header_id|>ipython<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] is defined"
+    " and message['tool_calls'] %}"
+    "{% if message['tool_calls'] | length != 1 %}"
+    "{{ raise_exception('This model only supports single tool-calls at once!') }}{% endif %}"
+    "{% set call = message['tool_calls'][0]['function'] %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    '{"name": "{{ call[\'name\'] }}", "parameters": {{ call[\'arguments\'] | tojson }}}'
+    "<|eot_id|>"
+    "{% else %}"
     "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% if tools and message['role'] == 'user' and not ns.tools_shown %}"
+    "{% set ns.tools_shown = true %}"
+    "Given the following functions, please respond with a JSON for a function call with its "
+    "proper arguments that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument '
+    "name and its value}. Do not use variables.\n\n"
+    "{% for tool in tools %}{{ tool | tojson(indent=4) }}\n\n{% endfor %}"
+    "{% endif %}"
     "{{ message['content'] }}<|eot_id|>"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )

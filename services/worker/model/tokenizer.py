@@ -83,13 +83,17 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
-        """The prompt text for a conversation ([{"role": ..., "content": ...}, ...])."""
+        """The prompt text for a conversation ([{"role": ..., "content": ...}, ...]);
+        `tools` as transformers passes them (OpenAI's {"type": "function", "function":
+        {...}} entries; None: no tools)."""
         if self._template is None:
             raise ValueError("this tokenizer has no chat template")
         return self._template.render(
             messages=[dict(m) for m in messages],
+            tools=None if tools is None else [dict(t) for t in tools],
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",

@@ -1,0 +1,158 @@
+"""Structured output on a worker: the token bitmask of every grammar-constrained row of a
+step (llguidance; specs in common/structured.py).
+
+    spec (kind, text) --compile, once per spec (LRU)--> a matcher in its start state
+    request's matcher  = a copy of it, advanced by the request's output tokens
+
+A request's matcher is a pure function of (spec, output tokens so far): each step the
+book syncs it with the tokens the engine hands over (it consumes only the new ones when
+they extend what it has seen, else rebuilds it from the spec and every output token).
+So a migrated or replayed request, or one whose matcher was evicted, gets exactly the
+state an undisturbed one has, with nothing but the spec on the wire.
+
+    bitmask: [rows, ceil(vocab / 32)] int32; bit (v % 32) of word (v // 32) set: token v
+             may come next. EOS ids are set only where the grammar is complete; where it
+             is complete and takes nothing more, only they are. A matcher in an error
+             state (a spec that did not compile, a token it refused) allows EOS alone, so
+             the request ends.
+
+Compiling and mask filling run in llguidance's Rust code with the GIL released; the
+runner calls `fill_bitmask` on a helper thread while the step's forward pass runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llguidance
+import torch
+
+from ferry.common import structured
+from ferry.common.logging import get_logger
+from ferry.common.sampling import SamplingParams
+
+log = get_logger()
+
+MAX_COMPILED = 128  # compiled specs kept per worker (LRU)
+MAX_MATCHERS = 4096  # request matchers kept (LRU; an evicted one is rebuilt from tokens)
+
+
+def num_words(vocab_size: int) -> int:
+    """int32 words of one bitmask row."""
+    return (vocab_size + 31) // 32
+
+
+@dataclass(slots=True)
+class _Tracked:
+    spec: tuple[str, str]  # (kind, text)
+    matcher: llguidance.LLMatcher
+    seen: tuple[int, ...]  # output tokens the matcher has consumed, in order
+
+
+@dataclass(frozen=True, slots=True)
+class GrammarRow:
+    """One grammar-constrained row of a step."""
+
+    req_id: str
+    sampling: SamplingParams  # grammar_kind, grammar
+    output_token_ids: tuple[int, ...]  # generated so far
+
+
+class Grammars:
+    """One worker's grammar book: compiled specs and request matchers. Not thread-safe:
+    one caller at a time (the runner's helper thread)."""
+
+    def __init__(self, tokenizer_json: str, *, vocab_size: int,
+                 eos_token_ids: Sequence[int], max_compiled: int = MAX_COMPILED,
+                 max_matchers: int = MAX_MATCHERS, num_threads: int | None = None,
+                 pin_memory: bool = False) -> None:
+        """tokenizer_json: tokenizer.json's text; vocab_size: the model's (it may exceed
+        the tokenizer's; ids past it are never allowed)."""
+        self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size,
+                                                eos_token=list(eos_token_ids))
+        self.vocab_size = vocab_size
+        self.num_words = num_words(vocab_size)
+        self.max_compiled = max_compiled
+        self.max_matchers = max_matchers
+        self.pin_memory = pin_memory
+        self._compiled: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._matchers: OrderedDict[str, _Tracked] = OrderedDict()
+        self._executor = llguidance.LLExecutor(
+            num_threads or max(1, min(4, (os.cpu_count() or 2) // 2)))
+        self._buffer = torch.empty((0, self.num_words), dtype=torch.int32)
+        self.num_compiles = 0
+        self.num_rebuilds = 0
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, **kwargs) -> Grammars | None:
+        """The book for a Hugging Face directory's tokenizer.json; None without one."""
+        path = Path(model_dir) / "tokenizer.json"
+        return cls(path.read_text(), **kwargs) if path.is_file() else None
+
+    # -- compiled specs ------------------------------------------------------------------
+
+    def compiled(self, kind: str, spec: str) -> llguidance.LLMatcher:
+        """The spec's matcher in its start state (never advanced: callers copy it)."""
+        key = (kind, spec)
+        matcher = self._compiled.get(key)
+        if matcher is not None:
+            self._compiled.move_to_end(key)
+            return matcher
+        try:
+            grammar = structured.to_llguidance(kind, spec)
+        except Exception as err:  # the gateway checked it; an SDK client may not have
+            grammar = ""  # a matcher in its error state: EOS alone
+            log.warning("grammar_invalid", kind=kind, error=str(err))
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            log.warning("grammar_compile_failed", kind=kind, error=matcher.get_error())
+        self.num_compiles += 1
+        self._compiled[key] = matcher
+        if len(self._compiled) > self.max_compiled:
+            self._compiled.popitem(last=False)
+        return matcher
+
+    # -- request matchers ----------------------------------------------------------------
+
+    def matcher(self, row: GrammarRow) -> llguidance.LLMatcher:
+        """The request's matcher, advanced to the end of its output tokens."""
+        spec = (row.sampling.grammar_kind, row.sampling.grammar)
+        tokens = row.output_token_ids
+        tracked = self._matchers.get(row.req_id)
+        if tracked is not None:
+            self._matchers.move_to_end(row.req_id)
+            n = len(tracked.seen)
+            if tracked.spec == spec and n <= len(tokens) and tokens[:n] == tracked.seen:
+                if n < len(tokens):
+                    tracked.matcher.consume_tokens(list(tokens[n:]))
+                    tracked.seen = tokens
+                return tracked.matcher
+            self.num_rebuilds += 1  # another attempt, or another request under its id
+        matcher = self.compiled(*spec).deep_copy()
+        if tokens:
+            matcher.consume_tokens(list(tokens))
+        self._matchers[row.req_id] = _Tracked(spec, matcher, tokens)
+        if len(self._matchers) > self.max_matchers:
+            self._matchers.popitem(last=False)
+        return matcher
+
+    def forget(self, req_id: str) -> None:
+        self._matchers.pop(req_id, None)
+
+    def fill_bitmask(self, rows: Sequence[GrammarRow]) -> torch.Tensor:
+        """[len(rows), num_words] int32 on the host (pinned where the runner copies it to a
+        GPU): row i's allowed next tokens. The buffer is reused by the next call."""
+        matchers = [(self.matcher(row), i) for i, row in enumerate(rows)]
+        if self._buffer.shape[0] < len(rows):
+            self._buffer = torch.empty((max(len(rows), 2 * self._buffer.shape[0]),
+                                        self.num_words), dtype=torch.int32,
+                                       pin_memory=self.pin_memory)
+        bitmask = self._buffer[: len(rows)]
+        # Every matcher fills its row in parallel (Rust threads, GIL released).
+        self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(),
+                                               self.num_words * 4, len(rows))
+        return bitmask
