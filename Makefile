@@ -60,9 +60,9 @@ lock: setup
 gpu-wheels:
 	mkdir -p .whl
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	  --implementation cp --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
 	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-	  $$(grep -E '^(pyzmq|structlog)==' requirements/gpu.lock)
+	  $$(grep -E '^(pyzmq|structlog|llguidance)==' requirements/gpu.lock)
 	ls .whl
 
 clean:
