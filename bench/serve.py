@@ -1,14 +1,20 @@
 """`ferry bench serve --trace F`: replay a trace against a running cluster.
 
-Each trace line becomes one streaming request with `prompt_tokens` random token ids,
-`max_tokens = output_tokens` and ignore_eos, so the lengths are the trace's. Two modes:
+Each trace line becomes one streaming request with `max_tokens = output_tokens` and
+ignore_eos, so the lengths are the trace's. Its prompt token ids come from bench/workload.py,
+as the simulator's do: `prompt_tokens` ids of its own, after its shared prefix (prefix_id)
+or, for a session's later turn, after the conversation so far, the tokens the earlier turns
+really generated included; a later turn is sent think_s after the turn before it finished.
+Two modes:
 
     open loop (default)     each request at its arrival time (scaled by --time-scale)
     closed loop             --concurrency N: N clients, each sending the trace's next
-                            request as soon as its previous one finished (arrival times
-                            ignored): the throughput the cluster sustains at N in flight
+                            request (a whole session, turn after turn) as soon as its
+                            previous one finished (arrival times ignored): the throughput
+                            the cluster sustains at N in flight
 
-Through the SDK (default) or HTTP (`--http URL`). Prints the results JSON (DESIGN §8,
+Through the SDK (default) or HTTP (`--http URL`; sessions need the SDK, which returns the
+generated token ids the next turn's prompt is made of). Prints the results JSON (DESIGN §8,
 plus throughput: request_throughput req/s, input_throughput and output_throughput tok/s
 over the run) on stdout and a table on stderr, and writes the JSON, with plots, next to
 `--out`. The JSON never holds NaN (a statistic of no request is null).
@@ -19,17 +25,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
 from ferry.bench.metrics import RequestRecord, json_safe, summarize, throughput
 from ferry.bench.sim import load_trace
+from ferry.bench.workload import Workload
 from ferry.common import env
-
-# Token ids used for synthetic prompts: above the special tokens of our tokenizers.
-FIRST_PLAIN_TOKEN = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,31 +43,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=1000,
                         help="prompt ids are drawn below this")
     parser.add_argument("--time-scale", type=float, default=1.0,
-                        help="arrival_s is multiplied by this (0.5: twice the rate)")
+                        help="arrival_s and think_s are multiplied by this (0.5: twice the rate)")
     parser.add_argument("--concurrency", type=int, default=0,
                         help="closed loop: N requests in flight, each sent when one finishes "
                              "(arrival times ignored); 0: replay the arrival times")
     parser.add_argument("--max-output-tokens", type=int, default=0,
                         help="cap each request's output length (0: the trace's)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=0)
+    parser.add_argument("--max-prompt-tokens", type=int, default=0,
+                        help="cap each prompt (its first N tokens: shared prefixes stay shared)")
     parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="prompt ids (bench/workload.py; the simulator uses 0)")
     parser.add_argument("--out", default="", help="results JSON path (plots beside it)")
     parser.add_argument("--label", default="", help="name of this run in the results")
     parser.add_argument("--no-progress", action="store_true")
 
 
 async def _one_sdk(client, record: RequestRecord, prompt_ids: list[int], max_tokens: int,
-                   timeout_s: float) -> None:
+                   timeout_s: float) -> list[int]:
+    """Stream one request; its generated token ids."""
+    output: list[int] = []
     async for chunk in client.stream(prompt_token_ids=prompt_ids, max_tokens=max_tokens,
                                      temperature=0.0, ignore_eos=True,
                                      priority=record.priority, timeout_s=timeout_s):
         now = time.perf_counter()
         if chunk.token_ids and record.first_token_s is None:
             record.first_token_s = now
-        record.num_output_tokens = chunk.first_index + len(chunk.token_ids)
+        output.extend(chunk.token_ids)
+        record.num_output_tokens = len(output)
         if chunk.finish_reason is not None:
             record.finish_s = now
+    return output
 
 
 async def _one_http(session, url: str, record: RequestRecord, prompt_ids: list[int],
@@ -92,9 +101,12 @@ async def _one_http(session, url: str, record: RequestRecord, prompt_ids: list[i
 
 async def replay(args: argparse.Namespace) -> list[RequestRecord]:
     trace = load_trace(args.trace)
-    rng = random.Random(args.seed)
+    workload = Workload(trace, vocab_size=args.vocab_size, seed=args.seed)
+    if args.http and workload.has_sessions:
+        raise SystemExit("this trace has multi-turn sessions: a later turn's prompt holds the "
+                         "token ids the earlier turns generated, which only the SDK returns "
+                         "(drop --http)")
     records: list[RequestRecord] = []
-    tasks = []
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -112,10 +124,24 @@ async def replay(args: argparse.Namespace) -> list[RequestRecord]:
         client = AsyncClient(args.sdk_addr, timeout_s=args.timeout)
         session = None
 
-    async def run_one(record: RequestRecord, prompt_ids: list[int], max_tokens: int) -> None:
+    async def run_request(index: int) -> tuple[int, float] | None:
+        """Send trace line index and wait for its end; its session's next turn and think
+        time, or None."""
+        entry = trace[index]
+        prompt_ids = workload.prompt(index)
+        if args.max_prompt_tokens:
+            prompt_ids = prompt_ids[:args.max_prompt_tokens]
+        max_tokens = entry["output_tokens"]
+        if args.max_output_tokens:
+            max_tokens = min(max_tokens, args.max_output_tokens)
+        max_tokens = max(1, max_tokens)
+        record = RequestRecord(req_id=str(index), priority=entry["priority"],
+                               arrival_s=time.perf_counter(), num_prompt_tokens=len(prompt_ids))
+        records.append(record)
+        output: list[int] = []
         try:
             if client is not None:
-                await _one_sdk(client, record, prompt_ids, max_tokens, args.timeout)
+                output = await _one_sdk(client, record, prompt_ids, max_tokens, args.timeout)
             else:
                 await _one_http(session, args.http.rstrip("/"), record, prompt_ids, max_tokens,
                                 args.timeout)
@@ -123,35 +149,39 @@ async def replay(args: argparse.Namespace) -> list[RequestRecord]:
             record.error = f"{type(exc).__name__}: {exc}"
         if progress is not None:
             progress.update(1)
+        if record.error is not None:
+            lost = workload.abandoned(index)  # the session ends here: its later turns never come
+            if progress is not None:
+                progress.update(len(lost))
+            return None
+        return workload.finished(index, prompt_ids, output)
 
-    def make(i: int, entry: dict) -> tuple[RequestRecord, list[int], int]:
-        prompt_len = entry["prompt_tokens"]
-        if args.max_prompt_tokens:
-            prompt_len = min(prompt_len, args.max_prompt_tokens)
-        max_tokens = entry["output_tokens"]
-        if args.max_output_tokens:
-            max_tokens = min(max_tokens, args.max_output_tokens)
-        prompt_ids = [rng.randrange(FIRST_PLAIN_TOKEN, args.vocab_size) for _ in range(prompt_len)]
-        record = RequestRecord(req_id=str(i), priority=entry["priority"],
-                               arrival_s=time.perf_counter(), num_prompt_tokens=prompt_len)
-        records.append(record)
-        return record, prompt_ids, max(1, max_tokens)
+    async def run_session(index: int) -> None:
+        """Request index, then its session's later turns, each think_s (scaled by
+        --time-scale) after the one before finished."""
+        following = await run_request(index)
+        while following is not None:
+            index, think_s = following
+            await asyncio.sleep(think_s * args.time_scale)
+            following = await run_request(index)
 
+    starts = sorted(workload.starts(), key=lambda i: trace[i]["arrival_s"])
     if getattr(args, "concurrency", 0) > 0:  # closed loop
-        entries = iter(enumerate(trace))
+        queue = iter(starts)
 
         async def client_loop() -> None:
-            for i, entry in entries:  # shared: each entry is taken once
-                await run_one(*make(i, entry))
+            for index in queue:  # shared: each session is taken once
+                await run_session(index)
 
         tasks = [asyncio.create_task(client_loop()) for _ in range(args.concurrency)]
     else:
-        start = time.perf_counter()
-        for i, entry in enumerate(trace):
-            delay = start + entry["arrival_s"] * args.time_scale - time.perf_counter()
+        tasks = []
+        begin = time.perf_counter()
+        for index in starts:
+            delay = begin + trace[index]["arrival_s"] * args.time_scale - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(run_one(*make(i, entry))))
+            tasks.append(asyncio.create_task(run_session(index)))
     await asyncio.gather(*tasks)
     if progress is not None:
         progress.close()
@@ -171,12 +201,17 @@ def cluster_counts(admin_addr: str) -> dict:
         reply = asyncio.run(request(make_context(), admin_addr, wire.StatusRequest(),
                                     timeout_s=3.0, expected=(wire.StatusReply,)))
     except TimeoutError:
-        return {"num_migrations": 0, "num_preemptions": 0, "num_instances": 0}
+        return {"num_migrations": 0, "num_preemptions": 0, "num_instances": 0,
+                "num_prompt_tokens": 0, "num_prefix_hit_tokens": 0}
+    live = [i for i in reply.instances if i.alive]
     return {
         "num_migrations": reply.num_migrations_committed,
         "num_migrations_aborted": reply.num_migrations_aborted,
         "num_preemptions": sum(i.load.num_preemptions for i in reply.instances),
-        "num_instances": sum(1 for i in reply.instances if i.alive),
+        "num_instances": len(live),
+        # prompt tokens admitted and, of those, found in a prefix cache (live instances)
+        "num_prompt_tokens": sum(i.load.num_prompt_tokens for i in live),
+        "num_prefix_hit_tokens": sum(i.load.num_prefix_hit_tokens for i in live),
         "dispatch_policy": reply.dispatch_policy,
     }
 
@@ -188,6 +223,8 @@ def run(args: argparse.Namespace) -> dict:
     duration = time.perf_counter() - start
     after = cluster_counts(args.admin_addr)
     concurrency = getattr(args, "concurrency", 0) or None
+    prompt_tokens = after["num_prompt_tokens"] - before["num_prompt_tokens"]
+    hit_tokens = after["num_prefix_hit_tokens"] - before["num_prefix_hit_tokens"]
     result = summarize(
         records,
         num_migrations=after["num_migrations"] - before["num_migrations"],
@@ -197,6 +234,9 @@ def run(args: argparse.Namespace) -> dict:
                "num_instances": after["num_instances"],
                "mode": "closed_loop" if concurrency else "trace",
                "concurrency": concurrency,
+               # the share of the prompt tokens admitted found in a prefix cache (None: the
+               # scheduler did not answer); a preempted request admitted again counts twice
+               "cache_hit_rate": hit_tokens / prompt_tokens if prompt_tokens > 0 else None,
                **throughput(records),
                "errors": sorted({r.error for r in records if r.error})[:10]},
     )
@@ -231,6 +271,7 @@ def table(result: dict) -> str:
         ("prefill p50 / p99 s", p50_p99("prefill_latency_s")),
         ("decode p50 / p99 ms", p50_p99("decode_latency_s", 1e3)),
         ("e2e p50 / p99 s", p50_p99("e2e_latency_s")),
+        ("prefix cache hit rate", num(result.get("cache_hit_rate"), 100, 1) + " %"),
         ("migrations", str(result["num_migrations"])),
     ]
     width = max(len(name) for name, _ in rows)

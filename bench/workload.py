@@ -59,6 +59,11 @@ class Workload:
         """Shared prefixes or sessions: prompts share tokens (a prefix cache matters)."""
         return bool(self._sessions) or any(e.get("prefix_id") for e in self.trace)
 
+    @property
+    def has_sessions(self) -> bool:
+        """A later turn's prompt holds the tokens its earlier turns generated."""
+        return bool(self._sessions)
+
     def starts(self) -> list[int]:
         """Trace indices that arrive at their arrival_s (all but the later turns)."""
         return [i for i in range(len(self.trace))

@@ -4,6 +4,7 @@ the SDK and through HTTP: every request completes, counted in its priority class
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 
 import pytest
@@ -64,3 +65,40 @@ def test_replays_a_trace_through_sdk_and_http(tmp_path):
 
 def _refuse_constant(name: str):
     raise ValueError(f"{name} in the results JSON")
+
+
+def test_replays_sessions_and_shared_prefixes(tmp_path):
+    """A trace with a shared prefix and multi-turn sessions (bench/workload.py): a later turn
+    is sent after the one before it, its prompt that turn's prompt and output plus its own
+    message, and the workers' prefix caches see the shared tokens."""
+    trace = tmp_path / "sessions.jsonl"
+    rows = []
+    for s in range(3):
+        for turn in range(3):
+            rows.append({"arrival_s": s * 0.05, "prompt_tokens": 6, "output_tokens": 4,
+                         "priority": "normal", "session_id": f"s{s}", "turn": turn,
+                         "think_s": 0.02, "prefix_id": "system", "prefix_tokens": 48})
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cluster = start_cluster(tmp_path, workers=1, extra=(
+        "--executor", "sim", "--sim-profile", str(REPO / "bench/profiles/tiny-cpu.json")))
+    try:
+        args = argparse.Namespace(
+            trace=str(trace), sdk_addr=cluster.sdk_addr, http="", admin_addr=cluster.admin_addr,
+            vocab_size=1000, time_scale=1.0, max_output_tokens=0, max_prompt_tokens=0,
+            timeout=60.0, seed=0, out="", label="s", no_progress=True)
+        records = asyncio.run(serve.replay(args))
+        assert len(records) == 9 and not [r.error for r in records if r.error]
+        by_index = {int(r.req_id): r for r in records}
+        for s in range(3):
+            turns = [by_index[3 * s + t] for t in range(3)]
+            # 48 + 6, then + 4 generated + 6 new, then again
+            assert [r.num_prompt_tokens for r in turns] == [54, 64, 74]
+            for earlier, later in zip(turns, turns[1:]):
+                assert later.arrival_s >= earlier.finish_s + 0.02
+        result = serve.run(argparse.Namespace(**{**vars(args), "no_progress": True}))
+        # run twice: the second run's prompts are all cached but each one's last block
+        assert result["num_failed"] == 0 and result["cache_hit_rate"] > 0.5, result
+        with pytest.raises(SystemExit, match="sessions"):
+            asyncio.run(serve.replay(argparse.Namespace(**{**vars(args), "http": "http://x"})))
+    finally:
+        cluster.stop()
