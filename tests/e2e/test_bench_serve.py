@@ -93,7 +93,7 @@ def test_replays_sessions_and_shared_prefixes(tmp_path):
             turns = [by_index[3 * s + t] for t in range(3)]
             # 48 + 6, then + 4 generated + 6 new, then again
             assert [r.num_prompt_tokens for r in turns] == [54, 64, 74]
-            for earlier, later in zip(turns, turns[1:]):
+            for earlier, later in zip(turns, turns[1:], strict=False):
                 assert later.arrival_s >= earlier.finish_s + 0.02
         result = serve.run(argparse.Namespace(**{**vars(args), "no_progress": True}))
         # run twice: the second run's prompts are all cached but each one's last block
