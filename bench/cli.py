@@ -1,4 +1,5 @@
-"""`ferry bench …`: trace, serve, sim, chaos (CPU); engine, migration, kernels (GPU)."""
+"""`ferry bench …`: trace, serve, sim, chaos (CPU); engine, migration, kernels, prefix-ttft
+(GPU)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ SUBCOMMANDS = {
     "engine": ("ferry.bench.engine_bench", "engine step times vs roofline (GPU)"),
     "migration": ("ferry.bench.migration_bench", "live migration downtime and bandwidth (GPUs)"),
     "kernels": ("ferry.bench.kernels_bench", "attention kernels vs roofline (GPU)"),
+    "prefix-ttft": ("ferry.bench.prefix_ttft", "TTFT with a cached prefix vs without (GPU)"),
     "chaos": ("ferry.bench.chaos", "faults under load: does every stream survive? (own cluster)"),
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks, run on the lent H200 machines (see docs/gpu.md):
-#   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine profiles migration concurrent simcheck
+#   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine prefixttft profiles migration
+#                                         concurrent simcheck
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
 set -uo pipefail
@@ -37,6 +38,10 @@ for step in "$@"; do
     engine)
       timeout 400 python3 -m ferry.bench.engine_bench --out "$OUT/engine_h200.json" 2>&1 \
         | tee "$OUT/engine_h200.log" | tail -20 ;;
+    prefixttft)
+      # TTFT of an 8k-token prompt whose first 7k tokens are cached vs not, outputs on/off
+      timeout 300 python3 -m ferry.bench.prefix_ttft --out "$OUT/prefix_ttft.json" 2>&1 \
+        | tee "$OUT/prefix_ttft.log" | tail -8 ;;
     profiles)
       for preset in llama3-8b llama2-7b; do
         timeout 250 python3 -m ferry.services.cli profile --model "random:$preset" --device cuda \
