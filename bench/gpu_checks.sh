@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks, run on the lent H200 machines (see docs/gpu.md):
-#   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine prefixttft profiles migration
-#                                         concurrent simcheck
+#   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine prefixttft sampler profiles
+#                                         migration concurrent simcheck
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
 set -uo pipefail
@@ -42,6 +42,12 @@ for step in "$@"; do
       # TTFT of an 8k-token prompt whose first 7k tokens are cached vs not, outputs on/off
       timeout 300 python3 -m ferry.bench.prefix_ttft --out "$OUT/prefix_ttft.json" 2>&1 \
         | tee "$OUT/prefix_ttft.log" | tail -8 ;;
+    sampler)
+      # the sampler's cost per step: penalties + logprobs, then a grammar's bitmask
+      timeout 150 python3 -m ferry.bench.sampler_bench --device cuda --out "$OUT/sampler_gpu.json" \
+        2>&1 | tee "$OUT/sampler_gpu.log" | tail -12
+      timeout 150 python3 -m ferry.bench.grammar_bench --device cuda --vocab 32000,128256 \
+        --out "$OUT/grammar_gpu.json" 2>&1 | tee "$OUT/grammar_gpu.log" | tail -12 ;;
     profiles)
       for preset in llama3-8b llama2-7b; do
         timeout 250 python3 -m ferry.services.cli profile --model "random:$preset" --device cuda \
