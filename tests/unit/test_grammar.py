@@ -16,7 +16,12 @@ from ferry.common import structured
 from ferry.common.config import EngineConfig
 from ferry.common.sampling import SamplingParams
 from ferry.services.worker.engine.engine import Engine, RequestRejected
-from ferry.services.worker.grammar import GrammarRow, Grammars, num_words
+from ferry.services.worker.grammar import (
+    GrammarRow,
+    Grammars,
+    grammar_tokenizer_json,
+    num_words,
+)
 from ferry.services.worker.model.make_model import make_model
 from ferry.services.worker.model.tokenizer import Tokenizer
 from ferry.services.worker.sampler import SamplingTensors, apply_token_bitmask, run_sampler
@@ -301,3 +306,24 @@ def test_grammar_request_migrated_mid_output_yields_the_same_tokens(tiny_dir, te
     assert reason == "stop" and tokens[-1] in (1, 4)
     check_order(json.loads(tok.decode(tokens, skip_special_tokens=True)))
     assert _undisturbed(tiny_dir, prompt, sampling, output_token_ids=tokens[:9]) == tokens
+
+
+def test_special_tokens_but_eos_are_left_out_of_the_grammar_tokenizer(tmp_path):
+    """The random llama3-8b preset's tokenizer reserves 124k special tokens (as Llama 3
+    reserves 256): llguidance gets them not (its start-up took minutes with them), their
+    ids are never allowed, and EOS still ends a complete answer."""
+    model_dir = make_model("llama3-8b", tmp_path, weights=False)
+    text = (model_dir / "tokenizer.json").read_text()
+    eos = [1, 4]  # <|end_of_text|>, <|eot_id|>
+    reduced = json.loads(grammar_tokenizer_json(text, eos))
+    assert {t["id"] for t in reduced["added_tokens"]} == set(eos)
+    assert "<|begin_of_text|>" not in reduced["model"]["vocab"]
+    assert grammar_tokenizer_json(text, range(128256)) == text  # nothing to leave out
+    grammars = Grammars(text, vocab_size=128256, eos_token_ids=eos)
+    choice = SamplingParams(grammar_kind="choice", grammar='["yes"]')
+    prefix = grammars.tokenizer.tokenize_str("yes")
+    start, done = grammars.fill_bitmask([GrammarRow("a", choice, ()),
+                                         GrammarRow("b", choice, tuple(prefix))]).tolist()
+    allowed = [v for v in range(128256) if (start[v // 32] >> (v % 32)) & 1]
+    assert allowed and all(5 <= v < 4096 for v in allowed)  # text tokens only
+    assert [v for v in range(128256) if (done[v // 32] >> (v % 32)) & 1] == eos
