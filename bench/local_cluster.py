@@ -30,10 +30,10 @@ def _free(port: int) -> bool:
 
 
 def free_port_base(num_workers: int) -> int:
-    """A base port with base..base+2 and base+100..base+100+num_workers free."""
+    """A base port with base..base+3 and base+100..base+100+num_workers free."""
     for _ in range(200):
         base = random.randrange(20_000, 40_000)
-        ports = [base, base + 1, base + 2, *range(base + 100, base + 100 + num_workers)]
+        ports = [*range(base, base + 4), *range(base + 100, base + 100 + num_workers)]
         if all(_free(p) for p in ports):
             return base
     raise RuntimeError("no free port range")
@@ -52,6 +52,10 @@ class Cluster:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def scheduler_metrics_url(self) -> str:
+        return self.ready["metrics"]["scheduler"]
 
     def status(self) -> dict:
         out = subprocess.run(
