@@ -436,6 +436,8 @@ def test_api_keys(model_dir):
             assert status == 200
             async with session.get(h.base_url + "/health") as resp:
                 assert resp.status == 200  # probes need no key
+            async with session.get(h.base_url + "/metrics") as resp:
+                assert resp.status == 200  # nor does Prometheus
             client = openai.AsyncOpenAI(base_url=h.base_url + "/v1", api_key="secret")
             assert (await client.completions.create(model="tiny", prompt="x", max_tokens=2)).id
             await client.close()
