@@ -30,11 +30,11 @@ def _free(port: int) -> bool:
 
 
 def free_port_base(num_workers: int, extra_offsets: tuple[int, ...] = ()) -> int:
-    """A base port with base..base+2, base+100..base+100+num_workers and base + each of
+    """A base port with base..base+3, base+100..base+100+num_workers and base + each of
     extra_offsets free."""
     for _ in range(200):
         base = random.randrange(20_000, 40_000)
-        ports = [base, base + 1, base + 2, *range(base + 100, base + 100 + num_workers),
+        ports = [*range(base, base + 4), *range(base + 100, base + 100 + num_workers),
                  *(base + offset for offset in extra_offsets)]
         if all(_free(p) for p in ports):
             return base
@@ -54,6 +54,10 @@ class Cluster:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def scheduler_metrics_url(self) -> str:
+        return self.ready["metrics"]["scheduler"]
 
     def status(self) -> dict:
         out = subprocess.run(

@@ -109,6 +109,9 @@ class WorkerConfig:
     inbox: Endpoint  # PULL: scheduler, gateways (bypass), peers (migration)
     scheduler_addr: str
     model: str  # model directory or "tiny"
+    # The model_name label of its metrics (the scheduler's /metrics); like the gateway's
+    # --model-name, by default the model's directory name or preset name.
+    model_name: str = ""
     device: str = "cpu"  # cpu | cuda | cuda:N
     executor: str = "model"  # model | sim
     sim_profile: str = ""  # profile JSON for the sim executor

@@ -291,6 +291,12 @@ class Register:
     req_ids: tuple[str, ...]  # requests it holds now (non-empty after a scheduler restart)
     req_priorities: tuple[int, ...] = ()  # Priority of each of req_ids, same order
     prefix_seed: int = 0  # root of its prefix-cache hash chain; 0: it caches no prefix
+    # What it serves (its --model-name; default the model's directory or preset name):
+    # the model_name label of its metrics at the scheduler's /metrics.
+    model_name: str = ""
+    # Upper bounds of its queue-time histogram's buckets, seconds, increasing
+    # (LoadReport.queue_time_counts); () when it keeps none.
+    queue_time_bounds_s: tuple[float, ...] = ()
 
 
 @REGISTRY.struct
@@ -319,6 +325,7 @@ class LoadFields:
     # Prompt tokens still to prefill before a new request's turn: the waiting requests'
     # (less what they will find in the prefix cache) and the running ones' unfed chunks.
     pending_prefill_tokens: int = 0
+    num_generation_tokens: int = 0  # output tokens sampled, total since start
 
 
 @REGISTRY.message(41)
@@ -340,6 +347,11 @@ class LoadReport:
     cache_stored: tuple[int, ...] = ()
     cache_evicted: tuple[int, ...] = ()
     cache_snapshot: tuple[int, ...] | None = None
+    # Its requests' queue times (arrival at this worker to the first step that runs them)
+    # since it started, cumulative: how many were <= each of Register.queue_time_bounds_s,
+    # then how many in all; and their sum, seconds. () when it keeps none.
+    queue_time_counts: tuple[int, ...] = ()
+    queue_time_sum_s: float = 0.0
 
 
 @REGISTRY.message(43)

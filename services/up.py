@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sdk-port", type=int, default=8001)
     parser.add_argument("--port-base", type=int, default=5600,
                         help="scheduler inbox (+0), admin (+1), gateway inbox (+2), "
-                             "workers (+100 ...)")
+                             "scheduler /metrics (+3), workers (+100 ...)")
     parser.add_argument("--policy", default="llumnix",
                         choices=POLICY_NAMES)
     parser.add_argument("--autoscale", action="store_true")
@@ -66,6 +66,7 @@ class Cluster:
         self.scheduler_addr = f"tcp://127.0.0.1:{base}"
         self.admin_addr = f"tcp://127.0.0.1:{base + 1}"
         self.gateway_inbox_port = base + 2
+        self.metrics_port = base + 3  # the scheduler's /metrics (HTTP)
 
     def worker_argv(self, instance_id: str, port: int, model_dir: str,
                     device: str | None = None) -> list[str]:
@@ -88,7 +89,8 @@ class Cluster:
         a = self.args
         base = a.port_base
         argv = [sys.executable, "-m", "ferry.services.scheduler", "--port", str(base),
-                "--admin-port", str(base + 1), "--dispatch-policy", a.policy]
+                "--admin-port", str(base + 1), "--metrics-port", str(self.metrics_port),
+                "--dispatch-policy", a.policy]
         if a.autoscale:
             template = " ".join(self.worker_argv("{instance_id}", 0, model_dir)[3:])
             template = template.replace("--port 0", "--port {port}")
@@ -230,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
             "http": f"http://127.0.0.1:{args.http_port}/v1",
             "sdk": f"tcp://127.0.0.1:{args.sdk_port}",
             "admin": cluster.admin_addr,
+            # Prometheus: the gateway's (requests as clients see them) and the scheduler's
+            # (instances, migrations, the pending queue)
+            "metrics": {"gateway": f"http://127.0.0.1:{args.http_port}/metrics",
+                        "scheduler": f"http://127.0.0.1:{cluster.metrics_port}/metrics"},
             "workers": args.workers if not args.autoscale else f"{args.min_workers}-"
                                                                    f"{args.max_workers}",
             "model": model_dir,

@@ -82,7 +82,7 @@ class Gateway:
         self.keys = for_process(ctx, config.keys_dir, config.key_name, "gateway")
         self.config = config
         self.text = text
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(config.model_name)
         self.table = RequestTable(
             text, gateway_id=config.gateway_id, reply_addr=config.inbox.advertise
         )
@@ -215,7 +215,6 @@ class Gateway:
             self.table.remove(req.req_id)
             raise
         self.metrics.inflight.inc()
-        self.metrics.prompt_tokens.inc(len(prompt_token_ids))
         return req
 
     async def tokenize_off_loop(self, fn: Callable[..., T], *args: Any) -> T:
@@ -367,19 +366,23 @@ class Gateway:
         if delta.token_ids:
             now = time.monotonic()
             num_tokens = len(delta.token_ids)
-            if req.first_token_time == 0.0:
+            series = req.series
+            if series is None:  # its first token: the instance that delivered it labels it
                 req.first_token_time = now
-                self.metrics.ttft.observe(now - req.start_time)
+                series = req.series = self.metrics.series(req.instance_id)
+                series.ttft.observe(now - req.start_time)
+                series.prompt_tokens.inc(len(req.prompt_token_ids))
             else:
-                self.metrics.inter_token.observe((now - req.last_token_time) / num_tokens)
+                series.inter_token.observe((now - req.last_token_time) / num_tokens)
             req.last_token_time = now
-            self.metrics.output_tokens.inc(num_tokens)
+            series.generation_tokens.inc(num_tokens)
         client_alive = req.sink.push(delta)
         if delta.finish_reason is not None:
             self.release(req, delta.release)
             self.metrics.inflight.dec()
-            self.metrics.outcome(delta.finish_reason).inc()
-            self.metrics.e2e.observe(time.monotonic() - req.start_time)
+            series = req.series or self.metrics.series(None)
+            series.success(delta.finish_reason).inc()
+            series.e2e.observe(time.monotonic() - req.start_time)
             log.debug("request_finished", req_id=req.req_id, finish_reason=delta.finish_reason,
                       num_output_tokens=req.num_delivered)
         elif not client_alive:
@@ -393,5 +396,4 @@ class Gateway:
         if release:
             self.release(req, "error")
         self.metrics.inflight.dec()
-        self.metrics.outcome("error").inc()
         req.sink.fail(code, message)

@@ -123,6 +123,7 @@ class Request:
     attempt: int = 0  # the current Dispatch.attempt; output of any other is ignored
     first_token_time: float = 0.0  # monotonic, 0 until the first token (metrics)
     last_token_time: float = 0.0  # monotonic, at the last delivered token (metrics)
+    series: Any = None  # its metrics' children (metrics.Series), from its first token on
 
     @property
     def num_delivered(self) -> int:

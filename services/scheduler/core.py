@@ -136,10 +136,13 @@ class InFlightMigration:
 class Counters:
     num_dispatched: int = 0
     num_rejected: int = 0  # DispatchRejected sent
+    num_migrations_started: int = 0  # MigrateOut issued
     num_committed: int = 0  # migrations
     num_cached_blocks_placed: int = 0  # prefix blocks requests found where they were placed
     num_aborted: int = 0
     abort_reasons: dict[str, int] = field(default_factory=dict)
+    instances_down: dict[str, int] = field(default_factory=dict)  # reason -> instances
+    gateways_gone: dict[str, int] = field(default_factory=dict)  # reason -> gateways
 
     def count_abort(self, reason: str) -> None:
         self.num_aborted += 1
@@ -243,6 +246,7 @@ class SchedulerCore:
                 if req_id.startswith(req_id_prefix):
                     self.pending.remove(req_id)
         log.warning("gateway_gone", gateway_inbox=addr, reason=reason, num_reqs=len(orphans))
+        self.counters.gateways_gone[reason] = self.counters.gateways_gone.get(reason, 0) + 1
         gone = GatewayGone(inbox_addr=addr, req_id_prefix=req_id_prefix)
         return [(inst.inbox_addr, gone) for inst in self.table if inst.alive]
 
@@ -619,6 +623,7 @@ class SchedulerCore:
             migration_id, src.instance_id, dst.instance_id, decision.req_id, now
         )
         self.table.start_migration(src.instance_id, dst.instance_id)
+        self.counters.num_migrations_started += 1
         log.debug(
             "migration_issued",
             migration_id=migration_id,
@@ -801,4 +806,5 @@ class SchedulerCore:
                 if mig.src_instance_id == instance_id:  # no one is left to send MigrationDone
                     self.counters.count_abort("source instance down")
         log.warning("instance_down", instance_id=instance_id, reason=reason, num_reqs=len(dropped))
+        self.counters.instances_down[reason] = self.counters.instances_down.get(reason, 0) + 1
         return out

@@ -19,6 +19,12 @@ from ferry.common.logging import get_logger
 from ferry.services.scheduler.core import DEFAULT_MAX_QUEUED_PER_INSTANCE
 from ferry.services.scheduler.dispatch import POLICY_NAMES
 from ferry.services.scheduler.main import Scheduler
+from ferry.services.scheduler.metrics import (
+    DEFAULT_METRICS_PORT,
+    MetricsServer,
+    SchedulerCollector,
+    make_registry,
+)
 from ferry.services.scheduler.provisioner import DEFAULT_WORKER_ARGS, LocalProcessProvisioner
 
 log = get_logger()
@@ -52,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_port(env.scheduler_admin_addr()),
         help="admin (ROUTER) port for ferry status / migrate; default from FERRY_SCHEDULER_ADMIN_ADDR",
     )
+    add("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+        help="HTTP port of /metrics (Prometheus: per-instance load, migrations, the pending "
+             "queue, autoscaling); 0: off")
+    add("--metrics-host", default=env.bind_host(),
+        help="interface /metrics binds; default FERRY_BIND_HOST")
     add("--dispatch-policy", choices=POLICY_NAMES, default=d["dispatch_policy"])
     add(
         "--heartbeat-timeout-s",
@@ -180,6 +191,17 @@ async def serve(args: argparse.Namespace) -> None:
         max_queued_per_instance=args.max_queued_per_instance,
         migrate_margin=args.migrate_margin,
     )
+    metrics = None
+    if args.metrics_port:
+        collector = SchedulerCollector(scheduler.core, scheduler.stats, scheduler)
+        metrics = MetricsServer(make_registry(collector), args.metrics_host, args.metrics_port)
+        try:
+            await metrics.start()
+        except OSError as err:
+            scheduler.close()
+            raise SystemExit(f"ferry scheduler: cannot serve /metrics on "
+                             f"{args.metrics_host}:{args.metrics_port}: {err}") from None
+        log.info("metrics_serving", url=f"http://{args.metrics_host}:{metrics.port}/metrics")
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
@@ -191,6 +213,8 @@ async def serve(args: argparse.Namespace) -> None:
         log.info("scheduler_stopping")
     finally:
         scheduler.close()
+        if metrics is not None:
+            await metrics.stop()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -65,6 +65,7 @@ from ferry.services.scheduler.core import (
     SchedulerCore,
     SchedulerError,
 )
+from ferry.services.scheduler.metrics import SchedulerStats
 from ferry.services.scheduler.provisioner import LocalProcessProvisioner
 
 # Who may send what (checked per message when the cluster has keys; common/security.py).
@@ -106,6 +107,7 @@ class Scheduler:
             started_s=clock(),
         )
         self.autoscaler = make_autoscaler(cfg) if cfg.autoscale else None
+        self.stats = SchedulerStats()  # for /metrics (metrics.py): migrations, autoscaling
         self.provisioner = provisioner
         self.recv_from_peers = Inbox(ctx, cfg.inbox.bind, allowed=INBOX_SENDERS,
                                      max_frame_bytes=cfg.max_frame_bytes, keys=self.keys)
@@ -259,6 +261,7 @@ class Scheduler:
 
     def handle_migration_done(self, msg: MigrationDone, frames: list[bytes]) -> None:
         self.send_all(self.core.migration_done(msg))
+        self.stats.migration_done(msg)
         waiter = self.admin_waits.pop(msg.migration_id, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(msg)
@@ -388,11 +391,14 @@ class Scheduler:
             if isinstance(action, ScaleUp):
                 handle = self.provisioner.start_worker()
                 self.autoscaler.started(handle.instance_id, now)
+                self.stats.autoscaled("scale_up")
             elif isinstance(action, Drain):
                 self.send_all(self.core.drain(action.instance_id))
+                self.stats.autoscaled("drain")
             elif isinstance(action, Terminate):
                 self.send_all(self.core.terminate(action.instance_id, now))
                 self.provisioner.stop_worker(action.instance_id, now=now)
+                self.stats.autoscaled("terminate")
 
     # ---- sending --------------------------------------------------------------------------
 

@@ -28,6 +28,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from ferry.common.histogram import Buckets
+
+# Buckets of the time held requests waited here (ferry:pending_wait_seconds); the longest
+# is max_wait_s (5 s by default) plus a tick.
+WAIT_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
 
 @dataclass(frozen=True, slots=True)
 class PendingEntry:
@@ -49,6 +55,7 @@ class PendingQueue:
         self._by_priority: dict[int, OrderedDict[str, PendingEntry]] = {}
         self._priority_of: dict[str, int] = {}  # req_id -> priority, every entry
         self.demand_blocks = 0  # blocks all held requests need to start
+        self.waits = Buckets(WAIT_BOUNDS_S)  # how long each released entry was held
 
     def __len__(self) -> int:
         return len(self._priority_of)
@@ -95,9 +102,14 @@ class PendingQueue:
         oldest = min((next(iter(q.values())) for q in self._by_priority.values()),
                      key=lambda e: e.since_s)
         if now - oldest.since_s >= self.max_wait_s:
-            return self.remove(oldest.req_id)
+            return self._release(oldest, now)
         for priority in sorted(self._by_priority, reverse=True):
             for entry in itertools.islice(self._by_priority[priority].values(), self.window):
                 if entry.demand_blocks <= best_room:
-                    return self.remove(entry.req_id)
+                    return self._release(entry, now)
         return None
+
+    def _release(self, entry: PendingEntry, now: float) -> PendingEntry:
+        self.remove(entry.req_id)
+        self.waits.observe(max(0.0, now - entry.since_s))
+        return entry

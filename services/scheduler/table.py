@@ -61,6 +61,11 @@ class Instance:
     num_migrations_out: int = 0  # MigrateOut issued with this source, MigrationDone pending
     num_migrations_in: int = 0  # same, with this destination
     estimate: LoadFields | None = None  # InstanceTable.load() cached; None: recompute
+    # For /metrics (services/scheduler/metrics.py), read at scrape time only:
+    model_name: str = ""  # Register.model_name
+    queue_time_bounds_s: tuple[float, ...] = ()  # Register's; the counts below fit them
+    queue_time_counts: tuple[int, ...] = ()  # the last report's, cumulative (LoadReport)
+    queue_time_sum_s: float = 0.0
 
 
 class InstanceTable:
@@ -80,6 +85,8 @@ class InstanceTable:
             max_model_len=msg.max_model_len,
             last_heard_s=now,
             prefix_seed=msg.prefix_seed,
+            model_name=msg.model_name,
+            queue_time_bounds_s=msg.queue_time_bounds_s,
         )
         self._instances[msg.instance_id] = inst
         return inst
@@ -129,6 +136,7 @@ class InstanceTable:
         inst.report_seq = msg.seq
         inst.report = msg.load
         inst.estimate = None
+        inst.queue_time_counts, inst.queue_time_sum_s = msg.queue_time_counts, msg.queue_time_sum_s
         seen = msg.num_dispatch_received - inst.dispatch_base
         if seen > inst.num_dispatch_sent:
             inst.dispatch_base = msg.num_dispatch_received - inst.num_dispatch_sent

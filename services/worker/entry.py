@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import socket
+from pathlib import Path
 
 from ferry.common import env
 from ferry.common.config import Endpoint, EngineConfig, WorkerConfig
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address peers dial (default tcp://FERRY_HOST:PORT)")
     parser.add_argument("--scheduler-addr", default=env.scheduler_addr())
     parser.add_argument("--model", default=env.model(), help="model directory or preset name")
+    parser.add_argument("--model-name", default="",
+                        help="model_name label of its metrics (default: the model's directory "
+                             "or preset name, as the gateway's --model-name)")
     parser.add_argument("--device", default=env.device(), help="cpu | cuda | cuda:N | auto")
     parser.add_argument("--executor", default=env.executor(), choices=["model", "sim"])
     parser.add_argument("--sim-profile", default="", help="profile JSON (executor sim)")
@@ -70,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         inbox=inbox,
         scheduler_addr=args.scheduler_addr,
         model=args.model,
+        model_name=args.model_name or default_model_name(args.model),
         device=resolve_device(args.device),
         executor=args.executor,
         sim_profile=args.sim_profile,
@@ -93,6 +98,14 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         keys_dir=args.keys_dir,
         key_name=args.key_name,
     )
+
+
+def default_model_name(model: str) -> str:
+    """What the gateway calls the model by default (its directory's name), for a worker
+    given the directory, a preset name or "random:PRESET"."""
+    from ferry.services.worker.model.resolve import RANDOM_PREFIX
+
+    return Path(model.removeprefix(RANDOM_PREFIX)).name or model
 
 
 def resolve_device(name: str) -> str:

@@ -273,6 +273,8 @@ class Worker:
             req_ids=tuple(self.engine.requests),
             req_priorities=tuple(r.priority for r in self.engine.requests.values()),
             prefix_seed=self.engine.scheduler.prefix_seed or 0,
+            model_name=self.config.model_name,
+            queue_time_bounds_s=self.engine.scheduler.queue_time.bounds,
         ))
 
     def _report(self) -> None:
@@ -281,6 +283,7 @@ class Worker:
         every = max(1, round(HELD_LIST_INTERVAL_S / self.config.report_interval_s))
         stored, evicted = self.engine.blocks.take_events()
         snapshot = None
+        queue_time = self.engine.scheduler.queue_time
         if self._cache_snapshot_wanted or len(stored) + len(evicted) > MAX_CACHE_EVENTS:
             snapshot, stored, evicted = tuple(self.engine.blocks.cached_hashes()), [], []
             self._cache_snapshot_wanted = False
@@ -294,6 +297,7 @@ class Worker:
                              draining=self.draining),
             req_ids=tuple(self.engine.requests) if self.report_seq % every == 0 else None,
             cache_stored=tuple(stored), cache_evicted=tuple(evicted), cache_snapshot=snapshot,
+            queue_time_counts=queue_time.cumulative(), queue_time_sum_s=queue_time.sum,
         ))
 
     def _work_arrived(self) -> None:

@@ -436,6 +436,8 @@ def test_api_keys(model_dir):
             assert status == 200
             async with session.get(h.base_url + "/health") as resp:
                 assert resp.status == 200  # probes need no key
+            async with session.get(h.base_url + "/metrics") as resp:
+                assert resp.status == 200  # nor does Prometheus
             client = openai.AsyncOpenAI(base_url=h.base_url + "/v1", api_key="secret")
             assert (await client.completions.create(model="tiny", prompt="x", max_tokens=2)).id
             await client.close()
@@ -474,15 +476,20 @@ def test_metrics(model_dir):
                 text = await resp.text()
             samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                        for line in text.splitlines() if line and not line.startswith("#")}
-            assert samples['ferry_gateway_requests_total{outcome="length"}'] == 3
-            assert samples["ferry_gateway_prompt_tokens_total"] == 6
-            assert samples["ferry_gateway_output_tokens_total"] == 12
-            assert samples['ferry_gateway_rejected_total{code="400"}'] == 1
-            assert samples["ferry_gateway_time_to_first_token_seconds_count"] == 3
-            assert samples["ferry_gateway_inter_token_latency_seconds_count"] == 9
-            assert samples["ferry_gateway_e2e_latency_seconds_count"] == 3
-            assert samples["ferry_gateway_inflight_requests"] == 0
-            assert samples["ferry_gateway_bypass_mode"] == 0
+            # vLLM's names under ferry:, labelled with the model and the instance that
+            # delivered the first token; the gateway's own under ferry:gateway_*
+            w0 = 'instance_id="w0",model_name="tiny"'
+            assert samples[f'ferry:request_success_total{{finished_reason="length",{w0}}}'] == 3
+            assert samples[f"ferry:prompt_tokens_total{{{w0}}}"] == 6
+            assert samples[f"ferry:generation_tokens_total{{{w0}}}"] == 12
+            assert samples[f"ferry:time_to_first_token_seconds_count{{{w0}}}"] == 3
+            assert samples[f"ferry:inter_token_latency_seconds_count{{{w0}}}"] == 9
+            assert samples[f"ferry:e2e_request_latency_seconds_count{{{w0}}}"] == 3
+            assert samples['ferry:gateway_rejected_total{code="400"}'] == 1
+            assert samples["ferry:gateway_inflight_requests"] == 0
+            assert samples["ferry:gateway_bypass_mode"] == 0
+            assert samples["ferry:gateway_replays_total"] == 0
+            assert not [name for name in samples if name.startswith("ferry_")]
 
     arun(body())
 

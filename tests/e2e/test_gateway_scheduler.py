@@ -125,7 +125,8 @@ def test_gateway_with_the_real_scheduler(tmp_path):
     config = gateway_config(model_dir, scheduler_addr=tcp(port), bypass_after_s=2.0)
     scheduler = subprocess.Popen(
         [sys.executable, "-m", "ferry.services.scheduler", "--port", str(port), "--admin-port",
-         str(admin_port), "--view-interval-s", "0.2", "--heartbeat-timeout-s", "0.5",
+         str(admin_port), "--metrics-port", "0", "--view-interval-s", "0.2",
+         "--heartbeat-timeout-s", "0.5",
          "--dispatch-policy", "round_robin", "--no-enable-migration"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "FERRY_LOG_LEVEL": "warning"},
         stderr=subprocess.PIPE, text=True)

@@ -144,9 +144,27 @@ def test_dockerfile_final_stage(path):
     unknown = {n for n in env if n.startswith("FERRY_")} - ferry_env_names()
     assert not unknown, f"{path} sets variables common/env.py does not read: {unknown}"
     assert not set(env) - ferry_env_names() - THIRD_PARTY_ENV
-    # Every port a compose file uses is declared.
+    # Every port a service listens on by default is declared.
     exposed = set(final["EXPOSE"].split())
-    assert {"8000", "8001", "5600", "5601", "5602", "5700"} <= exposed
+    assert {str(p) for p in default_ports().values()} <= exposed
+
+
+def default_ports() -> dict[str, int]:
+    """What each service listens on with no flag and no FERRY_* variable."""
+    sched, _ = parse_service(["scheduler"], {})
+    gw, gw_config = parse_service(["gateway"], {})
+    worker, _ = parse_service(["worker", "--device", "cpu"], {})
+    return {"gateway http": gw_config.http_port, "gateway sdk": gw.sdk_port,
+            "gateway inbox": gw.inbox_port, "scheduler inbox": sched.port,
+            "scheduler admin": sched.admin_port, "scheduler metrics": sched.metrics_port,
+            "worker inbox": worker.port}
+
+
+def test_default_ports():
+    assert default_ports() == {
+        "gateway http": 8000, "gateway sdk": 8001, "gateway inbox": 5602,
+        "scheduler inbox": 5600, "scheduler admin": 5601, "scheduler metrics": 5603,
+        "worker inbox": 5700}
 
 
 def test_dockerfiles_install_from_the_lock_files():
@@ -345,8 +363,12 @@ def test_compose_addresses_meet(name):
     assert len(instance_ids) == 2
     for svc, addr in dialers.items():
         assert (host_of(addr), port_of(addr)) == ("scheduler", sched_args.port), svc
-    assert published(services["scheduler"]) == {sched_args.admin_port: 5601}
-    assert services["scheduler"]["ports"] == ["127.0.0.1:5601:5601"]  # loopback all the same
+    assert published(services["scheduler"]) == {sched_args.admin_port: 5601,
+                                                sched_args.metrics_port: 5603}
+    # loopback all the same
+    assert services["scheduler"]["ports"] == ["127.0.0.1:5601:5601", "127.0.0.1:5603:5603"]
+    # /metrics, reachable on the compose network (Prometheus there scrapes scheduler:5603)
+    assert sched_args.metrics_port == 5603 and sched_args.metrics_host == "0.0.0.0"
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
@@ -562,6 +584,21 @@ def test_healthcheck_scheduler_probes():
 # ---- docs/deploy.md ----------------------------------------------------------------------
 
 
+def test_deploy_doc_lists_every_port():
+    """The port table names every default port, and the firewall table opens the
+    scheduler's and the gateway's /metrics to Prometheus."""
+    text = (ROOT / "docs/deploy.md").read_text()
+    table = dict(re.findall(r"^\| (\d+)(?: \(\+N\))? \| ([^|]+) \|", text, re.M))
+    for what, port in default_ports().items():
+        assert str(port) in table, f"docs/deploy.md's port table lacks {port} ({what})"
+    assert "/metrics" in table["5603"]
+    firewall = re.findall(r"^\| (\w+) \| ([^|]+) \| ([^|]+) \|$", text, re.M)
+    assert any(host == "scheduler" and "Prometheus" in who and "5603" in ports
+               for host, who, ports in firewall)
+    assert any(host == "gateway" and "Prometheus" in who and "8000" in ports
+               for host, who, ports in firewall)
+
+
 def test_deploy_doc_lists_every_variable():
     """The environment table of docs/deploy.md names exactly what common/env.py reads."""
     rows = re.findall(r"^\| `(FERRY_[A-Z0-9_]+)` \|", (ROOT / "docs/deploy.md").read_text(),
@@ -696,6 +733,7 @@ def test_unit_commands_parse(uncomment):
     # The scheduler binds the ports everyone else dials (they all read FERRY_SCHEDULER_*).
     assert (args.port, args.admin_port) == (port_of(sched_addr), port_of(admin_addr))
     assert sched.inbox.bind == f"tcp://0.0.0.0:{port_of(sched_addr)}"
+    assert (args.metrics_host, args.metrics_port) == ("0.0.0.0", 5603)  # Prometheus scrapes it
 
     argv, env = unit_exec("ferry-gateway.service", env_files=files, uncomment=uncomment)
     args, gw = parse_service(argv[1:], env)

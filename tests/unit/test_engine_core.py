@@ -295,6 +295,44 @@ def test_load_snapshot_counts():
     assert load.num_free_blocks + 2 == load.num_total_blocks
 
 
+def test_queue_time_and_generated_tokens_are_counted_once_per_request(monkeypatch):
+    """Queue time: joining this engine's queue to the first step that runs the request,
+    once (not again when a preempted request is admitted again); every sampled token."""
+    import types
+
+    from ferry.services.worker.engine import engine as engine_module
+    from ferry.services.worker.engine import scheduler as scheduler_module
+
+    clock = [100.0]
+    fake_time = types.SimpleNamespace(monotonic=lambda: clock[0], time=lambda: clock[0],
+                                      perf_counter=lambda: clock[0])
+    monkeypatch.setattr(engine_module, "time", fake_time)
+    monkeypatch.setattr(scheduler_module, "time", fake_time)
+    engine = make_engine(max_num_seqs=1)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    engine.add_request("a", [1, 2, 3], params)
+    engine.add_request("b", [4, 5, 6], params)
+    clock[0] += 0.003
+    collector = Collector()
+    step(engine, collector)  # a starts after 3 ms; b waits for a's slot
+    clock[0] += 0.2
+    run_all(engine, collector)  # b starts 203 ms after it came
+    queue = engine.scheduler.queue_time
+    bounds = queue.bounds
+    assert queue.cumulative()[bounds.index(0.0025)] == 0
+    assert queue.cumulative()[bounds.index(0.005)] == 1
+    assert queue.cumulative()[bounds.index(0.25)] == 2 == queue.count
+    assert queue.sum == pytest.approx(0.003 + 0.203)
+    assert engine.load().num_generation_tokens == 6
+
+    preempting = make_engine(num_blocks=14, budget=64)
+    add_all(preempting, max_tokens=20)
+    run_all(preempting)
+    assert preempting.scheduler.num_preemptions > 0
+    assert preempting.scheduler.queue_time.count == len(PROMPTS)
+    assert preempting.load().num_generation_tokens == 20 * len(PROMPTS)
+
+
 def test_request_that_outgrows_the_whole_cache_finishes_instead_of_thrashing():
     engine = make_engine(num_blocks=5, block_size=4)
     engine.add_request("big", [1] * 10, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))

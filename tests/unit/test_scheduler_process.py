@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -512,11 +513,12 @@ def test_defaults_match_the_config():
     assert cfg == defaults
 
 
-def test_the_module_runs_answers_status_and_stops_on_sigterm():
+def test_the_module_runs_answers_status_and_metrics_and_stops_on_sigterm():
     port = free_port()
     admin_port = free_port()
-    while admin_port == port:
-        admin_port = free_port()
+    metrics_port = free_port()
+    while len({port, admin_port, metrics_port}) < 3:
+        admin_port, metrics_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "FERRY_LOG_LEVEL": "warning"}
     proc = subprocess.Popen(
         [
@@ -527,6 +529,8 @@ def test_the_module_runs_answers_status_and_stops_on_sigterm():
             str(port),
             "--admin-port",
             str(admin_port),
+            "--metrics-port",
+            str(metrics_port),
         ],
         env=env,
     )
@@ -552,6 +556,10 @@ def test_the_module_runs_answers_status_and_stops_on_sigterm():
 
         reply = asyncio.run(ask())
         assert reply.dispatch_policy == "llumnix" and reply.instances == ()
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        assert "ferry:migrations_committed_total 0.0" in text
+        assert "ferry:pending_requests 0.0" in text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:

@@ -80,13 +80,13 @@ def dispatch(peers: Peers, req_id: str, *, attempt: int = 0, max_tokens: int = 4
         reply_addr=reply_addr or peers.gateway_addr, arrival_s=time.time(), attempt=attempt)
 
 
-def run(body) -> None:
+def run(body, **config_fields) -> None:
     async def main():
         peers = Peers()
         config = WorkerConfig(
             instance_id="w0", inbox=Endpoint(bind=peers.worker_addr, advertise=peers.worker_addr),
             scheduler_addr=peers.scheduler_addr, model="tiny", executor="sim",
-            report_interval_s=0.05)
+            report_interval_s=0.05, **config_fields)
         worker = Worker(config, sim_engine())
         task = asyncio.get_running_loop().create_task(worker.run())
         try:
@@ -114,6 +114,35 @@ def test_a_newer_attempt_replaces_the_copy_and_an_older_one_is_ignored():
         assert peers.finish_of("r0", 0) is None
 
     run(body)
+
+
+def test_register_and_reports_carry_the_model_name_and_the_queue_time_histogram():
+    async def body(peers: Peers, worker: Worker) -> None:
+        register = wire.decode(await peers.scheduler.recv_multipart())
+        assert isinstance(register, wire.Register)
+        assert register.model_name == "tiny-test"
+        bounds = register.queue_time_bounds_s
+        assert bounds == worker.engine.scheduler.queue_time.bounds and len(bounds) > 4
+        await peers.send(dispatch(peers, "r0", max_tokens=4))
+        await wait_until(lambda: peers.finish_of("r0", 0) == "length")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            report = wire.decode(await peers.scheduler.recv_multipart())
+            if isinstance(report, wire.LoadReport) and report.queue_time_counts[-1] == 1:
+                break
+        assert len(report.queue_time_counts) == len(bounds) + 1
+        assert 0 <= report.queue_time_sum_s < 5
+        assert report.load.num_generation_tokens == 4
+
+    run(body, model_name="tiny-test")
+
+
+def test_the_default_model_name_is_the_gateways():
+    from ferry.services.worker.entry import default_model_name
+
+    assert default_model_name("tiny") == "tiny"
+    assert default_model_name("/srv/models/Llama-3-8B/") == "Llama-3-8B"
+    assert default_model_name("random:llama3-8b") == "llama3-8b"
 
 
 def test_an_abort_for_another_attempt_leaves_the_copy_running():

@@ -56,6 +56,7 @@ class EngineLoad:
     num_prefix_hit_tokens: int  # of those, found in the prefix cache, total
     prefill_tokens_per_s: float  # EWMA of prefill throughput (0 until measured)
     pending_prefill_tokens: int  # prefill work queued ahead of a new request (LoadFields)
+    num_generation_tokens: int  # output tokens sampled, total
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,6 +150,7 @@ class Engine:
             attempt=attempt,
             output_token_ids=list(output_token_ids),
             num_delivered=len(output_token_ids),
+            queued_s=time.monotonic(),
         )
         self.requests[req_id] = req
         self.scheduler.add(req)
@@ -231,6 +233,7 @@ class Engine:
             num_prefix_hit_tokens=sched.num_hit_tokens,
             prefill_tokens_per_s=self.prefill_tokens_per_s,
             pending_prefill_tokens=sched.pending_prefill_tokens(),
+            num_generation_tokens=sched.num_generated_tokens,
         )
 
     def check_invariants(self) -> None:
@@ -318,9 +321,10 @@ class Engine:
             num_delivered=state.num_delivered,
         )
         self.requests[req.req_id] = req
-        if req.num_computed_tokens == 0:
+        if req.num_computed_tokens == 0:  # queued at the source: it queues here
             self.blocks.free(req.block_ids)
             req.block_ids = []
+            req.queued_s = time.monotonic()
             self.scheduler.add(req)
         else:
             self.scheduler.add_running(req)

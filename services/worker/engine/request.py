@@ -36,6 +36,9 @@ class Request:
     num_registered: int = 0
     finish_reason: str | None = None
     last_step_s: float = 0.0  # wall clock (time.time()) at the end of its latest step
+    # Monotonic time it joined this engine's queue; None once its queue time is counted
+    # (its first step here) or when it came with its KV (a running request migrated in).
+    queued_s: float | None = None
     # Logprobs of output_token_ids[num_delivered:] when sampling.logprobs is set (handed
     # out with them; never migrated: outputs are handed out at the end of every step).
     undelivered_logprobs: list[TokenLogprobs] = field(default_factory=list)

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from ferry.common.config import EngineConfig
+from ferry.common.histogram import QUEUE_TIME_BOUNDS_S, Buckets
 from ferry.common.prefix_hash import block_hashes
 from ferry.services.worker.engine.batch import SeqChunk, needs_history
 from ferry.services.worker.engine.block_manager import BlockManager
@@ -70,6 +71,9 @@ class LocalScheduler:
         self.num_preemptions = 0
         self.num_admitted_tokens = 0  # tokens of the requests admitted (from waiting)
         self.num_hit_tokens = 0  # of those, found in the prefix cache (not computed)
+        self.num_generated_tokens = 0  # output tokens sampled, total
+        # Each request's wait here: joining the queue (Request.queued_s) to its first step.
+        self.queue_time = Buckets(QUEUE_TIME_BOUNDS_S)
 
     # ---- queue --------------------------------------------------------------------------
 
@@ -107,6 +111,7 @@ class LocalScheduler:
 
         if plan.preempted_req_ids:
             return plan
+        now = time.monotonic() if self.waiting else 0.0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             cached = self._match(req)
@@ -119,6 +124,9 @@ class LocalScheduler:
                 req.num_computed_tokens = len(cached) * self.blocks.block_size
             self.num_admitted_tokens += req.num_tokens
             self.num_hit_tokens += req.num_computed_tokens
+            if req.queued_s is not None:
+                self.queue_time.observe(now - req.queued_s)
+                req.queued_s = None
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             self.blocks.append_slot(req.block_ids, req.num_computed_tokens + num_new)
             self.waiting.pop(0)
@@ -246,6 +254,7 @@ class LocalScheduler:
                     raise ValueError(f"{req.req_id} asked for logprobs; the executor gave none")
                 req.undelivered_logprobs.append(token_logprobs)
             req.output_token_ids.append(token)
+            self.num_generated_tokens += 1
             reason = self._finish_reason(req, token)
             if reason is not None:
                 self.running.remove(req)
