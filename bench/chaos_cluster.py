@@ -44,12 +44,13 @@ def cluster_args(*, workers: int, executor: str, device: str, sim_speedup: float
                  num_blocks: int, log_dir: str, worker_args: list[str],
                  scheduler_args: list[str], gateway_args: list[str]) -> argparse.Namespace:
     """`ferry up`'s arguments for this cluster, on ports nothing else uses: scheduler
-    inbox +0, admin +1, gateway inboxes +2, +3, gateway HTTP / SDK +10 ... +13, workers +100."""
+    inbox +0, admin +1, metrics +3, gateway HTTP / SDK +10 ... +13, gateway inboxes +20, +21,
+    workers +100."""
     from ferry.services.up import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    base = free_port_base(workers, extra_offsets=(3, 10, 11, 12, 13))
+    base = free_port_base(workers, extra_offsets=(10, 11, 12, 13, 20, 21))
     args = parser.parse_args([
         "--workers", str(workers), "--executor", executor, "--device", device,
         "--sim-speedup", str(sim_speedup), "--port-base", str(base), "--log-dir", log_dir,
@@ -66,7 +67,7 @@ class ChaosCluster(Cluster):
         super().__init__(args)
         base = args.port_base
         self.model_dir = model_dir
-        self.gateways = {name: GatewayPorts(base + 10 + 2 * i, base + 11 + 2 * i, base + 2 + i)
+        self.gateways = {name: GatewayPorts(base + 10 + 2 * i, base + 11 + 2 * i, base + 20 + i)
                          for i, name in enumerate(GATEWAYS)}
         self.worker_ids = [f"worker-{i}" for i in range(args.workers)]
         self.devices = (worker_devices(args.device, args.workers) if args.executor == "model"
