@@ -31,9 +31,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ferry.common.logging import get_logger
+from ferry.common.text import TextModel
 from ferry.services.gateway import openai_protocol as oai
 from ferry.services.gateway.requests import Delta, Rejected
-from ferry.services.gateway.text import TextModel
 from ferry.services.gateway.tool_calls import ToolCallStream, parse_tool_call, tool_call
 
 if TYPE_CHECKING:

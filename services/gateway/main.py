@@ -26,6 +26,7 @@ from ferry.common.config import GatewayConfig
 from ferry.common.logging import get_logger
 from ferry.common.sampling import SamplingParams
 from ferry.common.security import KEYLESS, describe, for_process
+from ferry.common.text import TextModel
 from ferry.common.zmq_util import Inbox, Outboxes, Overloaded, frames_and_sender, make_context
 from ferry.services.gateway.http_api import HttpApi
 from ferry.services.gateway.metrics import GatewayMetrics
@@ -42,7 +43,6 @@ from ferry.services.gateway.requests import (
 )
 from ferry.services.gateway.routing import Routes
 from ferry.services.gateway.sdk import SdkFrontend
-from ferry.services.gateway.text import TextModel
 
 T = TypeVar("T")
 log = get_logger()

@@ -31,7 +31,7 @@ from typing import Any
 from ferry.common import wire
 from ferry.common.prefix_hash import block_hashes
 from ferry.common.sampling import MAX_SEED, SamplingParams, TokenLogprobs
-from ferry.services.gateway.text import Detokenizer, TextModel
+from ferry.common.text import Detokenizer, TextModel
 
 # Release reasons (wire.Release.reason)
 RELEASE_FINISHED = "finished"  # the worker ended it itself; nothing to abort

@@ -26,8 +26,8 @@ import zmq.asyncio
 from ferry.common import wire
 from ferry.common.config import Endpoint, GatewayConfig
 from ferry.common.sampling import TokenLogprobs
+from ferry.common.text import TextModel
 from ferry.services.gateway.main import Gateway
-from ferry.services.gateway.text import TextModel
 
 SCRIPT_TEXT = "the quick brown fox jumps over the lazy dog. hello world! "
 

@@ -18,8 +18,8 @@ import zmq.asyncio
 
 from ferry import AsyncClient
 from ferry.common import wire
+from ferry.common.text import TextModel
 from ferry.services.gateway.main import Gateway
-from ferry.services.gateway.text import TextModel
 from tests.e2e.test_gateway_harness import (
     SCRIPT_TEXT,
     free_ports,

@@ -10,6 +10,7 @@ import pytest
 
 from ferry.common import wire
 from ferry.common.sampling import MAX_SEED, SamplingParams, TokenLogprobs
+from ferry.common.text import TextModel
 from ferry.services.gateway.requests import (
     RELEASE_FINISHED,
     BadStream,
@@ -19,7 +20,6 @@ from ferry.services.gateway.requests import (
     StopMatcher,
     check_request,
 )
-from ferry.services.gateway.text import TextModel
 from tests.unit.test_gateway_text import EOS, cut_mid_character, make_model_dir
 
 REPLY_ADDR = "tcp://gateway:5610"
