@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import zmq
 
@@ -28,6 +28,7 @@ from ferry.common.sampling import SamplingParams
 from ferry.common.security import KEYLESS, describe, for_process
 from ferry.common.text import TextModel
 from ferry.common.zmq_util import Inbox, Outboxes, Overloaded, frames_and_sender, make_context
+from ferry.services.gateway.frontend import Sink
 from ferry.services.gateway.http_api import HttpApi
 from ferry.services.gateway.metrics import GatewayMetrics
 from ferry.services.gateway.pool import WorkPool
@@ -62,18 +63,6 @@ PROBE_INTERVAL_S = 0.5  # announce this gateway to the scheduler this often unti
 HELLO_INTERVAL_S = 1.0  # then this often: the scheduler's heartbeat of this gateway
 MAX_ATTEMPTS = 8  # dispatches of one request (first run, replays); then it fails with 503
 MAX_STALE_TOLD = 4096  # (req_id, attempt, instance) stale copies told to stop, remembered
-
-
-class Sink(Protocol):
-    """Where one request's output goes (SdkSink, HttpSink)."""
-
-    def push(self, delta: Delta) -> bool:
-        """Hand over a delta; False when the client is gone (the gateway aborts)."""
-        ...
-
-    def fail(self, code: int, message: str) -> None:
-        """End the request with an error (HTTP-like code)."""
-        ...
 
 
 class Gateway:
