@@ -114,9 +114,6 @@ class Registry:
     def tag_of(self, cls: type) -> int:
         return self._tag_of[cls]
 
-    def class_of(self, tag: int) -> type | None:
-        return self._class_of.get(tag)
-
     @property
     def message_classes(self) -> tuple[type, ...]:
         return tuple(self._tag_of)

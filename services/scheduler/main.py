@@ -359,7 +359,8 @@ class Scheduler:
             self.recv_from_admin.send_multipart([*route, *wire.encode(msg)], flags=zmq.NOBLOCK)
         except zmq.Again:
             self.num_send_dropped += 1
-            log.warning("admin_reply_dropped", type=type(msg).__name__)
+            log.warning("admin_reply_dropped", type=type(msg).__name__,
+                        num_send_dropped=self.num_send_dropped)
 
     # ---- periodic -------------------------------------------------------------------------
 
@@ -407,7 +408,8 @@ class Scheduler:
             self.send_to_peers.send(addr, msg)
         except Exception as err:  # Overloaded, BadAddress, or a bug: contained to this msg
             self.num_send_dropped += 1
-            log.warning("send_dropped", addr=addr, type=type(msg).__name__, error=str(err))
+            log.warning("send_dropped", addr=addr, type=type(msg).__name__, error=str(err),
+                        num_send_dropped=self.num_send_dropped)
 
     def close(self) -> None:
         for task in self.admin_tasks:
