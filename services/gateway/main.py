@@ -297,6 +297,9 @@ class Gateway:
 
     def handle_instance_down(self, msg: wire.InstanceDown) -> None:
         self.routes.heard(time.monotonic())
+        addr = self.routes.departed_addr(msg.instance_id)
+        if addr is not None:  # (bypass dispatches, stale-copy aborts went there)
+            self.send_to_cluster.drop(addr)
         reqs = [req for req in self.table.active() if req.instance_id == msg.instance_id]
         log.warning("instance_down", instance_id=msg.instance_id, num_replayed=len(reqs))
         for req in reqs:

@@ -398,6 +398,8 @@ class Scheduler:
     # ---- sending --------------------------------------------------------------------------
 
     def send_all(self, out: Out) -> None:
+        for addr in self.core.take_departed():  # first: out may reach a returning instance
+            self.send_to_peers.drop(addr)
         for addr, msg in out:
             self.send(addr, msg)
 

@@ -445,6 +445,13 @@ def test_bypass_mode_when_the_scheduler_goes_silent(model_dir):
                 w.behaviour.hold = False
             await client.generate("hi", max_tokens=2)
             assert len(h.cluster.dispatches) == 1
+            # a worker dies: the gateway closes the socket its bypass dispatches used
+            dead, alive = h.cluster.workers
+            outboxes = h.gateway.send_to_cluster
+            assert dead.inbox_addr in outboxes and alive.inbox_addr in outboxes
+            await h.cluster.instance_down(dead)
+            await wait_until(lambda: dead.inbox_addr not in outboxes, what="socket closed")
+            assert alive.inbox_addr in outboxes
 
     arun(body())
 

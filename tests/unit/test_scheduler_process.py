@@ -303,12 +303,17 @@ def test_silent_instance_is_declared_down_and_its_requests_dropped():
             await c.until(lambda s: len(s.instances) == 2)
             await c.gateway.send(c.request("r0"))
             await c.gateway.send(c.request("r1"))
-            await c.until(lambda s: len(s.requests) == 2)
+            status = await c.until(lambda s: len(s.requests) == 2)
+            assert "quiet" in [r.instance_id for r in status.requests]
+            assert quiet.addr in c.scheduler.send_to_peers  # a Dispatch went there
             down = await c.gateway.expect(InstanceDown, skip=(Placement, InstanceView))
             assert down.instance_id == "quiet"
             status = await c.until(lambda s: worker_ids(s, alive=False) == ["quiet"])
             assert worker_ids(status) == ["chatty"]
             assert [r.instance_id for r in status.requests] == ["chatty"]
+            # its PUSH socket (the Dispatch forwarded there) is closed; the live one's stays
+            outboxes = c.scheduler.send_to_peers
+            assert quiet.addr not in outboxes and chatty.addr in outboxes
         finally:
             reporting.cancel()
 
