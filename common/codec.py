@@ -12,7 +12,8 @@ Routers read only the header (`peek_tag`) and forward the frames unread.
 Decoding checks version, tag, size, arity and every field's type against the
 dataclass annotations, and the value checks a field declares with
 `Annotated[T, Check(...)]` (an address must be one a socket can dial); anything off
-raises WireError (never a crash further in).
+raises WireError (never a crash further in). A retired tag (a message whose layout
+changed, now under a new tag) is refused naming what it was.
 No pickle anywhere.
 """
 
@@ -63,6 +64,7 @@ class Registry:
     def __init__(self) -> None:
         self._tag_of: dict[type, int] = {}
         self._class_of: dict[int, type] = {}
+        self._retired: dict[int, str] = {}  # tag -> what it was
         self._fields: dict[type, tuple[tuple[str, _Convert], ...]] = {}
         self._num_required: dict[type, int] = {}  # leading fields a sender must send
         # min_fields and the defaults of the fields after them (types given min_fields)
@@ -75,12 +77,21 @@ class Registry:
         def register(cls: type[T]) -> type[T]:
             if tag in self._class_of:
                 raise ValueError(f"tag {tag} already used by {self._class_of[tag].__name__}")
+            if tag in self._retired:
+                raise ValueError(f"tag {tag} is retired ({self._retired[tag]})")
             self._register_struct(cls, min_fields=min_fields)
             self._tag_of[cls] = tag
             self._class_of[tag] = cls
             return cls
 
         return register
+
+    def retire(self, tag: int, what: str) -> None:
+        """A tag no message may use again: a peer that still sends it gets a 426 naming
+        `what` (the message it was, and why it moved)."""
+        if tag in self._class_of:
+            raise ValueError(f"tag {tag} is in use by {self._class_of[tag].__name__}")
+        self._retired[tag] = what
 
     def struct(self, cls: type[T], *, min_fields: int | None = None) -> type[T]:
         """Register a nested value type (no tag of its own). min_fields: the fields the
@@ -154,6 +165,9 @@ class Registry:
         tag = peek_tag(frames[0])
         cls = self._class_of.get(tag)
         if cls is None:
+            if tag in self._retired:
+                raise WireError(426, f"message tag {tag} is retired ({self._retired[tag]}): "
+                                     "the peer runs an older Ferry")
             raise WireError(400, f"unknown message tag {tag}")
         if expected is not None and cls not in expected:
             raise WireError(400, f"{cls.__name__} is not accepted on this socket")

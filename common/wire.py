@@ -5,8 +5,10 @@ Each message is a frozen, keyword-only dataclass registered under a u16 tag; the
 sender -> recipient. Extend by adding fields at the end: with a neutral default, and the
 type's field count before them as its `min_fields` (then a message that leaves them at
 their defaults encodes as before, so an older peer reads it, and an older sender's
-message decodes with the defaults filled in), else with a protocol-version bump; never
-renumber a tag.
+message decodes with the defaults filled in). A message whose layout changes otherwise
+moves to a new tag and its old tag is retired (`REGISTRY.retire`: a peer still sending
+it is refused by name, and the other messages, the SDK's included, keep working across
+versions); never renumber or reuse a tag.
 
 Topology (every process binds one PULL "inbox"; peers PUSH to it; the SDK and the admin
 CLI talk request/reply over ROUTER/DEALER):
@@ -41,6 +43,7 @@ __all__ = ["PROTOCOL_VERSION", "WireError", "peek_tag", "REGISTRY", "encode", "d
 REGISTRY = Registry()
 encode = REGISTRY.encode
 decode = REGISTRY.decode
+REGISTRY.retire(61, "MigPreallocReply with dst_rank; now tag 67")
 
 REGISTRY.struct(SamplingParams, min_fields=8)  # max_tokens .. stop; the rest came later
 REGISTRY.struct(TokenLogprobs)
@@ -456,7 +459,7 @@ class MigPrealloc:
     prompt_token_ids: tuple[int, ...] = ()  # the request's prompt (sent once, early)
 
 
-@REGISTRY.message(61)
+@REGISTRY.message(67)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MigPreallocReply:
     migration_id: str
@@ -464,7 +467,6 @@ class MigPreallocReply:
     reason: str  # why not, when ok is False
     group_id: str  # pairwise KV group to use
     store_addr: HostPortOrEmpty  # "host:port" of the group's rendezvous store (dst hosts it)
-    dst_rank: int  # the destination's rank in the group (0 or 1)
 
 
 @REGISTRY.message(62)

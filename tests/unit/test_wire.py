@@ -77,6 +77,21 @@ def test_rejects_other_protocol_version():
     assert err.value.code == 426
 
 
+def test_a_retired_tag_is_refused_by_name():
+    """A message that changed layout moved to a new tag: a peer of an older Ferry that
+    still sends the old one gets a clear 426, and no new message can take the tag."""
+    with pytest.raises(WireError, match=r"tag 61 is retired \(MigPreallocReply") as err:
+        wire.decode(_frames(61, ["m", True, "", "g", "host:1", 1]))
+    assert err.value.code == 426
+
+    @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+    class Newcomer:
+        x: int
+
+    with pytest.raises(ValueError, match="tag 61 is retired"):
+        wire.REGISTRY.message(61)(Newcomer)
+
+
 def test_rejects_malformed_msgpack():
     frames = [wire.encode(wire.Abort(req_id="r", reason="x"))[0], b"\xc1\xff\x00"]
     with pytest.raises(WireError, match="malformed"):
