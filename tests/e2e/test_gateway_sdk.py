@@ -66,7 +66,7 @@ def test_generate_returns_the_completion_and_releases(model_dir):
             assert out.req_id == dispatch.req_id and out.req_id.startswith("gw-")
             assert dispatch.prompt_token_ids == tuple(h.gateway.text.encode("hello world"))
             assert dispatch.sampling.seed is not None and dispatch.sampling.temperature == 0.5
-            assert dispatch.reply_addr == h.gateway.config.inbox.advertise
+            assert h.cluster.headers[0].reply_addr == h.gateway.config.inbox.advertise
             await wait_until(lambda: h.cluster.release_reasons() == ["finished"])
             by_ids = await client.generate(prompt_token_ids=[5, 6, 7], max_tokens=3, seed=4)
             assert by_ids.token_ids == tuple(expected(h, 3)) and by_ids.num_prompt_tokens == 3

@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 
 from ferry.common.config import Endpoint, SchedulerConfig
-from ferry.common.sampling import SamplingParams
 from ferry.common.wire import (
     Abort,
     Dispatch,
@@ -81,15 +80,9 @@ def report(core, instance_id, seq, now, received=0, **fields):
 
 
 def request(req_id, prompt_len=32, priority=Priority.NORMAL, gateway=GATEWAY):
-    return Dispatch(
-        req_id=req_id,
-        prompt_token_ids=tuple(range(prompt_len)),
-        output_token_ids=(),
-        sampling=SamplingParams(max_tokens=8, seed=1),
-        priority=priority,
-        reply_addr=gateway,
-        arrival_s=0.0,
-    )
+    """A Dispatch's header: all the core reads (its body never reaches the core)."""
+    return Dispatch(req_id=req_id, attempt=0, priority=priority, reply_addr=gateway,
+                    prompt_len=prompt_len, prefix_hashes=(), body=b"")
 
 
 def done(migration_id, req_id, src, dst, committed=True, reason=""):
