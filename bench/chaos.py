@@ -527,7 +527,7 @@ async def run_chaos(cfg: ChaosConfig) -> dict:
     from openai import AsyncOpenAI
 
     from ferry import AsyncClient
-    from ferry.services.gateway.text import TextModel
+    from ferry.common.text import TextModel
     from ferry.services.worker.model.resolve import resolve_model
 
     unknown = set(cfg.phases) - set(PHASES)

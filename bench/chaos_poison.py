@@ -42,10 +42,18 @@ def _sampling(max_tokens: int = 8) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, seed=1, ignore_eos=True)
 
 
-def _dispatch(reply_addr: str, req_id: str = "poison-req") -> wire.Dispatch:
-    return wire.Dispatch(req_id=req_id, prompt_token_ids=(5, 6, 7), output_token_ids=(),
-                         sampling=_sampling(), priority=0, reply_addr=reply_addr,
-                         arrival_s=0.0)
+def _dispatch(reply_addr: str, req_id: str = "poison-req", **body_fields: Any) -> wire.Dispatch:
+    body = wire.DispatchBody(req_id=req_id, attempt=0, prompt_token_ids=(5, 6, 7),
+                             output_token_ids=(), sampling=_sampling(), arrival_s=0.0)
+    return wire.Dispatch.of(dataclasses.replace(body, **body_fields), priority=0,
+                            reply_addr=reply_addr)
+
+
+def _forged_body(msg: wire.Dispatch, **fields: Any) -> list[bytes]:
+    """msg encoded with its body's `fields` replaced, unchecked: a well-formed header, which
+    is all a scheduler reads, over a body its worker refuses."""
+    body = dataclasses.replace(wire.decode_body(msg), **fields)
+    return wire.encode(dataclasses.replace(msg, body=wire.encode_body(body)))
 
 
 Case = tuple[str, list[bytes], bool]  # (name, frames, must be refused)
@@ -93,32 +101,32 @@ def scheduler_inbox() -> list[Case]:
         ])
     dispatch = _dispatch(NOWHERE)
     cases += _refused([
-        ("Dispatch, str token id", _forged(dispatch, prompt_token_ids=(5, "six", 7))),
-        ("Dispatch, sampling not a struct", _forged(dispatch, sampling=[1, 2])),
+        ("Dispatch, str prefix hash", _forged(dispatch, prefix_hashes=(5, "six"))),
+        ("Dispatch, negative prompt_len", _forged(dispatch, prompt_len=-3)),
         ("Dispatch, float attempt", _forged(dispatch, attempt=1.5)),
+        ("Dispatch without its body frame", wire.encode(dispatch)[:2]),
         ("Tokens on the scheduler's socket", wire.encode(wire.Tokens(
             req_id="x", instance_id="y", first_index=0, token_ids=(1,), finish_reason=None))),
         ("LoadReport, bad inbox_addr", _forged(_load_report(), inbox_addr="nope")),
     ])
-    # Well-formed: taken, and harmless. The two requests reply where nobody listens; each
-    # runs its 8 tokens and frees its blocks.
+    # Well-formed: taken, and harmless. The requests reply where nobody listens; each runs
+    # its 8 tokens and frees its blocks, or (a bad body, which the scheduler forwards
+    # unread) its worker refuses it with a RequestError that goes nowhere.
     cases += [
         ("Release of an unknown request",
          wire.encode(wire.Release(req_id="poison-unknown", reason="abort")), False),
         ("Dispatch replying nowhere, attempt 2**64-1",
-         _with_int_field(dispatch, "attempt", 2**64 - 1), False),
+         wire.encode(_dispatch(NOWHERE, "poison-nowhere-2", attempt=2**64 - 1)), False),
         ("Dispatch replying nowhere", wire.encode(_dispatch(NOWHERE, "poison-nowhere-1")), False),
+        ("Dispatch, str token id in its body",
+         _forged_body(_dispatch(NOWHERE, "poison-body-1"), prompt_token_ids=(5, "six", 7)),
+         False),
+        ("Dispatch, sampling not a struct in its body",
+         _forged_body(_dispatch(NOWHERE, "poison-body-2"), sampling=[1, 2]), False),
+        ("Dispatch, another request's body",
+         _forged_body(_dispatch(NOWHERE, "poison-body-3"), req_id="poison-body-other"), False),
     ]
     return cases
-
-
-def _with_int_field(msg: Any, name: str, value: int) -> list[bytes]:
-    """msg encoded with its int field `name` set to value (any size msgpack takes), found by
-    a marker value wherever the codec puts it."""
-    marker = 987_654_321
-    header, body = wire.encode(dataclasses.replace(msg, **{name: marker}))
-    fields = [value if f == marker else f for f in msgpack.unpackb(body)]
-    return [header, msgpack.packb(fields)]
 
 
 def _load_report() -> wire.LoadReport:
@@ -192,12 +200,17 @@ def worker_inbox(instance_id: str) -> list[Case]:
         ("Abort of an unknown request",
          wire.encode(wire.Abort(req_id="poison-unknown", reason="poison")), False),
         # Decoded, then refused by the engine (its RequestError goes nowhere).
-        ("Dispatch, negative token id", wire.encode(wire.Dispatch(
-            req_id=f"poison-negative-{instance_id}", prompt_token_ids=(-5,),
-            output_token_ids=(), sampling=_sampling(), priority=0, reply_addr=NOWHERE,
-            arrival_s=0.0)), False),
+        ("Dispatch, negative token id", wire.encode(_dispatch(
+            NOWHERE, f"poison-negative-{instance_id}", prompt_token_ids=(-5,))), False),
         ("Dispatch replying nowhere",
          wire.encode(_dispatch(NOWHERE, f"poison-nowhere-{instance_id}")), False),
+        # The header decoded, the body refused (RequestError, nowhere): malformed, or
+        # another request's.
+        ("Dispatch, str token id in its body", _forged_body(
+            _dispatch(NOWHERE, f"poison-body-{instance_id}"), prompt_token_ids=(5, "six")),
+         False),
+        ("Dispatch, body of another attempt", _forged_body(
+            _dispatch(NOWHERE, f"poison-body-{instance_id}"), attempt=3), False),
     ]
     return cases
 

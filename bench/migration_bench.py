@@ -145,11 +145,11 @@ class Driver:
         req_id = f"bench-{next(self.ids)}"
         prompt = tuple(self.rng.randrange(16, 1000) for _ in range(prompt_len))  # any vocab
         self.streams[req_id] = Stream(sent_s=time.perf_counter())
-        self.send(self.workers[instance_id], wire.Dispatch(
-            req_id=req_id, prompt_token_ids=prompt, output_token_ids=(),
+        self.send(self.workers[instance_id], wire.Dispatch.of(wire.DispatchBody(
+            req_id=req_id, attempt=0, prompt_token_ids=prompt, output_token_ids=(),
             sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                                     seed=0),
-            priority=0, reply_addr=self.addr, arrival_s=time.time()))
+            arrival_s=time.time()), priority=0, reply_addr=self.addr))
         return req_id
 
     def keep_background(self) -> list[str]:

@@ -276,19 +276,22 @@ class Simulator:
             req_id=req_id, priority=priority.name.lower(), arrival_s=self.now,
             num_prompt_tokens=len(prompt))
         view = self.core.instance_view()  # how the gateway would hash it
-        dispatch = wire.Dispatch(
-            req_id=req_id, prompt_token_ids=tuple(prompt), output_token_ids=(),
+        body = wire.DispatchBody(
+            req_id=req_id, attempt=0, prompt_token_ids=tuple(prompt), output_token_ids=(),
             sampling=SamplingParams(max_tokens=max(1, int(entry["output_tokens"])),
                                     ignore_eos=True, seed=index),
-            priority=0 if self.ignore_priority else int(priority), reply_addr=GATEWAY,
-            arrival_s=self.now,
+            arrival_s=self.now)
+        dispatch = wire.Dispatch.of(
+            body, priority=0 if self.ignore_priority else int(priority), reply_addr=GATEWAY,
             prefix_hashes=tuple(block_hashes(prompt, view.block_size, parent=view.prefix_seed))
             if view.prefix_seed else ())
-        chosen = self.core.dispatch(dispatch, now=self.now)
+        # The body travels as the payload (a process keeps the frames there): the engine
+        # takes it as the worker would after decoding it.
+        chosen = self.core.dispatch(dispatch, now=self.now, payload=body)
         if isinstance(chosen, wire.DispatchRejected):
             self._rejected(chosen)
         elif not isinstance(chosen, Pending):  # pending: placed by _release_pending
-            self._deliver(chosen, dispatch)
+            self._deliver(chosen, dispatch, body)
 
     def _next_turn(self, req_id: str) -> None:
         """A session's turn ended: its next turn arrives after the think time."""
@@ -312,14 +315,15 @@ class Simulator:
                 num_prompt_tokens=0, error=f"its session ended early: {error}")
             self.num_ended += 1
 
-    def _deliver(self, instance_id: str, dispatch: wire.Dispatch) -> None:
+    def _deliver(self, instance_id: str, dispatch: wire.Dispatch,
+                 body: wire.DispatchBody) -> None:
         """The request reaches its instance's engine (the frames the scheduler forwards)."""
         inst = self.instances[instance_id]
         inst.num_dispatched += 1
         req_id = dispatch.req_id
         try:
-            inst.engine.add_request(req_id, dispatch.prompt_token_ids, dispatch.sampling,
-                                    priority=dispatch.priority, arrival_s=dispatch.arrival_s)
+            inst.engine.add_request(req_id, body.prompt_token_ids, body.sampling,
+                                    priority=dispatch.priority, arrival_s=body.arrival_s)
         except RequestRejected as err:
             self._failed(req_id, err.message)
             self._apply(self.core.release(wire.Release(req_id=req_id, reason="error")))
@@ -329,7 +333,7 @@ class Simulator:
     def _release_pending(self) -> None:
         placed, out = self.core.release_pending(self.now)
         for one in placed:
-            self._deliver(one.instance_id, one.req)
+            self._deliver(one.instance_id, one.req, one.payload)
         for _, msg in out:
             self._rejected(msg)
 

@@ -2,18 +2,22 @@
 
 Frames of one message:
 
-    [header][body]
+    [header][fields]            most messages
+    [header][fields][body]      a message registered with a body type (Dispatch)
     header = struct "!BH": protocol version (u8), message tag (u16)
-    body   = msgpack array of the message's field values, in declaration order;
+    fields = msgpack array of the message's field values, in declaration order;
              a nested struct is itself an array; tuples travel as arrays. Trailing
              fields that have a default may be missing (an older sender): they take it.
+    body   = the message's last field, `body: bytes`: a value of its body type, encoded
+             (`encode_body`) as that type's msgpack array
 
-Routers read only the header (`peek_tag`) and forward the frames unread.
-Decoding checks version, tag, size, arity and every field's type against the
-dataclass annotations, and the value checks a field declares with
-`Annotated[T, Check(...)]` (an address must be one a socket can dial); anything off
-raises WireError (never a crash further in).
-No pickle anywhere.
+Routers read the header (`peek_tag`), or the fields (`decode`), and forward the frames
+unread: `decode` checks the body frame's size only; its recipient decodes it
+(`decode_body`), as strictly as the rest. Decoding checks version, tag, size, arity and
+every field's type against the dataclass annotations, and the value checks a field
+declares with `Annotated[T, Check(...)]` (an address must be one a socket can dial);
+anything off raises WireError (never a crash further in). A retired tag (a message whose
+layout changed, now under a new tag) is refused naming what it was. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -63,24 +67,43 @@ class Registry:
     def __init__(self) -> None:
         self._tag_of: dict[type, int] = {}
         self._class_of: dict[int, type] = {}
+        self._retired: dict[int, str] = {}  # tag -> what it was
+        self._body_of: dict[type, type] = {}  # message class -> its body's type
         self._fields: dict[type, tuple[tuple[str, _Convert], ...]] = {}
         self._num_required: dict[type, int] = {}  # leading fields a sender must send
         # min_fields and the defaults of the fields after them (types given min_fields)
         self._trim: dict[type, tuple[int, tuple[Any, ...]]] = {}
 
-    def message(self, tag: int, *, min_fields: int | None = None) -> Callable[[type[T]], type[T]]:
+    def message(self, tag: int, *, min_fields: int | None = None,
+                body: type | None = None) -> Callable[[type[T]], type[T]]:
         """Class decorator registering a frozen kw-only dataclass under `tag` (min_fields
-        as in `struct`)."""
+        as in `struct`). body: the type of its last field, `body: bytes`, which travels
+        encoded as a frame of its own (module doc)."""
 
         def register(cls: type[T]) -> type[T]:
             if tag in self._class_of:
                 raise ValueError(f"tag {tag} already used by {self._class_of[tag].__name__}")
+            if tag in self._retired:
+                raise ValueError(f"tag {tag} is retired ({self._retired[tag]})")
+            if body is not None:
+                last = dataclasses.fields(cls)[-1]
+                if last.name != "body" or typing.get_type_hints(cls)["body"] is not bytes:
+                    raise TypeError(f"{cls.__name__}: a message with a body ends in body: bytes")
+                self._register_struct(body)
+                self._body_of[cls] = body
             self._register_struct(cls, min_fields=min_fields)
             self._tag_of[cls] = tag
             self._class_of[tag] = cls
             return cls
 
         return register
+
+    def retire(self, tag: int, what: str) -> None:
+        """A tag no message may use again: a peer that still sends it gets a 426 naming
+        `what` (the message it was, and why it moved)."""
+        if tag in self._class_of:
+            raise ValueError(f"tag {tag} is in use by {self._class_of[tag].__name__}")
+        self._retired[tag] = what
 
     def struct(self, cls: type[T], *, min_fields: int | None = None) -> type[T]:
         """Register a nested value type (no tag of its own). min_fields: the fields the
@@ -97,6 +120,8 @@ class Registry:
             raise TypeError(f"{cls.__name__} must be a frozen dataclass")
         hints = typing.get_type_hints(cls, include_extras=True)
         fields = dataclasses.fields(cls)
+        if cls in self._body_of:
+            fields = fields[:-1]  # body: a frame of its own
         self._fields[cls] = tuple(
             (f.name, self._converter(hints[f.name], f"{cls.__name__}.{f.name}")) for f in fields
         )
@@ -113,9 +138,6 @@ class Registry:
 
     def tag_of(self, cls: type) -> int:
         return self._tag_of[cls]
-
-    def class_of(self, tag: int) -> type | None:
-        return self._class_of.get(tag)
 
     @property
     def message_classes(self) -> tuple[type, ...]:
@@ -140,8 +162,16 @@ class Registry:
         tag = self._tag_of.get(type(msg))
         if tag is None:
             raise TypeError(f"{type(msg).__name__} is not a registered message")
-        body = msgpack.packb(self._to_plain(msg), use_bin_type=True)
-        return [HEADER.pack(PROTOCOL_VERSION, tag), body]
+        fields = msgpack.packb(self._to_plain(msg), use_bin_type=True)
+        if type(msg) in self._body_of:
+            return [HEADER.pack(PROTOCOL_VERSION, tag), fields, msg.body]
+        return [HEADER.pack(PROTOCOL_VERSION, tag), fields]
+
+    def encode_body(self, body: Any) -> bytes:
+        """A body type's value, as a message's `body` field carries it."""
+        if type(body) not in self._body_of.values():
+            raise TypeError(f"{type(body).__name__} is not a registered body type")
+        return msgpack.packb(self._to_plain(body), use_bin_type=True)
 
     # ---- decoding ---------------------------------------------------------------------
 
@@ -151,25 +181,42 @@ class Registry:
         expected: tuple[type, ...] | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> Any:
-        """Decode [header, body]; raise WireError for anything malformed or unexpected."""
-        if len(frames) != 2:
+        """Decode [header, fields(, body)]; raise WireError for anything malformed or
+        unexpected. A body frame is checked for size only (`decode_body` reads it)."""
+        if len(frames) not in (2, 3):
             raise WireError(400, f"expected 2 frames (header, body), got {len(frames)}")
         tag = peek_tag(frames[0])
         cls = self._class_of.get(tag)
         if cls is None:
+            if tag in self._retired:
+                raise WireError(426, f"message tag {tag} is retired ({self._retired[tag]}): "
+                                     "the peer runs an older Ferry")
             raise WireError(400, f"unknown message tag {tag}")
         if expected is not None and cls not in expected:
             raise WireError(400, f"{cls.__name__} is not accepted on this socket")
-        body = frames[1]
-        if len(body) > max_frame_bytes:
-            raise WireError(413, f"{cls.__name__} body of {len(body)} bytes exceeds {max_frame_bytes}")
-        try:
-            plain = msgpack.unpackb(body, raw=False, strict_map_key=True)
-        except Exception as exc:  # msgpack raises several unrelated types
-            raise WireError(400, f"{cls.__name__}: malformed msgpack body ({exc})") from None
-        return self._build(cls, plain, cls.__name__)
+        has_body = cls in self._body_of
+        if len(frames) != 2 + has_body:
+            raise WireError(400, f"{cls.__name__}: expected {2 + has_body} frames, got {len(frames)}")
+        for frame in frames[1:]:
+            if len(frame) > max_frame_bytes:
+                raise WireError(413, f"{cls.__name__} frame of {len(frame)} bytes exceeds "
+                                     f"{max_frame_bytes}")
+        plain = _unpack(frames[1], cls.__name__)
+        if not has_body:
+            return self._build(cls, plain, cls.__name__)
+        body = frames[2] if type(frames[2]) is bytes else bytes(frames[2])
+        return self._build(cls, plain, cls.__name__, body=body)
 
-    def _build(self, cls: type, plain: Any, where: str) -> Any:
+    def decode_body(self, msg: Any, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Any:
+        """msg's body (its `body` bytes), decoded as strictly as a message; WireError if
+        malformed."""
+        cls = self._body_of[type(msg)]
+        where = f"{type(msg).__name__}.body"
+        if len(msg.body) > max_frame_bytes:
+            raise WireError(413, f"{where} of {len(msg.body)} bytes exceeds {max_frame_bytes}")
+        return self._build(cls, _unpack(msg.body, where), where)
+
+    def _build(self, cls: type, plain: Any, where: str, **extra: Any) -> Any:
         fields = self._fields[cls]
         if not isinstance(plain, list):
             raise WireError(400, f"{where}: expected an array of fields")
@@ -181,7 +228,7 @@ class Registry:
         kwargs = {name: convert(value)
                   for (name, convert), value in zip(fields[: len(plain)], plain, strict=True)}
         try:
-            msg = cls(**kwargs)
+            msg = cls(**kwargs, **extra)
         except (TypeError, ValueError) as exc:
             raise WireError(400, f"{where}: {exc}") from None
         return msg
@@ -254,6 +301,13 @@ class Registry:
         if hint in (str, bytes):
             return _exact(hint, where)
         raise TypeError(f"{where}: unsupported field type {hint!r}")
+
+
+def _unpack(frame: bytes, where: str) -> Any:
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(400, f"{where}: malformed msgpack body ({exc})") from None
 
 
 def _same(value: Any, default: Any) -> bool:

@@ -5,15 +5,17 @@ Each message is a frozen, keyword-only dataclass registered under a u16 tag; the
 sender -> recipient. Extend by adding fields at the end: with a neutral default, and the
 type's field count before them as its `min_fields` (then a message that leaves them at
 their defaults encodes as before, so an older peer reads it, and an older sender's
-message decodes with the defaults filled in), else with a protocol-version bump; never
-renumber a tag.
+message decodes with the defaults filled in). A message whose layout changes otherwise
+moves to a new tag and its old tag is retired (`REGISTRY.retire`: a peer still sending
+it is refused by name, and the other messages, the SDK's included, keep working across
+versions); never renumber or reuse a tag.
 
 Topology (every process binds one PULL "inbox"; peers PUSH to it; the SDK and the admin
 CLI talk request/reply over ROUTER/DEALER):
 
     SDK client --DEALER--> gateway.sdk (ROUTER)        GenerateRequest, CancelRequest
     gateway    --PUSH--> scheduler.inbox               Dispatch, Release, GatewayHello
-    scheduler  --PUSH--> worker.inbox                  Dispatch (forwarded unread), Abort,
+    scheduler  --PUSH--> worker.inbox                  Dispatch (its body forwarded unread), Abort,
                                                        MigrateOut, SetDraining, ReRegister,
                                                        GatewayGone, CacheSnapshotRequest
     scheduler  --PUSH--> gateway.inbox                 Placement, DispatchRejected,
@@ -36,11 +38,16 @@ from typing import Annotated
 from ferry.common.codec import PROTOCOL_VERSION, Check, Registry, WireError, peek_tag
 from ferry.common.sampling import SamplingParams, TokenLogprobs
 
-__all__ = ["PROTOCOL_VERSION", "WireError", "peek_tag", "REGISTRY", "encode", "decode", "Priority"]
+__all__ = ["PROTOCOL_VERSION", "WireError", "peek_tag", "REGISTRY", "encode", "decode",
+           "encode_body", "decode_body", "Priority"]
 
 REGISTRY = Registry()
 encode = REGISTRY.encode
 decode = REGISTRY.decode
+encode_body = REGISTRY.encode_body
+decode_body = REGISTRY.decode_body
+REGISTRY.retire(10, "Dispatch with its request in one frame; now tag 13, header + body")
+REGISTRY.retire(61, "MigPreallocReply with dst_rank; now tag 67")
 
 REGISTRY.struct(SamplingParams, min_fields=8)  # max_tokens .. stop; the rest came later
 REGISTRY.struct(TokenLogprobs)
@@ -80,6 +87,7 @@ def is_host_port_or_empty(value: str) -> bool:
 # so a bad one is refused with the message (and logged) instead of failing a send later.
 DialAddr = Annotated[str, Check("a ZMQ endpoint (tcp://HOST:PORT, ipc://PATH)", is_endpoint)]
 HostPortOrEmpty = Annotated[str, Check("HOST:PORT", is_host_port_or_empty)]
+Count = Annotated[int, Check("a count (>= 0)", lambda value: value >= 0)]
 
 
 class Priority(IntEnum):
@@ -148,31 +156,61 @@ class ErrorReply:
 # ---------------------------------------------------------------------------------------
 
 
-@REGISTRY.message(10)
+@REGISTRY.struct
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Dispatch:
-    """Gateway -> scheduler; the scheduler forwards the same frames to the chosen worker
-    (or the gateway sends it straight to a worker in bypass mode)."""
+class DispatchBody:
+    """The request itself, as only the worker reads it: the body of its Dispatch."""
 
-    req_id: str  # Ferry request id, unique cluster-wide
+    req_id: str  # == its Dispatch's (the worker refuses a body of another request)
+    attempt: int  # == its Dispatch's
     prompt_token_ids: tuple[int, ...]  # the prompt
     output_token_ids: tuple[int, ...]  # tokens already delivered (failure replay), else ()
     sampling: SamplingParams  # seed resolved by the gateway (never None)
-    priority: int  # Priority value
-    reply_addr: DialAddr  # gateway inbox address; Tokens go there (PUSH)
     arrival_s: float  # gateway wall clock (time.time()) when the request arrived
+
+
+@REGISTRY.message(13, body=DispatchBody)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dispatch:
+    """Gateway -> scheduler; the scheduler forwards the same frames to the chosen worker
+    (or the gateway sends it straight to a worker in bypass mode). The fields are what the
+    scheduler places by, checked when decoded; `body`, the request itself (a 32k-token
+    prompt is ~100 KB of it), is a frame the scheduler forwards unread. The worker decodes
+    it (`decode_body`) and refuses one that is not this request's (`mismatch`). Build
+    both with `Dispatch.of`."""
+
+    req_id: str  # Ferry request id, unique cluster-wide
     # The gateway's dispatch attempt for req_id: 0, then +1 for every replay or re-dispatch.
     # Tokens and RequestError echo it; the gateway takes output from the current one only,
     # so a copy left on an instance wrongly declared dead can never reach the client.
-    attempt: int = 0
+    attempt: int
+    priority: int  # Priority value
+    reply_addr: DialAddr  # gateway inbox address; Tokens go there (PUSH)
+    prompt_len: Count  # tokens it starts from: the body's prompt + output_token_ids
     # Prefix hashes of the full blocks of prompt + output_token_ids (common/prefix_hash.py,
     # with the cluster's seed and block size from InstanceView); () when unknown. The
     # scheduler places by them (cache-aware dispatch).
-    prefix_hashes: tuple[int, ...] = ()
+    prefix_hashes: tuple[int, ...]
+    body: bytes  # DispatchBody, encoded (encode_body): a frame of its own
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+    @classmethod
+    def of(cls, body: DispatchBody, *, priority: int, reply_addr: str,
+           prefix_hashes: tuple[int, ...] = ()) -> Dispatch:
+        """The Dispatch carrying body, its header taken from it."""
+        return cls(req_id=body.req_id, attempt=body.attempt, priority=priority,
+                   reply_addr=reply_addr,
+                   prompt_len=len(body.prompt_token_ids) + len(body.output_token_ids),
+                   prefix_hashes=prefix_hashes, body=encode_body(body))
+
+    def mismatch(self, body: DispatchBody) -> str | None:
+        """Why body (decoded from this message) is not this request's; None if it is."""
+        if (body.req_id, body.attempt) != (self.req_id, self.attempt):
+            return (f"body of {body.req_id!r} attempt {body.attempt} under the header of "
+                    f"{self.req_id!r} attempt {self.attempt}")
+        num_tokens = len(body.prompt_token_ids) + len(body.output_token_ids)
+        if num_tokens != self.prompt_len:
+            return f"body of {num_tokens} tokens under a header of {self.prompt_len}"
+        return None
 
 
 @REGISTRY.message(11)
@@ -468,7 +506,7 @@ class MigPrealloc:
     prompt_token_ids: tuple[int, ...] = ()  # the request's prompt (sent once, early)
 
 
-@REGISTRY.message(61)
+@REGISTRY.message(67)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MigPreallocReply:
     migration_id: str
@@ -476,7 +514,6 @@ class MigPreallocReply:
     reason: str  # why not, when ok is False
     group_id: str  # pairwise KV group to use
     store_addr: HostPortOrEmpty  # "host:port" of the group's rendezvous store (dst hosts it)
-    dst_rank: int  # the destination's rank in the group (0 or 1)
 
 
 @REGISTRY.message(62)

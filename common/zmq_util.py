@@ -157,7 +157,13 @@ class Outboxes:
         except zmq.Again:
             raise Overloaded(f"send queue to {addr} is full") from None
 
+    def __contains__(self, addr: str) -> bool:
+        """Whether a socket to addr is open."""
+        return addr in self._sockets
+
     def drop(self, addr: str) -> None:
+        """Close the socket to addr (its peer is gone), dropping what is still queued
+        there; a later send opens a new one."""
         sock = self._sockets.pop(addr, None)
         if sock is not None:
             sock.close(linger=0)

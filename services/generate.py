@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give at least one --prompt or --prompt-ids")
 
     from ferry.common.config import EngineConfig
+    from ferry.common.text import Tokenizer
     from ferry.services.worker.engine.engine import Engine, RequestRejected
     from ferry.services.worker.entry import DEFAULT_CPU_KV_GB, resolve_device
     from ferry.services.worker.model.resolve import resolve_model
-    from ferry.services.worker.model.tokenizer import Tokenizer
     from ferry.services.worker.runner import ModelRunner, RunnerConfig
 
     try:

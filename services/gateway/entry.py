@@ -17,8 +17,8 @@ import uvloop
 from ferry.common import env
 from ferry.common import logging as ferry_logging
 from ferry.common.config import Endpoint, GatewayConfig
+from ferry.common.text import TextModel
 from ferry.services.gateway.main import Gateway
-from ferry.services.gateway.text import TextModel
 
 DEFAULT_HTTP_PORT = 8000  # DESIGN §8
 DEFAULT_SDK_PORT = 8001

@@ -25,19 +25,17 @@ from collections import deque
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ferry.common.logging import get_logger
+from ferry.common.text import TextModel
 from ferry.services.gateway import openai_protocol as oai
+from ferry.services.gateway.frontend import GatewayApi
 from ferry.services.gateway.requests import Delta, Rejected
-from ferry.services.gateway.text import TextModel
 from ferry.services.gateway.tool_calls import ToolCallStream, parse_tool_call, tool_call
-
-if TYPE_CHECKING:
-    from ferry.services.gateway.main import Gateway
 
 log = get_logger()
 T = TypeVar("T")
@@ -126,7 +124,7 @@ class HttpSink:
 
 
 class HttpApi:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: GatewayApi) -> None:
         self.gateway = gateway
         self.config = gateway.config
         self.api_keys = tuple(key.encode() for key in self.config.api_keys)

@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import zmq
 
@@ -26,7 +26,9 @@ from ferry.common.config import GatewayConfig
 from ferry.common.logging import get_logger
 from ferry.common.sampling import SamplingParams
 from ferry.common.security import KEYLESS, describe, for_process
+from ferry.common.text import TextModel
 from ferry.common.zmq_util import Inbox, Outboxes, Overloaded, frames_and_sender, make_context
+from ferry.services.gateway.frontend import Sink
 from ferry.services.gateway.http_api import HttpApi
 from ferry.services.gateway.metrics import GatewayMetrics
 from ferry.services.gateway.pool import WorkPool
@@ -42,7 +44,6 @@ from ferry.services.gateway.requests import (
 )
 from ferry.services.gateway.routing import Routes
 from ferry.services.gateway.sdk import SdkFrontend
-from ferry.services.gateway.text import TextModel
 
 T = TypeVar("T")
 log = get_logger()
@@ -62,18 +63,6 @@ PROBE_INTERVAL_S = 0.5  # announce this gateway to the scheduler this often unti
 HELLO_INTERVAL_S = 1.0  # then this often: the scheduler's heartbeat of this gateway
 MAX_ATTEMPTS = 8  # dispatches of one request (first run, replays); then it fails with 503
 MAX_STALE_TOLD = 4096  # (req_id, attempt, instance) stale copies told to stop, remembered
-
-
-class Sink(Protocol):
-    """Where one request's output goes (SdkSink, HttpSink)."""
-
-    def push(self, delta: Delta) -> bool:
-        """Hand over a delta; False when the client is gone (the gateway aborts)."""
-        ...
-
-    def fail(self, code: int, message: str) -> None:
-        """End the request with an error (HTTP-like code)."""
-        ...
 
 
 class Gateway:
@@ -307,6 +296,9 @@ class Gateway:
 
     def handle_instance_down(self, msg: wire.InstanceDown) -> None:
         self.routes.heard(time.monotonic())
+        addr = self.routes.departed_addr(msg.instance_id)
+        if addr is not None:  # (bypass dispatches, stale-copy aborts went there)
+            self.send_to_cluster.drop(addr)
         reqs = [req for req in self.table.active() if req.instance_id == msg.instance_id]
         log.warning("instance_down", instance_id=msg.instance_id, num_replayed=len(reqs))
         for req in reqs:

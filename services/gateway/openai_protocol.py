@@ -21,8 +21,8 @@ from typing import Any
 
 from ferry.common import structured, wire
 from ferry.common.sampling import MAX_SEED, SamplingParams, TokenLogprobs
+from ferry.common.text import TextModel
 from ferry.services.gateway.requests import Rejected, check_prompt_chars
-from ferry.services.gateway.text import TextModel
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_JSON_DEPTH = 64  # deepest nesting accepted (a request needs 4: messages[0].content[0])

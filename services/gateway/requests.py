@@ -31,7 +31,7 @@ from typing import Any
 from ferry.common import wire
 from ferry.common.prefix_hash import block_hashes
 from ferry.common.sampling import MAX_SEED, SamplingParams, TokenLogprobs
-from ferry.services.gateway.text import Detokenizer, TextModel
+from ferry.common.text import Detokenizer, TextModel
 
 # Release reasons (wire.Release.reason)
 RELEASE_FINISHED = "finished"  # the worker ended it itself; nothing to abort
@@ -226,17 +226,16 @@ class RequestTable:
         blocks, by which the scheduler places it near its cached prefix."""
         tokens = req.prompt_token_ids + tuple(req.output_token_ids)
         hashes = block_hashes(tokens, block_size, parent=prefix_seed) if prefix_seed else []
-        return wire.Dispatch(
+        body = wire.DispatchBody(
             req_id=req.req_id,
+            attempt=req.attempt,
             prompt_token_ids=req.prompt_token_ids,
             output_token_ids=tuple(req.output_token_ids),
             sampling=req.sampling,
-            priority=req.priority,
-            reply_addr=self.reply_addr,
             arrival_s=req.arrival_s,
-            attempt=req.attempt,
-            prefix_hashes=tuple(hashes),
         )
+        return wire.Dispatch.of(body, priority=req.priority, reply_addr=self.reply_addr,
+                                prefix_hashes=tuple(hashes))
 
     def remove(self, req_id: str) -> Request | None:
         """Forget a request without a delta (rejected, failed)."""

@@ -52,6 +52,14 @@ class Routes:
     def addr_of(self, instance_id: str | None) -> str | None:
         return self._addr_of.get(instance_id) if instance_id is not None else None
 
+    def departed_addr(self, instance_id: str) -> str | None:
+        """The inbox of a dead instance, unless another instance of the view has it too:
+        the gateway closes its socket there."""
+        addr = self._addr_of.get(instance_id)
+        if addr is None or any(a == addr for i, a in self._addr_of.items() if i != instance_id):
+            return None
+        return addr
+
     def health(self) -> tuple[bool, str]:
         """(ready?, reason) for /health: ready once some instance can take a request, that
         is while the last view (or, in bypass mode, the last view kept) lists one."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import TYPE_CHECKING
 
 import msgpack
 import zmq
@@ -20,11 +19,9 @@ from ferry.common import structured, wire
 from ferry.common.codec import WireError
 from ferry.common.logging import get_logger
 from ferry.common.zmq_util import DEFAULT_HWM, hard_frame_cap
+from ferry.services.gateway.frontend import GatewayApi
 from ferry.services.gateway.recv import recv_batches
 from ferry.services.gateway.requests import Delta, Rejected, check_prompt_chars
-
-if TYPE_CHECKING:
-    from ferry.services.gateway.main import Gateway
 
 log = get_logger()
 
@@ -34,7 +31,7 @@ LONG_PROMPT_CHARS = 32_768  # longer prompt text is tokenized in the gateway's p
 
 
 class SdkFrontend:
-    def __init__(self, gateway: Gateway, ctx: zmq.asyncio.Context) -> None:
+    def __init__(self, gateway: GatewayApi, ctx: zmq.asyncio.Context) -> None:
         config = gateway.config
         self.gateway = gateway
         self.max_frame_bytes = config.max_frame_bytes

@@ -9,6 +9,7 @@ migrations in flight, the gateways seen, and counters for `ferry status`.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -78,6 +79,9 @@ MAX_TOMBSTONES = 4096
 # Reconciling a worker's list of the requests it holds (LoadReport.req_ids): an entry
 # here that the list has left out twice, placed at least this long ago, is a phantom.
 PHANTOM_MIN_AGE_S = 2.0
+# Inbox addresses of departed instances kept for `take_departed` (the process takes them
+# after every call; the bound matters only to callers that never do: tests, the simulator).
+MAX_DEPARTED = 1024
 
 log = get_logger()
 
@@ -182,6 +186,8 @@ class SchedulerCore:
         self.prefix_index = PrefixIndex()  # which instance caches which prefix block
         self.snapshot_asked_s: dict[str, float] = {}  # instance -> CacheSnapshotRequest sent
         self.reregister_sent_s: dict[str, float] = {}  # instance_id -> last ReRegister sent
+        # Inboxes of instances declared dead or stopped since `take_departed` last ran
+        self.departed: deque[str] = deque(maxlen=MAX_DEPARTED)
         self.counters = Counters()
         self._migration_numbers = itertools.count()
         self.pending = (
@@ -736,6 +742,8 @@ class SchedulerCore:
         inst = self.table.get(instance_id)
         if inst is not None and inst.alive and self._held_by(instance_id):
             out = self._instance_down(instance_id, now, reason="terminated")
+        elif inst is not None and inst.alive:
+            self._depart(instance_id)
         self.table.remove(instance_id)
         self.prefix_index.drop(instance_id)
         self.dead_since.pop(instance_id, None)
@@ -790,8 +798,24 @@ class SchedulerCore:
             return [(held.gateway_addr, msg)]
         return [(addr, msg) for addr in self.gateways]
 
+    def take_departed(self) -> list[str]:
+        """The inbox addresses of the instances declared dead or stopped since the last
+        call, none still used by a live instance: the process closes its sockets to them
+        (what is still queued there is moot; a later send, to an instance that came back,
+        opens a new one). Take them before sending what the same call returned."""
+        addrs = list(self.departed)
+        self.departed.clear()
+        return addrs
+
+    def _depart(self, instance_id: str) -> None:
+        addr = self.table[instance_id].inbox_addr
+        if not any(i.alive and i.inbox_addr == addr and i.instance_id != instance_id
+                   for i in self.table):
+            self.departed.append(addr)
+
     def _instance_down(self, instance_id: str, now: float, *, reason: str) -> Out:
         """Tell gateways (they replay its requests), then drop its requests and migrations."""
+        self._depart(instance_id)
         self.table.mark_dead(instance_id)
         self.prefix_index.drop(instance_id)
         self.dead_since[instance_id] = now

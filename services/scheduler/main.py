@@ -362,7 +362,8 @@ class Scheduler:
             self.recv_from_admin.send_multipart([*route, *wire.encode(msg)], flags=zmq.NOBLOCK)
         except zmq.Again:
             self.num_send_dropped += 1
-            log.warning("admin_reply_dropped", type=type(msg).__name__)
+            log.warning("admin_reply_dropped", type=type(msg).__name__,
+                        num_send_dropped=self.num_send_dropped)
 
     # ---- periodic -------------------------------------------------------------------------
 
@@ -403,6 +404,8 @@ class Scheduler:
     # ---- sending --------------------------------------------------------------------------
 
     def send_all(self, out: Out) -> None:
+        for addr in self.core.take_departed():  # first: out may reach a returning instance
+            self.send_to_peers.drop(addr)
         for addr, msg in out:
             self.send(addr, msg)
 
@@ -413,7 +416,8 @@ class Scheduler:
             self.send_to_peers.send(addr, msg)
         except Exception as err:  # Overloaded, BadAddress, or a bug: contained to this msg
             self.num_send_dropped += 1
-            log.warning("send_dropped", addr=addr, type=type(msg).__name__, error=str(err))
+            log.warning("send_dropped", addr=addr, type=type(msg).__name__, error=str(err),
+                        num_send_dropped=self.num_send_dropped)
 
     def close(self) -> None:
         for task in self.admin_tasks:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ferry.common import wire
+from ferry.common.codec import WireError
 from ferry.common.config import WorkerConfig
 from ferry.common.logging import get_logger
 from ferry.common.security import describe, for_process
@@ -163,6 +164,17 @@ class Worker:
 
     def handle_dispatch(self, msg: wire.Dispatch) -> None:
         self.num_dispatch_received += 1
+        # The scheduler read the header only: the body is checked here, and must be the
+        # header's request (the scheduler placed and counted it by the header).
+        try:
+            body = wire.decode_body(msg, self.config.max_frame_bytes)
+        except WireError as err:
+            self._refuse_dispatch(msg, err.code, err.message)
+            return
+        why = msg.mismatch(body)
+        if why is not None:
+            self._refuse_dispatch(msg, 400, why)
+            return
         held = self.engine.get(msg.req_id)
         if held is not None:
             if held.attempt >= msg.attempt:
@@ -175,11 +187,11 @@ class Worker:
         try:
             self.engine.add_request(
                 msg.req_id,
-                msg.prompt_token_ids,
-                msg.sampling,
+                body.prompt_token_ids,
+                body.sampling,
                 priority=msg.priority,
-                output_token_ids=msg.output_token_ids,
-                arrival_s=msg.arrival_s,
+                output_token_ids=body.output_token_ids,
+                arrival_s=body.arrival_s,
                 reply_addr=msg.reply_addr,
                 attempt=msg.attempt,
             )
@@ -190,6 +202,14 @@ class Worker:
                 message=str(err), attempt=msg.attempt))
             return
         self._work_arrived()
+
+    def _refuse_dispatch(self, msg: wire.Dispatch, code: int, why: str) -> None:
+        """A Dispatch whose body is malformed or another request's: its gateway is told
+        (RequestError of the header's attempt), nothing runs."""
+        self.log.warning("dispatch_body_refused", req_id=msg.req_id, code=code, error=why)
+        self._send(msg.reply_addr, wire.RequestError(
+            req_id=msg.req_id, instance_id=self.config.instance_id, code=code,
+            message=f"Dispatch body refused: {why}", attempt=msg.attempt))
 
     def handle_abort(self, msg: wire.Abort) -> None:
         held = self.engine.get(msg.req_id)

@@ -338,7 +338,7 @@ def test_sampling_parameters_on_the_tiny_model(cluster):
 
 
 def ref_text(cluster, token_ids: list[int]) -> str:
-    from ferry.services.gateway.text import TextModel
+    from ferry.common.text import TextModel
 
     return TextModel.load(cluster.ready["model"]).decode(token_ids)
 

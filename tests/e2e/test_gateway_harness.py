@@ -26,8 +26,8 @@ import zmq.asyncio
 from ferry.common import wire
 from ferry.common.config import Endpoint, GatewayConfig
 from ferry.common.sampling import TokenLogprobs
+from ferry.common.text import TextModel
 from ferry.services.gateway.main import Gateway
-from ferry.services.gateway.text import TextModel
 
 SCRIPT_TEXT = "the quick brown fox jumps over the lazy dog. hello world! "
 
@@ -104,10 +104,12 @@ class FakeWorker:
 
     async def run(self, dispatch: wire.Dispatch) -> None:
         b = self.behaviour
+        body = wire.decode_body(dispatch)
+        assert dispatch.mismatch(body) is None
         if b.hold:
             await asyncio.Event().wait()
-        first = len(dispatch.output_token_ids)
-        end = dispatch.sampling.max_tokens  # replayed outputs count towards max_tokens
+        first = len(body.output_token_ids)
+        end = body.sampling.max_tokens  # replayed outputs count towards max_tokens
         index = first
         while index < end:
             if b.die_after is not None and index >= b.die_after:
@@ -120,7 +122,7 @@ class FakeWorker:
             if b.eos_at is not None and index <= b.eos_at < index + len(ids):
                 ids = ids[: b.eos_at - index] + [self.cluster.eos_id]
                 finish = "stop"
-            k = dispatch.sampling.logprobs
+            k = body.sampling.logprobs
             logprobs = () if k is None else tuple(fake_logprobs(t, k) for t in ids)
             msg = wire.Tokens(req_id=dispatch.req_id, instance_id=self.instance_id,
                               first_index=index, token_ids=tuple(ids), finish_reason=finish,
@@ -151,7 +153,8 @@ class FakeCluster:
                         for i, port in enumerate(free_ports(num_workers))]
         self._push: dict[str, zmq.asyncio.Socket] = {}
         self.gateways: list[str] = []  # inboxes learned from Dispatch.reply_addr
-        self.dispatches: list[wire.Dispatch] = []  # requests (probes apart)
+        self.headers: list[wire.Dispatch] = []  # the Dispatches it got
+        self.dispatches: list[wire.DispatchBody] = []  # and their bodies (the requests)
         self.hellos: list[wire.GatewayHello] = []  # gateways announcing themselves
         self.releases: list[wire.Release] = []
         self.alive = True  # False: the scheduler neither answers nor sends views
@@ -213,7 +216,8 @@ class FakeCluster:
                 self.gateways.append(gateway_addr)
                 await self.push(gateway_addr, self.view())
             if isinstance(msg, wire.Dispatch):
-                self.dispatches.append(msg)
+                self.headers.append(msg)
+                self.dispatches.append(wire.decode_body(msg))
                 await self.on_dispatch(msg)
             elif isinstance(msg, wire.Release):
                 self.releases.append(msg)

@@ -163,7 +163,7 @@ def test_official_openai_client(model_dir):
                 model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
                 extra_body={"ignore_eos": True, "priority": "high"})
             assert chat.choices[0].message.content == text
-            assert h.cluster.dispatches[-1].priority == 1
+            assert h.cluster.headers[-1].priority == 1
             assert h.cluster.dispatches[-1].sampling.ignore_eos
             stream = await client.chat.completions.create(
                 model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,

@@ -16,7 +16,7 @@ import pytest
 import uvloop
 
 from ferry import AsyncClient, Unauthorized
-from ferry.services.gateway.text import TextModel
+from ferry.common.text import TextModel
 from tests.e2e.test_gateway_harness import FakeCluster, free_ports, gateway_config, wait_until
 from tests.unit.test_gateway_text import make_model_dir
 

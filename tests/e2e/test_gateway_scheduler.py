@@ -18,8 +18,8 @@ import zmq.asyncio
 
 from ferry import AsyncClient
 from ferry.common import wire
+from ferry.common.text import TextModel
 from ferry.services.gateway.main import Gateway
-from ferry.services.gateway.text import TextModel
 from tests.e2e.test_gateway_harness import (
     SCRIPT_TEXT,
     free_ports,
@@ -51,7 +51,7 @@ class Worker:
         self.push: dict[str, zmq.asyncio.Socket] = {}
         self.ctx = ctx
         self.runs: dict[str, asyncio.Task] = {}
-        self.dispatches: list[wire.Dispatch] = []
+        self.dispatches: list[wire.DispatchBody] = []  # the requests it got
         self.aborts: list[str] = []
         self.num_received = 0
         self.seq = 0
@@ -91,21 +91,24 @@ class Worker:
             msg = wire.decode(await self.recv_from_peers.recv_multipart())
             if isinstance(msg, wire.Dispatch):
                 self.num_received += 1
-                self.dispatches.append(msg)
-                self.runs[msg.req_id] = asyncio.get_running_loop().create_task(self.run(msg))
+                body = wire.decode_body(msg)
+                assert msg.mismatch(body) is None
+                self.dispatches.append(body)
+                self.runs[msg.req_id] = asyncio.get_running_loop().create_task(
+                    self.run(msg, body))
             elif isinstance(msg, wire.Abort):
                 self.aborts.append(msg.req_id)
                 task = self.runs.pop(msg.req_id, None)
                 if task is not None:
                     task.cancel()
 
-    async def run(self, dispatch: wire.Dispatch) -> None:
+    async def run(self, dispatch: wire.Dispatch, body: wire.DispatchBody) -> None:
         sock = self.push.get(dispatch.reply_addr)
         if sock is None:
             sock = self.push[dispatch.reply_addr] = self.ctx.socket(zmq.PUSH)
             sock.connect(dispatch.reply_addr)
-        first = len(dispatch.output_token_ids)
-        end = dispatch.sampling.max_tokens  # replayed outputs count towards max_tokens
+        first = len(body.output_token_ids)
+        end = body.sampling.max_tokens  # replayed outputs count towards max_tokens
         for index in range(first, end):
             await asyncio.sleep(self.token_delay_s)
             if not self.reporting:

@@ -66,7 +66,7 @@ def test_generate_returns_the_completion_and_releases(model_dir):
             assert out.req_id == dispatch.req_id and out.req_id.startswith("gw-")
             assert dispatch.prompt_token_ids == tuple(h.gateway.text.encode("hello world"))
             assert dispatch.sampling.seed is not None and dispatch.sampling.temperature == 0.5
-            assert dispatch.reply_addr == h.gateway.config.inbox.advertise
+            assert h.cluster.headers[0].reply_addr == h.gateway.config.inbox.advertise
             await wait_until(lambda: h.cluster.release_reasons() == ["finished"])
             by_ids = await client.generate(prompt_token_ids=[5, 6, 7], max_tokens=3, seed=4)
             assert by_ids.token_ids == tuple(expected(h, 3)) and by_ids.num_prompt_tokens == 3
@@ -445,6 +445,13 @@ def test_bypass_mode_when_the_scheduler_goes_silent(model_dir):
                 w.behaviour.hold = False
             await client.generate("hi", max_tokens=2)
             assert len(h.cluster.dispatches) == 1
+            # a worker dies: the gateway closes the socket its bypass dispatches used
+            dead, alive = h.cluster.workers
+            outboxes = h.gateway.send_to_cluster
+            assert dead.inbox_addr in outboxes and alive.inbox_addr in outboxes
+            await h.cluster.instance_down(dead)
+            await wait_until(lambda: dead.inbox_addr not in outboxes, what="socket closed")
+            assert alive.inbox_addr in outboxes
 
     arun(body())
 

@@ -8,8 +8,8 @@ import pytest
 
 from ferry.common import structured
 from ferry.common.sampling import TokenLogprobs
+from ferry.common.text import TextModel
 from ferry.services.gateway import openai_protocol as oai
-from ferry.services.gateway.text import TextModel
 from tests.unit.test_gateway_text import MAX_MODEL_LEN, make_model_dir
 
 MODEL = "tiny"

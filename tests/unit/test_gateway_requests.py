@@ -10,6 +10,7 @@ import pytest
 
 from ferry.common import wire
 from ferry.common.sampling import MAX_SEED, SamplingParams, TokenLogprobs
+from ferry.common.text import TextModel
 from ferry.services.gateway.requests import (
     RELEASE_FINISHED,
     BadStream,
@@ -19,7 +20,6 @@ from ferry.services.gateway.requests import (
     StopMatcher,
     check_request,
 )
-from ferry.services.gateway.text import TextModel
 from tests.unit.test_gateway_text import EOS, cut_mid_character, make_model_dir
 
 REPLY_ADDR = "tcp://gateway:5610"
@@ -252,9 +252,11 @@ def test_gateway_end_flushes_held_stop_text(text):
 def test_replay_dispatches_prompt_plus_delivered_tokens(text):
     table = make_table(text)
     req = add(table, prompt=(1, 2, 3), max_tokens=10, seed=None, stop=("zz",))
-    first = table.dispatch(req)
+    first_header = table.dispatch(req)
+    first = wire.decode_body(first_header)
+    assert first_header.mismatch(first) is None and first_header.prompt_len == 3
     assert first.output_token_ids == () and first.sampling.max_tokens == 10
-    assert first.reply_addr == REPLY_ADDR and first.sampling.seed is not None
+    assert first_header.reply_addr == REPLY_ADDR and first.sampling.seed is not None
     table.on_placement(wire.Placement(req_id=req.req_id, instance_id="i0"))
     table.on_tokens(tokens(req, 0, [10, 11, 12]))
     table.on_tokens(tokens(req, 5, [15]))  # waits behind a gap when i0 dies
@@ -263,8 +265,10 @@ def test_replay_dispatches_prompt_plus_delivered_tokens(text):
 
     table.reset_for_replay(req)  # i0 died
     assert req.instance_id is None and req.pending == {} and req.attempt == 1
-    replay = table.dispatch(req)
-    assert replay.attempt == 1
+    replay_header = table.dispatch(req)
+    replay = wire.decode_body(replay_header)
+    assert replay_header.mismatch(replay) is None and replay_header.prompt_len == 6
+    assert replay_header.attempt == replay.attempt == 1
     assert replay.prompt_token_ids == (1, 2, 3)
     assert replay.output_token_ids == (10, 11, 12)
     assert replay.sampling.max_tokens == 10  # the engine counts the 3 replayed outputs

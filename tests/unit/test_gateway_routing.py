@@ -63,3 +63,16 @@ def test_any_scheduler_message_counts_as_alive():
     assert routes.check(2.0)
     routes.heard(2.1)  # only a view ends bypass mode: it brings the instances
     assert routes.bypass
+
+
+def test_departed_addr_is_a_dead_instances_own_inbox():
+    routes = Routes(bypass_after_s=1.0, now=0.0)
+    assert routes.departed_addr("a") is None  # no view yet
+    routes.on_view(view("a", "b"), now=0.0)
+    assert routes.departed_addr("a") == "tcp://a:1"
+    assert routes.departed_addr("zz") is None
+    shared = wire.InstanceView(scheduler_epoch="e1", instances=(
+        wire.InstanceAddr(instance_id="old", inbox_addr="tcp://w:1"),
+        wire.InstanceAddr(instance_id="new", inbox_addr="tcp://w:1")))
+    routes.on_view(shared, now=0.0)
+    assert routes.departed_addr("old") is None  # "new" still uses that socket

@@ -1,10 +1,10 @@
-"""The gateway's text side on a tiny tokenizer trained here (never downloaded)."""
+"""The gateway's text side (common/text.py TextModel: encode, chat template, incremental
+detokenization, limits) on a tiny tokenizer trained here (never downloaded)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from tokenizers import (
@@ -17,8 +17,8 @@ from tokenizers import (
     trainers,
 )
 
-from ferry.services.gateway import text as text_module
-from ferry.services.gateway.text import TextModel
+from ferry.common import text as text_module
+from ferry.common.text import TextModel
 
 CORPUS = [
     "hello world, the quick brown fox jumps over the lazy dog.",
@@ -68,7 +68,7 @@ def text(tmp_path_factory) -> TextModel:
 def test_load_reads_limits_and_eos(text):
     assert text.max_model_len == MAX_MODEL_LEN
     assert text.eos_token_ids == (text.tokenizer.token_to_id(EOS),)
-    assert text.vocab_size == text.tokenizer.get_vocab_size(with_added_tokens=True)
+    assert text.vocab_size == text.tokenizer.hf.get_vocab_size(with_added_tokens=True)
 
 
 def test_encode_adds_bos_only_when_asked(text):
@@ -173,38 +173,25 @@ def test_flush_is_empty_when_the_text_is_complete(text):
     assert detok.step(ids) == "hello 世界" and detok.flush() == ""
 
 
-def test_encoding_and_chat_template_delegate_to_the_worker_tokenizer(tmp_path, monkeypatch):
+def test_encoding_follows_the_tokenizer_configs_bos_flags(tmp_path):
+    """add_bos_token / add_eos_token in tokenizer_config.json (Llama 2, Mistral): the ids
+    are added by hand, whatever tokenizer.json's post-processor does; a rendered chat
+    template, encoded without special tokens, gets none."""
     root = make_model_dir(tmp_path)
-
-    class WorkerTokenizer:
-        eos_token = EOS
-        chat_template = "{{ messages }}"
-
-        def __init__(self, model_dir):
-            assert model_dir == root
-
-        def encode(self, text, *, add_special_tokens=True):
-            return [42, int(add_special_tokens)]
-
-        def apply_chat_template(self, messages):
-            return f"rendered {len(messages)}"
-
-        def token_to_id(self, token):
-            return 3 if token == EOS else None
-
-    monkeypatch.setattr(text_module, "worker_tokenizer", SimpleNamespace(Tokenizer=WorkerTokenizer))
+    config = json.loads((root / "tokenizer_config.json").read_text())
+    (root / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "add_bos_token": False, "add_eos_token": True}))
     text = TextModel.load(root)
-    assert text.encode("anything") == [42, 1]
-    assert text.encode("anything", add_special_tokens=False) == [42, 0]
-    assert text.apply_chat_template([{"role": "user", "content": "x"}]) == "rendered 1"
-    assert 3 in text.eos_token_ids
+    plain = text.encode("hello", add_special_tokens=False)
+    assert plain and plain[0] != text.tokenizer.token_to_id(BOS)
+    assert text.encode("hello") == [*plain, text.tokenizer.token_to_id(EOS)]
 
 
 # ---- the characters-per-token bound -------------------------------------------------------
 
 
 def test_max_prompt_chars_is_the_context_times_the_longest_token(text):
-    vocab = text.tokenizer.get_vocab(with_added_tokens=True)
+    vocab = text.tokenizer.hf.get_vocab(with_added_tokens=True)
     longest = max(len(token) for token in vocab)
     assert text.max_chars_per_token == longest
     assert text.max_prompt_chars == MAX_MODEL_LEN * longest

@@ -15,6 +15,7 @@ import torch
 from ferry.common import structured
 from ferry.common.config import EngineConfig
 from ferry.common.sampling import SamplingParams
+from ferry.common.text import Tokenizer
 from ferry.services.worker.engine.engine import Engine, RequestRejected
 from ferry.services.worker.grammar import (
     GrammarRow,
@@ -23,7 +24,6 @@ from ferry.services.worker.grammar import (
     num_words,
 )
 from ferry.services.worker.model.make_model import make_model
-from ferry.services.worker.model.tokenizer import Tokenizer
 from ferry.services.worker.sampler import SamplingTensors, apply_token_bitmask, run_sampler
 from tests.unit.fakes import TokenKVExecutor
 

@@ -12,6 +12,7 @@ import transformers
 from safetensors import safe_open
 
 from ferry.common.sampling import SamplingParams
+from ferry.common.text import Tokenizer
 from ferry.services.worker.model.config import ModelConfig
 from ferry.services.worker.model.loader import build_random_model, load_model
 from ferry.services.worker.model.make_model import (
@@ -19,7 +20,6 @@ from ferry.services.worker.model.make_model import (
     make_model,
     write_random_weights,
 )
-from ferry.services.worker.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from ferry.services.worker.runner import ModelRunner, RunnerConfig
 from tests.unit.model_helpers import FakeEngine
 
@@ -109,7 +109,7 @@ def _decode_speed(runner: ModelRunner, tok: Tokenizer, batch_size: int, num_new:
     engine = FakeEngine(runner, seed=batch_size)
     reqs = [engine.add(f"r{i}", prompt_ids) for i in range(batch_size)]
     params = [SamplingParams(temperature=0.8, top_p=0.95, seed=i) for i in range(batch_size)]
-    detoks = [IncrementalDetokenizer(tok, prompt_ids=prompt_ids) for _ in reqs]
+    detoks = [tok.detokenizer(prompt_ids) for _ in reqs]
     texts = [""] * batch_size
     start = time.perf_counter()
     chunks = [
@@ -120,11 +120,12 @@ def _decode_speed(runner: ModelRunner, tok: Tokenizer, batch_size: int, num_new:
         tokens = engine.step(chunks)
         for i, (r, t) in enumerate(zip(reqs, tokens, strict=True)):
             r.token_ids.append(t)
-            texts[i] += detoks[i].add([t])
+            texts[i] += detoks[i].step([t])
         chunks = [
             engine.chunk(r, 1, sample=True, sampling=p) for r, p in zip(reqs, params, strict=True)
         ]
     elapsed = time.perf_counter() - start
     assert all(len(r.token_ids) == len(prompt_ids) + num_new for r in reqs)
-    assert texts[0] + detoks[0].flush() == tok.decode(reqs[0].token_ids[len(prompt_ids) :])
+    assert texts[0] + detoks[0].flush() == tok.decode(reqs[0].token_ids[len(prompt_ids) :],
+                                                      skip_special_tokens=True)
     return f"batch {batch_size}: {batch_size * num_new / elapsed:.0f} tokens/s"

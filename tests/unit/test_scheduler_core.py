@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 
 from ferry.common.config import Endpoint, SchedulerConfig
-from ferry.common.sampling import SamplingParams
 from ferry.common.wire import (
     Abort,
     Dispatch,
@@ -81,15 +80,9 @@ def report(core, instance_id, seq, now, received=0, **fields):
 
 
 def request(req_id, prompt_len=32, priority=Priority.NORMAL, gateway=GATEWAY):
-    return Dispatch(
-        req_id=req_id,
-        prompt_token_ids=tuple(range(prompt_len)),
-        output_token_ids=(),
-        sampling=SamplingParams(max_tokens=8, seed=1),
-        priority=priority,
-        reply_addr=gateway,
-        arrival_s=0.0,
-    )
+    """A Dispatch's header: all the core reads (its body never reaches the core)."""
+    return Dispatch(req_id=req_id, attempt=0, priority=priority, reply_addr=gateway,
+                    prompt_len=prompt_len, prefix_hashes=(), body=b"")
 
 
 def done(migration_id, req_id, src, dst, committed=True, reason=""):
@@ -227,6 +220,8 @@ def test_heartbeat_timeout_tells_gateways_and_drops_the_requests():
     }
     assert core.expire(now=2.2) == []  # declared once
     assert [i.alive for i in core.status(2.2).instances] == [False, True]
+    assert core.take_departed() == [addr("w0")]  # the process closes its socket there
+    assert core.take_departed() == []
 
 
 def test_report_from_an_unknown_instance_asks_it_to_register_again():
@@ -261,6 +256,9 @@ def test_a_worker_that_restarted_empty_is_reported_down_first():
     assert out == [(GATEWAY, InstanceDown(instance_id="w0"))]
     assert core.reqs == {}
     assert core.table["w0"].alive
+    # Its old socket (queued messages for the process that died) goes; the process
+    # closes it before sending `out`, so what goes to the new one opens a new socket.
+    assert core.take_departed() == [addr("w0")]
 
 
 # ---- migrations ---------------------------------------------------------------------------
@@ -428,6 +426,20 @@ def test_drain_sends_set_draining_and_terminate_forgets():
     assert "w0" not in core.table
     core.dispatch(request("r0"))
     assert core.terminate("w1", now=1.0) == [(GATEWAY, InstanceDown(instance_id="w1"))]
+    assert core.take_departed() == [addr("w0"), addr("w1")]
+    assert core.terminate("w1", now=1.0) == [] and core.take_departed() == []
+
+
+def test_a_departed_instance_keeps_the_socket_of_a_live_one_at_its_address():
+    """A new instance took the inbox address of one that is then declared dead (a worker
+    restarted under a new id): the socket there is the new one's, so it stays open."""
+    core = make_core(heartbeat_timeout_s=1.0)
+    register(core, "old", now=0.0)
+    core.register(Register(instance_id="new", inbox_addr=addr("old"), num_blocks=100,
+                           block_size=16, max_model_len=4096, req_ids=()), 0.9)
+    core.expire(now=1.5)
+    assert not core.table["old"].alive and core.table["new"].alive
+    assert core.take_departed() == []
 
 
 def test_status_shows_estimated_loads_and_freeness():

@@ -27,6 +27,7 @@ from ferry.common.wire import (
     Abort,
     AdminError,
     Dispatch,
+    DispatchBody,
     InstanceDown,
     InstanceView,
     LoadReport,
@@ -173,15 +174,11 @@ class Cluster:
             await asyncio.sleep(0.02)
 
     def request(self, req_id, priority=Priority.NORMAL) -> Dispatch:
-        return Dispatch(
-            req_id=req_id,
-            prompt_token_ids=tuple(range(40)),
-            output_token_ids=(),
-            sampling=SamplingParams(max_tokens=4, seed=7),
-            priority=priority,
-            reply_addr=self.gateway.addr,
-            arrival_s=time.time(),
-        )
+        return Dispatch.of(
+            DispatchBody(req_id=req_id, attempt=0, prompt_token_ids=tuple(range(40)),
+                         output_token_ids=(), sampling=SamplingParams(max_tokens=4, seed=7),
+                         arrival_s=time.time()),
+            priority=priority, reply_addr=self.gateway.addr)
 
 
 def run_with_scheduler(scenario, *, provisioner=None, clock=time.monotonic, **cfg_fields):
@@ -245,6 +242,24 @@ def test_dispatch_spreads_forwards_frames_unread_and_places():
     run_with_scheduler(scenario, view_interval_s=0.1)
 
 
+def test_a_dispatch_body_is_forwarded_unread():
+    """The scheduler reads a Dispatch's header only: a body that is not even msgpack is
+    placed by the header and forwarded byte for byte (its worker refuses it:
+    test_worker_process)."""
+    async def scenario(c: Cluster):
+        worker = c.worker("w0")
+        await worker.register()
+        await c.until(lambda s: len(s.instances) == 1)
+        req = dataclasses.replace(c.request("r0"), body=b"\xc1 not msgpack")
+        await c.gateway.send(req)
+        frames, forwarded = await worker.recv_dispatch()
+        assert frames == wire.encode(req) and frames[2] == b"\xc1 not msgpack"
+        placement = await c.gateway.expect(Placement, skip=(InstanceView,))
+        assert (placement.req_id, placement.instance_id) == ("r0", "w0")
+
+    run_with_scheduler(scenario)
+
+
 def test_a_held_request_is_forwarded_once_a_report_shows_room():
     async def scenario(c: Cluster):
         worker = c.worker("w0")
@@ -304,12 +319,17 @@ def test_silent_instance_is_declared_down_and_its_requests_dropped():
             await c.until(lambda s: len(s.instances) == 2)
             await c.gateway.send(c.request("r0"))
             await c.gateway.send(c.request("r1"))
-            await c.until(lambda s: len(s.requests) == 2)
+            status = await c.until(lambda s: len(s.requests) == 2)
+            assert "quiet" in [r.instance_id for r in status.requests]
+            assert quiet.addr in c.scheduler.send_to_peers  # a Dispatch went there
             down = await c.gateway.expect(InstanceDown, skip=(Placement, InstanceView))
             assert down.instance_id == "quiet"
             status = await c.until(lambda s: worker_ids(s, alive=False) == ["quiet"])
             assert worker_ids(status) == ["chatty"]
             assert [r.instance_id for r in status.requests] == ["chatty"]
+            # its PUSH socket (the Dispatch forwarded there) is closed; the live one's stays
+            outboxes = c.scheduler.send_to_peers
+            assert quiet.addr not in outboxes and chatty.addr in outboxes
         finally:
             reporting.cancel()
 
@@ -424,7 +444,8 @@ def test_malformed_frames_are_counted_and_the_loop_goes_on():
     async def scenario(c: Cluster):
         raw = c.gateway.to_scheduler
         await raw.send_multipart([b"garbage"])  # one frame
-        await raw.send_multipart([b"\x01\x00\x0a", b"\xc1\xc1"])  # Dispatch header, bad msgpack
+        header = wire.encode(c.request("x"))[0]
+        await raw.send_multipart([header, b"\xc1\xc1", b""])  # a Dispatch, bad msgpack
         await raw.send_multipart(wire.encode(StatusRequest()))  # not accepted on the inbox
         await c.admin_socket.send_multipart([b"junk", b"junk"])
         _, error = await recv_msg(c.admin_socket)

@@ -137,10 +137,10 @@ def test_the_scheduler_hears_only_keyed_senders_in_their_roles(keys_dir):
             gateway_addr = tcp(free_ports(1)[0])
             gateway.bind(gateway_addr)
             sockets.append(gateway)
-            victim = wire.Dispatch(
-                req_id="victim-0", prompt_token_ids=(1, 2, 3), output_token_ids=(),
-                sampling=wire.SamplingParams(max_tokens=4), priority=0,
-                reply_addr=gateway_addr, arrival_s=0.0)
+            victim = wire.Dispatch.of(wire.DispatchBody(
+                req_id="victim-0", attempt=0, prompt_token_ids=(1, 2, 3), output_token_ids=(),
+                sampling=wire.SamplingParams(max_tokens=4), arrival_s=0.0),
+                priority=0, reply_addr=gateway_addr)
             await push("gateway").send_multipart(wire.encode(victim))
             await wait_until(lambda: "victim-0" in scheduler.core.reqs)
             for name, msg in (("worker", wire.Release(req_id="victim-0", reason="abort")),

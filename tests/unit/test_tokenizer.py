@@ -1,5 +1,5 @@
-"""Tokenizer wrapper and incremental detokenizer, on the byte-level BPE make_model
-writes and on a Llama 2 style (SentencePiece-like, byte-fallback) tokenizer."""
+"""common/text.py's Tokenizer and its incremental Detokenizer, on the byte-level BPE
+make_model writes and on a Llama 2 style (SentencePiece-like, byte-fallback) tokenizer."""
 
 from __future__ import annotations
 
@@ -14,13 +14,9 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, trainers
 
-from ferry.services.worker.model import tokenizer as tokenizer_module
+from ferry.common import text as text_module
+from ferry.common.text import REPLACEMENT_CHAR, Tokenizer
 from ferry.services.worker.model.make_model import write_tokenizer
-from ferry.services.worker.model.tokenizer import (
-    REPLACEMENT_CHAR,
-    IncrementalDetokenizer,
-    Tokenizer,
-)
 
 TEXTS = [
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
@@ -171,13 +167,14 @@ def test_chat_template_file_and_raise_exception(tmp_path, byte_level_dir):
         tok.apply_chat_template([{"role": "system", "content": "x"}])
 
 
-def _stream(tok: Tokenizer, ids: list[int], rng: random.Random, **kwargs) -> list[str]:
+def _stream(tok: Tokenizer, ids: list[int], rng: random.Random, *, prompt_ids=(),
+            skip_special_tokens=False) -> list[str]:
     """Feed ids in random-sized groups; the deltas, flush last."""
-    detok = IncrementalDetokenizer(tok, **kwargs)
+    detok = tok.detokenizer(prompt_ids, skip_special_tokens=skip_special_tokens)
     deltas, i = [], 0
     while i < len(ids):
         n = rng.randint(1, 3)
-        deltas.append(detok.add(ids[i : i + n]))
+        deltas.append(detok.step(ids[i : i + n]))
         i += n
     deltas.append(detok.flush())
     return deltas
@@ -193,8 +190,8 @@ def test_incremental_text_never_holds_half_characters(which, byte_level_dir, sen
         assert "".join(deltas) == tok.decode(ids)
         assert not any(REPLACEMENT_CHAR in d for d in deltas)
         # one token at a time too
-        detok = IncrementalDetokenizer(tok)
-        one_by_one = [detok.add([i]) for i in ids] + [detok.flush()]
+        detok = tok.detokenizer(skip_special_tokens=False)
+        one_by_one = [detok.step([i]) for i in ids] + [detok.flush()]
         assert "".join(one_by_one) == tok.decode(ids)
         assert not any(REPLACEMENT_CHAR in d for d in one_by_one)
 
@@ -251,7 +248,7 @@ def test_long_text_encodes_as_short_text_does(byte_level_dir, sentencepiece_dir,
     """Text past GIL_FREE_ENCODE_CHARS goes through encode_batch (which releases the GIL):
     the same ids as the tokenizer's plain encode."""
     text = "".join(TEXTS) * 200
-    assert len(text) > tokenizer_module.GIL_FREE_ENCODE_CHARS
+    assert len(text) > text_module.GIL_FREE_ENCODE_CHARS
     for model_dir in (byte_level_dir, sentencepiece_dir):
         tok = Tokenizer(model_dir)
         hf = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))

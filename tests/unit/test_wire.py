@@ -49,10 +49,56 @@ def build(cls, depth=0):
 
 @pytest.mark.parametrize("cls", wire.REGISTRY.message_classes, ids=lambda c: c.__name__)
 def test_every_message_round_trips(cls):
-    msg = build(cls)
+    if cls is wire.Dispatch:  # (its header is derived from its body)
+        msg = wire.Dispatch.of(build(wire.DispatchBody), priority=1,
+                               reply_addr="tcp://host-1:5600", prefix_hashes=(3, 4))
+        assert wire.decode_body(msg) == build(wire.DispatchBody)
+    else:
+        msg = build(cls)
     frames = wire.encode(msg)
     assert wire.peek_tag(frames[0]) == wire.REGISTRY.tag_of(cls)
     assert wire.decode(frames) == msg
+
+
+def test_a_dispatch_body_travels_as_its_own_frame_unread():
+    """A router decodes the header (what it places by); the body frame's bytes pass
+    through untouched, checked for size only; the worker decodes them strictly."""
+    body = wire.DispatchBody(req_id="r", attempt=2, prompt_token_ids=tuple(range(100)),
+                             output_token_ids=(7, 8), sampling=SamplingParams(max_tokens=3),
+                             arrival_s=1.5)
+    msg = wire.Dispatch.of(body, priority=1, reply_addr="tcp://gw:1", prefix_hashes=(9,))
+    assert (msg.req_id, msg.attempt, msg.prompt_len) == ("r", 2, 102)
+    header, fields, body_frame = wire.encode(msg)
+    assert body_frame is msg.body and len(fields) < 40
+    garbage = wire.decode([header, fields, b"\xc1 not msgpack"])  # not read: taken
+    assert garbage.req_id == "r" and garbage.body == b"\xc1 not msgpack"
+    with pytest.raises(WireError, match="Dispatch.body: malformed msgpack"):
+        wire.decode_body(garbage)
+    with pytest.raises(WireError, match="Dispatch: expected 3 frames, got 2"):
+        wire.decode([header, fields])
+    with pytest.raises(WireError) as err:
+        wire.decode([header, fields, body_frame], max_frame_bytes=100)
+    assert err.value.code == 413
+    with pytest.raises(WireError) as err:
+        wire.decode_body(msg, max_frame_bytes=100)
+    assert err.value.code == 413
+    bad = wire.encode_body(dataclasses.replace(body, prompt_token_ids=(1, "2")))
+    with pytest.raises(WireError, match=r"DispatchBody.prompt_token_ids\[\]: expected int"):
+        wire.decode_body(dataclasses.replace(msg, body=bad))
+    with pytest.raises(WireError, match="prompt_len: -1 is not a count"):
+        wire.decode(wire.encode(dataclasses.replace(msg, prompt_len=-1)))
+
+
+def test_a_dispatch_names_what_is_wrong_with_a_body_not_its_own():
+    body = wire.DispatchBody(req_id="r", attempt=1, prompt_token_ids=(1, 2),
+                             output_token_ids=(3,), sampling=SamplingParams(max_tokens=3),
+                             arrival_s=0.0)
+    msg = wire.Dispatch.of(body, priority=0, reply_addr="tcp://gw:1")
+    assert msg.mismatch(body) is None
+    assert "body of 'x' attempt 1" in msg.mismatch(dataclasses.replace(body, req_id="x"))
+    assert "attempt 0 under" in msg.mismatch(dataclasses.replace(body, attempt=0))
+    assert msg.mismatch(dataclasses.replace(body, output_token_ids=())) == (
+        "body of 2 tokens under a header of 3")
 
 
 def test_optional_fields_round_trip_as_none():
@@ -75,6 +121,25 @@ def test_rejects_other_protocol_version():
     with pytest.raises(WireError) as err:
         wire.decode(frames)
     assert err.value.code == 426
+
+
+def test_a_retired_tag_is_refused_by_name():
+    """A message that changed layout moved to a new tag: a peer of an older Ferry that
+    still sends the old one gets a clear 426, and no new message can take the tag."""
+    with pytest.raises(WireError, match=r"tag 61 is retired \(MigPreallocReply") as err:
+        wire.decode(_frames(61, ["m", True, "", "g", "host:1", 1]))
+    assert err.value.code == 426
+    with pytest.raises(WireError, match=r"tag 10 is retired \(Dispatch") as err:
+        wire.decode(_frames(10, ["r", [1], [], [5, 0.5, 0, 1.0, 3, [], False, []], 0,
+                                 "tcp://a:1", 1.0, 0]))
+    assert err.value.code == 426
+
+    @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+    class Newcomer:
+        x: int
+
+    with pytest.raises(ValueError, match="tag 61 is retired"):
+        wire.REGISTRY.message(61)(Newcomer)
 
 
 def test_rejects_malformed_msgpack():
@@ -126,12 +191,13 @@ def test_trailing_fields_with_defaults_may_be_missing():
         wire.decode(_frames(tag, ["r", "i", 0, [1], None]))  # attempt was in v2 from the start
     with pytest.raises(WireError, match="expected 6 to 7 fields, got 8"):
         wire.decode(_frames(tag, ["r", "i", 0, [1], None, 0, [], 5]))  # never ignored
-    tag = wire.REGISTRY.tag_of(wire.Dispatch)
+    tag = wire.REGISTRY.tag_of(wire.GenerateRequest)
     sampling_v2_0 = [5, 0.5, 0, 1.0, 3, [], False, []]  # before the penalties were added
-    msg = wire.decode(_frames(tag, ["r", [1], [], sampling_v2_0, 0, "tcp://a:1", 1.0, 0]))
+    msg = wire.decode(_frames(tag, ["c", None, [1], sampling_v2_0, 0, False, None]))
     assert msg.sampling == SamplingParams(max_tokens=5, temperature=0.5, seed=3)
-    with pytest.raises(WireError, match="Dispatch.sampling: expected 8 to 20 fields, got 7"):
-        wire.decode(_frames(tag, ["r", [1], [], sampling_v2_0[:7], 0, "tcp://a:1", 1.0, 0]))
+    with pytest.raises(WireError,
+                       match="GenerateRequest.sampling: expected 8 to 20 fields, got 7"):
+        wire.decode(_frames(tag, ["c", None, [1], sampling_v2_0[:7], 0, False, None]))
 
 
 def test_fields_added_since_are_left_out_at_their_defaults():
@@ -141,27 +207,26 @@ def test_fields_added_since_are_left_out_at_their_defaults():
                         finish_reason=None)
     assert len(msgpack.unpackb(wire.encode(plain)[1])) == 6  # attempt stays (v2 had it)
     sampling = SamplingParams(max_tokens=3, seed=1)
-    dispatch = wire.Dispatch(req_id="r", prompt_token_ids=(1,), output_token_ids=(),
-                             sampling=sampling, priority=0, reply_addr="tcp://a:1",
-                             arrival_s=0.0)
-    assert len(msgpack.unpackb(wire.encode(dispatch)[1])[3]) == 8
-    penalized = dataclasses.replace(dispatch, sampling=dataclasses.replace(
+    request = wire.GenerateRequest(client_req_id="c", prompt=None, prompt_token_ids=(1,),
+                                   sampling=sampling, priority=0, stream=False, timeout_s=None)
+    assert len(msgpack.unpackb(wire.encode(request)[1])[3]) == 8
+    penalized = dataclasses.replace(request, sampling=dataclasses.replace(
         sampling, skip_special_tokens=False))
     assert len(msgpack.unpackb(wire.encode(penalized)[1])[3]) == 18
-    constrained = dataclasses.replace(dispatch, sampling=dataclasses.replace(
+    constrained = dataclasses.replace(request, sampling=dataclasses.replace(
         sampling, grammar_kind="regex", grammar="[a-z]+"))
     assert len(msgpack.unpackb(wire.encode(constrained)[1])[3]) == 20
-    for msg in (plain, dispatch, penalized, constrained):
+    for msg in (plain, request, penalized, constrained):
         assert wire.decode(wire.encode(msg)) == msg
 
 
 def test_nested_struct_checked():
     tag = wire.REGISTRY.tag_of(wire.CancelRequest)
     assert wire.decode(_frames(tag, ["c", None])) == wire.CancelRequest(client_req_id="c")
-    tag = wire.REGISTRY.tag_of(wire.Dispatch)
+    tag = wire.REGISTRY.tag_of(wire.GenerateRequest)
     bad_sampling = [5, "hot", 0, 1.0, None, [], False, []]
     with pytest.raises(WireError, match="temperature: expected a number"):
-        wire.decode(_frames(tag, ["r", [1], [], bad_sampling, 0, "tcp://a:1", 1.0, 0]))
+        wire.decode(_frames(tag, ["c", None, [1], bad_sampling, 0, False, None]))
 
 
 @pytest.mark.parametrize("addr", ["tcp://bad", "tcp://*:5600", "tcp://h:0", "tcp://h:70000",

@@ -6,6 +6,7 @@ that takes seconds)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import torch
@@ -51,6 +52,7 @@ class Peers:
         self.to_worker = ctx.socket(zmq.PUSH)
         self.to_worker.connect(self.worker_addr)
         self.tokens: dict[tuple[str, int], list] = {}  # (req_id, attempt) -> Tokens
+        self.errors: dict[str, wire.RequestError] = {}  # req_id -> its RequestError
         self.reader = asyncio.get_running_loop().create_task(self.read())
 
     async def read(self) -> None:
@@ -58,6 +60,8 @@ class Peers:
             msg = wire.decode(await self.gateway.recv_multipart())
             if isinstance(msg, wire.Tokens):
                 self.tokens.setdefault((msg.req_id, msg.attempt), []).append(msg)
+            elif isinstance(msg, wire.RequestError):
+                self.errors[msg.req_id] = msg
 
     async def send(self, msg) -> None:
         await self.to_worker.send_multipart(wire.encode(msg))
@@ -74,10 +78,11 @@ class Peers:
 
 def dispatch(peers: Peers, req_id: str, *, attempt: int = 0, max_tokens: int = 400,
              reply_addr: str | None = None) -> wire.Dispatch:
-    return wire.Dispatch(
-        req_id=req_id, prompt_token_ids=tuple(range(1, 33)), output_token_ids=(),
-        sampling=SamplingParams(max_tokens=max_tokens, seed=1, ignore_eos=True), priority=0,
-        reply_addr=reply_addr or peers.gateway_addr, arrival_s=time.time(), attempt=attempt)
+    return wire.Dispatch.of(wire.DispatchBody(
+        req_id=req_id, attempt=attempt, prompt_token_ids=tuple(range(1, 33)),
+        output_token_ids=(), sampling=SamplingParams(max_tokens=max_tokens, seed=1,
+                                                     ignore_eos=True),
+        arrival_s=time.time()), priority=0, reply_addr=reply_addr or peers.gateway_addr)
 
 
 def run(body, **config_fields) -> None:
@@ -186,6 +191,48 @@ def test_bad_addresses_never_stop_the_worker():
         await peers.send(dispatch(peers, "good", max_tokens=5))
         await wait_until(lambda: peers.finish_of("good", 0) == "length")
         assert worker.recv_from_peers.num_rejected == 1 and worker.engine.get("bad") is None
+
+    run(body)
+
+
+def test_a_dispatch_body_that_is_not_its_headers_request_is_refused():
+    """The scheduler places by the header and forwards the body unread: the worker decodes
+    the body, and refuses (a RequestError to the gateway, for the header's attempt) one
+    that is malformed or another request's; nothing of it runs, the worker serves on."""
+    async def body(peers: Peers, worker: Worker) -> None:
+        good = dispatch(peers, "good", attempt=1, max_tokens=5)
+        request = wire.decode_body(good)
+
+        def with_body(header_req_id: str, /, **fields) -> wire.Dispatch:
+            forged = dataclasses.replace(request, **fields)
+            return dataclasses.replace(good, req_id=header_req_id,
+                                       body=wire.encode_body(forged))
+
+        cases = {
+            "garbage": dataclasses.replace(good, req_id="garbage", body=b"\xc1\xc1"),
+            "str-token": with_body("str-token", req_id="str-token",
+                                   prompt_token_ids=(1, "two") + request.prompt_token_ids[2:]),
+            "other-req": with_body("other-req", req_id="someone-else"),
+            "other-attempt": with_body("other-attempt", req_id="other-attempt", attempt=0),
+            "longer": with_body("longer", req_id="longer",
+                                prompt_token_ids=request.prompt_token_ids + (7,)),
+        }
+        for msg in cases.values():
+            await peers.send(msg)
+        await wait_until(lambda: set(peers.errors) == set(cases))
+        for err in peers.errors.values():
+            assert err.code == 400 and err.attempt == 1, err
+            assert err.message.startswith("Dispatch body refused: "), err
+        assert "malformed msgpack" in peers.errors["garbage"].message
+        assert "prompt_token_ids[]: expected int" in peers.errors["str-token"].message
+        assert "'someone-else' attempt 1" in peers.errors["other-req"].message
+        assert "attempt 0 under the header of 'other-attempt' attempt 1" in (
+            peers.errors["other-attempt"].message)
+        assert "33 tokens under a header of 32" in peers.errors["longer"].message
+        assert worker.engine.requests == {} and worker.recv_from_peers.num_rejected == 0
+        assert worker.num_dispatch_received == len(cases)  # seen: the scheduler counts them
+        await peers.send(good)
+        await wait_until(lambda: peers.finish_of("good", 1) == "length")
 
     run(body)
 

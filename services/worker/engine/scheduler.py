@@ -87,10 +87,6 @@ class LocalScheduler:
         self.running.append(req)
         self._register_computed(req)
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.paused)
-
     # ---- schedule -----------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:

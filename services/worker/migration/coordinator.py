@@ -218,7 +218,7 @@ class MigrationCoordinator:
         if reason is not None:
             self.send(msg.src_inbox_addr, wire.MigPreallocReply(
                 migration_id=msg.migration_id, ok=False, reason=reason, group_id="",
-                store_addr="", dst_rank=1))
+                store_addr=""))
             return
         try:
             group_id, store_addr = self.kv.open_receiving(msg.src_instance_id, msg.group_id)
@@ -226,7 +226,7 @@ class MigrationCoordinator:
             self.engine.blocks.release_reservation(msg.migration_id)
             self.send(msg.src_inbox_addr, wire.MigPreallocReply(
                 migration_id=msg.migration_id, ok=False, reason=f"no KV group: {exc}",
-                group_id="", store_addr="", dst_rank=1))
+                group_id="", store_addr=""))
             return
         mig = IncomingMigration(
             migration_id=msg.migration_id, req_id=msg.req_id,
@@ -240,7 +240,7 @@ class MigrationCoordinator:
         self._spawn(self._run_incoming(runner))
         self.send(msg.src_inbox_addr, wire.MigPreallocReply(
             migration_id=msg.migration_id, ok=True, reason="", group_id=group_id,
-            store_addr=store_addr, dst_rank=1))
+            store_addr=store_addr))
 
     def _incoming_refusal(self, msg: wire.MigPrealloc) -> str | None:
         if len(self.incoming) >= self.config.max_migrations:

@@ -1,19 +1,23 @@
-"""What the gateway needs of a model's text side: encode, chat template, incremental
-detokenization, EOS ids, context length. Torch-free.
+"""Text <-> token ids for a Hugging Face model directory; torch-free. The one text module:
+the gateway tokenizes, renders chat templates and detokenizes with it, `ferry generate`
+and the tests encode and decode with it. (The worker needs no text: structured output
+hands tokenizer.json to llguidance, services/worker/grammar.py.)
 
-Loaded from a Hugging Face model directory:
+Files read:
 
     tokenizer.json          the fast tokenizer (`tokenizers`)
-    tokenizer_config.json   chat_template, eos_token, bos_token, add_bos_token
+    tokenizer_config.json   bos_token, eos_token, add_bos_token, add_eos_token, chat_template
     chat_template.jinja     chat template (newer layout; wins over tokenizer_config)
-    config.json             max_position_embeddings, eos_token_id
+    config.json             max_position_embeddings, eos_token_id (TextModel)
     generation_config.json  eos_token_id (int or list); sampling defaults (temperature,
-                            top_p, top_k, min_p, repetition_penalty); optional
+                            top_p, top_k, min_p, repetition_penalty); optional (TextModel)
 
-Encoding and chat templates come from the worker's tokenizer module
-(services/worker/model/tokenizer.py) so that gateway and engine agree on every id; where
-that module is absent, `_TokenizersOnly` does the same job with `tokenizers` alone.
-Detokenization uses the `tokenizers` DecodeStream (Rust; one call per delta).
+- `Tokenizer`: encode, decode, special tokens, chat template (rendered with jinja2 the way
+  transformers renders it).
+- `Detokenizer`: one request's token stream in, text deltas out (the `tokenizers`
+  DecodeStream, Rust, one call per delta); never half a character until the end.
+- `TextModel`: what the gateway needs of a model's text side: a Tokenizer, EOS ids,
+  context length, sampling defaults, and the characters-per-token bound below.
 
 `max_prompt_chars` bounds a prompt's length in characters without tokenizing it: a token
 covers at most `max_chars_per_token` characters of the text (its vocabulary string's
@@ -27,18 +31,27 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+import jinja2
+import jinja2.ext
 import jinja2.sandbox
-from tokenizers import Tokenizer
+import tokenizers
 from tokenizers.decoders import DecodeStream
 
-try:
-    from ferry.services.worker.model import tokenizer as worker_tokenizer
-except ImportError:  # a checkout without the worker's model package
-    worker_tokenizer = None
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer transformers save the template alone
+REPLACEMENT_CHAR = "\ufffd"
+# Longer text is encoded with encode_batch, which releases the GIL (encode holds it: a
+# 1 MB prompt stopped every other thread of the process for a second).
+GIL_FREE_ENCODE_CHARS = 4096
+# Prompt tokens the detokenizer starts from, so the first output token's text is rendered
+# in context (a leading space of a SentencePiece "▁word" token survives).
+DETOKENIZE_CONTEXT_TOKENS = 6
 
 # NFC / NFKC compose at most this many characters into one (the longest canonical
 # decomposition, e.g. U+1F82 -> 4 code points; tests check it against unicodedata).
@@ -55,23 +68,86 @@ _KEEPING_PRE_TOKENIZERS = frozenset(
     {"ByteLevel", "Metaspace", "Digits", "UnicodeScripts", "Split", "Punctuation", "FixedLength"}
 )
 
-# Prompt tokens the detokenizer starts from, so the first output token's text is rendered
-# in context (a leading space of a SentencePiece "▁word" token survives).
-DETOKENIZE_CONTEXT_TOKENS = 6
 
+class Tokenizer:
+    def __init__(self, model_dir: str | Path) -> None:
+        model_dir = Path(model_dir)
+        path = model_dir / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{model_dir}: no {TOKENIZER_FILE} (a Hugging Face model directory?)")
+        self.hf = tokenizers.Tokenizer.from_file(str(path))  # the Rust tokenizer itself
+        config = _read_json(model_dir / TOKENIZER_CONFIG_FILE)
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.bos_token_id = self._id_of(self.bos_token)
+        self.eos_token_id = self._id_of(self.eos_token)
+        # Explicit flags (Llama/Mistral tokenizer configs) mean: add by hand. Without
+        # them, tokenizer.json's own post-processor decides (Llama 3, Qwen2).
+        add_bos = config.get("add_bos_token")
+        self._add_bos: bool | None = None if add_bos is None else bool(add_bos)
+        self._add_eos = bool(config.get("add_eos_token", False))
+        template_file = model_dir / CHAT_TEMPLATE_FILE
+        self.chat_template = (template_file.read_text() if template_file.is_file()
+                              else _pick_template(config.get("chat_template")))
+        self._template = None if self.chat_template is None else _compile(self.chat_template)
 
-class BaseTokenizer(Protocol):
-    """What TextModel uses of a tokenizer (the worker's Tokenizer, or _TokenizersOnly)."""
+    @property
+    def vocab_size(self) -> int:
+        """Ids this tokenizer knows, added tokens included."""
+        return self.hf.get_vocab_size(with_added_tokens=True)
 
-    eos_token: str | None
-    chat_template: str | None
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text; add_special_tokens adds BOS (and EOS) as the model expects.
+        Encode a rendered chat template with add_special_tokens=False: it has its BOS."""
+        if self._add_bos is None:
+            return self._encode(text, add_special_tokens)
+        ids = self._encode(text, False)
+        if add_special_tokens:
+            if self._add_bos and self.bos_token_id is not None:
+                ids.insert(0, self.bos_token_id)
+            if self._add_eos and self.eos_token_id is not None:
+                ids.append(self.eos_token_id)
+        return ids
 
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) > GIL_FREE_ENCODE_CHARS:
+            return self.hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], *,
-                            tools: Sequence[dict[str, Any]] | None = None) -> str: ...
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def token_to_id(self, token: str) -> int | None: ...
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        """The prompt text for a conversation ([{"role": ..., "content": ...}, ...]);
+        `tools` as transformers passes them (OpenAI's {"type": "function", "function":
+        {...}} entries; None: no tools). Raises jinja2.TemplateError where the template
+        refuses the messages."""
+        if self._template is None:
+            raise ValueError("this tokenizer has no chat template")
+        return self._template.render(
+            messages=[dict(m) for m in messages],
+            tools=None if tools is None else [dict(t) for t in tools],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def detokenizer(self, context_token_ids: Sequence[int] = (), *,
+                    skip_special_tokens: bool = True) -> Detokenizer:
+        """An incremental detokenizer whose text continues that of context_token_ids (a
+        prompt: its last DETOKENIZE_CONTEXT_TOKENS render the first delta in context)."""
+        return Detokenizer(self.hf, context_token_ids[-DETOKENIZE_CONTEXT_TOKENS:],
+                           skip_special_tokens=skip_special_tokens)
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self.hf.token_to_id(token)
 
 
 class Detokenizer:
@@ -79,11 +155,14 @@ class Detokenizer:
     ends inside a multi-byte UTF-8 character yields "" until the character completes;
     `flush` renders whatever is still incomplete at the end, with U+FFFD for the bytes of a
     character that never completed (as vLLM does), so the deltas joined are the whole text
-    however the ids were split into steps."""
+    however the ids were split into steps:
+
+        decode(context + ids) == decode(context) + "".join(steps) + flush()
+    """
 
     __slots__ = ("_tokenizer", "_stream", "_skip_special_tokens", "_context", "_pending")
 
-    def __init__(self, tokenizer: Tokenizer, context_token_ids: Sequence[int], *,
+    def __init__(self, tokenizer: tokenizers.Tokenizer, context_token_ids: Sequence[int], *,
                  skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
@@ -94,6 +173,7 @@ class Detokenizer:
         self._pending: list[int] = []
 
     def step(self, token_ids: Sequence[int]) -> str:
+        """Feed the next ids; the text they complete (maybe "")."""
         if not token_ids:
             return ""
         text = self._stream.step(self._tokenizer, list(token_ids))
@@ -123,19 +203,17 @@ class Detokenizer:
 class TextModel:
     def __init__(
         self,
-        base: BaseTokenizer,
-        fast: Tokenizer,
+        tokenizer: Tokenizer,
         *,
         eos_token_ids: tuple[int, ...],
         max_model_len: int,
         max_chars_per_token: int | None = None,
         sampling_defaults: dict[str, float | int] | None = None,
     ) -> None:
-        self.base = base  # encode, chat template
-        self.tokenizer = fast  # the `tokenizers` object behind detokenization
+        self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
-        self.vocab_size = fast.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = tokenizer.vocab_size
         self.max_chars_per_token = max_chars_per_token  # None: no bound (see module doc)
         # Longer prompt text can never fit the context; None: no bound.
         self.max_prompt_chars = (
@@ -147,10 +225,7 @@ class TextModel:
     @classmethod
     def load(cls, model_dir: str | Path) -> TextModel:
         root = Path(model_dir)
-        if not (root / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{root}: no tokenizer.json (a Hugging Face model directory?)")
-        fast = Tokenizer.from_file(str(root / "tokenizer.json"))
-        base = worker_tokenizer.Tokenizer(root) if worker_tokenizer else _TokenizersOnly(root)
+        tokenizer = Tokenizer(root)
         model_config = _read_json(root / "config.json")
         gen_config = _read_json(root / "generation_config.json")
 
@@ -159,34 +234,33 @@ class TextModel:
             for token_id in source if isinstance(source, list) else [source]:
                 if isinstance(token_id, int) and token_id not in eos_ids:
                     eos_ids.append(token_id)
-        if base.eos_token is not None:
-            token_id = base.token_to_id(base.eos_token)
-            if token_id is not None and token_id not in eos_ids:
-                eos_ids.append(token_id)
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+            eos_ids.append(tokenizer.eos_token_id)
 
         max_model_len = model_config.get("max_position_embeddings")
         if not isinstance(max_model_len, int) or not 0 < max_model_len < 10**8:
             raise ValueError(f"{root}: config.json has no max_position_embeddings")
-        spec = json.loads((root / "tokenizer.json").read_text())
+        spec = json.loads((root / TOKENIZER_FILE).read_text())
         return cls(
-            base, fast, eos_token_ids=tuple(eos_ids), max_model_len=max_model_len,
-            max_chars_per_token=max_chars_per_token(spec, fast.get_vocab(with_added_tokens=True)),
+            tokenizer, eos_token_ids=tuple(eos_ids), max_model_len=max_model_len,
+            max_chars_per_token=max_chars_per_token(
+                spec, tokenizer.hf.get_vocab(with_added_tokens=True)),
             sampling_defaults=sampling_defaults(gen_config),
         )
 
     @property
     def has_chat_template(self) -> bool:
-        return self.base.chat_template is not None
+        return self.tokenizer.chat_template is not None
 
     @property
     def renders_tools(self) -> bool:
         """The chat template reads `tools` (transformers' convention), so a model sees the
         functions it may call."""
-        template = self.base.chat_template
+        template = self.tokenizer.chat_template
         return template is not None and "tools" in template
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self.base.encode(text, add_special_tokens=add_special_tokens)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], *,
                             tools: list[dict[str, Any]] | None = None) -> str:
@@ -196,67 +270,23 @@ class TextModel:
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use /v1/completions")
         try:
-            if tools is None:  # (a tokenizer that knows no tools is asked as before)
-                return self.base.apply_chat_template(messages)
-            return self.base.apply_chat_template(messages, tools=tools)
+            return self.tokenizer.apply_chat_template(messages, tools=tools)
         except jinja2.TemplateError as err:
             raise ValueError(f"chat template failed: {err}") from None
 
     def detokenizer(self, prompt_token_ids: Sequence[int], *,
                     skip_special_tokens: bool = True) -> Detokenizer:
-        return Detokenizer(self.tokenizer, prompt_token_ids[-DETOKENIZE_CONTEXT_TOKENS:],
-                           skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.detokenizer(prompt_token_ids,
+                                          skip_special_tokens=skip_special_tokens)
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def token_strings(self, token_ids: Sequence[int]) -> list[str]:
         """Each token's text on its own, special tokens included (logprobs show these; a
         token that is part of a character reads U+FFFD, as in vLLM)."""
-        return self.tokenizer.decode_batch([[t] for t in token_ids], skip_special_tokens=False)
-
-
-class _TokenizersOnly:
-    """Encode and chat template from tokenizer.json + tokenizer_config.json alone, for
-    checkouts without services/worker/model/tokenizer.py (same files, same rules)."""
-
-    def __init__(self, root: Path) -> None:
-        config = _read_json(root / "tokenizer_config.json")
-        self._tok = Tokenizer.from_file(str(root / "tokenizer.json"))
-        self.bos_token = _token_text(config.get("bos_token"))
-        self.eos_token = _token_text(config.get("eos_token"))
-        template_file = root / "chat_template.jinja"
-        if template_file.is_file():
-            self.chat_template = template_file.read_text()
-        else:
-            self.chat_template = _pick_template(config.get("chat_template"))
-        self._template = None
-        if self.chat_template is not None:
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-            )
-            env.globals["raise_exception"] = _raise_template_error
-            env.filters["tojson"] = lambda value, indent=None: json.dumps(
-                value, ensure_ascii=False, indent=indent
-            )
-            self._template = env.from_string(self.chat_template)
-
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        if len(text) > 4096:  # encode_batch drops the GIL: a caller's thread runs freely
-            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], *,
-                            tools: Sequence[dict[str, Any]] | None = None) -> str:
-        if self._template is None:
-            raise ValueError("this tokenizer has no chat template")
-        return self._template.render(
-            messages=list(messages), add_generation_prompt=True, tools=tools,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-        )
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
+        return self.tokenizer.hf.decode_batch([[t] for t in token_ids],
+                                              skip_special_tokens=False)
 
 
 def max_chars_per_token(spec: dict[str, Any], vocab: Iterable[str]) -> int | None:
@@ -333,10 +363,6 @@ def sampling_defaults(gen_config: dict[str, Any]) -> dict[str, float | int]:
     return out
 
 
-def _raise_template_error(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -346,7 +372,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _token_text(value: Any) -> str | None:
-    """tokenizer_config stores special tokens as a string or as {"content": ...}."""
+    """tokenizer_config.json spells a special token as a string or {"content": ...}."""
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
@@ -361,3 +387,26 @@ def _pick_template(value: Any) -> str | None:
         template = named.get("default")
         return template if isinstance(template, str) else None
     return None
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _compile(template: str) -> jinja2.Template:
+    """A template in the sandboxed environment transformers uses for chat templates."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(template)
