@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -36,7 +36,6 @@ from ferry.services.scheduler.load import freeness, to_wire
 
 if TYPE_CHECKING:
     from ferry.services.scheduler.core import SchedulerCore
-    from ferry.services.scheduler.main import Scheduler
 
 DEFAULT_METRICS_PORT = 5603  # beside the inbox (5600), admin (5601), gateway inbox (5602)
 INSTANCE_LABELS = ("model_name", "instance_id")
@@ -75,13 +74,20 @@ class SchedulerStats:
         self.autoscale_actions[action] = self.autoscale_actions.get(action, 0) + 1
 
 
+class TransportCounters(Protocol):
+    """What the collector reads of the process around the core (main.Scheduler)."""
+
+    num_send_dropped: int  # messages the scheduler could not send, total
+    num_handler_errors: int  # messages whose handler raised, total
+
+
 class SchedulerCollector:
     """A prometheus_client collector over the scheduler's state (see the module docstring).
     `process`: the Scheduler around the core, for its transport counters (None in tests
     of the core alone)."""
 
     def __init__(self, core: SchedulerCore, stats: SchedulerStats,
-                 process: Scheduler | None = None) -> None:
+                 process: TransportCounters | None = None) -> None:
         self.core = core
         self.stats = stats
         self.process = process
