@@ -341,7 +341,7 @@ class Leaving:
     done: bool
 
 
-@REGISTRY.message(42)
+@REGISTRY.message(42, min_fields=15)  # num_blocks_skipped came later
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MigrationDone:
     """Source -> scheduler, once per migration attempt, whatever its outcome."""
@@ -362,6 +362,8 @@ class MigrationDone:
     first_stage_s: float = 0.0  # its transfer time (gather + send), seconds
     kv_verified: bool = False  # committed with a KV checksum the destination matched
     token_gap_s: float = 0.0  # what the client sees: last token on src to first token on dst
+    # Leading blocks not copied: the destination cached them already (MigPreallocReply).
+    num_blocks_skipped: int = 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -430,7 +432,7 @@ class ReRegister:
 # ---------------------------------------------------------------------------------------
 
 
-@REGISTRY.message(60)
+@REGISTRY.message(60, min_fields=8)  # block_hashes came later
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MigPrealloc:
     migration_id: str
@@ -441,9 +443,13 @@ class MigPrealloc:
     kv_block_bytes: int  # bytes of one KV block; the peers must agree
     group_id: str | None  # pairwise KV group the source already shares with dst, if any
     prompt_token_ids: tuple[int, ...] = ()  # the request's prompt (sent once, early)
+    # Prefix hashes (common/prefix_hash.py) of the request's full blocks whose KV the source
+    # has computed, in block order: the destination claims the leading ones it caches and
+    # the source sends only the rest. (): the source caches no prefixes.
+    block_hashes: tuple[int, ...] = ()
 
 
-@REGISTRY.message(61)
+@REGISTRY.message(61, min_fields=6)  # num_cached_blocks came later
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MigPreallocReply:
     migration_id: str
@@ -452,6 +458,9 @@ class MigPreallocReply:
     group_id: str  # pairwise KV group to use
     store_addr: HostPortOrEmpty  # "host:port" of the group's rendezvous store (dst hosts it)
     dst_rank: int  # the destination's rank in the group (0 or 1)
+    # Leading blocks of MigPrealloc.block_hashes the destination holds already (claimed
+    # for the request: the source skips them; the block table there starts with them).
+    num_cached_blocks: int = 0
 
 
 @REGISTRY.message(62)
@@ -462,9 +471,11 @@ class MigStage:
 
     migration_id: str
     stage_index: int  # 0, 1, ...
-    first_block_index: int  # logical index in the request's block table
+    first_block_index: int  # logical index in the request's block table (never below the
+    # destination's MigPreallocReply.num_cached_blocks)
     num_blocks: int
-    num_blocks_needed: int  # blocks the request needs in all by now (dst grows its reservation)
+    num_blocks_needed: int  # blocks the request needs in all by now, cached ones included
+    # (dst grows its reservation)
 
 
 @REGISTRY.message(63)

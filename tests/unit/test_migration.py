@@ -11,6 +11,7 @@ import pytest
 
 from ferry.common import wire
 from ferry.common.config import EngineConfig
+from ferry.common.prefix_hash import block_hashes
 from ferry.common.sampling import SamplingParams
 from ferry.services.worker.engine.engine import Engine
 from tests.unit.fakes import SamplerKVExecutor
@@ -426,6 +427,106 @@ def test_corrupted_kv_is_caught_by_the_checksum_and_the_request_goes_on():
             await finish_all(gateway, ["r3"])
             assert gateway.tokens["r3"] == reference_tokens(PROMPTS["r3"], greedy(150))
             await wait_until(lambda: b.engine.blocks.num_reserved == 0)
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+# ---- dedup: the destination caches part of the request's prefix ---------------------------
+
+SHARED = list(range(40, 80))  # 40 tokens: 10 full blocks of 4
+
+
+@pytest.mark.parametrize("warm_running", [False, True], ids=["cached-idle", "cached-in-use"])
+@pytest.mark.parametrize("make_sampling", [lambda: greedy(60), lambda: seeded(60, 5)],
+                         ids=["greedy", "seeded"])
+def test_migration_skips_the_blocks_the_destination_caches(make_sampling, warm_running):
+    """b computed SHARED for another request (finished: its blocks idle in the cache; or
+    still running: shared, in use); a request with that prefix moves from a to b: only
+    the blocks past the prefix are copied, b's table starts with its own cached blocks,
+    and the tokens are exactly an undisturbed run's (and the checksum over the whole
+    table, cached blocks included, matches the source's)."""
+    prompt = SHARED + [7, 8, 9, 10, 11, 12]
+
+    async def body():
+        async with cluster() as (net, gateway, (a, b)):
+            add(b, "warm", greedy(200 if warm_running else 3), SHARED + [3, 1])
+            await wait_until(lambda: len(gateway.tokens.get("warm", [])) >= 2)
+            if not warm_running:
+                await finish_all(gateway, ["warm"])
+            add(a, "r", make_sampling(), prompt)
+            await wait_until(lambda: len(gateway.tokens.get("r", [])) >= 5)
+            done = await wait_done(net, migrate(net, a, b, "r"))
+            assert done.committed, done.reason
+            assert done.kv_verified
+            assert done.num_blocks_skipped == len(SHARED) // 4
+            assert done.num_bytes == done.num_blocks * 4 * 8
+            if warm_running:
+                req = b.engine.get("r")
+                warm = b.engine.get("warm")
+                if req is not None and warm is not None:  # one table, shared blocks
+                    assert req.block_ids[:10] == warm.block_ids[:10]
+            await finish_all(gateway, ["r", "warm"])
+            assert gateway.tokens["r"] == reference_tokens(prompt, make_sampling())
+            # what b received is cached there now: the whole prompt's full blocks
+            full = block_hashes(prompt, 4, parent=b.engine.scheduler.prefix_seed)
+            assert len(b.engine.blocks.match(full)) == len(full)
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_aborted_dedup_migration_gives_the_claimed_blocks_back():
+    """b claims its cached prefix blocks for an incoming request, then the transfer stalls
+    and times out: the claims are dropped (the blocks idle in b's cache again, findable),
+    the request goes on at a, and every pool is whole."""
+    prompt = SHARED + [7, 8, 9, 10, 11, 12]
+
+    async def body():
+        async with cluster(migration_timeout_s=0.4, migration_stage_limit=50,
+                           migration_last_stage_blocks=0) as (net, gateway, (a, b)):
+            add(b, "warm", greedy(3), SHARED + [3, 1])
+            await finish_all(gateway, ["warm"])
+            cached = b.engine.blocks.num_evictable
+            add(a, "r", greedy(150), prompt)
+            await wait_until(lambda: len(gateway.tokens.get("r", [])) >= 10)
+            net.dropping[b.addr] = (wire.MigStage,)
+            migration_id = migrate(net, a, b, "r")
+            await wait_until(lambda: b.engine.blocks.num_evictable < cached)  # claimed
+            done = await wait_done(net, migration_id, timeout_s=15)
+            assert not done.committed
+            net.dropping.clear()
+            await wait_until(lambda: b.engine.blocks.num_evictable == cached
+                             and b.engine.blocks.num_reserved == 0)
+            full = block_hashes(SHARED, 4, parent=b.engine.scheduler.prefix_seed)
+            assert len(b.engine.blocks.match(full)) == len(full)
+            await finish_all(gateway, ["r"])
+            assert gateway.tokens["r"] == reference_tokens(prompt, greedy(150))
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_destination_without_memory_for_the_rest_unclaims_its_cached_blocks():
+    prompt = SHARED + [(i * 7) % 90 + 1 for i in range(36)]
+
+    async def body():
+        async with cluster(num_blocks=32) as (net, gateway, (a, b)):
+            add(b, "warm", greedy(3), SHARED + [3, 1])
+            await finish_all(gateway, ["warm"])
+            cached = b.engine.blocks.num_evictable
+            assert b.engine.blocks.reserve("hog", b.engine.blocks.num_free)  # b is full
+            add(a, "r", greedy(40), prompt)
+            await wait_until(lambda: len(gateway.tokens.get("r", [])) >= 2)
+            done = await wait_done(net, migrate(net, a, b, "r"))
+            assert not done.committed and "no memory" in done.reason, done.reason
+            assert "10 cached" in done.reason
+            assert b.engine.blocks.num_evictable == cached  # the claims were dropped
+            full = block_hashes(SHARED, 4, parent=b.engine.scheduler.prefix_seed)
+            assert len(b.engine.blocks.match(full)) == len(full)
+            b.engine.blocks.release_reservation("hog")
+            await finish_all(gateway, ["r"])
+            assert gateway.tokens["r"] == reference_tokens(prompt, greedy(40))
             assert_pools_whole(a, b)
 
     run(body())

@@ -156,6 +156,14 @@ class LocalScheduler:
         self._hash_full_blocks(req)
         return self.blocks.match(req.block_hashes[: (req.num_tokens - 1) // self.blocks.block_size])
 
+    def computed_hashes(self, req: Request) -> list[int]:
+        """Prefix hashes of req's full blocks whose KV is computed, in block order ([]
+        without a cache): what a migration offers its destination to skip."""
+        if self.prefix_seed is None:
+            return []
+        self._hash_full_blocks(req)
+        return req.block_hashes[: req.num_computed_tokens // self.blocks.block_size]
+
     def _hash_full_blocks(self, req: Request) -> None:
         """Extend req.block_hashes to every full block of its tokens."""
         size = self.blocks.block_size

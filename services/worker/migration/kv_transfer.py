@@ -194,11 +194,15 @@ class KVTransport:
     async def send(self, dst_instance_id: str, block_ids: list[int]) -> int:
         """Send the KV of block_ids to dst (which posts matching receives). Returns bytes.
         The blocks must hold completed writes (the stepper syncs every step first)."""
+        if not block_ids:  # nothing to send (the receiver posts nothing either)
+            return 0
         group = self._sending[dst_instance_id]
         return await self._run(group, self._send_blocks, group, block_ids)
 
     async def recv(self, group_id: str, block_ids: list[int]) -> int:
         """Receive KV into block_ids from the group's sender. Returns bytes."""
+        if not block_ids:
+            return 0
         group = self._receiving[group_id]
         return await self._run(group, self._recv_blocks, group, block_ids)
 
