@@ -124,6 +124,11 @@ class WorkerConfig:
     migration_timeout_s: float = 30.0  # a migration with no progress for this long aborts
     migration_chunk_bytes: int = 256 * 1024 * 1024  # one send (NCCL peaks at >= 256 MiB)
     migration_verify_kv: bool = False  # checksum the KV at commit (costs a read of it)
+    # Prefix pulls (PullPrefix; services/worker/migration/prefix_pull.py): at most this many
+    # in (and out) at once; each wait for the peer bounded by the timeout, after which the
+    # request is queued without the copy (it computes the prefix).
+    max_prefix_pulls: int = 4
+    prefix_pull_timeout_s: float = 2.0
     # SIGTERM: requests migrate away for at most this long before the worker exits (what
     # is still here then is replayed by the gateways); keep it below the supervisor's stop
     # timeout (compose stop_grace_period, systemd TimeoutStopSec).

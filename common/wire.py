@@ -15,13 +15,15 @@ CLI talk request/reply over ROUTER/DEALER):
     gateway    --PUSH--> scheduler.inbox               Dispatch, Release, GatewayHello
     scheduler  --PUSH--> worker.inbox                  Dispatch (forwarded unread), Abort,
                                                        MigrateOut, SetDraining, ReRegister,
-                                                       GatewayGone, CacheSnapshotRequest
+                                                       GatewayGone, CacheSnapshotRequest,
+                                                       PullPrefix
     scheduler  --PUSH--> gateway.inbox                 Placement, DispatchRejected,
                                                        InstanceView, InstanceDown
     worker     --PUSH--> gateway.inbox (reply_addr)    Tokens, RequestError
     worker     --PUSH--> scheduler.inbox               Register, LoadReport, MigrationDone,
-                                                       Leaving
-    worker     --PUSH--> worker.inbox                  Mig* (migration control)
+                                                       Leaving, PullDone
+    worker     --PUSH--> worker.inbox                  Mig* (migration control), Prefix*
+                                                       and PullAbort (prefix pulls)
     ferry CLI  --DEALER--> scheduler.admin (ROUTER)    StatusRequest, MigrateCommand,
                                                        DrainCommand
 """
@@ -267,7 +269,7 @@ class RequestError:
 # ---------------------------------------------------------------------------------------
 
 
-@REGISTRY.message(40)
+@REGISTRY.message(40, min_fields=8)  # kv_block_bytes came later
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Register:
     instance_id: str
@@ -278,6 +280,7 @@ class Register:
     req_ids: tuple[str, ...]  # requests it holds now (non-empty after a scheduler restart)
     req_priorities: tuple[int, ...] = ()  # Priority of each of req_ids, same order
     prefix_seed: int = 0  # root of its prefix-cache hash chain; 0: it caches no prefix
+    kv_block_bytes: int = 0  # bytes of one KV block (what a copy of it moves); 0: unknown
 
 
 @REGISTRY.struct
@@ -366,6 +369,25 @@ class MigrationDone:
     num_blocks_skipped: int = 0
 
 
+@REGISTRY.message(44)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PullDone:
+    """Destination -> scheduler, once per PullPrefix, whatever its outcome (the request was
+    queued there either way)."""
+
+    pull_id: str  # PullPrefix.pull_id
+    req_id: str
+    src_instance_id: str
+    dst_instance_id: str
+    ok: bool  # the blocks arrived and are cached at dst (False: the request recomputes them)
+    reason: str  # why not, "" when ok
+    num_blocks: int  # blocks copied
+    num_cached_blocks: int  # of the blocks asked for, those dst cached already (not copied)
+    num_bytes: int
+    copy_s: float  # the transfer (receive) time, seconds
+    total_s: float  # PullPrefix received -> request queued
+
+
 # ---------------------------------------------------------------------------------------
 # scheduler -> worker
 # ---------------------------------------------------------------------------------------
@@ -410,6 +432,22 @@ class MigrateOut:
     # Blocks the moved request may take at dst (the scheduler's view: its free blocks, less
     # the growth room periodic rebalancing keeps there); -1: unknown.
     dst_free_blocks: int = -1
+
+
+@REGISTRY.message(56)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PullPrefix:
+    """Scheduler -> the instance chosen for a request (instead of forwarding its Dispatch):
+    copy the request's first len(block_hashes) KV blocks from src, which caches them, into
+    your prefix cache, then queue the request (where it finds them like any cache hit).
+    If the copy fails (src evicted them, died, is too slow) the request is queued anyway
+    and computes them."""
+
+    pull_id: str  # chosen by the scheduler, echoed in PullDone
+    src_instance_id: str
+    src_inbox_addr: DialAddr
+    block_hashes: tuple[int, ...]  # prefix hashes of the blocks to copy: the request's first
+    dispatch: Dispatch  # the request, as the gateway sent it
 
 
 @REGISTRY.message(52)
@@ -531,6 +569,59 @@ class MigAbort:
 
 
 # ---------------------------------------------------------------------------------------
+# worker <-> worker: prefix pulls (DESIGN §6). The destination D asks, the source S sends
+# over the same pairwise KV group (S -> D) as migrations:
+#   D -> S PrefixFetch;  S -> D PrefixOffer (blocks pinned);  D -> S PrefixAccept (group);
+#   S -> D PrefixSend, then the blocks;  PullAbort either way at any point.
+# ---------------------------------------------------------------------------------------
+
+
+@REGISTRY.message(67)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrefixFetch:
+    pull_id: str
+    dst_instance_id: str
+    dst_inbox_addr: DialAddr  # where the source answers
+    block_hashes: tuple[int, ...]  # the prefix's block hashes from its first block
+    first_block: int  # send blocks [first_block, len(block_hashes)): dst has the ones before
+    kv_block_bytes: int  # bytes of one KV block at dst; the peers must agree
+
+
+@REGISTRY.message(68)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrefixOffer:
+    pull_id: str
+    num_blocks: int  # blocks [first_block, first_block + num_blocks) pinned for dst; 0: none
+    reason: str  # why none (or fewer), else ""
+    group_id: str | None  # pairwise KV group S -> D the source already has, if any
+
+
+@REGISTRY.message(69)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrefixAccept:
+    pull_id: str
+    group_id: str  # pairwise KV group to use (as MigPreallocReply)
+    store_addr: HostPortOrEmpty  # its rendezvous store when new, else ""
+
+
+@REGISTRY.message(70)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrefixSend:
+    """The source is about to send the offered blocks over the group; dst posts the
+    receives."""
+
+    pull_id: str
+    num_blocks: int
+
+
+@REGISTRY.message(71)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PullAbort:
+    pull_id: str
+    reason: str
+
+
+# ---------------------------------------------------------------------------------------
 # admin: ferry CLI <-> scheduler.admin (request/reply)
 # ---------------------------------------------------------------------------------------
 
@@ -560,7 +651,7 @@ class RequestPlacement:
     priority: int
 
 
-@REGISTRY.message(81)
+@REGISTRY.message(81, min_fields=8)  # the pull counters came later
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StatusReply:
     scheduler_epoch: str
@@ -571,6 +662,11 @@ class StatusReply:
     num_migrations_aborted: int
     abort_reasons: dict[str, int] = field(default_factory=dict)  # reason -> count
     num_pending: int = 0  # requests held in the scheduler's pending queue
+    num_pulls: int = 0  # prefix pulls decided (PullPrefix sent)
+    num_pulls_ok: int = 0  # PullDone ok: the blocks were copied
+    num_pulls_failed: int = 0  # PullDone not ok: the request recomputed the prefix
+    num_pull_blocks: int = 0  # KV blocks copied by pulls
+    pull_fail_reasons: dict[str, int] = field(default_factory=dict)  # reason -> count
 
 
 @REGISTRY.message(82)
