@@ -70,6 +70,11 @@ class SchedulerConfig:
     migrate_dst_growth_blocks: int = 4
     max_migrations_per_instance: int = 2  # concurrent migrations in or out of one instance
     high_priority_headroom_blocks: int = 0  # virtual usage added per high-priority request
+    # --- prefix pulls (ferry; DESIGN §6) ---
+    prefix_pull: bool = True  # a free instance may copy a busy one's cached prefix
+    # The KV copy rate between instances the pull decision assumes, bytes/s: ~200e9 over
+    # NVLink (NCCL, 256 MiB chunks), far less between hosts or over gloo on CPU.
+    kv_bandwidth_bytes_s: float = 2e9
     # --- pending queue (services/scheduler/pending.py) ---
     hold_until_room: bool = True  # hold requests no instance has room for, here
     max_pending: int = 4096  # held requests at most; past it dispatch answers 429
