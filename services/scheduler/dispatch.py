@@ -198,7 +198,9 @@ class Ferry:
                   / i's measured prefill rate  +  one step of i
 
     (pending: the queued requests' prompts less their cached prefixes, and unfed chunks,
-    as the worker reports them, plus what was dispatched there since)
+    as the worker reports them, plus what was dispatched there since; an instance that
+    has not measured its rate or step yet counts the best rate and the slowest step
+    measured among the candidates)
 
     so a long cached prefix wins where it saves more than the queue in front of it costs,
     and a hot prefix does not pile onto one busy instance. Ties (equal estimates, e.g. no
@@ -232,9 +234,15 @@ class Ferry:
     def place(self, loads: Mapping[str, LoadFields], *, demand: Demand = Demand()) -> Choice:
         known = [load.prefill_tokens_per_s for load in loads.values() if load.prefill_tokens_per_s]
         fallback = max(known, default=DEFAULT_PREFILL_TOKENS_PER_S)
+        # An instance that has not stepped yet counts the slowest step measured (with 0 it
+        # would win every close call, and pull prefixes from idle holders for nothing).
+        step_fallback = max((load.step_time_ewma_s for load in loads.values()), default=0.0)
 
         def rate(load: LoadFields) -> float:
             return load.prefill_tokens_per_s or fallback
+
+        def step(load: LoadFields) -> float:
+            return load.step_time_ewma_s or step_fallback
 
         def need(instance_id: str) -> int:
             return -(-demand.uncached_tokens(instance_id) // demand.block_size) + 1
@@ -244,12 +252,12 @@ class Ferry:
             if room < need(instance_id):
                 return (0, float(room), 0.0)
             queued = load.pending_prefill_tokens
-            ttft = (queued + demand.uncached_tokens(instance_id)) / rate(load) + load.step_time_ewma_s
+            ttft = (queued + demand.uncached_tokens(instance_id)) / rate(load) + step(load)
             return (1, -ttft, dispatch_freeness(load, headroom_blocks=0))
 
         scores = {i: score(i, load) for i, load in loads.items()}
         tier, top, _ = max(scores.values())
-        pull = self._best_pull(loads, demand, rate, need) if tier == 1 else None
+        pull = self._best_pull(loads, demand, rate, step, need) if tier == 1 else None
         if pull is not None and pull[1] < -top - 1e-6:
             return pull[0]
         close = {i: s for i, s in scores.items() if s[0] == tier and s[1] >= top - 1e-6}
@@ -257,7 +265,7 @@ class Ferry:
         return Choice(self.rotation.pick([i for i, s in close.items()
                                           if s[2] >= best_f - TIE_EPS]))
 
-    def _best_pull(self, loads: Mapping[str, LoadFields], demand: Demand, rate, need
+    def _best_pull(self, loads: Mapping[str, LoadFields], demand: Demand, rate, step, need
                    ) -> tuple[Choice, float] | None:
         """The pull with the lowest expected TTFT, and that TTFT; None if no pull is
         cheaper than computing the blocks it would copy."""
@@ -280,7 +288,7 @@ class Ferry:
                 continue  # computing them there is cheaper
             rest = max(0, demand.num_tokens - longest * demand.block_size)
             ttft = (max(copy_s, load.pending_prefill_tokens / rate(load))
-                    + rest / rate(load) + load.step_time_ewma_s)
+                    + rest / rate(load) + step(load))
             options[dst] = (ttft, dispatch_freeness(load, headroom_blocks=0))
         if not options:
             return None
