@@ -192,10 +192,12 @@ class PrefixPulls:
         self.send(msg.src_inbox_addr, wire.PrefixAccept(pull_id=msg.pull_id, group_id=group_id,
                                                         store_addr=store_addr))
         announce = await self._reply(pull, wire.PrefixSend)
-        if announce.num_blocks != offer.num_blocks:
-            raise PullFailed(f"source sends {announce.num_blocks} blocks, offered "
-                             f"{offer.num_blocks}")
-        target = blocks.reserved(msg.pull_id)[:offer.num_blocks]
+        # The announcement says what is on its way: receive exactly that (a send without
+        # its receive would hold up the group until the transport's timeout).
+        target = blocks.reserved(msg.pull_id)[:announce.num_blocks]
+        if len(target) != announce.num_blocks:
+            raise PullFailed(f"source sends {announce.num_blocks} blocks, {len(target)} "
+                             "reserved here")
         start = time.perf_counter()
         recv = self.kv.post_recv(group_id, target)  # posted before anything else runs
         done, _ = await asyncio.wait({recv}, timeout=self.timeout_s)
@@ -203,7 +205,7 @@ class PrefixPulls:
             self._queue(pull)
         pull.num_bytes = await recv
         pull.copy_s = time.perf_counter() - start
-        received = blocks.take_reserved(msg.pull_id, offer.num_blocks)
+        received = blocks.take_reserved(msg.pull_id, announce.num_blocks)
         for block_id, block_hash in zip(received, hashes[first:], strict=False):
             blocks.register(block_id, block_hash)
         pull.num_blocks = len(received)
