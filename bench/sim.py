@@ -4,7 +4,10 @@ What is real: the scheduler core (dispatch policy, load accounting, migration pa
 auto-scaling decisions), each instance's engine (local scheduler, block manager,
 preemption) and the per-request migration choice. What is modelled: model compute (the
 sim executor's latency model from a profile), and KV copy time (bytes / bandwidth plus a
-per-stage overhead, from the migration benchmark).
+per-stage overhead, from the migration benchmark) for migrations and prefix pulls. Both
+use the real block managers: a migration's destination claims the leading blocks it
+caches and only the rest is copied (dedup); a pull pins the source's cached blocks for the
+copy, reserves the destination's, and registers them there as cached on arrival.
 
 Events on one heap, ordered by (time, sequence):
     arrival       a trace request reaches the scheduler (dispatch)
@@ -13,6 +16,7 @@ Events on one heap, ordered by (time, sequence):
     rebalance     the scheduler's migration hooks run (every migration_interval_s)
     autoscale     the autoscaler decides (every second, when enabled)
     stage_done    a migration's copy stage finished
+    pull_done     a prefix pull's copy finished (the request is queued at its destination)
     started       a scaled-up instance finished starting
 """
 
@@ -39,7 +43,7 @@ from ferry.common.prefix_hash import block_hashes
 from ferry.common.sampling import SamplingParams
 from ferry.services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
 from ferry.services.scheduler.core import Pending, SchedulerCore
-from ferry.services.scheduler.dispatch import POLICY_NAMES
+from ferry.services.scheduler.dispatch import MIGRATING_POLICIES, POLICY_NAMES, PULL_OVERHEAD_S
 from ferry.services.worker.engine.batch import ModelBatch
 from ferry.services.worker.engine.engine import Engine, RequestRejected
 from ferry.services.worker.engine.request import Status
@@ -60,6 +64,7 @@ class MigrationCost:
     stage_limit: int = 8
     last_stage_blocks: int = 2
     max_per_instance: int = 2
+    pull_overhead_s: float = PULL_OVERHEAD_S  # a prefix pull's control messages
 
 
 @dataclass(slots=True)
@@ -76,6 +81,7 @@ class SimInstance:
     num_reports: int = 0
     num_migrations_in: int = 0
     num_migrations_out: int = 0
+    num_pulls_in: int = 0  # prefix pulls copying into it now
 
     @property
     def alive(self) -> bool:
@@ -88,9 +94,21 @@ class SimMigration:
     src: SimInstance
     dst: SimInstance
     req_id: str
-    sent_blocks: int = 0
+    sent_blocks: int = 0  # blocks [0, sent_blocks) of the request's table are at dst
     stages: int = 0
     paused_s: float | None = None
+    cached_block_ids: list[int] = field(default_factory=list)  # dst's own, claimed (dedup)
+    num_copied: int = 0
+
+
+@dataclass(slots=True)
+class SimPull:
+    msg: wire.PullPrefix
+    src: SimInstance
+    dst: SimInstance
+    own_block_ids: list[int]  # dst's cached leading blocks, claimed during the copy
+    pinned: list[int]  # the source's blocks being read (claimed)
+    body: wire.DispatchBody  # the request (the sim keeps bodies decoded)
 
 
 @dataclass(order=True, slots=True)
@@ -135,13 +153,14 @@ class Simulator:
         self.prompts: dict[str, list[int]] = {}  # req_id -> prompt (sessions continue it)
         self.outputs: dict[str, list[int]] = {}  # req_id -> tokens made (sessions only)
         endpoint = Endpoint(bind="sim", advertise="sim")
-        self.cfg = scheduler_config or SchedulerConfig(inbox=endpoint, admin=endpoint,
-                                                       dispatch_policy=policy)
+        self.migration = migration or MigrationCost()
+        self.cfg = scheduler_config or SchedulerConfig(
+            inbox=endpoint, admin=endpoint, dispatch_policy=policy,
+            kv_bandwidth_bytes_s=self.migration.bandwidth_bytes_s)
         self.cfg = dataclasses.replace(self.cfg, dispatch_policy=policy, autoscale=autoscale)
         # The simulated scheduler never restarts: no start-up grace to wait out.
         self.core = SchedulerCore(dataclasses.replace(self.cfg, startup_grace_s=0.0), epoch="sim")
         self.core.see_gateway(GATEWAY, 0.0)
-        self.migration = migration or MigrationCost()
         self.autoscaler = Autoscaler(
             min_workers=self.cfg.min_workers, max_workers=self.cfg.max_workers,
             scale_up_freeness=self.cfg.scale_up_freeness,
@@ -161,6 +180,12 @@ class Simulator:
         self.migrations: dict[str, SimMigration] = {}
         self.num_committed = 0
         self.num_aborted = 0
+        self.num_migration_blocks = 0  # copied by committed migrations
+        self.num_migration_blocks_skipped = 0  # cached at their destinations already
+        self.num_pulls = 0
+        self.num_pulls_ok = 0
+        self.num_pull_blocks = 0
+        self.pull_fail_reasons: dict[str, int] = {}
         self.num_ended = 0  # requests finished or rejected
         self.num_scale_ups = 0
         for _ in range(num_instances):
@@ -183,7 +208,7 @@ class Simulator:
             "arrival": self._on_arrival, "step_done": self._on_step_done,
             "report": self._on_report, "rebalance": self._on_rebalance,
             "autoscale": self._on_autoscale, "stage_done": self._on_stage_done,
-            "started": self._on_started,
+            "pull_done": self._on_pull_done, "started": self._on_started,
         }
         while self.events and self.num_ended < len(self.trace):
             event = heapq.heappop(self.events)
@@ -215,7 +240,8 @@ class Simulator:
             instance_id=inst.instance_id, inbox_addr=inst.instance_id,
             num_blocks=inst.engine.blocks.num_total, block_size=inst.engine.blocks.block_size,
             max_model_len=inst.executor.max_model_len, req_ids=(), req_priorities=(),
-            prefix_seed=inst.engine.scheduler.prefix_seed or 0), self.now))
+            prefix_seed=inst.engine.scheduler.prefix_seed or 0,
+            kv_block_bytes=inst.executor.kv_block_bytes), self.now))
         self._report(inst)
 
     def _report(self, inst: SimInstance) -> None:
@@ -317,8 +343,16 @@ class Simulator:
 
     def _deliver(self, instance_id: str, dispatch: wire.Dispatch,
                  body: wire.DispatchBody) -> None:
-        """The request reaches its instance's engine (the frames the scheduler forwards)."""
-        inst = self.instances[instance_id]
+        """The request reaches its instance (the frames the scheduler forwards, or a
+        PullPrefix carrying them)."""
+        pull = self.core.pull_for(dispatch)
+        if pull is not None:
+            return self._start_pull(self.instances[instance_id], pull, body)
+        self._add(self.instances[instance_id], dispatch, body)
+
+    def _add(self, inst: SimInstance, dispatch: wire.Dispatch,
+             body: wire.DispatchBody) -> None:
+        """The request reaches its instance's engine."""
         inst.num_dispatched += 1
         req_id = dispatch.req_id
         try:
@@ -329,6 +363,63 @@ class Simulator:
             self._apply(self.core.release(wire.Release(req_id=req_id, reason="error")))
             return
         self._kick(inst)
+
+    # ---- prefix pulls (services/worker/migration/prefix_pull.py, modelled) --------------
+
+    def _start_pull(self, dst: SimInstance, msg: wire.PullPrefix,
+                    body: wire.DispatchBody) -> None:
+        """dst claims what it caches of the prefix, reserves the rest, and the source pins
+        its cached run of it (its evicted tail is not copied) for the copy's duration."""
+        self.num_pulls += 1
+        hashes = list(msg.block_hashes)
+        own = dst.engine.blocks.match(hashes)
+        dst.engine.blocks.claim(own)
+        pull = SimPull(msg, self.instances[msg.src_instance_id], dst, own, [], body)
+        if len(own) >= len(hashes):
+            return self._end_pull(pull, "")
+        if not dst.engine.blocks.reserve(msg.pull_id, len(hashes) - len(own)):
+            return self._end_pull(pull, "no memory")
+        if not pull.src.alive:
+            return self._end_pull(pull, "source gone")
+        pull.pinned = pull.src.engine.blocks.match(hashes)[len(own):]
+        if not pull.pinned:
+            return self._end_pull(pull, "source has none: not cached here (evicted)")
+        pull.src.engine.blocks.claim(pull.pinned)
+        dst.num_pulls_in += 1
+        copy_s = (self.migration.pull_overhead_s + len(pull.pinned)
+                  * pull.src.executor.kv_block_bytes / self.migration.bandwidth_bytes_s)
+        self._at(self.now + copy_s, "pull_done", pull)
+
+    def _on_pull_done(self, pull: SimPull) -> None:
+        """The blocks arrived: registered at dst as cached (then idle, for the request to
+        claim), the source's pins dropped."""
+        dst, blocks = pull.dst, pull.dst.engine.blocks
+        dst.num_pulls_in -= 1
+        received = blocks.take_reserved(pull.msg.pull_id, len(pull.pinned))
+        for block_id, block_hash in zip(received, pull.msg.block_hashes[len(pull.own_block_ids):],
+                                        strict=False):
+            blocks.register(block_id, block_hash)
+        blocks.free(received[::-1])
+        pull.src.engine.blocks.free(pull.pinned)
+        self.num_pull_blocks += len(received)
+        self._end_pull(pull, "")
+
+    def _end_pull(self, pull: SimPull, reason: str) -> None:
+        """Queue the request at dst whatever happened (a failed pull: it computes the
+        prefix), and report the outcome."""
+        blocks = pull.dst.engine.blocks
+        blocks.release_reservation(pull.msg.pull_id)
+        blocks.free(pull.own_block_ids[::-1])
+        if reason:
+            self.pull_fail_reasons[reason] = self.pull_fail_reasons.get(reason, 0) + 1
+        else:
+            self.num_pulls_ok += 1
+        self._apply(self.core.pull_done(wire.PullDone(
+            pull_id=pull.msg.pull_id, req_id=pull.msg.dispatch.req_id,
+            src_instance_id=pull.src.instance_id, dst_instance_id=pull.dst.instance_id,
+            ok=not reason, reason=reason, num_blocks=0 if reason else len(pull.pinned),
+            num_cached_blocks=len(pull.own_block_ids), num_bytes=0, copy_s=0.0, total_s=0.0)))
+        self._add(pull.dst, pull.msg.dispatch, pull.body)
 
     def _release_pending(self) -> None:
         placed, out = self.core.release_pending(self.now)
@@ -366,7 +457,7 @@ class Simulator:
                 self._apply(self.core.drain(action.instance_id))
             elif isinstance(action, Terminate):
                 inst = self.instances[action.instance_id]
-                if inst.alive and not inst.engine.has_unfinished():
+                if inst.alive and not inst.engine.has_unfinished() and not inst.num_pulls_in:
                     inst.stopped_s = self.now
                     self._apply(self.core.terminate(action.instance_id, self.now))
         if self._unfinished():
@@ -407,9 +498,15 @@ class Simulator:
         if reason is not None:
             return self._done(msg.migration_id, src, dst, req_id or "", False, reason, 0, 0)
         req = src.engine.get(req_id)
-        if not dst.engine.blocks.reserve(msg.migration_id, self._blocks_needed(src, req)):
+        # Dedup: dst claims the leading blocks of the request it caches; they are not copied.
+        cached = dst.engine.blocks.match(src.engine.computed_hashes(req_id))
+        dst.engine.blocks.claim(cached)
+        if not dst.engine.blocks.reserve(msg.migration_id,
+                                         max(0, self._blocks_needed(src, req) - len(cached))):
+            dst.engine.blocks.free(cached)
             return self._done(msg.migration_id, src, dst, req_id, False, "no memory", 0, 0)
-        mig = SimMigration(msg.migration_id, src, dst, req_id)
+        mig = SimMigration(msg.migration_id, src, dst, req_id, sent_blocks=len(cached),
+                           cached_block_ids=cached)
         self.migrations[mig.migration_id] = mig
         src.num_migrations_out += 1
         dst.num_migrations_in += 1
@@ -441,6 +538,7 @@ class Simulator:
         else:
             end = num_full
             copy_s = self._copy_s(mig, end - mig.sent_blocks) + cost.stage_overhead_s
+        mig.num_copied += max(0, end - mig.sent_blocks)
         mig.sent_blocks = end
         mig.stages += 1
         self._at(self.now + copy_s, "stage_done", (mig, final))
@@ -458,15 +556,19 @@ class Simulator:
         req = src.engine.get(mig.req_id)
         if req is None or not dst.alive:
             return self._abort(mig, "request gone before commit")
-        num_blocks = dst.engine.blocks.blocks_for(req.num_computed_tokens)
+        num_new = (dst.engine.blocks.blocks_for(req.num_computed_tokens)
+                   - len(mig.cached_block_ids))
         reserved = len(dst.engine.blocks.reserved(mig.migration_id))
-        if num_blocks > reserved and not dst.engine.blocks.reserve(mig.migration_id,
-                                                                  num_blocks - reserved):
+        if num_new > reserved and not dst.engine.blocks.reserve(mig.migration_id,
+                                                               num_new - reserved):
             return self._abort(mig, "no memory at commit")
         state = src.engine.export_state(mig.req_id)
-        blocks = dst.engine.blocks.take_reserved(mig.migration_id, num_blocks)
+        blocks = mig.cached_block_ids + dst.engine.blocks.take_reserved(mig.migration_id, num_new)
+        mig.cached_block_ids = []
         src.engine.remove(mig.req_id)
         dst.engine.import_request(state, blocks)
+        self.num_migration_blocks += mig.num_copied
+        self.num_migration_blocks_skipped += len(blocks) - num_new
         del self.migrations[mig.migration_id]
         src.num_migrations_out -= 1
         dst.num_migrations_in -= 1
@@ -478,6 +580,8 @@ class Simulator:
     def _abort(self, mig: SimMigration, reason: str) -> None:
         self.migrations.pop(mig.migration_id, None)
         mig.dst.engine.blocks.release_reservation(mig.migration_id)
+        mig.dst.engine.blocks.free(mig.cached_block_ids)
+        mig.cached_block_ids = []
         mig.src.num_migrations_out -= 1
         mig.dst.num_migrations_in -= 1
         req = mig.src.engine.get(mig.req_id)
@@ -508,6 +612,14 @@ class Simulator:
                          num_preemptions=preemptions, instance_seconds=instance_seconds,
                          extra={"num_migrations_aborted": self.num_aborted,
                                 "abort_reasons": dict(self.core.counters.abort_reasons),
+                                "num_migration_blocks_sent": self.num_migration_blocks,
+                                "num_migration_blocks_skipped":
+                                    self.num_migration_blocks_skipped,
+                                "num_pulls": self.num_pulls,
+                                "num_pulls_ok": self.num_pulls_ok,
+                                "num_pulls_failed": self.num_pulls - self.num_pulls_ok,
+                                "num_pull_blocks": self.num_pull_blocks,
+                                "pull_fail_reasons": dict(self.pull_fail_reasons),
                                 "num_instances_max": self._peak_instances(end),
                                 **self._cache_stats(),
                                 "mean_instances": instance_seconds / end if end else 0.0,
@@ -579,7 +691,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "high-priority requests onto few instances (llumnix)")
     parser.add_argument("--ignore-priority", action="store_true",
                         help="schedule every request as normal (results still by class)")
-    parser.add_argument("--migration-bandwidth-gbs", type=float, default=300.0)
+    parser.add_argument("--migration-bandwidth-gbs", type=float, default=300.0,
+                        help="KV copy rate between instances (migrations, prefix pulls); "
+                        "ferry's pull decision assumes it too")
+    parser.add_argument("--no-prefix-pull", action="store_true",
+                        help="ferry places without prefix pulls")
     parser.add_argument("--migration-choice", choices=CHOICES, default="relief",
                         help="which request a source moves (services/worker/migration/choice.py)")
     parser.add_argument("--autoscale", action="store_true")
@@ -605,9 +721,13 @@ def run(args: argparse.Namespace) -> dict:
         "scale_down_freeness": args.scale_down_freeness,
         "scale_cooldown_s": args.scale_cooldown_s}.items() if v is not None}
     cfg = SchedulerConfig(inbox=endpoint, admin=endpoint, dispatch_policy=args.policy,
-                          # The baselines (round_robin as in vLLM, least_load as INFaaS++)
-                          # place each request once; only llumnix migrates.
-                          enable_migration=args.policy == "llumnix" and not args.no_migration,
+                          # The baselines (round_robin as in vLLM, least_load as INFaaS++,
+                          # prefix_affinity as llm-d) place each request once; llumnix and
+                          # ferry migrate (as SchedulerCore does).
+                          enable_migration=(args.policy in MIGRATING_POLICIES
+                                            and not args.no_migration),
+                          prefix_pull=not args.no_prefix_pull,
+                          kv_bandwidth_bytes_s=args.migration_bandwidth_gbs * 1e9,
                           high_priority_headroom_blocks=args.headroom_blocks,
                           hold_until_room=args.hold_until_room,
                           min_workers=args.min_workers, max_workers=args.max_workers,
@@ -628,7 +748,10 @@ def run(args: argparse.Namespace) -> dict:
     result["wall_s"] = time.perf_counter() - start
     result["config"] = {"trace": str(args.trace), "instances": args.instances,
                         "policy": args.policy, "profile": Path(args.profile).name,
-                        "kv_blocks": sim.kv_blocks, "autoscale": args.autoscale}
+                        "kv_blocks": sim.kv_blocks, "autoscale": args.autoscale,
+                        "migration": cfg.enable_migration,
+                        "prefix_pull": args.policy == "ferry" and cfg.prefix_pull,
+                        "migration_bandwidth_gbs": args.migration_bandwidth_gbs}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -70,6 +70,11 @@ class SchedulerConfig:
     migrate_dst_growth_blocks: int = 4
     max_migrations_per_instance: int = 2  # concurrent migrations in or out of one instance
     high_priority_headroom_blocks: int = 0  # virtual usage added per high-priority request
+    # --- prefix pulls (ferry; DESIGN §6) ---
+    prefix_pull: bool = True  # a free instance may copy a busy one's cached prefix
+    # The KV copy rate between instances the pull decision assumes, bytes/s: ~200e9 over
+    # NVLink (NCCL, 256 MiB chunks), far less between hosts or over gloo on CPU.
+    kv_bandwidth_bytes_s: float = 2e9
     # --- pending queue (services/scheduler/pending.py) ---
     hold_until_room: bool = True  # hold requests no instance has room for, here
     max_pending: int = 4096  # held requests at most; past it dispatch answers 429
@@ -127,6 +132,11 @@ class WorkerConfig:
     migration_timeout_s: float = 30.0  # a migration with no progress for this long aborts
     migration_chunk_bytes: int = 256 * 1024 * 1024  # one send (NCCL peaks at >= 256 MiB)
     migration_verify_kv: bool = False  # checksum the KV at commit (costs a read of it)
+    # Prefix pulls (PullPrefix; services/worker/migration/prefix_pull.py): at most this many
+    # in (and out) at once; each wait for the peer bounded by the timeout, after which the
+    # request is queued without the copy (it computes the prefix).
+    max_prefix_pulls: int = 4
+    prefix_pull_timeout_s: float = 2.0
     # SIGTERM: requests migrate away for at most this long before the worker exits (what
     # is still here then is replayed by the gateways); keep it below the supervisor's stop
     # timeout (compose stop_grace_period, systemd TimeoutStopSec).

@@ -17,13 +17,15 @@ CLI talk request/reply over ROUTER/DEALER):
     gateway    --PUSH--> scheduler.inbox               Dispatch, Release, GatewayHello
     scheduler  --PUSH--> worker.inbox                  Dispatch (its body forwarded unread), Abort,
                                                        MigrateOut, SetDraining, ReRegister,
-                                                       GatewayGone, CacheSnapshotRequest
+                                                       GatewayGone, CacheSnapshotRequest,
+                                                       PullPrefix
     scheduler  --PUSH--> gateway.inbox                 Placement, DispatchRejected,
                                                        InstanceView, InstanceDown
     worker     --PUSH--> gateway.inbox (reply_addr)    Tokens, RequestError
     worker     --PUSH--> scheduler.inbox               Register, LoadReport, MigrationDone,
-                                                       Leaving
-    worker     --PUSH--> worker.inbox                  Mig* (migration control)
+                                                       Leaving, PullDone
+    worker     --PUSH--> worker.inbox                  Mig* (migration control), Prefix*
+                                                       and PullAbort (prefix pulls)
     ferry CLI  --DEALER--> scheduler.admin (ROUTER)    StatusRequest, MigrateCommand,
                                                        DrainCommand
 """
@@ -31,7 +33,7 @@ CLI talk request/reply over ROUTER/DEALER):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from typing import Annotated
 
@@ -47,7 +49,7 @@ decode = REGISTRY.decode
 encode_body = REGISTRY.encode_body
 decode_body = REGISTRY.decode_body
 REGISTRY.retire(10, "Dispatch with its request in one frame; now tag 13, header + body")
-REGISTRY.retire(61, "MigPreallocReply with dst_rank; now tag 67")
+REGISTRY.retire(61, "MigPreallocReply with dst_rank; now tag 72")
 
 REGISTRY.struct(SamplingParams, min_fields=8)  # max_tokens .. stop; the rest came later
 REGISTRY.struct(TokenLogprobs)
@@ -318,7 +320,7 @@ class RequestError:
 # ---------------------------------------------------------------------------------------
 
 
-@REGISTRY.message(40)
+@REGISTRY.message(40, min_fields=8)  # kv_block_bytes came later
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Register:
     instance_id: str
@@ -335,6 +337,7 @@ class Register:
     # Upper bounds of its queue-time histogram's buckets, seconds, increasing
     # (LoadReport.queue_time_counts); () when it keeps none.
     queue_time_bounds_s: tuple[float, ...] = ()
+    kv_block_bytes: int = 0  # bytes of one KV block (what a copy of it moves); 0: unknown
 
 
 @REGISTRY.struct
@@ -404,7 +407,7 @@ class Leaving:
     done: bool
 
 
-@REGISTRY.message(42)
+@REGISTRY.message(42, min_fields=15)  # num_blocks_skipped came later
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MigrationDone:
     """Source -> scheduler, once per migration attempt, whatever its outcome."""
@@ -425,6 +428,27 @@ class MigrationDone:
     first_stage_s: float = 0.0  # its transfer time (gather + send), seconds
     kv_verified: bool = False  # committed with a KV checksum the destination matched
     token_gap_s: float = 0.0  # what the client sees: last token on src to first token on dst
+    # Leading blocks not copied: the destination cached them already (MigPreallocReply).
+    num_blocks_skipped: int = 0
+
+
+@REGISTRY.message(44)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PullDone:
+    """Destination -> scheduler, once per PullPrefix, whatever its outcome (the request was
+    queued there either way)."""
+
+    pull_id: str  # PullPrefix.pull_id
+    req_id: str
+    src_instance_id: str
+    dst_instance_id: str
+    ok: bool  # the blocks arrived and are cached at dst (False: the request recomputes them)
+    reason: str  # why not, "" when ok
+    num_blocks: int  # blocks copied
+    num_cached_blocks: int  # of the blocks asked for, those dst cached already (not copied)
+    num_bytes: int
+    copy_s: float  # the transfer (receive) time, seconds
+    total_s: float  # PullPrefix received -> request queued
 
 
 # ---------------------------------------------------------------------------------------
@@ -473,6 +497,43 @@ class MigrateOut:
     dst_free_blocks: int = -1
 
 
+@REGISTRY.message(56, body=DispatchBody)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PullPrefix:
+    """Scheduler -> the instance chosen for a request (instead of forwarding its Dispatch):
+    copy the request's first len(block_hashes) KV blocks from src, which caches them, into
+    your prefix cache, then queue the request (where it finds them like any cache hit).
+    If the copy fails (src evicted them, died, is too slow) the request is queued anyway
+    and computes them. It carries the request's Dispatch whole (`dispatch`): the header
+    fields after block_hashes, then its body, a frame forwarded unread. Build it with
+    `PullPrefix.carrying`."""
+
+    pull_id: str  # chosen by the scheduler, echoed in PullDone
+    src_instance_id: str
+    src_inbox_addr: DialAddr
+    block_hashes: tuple[int, ...]  # prefix hashes of the blocks to copy: the request's first
+    # The request's Dispatch, field for field (see Dispatch)
+    req_id: str
+    attempt: int
+    priority: int
+    reply_addr: DialAddr
+    prompt_len: Count
+    prefix_hashes: tuple[int, ...]
+    body: bytes  # DispatchBody, encoded: a frame of its own
+
+    @classmethod
+    def carrying(cls, dispatch: Dispatch, *, pull_id: str, src_instance_id: str,
+                 src_inbox_addr: str, block_hashes: tuple[int, ...]) -> PullPrefix:
+        return cls(pull_id=pull_id, src_instance_id=src_instance_id,
+                   src_inbox_addr=src_inbox_addr, block_hashes=block_hashes,
+                   **{f.name: getattr(dispatch, f.name) for f in fields(Dispatch)})
+
+    @property
+    def dispatch(self) -> Dispatch:
+        """The request's Dispatch, as the gateway sent it."""
+        return Dispatch(**{f.name: getattr(self, f.name) for f in fields(Dispatch)})
+
+
 @REGISTRY.message(52)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SetDraining:
@@ -493,7 +554,7 @@ class ReRegister:
 # ---------------------------------------------------------------------------------------
 
 
-@REGISTRY.message(60)
+@REGISTRY.message(60, min_fields=8)  # block_hashes came later
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MigPrealloc:
     migration_id: str
@@ -504,9 +565,13 @@ class MigPrealloc:
     kv_block_bytes: int  # bytes of one KV block; the peers must agree
     group_id: str | None  # pairwise KV group the source already shares with dst, if any
     prompt_token_ids: tuple[int, ...] = ()  # the request's prompt (sent once, early)
+    # Prefix hashes (common/prefix_hash.py) of the request's full blocks whose KV the source
+    # has computed, in block order: the destination claims the leading ones it caches and
+    # the source sends only the rest. (): the source caches no prefixes.
+    block_hashes: tuple[int, ...] = ()
 
 
-@REGISTRY.message(67)
+@REGISTRY.message(72)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MigPreallocReply:
     migration_id: str
@@ -514,6 +579,9 @@ class MigPreallocReply:
     reason: str  # why not, when ok is False
     group_id: str  # pairwise KV group to use
     store_addr: HostPortOrEmpty  # "host:port" of the group's rendezvous store (dst hosts it)
+    # Leading blocks of MigPrealloc.block_hashes the destination holds already (claimed
+    # for the request: the source skips them; the block table there starts with them).
+    num_cached_blocks: int = 0
 
 
 @REGISTRY.message(62)
@@ -524,9 +592,11 @@ class MigStage:
 
     migration_id: str
     stage_index: int  # 0, 1, ...
-    first_block_index: int  # logical index in the request's block table
+    first_block_index: int  # logical index in the request's block table (never below the
+    # destination's MigPreallocReply.num_cached_blocks)
     num_blocks: int
-    num_blocks_needed: int  # blocks the request needs in all by now (dst grows its reservation)
+    num_blocks_needed: int  # blocks the request needs in all by now, cached ones included
+    # (dst grows its reservation)
 
 
 @REGISTRY.message(63)
@@ -582,6 +652,59 @@ class MigAbort:
 
 
 # ---------------------------------------------------------------------------------------
+# worker <-> worker: prefix pulls (DESIGN §6). The destination D asks, the source S sends
+# over the same pairwise KV group (S -> D) as migrations:
+#   D -> S PrefixFetch;  S -> D PrefixOffer (blocks pinned);  D -> S PrefixAccept (group);
+#   S -> D PrefixSend, then the blocks;  PullAbort either way at any point.
+# ---------------------------------------------------------------------------------------
+
+
+@REGISTRY.message(67)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrefixFetch:
+    pull_id: str
+    dst_instance_id: str
+    dst_inbox_addr: DialAddr  # where the source answers
+    block_hashes: tuple[int, ...]  # the prefix's block hashes from its first block
+    first_block: int  # send blocks [first_block, len(block_hashes)): dst has the ones before
+    kv_block_bytes: int  # bytes of one KV block at dst; the peers must agree
+
+
+@REGISTRY.message(68)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrefixOffer:
+    pull_id: str
+    num_blocks: int  # blocks [first_block, first_block + num_blocks) pinned for dst; 0: none
+    reason: str  # why none (or fewer), else ""
+    group_id: str | None  # pairwise KV group S -> D the source already has, if any
+
+
+@REGISTRY.message(69)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrefixAccept:
+    pull_id: str
+    group_id: str  # pairwise KV group to use (as MigPreallocReply)
+    store_addr: HostPortOrEmpty  # its rendezvous store when new, else ""
+
+
+@REGISTRY.message(70)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrefixSend:
+    """The source is about to send the offered blocks over the group; dst posts the
+    receives."""
+
+    pull_id: str
+    num_blocks: int
+
+
+@REGISTRY.message(71)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PullAbort:
+    pull_id: str
+    reason: str
+
+
+# ---------------------------------------------------------------------------------------
 # admin: ferry CLI <-> scheduler.admin (request/reply)
 # ---------------------------------------------------------------------------------------
 
@@ -611,7 +734,7 @@ class RequestPlacement:
     priority: int
 
 
-@REGISTRY.message(81)
+@REGISTRY.message(81, min_fields=8)  # the pull counters came later
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StatusReply:
     scheduler_epoch: str
@@ -622,6 +745,11 @@ class StatusReply:
     num_migrations_aborted: int
     abort_reasons: dict[str, int] = field(default_factory=dict)  # reason -> count
     num_pending: int = 0  # requests held in the scheduler's pending queue
+    num_pulls: int = 0  # prefix pulls decided (PullPrefix sent)
+    num_pulls_ok: int = 0  # PullDone ok: the blocks were copied
+    num_pulls_failed: int = 0  # PullDone not ok: the request recomputed the prefix
+    num_pull_blocks: int = 0  # KV blocks copied by pulls
+    pull_fail_reasons: dict[str, int] = field(default_factory=dict)  # reason -> count
 
 
 @REGISTRY.message(82)

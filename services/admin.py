@@ -67,6 +67,9 @@ def status_dict(reply: wire.StatusReply) -> dict:
         "migrations": {"committed": reply.num_migrations_committed,
                        "aborted": reply.num_migrations_aborted,
                        "abort_reasons": dict(reply.abort_reasons)},
+        "prefix_pulls": {"sent": reply.num_pulls, "ok": reply.num_pulls_ok,
+                         "failed": reply.num_pulls_failed, "blocks": reply.num_pull_blocks,
+                         "fail_reasons": dict(reply.pull_fail_reasons)},
     }
 
 
@@ -79,8 +82,11 @@ def main_status(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(data, indent=1))
         return
+    pulls = data["prefix_pulls"]
     print(f"policy {data['dispatch_policy']}   migrations committed "
-          f"{data['migrations']['committed']}, aborted {data['migrations']['aborted']}")
+          f"{data['migrations']['committed']}, aborted {data['migrations']['aborted']}   "
+          f"prefix pulls {pulls['sent']} (ok {pulls['ok']}, failed {pulls['failed']}, "
+          f"{pulls['blocks']} blocks)")
     print(f"{'instance':<22}{'alive':<7}{'drain':<7}{'free/total':>12}{'run':>6}{'wait':>6}"
           f"{'F':>10}{'step ms':>9}")
     for inst in data["instances"]:

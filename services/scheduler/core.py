@@ -35,6 +35,8 @@ from ferry.common.wire import (
     MigrationDone,
     Placement,
     Priority,
+    PullDone,
+    PullPrefix,
     Register,
     Release,
     RequestPlacement,
@@ -43,7 +45,9 @@ from ferry.common.wire import (
     StatusReply,
 )
 from ferry.services.scheduler.dispatch import (
+    Choice,
     Demand,
+    Ferry,
     Infaas,
     LeastLoad,
     PrefixAffinity,
@@ -136,6 +140,14 @@ class InFlightMigration:
     started_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class PullPlan:
+    """A placed request whose prefix its instance copies first (PullPrefix)."""
+
+    src_instance_id: str
+    block_hashes: tuple[int, ...]  # the leading blocks to hold there
+
+
 @dataclass(slots=True)
 class Counters:
     num_dispatched: int = 0
@@ -147,13 +159,30 @@ class Counters:
     abort_reasons: dict[str, int] = field(default_factory=dict)
     instances_down: dict[str, int] = field(default_factory=dict)  # reason -> instances
     gateways_gone: dict[str, int] = field(default_factory=dict)  # reason -> gateways
+    num_pulls: int = 0  # PullPrefix sent
+    num_pulls_ok: int = 0
+    num_pulls_failed: int = 0
+    num_pull_blocks: int = 0  # KV blocks pulls copied
+    pull_fail_reasons: dict[str, int] = field(default_factory=dict)
 
     def count_abort(self, reason: str) -> None:
         self.num_aborted += 1
-        key = reason[:80] or "unknown"
-        if key not in self.abort_reasons and len(self.abort_reasons) >= MAX_ABORT_REASONS:
-            key = "other"
-        self.abort_reasons[key] = self.abort_reasons.get(key, 0) + 1
+        _count(self.abort_reasons, reason)
+
+    def count_pull(self, msg: PullDone) -> None:
+        self.num_pull_blocks += msg.num_blocks
+        if msg.ok:
+            self.num_pulls_ok += 1
+        else:
+            self.num_pulls_failed += 1
+            _count(self.pull_fail_reasons, msg.reason)
+
+
+def _count(reasons: dict[str, int], reason: str) -> None:
+    key = reason[:80] or "unknown"
+    if key not in reasons and len(reasons) >= MAX_ABORT_REASONS:
+        key = "other"
+    reasons[key] = reasons.get(key, 0) + 1
 
 
 class SchedulerCore:
@@ -172,8 +201,11 @@ class SchedulerCore:
         self.max_queued_per_instance = max_queued_per_instance
         self.table = InstanceTable()
         self.dispatch_policy = make_dispatch_policy(
-            cfg.dispatch_policy, headroom_blocks=cfg.high_priority_headroom_blocks
+            cfg.dispatch_policy, headroom_blocks=cfg.high_priority_headroom_blocks,
+            kv_bandwidth_bytes_s=cfg.kv_bandwidth_bytes_s if cfg.prefix_pull else 0.0,
         )
+        self.pulls: dict[str, PullPlan] = {}  # req_id -> its pull, until forwarded
+        self._pull_numbers = itertools.count()
         self.reqs: dict[str, HeldReq] = {}  # req_id -> holder, for every request in flight
         self.migrations: dict[str, InFlightMigration] = {}  # migration_id -> migration
         self.gateways: dict[str, GatewaySeen] = {}  # inbox -> gateway, least recently seen first
@@ -346,12 +378,20 @@ class SchedulerCore:
 
     def _demand(self, req: Dispatch, loads: Mapping[str, LoadFields]) -> Demand:
         """What the policy knows of req: its length, and the leading blocks of its prefix
-        each candidate caches (the prefix index, from the workers' reports)."""
+        each candidate caches (the prefix index, from the workers' reports); for prefix
+        pulls, the same for every live instance of the candidates' block size (a busy or
+        full one may be a pull's source), and the bytes of one block."""
         block_size = min(self.table[i].block_size for i in loads)
         hashes = list(req.prefix_hashes)
-        cached = self.prefix_index.hits(hashes, loads) if hashes else {}
+        if not hashes:
+            return Demand(num_tokens=req.prompt_len, block_size=block_size)
+        live = [i for i in self.table if i.alive and i.block_size == block_size]
+        held = self.prefix_index.hits(hashes, [i.instance_id for i in live] + list(loads))
         return Demand(num_tokens=req.prompt_len, block_size=block_size,
-                      num_prefix_blocks=len(hashes), cached_blocks=cached)
+                      num_prefix_blocks=len(hashes),
+                      cached_blocks={i: held[i] for i in loads},
+                      held_blocks={i: n for i, n in held.items() if n},
+                      kv_block_bytes=max((i.kv_block_bytes for i in live), default=0))
 
     def _demand_blocks(self, req: Dispatch, loads: dict[str, LoadFields]) -> int:
         block_size = min(self.table[i].block_size for i in loads)
@@ -359,18 +399,26 @@ class SchedulerCore:
 
     def _place(self, req: Dispatch, open_: dict[str, LoadFields], now: float) -> str:
         demand = self._demand(req, open_)
-        instance_id = self.dispatch_policy.choose(
-            open_, high_priority=req.priority == Priority.HIGH, demand=demand
-        )
+        policy = self.dispatch_policy
+        choice = (policy.place(open_, demand=demand) if isinstance(policy, Ferry)
+                  else Choice(policy.choose(open_, high_priority=req.priority == Priority.HIGH,
+                                            demand=demand)))
+        instance_id = choice.instance_id
         block_size = self.table[instance_id].block_size
         cached = demand.cached_blocks.get(instance_id, 0)  # claimed there, not allocated
+        prefill = demand.uncached_tokens(instance_id)
+        if choice.pull_src is not None:
+            # Its memory is the same (copied blocks are allocated there); its prefill less.
+            prefill = max(0, req.prompt_len - choice.num_pull_blocks * block_size)
+            self.pulls[req.req_id] = PullPlan(
+                choice.pull_src, tuple(req.prefix_hashes[: choice.num_pull_blocks]))
         self.table.record_dispatch(
             instance_id,
             UnseenDispatch(
                 req_id=req.req_id,
                 demand_blocks=demand_blocks(req.prompt_len, block_size) - cached,
                 high_priority=req.priority == Priority.HIGH,
-                prefill_tokens=demand.uncached_tokens(instance_id),
+                prefill_tokens=prefill,
             ),
         )
         if cached:
@@ -379,8 +427,32 @@ class SchedulerCore:
         self.counters.num_dispatched += 1
         return instance_id
 
+    def pull_for(self, req: Dispatch) -> PullPrefix | None:
+        """What to send the instance a request was just placed on, instead of its Dispatch
+        frames, when the policy chose to pull its prefix there first (else None)."""
+        plan = self.pulls.pop(req.req_id, None)
+        src = self.table.get(plan.src_instance_id) if plan is not None else None
+        if plan is None or src is None or not src.alive:
+            return None
+        self.counters.num_pulls += 1
+        log.debug("prefix_pull", req_id=req.req_id, src=plan.src_instance_id,
+                  num_blocks=len(plan.block_hashes))
+        return PullPrefix.carrying(req, pull_id=f"{self.epoch}-p{next(self._pull_numbers)}",
+                                   src_instance_id=src.instance_id,
+                                   src_inbox_addr=src.inbox_addr,
+                                   block_hashes=plan.block_hashes)
+
+    def pull_done(self, msg: PullDone) -> Out:
+        """A pull ended (the request is queued at its destination either way): count it."""
+        self.counters.count_pull(msg)
+        if not msg.ok:
+            log.info("prefix_pull_failed", req_id=msg.req_id, src=msg.src_instance_id,
+                     dst=msg.dst_instance_id, reason=msg.reason)
+        return []
+
     def undo_dispatch(self, req: Dispatch, instance_id: str, message: str) -> DispatchRejected:
         """The forward to instance_id could not be queued: forget it, answer 429."""
+        self.pulls.pop(req.req_id, None)
         self.table.cancel_last_dispatch(instance_id)
         self.reqs.pop(req.req_id, None)
         self.counters.num_dispatched -= 1
@@ -780,6 +852,11 @@ class SchedulerCore:
             num_migrations_aborted=self.counters.num_aborted,
             abort_reasons=dict(self.counters.abort_reasons),
             num_pending=len(self.pending) if self.pending is not None else 0,
+            num_pulls=self.counters.num_pulls,
+            num_pulls_ok=self.counters.num_pulls_ok,
+            num_pulls_failed=self.counters.num_pulls_failed,
+            num_pull_blocks=self.counters.num_pull_blocks,
+            pull_fail_reasons=dict(self.counters.pull_fail_reasons),
         )
 
     # ---- helpers --------------------------------------------------------------------------

@@ -12,7 +12,8 @@ migration); prefix_affinity (llm-d's precise prefix-cache scoring: cached prefix
 queue and KV use, weighted 3:1:1); llumnix (freeness among roomy instances, priorities,
 migration); ferry (the lowest expected time to first token: the prefill tokens queued
 ahead plus the request's uncached tokens, at the instance's measured prefill rate, among
-roomy instances; migration as llumnix's).
+roomy instances; migration as llumnix's; and prefix pulls: a free instance copies the
+cached prefix from a busy one when the copy beats computing it, `Ferry.place`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ PREFIX_WEIGHT, QUEUE_WEIGHT, KV_WEIGHT = 3.0, 1.0, 1.0
 # ferry's prefill rate for an instance that has not measured one yet (tokens/s): the
 # fastest any candidate measured, else this.
 DEFAULT_PREFILL_TOKENS_PER_S = 10_000.0
+# A prefix pull's fixed cost on top of bytes / bandwidth: its four control messages and
+# the group's launch (seconds).
+PULL_OVERHEAD_S = 2e-3
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +55,28 @@ class Demand:
     num_prefix_blocks: int = 0  # full blocks it sent prefix hashes for
     cached_blocks: Mapping[str, int] = field(default_factory=dict)  # instance -> leading
     # blocks of its prefix that instance caches (from the scheduler's prefix index)
+    # Prefix pulls: the same for every live instance, candidate or not (a busy or full one
+    # may be the source of a copy), and the bytes of one KV block (0: unknown, no pulls).
+    held_blocks: Mapping[str, int] = field(default_factory=dict)
+    kv_block_bytes: int = 0
 
     def uncached_tokens(self, instance_id: str) -> int:
         return max(0, self.num_tokens - self.cached_blocks.get(instance_id, 0) * self.block_size)
+
+    @property
+    def max_hit_blocks(self) -> int:
+        """Blocks of the prefix a cache can serve: an engine always computes the last
+        token (its logits sample the first output), so never a block holding it."""
+        return max(0, (self.num_tokens - 1) // self.block_size)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Where a request goes, and whether it first copies its prefix there (a pull)."""
+
+    instance_id: str
+    pull_src: str | None = None  # the instance to copy the cached prefix blocks from
+    num_pull_blocks: int = 0  # the prefix's leading blocks the destination will hold
 
 
 class DispatchPolicy(Protocol):
@@ -175,37 +198,106 @@ class Ferry:
                   / i's measured prefill rate  +  one step of i
 
     (pending: the queued requests' prompts less their cached prefixes, and unfed chunks,
-    as the worker reports them, plus what was dispatched there since)
+    as the worker reports them, plus what was dispatched there since; an instance that
+    has not measured its rate or step yet counts the best rate and the slowest step
+    measured among the candidates)
 
     so a long cached prefix wins where it saves more than the queue in front of it costs,
     and a hot prefix does not pile onto one busy instance. Ties (equal estimates, e.g. no
-    cache anywhere and empty queues) go to the highest dispatch freeness (llumnix's)."""
+    cache anywhere and empty queues) go to the highest dispatch freeness (llumnix's).
+
+    Prefix pulls (kv_bandwidth_bytes_s > 0): the instance s holding the longest cached
+    prefix (h blocks) may be busy while another, d, is free. d can copy the blocks it
+    lacks from s before it queues the request:
+
+        copy(d)      = PULL_OVERHEAD_S + (h - cached at d) * block bytes / bandwidth
+        ttft_pull(d) = max(copy(d), pending at d / rate)   (d's queue drains meanwhile)
+                       + (tokens - h * block size) / rate  +  one step of d
+
+    A pull to d is an option only where the copy is cheaper than computing those blocks
+    there (copy(d) < (h - cached at d) * block size / d's rate) and d has room; it is taken
+    when its ttft_pull is the lowest of every option, placing without a pull (on s
+    itself, or anywhere else) included, ties going to no pull. Among sources holding
+    equally long prefixes, ties rotate."""
 
     name = "ferry"
 
-    def __init__(self) -> None:
+    def __init__(self, *, kv_bandwidth_bytes_s: float = 0.0) -> None:
+        self.kv_bandwidth_bytes_s = kv_bandwidth_bytes_s  # 0: no pulls
         self.rotation = Rotation()
+        self.source_rotation = Rotation()
 
     def choose(self, loads: Mapping[str, LoadFields], *, high_priority: bool = False,
                demand: Demand = Demand()) -> str:
+        return self.place(loads, demand=demand).instance_id
+
+    def place(self, loads: Mapping[str, LoadFields], *, demand: Demand = Demand()) -> Choice:
         known = [load.prefill_tokens_per_s for load in loads.values() if load.prefill_tokens_per_s]
         fallback = max(known, default=DEFAULT_PREFILL_TOKENS_PER_S)
+        # An instance that has not stepped yet counts the slowest step measured (with 0 it
+        # would win every close call, and pull prefixes from idle holders for nothing).
+        step_fallback = max((load.step_time_ewma_s for load in loads.values()), default=0.0)
+
+        def rate(load: LoadFields) -> float:
+            return load.prefill_tokens_per_s or fallback
+
+        def step(load: LoadFields) -> float:
+            return load.step_time_ewma_s or step_fallback
+
+        def need(instance_id: str) -> int:
+            return -(-demand.uncached_tokens(instance_id) // demand.block_size) + 1
 
         def score(instance_id: str, load: LoadFields) -> tuple[int, float, float]:
             room = dispatch_room(load, headroom_blocks=0)
-            need = -(-demand.uncached_tokens(instance_id) // demand.block_size) + 1
-            if room < need:
+            if room < need(instance_id):
                 return (0, float(room), 0.0)
-            rate = load.prefill_tokens_per_s or fallback
             queued = load.pending_prefill_tokens
-            ttft = (queued + demand.uncached_tokens(instance_id)) / rate + load.step_time_ewma_s
+            ttft = (queued + demand.uncached_tokens(instance_id)) / rate(load) + step(load)
             return (1, -ttft, dispatch_freeness(load, headroom_blocks=0))
 
         scores = {i: score(i, load) for i, load in loads.items()}
         tier, top, _ = max(scores.values())
+        pull = self._best_pull(loads, demand, rate, step, need) if tier == 1 else None
+        if pull is not None and pull[1] < -top - 1e-6:
+            return pull[0]
         close = {i: s for i, s in scores.items() if s[0] == tier and s[1] >= top - 1e-6}
         best_f = max(s[2] for s in close.values())
-        return self.rotation.pick([i for i, s in close.items() if s[2] >= best_f - TIE_EPS])
+        return Choice(self.rotation.pick([i for i, s in close.items()
+                                          if s[2] >= best_f - TIE_EPS]))
+
+    def _best_pull(self, loads: Mapping[str, LoadFields], demand: Demand, rate, step, need
+                   ) -> tuple[Choice, float] | None:
+        """The pull with the lowest expected TTFT, and that TTFT; None if no pull is
+        cheaper than computing the blocks it would copy."""
+        if not self.kv_bandwidth_bytes_s or not demand.kv_block_bytes:
+            return None
+        held = {i: min(n, demand.max_hit_blocks) for i, n in demand.held_blocks.items()}
+        longest = max(held.values(), default=0)
+        if longest <= 0:
+            return None
+        block_s = demand.kv_block_bytes / self.kv_bandwidth_bytes_s
+        options: dict[str, tuple[float, float]] = {}  # dst -> (ttft, freeness)
+        for dst, load in loads.items():
+            num_copy = longest - demand.cached_blocks.get(dst, 0)
+            if num_copy <= 0:  # (a source itself among them)
+                continue
+            if dispatch_room(load, headroom_blocks=0) < need(dst):
+                continue
+            copy_s = PULL_OVERHEAD_S + num_copy * block_s
+            if copy_s >= num_copy * demand.block_size / rate(load):
+                continue  # computing them there is cheaper
+            rest = max(0, demand.num_tokens - longest * demand.block_size)
+            ttft = (max(copy_s, load.pending_prefill_tokens / rate(load))
+                    + rest / rate(load) + step(load))
+            options[dst] = (ttft, dispatch_freeness(load, headroom_blocks=0))
+        if not options:
+            return None
+        best = min(t for t, _ in options.values())
+        close = {i: f for i, (t, f) in options.items() if t <= best + 1e-6}
+        best_f = max(close.values())
+        dst = self.rotation.pick([i for i, f in close.items() if f >= best_f - TIE_EPS])
+        src = self.source_rotation.pick([i for i, n in held.items() if n == longest])
+        return Choice(dst, pull_src=src, num_pull_blocks=longest), options[dst][0]
 
 
 class Llumnix:
@@ -270,9 +362,14 @@ POLICY_NAMES = (RoundRobin.name, LeastLoad.name, Infaas.name, PrefixAffinity.nam
 MIGRATING_POLICIES = (Llumnix.name, Ferry.name)
 
 
-def make_dispatch_policy(name: str, *, headroom_blocks: int) -> DispatchPolicy:
+def make_dispatch_policy(name: str, *, headroom_blocks: int,
+                         kv_bandwidth_bytes_s: float = 0.0) -> DispatchPolicy:
+    """kv_bandwidth_bytes_s: the KV copy rate between instances ferry's prefix pulls
+    assume (0: no pulls)."""
     simple = {RoundRobin.name: RoundRobin, LeastLoad.name: LeastLoad, Infaas.name: Infaas,
-              PrefixAffinity.name: PrefixAffinity, Ferry.name: Ferry}
+              PrefixAffinity.name: PrefixAffinity}
+    if name == Ferry.name:
+        return Ferry(kv_bandwidth_bytes_s=kv_bandwidth_bytes_s)
     if name in simple:
         return simple[name]()
     if name == Llumnix.name:

@@ -127,6 +127,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="arguments of `python -m ferry.services.worker` for autoscaled workers; "
         "{instance_id}, {port}, {scheduler_addr} are filled in",
     )
+    add("--prefix-pull", action=argparse.BooleanOptionalAction, default=d["prefix_pull"],
+        help="ferry: a free instance copies a busy one's cached prefix when the copy beats "
+        "computing it")
+    add("--kv-bandwidth-bytes-s", type=float, default=d["kv_bandwidth_bytes_s"],
+        help="KV copy rate between instances the pull decision assumes, bytes/s (NVLink "
+        "~200e9; gloo on CPU ~1e9)")
     add(
         "--hold-until-room",
         action=argparse.BooleanOptionalAction,
@@ -170,6 +176,8 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         scale_up_freeness=args.scale_up_freeness,
         scale_down_freeness=args.scale_down_freeness,
         scale_cooldown_s=args.scale_cooldown_s,
+        prefix_pull=args.prefix_pull,
+        kv_bandwidth_bytes_s=args.kv_bandwidth_bytes_s,
         hold_until_room=args.hold_until_room,
         max_pending=args.max_pending,
         pending_window=args.pending_window,

@@ -2,10 +2,10 @@
 SchedulerCore, which makes every decision; this file only moves messages and keeps time.
 
     recv_from_peers  PULL   cfg.inbox  Dispatch, Release (gateways); Register, LoadReport,
-                                       MigrationDone (workers)
+                                       MigrationDone, PullDone (workers)
     recv_from_admin  ROUTER cfg.admin  StatusRequest, MigrateCommand (ferry CLI); replies
                                        go back on it (send_to_admin)
-    send_to_peers    PUSH per inbox    worker inboxes: Dispatch (forwarded unread), Abort,
+    send_to_peers    PUSH per inbox    worker inboxes: Dispatch (forwarded unread) or PullPrefix, Abort,
                                        MigrateOut, SetDraining, ReRegister; gateway inboxes:
                                        Placement, DispatchRejected, InstanceView, InstanceDown
 Periodic: heartbeat check, InstanceView, migration pairing, autoscaling (when enabled),
@@ -43,6 +43,7 @@ from ferry.common.wire import (
     MigrateCommandReply,
     MigrationDone,
     Placement,
+    PullDone,
     Register,
     Release,
     StatusRequest,
@@ -71,7 +72,8 @@ from ferry.services.scheduler.provisioner import LocalProcessProvisioner
 # Who may send what (checked per message when the cluster has keys; common/security.py).
 GATEWAY, WORKER, ADMIN = frozenset({"gateway"}), frozenset({"worker"}), frozenset({"admin"})
 INBOX_SENDERS = {Dispatch: GATEWAY, Release: GATEWAY, GatewayHello: GATEWAY,
-                 Register: WORKER, LoadReport: WORKER, MigrationDone: WORKER, Leaving: WORKER}
+                 Register: WORKER, LoadReport: WORKER, MigrationDone: WORKER, Leaving: WORKER,
+                 PullDone: WORKER}
 ADMIN_SENDERS = {StatusRequest: ADMIN, MigrateCommand: ADMIN, DrainCommand: ADMIN}
 ADMIN_TYPES = tuple(ADMIN_SENDERS)
 MAX_ADMIN_WAITS = 64  # MigrateCommands waiting for their MigrationDone at once; more get 429
@@ -121,6 +123,7 @@ class Scheduler:
             LoadReport: self.handle_load_report,
             MigrationDone: self.handle_migration_done,
             Leaving: self.handle_leaving,
+            PullDone: self.handle_pull_done,
         }
         self.admin_handlers: dict[type, Callable[[list[bytes], Any], None]] = {
             StatusRequest: self.handle_status,
@@ -226,11 +229,16 @@ class Scheduler:
             self.forward(Released(placed, req, frames))
 
     def forward(self, placed: Released) -> None:
-        """Send a placed request's frames to its instance; its gateway learns where."""
+        """Send a placed request's frames to its instance (or, when its prefix is to be
+        pulled there first, a PullPrefix carrying it); its gateway learns where."""
         req = placed.req
+        addr = self.core.table[placed.instance_id].inbox_addr
+        pull = self.core.pull_for(req)
         try:
-            self.send_to_peers.send_frames(self.core.table[placed.instance_id].inbox_addr,
-                                           placed.payload)
+            if pull is not None:
+                self.send_to_peers.send(addr, pull)
+            else:
+                self.send_to_peers.send_frames(addr, placed.payload)
         except Overloaded as err:
             self.send(req.reply_addr, self.core.undo_dispatch(req, placed.instance_id, str(err)))
             return
@@ -258,6 +266,9 @@ class Scheduler:
 
     def handle_leaving(self, msg: Leaving, frames: list[bytes]) -> None:
         self.send_all(self.core.leaving(msg, self.clock()))
+
+    def handle_pull_done(self, msg: PullDone, frames: list[bytes]) -> None:
+        self.send_all(self.core.pull_done(msg))
 
     def handle_migration_done(self, msg: MigrationDone, frames: list[bytes]) -> None:
         self.send_all(self.core.migration_done(msg))

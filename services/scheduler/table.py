@@ -49,6 +49,7 @@ class Instance:
     max_model_len: int
     last_heard_s: float  # monotonic time of the last Register or LoadReport
     prefix_seed: int = 0  # its prefix cache's hash seed; 0: it caches no prefix
+    kv_block_bytes: int = 0  # bytes of one of its KV blocks; 0: unknown
     alive: bool = True
     draining: bool = False  # the scheduler told it to drain (SetDraining)
     report: LoadFields | None = None  # last LoadReport's load; None until the first
@@ -87,6 +88,7 @@ class InstanceTable:
             prefix_seed=msg.prefix_seed,
             model_name=msg.model_name,
             queue_time_bounds_s=msg.queue_time_bounds_s,
+            kv_block_bytes=msg.kv_block_bytes,
         )
         self._instances[msg.instance_id] = inst
         return inst

@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--migration-chunk-mb", type=int, default=256)
     parser.add_argument("--migration-verify-kv", action="store_true",
                         help="checksum each migrated request's KV at commit (debugging)")
+    parser.add_argument("--max-prefix-pulls", type=int, default=4,
+                        help="concurrent prefix pulls in (and out) of this instance")
+    parser.add_argument("--prefix-pull-timeout", type=float, default=2.0,
+                        help="a pull's peer silent this long: the request runs without it")
     parser.add_argument("--keys-dir", default=env.keys_dir(),
         help="cluster CURVE keys (ferry keys init); default FERRY_KEYS_DIR; empty: plain sockets")
     parser.add_argument("--key-name", default=env.key_name(),
@@ -93,6 +97,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         migration_timeout_s=args.migration_timeout,
         migration_chunk_bytes=args.migration_chunk_mb * 2**20,
         migration_verify_kv=args.migration_verify_kv,
+        max_prefix_pulls=args.max_prefix_pulls,
+        prefix_pull_timeout_s=args.prefix_pull_timeout,
         drain_timeout_s=args.drain_timeout_s,
         step_log=args.step_log,
         keys_dir=args.keys_dir,

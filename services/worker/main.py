@@ -23,6 +23,7 @@ from ferry.common.zmq_util import Inbox, Outboxes, make_context
 from ferry.services.worker.engine.engine import Engine, RequestRejected
 from ferry.services.worker.engine.request import RequestOutput
 from ferry.services.worker.migration.coordinator import MIGRATION_MESSAGES, MigrationCoordinator
+from ferry.services.worker.migration.prefix_pull import PULL_MESSAGES, PrefixPulls
 from ferry.services.worker.report import load_fields
 from ferry.services.worker.step_log import StepLog
 from ferry.services.worker.stepper import make_stepper
@@ -39,7 +40,9 @@ INBOX_SENDERS = {
     wire.GatewayGone: SCHEDULER,
     wire.CacheSnapshotRequest: SCHEDULER,
     wire.MigrateOut: SCHEDULER,
+    wire.PullPrefix: SCHEDULER,
     **{t: frozenset({"worker"}) for t in MIGRATION_MESSAGES if t is not wire.MigrateOut},
+    **{t: frozenset({"worker"}) for t in PULL_MESSAGES},
 }
 LEAVING_LINGER_MS = 500  # at exit, how long the Leaving message may take to go out
 SEND_FAILURE_LOG_INTERVAL_S = 5.0  # one log line per address and this many seconds
@@ -63,6 +66,10 @@ class Worker:
         self.migrations = MigrationCoordinator(
             config=config, engine=engine, send=self._send, on_request_placed=self._work_arrived
         )
+        # Prefix pulls share the migrations' KV groups (and their per-peer locks).
+        self.pulls = PrefixPulls(config=config, engine=engine, kv=self.migrations.kv,
+                                 send=self._send, run_dispatch=self.handle_dispatch,
+                                 group_locks=self.migrations.prealloc_locks)
         self.draining = False
         self.num_dispatch_received = 0
         self.report_seq = 0
@@ -75,12 +82,14 @@ class Worker:
             wire.ReRegister: self.handle_reregister,
             wire.GatewayGone: self.handle_gateway_gone,
             wire.CacheSnapshotRequest: self.handle_cache_snapshot_request,
+            wire.PullPrefix: self.pulls.start,
         }
         self._cache_snapshot_wanted = False  # the next report sends the whole cache
         self.num_send_failed = 0  # messages not sent: the peer's queue full, or no such peer
         self._leave_task: asyncio.Task | None = None  # draining after SIGTERM
         self._send_failures_logged: dict[str, float] = {}  # addr -> monotonic, last logged
         self._handlers.update(dict.fromkeys(MIGRATION_MESSAGES, self.migrations.handle))
+        self._handlers.update(dict.fromkeys(PULL_MESSAGES, self.pulls.handle))
 
     # ---- loops ----------------------------------------------------------------------------
 
@@ -97,6 +106,7 @@ class Worker:
         await self._stopping.wait()
         for task in [*tasks, *filter(None, [self._leave_task])]:
             task.cancel()
+        await self.pulls.close()
         await self.migrations.close()
         # The scheduler forgets this instance now: gateways replay anything left here at
         # once, not after the heartbeat timeout.
@@ -212,6 +222,9 @@ class Worker:
             message=f"Dispatch body refused: {why}", attempt=msg.attempt))
 
     def handle_abort(self, msg: wire.Abort) -> None:
+        pull = self.pulls.waiting(msg.req_id)
+        if pull is not None and msg.attempt in (None, pull.msg.dispatch.attempt):
+            pull.cancelled = True  # its copy goes on, into the cache; it is never queued
         held = self.engine.get(msg.req_id)
         if held is not None and msg.attempt is not None and held.attempt != msg.attempt:
             return  # meant for another copy of the request
@@ -225,6 +238,10 @@ class Worker:
         """Nobody reads these requests' output any more: drop them and free their KV."""
         gone = [r.req_id for r in self.engine.requests.values()
                 if r.reply_addr == msg.inbox_addr and r.req_id.startswith(msg.req_id_prefix)]
+        for req_id in self.pulls.req_ids():
+            dispatch = self.pulls.waiting(req_id).msg.dispatch
+            if dispatch.reply_addr == msg.inbox_addr and req_id.startswith(msg.req_id_prefix):
+                self.pulls.cancel(req_id)
         for req_id in gone:
             self._drop(req_id, reason="gateway gone")
         self.log.info("gateway_gone", gateway_inbox=msg.inbox_addr, num_dropped=len(gone))
@@ -284,17 +301,20 @@ class Worker:
                 message=message, attempt=req.attempt))
 
     def _register(self) -> None:
+        held = self._held_req_ids()
         self._send(self.config.scheduler_addr, wire.Register(
             instance_id=self.config.instance_id,
             inbox_addr=self.config.inbox.advertise,
             num_blocks=self.engine.blocks.num_total,
             block_size=self.engine.blocks.block_size,
             max_model_len=self.engine.executor.max_model_len,
-            req_ids=tuple(self.engine.requests),
-            req_priorities=tuple(r.priority for r in self.engine.requests.values()),
+            req_ids=held,
+            req_priorities=tuple(self.engine.requests[r].priority if r in self.engine.requests
+                                 else self.pulls.waiting(r).msg.dispatch.priority for r in held),
             prefix_seed=self.engine.scheduler.prefix_seed or 0,
             model_name=self.config.model_name,
             queue_time_bounds_s=self.engine.scheduler.queue_time.bounds,
+            kv_block_bytes=self.migrations.kv.block_bytes,
         ))
 
     def _report(self) -> None:
@@ -315,10 +335,15 @@ class Worker:
             load=load_fields(load, num_migrations_in=self.migrations.num_incoming,
                              num_migrations_out=self.migrations.num_outgoing,
                              draining=self.draining),
-            req_ids=tuple(self.engine.requests) if self.report_seq % every == 0 else None,
+            req_ids=self._held_req_ids() if self.report_seq % every == 0 else None,
             cache_stored=tuple(stored), cache_evicted=tuple(evicted), cache_snapshot=snapshot,
             queue_time_counts=queue_time.cumulative(), queue_time_sum_s=queue_time.sum,
         ))
+
+    def _held_req_ids(self) -> tuple[str, ...]:
+        """Every request this instance holds: in the engine, or waiting for its pull."""
+        return (*self.engine.requests, *(r for r in self.pulls.req_ids()
+                                         if r not in self.engine.requests))
 
     def _work_arrived(self) -> None:
         self._work.set()

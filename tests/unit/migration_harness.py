@@ -1,4 +1,5 @@
-"""In-process cluster of engines + migration coordinators, without sockets.
+"""In-process cluster of engines + migration coordinators (and prefix pulls), without
+sockets.
 
 Messages between coordinators go through the real codec (encode -> decode) and are
 delivered on the event loop; KV moves over real gloo groups. Each node steps its engine
@@ -19,6 +20,7 @@ from ferry.common.sampling import SamplingParams
 from ferry.services.worker.engine.engine import Engine
 from ferry.services.worker.migration.coordinator import MigrationCoordinator
 from ferry.services.worker.migration.kv_transfer import KVTransport
+from ferry.services.worker.migration.prefix_pull import PULL_MESSAGES, PrefixPulls
 from tests.unit.fakes import TokenKVExecutor
 
 SCHEDULER = "inproc://scheduler"
@@ -31,6 +33,7 @@ class Network:
     def __init__(self) -> None:
         self.nodes: dict[str, Node] = {}
         self.done: list[wire.MigrationDone] = []
+        self.pulls_done: list[wire.PullDone] = []
         self.dropping: dict[str, tuple[type, ...]] = {}
         self.delay_s = 0.0
 
@@ -39,6 +42,8 @@ class Network:
         if addr == SCHEDULER:
             if isinstance(decoded, wire.MigrationDone):
                 self.done.append(decoded)
+            if isinstance(decoded, wire.PullDone):
+                self.pulls_done.append(decoded)
             return
         if isinstance(decoded, self.dropping.get(addr, ())):
             return
@@ -74,6 +79,9 @@ class Node:
         self.coordinator = MigrationCoordinator(
             config=config, engine=self.engine, send=net.send, on_request_placed=lambda: None,
             kv=kv)
+        self.pulls = PrefixPulls(config=config, engine=self.engine, kv=kv, send=net.send,
+                                 run_dispatch=self.dispatch,
+                                 group_locks=self.coordinator.prealloc_locks)
         self.outputs: dict[str, list[int]] = {}
         self.reasons: dict[str, str] = {}
         self.step_delay_s = 0.002
@@ -81,7 +89,21 @@ class Node:
         self.on_output: Callable[[Node, Any], None] | None = None
         net.nodes[self.addr] = self
 
+    def dispatch(self, msg: wire.Dispatch) -> None:
+        """What the worker does with a Dispatch (forwarded, or after its prefix pull)."""
+        body = wire.decode_body(msg)
+        assert msg.mismatch(body) is None
+        self.engine.add_request(msg.req_id, body.prompt_token_ids, body.sampling,
+                                output_token_ids=body.output_token_ids, reply_addr=msg.reply_addr,
+                                attempt=msg.attempt, arrival_s=body.arrival_s)
+
     def deliver(self, msg: Any) -> None:
+        if isinstance(msg, wire.Dispatch):
+            return self.dispatch(msg)
+        if isinstance(msg, wire.PullPrefix):
+            return self.pulls.start(msg)
+        if isinstance(msg, PULL_MESSAGES):
+            return self.pulls.handle(msg)
         if isinstance(msg, wire.Abort):
             self.coordinator.cancel_request(msg.req_id, reason=msg.reason)
             out = self.engine.abort(msg.req_id)
@@ -143,6 +165,15 @@ def migrate(net: Network, src: Node, dst: Node, req_id: str | None) -> str:
     src.deliver(wire.MigrateOut(migration_id=migration_id, dst_instance_id=dst.name,
                                 dst_inbox_addr=dst.addr, req_id=req_id))
     return migration_id
+
+
+async def wait_pull(net: Network, pull_id: str, timeout_s: float = 10.0) -> wire.PullDone:
+    for _ in range(int(timeout_s / 0.005)):
+        for done in net.pulls_done:
+            if done.pull_id == pull_id:
+                return done
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"pull {pull_id} did not finish")
 
 
 async def wait_done(net: Network, migration_id: str, timeout_s: float = 10.0) -> wire.MigrationDone:

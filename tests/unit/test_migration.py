@@ -1,6 +1,6 @@
-"""Live migration between in-process engines (real gloo KV groups, real codec, no
-sockets): token continuity and every race of DESIGN §6, with both block pools whole
-after each."""
+"""Live migration and prefix pulls between in-process engines (real gloo KV groups, real
+codec, no sockets): token continuity and every race of DESIGN §6, with both block pools
+whole after each."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 from ferry.common import wire
 from ferry.common.config import EngineConfig
+from ferry.common.prefix_hash import block_hashes
 from ferry.common.sampling import SamplingParams
 from ferry.services.worker.engine.engine import Engine
 from tests.unit.fakes import SamplerKVExecutor
@@ -23,6 +24,7 @@ from tests.unit.migration_harness import (
     reference_tokens,
     seeded,
     wait_done,
+    wait_pull,
     wait_until,
 )
 
@@ -45,6 +47,7 @@ async def cluster(num_nodes=2, *, num_blocks=128, budget=16, **worker_kw):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for node in nodes:
+            await node.pulls.close()
             await node.coordinator.close()
     for node in nodes:
         node.engine.check_invariants()
@@ -426,6 +429,278 @@ def test_corrupted_kv_is_caught_by_the_checksum_and_the_request_goes_on():
             await finish_all(gateway, ["r3"])
             assert gateway.tokens["r3"] == reference_tokens(PROMPTS["r3"], greedy(150))
             await wait_until(lambda: b.engine.blocks.num_reserved == 0)
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+# ---- dedup: the destination caches part of the request's prefix ---------------------------
+
+SHARED = list(range(40, 80))  # 40 tokens: 10 full blocks of 4
+
+
+@pytest.mark.parametrize("warm_running", [False, True], ids=["cached-idle", "cached-in-use"])
+@pytest.mark.parametrize("make_sampling", [lambda: greedy(60), lambda: seeded(60, 5)],
+                         ids=["greedy", "seeded"])
+def test_migration_skips_the_blocks_the_destination_caches(make_sampling, warm_running):
+    """b computed SHARED for another request (finished: its blocks idle in the cache; or
+    still running: shared, in use); a request with that prefix moves from a to b: only
+    the blocks past the prefix are copied, b's table starts with its own cached blocks,
+    and the tokens are exactly an undisturbed run's (and the checksum over the whole
+    table, cached blocks included, matches the source's)."""
+    prompt = SHARED + [7, 8, 9, 10, 11, 12]
+
+    async def body():
+        async with cluster() as (net, gateway, (a, b)):
+            add(b, "warm", greedy(200 if warm_running else 3), SHARED + [3, 1])
+            await wait_until(lambda: len(gateway.tokens.get("warm", [])) >= 2)
+            if not warm_running:
+                await finish_all(gateway, ["warm"])
+            add(a, "r", make_sampling(), prompt)
+            await wait_until(lambda: len(gateway.tokens.get("r", [])) >= 5)
+            done = await wait_done(net, migrate(net, a, b, "r"))
+            assert done.committed, done.reason
+            assert done.kv_verified
+            assert done.num_blocks_skipped == len(SHARED) // 4
+            assert done.num_bytes == done.num_blocks * 4 * 8
+            if warm_running:
+                req = b.engine.get("r")
+                warm = b.engine.get("warm")
+                if req is not None and warm is not None:  # one table, shared blocks
+                    assert req.block_ids[:10] == warm.block_ids[:10]
+            await finish_all(gateway, ["r", "warm"])
+            assert gateway.tokens["r"] == reference_tokens(prompt, make_sampling())
+            # what b received is cached there now: the whole prompt's full blocks
+            full = block_hashes(prompt, 4, parent=b.engine.scheduler.prefix_seed)
+            assert len(b.engine.blocks.match(full)) == len(full)
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_aborted_dedup_migration_gives_the_claimed_blocks_back():
+    """b claims its cached prefix blocks for an incoming request, then the transfer stalls
+    and times out: the claims are dropped (the blocks idle in b's cache again, findable),
+    the request goes on at a, and every pool is whole."""
+    prompt = SHARED + [7, 8, 9, 10, 11, 12]
+
+    async def body():
+        async with cluster(migration_timeout_s=0.4, migration_stage_limit=50,
+                           migration_last_stage_blocks=0) as (net, gateway, (a, b)):
+            add(b, "warm", greedy(3), SHARED + [3, 1])
+            await finish_all(gateway, ["warm"])
+            cached = b.engine.blocks.num_evictable
+            add(a, "r", greedy(150), prompt)
+            await wait_until(lambda: len(gateway.tokens.get("r", [])) >= 10)
+            net.dropping[b.addr] = (wire.MigStage,)
+            migration_id = migrate(net, a, b, "r")
+            await wait_until(lambda: b.engine.blocks.num_evictable < cached)  # claimed
+            done = await wait_done(net, migration_id, timeout_s=15)
+            assert not done.committed
+            net.dropping.clear()
+            await wait_until(lambda: b.engine.blocks.num_evictable == cached
+                             and b.engine.blocks.num_reserved == 0)
+            full = block_hashes(SHARED, 4, parent=b.engine.scheduler.prefix_seed)
+            assert len(b.engine.blocks.match(full)) == len(full)
+            await finish_all(gateway, ["r"])
+            assert gateway.tokens["r"] == reference_tokens(prompt, greedy(150))
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_destination_without_memory_for_the_rest_unclaims_its_cached_blocks():
+    prompt = SHARED + [(i * 7) % 90 + 1 for i in range(36)]
+
+    async def body():
+        async with cluster(num_blocks=32) as (net, gateway, (a, b)):
+            add(b, "warm", greedy(3), SHARED + [3, 1])
+            await finish_all(gateway, ["warm"])
+            cached = b.engine.blocks.num_evictable
+            assert b.engine.blocks.reserve("hog", b.engine.blocks.num_free)  # b is full
+            add(a, "r", greedy(40), prompt)
+            await wait_until(lambda: len(gateway.tokens.get("r", [])) >= 2)
+            done = await wait_done(net, migrate(net, a, b, "r"))
+            assert not done.committed and "no memory" in done.reason, done.reason
+            assert "10 cached" in done.reason
+            assert b.engine.blocks.num_evictable == cached  # the claims were dropped
+            full = block_hashes(SHARED, 4, parent=b.engine.scheduler.prefix_seed)
+            assert len(b.engine.blocks.match(full)) == len(full)
+            b.engine.blocks.release_reservation("hog")
+            await finish_all(gateway, ["r"])
+            assert gateway.tokens["r"] == reference_tokens(prompt, greedy(40))
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+# ---- prefix pulls: b copies a's cached prefix, then runs the request ------------------------
+
+_pull_ids = iter(range(10**6))
+
+
+def pull(net: Network, src: Node, dst: Node, req_id: str, prompt: list[int], sampling,
+         num_blocks: int) -> str:
+    """What the scheduler sends dst instead of the request's Dispatch."""
+    pull_id = f"p{next(_pull_ids)}"
+    hashes = block_hashes(prompt, 4, parent=src.engine.scheduler.prefix_seed)[:num_blocks]
+    dispatch = wire.Dispatch.of(
+        wire.DispatchBody(req_id=req_id, attempt=0, prompt_token_ids=tuple(prompt),
+                          output_token_ids=(), sampling=sampling, arrival_s=0.0),
+        priority=0, reply_addr="inproc://gw")
+    net.send(dst.addr, wire.PullPrefix.carrying(dispatch, pull_id=pull_id,
+                                                src_instance_id=src.name, src_inbox_addr=src.addr,
+                                                block_hashes=tuple(hashes)))
+    return pull_id
+
+
+def cached_run(node: Node, prompt: list[int]) -> int:
+    return len(node.engine.blocks.match(
+        block_hashes(prompt, 4, parent=node.engine.scheduler.prefix_seed)))
+
+
+PULLED = SHARED + [7, 8, 9, 10, 11, 12]
+
+
+@pytest.mark.parametrize("src_running", [False, True], ids=["src-idle", "src-in-use"])
+def test_pulled_prefix_is_exact_and_found_like_a_cache_hit(src_running):
+    """a cached SHARED (its request finished, or still running on it); b pulls those 10
+    blocks, registers them, and the request admitted there claims them instead of
+    computing 40 tokens: its tokens are exactly an undisturbed run's."""
+    async def body():
+        async with cluster() as (net, gateway, (a, b)):
+            add(a, "warm", greedy(200 if src_running else 3), SHARED + [3, 1])
+            await wait_until(lambda: len(gateway.tokens.get("warm", [])) >= 2)
+            if not src_running:
+                await finish_all(gateway, ["warm"])
+            hits_before = b.engine.load().num_prefix_hit_tokens
+            done = await wait_pull(net, pull(net, a, b, "r", PULLED, greedy(30), 10))
+            assert done.ok, done.reason
+            assert (done.num_blocks, done.num_cached_blocks) == (10, 0)
+            assert done.num_bytes == 10 * 4 * 8 and done.dst_instance_id == "w1"
+            await finish_all(gateway, ["r", "warm"])
+            assert gateway.tokens["r"] == reference_tokens(PULLED, greedy(30))
+            assert b.engine.load().num_prefix_hit_tokens - hits_before == 40
+            assert not a.pulls.outgoing  # a's pins are gone
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_pull_of_a_partly_evicted_prefix_copies_what_is_left():
+    """a evicted the tail of the prefix meanwhile: it offers the 6 blocks it still has;
+    b computes the other 4."""
+    async def body():
+        async with cluster(num_blocks=64) as (net, gateway, (a, b)):
+            add(a, "warm", greedy(3), SHARED + [3, 1])
+            await finish_all(gateway, ["warm"])
+            blocks = a.engine.blocks
+            blocks.reserve("pressure", blocks.num_free + 5)  # the chain's last 5 go (of 11)
+            blocks.release_reservation("pressure")
+            assert cached_run(a, SHARED) == 6
+            done = await wait_pull(net, pull(net, a, b, "r", PULLED, greedy(30), 10))
+            assert done.ok and done.num_blocks == 6
+            await finish_all(gateway, ["r"])
+            assert gateway.tokens["r"] == reference_tokens(PULLED, greedy(30))
+            assert b.engine.load().num_prefix_hit_tokens == 24
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_pull_from_a_source_that_evicted_everything_runs_the_request_anyway():
+    async def body():
+        async with cluster() as (net, gateway, (a, b)):
+            add(a, "warm", greedy(3), SHARED + [3, 1])
+            await finish_all(gateway, ["warm"])
+            blocks = a.engine.blocks
+            blocks.reserve("pressure", blocks.num_available)  # every cached block goes
+            blocks.release_reservation("pressure")
+            done = await wait_pull(net, pull(net, a, b, "r", PULLED, greedy(30), 10))
+            assert not done.ok and "evicted" in done.reason, done.reason
+            await finish_all(gateway, ["r"])
+            assert gateway.tokens["r"] == reference_tokens(PULLED, greedy(30))
+            assert b.engine.load().num_prefix_hit_tokens == 0  # recomputed
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+@pytest.mark.parametrize("lost", [wire.PrefixFetch, wire.PrefixAccept],
+                         ids=["dead-before-offer", "dead-before-send"])
+def test_pull_from_a_dead_source_times_out_and_the_request_runs(lost):
+    async def body():
+        async with cluster(prefix_pull_timeout_s=0.3) as (net, gateway, (a, b)):
+            add(a, "warm", greedy(3), SHARED + [3, 1])
+            await finish_all(gateway, ["warm"])
+            net.dropping[a.addr] = (lost,)  # a stops answering there
+            done = await wait_pull(net, pull(net, a, b, "r", PULLED, greedy(30), 10))
+            assert not done.ok and "timeout" in done.reason, done.reason
+            net.dropping.clear()
+            await finish_all(gateway, ["r"])
+            assert gateway.tokens["r"] == reference_tokens(PULLED, greedy(30))
+            await wait_until(lambda: not a.pulls.outgoing)  # a's pins time out too
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_pull_of_a_prefix_the_destination_caches_copies_nothing():
+    async def body():
+        async with cluster() as (net, gateway, (a, b)):
+            for node in (a, b):
+                add(node, f"warm-{node.name}", greedy(3), SHARED + [3, 1])
+            await finish_all(gateway, ["warm-w0", "warm-w1"])
+            done = await wait_pull(net, pull(net, a, b, "r", PULLED, greedy(30), 10))
+            assert done.ok and (done.num_blocks, done.num_cached_blocks) == (0, 10)
+            await finish_all(gateway, ["r"])
+            assert gateway.tokens["r"] == reference_tokens(PULLED, greedy(30))
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_request_aborted_during_its_pull_never_runs():
+    async def body():
+        async with cluster() as (net, gateway, (a, b)):
+            add(a, "warm", greedy(3), SHARED + [3, 1])
+            await finish_all(gateway, ["warm"])
+            net.delay_s = 0.02  # slow control plane: the abort lands mid-pull
+            pull_id = pull(net, a, b, "r", PULLED, greedy(30), 10)
+            await wait_until(lambda: b.pulls.waiting("r") is not None)
+            b.pulls.cancel("r")
+            done = await wait_pull(net, pull_id)
+            net.delay_s = 0.0
+            assert done.ok  # the copy went on, into b's cache
+            assert b.engine.get("r") is None and "r" not in gateway.tokens
+            assert cached_run(b, SHARED) == 10
+            assert_pools_whole(a, b)
+
+    run(body())
+
+
+def test_pull_and_migration_over_one_kv_group_pair_up():
+    """A migration a -> b and pulls a -> b at once share the a -> b group: sends and
+    receives must pair up in order (each announced right before it is sent)."""
+    async def body():
+        async with cluster(migration_stage_limit=6, migration_last_stage_blocks=0) as (
+                net, gateway, (a, b)):
+            add(a, "warm", greedy(3), SHARED + [3, 1])
+            await finish_all(gateway, ["warm"])
+            add(a, "m", greedy(150), PROMPTS["r3"])
+            await wait_until(lambda: len(gateway.tokens.get("m", [])) >= 20)
+            migration_id = migrate(net, a, b, "m")
+            pulls = [pull(net, a, b, f"q{i}", SHARED + [i + 1] * 3, greedy(20), 10)
+                     for i in range(3)]
+            done = await wait_done(net, migration_id)
+            assert done.committed, done.reason
+            outcomes = [await wait_pull(net, p) for p in pulls]
+            assert any(o.ok and o.num_blocks == 10 for o in outcomes), outcomes
+            await finish_all(gateway, ["m", "q0", "q1", "q2"])
+            assert gateway.tokens["m"] == reference_tokens(PROMPTS["r3"], greedy(150))
+            for i in range(3):
+                assert gateway.tokens[f"q{i}"] == reference_tokens(SHARED + [i + 1] * 3,
+                                                                   greedy(20))
             assert_pools_whole(a, b)
 
     run(body())

@@ -219,3 +219,17 @@ def test_eviction_under_pressure_keeps_outputs_right():
         return out
 
     assert run(True) == run(False)
+
+
+def test_a_finished_requests_prefix_is_evicted_tail_first():
+    """Its blocks are freed last first: memory pressure cuts the chain at its tail, so the
+    head (what most requests share) stays findable."""
+    on = engine(cache=True, num_blocks=24)
+    on.add_request("a", SYSTEM + [1, 2], SamplingParams(max_tokens=2, temperature=0.0))
+    run_all(on)
+    hashes = block_hashes(SYSTEM, 4, parent=on.scheduler.prefix_seed)
+    assert len(on.blocks.match(hashes)) == 10
+    on.blocks.reserve("pressure", on.blocks.num_free + 3)  # evicts 3 cached blocks
+    assert len(on.blocks.match(hashes)) == 10 - 3  # the last 3 of the chain, not the first
+    on.blocks.release_reservation("pressure")
+    on.check_invariants()

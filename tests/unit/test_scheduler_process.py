@@ -506,6 +506,8 @@ def test_every_config_field_has_a_flag():
         "scale_up_freeness": 3.0,
         "scale_down_freeness": 90.0,
         "scale_cooldown_s": 4.0,
+        "prefix_pull": False,
+        "kv_bandwidth_bytes_s": 5e10,
         "hold_until_room": False,
         "max_pending": 99,
         "pending_window": 8,

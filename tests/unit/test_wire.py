@@ -53,6 +53,13 @@ def test_every_message_round_trips(cls):
         msg = wire.Dispatch.of(build(wire.DispatchBody), priority=1,
                                reply_addr="tcp://host-1:5600", prefix_hashes=(3, 4))
         assert wire.decode_body(msg) == build(wire.DispatchBody)
+    elif cls is wire.PullPrefix:  # (it carries a Dispatch, header and body)
+        dispatch = wire.Dispatch.of(build(wire.DispatchBody), priority=1,
+                                    reply_addr="tcp://host-1:5600", prefix_hashes=(3, 4))
+        msg = wire.PullPrefix.carrying(dispatch, pull_id="p", src_instance_id="w",
+                                       src_inbox_addr="tcp://host-2:5600", block_hashes=(3,))
+        assert msg.dispatch == dispatch
+        assert wire.decode_body(msg) == build(wire.DispatchBody)
     else:
         msg = build(cls)
     frames = wire.encode(msg)

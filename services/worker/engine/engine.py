@@ -295,6 +295,10 @@ class Engine:
             attempt=req.attempt,
         )
 
+    def computed_hashes(self, req_id: str) -> list[int]:
+        """Prefix hashes of the request's computed full blocks ([] without a prefix cache)."""
+        return self.scheduler.computed_hashes(self.requests[req_id])
+
     def remove(self, req_id: str) -> None:
         """The request now lives on another instance: free its blocks, emit nothing."""
         self.scheduler.remove(req_id)
@@ -302,7 +306,8 @@ class Engine:
 
     def import_request(self, state: ExportedRequest, block_ids: list[int]) -> None:
         """Adopt a migrated request. block_ids hold the KV of its first
-        num_computed_tokens tokens (already owned: ref count 1). With no KV
+        num_computed_tokens tokens (owned: one reference each; leading ones may be cached
+        blocks it shares, claimed for it). Its full blocks are registered as cached. With no KV
         (num_computed_tokens 0) it joins the waiting queue like a new request."""
         if state.req_id in self.requests:
             raise RequestRejected(400, f"request {state.req_id} already exists")

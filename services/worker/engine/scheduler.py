@@ -16,7 +16,10 @@ Prefix cache (`prefix_seed` set): every block a step fills completely is registe
 its prefix hash; a request being admitted claims the cached blocks of its longest
 cached prefix and starts computing at the first uncached token (at least its last token
 is always computed, in a block of its own: that step's logits sample the next token).
-A preempted request finds its own freed blocks again if nobody evicted them.
+A preempted request finds its own freed blocks again if nobody evicted them. A request's
+blocks are freed last block first, so eviction (least recently freed first) takes a
+prefix's tail before its head: a chain cut at its head is found nowhere (`match` and the
+scheduler's index follow leading runs), one cut at its tail still serves the rest.
 """
 
 from __future__ import annotations
@@ -160,6 +163,14 @@ class LocalScheduler:
         self._hash_full_blocks(req)
         return self.blocks.match(req.block_hashes[: (req.num_tokens - 1) // self.blocks.block_size])
 
+    def computed_hashes(self, req: Request) -> list[int]:
+        """Prefix hashes of req's full blocks whose KV is computed, in block order ([]
+        without a cache): what a migration offers its destination to skip."""
+        if self.prefix_seed is None:
+            return []
+        self._hash_full_blocks(req)
+        return req.block_hashes[: req.num_computed_tokens // self.blocks.block_size]
+
     def _hash_full_blocks(self, req: Request) -> None:
         """Extend req.block_hashes to every full block of its tokens."""
         size = self.blocks.block_size
@@ -218,7 +229,7 @@ class LocalScheduler:
         plan.reqs.append(req)
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
-        self.blocks.free(req.block_ids)
+        self.blocks.free(req.block_ids[::-1])  # tail first out of the cache
         req.block_ids = []
         req.num_computed_tokens = req.num_registered = 0
         req.num_preemptions += 1
@@ -274,7 +285,7 @@ class LocalScheduler:
         return None
 
     def _finish(self, req: Request, reason: str) -> None:
-        self.blocks.free(req.block_ids)
+        self.blocks.free(req.block_ids[::-1])  # tail first out of the cache
         req.block_ids = []
         req.status = Status.FINISHED
         req.finish_reason = reason
@@ -348,7 +359,7 @@ class LocalScheduler:
         if req is None:
             raise KeyError(req_id)
         self._detach(req)
-        self.blocks.free(req.block_ids)
+        self.blocks.free(req.block_ids[::-1])  # tail first out of the cache
         req.block_ids = []
         req.status = Status.FINISHED
         req.finish_reason = "migrated"

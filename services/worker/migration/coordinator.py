@@ -185,7 +185,8 @@ class MigrationCoordinator:
         self.log.info(
             "migration", req_id=mig.req_id, migration_id=mig.migration_id,
             dst_instance_id=mig.dst_instance_id, committed=done.committed, reason=done.reason,
-            num_stages=done.num_stages, num_blocks=done.num_blocks, num_bytes=done.num_bytes,
+            num_stages=done.num_stages, num_blocks=done.num_blocks,
+            num_blocks_skipped=done.num_blocks_skipped, num_bytes=done.num_bytes,
             total_s=round(done.total_s, 6), downtime_s=round(done.downtime_s, 6),
         )
         self.send(self.config.scheduler_addr, done)
@@ -212,9 +213,17 @@ class MigrationCoordinator:
     # ---- destination side -----------------------------------------------------------------
 
     def handle_prealloc(self, msg: wire.MigPrealloc) -> None:
+        blocks = self.engine.blocks
         reason = self._incoming_refusal(msg)
-        if reason is None and not self.engine.blocks.reserve(msg.migration_id, msg.num_blocks):
-            reason = f"no memory: {msg.num_blocks} blocks asked, {self.engine.blocks.num_available} available"
+        cached: list[int] = []
+        if reason is None:
+            # The request's leading blocks cached here already: claimed, never sent.
+            cached = blocks.match(list(msg.block_hashes))
+            blocks.claim(cached)
+            if not blocks.reserve(msg.migration_id, max(0, msg.num_blocks - len(cached))):
+                blocks.free(cached)
+                reason = (f"no memory: {msg.num_blocks} blocks asked ({len(cached)} cached), "
+                          f"{blocks.num_available} available")
         if reason is not None:
             self.send(msg.src_inbox_addr, wire.MigPreallocReply(
                 migration_id=msg.migration_id, ok=False, reason=reason, group_id="",
@@ -223,7 +232,8 @@ class MigrationCoordinator:
         try:
             group_id, store_addr = self.kv.open_receiving(msg.src_instance_id, msg.group_id)
         except Exception as exc:
-            self.engine.blocks.release_reservation(msg.migration_id)
+            blocks.release_reservation(msg.migration_id)
+            blocks.free(cached)
             self.send(msg.src_inbox_addr, wire.MigPreallocReply(
                 migration_id=msg.migration_id, ok=False, reason=f"no KV group: {exc}",
                 group_id="", store_addr=""))
@@ -231,7 +241,7 @@ class MigrationCoordinator:
         mig = IncomingMigration(
             migration_id=msg.migration_id, req_id=msg.req_id,
             src_instance_id=msg.src_instance_id, src_inbox_addr=msg.src_inbox_addr,
-            group_id=group_id, prompt_token_ids=msg.prompt_token_ids,
+            group_id=group_id, prompt_token_ids=msg.prompt_token_ids, cached_block_ids=cached,
         )
         runner = IncomingRunner(mig, engine=self.engine, kv=self.kv, send=self.send,
                                 timeout_s=self.config.migration_timeout_s,
@@ -240,7 +250,7 @@ class MigrationCoordinator:
         self._spawn(self._run_incoming(runner))
         self.send(msg.src_inbox_addr, wire.MigPreallocReply(
             migration_id=msg.migration_id, ok=True, reason="", group_id=group_id,
-            store_addr=store_addr))
+            store_addr=store_addr, num_cached_blocks=len(cached)))
 
     def _incoming_refusal(self, msg: wire.MigPrealloc) -> str | None:
         if len(self.incoming) >= self.config.max_migrations:

@@ -5,7 +5,15 @@
         ▼
     COMMITTED: request imported, KV blocks taken from the reservation, the rest freed;
                MigCommitAck once the request has run its first step here
-    any MigAbort / timeout / failure ─▶ reservation released (and an imported copy dropped)
+    any MigAbort / timeout / failure ─▶ reservation released, cached blocks unclaimed (and
+                                        an imported copy dropped)
+
+Dedup: the leading blocks of the request that this instance caches already (their prefix
+hashes came with MigPrealloc) are claimed at the start and never sent; the request's
+block table here is those blocks, then the received ones:
+
+    logical block   0 .. k-1            k .. n-1
+    block table     cached_block_ids    reservation[0 .. n-k-1]   (MigStage indices >= k)
 
 Messages of one migration are handled in order by its own task (`inbox`, bounded).
 """
@@ -39,6 +47,9 @@ class IncomingMigration:
     src_inbox_addr: str
     group_id: str
     prompt_token_ids: tuple[int, ...]  # from MigPrealloc
+    # Cached blocks holding the request's first blocks, claimed (one reference each) until
+    # the commit hands them to the request, or an abort frees them.
+    cached_block_ids: list[int] = field(default_factory=list)
     phase: InPhase = InPhase.RESERVED
     inbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=64))
     first_step: asyncio.Event = field(default_factory=asyncio.Event)
@@ -89,31 +100,43 @@ class IncomingRunner:
     async def _stage(self, msg: wire.MigStage) -> None:
         mig = self.mig
         blocks = self.engine.blocks
-        missing = msg.num_blocks_needed - len(blocks.reserved(mig.migration_id))
+        num_cached = len(mig.cached_block_ids)
+        missing = msg.num_blocks_needed - num_cached - len(blocks.reserved(mig.migration_id))
         if missing > 0 and not blocks.reserve(mig.migration_id, missing):
             raise _Abort("no memory to grow the reservation", tell_source=True)
         reserved = blocks.reserved(mig.migration_id)
-        end = msg.first_block_index + msg.num_blocks
-        if end > len(reserved):
-            raise _Abort(f"stage covers blocks up to {end}, {len(reserved)} reserved",
+        start = msg.first_block_index - num_cached  # index in the reservation
+        end = start + msg.num_blocks
+        if start < 0 or end > len(reserved):
+            raise _Abort(f"stage covers blocks [{msg.first_block_index}, {end + num_cached}): "
+                         f"{num_cached} cached here, {len(reserved)} reserved",
                          tell_source=True)
-        await self.kv.recv(mig.group_id, reserved[msg.first_block_index:end])
+        await self.kv.recv(mig.group_id, reserved[start:end])
         self.send(mig.src_inbox_addr, wire.MigStageAck(
             migration_id=mig.migration_id, stage_index=msg.stage_index, ok=True, reason=""))
 
     def _commit(self, msg: wire.MigCommit) -> None:
         mig = self.mig
         state = msg.state
-        num_blocks = self.engine.blocks.blocks_for(state.num_computed_tokens)
-        if num_blocks > len(self.engine.blocks.reserved(mig.migration_id)):
+        blocks = self.engine.blocks
+        num_new = blocks.blocks_for(state.num_computed_tokens) - len(mig.cached_block_ids)
+        if num_new > len(blocks.reserved(mig.migration_id)):
             raise _Abort("commit needs more blocks than were received", tell_source=True)
+        if num_new < 0:
+            raise _Abort("commit has fewer blocks than were cached here", tell_source=True)
         if msg.kv_checksum is not None:
-            received = self.kv.checksum(self.engine.blocks.reserved(mig.migration_id)[:num_blocks])
+            held = mig.cached_block_ids + blocks.reserved(mig.migration_id)[:num_new]
+            received = self.kv.checksum(held)
             if received != msg.kv_checksum:
                 raise _Abort(f"KV checksum mismatch ({received} != {msg.kv_checksum})",
                              tell_source=True)
-        block_ids = self.engine.blocks.take_reserved(mig.migration_id, num_blocks)
-        self.engine.import_request(from_wire(state, mig.prompt_token_ids), block_ids)
+        block_ids = mig.cached_block_ids + blocks.take_reserved(mig.migration_id, num_new)
+        mig.cached_block_ids = []
+        try:
+            self.engine.import_request(from_wire(state, mig.prompt_token_ids), block_ids)
+        except Exception:
+            self.engine.blocks.free(block_ids)  # the request's only once it was imported
+            raise
         mig.num_computed_at_import = state.num_computed_tokens
         mig.phase = InPhase.COMMITTED
         if state.num_computed_tokens == 0:
@@ -150,6 +173,8 @@ class IncomingRunner:
     def _abort(self, reason: str, *, tell_source: bool = False) -> None:
         mig = self.mig
         self.engine.blocks.release_reservation(mig.migration_id)
+        self.engine.blocks.free(mig.cached_block_ids)
+        mig.cached_block_ids = []
         if mig.phase in (InPhase.COMMITTED, InPhase.DONE) and self.engine.get(mig.req_id):
             # The source resumed the request: drop our copy without emitting anything.
             self.engine.remove(mig.req_id)

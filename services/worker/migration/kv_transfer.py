@@ -193,21 +193,39 @@ class KVTransport:
 
     async def send(self, dst_instance_id: str, block_ids: list[int]) -> int:
         """Send the KV of block_ids to dst (which posts matching receives). Returns bytes.
-        The blocks must hold completed writes (the stepper syncs every step first)."""
+        The blocks must hold completed writes (the stepper syncs every step first). The
+        send is queued on the group's thread before the first suspension: awaited right
+        after the control message announcing it, the two keep their order."""
+        if not block_ids:  # nothing to send (the receiver posts nothing either)
+            return 0
         group = self._sending[dst_instance_id]
-        return await self._run(group, self._send_blocks, group, block_ids)
+        return await self._submit(group, self._send_blocks, group, block_ids)
 
     async def recv(self, group_id: str, block_ids: list[int]) -> int:
         """Receive KV into block_ids from the group's sender. Returns bytes."""
-        group = self._receiving[group_id]
-        return await self._run(group, self._recv_blocks, group, block_ids)
+        return await self.post_recv(group_id, block_ids)
 
-    async def _run(self, group: KVGroup, fn, *args) -> int:
-        try:
-            return await asyncio.wrap_future(group.thread.submit(fn, *args))
-        except Exception:
-            self._drop(group)
-            raise
+    def post_recv(self, group_id: str, block_ids: list[int]) -> asyncio.Future[int]:
+        """recv, posted (queued on the group's thread, in order) before this returns; the
+        future resolves to the bytes received. The blocks stay being written until then,
+        whatever the caller awaits meanwhile."""
+        if not block_ids:
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(0)
+            return done
+        group = self._receiving[group_id]
+        return self._submit(group, self._recv_blocks, group, block_ids)
+
+    def _submit(self, group: KVGroup, fn, *args) -> asyncio.Future[int]:
+        """fn(*args) on the group's thread; a failure drops the group (rebuilt next time)."""
+        future = asyncio.wrap_future(group.thread.submit(fn, *args))
+
+        def drop_on_failure(f: asyncio.Future) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                self._drop(group)
+
+        future.add_done_callback(drop_on_failure)
+        return future
 
     def _chunks(self, block_ids: list[int]) -> list[torch.Tensor]:
         """The block ids as device index tensors, one per chunk. On GPU, call it inside the
@@ -318,6 +336,11 @@ class SimulatedTransport:
 
     async def recv(self, group_id: str, block_ids: list[int]) -> int:
         return len(block_ids) * self.block_bytes
+
+    def post_recv(self, group_id: str, block_ids: list[int]) -> asyncio.Future[int]:
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(len(block_ids) * self.block_bytes)
+        return done
 
     def close(self) -> None:
         pass

@@ -6,6 +6,10 @@
         │          FINAL (request paused: last blocks + state) ─▶ COMMIT ─ack─▶ COMMITTED
         └──────────────┴──────────────── any failure ──────────────────────▶ ABORTED
 
+Dedup: MigPrealloc lists the prefix hashes of the request's computed full blocks; the
+destination answers with how many leading ones it caches already (it claims them for the
+request), and the stages start after them.
+
 On abort the request goes on where it was (resumed if paused) and the destination is
 told to free what it holds. After MigCommit is sent, an abort (ack timeout) resumes the
 request here *and* tells the destination to drop its copy: if both ran for a while, the
@@ -68,7 +72,8 @@ class OutgoingMigration:
     phase: Phase = Phase.PREALLOC
     replies: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=8))
     num_stages: int = 0
-    num_blocks_sent: int = 0
+    next_block: int = 0  # blocks [0, next_block) of the request's table are at dst
+    num_blocks_skipped: int = 0  # of those, cached there already (never copied)
     num_bytes: int = 0
     started_s: float = field(default_factory=time.perf_counter)
     last_step_s: float = 0.0  # wall clock: end of the request's last step here
@@ -89,7 +94,7 @@ class OutgoingMigration:
             committed=self.phase is Phase.COMMITTED,
             reason=self.reason,
             num_stages=self.num_stages,
-            num_blocks=self.num_blocks_sent,
+            num_blocks=self.next_block - self.num_blocks_skipped,
             num_bytes=self.num_bytes,
             total_s=time.perf_counter() - self.started_s,
             downtime_s=self.downtime_s,
@@ -97,6 +102,7 @@ class OutgoingMigration:
             first_stage_s=self.first_stage_s,
             kv_verified=self.kv_verified and self.phase is Phase.COMMITTED,
             token_gap_s=self.token_gap_s,
+            num_blocks_skipped=self.num_blocks_skipped,
         )
 
 
@@ -163,6 +169,7 @@ class OutgoingRunner:
 
     async def _prealloc_locked(self, req: Request) -> None:
         mig = self.mig
+        hashes = self.engine.computed_hashes(req.req_id)
         self.send(mig.dst_inbox_addr, wire.MigPrealloc(
             migration_id=mig.migration_id,
             req_id=req.req_id,
@@ -172,10 +179,15 @@ class OutgoingRunner:
             kv_block_bytes=self.kv.block_bytes,
             group_id=self.kv.sending_group_id(mig.dst_instance_id),
             prompt_token_ids=req.prompt_token_ids,
+            block_hashes=tuple(hashes),
         ))
         reply = await self._reply(wire.MigPreallocReply)
         if not reply.ok:
             raise MigrationAborted(f"destination refused: {reply.reason}", notify_peer=False)
+        if not 0 <= reply.num_cached_blocks <= len(hashes):
+            raise MigrationAborted(f"destination claims {reply.num_cached_blocks} cached blocks "
+                                   f"of {len(hashes)} offered")
+        mig.next_block = mig.num_blocks_skipped = reply.num_cached_blocks
         self.kv.join_sending(mig.dst_instance_id, reply.group_id, reply.store_addr)
         mig.phase = Phase.STAGING
 
@@ -186,7 +198,7 @@ class OutgoingRunner:
         while mig.num_stages < stage_limit:
             self._check_still_here(req)
             num_full = req.num_computed_tokens // self.block_size
-            if num_full - mig.num_blocks_sent <= self.limits.last_stage_blocks:
+            if num_full - mig.next_block <= self.limits.last_stage_blocks:
                 return
             await self._send_stage(req, num_full)
 
@@ -244,7 +256,7 @@ class OutgoingRunner:
 
     async def _send_stage(self, req: Request, end_block: int, *, wait_ack: bool = True) -> None:
         mig = self.mig
-        first = mig.num_blocks_sent
+        first = mig.next_block
         block_ids = req.block_ids[first:end_block]
         self.send(mig.dst_inbox_addr, wire.MigStage(
             migration_id=mig.migration_id,
@@ -265,7 +277,7 @@ class OutgoingRunner:
         if mig.num_stages == 0:
             mig.first_stage_bytes = num_bytes
             mig.first_stage_s = time.perf_counter() - start
-        mig.num_blocks_sent = end_block
+        mig.next_block = end_block
         mig.num_stages += 1
         if wait_ack:
             ack = await self._reply(wire.MigStageAck)
