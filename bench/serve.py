@@ -76,11 +76,17 @@ async def _one_sdk(client, record: RequestRecord, prompt_ids: list[int], max_tok
     return output
 
 
+def http_body(prompt_ids: list[int], max_tokens: int, priority: str) -> dict:
+    """The /v1/completions request of one trace line (bench/interop_check.py hands the
+    same bodies to a third-party client)."""
+    return {"prompt": prompt_ids, "max_tokens": max_tokens, "stream": True,
+            "temperature": 0.0, "ignore_eos": True, "priority": priority,
+            "stream_options": {"include_usage": True}}  # exact token count at the end
+
+
 async def _one_http(session, url: str, record: RequestRecord, prompt_ids: list[int],
                     max_tokens: int, timeout_s: float) -> None:
-    body = {"prompt": prompt_ids, "max_tokens": max_tokens, "stream": True,
-            "temperature": 0.0, "ignore_eos": True, "priority": record.priority,
-            "stream_options": {"include_usage": True}}  # exact token count at the end
+    body = http_body(prompt_ids, max_tokens, record.priority)
     async with session.post(f"{url}/completions", json=body, timeout=timeout_s) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
