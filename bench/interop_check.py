@@ -12,6 +12,12 @@ aiperf's fixed schedule, `ferry bench serve`'s open loop). Prints TTFT and ITL p
 both side by side, both computed from per-request values the same way (bench/metrics.py
 `stats`): TTFT = send to first token, ITL = (last token - first token) / (tokens - 1).
 
+Each client runs --rounds times, alternating, and the medians over rounds close the table.
+Around each run the gateway's own histograms (/metrics) give its mean TTFT and ITL over the
+same requests: "TTFT -gw" is what the client adds to what the gateway measured (HTTP, its
+own event loop), which tells a client's measuring apart from the load the cluster happened
+to meet (on a shared machine, run-to-run swings exceed the clients' difference).
+
 Also the helpers tests/e2e/test_interop_aiperf.py runs aiperf with.
 """
 
@@ -102,14 +108,47 @@ def read_summary(artifact_dir: Path) -> dict:
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
-    """p50 / p99 as bench/metrics.py `stats` takes them (numpy, linear interpolation)."""
+    """mean, p50, p99 as bench/metrics.py `stats` takes them (numpy, linear interpolation)."""
     if not values:
-        return {"p50": None, "p99": None}
+        return {"mean": None, "p50": None, "p99": None}
     arr = np.asarray(values, dtype=np.float64)
-    return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99))}
+    return {"mean": float(arr.mean()), "p50": float(np.percentile(arr, 50)),
+            "p99": float(np.percentile(arr, 99))}
 
 
 # ---- the comparison ---------------------------------------------------------------------------
+
+# The gateway's own histograms (its /metrics): arrival to first token, and per token after.
+GATEWAY_HISTOGRAMS = {"ttft": "ferry:time_to_first_token_seconds",
+                      "itl": "ferry:inter_token_latency_seconds"}
+
+
+def gateway_sums(base_url: str) -> dict[str, float]:
+    """{"ttft_sum", "ttft_count", "itl_sum", "itl_count"} over every series of the
+    gateway's histograms, in seconds."""
+    import urllib.request
+
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    sums = {f"{key}_{part}": 0.0 for key in GATEWAY_HISTOGRAMS for part in ("sum", "count")}
+    for line in text.splitlines():
+        for key, name in GATEWAY_HISTOGRAMS.items():
+            for part in ("sum", "count"):
+                if line.startswith(f"{name}_{part}"):
+                    sums[f"{key}_{part}"] += float(line.rsplit(" ", 1)[1])
+    return sums
+
+
+def gateway_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Mean TTFT and ITL (ms) the gateway measured between two gateway_sums."""
+    out: dict[str, float | None] = {}
+    for key in GATEWAY_HISTOGRAMS:
+        count = after[f"{key}_count"] - before[f"{key}_count"]
+        out[f"{key}_ms_mean"] = ((after[f"{key}_sum"] - before[f"{key}_sum"]) / count * 1e3
+                                 if count > 0 else None)
+    out["num_first_tokens"] = after["ttft_count"] - before["ttft_count"]
+    return out
+
 
 
 def make_trace(args: argparse.Namespace) -> list[dict]:
@@ -145,12 +184,15 @@ def aiperf_run(args: argparse.Namespace, cluster, trace: list[dict], work: Path,
         url=cluster.base_url, model="tiny", tokenizer=tokenizer, artifact_dir=artifacts,
         args=("--endpoint-type", "completions", "--input-file", str(dataset),
               "--custom-dataset-type", "mooncake_trace", "--dataset-sampling-strategy",
-              "sequential", "--request-count", str(len(trace)), *load))
+              "sequential", "--request-count", str(len(trace)),
+              # its scrapes of the gateway's /metrics would load the gateway, which
+              # `ferry bench serve` does not do
+              "--no-server-metrics", *load))
     run_aiperf(command, env, timeout_s=args.timeout)
     records = read_records(artifacts)
     ok = [r for r in records if not r.get("error")]
     return {
-        "command": " ".join(command[1:]).replace(str(REPO) + "/", ""),
+        "command": " ".join(["aiperf", *command[1:]]),
         "num_requests": len(ok), "num_failed": len(records) - len(ok),
         "ttft_ms": percentiles([r["metrics"]["time_to_first_token"]["value"] for r in ok]),
         "itl_ms": percentiles([r["metrics"]["inter_token_latency"]["value"] for r in ok
@@ -178,16 +220,47 @@ def ferry_run(args: argparse.Namespace, cluster, trace_path: Path) -> dict:
     }
 
 
-def table(runs: list[tuple[str, dict]]) -> str:
+# The columns: (label, path into a run's dict); "client - gateway" is the client's mean
+# minus the gateway's over the same requests: what the client adds to what it measures.
+COLUMNS = (("TTFT p50", ("ttft_ms", "p50")), ("TTFT p99", ("ttft_ms", "p99")),
+           ("ITL p50", ("itl_ms", "p50")), ("ITL p99", ("itl_ms", "p99")),
+           ("TTFT mean", ("ttft_ms", "mean")), ("gw TTFT", ("gateway", "ttft_ms_mean")),
+           ("ITL mean", ("itl_ms", "mean")), ("gw ITL", ("gateway", "itl_ms_mean")))
+
+
+def _value(run: dict, path: tuple[str, str]) -> float | None:
+    return run.get(path[0], {}).get(path[1])
+
+
+def medians(runs: list[dict]) -> dict[str, dict]:
+    """Per client, the median over its rounds of each column, and the rounds' range."""
+    out: dict[str, dict] = {}
+    for client in dict.fromkeys(r["client"] for r in runs):
+        mine = [r for r in runs if r["client"] == client]
+        row: dict = {"num_requests": sum(r["num_requests"] for r in mine),
+                     "num_failed": sum(r["num_failed"] for r in mine), "rounds": len(mine),
+                     "range": {}}
+        for label, path in COLUMNS:
+            values = [v for r in mine if (v := _value(r, path)) is not None]
+            row.setdefault(path[0], {})[path[1]] = float(np.median(values)) if values else None
+            row["range"][label] = [min(values), max(values)] if values else None
+        out[client] = row
+    return out
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
     def ms(value) -> str:
         return "-" if value is None else f"{value:.2f}"
 
-    lines = [f"{'client':<22} {'ok':>4} {'fail':>4}  {'TTFT p50':>9} {'TTFT p99':>9}  "
-             f"{'ITL p50':>8} {'ITL p99':>8}   (ms)"]
-    for name, r in runs:
-        lines.append(f"{name:<22} {r['num_requests']:>4} {r['num_failed']:>4}  "
-                     f"{ms(r['ttft_ms']['p50']):>9} {ms(r['ttft_ms']['p99']):>9}  "
-                     f"{ms(r['itl_ms']['p50']):>8} {ms(r['itl_ms']['p99']):>8}")
+    head = "".join(f"{label:>10}" for label, _ in COLUMNS)
+    lines = [f"{'client':<22} {'ok':>4} {'fail':>4}{head}{'TTFT -gw':>10}{'ITL -gw':>9}  (ms)"]
+    for name, r in rows:
+        values = [_value(r, path) for _, path in COLUMNS]
+        ttft_gap = (values[4] - values[5]) if None not in (values[4], values[5]) else None
+        itl_gap = (values[6] - values[7]) if None not in (values[6], values[7]) else None
+        lines.append(f"{name:<22} {r['num_requests']:>4} {r['num_failed']:>4}"
+                     + "".join(f"{ms(v):>10}" for v in values)
+                     + f"{ms(ttft_gap):>10}{ms(itl_gap):>9}")
     return "\n".join(lines)
 
 
@@ -202,7 +275,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=int, default=3,
                         help="each client this many times, alternating (aiperf first)")
     parser.add_argument("--vocab-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -229,22 +302,25 @@ def run(args: argparse.Namespace) -> dict:
             extra += ("--executor", "sim",
                       "--sim-profile", str(REPO / "bench/profiles/tiny-cpu.json"))
         cluster = start_cluster(work, workers=args.workers, extra=extra)
-        runs: list[tuple[str, dict]] = []
+        runs: list[dict] = []
         try:
             # warm-up: the first requests of a fresh cluster pay one-time costs
             ferry_run(argparse.Namespace(**{**vars(args), "concurrency": 2}), cluster,
                       trace_path)
             for round_index in range(args.rounds):
-                runs.append((f"aiperf #{round_index + 1}",
-                             aiperf_run(args, cluster, trace, work, f"aiperf-{round_index}")))
-                runs.append((f"ferry bench serve #{round_index + 1}",
-                             ferry_run(args, cluster, trace_path)))
+                for client in ("aiperf", "ferry bench serve"):
+                    before = gateway_sums(cluster.base_url)
+                    result = (aiperf_run(args, cluster, trace, work, f"aiperf-{round_index}")
+                              if client == "aiperf" else ferry_run(args, cluster, trace_path))
+                    gateway = gateway_means(before, gateway_sums(cluster.base_url))
+                    runs.append({"client": client, "round": round_index + 1, **result,
+                                 "gateway": gateway})
         finally:
             cluster.stop()
     return {"args": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir")},
             "mode": (f"closed loop, concurrency {args.concurrency}" if args.concurrency
                      else f"arrival times, {args.rate} req/s"),
-            "runs": [{"client": name, **r} for name, r in runs],
+            "runs": runs, "median_over_rounds": medians(runs),
             "date": time.strftime("%Y-%m-%d")}
 
 
@@ -256,7 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args)
     text = (f"{result['mode']}, {args.num_requests} requests of {args.prompt_tokens} prompt "
             f"+ {args.output_tokens} output tokens, {args.workers} workers "
-            f"({args.executor} executor)\n" + table([(r["client"], r) for r in result["runs"]]))
+            f"({args.executor} executor)\n"
+            + table([(f"{r['client']} #{r['round']}", r) for r in result["runs"]])
+            + f"\nmedian of {args.rounds} rounds\n"
+            + table([(client, r) for client, r in result["median_over_rounds"].items()]))
+    text += "\naiperf command (one round): " + result["runs"][0]["command"]
     print(text)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
