@@ -14,9 +14,14 @@ LOCK := requirements/$(if $(HAS_GPU),gpu,cpu).lock
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_CPU := $(shell sed -n 's/^\(torch==[^ ]*\).*/\1/p' requirements/cpu.lock)
 STAMP := $(VENV)/.ferry-setup
+# A third-party benchmark client (aiperf) in a virtual environment of its own, from
+# requirements/interop.lock: tests/e2e/test_interop_aiperf.py runs it against a cluster.
+# Never in .venv: its dependencies pin versions that conflict with Ferry's lock.
+INTEROP_VENV ?= .venv-interop
+INTEROP_STAMP := $(INTEROP_VENV)/.ferry-interop
 PYTEST_ARGS ?=
 
-.PHONY: setup up test test-fast lint lock gpu-wheels clean
+.PHONY: setup interop up test test-fast lint lock gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -30,10 +35,17 @@ endif
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
+interop: $(INTEROP_STAMP)
+
+$(INTEROP_STAMP): requirements/interop.lock
+	test -x $(INTEROP_VENV)/bin/python || $(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/python -m pip install -q -r requirements/interop.lock
+	touch $@
+
 up: setup
 	$(BIN)/ferry up $(ARGS)
 
-test: setup
+test: setup interop
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
@@ -42,7 +54,7 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# Re-resolve both lock files from pyproject.toml and requirements/*.in (newest versions
+# Re-resolve the lock files from pyproject.toml and requirements/*.in (newest versions
 # that satisfy them), for Linux x86_64. uv does not read pip's configuration: pass a wheel
 # folder or mirror with LOCK_ARGS (e.g. LOCK_ARGS="--find-links /opt/wheels"), and
 # TORCH_CPU_INDEX= (empty) where PyTorch's index is unreachable but the folder has torch.
@@ -54,6 +66,7 @@ lock: setup
 	  -o requirements/cpu.lock pyproject.toml requirements/cpu.in
 	$(UV_COMPILE) --python-version 3.12 --extra gpu --extra dev --extra bench \
 	  -o requirements/gpu.lock pyproject.toml requirements/gpu.in
+	$(UV_COMPILE) --python-version 3.11 -o requirements/interop.lock requirements/interop.in
 	git diff --stat requirements/
 
 # Wheels the GPU machine lacks (it has no network): pyzmq for its Python 3.12.
@@ -66,4 +79,4 @@ gpu-wheels:
 	ls .whl
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(INTEROP_VENV) .pytest_cache .ruff_cache *.egg-info

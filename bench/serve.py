@@ -76,11 +76,17 @@ async def _one_sdk(client, record: RequestRecord, prompt_ids: list[int], max_tok
     return output
 
 
+def http_body(prompt_ids: list[int], max_tokens: int, priority: str) -> dict:
+    """The /v1/completions request of one trace line (bench/interop_check.py hands the
+    same bodies to a third-party client)."""
+    return {"prompt": prompt_ids, "max_tokens": max_tokens, "stream": True,
+            "temperature": 0.0, "ignore_eos": True, "priority": priority,
+            "stream_options": {"include_usage": True}}  # exact token count at the end
+
+
 async def _one_http(session, url: str, record: RequestRecord, prompt_ids: list[int],
                     max_tokens: int, timeout_s: float) -> None:
-    body = {"prompt": prompt_ids, "max_tokens": max_tokens, "stream": True,
-            "temperature": 0.0, "ignore_eos": True, "priority": record.priority,
-            "stream_options": {"include_usage": True}}  # exact token count at the end
+    body = http_body(prompt_ids, max_tokens, record.priority)
     async with session.post(f"{url}/completions", json=body, timeout=timeout_s) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
@@ -216,6 +222,16 @@ def cluster_counts(admin_addr: str) -> dict:
     }
 
 
+def trace_rate(args: argparse.Namespace) -> float | None:
+    """The rate the trace's first requests (sessions' first turns) arrive at, scaled by
+    --time-scale, in requests/s; None for fewer than two."""
+    trace = load_trace(args.trace)
+    starts = sorted(trace[i]["arrival_s"] for i in
+                    Workload(trace, vocab_size=args.vocab_size).starts())
+    span = (starts[-1] - starts[0]) * args.time_scale if len(starts) > 1 else 0.0
+    return (len(starts) - 1) / span if span > 0 else None
+
+
 def run(args: argparse.Namespace) -> dict:
     before = cluster_counts(args.admin_addr)
     start = time.perf_counter()
@@ -245,9 +261,12 @@ def run(args: argparse.Namespace) -> dict:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-        from ferry.bench.plots import latency_cdfs
+        from ferry.bench.plots import latency_cdfs, run_title
 
-        latency_cdfs({result["label"]: records}, out.with_suffix(".png"))
+        title = run_title(trace=args.trace, rate=None if concurrency else trace_rate(args),
+                          concurrency=concurrency, policy=after.get("dispatch_policy", ""),
+                          num_instances=after["num_instances"])
+        latency_cdfs({result["label"]: records}, out.with_suffix(".png"), title=title)
     return result
 
 

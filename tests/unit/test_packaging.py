@@ -131,6 +131,23 @@ def test_lock_files_pin_every_package_and_match_the_makefile():
     assert "--no-deps --no-build-isolation -e ." in makefile  # Ferry adds nothing unlocked
 
 
+def test_the_interop_client_has_its_own_lock_and_venv_and_make_test_builds_it():
+    """aiperf (tests/e2e/test_interop_aiperf.py) is pinned in requirements/interop.lock and
+    installed into .venv-interop, never into .venv; `make test` builds that venv first, so
+    CI always runs the interop test."""
+    lines = [line for line in (ROOT / "requirements" / "interop.lock").read_text()
+             .splitlines() if line and not line.lstrip().startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==\S+", line) for line in lines)
+    assert "aiperf==0.13.0" in lines
+    for lock in ("cpu", "gpu"):
+        assert "aiperf" not in (ROOT / "requirements" / f"{lock}.lock").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^test: .*\binterop\b", makefile, re.M), "make test must build it"
+    assert "-r requirements/interop.lock" in makefile
+    assert "-o requirements/interop.lock requirements/interop.in" in makefile  # make lock
+    assert ".venv-interop/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "pip").exists(), reason="no make setup venv")
 def test_the_setup_venv_has_exactly_the_locked_versions():
     """What `make setup` installed is what the lock says (no drift, nothing extra)."""
