@@ -9,6 +9,8 @@ SUBCOMMANDS = {
     "trace": ("ferry.bench.trace", "make a seeded trace (JSONL)"),
     "serve": ("ferry.bench.serve", "replay a trace against a running cluster"),
     "sim": ("ferry.bench.sim", "discrete-event simulation of a cluster"),
+    "prefix-sweep": ("ferry.bench.prefix_sweep",
+                     "cache-heavy traces x rates x seeds x policies in the simulator"),
     "engine": ("ferry.bench.engine_bench", "engine step times vs roofline (GPU)"),
     "migration": ("ferry.bench.migration_bench", "live migration downtime and bandwidth (GPUs)"),
     "kernels": ("ferry.bench.kernels_bench", "attention kernels vs roofline (GPU)"),
