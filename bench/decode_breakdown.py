@@ -60,7 +60,7 @@ def _kernels_per_replay(graph) -> int:
 def measure(runner, ops: str, args, copy_bytes_s: float) -> list[dict]:
     import torch
 
-    from ferry.bench.profile import synthetic_batch
+    from ferry.services.worker.profile import synthetic_batch
 
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_per_token = runner.block_bytes / runner.block_size

@@ -102,7 +102,7 @@ def median_time(fn, repeats: int) -> float:
 
 
 def decode_table(runner, args, copy_bytes_s: float) -> list[dict]:
-    from ferry.bench.profile import synthetic_batch
+    from ferry.services.worker.profile import synthetic_batch
 
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_per_token = runner.block_bytes / runner.block_size
@@ -120,7 +120,7 @@ def decode_table(runner, args, copy_bytes_s: float) -> list[dict]:
 
 
 def prefill_table(runner, args) -> list[dict]:
-    from ferry.bench.profile import synthetic_batch
+    from ferry.services.worker.profile import synthetic_batch
 
     c = runner.model_config
     params = sum(p.numel() for n, p in runner.model.named_parameters() if "embed" not in n)

@@ -62,7 +62,7 @@ for step in "$@"; do
         --out "$OUT/migration_h200x4_concurrent.json" 2>&1 | tail -6 ;;
     simcheck)
       # the simulator against one real worker (random:llama2-7b, 1000 KV blocks): ~5 min
-      timeout 420 python3 -m ferry.bench.sim_check --model random:llama2-7b --device cuda \
+      timeout 420 python3 -m experiments.sim_check --model random:llama2-7b --device cuda \
         --kv-blocks 1000 --num 100 --kinds M-M,L-L --load-fractions 0.5,0.8,1.1 \
         --out-dir "$OUT/simcheck" 2>&1 | tee "$OUT/simcheck.log" | tail -40 ;;
     *) echo "unknown step $step" ;;

@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> dict:
         extra: tuple[str, ...] = ("--worker-arg=--num-blocks=4096",)
         if args.executor == "sim":
             extra += ("--executor", "sim",
-                      "--sim-profile", str(REPO / "bench/profiles/tiny-cpu.json"))
+                      "--sim-profile", str(REPO / "services/worker/profiles/tiny-cpu.json"))
         cluster = start_cluster(work, workers=args.workers, extra=extra)
         runs: list[dict] = []
         try:

@@ -34,7 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-PROFILE = Path(__file__).parent / "profiles" / "llama3-8b-h200.json"  # installed with ferry
+from ferry.services.worker.latency_model import bundled_profile
+
+PROFILE = bundled_profile("llama3-8b-h200")
 SIM_BASE = ("--instances", "16", "--profile", str(PROFILE), "--migration-bandwidth-gbs", "200")
 DEFAULT_KINDS = (
     "tenants:300,400,500:6000:--skew 1.2",
@@ -151,7 +153,7 @@ def slo_rate(points: list[tuple[float, float]], slo_s: float) -> str:
     points = sorted(points)
     if points[0][1] > slo_s:
         return f"<{points[0][0]:g}"
-    for (r0, p0), (r1, p1) in zip(points, points[1:]):
+    for (r0, p0), (r1, p1) in zip(points, points[1:], strict=False):
         if p0 <= slo_s < p1:
             return f"{r0 + (r1 - r0) * (slo_s - p0) / (p1 - p0):.0f}"
         if p1 > slo_s:  # not monotone: the first miss bounds it
@@ -188,19 +190,19 @@ def table(summary: dict, reference: str) -> str:
              "(median [range]) | mean TTFT ÷ | mean e2e ÷ | P99 TPOT ms | mean e2e s "
              "| req/s | hit rate | pulls | migrations |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in summary["rows"]:
+    def ratio(row: dict, key: str) -> str:
         vs = row.get("vs_reference")
+        if vs is None:
+            return "—"
+        r = vs[key]
+        return f"{r['median']:.2f} [{r['min']:.2f}–{r['max']:.2f}]"
 
-        def ratio(key):
-            if vs is None:
-                return "—"
-            r = vs[key]
-            return f"{r['median']:.2f} [{r['min']:.2f}–{r['max']:.2f}]"
+    for row in summary["rows"]:
 
         lines.append(
             f"| {row['kind']} | {row['rate']:g} | {row['variant']} | {row['ttft_p50_s'] * 1e3:.0f} "
-            f"| {row['ttft_p99_s'] * 1e3:.0f} | {ratio('ttft_p99_s')} | {ratio('ttft_mean_s')} "
-            f"| {ratio('e2e_mean_s')} | {row['tpot_p99_s'] * 1e3:.1f} | {row['e2e_mean_s']:.2f} "
+            f"| {row['ttft_p99_s'] * 1e3:.0f} | {ratio(row, 'ttft_p99_s')} | {ratio(row, 'ttft_mean_s')} "
+            f"| {ratio(row, 'e2e_mean_s')} | {row['tpot_p99_s'] * 1e3:.1f} | {row['e2e_mean_s']:.2f} "
             f"| {row['throughput_rps']:.0f} | {row['hit_rate']:.3f} | {row['pulls']:.0f} "
             f"| {row['migrations']:.0f} |")
     lines += ["", "| trace | variant | " + " | ".join(f"rate at P99 TTFT ≤ {s:g} s" for s in SLOS_S)

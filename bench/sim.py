@@ -48,7 +48,7 @@ from ferry.services.worker.engine.batch import ModelBatch
 from ferry.services.worker.engine.engine import Engine, RequestRejected
 from ferry.services.worker.engine.request import Status
 from ferry.services.worker.engine.scheduler import StepPlan
-from ferry.services.worker.latency_model import Profile
+from ferry.services.worker.latency_model import Profile, bundled_profile
 from ferry.services.worker.migration.choice import CHOICES, pick_request
 from ferry.services.worker.report import load_fields
 from ferry.services.worker.sim_executor import SimExecutor
@@ -670,8 +670,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances", type=int, default=16)
     parser.add_argument("--policy", default="llumnix",
                         choices=POLICY_NAMES)
-    parser.add_argument("--profile", default=str(Path(__file__).parent / "profiles"
-                                                 / "llama2-7b-h200.json"))
+    parser.add_argument("--profile", default=str(bundled_profile("llama2-7b-h200")))
     parser.add_argument("--kv-blocks", type=int, default=0,
                         help="KV blocks per instance (default: the profile's)")
     parser.add_argument("--max-num-seqs", type=int, default=256)

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "drain": ("ferry.services.admin", "move every request off an instance (zero-drop restart)"),
     "keys": ("ferry.services.keys", "make the CURVE keys of a cluster's internal sockets"),
     "make-model": ("ferry.services.worker.model.make_model", "write a random-weight model directory"),
-    "profile": ("ferry.bench.profile", "measure engine step times and fit the sim latency model"),
+    "profile": ("ferry.services.worker.profile", "measure engine step times and fit the sim latency model"),
     "bench": ("ferry.bench.cli", "traces, load driver, simulator, GPU benchmarks"),
 }
 

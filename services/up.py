@@ -202,10 +202,10 @@ def _die_with_parent() -> None:
 
 
 def default_sim_profile() -> str:
-    """The bundled CPU profile of the tiny model (package data of ferry.bench.profiles)."""
+    """The bundled CPU profile of the tiny model (package data of ferry.services.worker.profiles)."""
     from importlib.resources import files
 
-    return str(files("ferry.bench.profiles") / "tiny-cpu.json")
+    return str(files("ferry.services.worker.profiles") / "tiny-cpu.json")
 
 
 def main(argv: list[str] | None = None) -> None:

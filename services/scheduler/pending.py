@@ -4,7 +4,7 @@ instance once the scheduler's load table shows room for it (DESIGN §5).
 
 Why: near the knee the slowest prefills wait in per-instance queues, each behind its own
 head, while another instance frees memory first. One queue pools those waits (measured
-in the simulator: `bench/central_queue.py`, `bench/results/paper-repro.md`).
+in the simulator: `bench/results/paper-repro.md`, the pooling experiment).
 
 Pure: entries carry an opaque payload (the process keeps the request's frames in it);
 the caller decides where a released request goes (the dispatch policy) and when to try

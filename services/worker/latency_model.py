@@ -108,6 +108,14 @@ def _nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 100) -> list[float]:
     return [float(v) for v in x]
 
 
+BUNDLED_PROFILES = Path(__file__).parent / "profiles"  # package data: measured profiles
+
+
+def bundled_profile(name: str) -> Path:
+    """The path of a profile shipped with Ferry, e.g. "llama3-8b-h200"."""
+    return BUNDLED_PROFILES / f"{name}.json"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Profile:
     name: str

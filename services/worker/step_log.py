@@ -5,7 +5,7 @@ measured step time and the engine's own time around it:
     {"t": wall clock at the end, "P": .., "A": .., "D": .., "C": .., "step_s": launch to
      tokens read, "engine_s": schedule + bookkeeping of the step}
 
-`ferry worker --step-log PATH` turns it on; `python -m ferry.bench.sim_check` fits a
+`ferry worker --step-log PATH` turns it on; `python -m experiments.sim_check` fits a
 latency model to these samples and checks the simulator's against them. The samples
 have the shape of a profile's, so `LatencyModel.fit` takes them as they are.
 """

@@ -21,7 +21,7 @@ def test_replays_a_trace_through_sdk_and_http(tmp_path):
              "priority": "high" if i % 4 == 0 else "normal"} for i in range(12)]
     trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cluster = start_cluster(tmp_path, workers=2, extra=(
-        "--executor", "sim", "--sim-profile", str(REPO / "bench/profiles/tiny-cpu.json")))
+        "--executor", "sim", "--sim-profile", str(REPO / "services/worker/profiles/tiny-cpu.json")))
     try:
         for http in ("", cluster.base_url + "/v1"):
             args = argparse.Namespace(
@@ -80,7 +80,7 @@ def test_replays_sessions_and_shared_prefixes(tmp_path):
                          "think_s": 0.02, "prefix_id": "system", "prefix_tokens": 48})
     trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cluster = start_cluster(tmp_path, workers=1, extra=(
-        "--executor", "sim", "--sim-profile", str(REPO / "bench/profiles/tiny-cpu.json")))
+        "--executor", "sim", "--sim-profile", str(REPO / "services/worker/profiles/tiny-cpu.json")))
     try:
         args = argparse.Namespace(
             trace=str(trace), sdk_addr=cluster.sdk_addr, http="", admin_addr=cluster.admin_addr,

@@ -212,7 +212,7 @@ def test_dockerignore_keeps_the_package_and_drops_the_rest():
                 if line.strip() and not line.startswith("#")]
     needed = ["pyproject.toml", "README.md", "docker/healthcheck.py", "requirements/cpu.lock",
               "requirements/gpu.lock",
-              "bench/profiles/tiny-cpu.json", "services/worker/entry.py", "common/env.py",
+              "services/worker/profiles/tiny-cpu.json", "services/worker/entry.py", "common/env.py",
               "kernels/attention_torch.py", "ferry/client.py", "bench/trace.py"]
     for rel in needed:
         assert not dockerignored(rel, patterns), f".dockerignore drops {rel}, the image needs it"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ferry.bench.paper_repro import capacity_rate, isolated_e2e_s
+from experiments.paper_repro import capacity_rate, isolated_e2e_s
 from ferry.services.worker.latency_model import LatencyModel
 
 
@@ -67,7 +67,7 @@ def test_capacity_is_lower_for_a_heavy_tail_than_for_its_means():
 
 
 def test_preemption_sites_split_by_cluster_free_share_and_the_others_room():
-    from ferry.bench.preemption_sites import classify
+    from experiments.preemption_sites import classify
 
     sites = [(3, 10, 0), (2, 100, 50), (1, 500, 150)]  # (new, cluster free, median other)
     assert classify(sites, total_blocks=1000) == {
@@ -83,7 +83,7 @@ def _row(policy: str, p99_by_seed: list[float], *, load: float = 0.9, kind: str 
 
 
 def test_paired_ratio_compares_each_seed_with_itself():
-    from ferry.bench.paper_report import paired_ratio
+    from experiments.paper_report import paired_ratio
     # Medians 2.0 vs 4.0 would read 0.5x; seed by seed the policy is 2x better twice.
     least_load = _row("least_load", [8.0, 2.0, 0.2])
     llumnix = _row("llumnix", [4.0, 1.0, 4.0])
@@ -92,7 +92,7 @@ def test_paired_ratio_compares_each_seed_with_itself():
 
 
 def test_sustained_load_stops_at_the_first_rate_past_the_slo_per_seed():
-    from ferry.bench.paper_report import sustained_loads
+    from experiments.paper_report import sustained_loads
     rows = [_row("llumnix", [0.2, 0.2, 3.0], load=0.8),
             _row("llumnix", [0.5, 3.0, 0.2], load=0.9),
             _row("llumnix", [0.9, 0.3, 0.2, 9.0], load=0.95)]  # a 4th seed not run everywhere
@@ -101,7 +101,7 @@ def test_sustained_load_stops_at_the_first_rate_past_the_slo_per_seed():
 
 
 def test_ratio_table_has_a_row_per_migrating_policy_against_least_load():
-    from ferry.bench.paper_report import ratio_table, with_rates_of
+    from experiments.paper_report import ratio_table, with_rates_of
     rows = [_row("least_load", [2.0, 2.0]), _row("llumnix", [1.0, 1.0]),
             _row("growth0", [4.0, 1.0]), _row("round_robin", [9.0, 9.0])]
     lines = ratio_table(rows)[2:]
@@ -115,7 +115,7 @@ def test_ratio_table_has_a_row_per_migrating_policy_against_least_load():
 
 
 def test_tail_sites_count_the_slowest_prefills_that_found_no_room_anywhere():
-    from ferry.bench.preemption_sites import classify_tail
+    from experiments.preemption_sites import classify_tail
 
     # (need, best room, cluster free) per request; r2 and r3 are the slowest 2 of 4.
     arrivals = {"r0": (2, 50, 900), "r1": (2, 40, 800), "r2": (10, -5, 100),
@@ -127,7 +127,7 @@ def test_tail_sites_count_the_slowest_prefills_that_found_no_room_anywhere():
 
 
 def test_central_queue_table_puts_each_mode_of_a_seed_on_one_row():
-    from ferry.bench.paper_report import central_queue_table
+    from experiments.paper_report import central_queue_table
 
     rows = [{"kind": "L-L", "rate": 56.0, "seed": 0, "policy": p, "central_queue": m,
              "p99_prefill_s": v}

@@ -4,15 +4,13 @@ migration under llumnix, but only when its requests finish under least_load."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from ferry.bench.sim import Simulator
 from ferry.common.config import Endpoint, SchedulerConfig
-from ferry.services.worker.latency_model import Profile
+from ferry.services.worker.latency_model import Profile, bundled_profile
 
-PROFILE = Path(__file__).parents[2] / "bench" / "profiles" / "llama2-7b-h200.json"
+PROFILE = bundled_profile("llama2-7b-h200")
 OUTPUT_TOKENS = 1500  # ~6 s of decode steps: much longer than the 1 s autoscaler tick
 KV_BLOCKS = 224  # one instance holds both requests at full length (2 x 100 blocks)
 

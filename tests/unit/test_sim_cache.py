@@ -5,14 +5,12 @@ managers."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ferry.bench.sim import Simulator
 from ferry.bench.trace import CacheShape, generate
 from ferry.common.config import Endpoint, SchedulerConfig
-from ferry.services.worker.latency_model import Profile
+from ferry.services.worker.latency_model import Profile, bundled_profile
 
-PROFILE = Path(__file__).resolve().parents[2] / "bench" / "profiles" / "tiny-cpu.json"
+PROFILE = bundled_profile("tiny-cpu")
 
 
 def simulate(kind: str, policy: str, **shape) -> tuple[dict, Simulator]:

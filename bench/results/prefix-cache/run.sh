@@ -7,7 +7,7 @@
 set -euo pipefail
 OUT=bench/results/prefix-cache
 PY=${PY:-.venv/bin/python}
-SIM=("$PY" -m ferry.bench.sim --instances 16 --profile bench/profiles/llama3-8b-h200.json
+SIM=("$PY" -m ferry.bench.sim --instances 16 --profile services/worker/profiles/llama3-8b-h200.json
      --migration-bandwidth-gbs 200)
 TRACES=/tmp/ferry-prefix-cache-traces
 mkdir -p "$TRACES"

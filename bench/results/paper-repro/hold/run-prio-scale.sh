@@ -5,7 +5,7 @@
 set -euo pipefail
 out=${1:-$(dirname "$0")}
 tmp=$(mktemp -d)
-python -m ferry.bench.paper_repro --experiments priorities,autoscale --seeds 3 --jobs 54 \
+python -m experiments.paper_repro --experiments priorities,autoscale --seeds 3 --jobs 54 \
   --sim-args=--hold-until-room --out-dir "$tmp" > "$out/prio-scale-hold.log" 2>&1
 mv "$tmp/priorities.json" "$out/priorities-hold.json"
 mv "$tmp/autoscale.json" "$out/autoscale-hold.json"

@@ -5,7 +5,7 @@
 set -euo pipefail
 out=${1:-$(dirname "$0")}
 tmp=$(mktemp -d)
-python -m ferry.bench.paper_repro --experiments policies --out-dir "$tmp" \
+python -m experiments.paper_repro --experiments policies --out-dir "$tmp" \
   --load-fractions 0.85,0.9,0.92,0.94 --seeds 3 --jobs 64 \
   --variant least_load --variant llumnix \
   --variant "least_load+hold=least_load --hold-until-room" \

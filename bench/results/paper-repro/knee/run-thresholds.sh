@@ -6,7 +6,7 @@
 set -euo pipefail
 out=${1:-$(dirname "$0")}
 tmp=$(mktemp -d)
-python -m ferry.bench.paper_repro --experiments policies --out-dir "$tmp" \
+python -m experiments.paper_repro --experiments policies --out-dir "$tmp" \
   --kinds M-M,L-L,S-L --load-fractions 0.9,0.94 --seeds 4 --jobs 64 \
   --variant least_load --variant llumnix \
   --variant "thr0.5=llumnix --migrate-out-threshold 0.5" \

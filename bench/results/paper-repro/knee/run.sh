@@ -10,10 +10,10 @@
 set -euo pipefail
 out=${1:-$(dirname "$0")}
 tmp=$(mktemp -d)
-python -m ferry.bench.paper_repro --experiments policies --out-dir "$tmp/knee" \
+python -m experiments.paper_repro --experiments policies --out-dir "$tmp/knee" \
   --load-fractions 0.9,0.92,0.94,0.96 --seeds 3 --jobs 32 \
   --variant least_load --variant llumnix > "$out/knee.log" 2>&1 &
-python -m ferry.bench.paper_repro --experiments policies --out-dir "$tmp/variants" \
+python -m experiments.paper_repro --experiments policies --out-dir "$tmp/variants" \
   --kinds M-M,L-L,S-L --load-fractions 0.9,0.94 --seeds 4 --jobs 32 \
   --variant least_load --variant llumnix \
   --variant "growth0=llumnix --migrate-dst-growth-blocks 0" \

@@ -13,7 +13,7 @@ scheduling matters; past capacity every queue grows without bound. Traces last
 the cluster's steady state, not its fill-up. Runs go `--jobs` at a time (each
 simulation is one single-threaded process).
 
-    python -m ferry.bench.paper_repro --out-dir bench/results/paper-repro
+    python -m experiments.paper_repro --out-dir bench/results/paper-repro
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def run_autoscale(args: argparse.Namespace, tmp: Path, rows: list) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default="bench/results/paper-repro")
-    parser.add_argument("--profile", default="bench/profiles/llama2-7b-h200.json")
+    parser.add_argument("--profile", default="services/worker/profiles/llama2-7b-h200.json")
     parser.add_argument("--instances", type=int, default=16)
     parser.add_argument("--kv-blocks", type=int, default=1000, help="16k tokens each")
     parser.add_argument("--max-total", type=int, default=4096, help="llama2-7b's context")

@@ -1,4 +1,4 @@
-"""`python -m ferry.bench.real_check`: the simulator's verdict checked on real processes.
+"""`python -m experiments.real_check`: the simulator's verdict checked on real processes.
 
 For each policy, the same trace runs twice: through a real cluster (`ferry up
 --executor sim`: real gateway, scheduler, workers, ZMQ and migrations; only model
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trace", required=True)
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--profile", default="bench/profiles/llama2-7b-h200.json")
+    parser.add_argument("--profile", default="services/worker/profiles/llama2-7b-h200.json")
     parser.add_argument("--kv-blocks", type=int, default=1000)
     parser.add_argument("--policies", default="least_load,llumnix")
     parser.add_argument("--out-dir", default="bench/results/real-check")

@@ -7,7 +7,7 @@ times ModelRunner.execute (which ends in a host sync reading the sampled tokens)
 records the median of several runs. When the KV cache cannot hold D x C distinct tokens,
 decodes share blocks (the bytes read per step are the same; the note says so).
 
-    ferry profile --model tiny --device cpu --out bench/profiles/tiny-cpu.json
+    ferry profile --model tiny --device cpu --out services/worker/profiles/tiny-cpu.json
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`python -m ferry.bench.sim_check`: the simulator checked against a real worker.
+"""`python -m experiments.sim_check`: the simulator checked against a real worker.
 
 One real worker (`--model`, e.g. random:llama2-7b, on `--device cuda`) behind the real
 gateway and scheduler (`ferry up --workers 1`) replays seeded traces with the load
@@ -35,11 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments.paper_repro import capacity_rate
 from ferry.bench import serve, sim
 from ferry.bench import trace as traces
 from ferry.bench.local_cluster import start_cluster
-from ferry.bench.paper_repro import capacity_rate
-from ferry.services.worker.latency_model import LatencyModel, Profile, StepFeatures
+from ferry.services.worker.latency_model import LatencyModel, Profile, StepFeatures, bundled_profile
 from ferry.services.worker.model.config import ModelConfig
 from ferry.services.worker.model.resolve import resolve_model
 
@@ -49,8 +49,7 @@ TOKENS_PER_BLOCK = 16
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="random:llama2-7b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--profile", default=str(Path(__file__).parent / "profiles"
-                                                 / "llama2-7b-h200.json"),
+    parser.add_argument("--profile", default=str(bundled_profile("llama2-7b-h200")),
                         help="the bundled profile the simulator uses (and the rates' base)")
     parser.add_argument("--kv-blocks", type=int, default=1000,
                         help="KV blocks of the worker and the simulated instance")

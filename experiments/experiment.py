@@ -1,5 +1,5 @@
-"""What the simulator experiments beside paper_repro share (bench.preemption_sites,
-bench.central_queue): the cluster flags, a generated trace, and the simulator's setup
+"""What the simulator experiments beside paper_repro share (experiments.preemption_sites):
+the cluster flags, a generated trace, and the simulator's setup
 as paper_repro runs it (16 instances of the llama2-7b H200 profile, 1000 blocks each,
 migration every 50 ms for llumnix, requests dispatched at once to per-instance queues)."""
 
@@ -9,7 +9,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from ferry.bench.paper_repro import make_trace
+from experiments.paper_repro import make_trace
 from ferry.bench.sim import load_trace
 from ferry.common.config import Endpoint, EngineConfig, SchedulerConfig
 from ferry.services.worker.latency_model import Profile
@@ -21,7 +21,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, *, kind: str) -> None
     parser.add_argument("--duration-s", type=float, default=120.0)
     parser.add_argument("--instances", type=int, default=16)
     parser.add_argument("--kv-blocks", type=int, default=1000)
-    parser.add_argument("--profile", default="bench/profiles/llama2-7b-h200.json")
+    parser.add_argument("--profile", default="services/worker/profiles/llama2-7b-h200.json")
     parser.add_argument("--policies", default="least_load,llumnix")
 
 

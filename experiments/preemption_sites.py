@@ -9,8 +9,8 @@ Runs bench.sim on a generated trace and
   instance had for it in the scheduler's view (`dispatch_room`: free minus queued demand)
   and the cluster's free blocks; then classifies the slowest 1% of prefills by them.
 
-    python -m ferry.bench.preemption_sites --kind M-M --rate 132 --seed 0
-    python -m ferry.bench.preemption_sites --kind L-L --rate 56 --seed 1 --duration-s 120
+    python -m experiments.preemption_sites --kind M-M --rate 132 --seed 0
+    python -m experiments.preemption_sites --kind L-L --rate 56 --seed 1 --duration-s 120
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import argparse
 import json
 import statistics
 
-from ferry.bench.experiment import add_cluster_arguments, generated_trace, simulator_kwargs
+from experiments.experiment import add_cluster_arguments, generated_trace, simulator_kwargs
 from ferry.bench.sim import Simulator
 from ferry.common.logging import configure
 from ferry.services.scheduler.load import demand_blocks, dispatch_room

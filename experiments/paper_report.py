@@ -1,4 +1,4 @@
-"""Write bench/results/paper-repro.md (tables) and plots from bench.paper_repro's JSON."""
+"""Write bench/results/paper-repro.md (tables) and plots from experiments.paper_repro's JSON."""
 
 from __future__ import annotations
 
@@ -228,7 +228,7 @@ def priority_detail(rows: list[dict]) -> list[str]:
 
 def central_queue_table(rows: list[dict]) -> list[str]:
     """P99 prefill per trace seed: each policy as it is, and with requests held in a
-    central queue until an instance has room (bench/central_queue.py), by the engines'
+    central queue until an instance has room (bench/central_queue.py, since removed), by the engines'
     true state ("true") or the scheduler's load table ("reported")."""
     modes = (False, "true", "reported")
     columns = [(p, m) for p in (BASELINE, "llumnix") for m in modes]
@@ -274,7 +274,9 @@ HOLD_TEXT = ("The scheduler's pending queue (`hold_until_room`, DESIGN §2; on b
 CENTRAL_TEXT = ("P99 prefill s, seed by seed, at the rates where llumnix gained most past the "
                 "knee (L-L 56 and M-M 137 req/s, 0.92 of capacity): "
                 "`python -m ferry.bench.central_queue --kind L-L --rate 56 --seeds 0,1,2` (and "
-                "`--view reported --central-only`); JSON lines in `paper-repro/central-queue/`.")
+                "`--view reported --central-only`) at commit 80a7756, before the experiment "
+                "gave way to the scheduler's pending queue (`--hold-until-room`, measured "
+                "above); JSON lines in `paper-repro/central-queue/`.")
 
 
 def with_rates_of(extra: list[dict], rows: list[dict]) -> list[dict]:
