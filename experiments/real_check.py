@@ -27,12 +27,12 @@ def real_run(args: argparse.Namespace, policy: str, tmp: Path) -> dict:
         "--scheduler-arg=--" + ("" if args.hold_until_room else "no-") + "hold-until-room",
         "--gateway-arg=--max-inflight=8192"))
     try:
-        serve_args = argparse.Namespace(
-            trace=args.trace, sdk_addr=cluster.sdk_addr, http="", admin_addr=cluster.admin_addr,
-            vocab_size=1000, time_scale=1.0, max_output_tokens=0, max_prompt_tokens=0,
-            timeout=600.0, seed=0, out=str(Path(args.out_dir) / f"serve-{policy}.json"),
-            label=policy, no_progress=True)
-        return serve.run(serve_args)
+        parser = argparse.ArgumentParser()
+        serve.add_arguments(parser)  # the driver's own defaults for everything not set here
+        return serve.run(parser.parse_args([
+            "--trace", args.trace, "--sdk-addr", cluster.sdk_addr,
+            "--admin-addr", cluster.admin_addr, "--label", policy, "--no-progress",
+            "--out", str(Path(args.out_dir) / f"serve-{policy}.json")]))
     finally:
         cluster.stop()
 
@@ -70,15 +70,20 @@ def main(argv: list[str] | None = None) -> None:
             simulated = sim_run(args, policy)
             rows.append({"policy": policy, "real": real, "sim": simulated})
     (Path(args.out_dir) / "real_check.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"{'policy':<11} {'run':<5} {'p50 prefill':>11} {'p99 prefill':>11} "
-          f"{'p99 decode':>10} {'mean e2e':>9} {'migrations':>10} {'preempt':>8}")
+    print(f"{'policy':<15} {'run':<5} {'p50 prefill':>11} {'p99 prefill':>11} "
+          f"{'p99 decode':>10} {'mean e2e':>9} {'hit rate':>8} {'migrations':>10} "
+          f"{'preempt':>8}")
     for row in rows:
         for name in ("real", "sim"):
             r = row[name]
-            print(f"{row['policy']:<11} {name:<5} {r['prefill_latency_s']['p50']:>11.3f} "
+            hit = r.get("cache_hit_rate")
+            print(f"{row['policy']:<15} {name:<5} {r['prefill_latency_s']['p50']:>11.3f} "
                   f"{r['prefill_latency_s']['p99']:>11.3f} {r['decode_latency_s']['p99']:>10.4f} "
-                  f"{r['e2e_latency_s']['mean']:>9.3f} {r['num_migrations']:>10} "
+                  f"{r['e2e_latency_s']['mean']:>9.3f} "
+                  f"{'—' if hit is None else format(hit, '.3f'):>8} {r['num_migrations']:>10} "
                   f"{r['num_preemptions']:>8}")
+        real, simulated = (row[k]["prefill_latency_s"]["p99"] for k in ("real", "sim"))
+        print(f"{row['policy']:<15} p99 prefill real / sim = {real / simulated:.2f}")
 
 
 if __name__ == "__main__":
