@@ -4,7 +4,9 @@ properties; nothing mutates a config after it is built."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from ferry.common import env
 
@@ -145,3 +147,16 @@ class WorkerConfig:
     max_frame_bytes: int = field(default_factory=env.max_frame_bytes)
     keys_dir: str = field(default_factory=env.keys_dir)  # CURVE keys; "": plain sockets
     key_name: str = field(default_factory=env.key_name)  # identity; "": "worker"
+
+
+def defaults(config_class: type) -> dict[str, Any]:
+    """Field name -> default of a config dataclass (factories called now: env-derived
+    defaults read the environment at this moment). Command lines take their defaults
+    from here, so a default lives only on its dataclass."""
+    out = {}
+    for f in dataclasses.fields(config_class):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out

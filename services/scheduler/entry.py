@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import signal
 from urllib.parse import urlparse
 
@@ -14,7 +13,7 @@ import uvloop
 
 from ferry.common import env
 from ferry.common import logging as ferry_logging
-from ferry.common.config import Endpoint, SchedulerConfig
+from ferry.common.config import Endpoint, SchedulerConfig, defaults
 from ferry.common.logging import get_logger
 from ferry.services.scheduler.core import DEFAULT_MAX_QUEUED_PER_INSTANCE
 from ferry.services.scheduler.dispatch import POLICY_NAMES
@@ -40,11 +39,7 @@ def _port(addr: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every SchedulerConfig field (`ferry scheduler …`); defaults from common.env
     where it has them, else SchedulerConfig's."""
-    d = {
-        f.name: f.default
-        for f in dataclasses.fields(SchedulerConfig)
-        if f.default is not dataclasses.MISSING
-    }
+    d = defaults(SchedulerConfig)
     add = parser.add_argument
     add(
         "--port",

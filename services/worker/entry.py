@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 
 from ferry.common import env
-from ferry.common.config import Endpoint, EngineConfig, WorkerConfig
+from ferry.common.config import Endpoint, EngineConfig, WorkerConfig, defaults
 from ferry.common.logging import configure, get_logger
 from ferry.services.worker.engine.engine import Engine
 
@@ -18,6 +18,8 @@ DEFAULT_CPU_KV_GB = 0.25
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for WorkerConfig; every default is the dataclass's (`defaults`)."""
+    w, e = defaults(WorkerConfig), defaults(EngineConfig)
     parser.add_argument("--instance-id", default=env.instance_id(),
                         help="unique id (default: <host>-<port>)")
     parser.add_argument("--port", type=int, default=5700, help="inbox port")
@@ -36,35 +38,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the sim clock this many times faster than real time")
     parser.add_argument("--attention-backend", default="auto",
                         choices=["auto", "torch", "triton", "flash"])
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--num-blocks", type=int, default=0, help="KV blocks (0: from --kv-cache-gb)")
-    parser.add_argument("--kv-cache-gb", type=float, default=env.kv_cache_gb(),
+    parser.add_argument("--block-size", type=int, default=w["block_size"])
+    parser.add_argument("--num-blocks", type=int, default=w["num_blocks"], help="KV blocks (0: from --kv-cache-gb)")
+    parser.add_argument("--kv-cache-gb", type=float, default=w["kv_cache_gb"],
                         help="KV cache GiB (0: a fraction of free GPU memory; 0.25 on CPU)")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--max-waiting", type=int, default=4096)
-    parser.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--max-num-seqs", type=int, default=e["max_num_seqs"])
+    parser.add_argument("--max-num-batched-tokens", type=int,
+                        default=e["max_num_batched_tokens"])
+    parser.add_argument("--max-waiting", type=int, default=e["max_waiting"])
+    parser.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction,
+                        default=e["enable_prefix_cache"],
                         help="keep computed prefixes and reuse them (--no-prefix-cache: off)")
-    parser.add_argument("--report-interval", type=float, default=env.report_interval_s())
-    parser.add_argument("--max-migrations", type=int, default=2,
+    parser.add_argument("--report-interval", type=float, default=w["report_interval_s"])
+    parser.add_argument("--max-migrations", type=int, default=w["max_migrations"],
                         help="concurrent migrations in (and out) of this instance")
-    parser.add_argument("--migration-stage-limit", type=int, default=8)
-    parser.add_argument("--migration-last-stage-blocks", type=int, default=2)
-    parser.add_argument("--migration-timeout", type=float, default=30.0)
-    parser.add_argument("--migration-chunk-mb", type=int, default=256)
+    parser.add_argument("--migration-stage-limit", type=int,
+                        default=w["migration_stage_limit"])
+    parser.add_argument("--migration-last-stage-blocks", type=int,
+                        default=w["migration_last_stage_blocks"])
+    parser.add_argument("--migration-timeout", type=float, default=w["migration_timeout_s"])
+    parser.add_argument("--migration-chunk-mb", type=int,
+                        default=w["migration_chunk_bytes"] // 2**20)
     parser.add_argument("--migration-verify-kv", action="store_true",
                         help="checksum each migrated request's KV at commit (debugging)")
-    parser.add_argument("--max-prefix-pulls", type=int, default=4,
+    parser.add_argument("--max-prefix-pulls", type=int, default=w["max_prefix_pulls"],
                         help="concurrent prefix pulls in (and out) of this instance")
-    parser.add_argument("--prefix-pull-timeout", type=float, default=2.0,
+    parser.add_argument("--prefix-pull-timeout", type=float,
+                        default=w["prefix_pull_timeout_s"],
                         help="a pull's peer silent this long: the request runs without it")
-    parser.add_argument("--keys-dir", default=env.keys_dir(),
+    parser.add_argument("--keys-dir", default=w["keys_dir"],
         help="cluster CURVE keys (ferry keys init); default FERRY_KEYS_DIR; empty: plain sockets")
-    parser.add_argument("--key-name", default=env.key_name(),
+    parser.add_argument("--key-name", default=w["key_name"],
         help="this process's identity in the keys directory (default: its role)")
     parser.add_argument("--step-log", default="",
                         help="append each step's features and time to this file (JSONL)")
-    parser.add_argument("--drain-timeout-s", type=float, default=25.0,
+    parser.add_argument("--drain-timeout-s", type=float, default=w["drain_timeout_s"],
                         help="on SIGTERM, migrate requests away for at most this long, then "
                              "exit (SIGINT: exit at once)")
 
