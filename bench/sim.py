@@ -41,16 +41,17 @@ from ferry.common.config import Endpoint, EngineConfig, SchedulerConfig
 from ferry.common.logging import configure
 from ferry.common.prefix_hash import block_hashes
 from ferry.common.sampling import SamplingParams
-from ferry.services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
+from ferry.services.scheduler.autoscale import Drain, autoscale_round, make_autoscaler
 from ferry.services.scheduler.core import Pending, SchedulerCore
 from ferry.services.scheduler.dispatch import MIGRATING_POLICIES, POLICY_NAMES, PULL_OVERHEAD_S
+from ferry.services.scheduler.provisioner import WorkerHandle
+from ferry.services.worker import report
 from ferry.services.worker.engine.batch import ModelBatch
 from ferry.services.worker.engine.engine import Engine, RequestRejected
 from ferry.services.worker.engine.request import Status
 from ferry.services.worker.engine.scheduler import StepPlan
 from ferry.services.worker.latency_model import Profile, bundled_profile
 from ferry.services.worker.migration.choice import CHOICES, pick_request
-from ferry.services.worker.report import load_fields
 from ferry.services.worker.sim_executor import SimExecutor
 
 GATEWAY = "sim-gateway"
@@ -161,13 +162,7 @@ class Simulator:
         # The simulated scheduler never restarts: no start-up grace to wait out.
         self.core = SchedulerCore(dataclasses.replace(self.cfg, startup_grace_s=0.0), epoch="sim")
         self.core.see_gateway(GATEWAY, 0.0)
-        self.autoscaler = Autoscaler(
-            min_workers=self.cfg.min_workers, max_workers=self.cfg.max_workers,
-            scale_up_freeness=self.cfg.scale_up_freeness,
-            scale_down_freeness=self.cfg.scale_down_freeness,
-            cooldown_s=self.cfg.scale_cooldown_s,
-            headroom_blocks=self.cfg.high_priority_headroom_blocks,
-        ) if autoscale else None
+        self.autoscaler = make_autoscaler(self.cfg) if autoscale else None
         self.startup_s = startup_s
         self.ignore_priority = ignore_priority  # schedule all as normal (labels kept)
         self.report_interval_s = report_interval_s
@@ -236,42 +231,38 @@ class Simulator:
         self._register(inst)
 
     def _register(self, inst: SimInstance) -> None:
-        self._apply(self.core.register(wire.Register(
-            instance_id=inst.instance_id, inbox_addr=inst.instance_id,
-            num_blocks=inst.engine.blocks.num_total, block_size=inst.engine.blocks.block_size,
-            max_model_len=inst.executor.max_model_len, req_ids=(), req_priorities=(),
-            prefix_seed=inst.engine.scheduler.prefix_seed or 0,
-            kv_block_bytes=inst.executor.kv_block_bytes), self.now))
+        self._apply(self.core.register(report.register(
+            inst.engine, instance_id=inst.instance_id, inbox_addr=inst.instance_id,
+            kv_block_bytes=inst.executor.kv_block_bytes, pulling={}), self.now))
         self._report(inst)
 
     def _report(self, inst: SimInstance) -> None:
-        load = inst.engine.load()
         inst.num_reports += 1
-        stored, evicted = inst.engine.blocks.take_events()
-        self._apply(self.core.load_report(wire.LoadReport(
-            instance_id=inst.instance_id, inbox_addr=inst.instance_id, seq=inst.num_reports,
+        self._apply(self.core.load_report(report.load_report(
+            inst.engine, instance_id=inst.instance_id, inbox_addr=inst.instance_id,
+            seq=inst.num_reports, report_interval_s=self.report_interval_s,
             num_dispatch_received=inst.num_dispatched,
-            load=load_fields(load, num_migrations_in=inst.num_migrations_in,
-                             num_migrations_out=inst.num_migrations_out,
-                             draining=inst.draining),
-            cache_stored=tuple(stored), cache_evicted=tuple(evicted)), self.now))
+            num_migrations_in=inst.num_migrations_in, num_migrations_out=inst.num_migrations_out,
+            draining=inst.draining, pulling={}), self.now))
 
     def _kick(self, inst: SimInstance) -> None:
-        """Start a step if the instance is idle and has work."""
+        """Start a step if the instance is idle and has work: the engine's step sequence
+        (services/worker/stepper.py) with the modelled step time on the event clock."""
         if inst.busy or not inst.alive or not inst.engine.has_unfinished():
             return
         plan = inst.engine.schedule()
         if plan.is_empty:
             return
-        batch = ModelBatch(chunks=tuple(plan.chunks))
-        step_s = inst.executor.step_time(batch) if plan.chunks else 0.0
+        batch = plan.batch
+        step_s = inst.executor.step_time(batch) if batch is not None else 0.0
         inst.busy = True
         self._at(self.now + step_s, "step_done", (inst, plan, batch, step_s))
 
-    def _on_step_done(self, payload: tuple[SimInstance, StepPlan, ModelBatch, float]) -> None:
+    def _on_step_done(self, payload: tuple[SimInstance, StepPlan, ModelBatch | None, float]
+                      ) -> None:
         inst, plan, batch, step_s = payload
         inst.busy = False
-        sampled = inst.executor.execute(batch)
+        sampled = inst.executor.execute(batch) if batch is not None else []
         for out in inst.engine.finish_step(plan, sampled, step_s):
             record = self.records[out.req_id]
             if out.token_ids and record.first_token_s is None:
@@ -445,23 +436,27 @@ class Simulator:
             self._at(self.now + self.cfg.migration_interval_s, "rebalance")
 
     def _on_autoscale(self, _: Any) -> None:
-        loads = self.core.table.loads()
-        pending = self.core.pending.demand_blocks if self.core.pending is not None else 0
-        for action in self.autoscaler.decide(loads, self.now, pending_demand_blocks=pending):
-            if isinstance(action, ScaleUp):
-                instance_id = self._start_instance(delay_s=self.startup_s)
-                self.autoscaler.started(instance_id, self.now)
-                self.num_scale_ups += 1
-            elif isinstance(action, Drain):
+        out, actions = autoscale_round(self.autoscaler, self.core, self, self.now)
+        for action in actions:
+            if isinstance(action, Drain):
                 self.instances[action.instance_id].drain_ordered_s = self.now
-                self._apply(self.core.drain(action.instance_id))
-            elif isinstance(action, Terminate):
-                inst = self.instances[action.instance_id]
-                if inst.alive and not inst.engine.has_unfinished() and not inst.num_pulls_in:
-                    inst.stopped_s = self.now
-                    self._apply(self.core.terminate(action.instance_id, self.now))
+        self._apply(out)
         if self._unfinished():
             self._at(self.now + 1.0, "autoscale")
+
+    # The autoscaler's provisioner (services/scheduler/autoscale.py Provisioner).
+
+    def start_worker(self) -> WorkerHandle:
+        self.num_scale_ups += 1
+        return WorkerHandle(self._start_instance(delay_s=self.startup_s), pid=0)
+
+    def stop_worker(self, instance_id: str, *, now: float) -> bool:
+        """Only an instance with nothing left stops (the scheduler's estimate may lag)."""
+        inst = self.instances[instance_id]
+        if not inst.alive or inst.engine.has_unfinished() or inst.num_pulls_in:
+            return False
+        inst.stopped_s = now
+        return True
 
     def _unfinished(self) -> bool:
         return self.num_ended < len(self.trace)

@@ -12,15 +12,25 @@ provisioner.
 - fewer serving or starting instances than min_workers -> start the missing ones at once.
 Between two scale actions at least `cooldown_s` pass (for a start: counted from when the new
 instance registers); one start at a time is in flight.
+
+`autoscale_round` is one round, decided and carried out: the scheduler process runs it every
+second with its LocalProcessProvisioner, the simulator (bench/sim.py) with its own
+instances as the provisioner.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from ferry.common.wire import LoadFields
 from ferry.services.scheduler.load import freeness, num_requests
+
+if TYPE_CHECKING:
+    from ferry.common.config import SchedulerConfig
+    from ferry.services.scheduler.core import Out, SchedulerCore
+    from ferry.services.scheduler.provisioner import WorkerHandle
 
 # A started instance that has not registered after this long is given up (and stopped).
 DEFAULT_START_TIMEOUT_S = 300.0
@@ -42,6 +52,50 @@ class Terminate:
 
 
 ScaleAction = ScaleUp | Drain | Terminate
+ACTION_NAMES = {ScaleUp: "scale_up", Drain: "drain", Terminate: "terminate"}  # metrics labels
+
+
+class Provisioner(Protocol):
+    """Where instances come from (services/scheduler/provisioner.py; the simulator)."""
+
+    def start_worker(self) -> WorkerHandle:
+        """Start one instance; it registers by itself."""
+        ...
+
+    def stop_worker(self, instance_id: str, *, now: float) -> bool:
+        """Stop one; False: it cannot stop now and serves on."""
+        ...
+
+
+def make_autoscaler(cfg: SchedulerConfig) -> Autoscaler:
+    return Autoscaler(
+        min_workers=cfg.min_workers,
+        max_workers=cfg.max_workers,
+        scale_up_freeness=cfg.scale_up_freeness,
+        scale_down_freeness=cfg.scale_down_freeness,
+        cooldown_s=cfg.scale_cooldown_s,
+        headroom_blocks=cfg.high_priority_headroom_blocks,
+    )
+
+
+def autoscale_round(autoscaler: Autoscaler, core: SchedulerCore, provisioner: Provisioner,
+                    now: float, *, removable: Collection[str] | None = None
+                    ) -> tuple[Out, list[ScaleAction]]:
+    """Decide on the core's loads (and its pending queue's demand), start and stop instances
+    through the provisioner, drain and forget them in the core. Returns the messages for
+    the core's peers and the actions decided. removable: as in Autoscaler.decide."""
+    pending = core.pending.demand_blocks if core.pending is not None else 0
+    actions = autoscaler.decide(core.table.loads(), now, removable=removable,
+                                pending_demand_blocks=pending)
+    out: Out = []
+    for action in actions:
+        if isinstance(action, ScaleUp):
+            autoscaler.started(provisioner.start_worker().instance_id, now)
+        elif isinstance(action, Drain):
+            out += core.drain(action.instance_id)
+        elif provisioner.stop_worker(action.instance_id, now=now):
+            out += core.terminate(action.instance_id, now)
+    return out, actions
 
 
 class Autoscaler:

@@ -57,7 +57,7 @@ from ferry.common.zmq_util import (
     hard_frame_cap,
     make_context,
 )
-from ferry.services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
+from ferry.services.scheduler.autoscale import ACTION_NAMES, autoscale_round, make_autoscaler
 from ferry.services.scheduler.core import (
     DEFAULT_MAX_QUEUED_PER_INSTANCE,
     Out,
@@ -396,21 +396,11 @@ class Scheduler:
         now = self.clock()
         for instance_id in self.provisioner.reap(now):
             self.autoscaler.forget(instance_id)
-        owned = set(self.provisioner.procs)
-        pending = self.core.pending.demand_blocks if self.core.pending is not None else 0
-        for action in self.autoscaler.decide(self.core.table.loads(), now, removable=owned,
-                                             pending_demand_blocks=pending):
-            if isinstance(action, ScaleUp):
-                handle = self.provisioner.start_worker()
-                self.autoscaler.started(handle.instance_id, now)
-                self.stats.autoscaled("scale_up")
-            elif isinstance(action, Drain):
-                self.send_all(self.core.drain(action.instance_id))
-                self.stats.autoscaled("drain")
-            elif isinstance(action, Terminate):
-                self.send_all(self.core.terminate(action.instance_id, now))
-                self.provisioner.stop_worker(action.instance_id, now=now)
-                self.stats.autoscaled("terminate")
+        out, actions = autoscale_round(self.autoscaler, self.core, self.provisioner, now,
+                                       removable=set(self.provisioner.procs))
+        self.send_all(out)
+        for action in actions:
+            self.stats.autoscaled(ACTION_NAMES[type(action)])
 
     # ---- sending --------------------------------------------------------------------------
 
@@ -453,13 +443,3 @@ def bind_router(ctx: zmq.asyncio.Context, bind: str, max_frame_bytes: int,
     sock.bind(bind)
     return sock
 
-
-def make_autoscaler(cfg: SchedulerConfig) -> Autoscaler:
-    return Autoscaler(
-        min_workers=cfg.min_workers,
-        max_workers=cfg.max_workers,
-        scale_up_freeness=cfg.scale_up_freeness,
-        scale_down_freeness=cfg.scale_down_freeness,
-        cooldown_s=cfg.scale_cooldown_s,
-        headroom_blocks=cfg.high_priority_headroom_blocks,
-    )

@@ -1,7 +1,7 @@
 """Where new instances come from. The autoscaler's wiring needs two verbs:
 
     start_worker() -> WorkerHandle     start one instance (it registers by itself)
-    stop_worker(instance_id)           stop one (drained to zero first)
+    stop_worker(instance_id) -> bool   stop one (drained to zero first)
 
 `LocalProcessProvisioner` runs each worker as a local `python -m ferry.services.worker` process.
 Its arguments come from a template in which `{instance_id}`, `{port}` (a free TCP port on
@@ -78,17 +78,19 @@ class LocalProcessProvisioner:
         log.info("worker_started", instance_id=instance_id, pid=proc.pid, argv=argv)
         return WorkerHandle(instance_id=instance_id, pid=proc.pid)
 
-    def stop_worker(self, instance_id: str, *, now: float | None = None) -> None:
+    def stop_worker(self, instance_id: str, *, now: float | None = None) -> bool:
         """SIGINT now (stop at once: the autoscaler drained it first; SIGTERM would make it
-        drain again); `reap` sends SIGKILL if it is still there after STOP_GRACE_S."""
+        drain again); `reap` sends SIGKILL if it is still there after STOP_GRACE_S. True:
+        it is stopping, or was gone already."""
         proc = self.procs.get(instance_id)
         if proc is None:
             log.warning("stop_unknown_worker", instance_id=instance_id)
-            return
+            return True
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
         self.stopping[instance_id] = (now if now is not None else time.monotonic()) + STOP_GRACE_S
         log.info("worker_stopping", instance_id=instance_id, pid=proc.pid)
+        return True
 
     def reap(self, now: float | None = None) -> list[str]:
         """Collect exited workers (stopped or crashed); kill those past their grace.

@@ -20,11 +20,11 @@ from ferry.common.config import WorkerConfig
 from ferry.common.logging import get_logger
 from ferry.common.security import describe, for_process
 from ferry.common.zmq_util import Inbox, Outboxes, make_context
+from ferry.services.worker import report
 from ferry.services.worker.engine.engine import Engine, RequestRejected
 from ferry.services.worker.engine.request import RequestOutput
 from ferry.services.worker.migration.coordinator import MIGRATION_MESSAGES, MigrationCoordinator
 from ferry.services.worker.migration.prefix_pull import PULL_MESSAGES, PrefixPulls
-from ferry.services.worker.report import load_fields
 from ferry.services.worker.step_log import StepLog
 from ferry.services.worker.stepper import make_stepper
 
@@ -46,9 +46,6 @@ INBOX_SENDERS = {
 }
 LEAVING_LINGER_MS = 500  # at exit, how long the Leaving message may take to go out
 SEND_FAILURE_LOG_INTERVAL_S = 5.0  # one log line per address and this many seconds
-HELD_LIST_INTERVAL_S = 1.0  # a load report lists the requests held here about this often
-# Prefix-cache events one report carries at most; past it, a snapshot of the whole cache.
-MAX_CACHE_EVENTS = 16_384
 
 
 class Worker:
@@ -301,49 +298,27 @@ class Worker:
                 message=message, attempt=req.attempt))
 
     def _register(self) -> None:
-        held = self._held_req_ids()
-        self._send(self.config.scheduler_addr, wire.Register(
-            instance_id=self.config.instance_id,
-            inbox_addr=self.config.inbox.advertise,
-            num_blocks=self.engine.blocks.num_total,
-            block_size=self.engine.blocks.block_size,
-            max_model_len=self.engine.executor.max_model_len,
-            req_ids=held,
-            req_priorities=tuple(self.engine.requests[r].priority if r in self.engine.requests
-                                 else self.pulls.waiting(r).msg.dispatch.priority for r in held),
-            prefix_seed=self.engine.scheduler.prefix_seed or 0,
-            model_name=self.config.model_name,
-            queue_time_bounds_s=self.engine.scheduler.queue_time.bounds,
-            kv_block_bytes=self.migrations.kv.block_bytes,
-        ))
+        self._send(self.config.scheduler_addr, report.register(
+            self.engine, instance_id=self.config.instance_id,
+            inbox_addr=self.config.inbox.advertise, kv_block_bytes=self.migrations.kv.block_bytes,
+            pulling=self._pulling(), model_name=self.config.model_name))
 
     def _report(self) -> None:
-        load = self.engine.load()
         self.report_seq += 1
-        every = max(1, round(HELD_LIST_INTERVAL_S / self.config.report_interval_s))
-        stored, evicted = self.engine.blocks.take_events()
-        snapshot = None
-        queue_time = self.engine.scheduler.queue_time
-        if self._cache_snapshot_wanted or len(stored) + len(evicted) > MAX_CACHE_EVENTS:
-            snapshot, stored, evicted = tuple(self.engine.blocks.cached_hashes()), [], []
-            self._cache_snapshot_wanted = False
-        self._send(self.config.scheduler_addr, wire.LoadReport(
-            instance_id=self.config.instance_id,
-            inbox_addr=self.config.inbox.advertise,
-            seq=self.report_seq,
+        self._send(self.config.scheduler_addr, report.load_report(
+            self.engine, instance_id=self.config.instance_id,
+            inbox_addr=self.config.inbox.advertise, seq=self.report_seq,
+            report_interval_s=self.config.report_interval_s,
             num_dispatch_received=self.num_dispatch_received,
-            load=load_fields(load, num_migrations_in=self.migrations.num_incoming,
-                             num_migrations_out=self.migrations.num_outgoing,
-                             draining=self.draining),
-            req_ids=self._held_req_ids() if self.report_seq % every == 0 else None,
-            cache_stored=tuple(stored), cache_evicted=tuple(evicted), cache_snapshot=snapshot,
-            queue_time_counts=queue_time.cumulative(), queue_time_sum_s=queue_time.sum,
-        ))
+            num_migrations_in=self.migrations.num_incoming,
+            num_migrations_out=self.migrations.num_outgoing, draining=self.draining,
+            pulling=self._pulling(), snapshot_wanted=self._cache_snapshot_wanted))
+        self._cache_snapshot_wanted = False
 
-    def _held_req_ids(self) -> tuple[str, ...]:
-        """Every request this instance holds: in the engine, or waiting for its pull."""
-        return (*self.engine.requests, *(r for r in self.pulls.req_ids()
-                                         if r not in self.engine.requests))
+    def _pulling(self) -> dict[str, int]:
+        """req_id -> priority of the requests waiting here for their prefix pull."""
+        return {req_id: self.pulls.waiting(req_id).msg.dispatch.priority
+                for req_id in self.pulls.req_ids()}
 
     def _work_arrived(self) -> None:
         self._work.set()

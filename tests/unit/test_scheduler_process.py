@@ -625,6 +625,7 @@ class FakeProvisioner:
     def stop_worker(self, instance_id, *, now=None):
         self.stopped.append(instance_id)
         del self.procs[instance_id]
+        return True
 
     def reap(self, now=None):
         return []

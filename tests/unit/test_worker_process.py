@@ -22,7 +22,7 @@ from ferry.services.worker.main import Worker
 from ferry.services.worker.runner import PendingTokens
 from ferry.services.worker.sampler import SamplerOutput
 from ferry.services.worker.sim_executor import SimExecutor
-from ferry.services.worker.stepper import ModelStepper
+from ferry.services.worker.stepper import make_stepper
 from tests.e2e.test_gateway_harness import free_ports, tcp, wait_until
 from tests.unit.fakes import TokenKVExecutor
 
@@ -267,7 +267,7 @@ def test_a_long_cpu_step_does_not_stall_the_event_loop():
                 await asyncio.sleep(0.05)
 
         ticker = asyncio.get_running_loop().create_task(tick())
-        outputs = await ModelStepper(engine).step()
+        outputs = await make_stepper(engine).step()
         ticker.cancel()
         assert [o.req_id for o in outputs] == ["r0"]
         gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]

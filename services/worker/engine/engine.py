@@ -12,10 +12,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 
+from ferry.common import wire
 from ferry.common.config import EngineConfig
 from ferry.common.prefix_hash import seed_hash
 from ferry.common.sampling import MAX_SEED, SamplingParams
-from ferry.services.worker.engine.batch import Executor, ModelBatch
+from ferry.services.worker.engine.batch import Executor
 from ferry.services.worker.engine.block_manager import BlockManager
 from ferry.services.worker.engine.request import Request, RequestOutput, Status
 from ferry.services.worker.engine.scheduler import LocalScheduler, StepPlan
@@ -34,29 +35,6 @@ class RequestRejected(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EngineLoad:
-    """A snapshot for load reports (fields as in common.wire.LoadFields)."""
-
-    num_total_blocks: int
-    num_free_blocks: int
-    num_reserved_blocks: int
-    num_running: int
-    num_waiting: int
-    head_demand_blocks: int
-    waiting_demand_blocks: int
-    used_blocks_high: int
-    num_running_high: int
-    num_preemptions: int
-    step_time_ewma_s: float
-    num_cached_blocks: int  # evictable cached blocks (counted in num_free_blocks too)
-    num_prompt_tokens: int  # tokens of the requests admitted, total
-    num_prefix_hit_tokens: int  # of those, found in the prefix cache, total
-    prefill_tokens_per_s: float  # EWMA of prefill throughput (0 until measured)
-    pending_prefill_tokens: int  # prefill work queued ahead of a new request (LoadFields)
-    num_generation_tokens: int  # output tokens sampled, total
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,22 +134,27 @@ class Engine:
         self.scheduler.add(req)
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return new tokens (and finishes) per request."""
+        """Run one batch in place; return new tokens (and finishes) per request. The step
+        sequence (services/worker/stepper.py): schedule(), the executor runs plan.batch,
+        finish_step(); the worker awaits the executor, the simulator advances its clock."""
         plan = self.schedule()
         if plan.is_empty:
             return []
+        batch = plan.batch
         start = time.perf_counter()
-        sampled = self.executor.execute(ModelBatch(chunks=tuple(plan.chunks))) if plan.chunks else []
+        sampled = self.executor.execute(batch) if batch is not None else []
         return self.finish_step(plan, sampled, time.perf_counter() - start)
 
     def schedule(self) -> StepPlan:
-        """First half of step(), for callers that run the batch themselves (simulator)."""
+        """First half of a step: what runs (plan.batch). An empty plan has nothing to run
+        or finish."""
         return self.scheduler.schedule()
 
     def finish_step(
         self, plan: StepPlan, sampled: list[int], step_time_s: float
     ) -> list[RequestOutput]:
-        """Second half of step(): record the sampled tokens."""
+        """Second half of a step: record the sampled tokens (one per sampling chunk, in
+        order) and the step's time (the executor's run: measured, or modelled)."""
         self._record_step_time(step_time_s)
         self._record_prefill_rate(plan, step_time_s)
         outputs = self.scheduler.update(plan, sampled)
@@ -209,14 +192,17 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def load(self) -> EngineLoad:
+    def load(self, *, num_migrations_in: int = 0, num_migrations_out: int = 0,
+             draining: bool = False) -> wire.LoadFields:
+        """The engine's load as a LoadReport carries it; the worker adds what only it knows
+        (its migrations in flight, draining)."""
         sched = self.scheduler
         head = sched.waiting[0] if sched.waiting else None
         head_demand = 0 if head is None else self.blocks.blocks_for(head.num_tokens + 1)
         waiting_demand = sum(self.blocks.blocks_for(r.num_tokens + 1) for r in sched.waiting)
         high = [r for r in sched.running if r.priority > 0]
         high += [r for r in sched.paused.values() if r.priority > 0]
-        return EngineLoad(
+        return wire.LoadFields(
             num_total_blocks=self.blocks.num_total,
             num_free_blocks=self.blocks.num_available,
             num_reserved_blocks=self.blocks.num_reserved,
@@ -234,6 +220,9 @@ class Engine:
             prefill_tokens_per_s=self.prefill_tokens_per_s,
             pending_prefill_tokens=sched.pending_prefill_tokens(),
             num_generation_tokens=sched.num_generated_tokens,
+            num_migrations_in=num_migrations_in,
+            num_migrations_out=num_migrations_out,
+            draining=draining,
         )
 
     def check_invariants(self) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from ferry.common.config import EngineConfig
 from ferry.common.histogram import QUEUE_TIME_BOUNDS_S, Buckets
 from ferry.common.prefix_hash import block_hashes
-from ferry.services.worker.engine.batch import SeqChunk, needs_history
+from ferry.services.worker.engine.batch import ModelBatch, SeqChunk, needs_history
 from ferry.services.worker.engine.block_manager import BlockManager
 from ferry.services.worker.engine.request import Request, RequestOutput, Status
 
@@ -51,6 +51,11 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def batch(self) -> ModelBatch | None:
+        """What the executor runs; None when nothing does (only finishes to record)."""
+        return ModelBatch(chunks=tuple(self.chunks)) if self.chunks else None
 
 
 class LocalScheduler:
