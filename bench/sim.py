@@ -230,6 +230,10 @@ class Simulator:
         inst.stopped_s = None
         self._register(inst)
 
+    # Register and LoadReport as a worker builds them (services/worker/report.py). A request
+    # waiting for its prefix pull is not listed as held: a pull here lasts milliseconds,
+    # far under the scheduler's phantom age.
+
     def _register(self, inst: SimInstance) -> None:
         self._apply(self.core.register(report.register(
             inst.engine, instance_id=inst.instance_id, inbox_addr=inst.instance_id,

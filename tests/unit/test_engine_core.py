@@ -9,6 +9,7 @@ import pytest
 
 from ferry.common.config import EngineConfig
 from ferry.common.sampling import SamplingParams
+from ferry.services.worker import report
 from ferry.services.worker.engine.batch import ModelBatch
 from ferry.services.worker.engine.engine import Engine, RequestRejected
 from ferry.services.worker.engine.request import Status
@@ -293,6 +294,30 @@ def test_load_snapshot_counts():
     assert load.head_demand_blocks == 3  # 9 prompt tokens + 1 -> 3 blocks of 4
     assert load.num_running_high == 1 and load.used_blocks_high == 2
     assert load.num_free_blocks + 2 == load.num_total_blocks
+
+
+def test_register_and_load_report_as_a_worker_sends_them():
+    """services/worker/report.py: the held list (engine, then pulls) about once a second,
+    the cache events once, a snapshot when asked; the worker's counters in LoadFields."""
+    engine = make_engine(num_blocks=8, budget=64)
+    engine.add_request("a", [1] * 5, SamplingParams(max_tokens=4, ignore_eos=True), priority=1)
+    reg = report.register(engine, instance_id="w0", inbox_addr="tcp://w0", kv_block_bytes=64,
+                          pulling={"p": 0, "a": 0})
+    assert (reg.req_ids, reg.req_priorities, reg.num_blocks) == (("a", "p"), (1, 0), 8)
+
+    def one(seq, **kw):
+        return report.load_report(engine, instance_id="w0", inbox_addr="tcp://w0", seq=seq,
+                                  report_interval_s=0.5, num_dispatch_received=1,
+                                  num_migrations_in=2, num_migrations_out=0, draining=True,
+                                  pulling={"p": 0}, **kw)
+
+    first, second = one(1), one(2)  # every 2nd report of 0.5 s lists the held requests
+    assert first.req_ids is None and second.req_ids == ("a", "p")
+    assert second.load.num_migrations_in == 2 and second.load.draining
+    assert second.load == engine.load(num_migrations_in=2, draining=True)
+    engine.step()  # the prompt's first full block is cached
+    assert len(one(3).cache_stored) == 1 and one(4).cache_stored == ()
+    assert len(one(5, snapshot_wanted=True).cache_snapshot) == 1
 
 
 def test_queue_time_and_generated_tokens_are_counted_once_per_request(monkeypatch):

@@ -6,8 +6,17 @@ import dataclasses
 
 import pytest
 
-from ferry.services.scheduler.autoscale import Autoscaler, Drain, ScaleUp, Terminate
+from ferry.common.wire import SetDraining
+from ferry.services.scheduler.autoscale import (
+    Autoscaler,
+    Drain,
+    ScaleUp,
+    Terminate,
+    autoscale_round,
+)
 from ferry.services.scheduler.load import empty_load
+from ferry.services.scheduler.provisioner import WorkerHandle
+from tests.unit.test_scheduler_core import addr, make_core, register, report
 
 COOLDOWN_S = 10.0
 
@@ -193,3 +202,42 @@ def test_band_must_be_a_band():
             cooldown_s=1,
             headroom_blocks=0,
         )
+
+
+class Provisioner:
+    """autoscale_round's provisioner: numbered instances; refuses to stop those in `busy`."""
+
+    def __init__(self):
+        self.started, self.stopped, self.busy = [], [], set()
+
+    def start_worker(self):
+        self.started.append(f"n{len(self.started)}")
+        return WorkerHandle(self.started[-1], pid=0)
+
+    def stop_worker(self, instance_id, *, now):
+        if instance_id in self.busy:
+            return False
+        self.stopped.append(instance_id)
+        return True
+
+
+def test_a_round_starts_drains_and_stops_through_the_provisioner_and_the_core():
+    """services/scheduler/autoscale.py autoscale_round, as the scheduler process and the
+    simulator run it: the core drains (SetDraining) and forgets; a refused stop is kept."""
+    core, prov, s = make_core(), Provisioner(), scaler(min_workers=1, max_workers=4)
+    for i, instance_id in enumerate(("a", "b")):
+        register(core, instance_id)
+        report(core, instance_id, 1, 0.0, num_free_blocks=10, num_running=10 + i)  # hot
+    out, actions = autoscale_round(s, core, prov, 0.0)
+    out, actions = autoscale_round(s, core, prov, COOLDOWN_S)
+    assert (out, actions, prov.started, s.starting) == ([], [ScaleUp()], ["n0"], {"n0": COOLDOWN_S})
+    s.forget("n0")
+    for instance_id in ("a", "b"):  # cold now
+        report(core, instance_id, 2, 20.0, num_free_blocks=90, num_running=1)
+    autoscale_round(s, core, prov, 20.0)
+    out, actions = autoscale_round(s, core, prov, 20.0 + COOLDOWN_S)
+    assert actions == [Drain("a")] and out == [(addr("a"), SetDraining(draining=True))]
+    prov.busy.add("a")
+    report(core, "a", 3, 31.0, num_free_blocks=100, num_running=0, draining=True)
+    assert autoscale_round(s, core, prov, 31.0)[1] == [Terminate("a")]
+    assert prov.stopped == [] and core.table.get("a") is not None  # refused: kept
