@@ -34,7 +34,7 @@ from ferry.common.zmq_util import make_context, request
 from ferry.services.scheduler.main import INBOX_SENDERS, Scheduler
 from ferry.services.worker.main import Worker
 from tests.e2e.test_gateway_harness import free_ports, tcp, wait_until
-from tests.unit.test_worker_process import dispatch, sim_engine
+from tests.process.test_worker_process import dispatch, sim_engine
 
 IDENTITIES = [("scheduler", "scheduler", ""), ("gateway", "gateway", ""),
               ("worker", "worker", ""), ("admin", "admin", ""),
