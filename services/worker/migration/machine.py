@@ -23,6 +23,7 @@ Destination (`Incoming`):
                   │  MigCommit ─▶ Import (claimed + received blocks, the rest freed)
                   ▼
                 COMMITTED ─R stepped here (or has no KV)─▶ MigCommitAck ─▶ DONE
+                  (the source frees R's blocks only then: D may fail before)
     any MigAbort / timeout / failure ─▶ ABORTED: reservation released, claims dropped,
         an imported copy removed; the source told unless it said so first
 
@@ -110,6 +111,8 @@ class WaitStepBoundary:
 @dataclass(frozen=True, slots=True)
 class Pause:
     """Source: take R out of the batch, its blocks kept."""
+
+    at_step_boundary: bool  # False: R was queued (it has no step to end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +255,7 @@ class Outgoing:
         self._paused = True
         self.phase = Phase.COMMIT
         end = -(-req.num_computed_tokens // self.block_size)
-        return [Pause(), *self._stage(req, end, final=True), self._commit(req)]
+        return [Pause(True), *self._stage(req, end, final=True), self._commit(req)]
 
     def cancel(self, reason: str) -> list:
         """This worker stops the migration (client abort of R, shutdown)."""
@@ -278,7 +281,7 @@ class Outgoing:
         ops: list = [Join(msg.group_id, msg.store_addr)]
         if req is not None and req is self._req and req.status is Status.WAITING:
             self._paused = True  # queued: no KV to copy, just the state
-            return [*ops, Pause(), self._commit(req)]
+            return [*ops, Pause(False), self._commit(req)]
         return ops + self._next(req)
 
     def _after_stage(self, req: Request | None) -> list:
@@ -420,12 +423,10 @@ class Incoming:
         return [Send(wire.MigStageAck(migration_id=self.migration_id, stage_index=stage_index,
                                       ok=True, reason=""))]
 
-    def stepped(self, req: Request | None, resumed_s: float, first_token_s: float) -> list:
-        """After an engine step here while COMMITTED: ack once R has stepped (or ended).
-        resumed_s: the step's start; first_token_s: its end (wall clock, for downtime)."""
+    def stepped(self, resumed_s: float, first_token_s: float) -> list:
+        """R has stepped here since its import (or ended): ack the commit. resumed_s:
+        that step's start; first_token_s: its end (wall clock, for the source's downtime)."""
         if self.phase is not InPhase.COMMITTED:
-            return []
-        if req is not None and req.num_computed_tokens <= self.num_computed_at_import:
             return []
         return self._ack(resumed_s, first_token_s)
 
