@@ -179,7 +179,7 @@ class Outgoing:
         self.last_stage_blocks = last_stage_blocks  # pause once at most this many remain
         self.verify_kv = verify_kv
         self.phase = Phase.PREALLOC
-        self.num_stages = 0
+        self.num_stages = 0  # stages copied
         self.next_block = 0  # blocks [0, next_block) of R's table are at dst
         self.num_blocks_skipped = 0  # of those, cached there already (never copied)
         self.kv_verified = False  # a checksum went with the commit
@@ -189,6 +189,7 @@ class Outgoing:
         self._paused = False
         self._waiting: set[str] = set()  # what the current step waits for: "copy", "ack"
         self._num_offered = 0  # prefix hashes sent with MigPrealloc
+        self._stage_end = 0  # the stage being copied ends at this block
 
     @property
     def ended(self) -> bool:
@@ -241,6 +242,8 @@ class Outgoing:
         if self.ended or "copy" not in self._waiting:
             return []
         self._waiting.discard("copy")
+        self.next_block = self._stage_end
+        self.num_stages += 1
         if self.phase is Phase.COMMIT:
             return self._after_commit()
         return self._after_stage(req)
@@ -308,8 +311,7 @@ class Outgoing:
             first_block_index=first, num_blocks=len(block_ids),
             num_blocks_needed=blocks_needed(req, self.block_size))),
             Copy(self.num_stages, block_ids, final)]
-        self.next_block = end_block
-        self.num_stages += 1
+        self._stage_end = end_block  # next_block once copied
         self._waiting = {"copy"} if final else {"copy", "ack"}
         return ops
 
