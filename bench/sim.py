@@ -2,12 +2,14 @@
 
 What is real: the scheduler core (dispatch policy, load accounting, migration pairing,
 auto-scaling decisions), each instance's engine (local scheduler, block manager,
-preemption) and the per-request migration choice. What is modelled: model compute (the
-sim executor's latency model from a profile), and KV copy time (bytes / bandwidth plus a
-per-stage overhead, from the migration benchmark) for migrations and prefix pulls. Both
-use the real block managers: a migration's destination claims the leading blocks it
-caches and only the rest is copied (dedup); a pull pins the source's cached blocks for the
-copy, reserves the destination's, and registers them there as cached on arrival.
+preemption), the per-request migration choice, and the migration protocol (the worker's
+own state machines, services/worker/migration/machine.py). What is modelled: model
+compute (the sim executor's latency model from a profile), and KV copy time (bytes /
+bandwidth plus a per-stage overhead, from the migration benchmark) for migrations and
+prefix pulls. Both use the real block managers: a migration's destination claims the
+leading blocks it caches and only the rest is copied (dedup); a pull pins the source's
+cached blocks for the copy, reserves the destination's, and registers them there as
+cached on arrival.
 
 Events on one heap, ordered by (time, sequence):
     arrival       a trace request reaches the scheduler (dispatch)
@@ -15,7 +17,7 @@ Events on one heap, ordered by (time, sequence):
     report        every instance reports its load (every report_interval_s)
     rebalance     the scheduler's migration hooks run (every migration_interval_s)
     autoscale     the autoscaler decides (every second, when enabled)
-    stage_done    a migration's copy stage finished
+    stage_done    a migration's copy stage finished, or a queued request's commit arrived
     pull_done     a prefix pull's copy finished (the request is queued at its destination)
     started       a scaled-up instance finished starting
 """

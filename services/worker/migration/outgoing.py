@@ -60,10 +60,6 @@ class OutgoingMigration:
     first_stage_s: float = 0.0
     reason: str = ""
 
-    @property
-    def phase(self) -> Phase:
-        return Phase.ABORTED if self.machine is None else self.machine.phase
-
     def done_message(self, src_instance_id: str) -> wire.MigrationDone:
         m = self.machine
         committed = m is not None and m.phase is Phase.COMMITTED
