@@ -2,12 +2,14 @@
 
 What is real: the scheduler core (dispatch policy, load accounting, migration pairing,
 auto-scaling decisions), each instance's engine (local scheduler, block manager,
-preemption) and the per-request migration choice. What is modelled: model compute (the
-sim executor's latency model from a profile), and KV copy time (bytes / bandwidth plus a
-per-stage overhead, from the migration benchmark) for migrations and prefix pulls. Both
-use the real block managers: a migration's destination claims the leading blocks it
-caches and only the rest is copied (dedup); a pull pins the source's cached blocks for the
-copy, reserves the destination's, and registers them there as cached on arrival.
+preemption), the per-request migration choice, and the migration protocol (the worker's
+own state machines, services/worker/migration/machine.py). What is modelled: model
+compute (the sim executor's latency model from a profile), and KV copy time (bytes /
+bandwidth plus a per-stage overhead, from the migration benchmark) for migrations and
+prefix pulls. Both use the real block managers: a migration's destination claims the
+leading blocks it caches and only the rest is copied (dedup); a pull pins the source's
+cached blocks for the copy, reserves the destination's, and registers them there as
+cached on arrival.
 
 Events on one heap, ordered by (time, sequence):
     arrival       a trace request reaches the scheduler (dispatch)
@@ -15,7 +17,7 @@ Events on one heap, ordered by (time, sequence):
     report        every instance reports its load (every report_interval_s)
     rebalance     the scheduler's migration hooks run (every migration_interval_s)
     autoscale     the autoscaler decides (every second, when enabled)
-    stage_done    a migration's copy stage finished
+    stage_done    a migration's copy stage finished, or a queued request's commit arrived
     pull_done     a prefix pull's copy finished (the request is queued at its destination)
     started       a scaled-up instance finished starting
 """
@@ -51,7 +53,10 @@ from ferry.services.worker.engine.engine import Engine, RequestRejected
 from ferry.services.worker.engine.request import Status
 from ferry.services.worker.engine.scheduler import StepPlan
 from ferry.services.worker.latency_model import Profile, bundled_profile
+from ferry.services.worker.migration import machine
 from ferry.services.worker.migration.choice import CHOICES, pick_request
+from ferry.services.worker.migration.machine import Incoming, Outgoing
+from ferry.services.worker.migration.state import from_wire, to_wire
 from ferry.services.worker.sim_executor import SimExecutor
 
 GATEWAY = "sim-gateway"
@@ -91,15 +96,18 @@ class SimInstance:
 
 @dataclass(slots=True)
 class SimMigration:
+    """One migration: the protocol's two machines (migration/machine.py), driven here with
+    messages delivered at once and copies timed by the cost model."""
+
     migration_id: str
     src: SimInstance
     dst: SimInstance
     req_id: str
-    sent_blocks: int = 0  # blocks [0, sent_blocks) of the request's table are at dst
-    stages: int = 0
+    out: Outgoing  # the source's machine
+    inc: Incoming | None = None  # the destination's, from its MigPrealloc on
     paused_s: float | None = None
-    cached_block_ids: list[int] = field(default_factory=list)  # dst's own, claimed (dedup)
-    num_copied: int = 0
+    receiving: bool = False  # a stage is being copied: dst handles its next message after
+    to_dst: list[Any] = field(default_factory=list)  # messages waiting for that
 
 
 @dataclass(slots=True)
@@ -477,7 +485,7 @@ class Simulator:
                 self.instances[addr].engine.abort(msg.req_id)
             # Placement, InstanceView, InstanceDown, ReRegister: nothing to simulate.
 
-    # ---- migrations (the real protocol's phases, with modelled copy times) --------------
+    # ---- migrations (the real protocol's machines, with modelled copy times) ------------
 
     def _migrate_out(self, src: SimInstance, msg: wire.MigrateOut) -> None:
         dst = self.instances.get(msg.dst_instance_id)
@@ -496,98 +504,108 @@ class Simulator:
             reason = "too many migrations into the destination"
         if reason is not None:
             return self._done(msg.migration_id, src, dst, req_id or "", False, reason, 0, 0)
-        req = src.engine.get(req_id)
-        # Dedup: dst claims the leading blocks of the request it caches; they are not copied.
-        cached = dst.engine.blocks.match(src.engine.computed_hashes(req_id))
-        dst.engine.blocks.claim(cached)
-        if not dst.engine.blocks.reserve(msg.migration_id,
-                                         max(0, self._blocks_needed(src, req) - len(cached))):
-            dst.engine.blocks.free(cached)
-            return self._done(msg.migration_id, src, dst, req_id, False, "no memory", 0, 0)
-        mig = SimMigration(msg.migration_id, src, dst, req_id, sent_blocks=len(cached),
-                           cached_block_ids=cached)
+        out = Outgoing(
+            migration_id=msg.migration_id, req_id=req_id, src_instance_id=src.instance_id,
+            src_inbox_addr=src.instance_id, kv_block_bytes=src.executor.kv_block_bytes,
+            block_size=src.engine.blocks.block_size, stage_limit=cost.stage_limit,
+            last_stage_blocks=cost.last_stage_blocks)
+        mig = SimMigration(msg.migration_id, src, dst, req_id, out)
         self.migrations[mig.migration_id] = mig
         src.num_migrations_out += 1
         dst.num_migrations_in += 1
-        if req.status is Status.WAITING:  # queued: no KV, just the state
-            src.engine.pause(req_id)
-            mig.paused_s = self.now
-            self._at(self.now + cost.final_overhead_s, "stage_done", (mig, True))
-        else:
-            self._next_stage(mig)
+        self._src_ops(mig, out.start(src.engine.get(req_id),
+                                     src.engine.computed_hashes(req_id), group_id=""))
 
-    def _blocks_needed(self, src: SimInstance, req) -> int:
-        final_len = len(req.prompt_token_ids) + req.sampling.max_tokens
-        return src.engine.blocks.blocks_for(min(req.num_tokens + 4 * src.engine.blocks.block_size,
-                                                final_len))
+    def _src_ops(self, mig: SimMigration, ops: list) -> None:
+        """Run the source machine's ops (as outgoing.py does with sockets and NCCL)."""
+        src, cost = mig.src, self.migration
+        for op in ops:
+            if isinstance(op, machine.Send):
+                self._to_dst(mig, op.msg)
+            elif isinstance(op, machine.Copy):
+                overhead_s = cost.final_overhead_s if op.final else cost.stage_overhead_s
+                copy_s = (len(op.block_ids) * src.executor.kv_block_bytes
+                          / cost.bandwidth_bytes_s + overhead_s)
+                self._at(self.now + copy_s, "stage_done", (mig, op.stage_index))
+            elif isinstance(op, machine.WaitStepBoundary):
+                # Modelled as now: the sim pauses between its step events.
+                self._src_ops(mig, mig.out.step_boundary(src.engine.get(mig.req_id)))
+            elif isinstance(op, machine.Pause):
+                src.engine.pause(mig.req_id)
+                mig.paused_s = self.now
+            elif isinstance(op, machine.Commit):
+                commit = wire.MigCommit(migration_id=mig.migration_id, kv_checksum=None,
+                                        state=to_wire(src.engine.export_state(mig.req_id)))
+                if mig.receiving:  # sent with the last stage: handled after its blocks
+                    self._to_dst(mig, commit)
+                else:  # a queued request: the state alone, after the pause's overhead
+                    self._at(self.now + cost.final_overhead_s, "stage_done", (mig, commit))
+            elif isinstance(op, machine.Resume):
+                req = src.engine.get(mig.req_id)
+                if req is not None and req.status is Status.PAUSED:
+                    src.engine.resume(mig.req_id)
+            elif isinstance(op, machine.Remove):
+                src.engine.remove(mig.req_id)
+            elif isinstance(op, machine.Done):
+                self._end_migration(mig, op)
+            # Join: no KV group to join here.
 
-    def _next_stage(self, mig: SimMigration) -> None:
-        req = mig.src.engine.get(mig.req_id)
-        if req is None or req.status is not Status.RUNNING:
-            return self._abort(mig, "request finished or was preempted during migration")
-        cost = self.migration
-        num_full = req.num_computed_tokens // mig.src.engine.blocks.block_size
-        final = (num_full - mig.sent_blocks <= cost.last_stage_blocks
-                 or mig.stages >= cost.stage_limit)
-        if final:
-            mig.src.engine.pause(mig.req_id)
-            mig.paused_s = self.now
-            end = mig.src.engine.blocks.blocks_for(req.num_computed_tokens)
-            copy_s = self._copy_s(mig, end - mig.sent_blocks) + cost.final_overhead_s
-        else:
-            end = num_full
-            copy_s = self._copy_s(mig, end - mig.sent_blocks) + cost.stage_overhead_s
-        mig.num_copied += max(0, end - mig.sent_blocks)
-        mig.sent_blocks = end
-        mig.stages += 1
-        self._at(self.now + copy_s, "stage_done", (mig, final))
+    def _dst_ops(self, mig: SimMigration, ops: list) -> None:
+        """Run the destination machine's ops (as incoming.py does)."""
+        dst = mig.dst
+        for op in ops:
+            if isinstance(op, machine.Send):
+                self._src_ops(mig, mig.out.message(op.msg, mig.src.engine.get(mig.req_id)))
+            elif isinstance(op, machine.Recv):
+                mig.receiving = True  # its copy ends at the source's stage_done
+            elif isinstance(op, machine.Import):
+                dst.engine.import_request(from_wire(op.state, mig.inc.prealloc.prompt_token_ids),
+                                          list(op.block_ids))
+                # Acked at once: no failure can follow a commit here, so the source lets go
+                # of the request as it is adopted.
+                self._dst_ops(mig, mig.inc.stepped(self.now, self.now))
+            elif isinstance(op, machine.Remove) and dst.engine.get(mig.req_id) is not None:
+                dst.engine.remove(mig.req_id)
 
-    def _copy_s(self, mig: SimMigration, num_blocks: int) -> float:
-        return num_blocks * mig.src.executor.kv_block_bytes / self.migration.bandwidth_bytes_s
+    def _to_dst(self, mig: SimMigration, msg: Any) -> None:
+        """Deliver a source message; one arriving during a stage's copy waits for it."""
+        if mig.receiving and not isinstance(msg, wire.MigAbort):
+            mig.to_dst.append(msg)
+        elif isinstance(msg, wire.MigPrealloc):
+            mig.inc = Incoming(msg, mig.dst.engine.blocks)
+            self._dst_ops(mig, mig.inc.reserve() or mig.inc.opened(group_id="", store_addr=""))
+        elif mig.inc is not None:
+            self._dst_ops(mig, mig.inc.message(msg))
 
-    def _on_stage_done(self, payload: tuple[SimMigration, bool]) -> None:
-        mig, final = payload
+    def _on_stage_done(self, payload: tuple[SimMigration, Any]) -> None:
+        """A stage's copy ended (the destination acks, the source goes on), or a queued
+        request's commit arrives."""
+        mig, what = payload
         if mig.migration_id not in self.migrations:
             return
-        if not final:
-            return self._next_stage(mig)
+        if isinstance(what, wire.MigCommit):
+            return self._to_dst(mig, what)
+        mig.receiving = False
+        self._dst_ops(mig, mig.inc.received(what))
+        self._src_ops(mig, mig.out.copied(mig.src.engine.get(mig.req_id)))
+        while mig.to_dst and not mig.receiving and mig.migration_id in self.migrations:
+            self._to_dst(mig, mig.to_dst.pop(0))
+
+    def _end_migration(self, mig: SimMigration, done: machine.Done) -> None:
         src, dst = mig.src, mig.dst
-        req = src.engine.get(mig.req_id)
-        if req is None or not dst.alive:
-            return self._abort(mig, "request gone before commit")
-        num_new = (dst.engine.blocks.blocks_for(req.num_computed_tokens)
-                   - len(mig.cached_block_ids))
-        reserved = len(dst.engine.blocks.reserved(mig.migration_id))
-        if num_new > reserved and not dst.engine.blocks.reserve(mig.migration_id,
-                                                               num_new - reserved):
-            return self._abort(mig, "no memory at commit")
-        state = src.engine.export_state(mig.req_id)
-        blocks = mig.cached_block_ids + dst.engine.blocks.take_reserved(mig.migration_id, num_new)
-        mig.cached_block_ids = []
-        src.engine.remove(mig.req_id)
-        dst.engine.import_request(state, blocks)
-        self.num_migration_blocks += mig.num_copied
-        self.num_migration_blocks_skipped += len(blocks) - num_new
-        del self.migrations[mig.migration_id]
+        self.migrations.pop(mig.migration_id, None)
         src.num_migrations_out -= 1
         dst.num_migrations_in -= 1
-        self._done(mig.migration_id, src, dst, mig.req_id, True, "", mig.stages,
-                   self.now - (mig.paused_s or self.now))
-        self._kick(dst)
+        if done.committed:
+            self.num_migration_blocks += mig.out.num_blocks_copied
+            self.num_migration_blocks_skipped += mig.out.num_blocks_skipped
+            self._done(mig.migration_id, src, dst, mig.req_id, True, "", mig.out.num_stages,
+                       self.now - (mig.paused_s or self.now))
+            self._kick(dst)
+        else:
+            self._done(mig.migration_id, src, dst, mig.req_id, False, done.reason,
+                       mig.out.num_stages, 0)
         self._kick(src)
-
-    def _abort(self, mig: SimMigration, reason: str) -> None:
-        self.migrations.pop(mig.migration_id, None)
-        mig.dst.engine.blocks.release_reservation(mig.migration_id)
-        mig.dst.engine.blocks.free(mig.cached_block_ids)
-        mig.cached_block_ids = []
-        mig.src.num_migrations_out -= 1
-        mig.dst.num_migrations_in -= 1
-        req = mig.src.engine.get(mig.req_id)
-        if req is not None and req.status is Status.PAUSED:
-            mig.src.engine.resume(mig.req_id)
-        self._done(mig.migration_id, mig.src, mig.dst, mig.req_id, False, reason, mig.stages, 0)
-        self._kick(mig.src)
 
     def _done(self, migration_id, src, dst, req_id, committed, reason, stages, downtime_s):
         if committed:

@@ -10,6 +10,12 @@ from typing import Any
 
 from ferry.common import env
 
+# Blocks of decode growth a migrated request is given at its destination: the migration
+# reserves its tokens plus this many blocks there (services/worker/migration/machine.py),
+# the source picks a request that fits with this much left (choice.py), and the scheduler
+# keeps this many per running request free at a destination (migrate_dst_growth_blocks).
+MIGRATION_GROWTH_BLOCKS = 4
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Endpoint:
@@ -69,7 +75,7 @@ class SchedulerConfig:
     migrate_out_threshold: float = 1.0  # freeness below this makes a migration source
     # Blocks per running request a destination keeps free after taking a migrated one:
     # its batch's next 64 decode steps (block size 16), so a move cannot preempt there.
-    migrate_dst_growth_blocks: int = 4
+    migrate_dst_growth_blocks: int = MIGRATION_GROWTH_BLOCKS
     max_migrations_per_instance: int = 2  # concurrent migrations in or out of one instance
     high_priority_headroom_blocks: int = 0  # virtual usage added per high-priority request
     # --- prefix pulls (ferry; DESIGN §6) ---

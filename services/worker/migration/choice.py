@@ -5,11 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from ferry.common.config import MIGRATION_GROWTH_BLOCKS as GROWTH_BLOCKS
 from ferry.services.worker.engine.engine import Engine
-
-# Blocks of headroom a moved request should leave at the destination for its growth.
-GROWTH_BLOCKS = 4
-
 
 CHOICES = ("relief", "shortest")
 

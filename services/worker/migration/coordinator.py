@@ -23,6 +23,7 @@ from ferry.services.worker.engine.request import RequestOutput, Status
 from ferry.services.worker.migration.choice import pick_request
 from ferry.services.worker.migration.incoming import IncomingMigration, IncomingRunner, InPhase
 from ferry.services.worker.migration.kv_transfer import KVTransport, SimulatedTransport
+from ferry.services.worker.migration.machine import Incoming
 from ferry.services.worker.migration.outgoing import (
     LocalCancel,
     MigrationLimits,
@@ -89,7 +90,6 @@ class MigrationCoordinator:
         self.limits = MigrationLimits(
             stage_limit=config.migration_stage_limit,
             last_stage_blocks=config.migration_last_stage_blocks,
-            growth_tokens=4 * engine.blocks.block_size,
             timeout_s=config.migration_timeout_s,
             verify_kv=config.migration_verify_kv,
         )
@@ -213,44 +213,31 @@ class MigrationCoordinator:
     # ---- destination side -----------------------------------------------------------------
 
     def handle_prealloc(self, msg: wire.MigPrealloc) -> None:
-        blocks = self.engine.blocks
         reason = self._incoming_refusal(msg)
-        cached: list[int] = []
-        if reason is None:
-            # The request's leading blocks cached here already: claimed, never sent.
-            cached = blocks.match(list(msg.block_hashes))
-            blocks.claim(cached)
-            if not blocks.reserve(msg.migration_id, max(0, msg.num_blocks - len(cached))):
-                blocks.free(cached)
-                reason = (f"no memory: {msg.num_blocks} blocks asked ({len(cached)} cached), "
-                          f"{blocks.num_available} available")
         if reason is not None:
             self.send(msg.src_inbox_addr, wire.MigPreallocReply(
                 migration_id=msg.migration_id, ok=False, reason=reason, group_id="",
                 store_addr=""))
             return
-        try:
-            group_id, store_addr = self.kv.open_receiving(msg.src_instance_id, msg.group_id)
-        except Exception as exc:
-            blocks.release_reservation(msg.migration_id)
-            blocks.free(cached)
-            self.send(msg.src_inbox_addr, wire.MigPreallocReply(
-                migration_id=msg.migration_id, ok=False, reason=f"no KV group: {exc}",
-                group_id="", store_addr=""))
-            return
-        mig = IncomingMigration(
-            migration_id=msg.migration_id, req_id=msg.req_id,
-            src_instance_id=msg.src_instance_id, src_inbox_addr=msg.src_inbox_addr,
-            group_id=group_id, prompt_token_ids=msg.prompt_token_ids, cached_block_ids=cached,
-        )
+        m = Incoming(msg, self.engine.blocks, kv_checksum=self.kv.checksum)
+        ops = m.reserve()
+        group_id = ""
+        if not ops:
+            try:
+                group_id, store_addr = self.kv.open_receiving(msg.src_instance_id, msg.group_id)
+            except Exception as exc:
+                ops = m.open_failed(str(exc))
+            else:
+                ops = m.opened(group_id, store_addr)
+        mig = IncomingMigration(machine=m, src_inbox_addr=msg.src_inbox_addr, group_id=group_id)
         runner = IncomingRunner(mig, engine=self.engine, kv=self.kv, send=self.send,
                                 timeout_s=self.config.migration_timeout_s,
                                 on_imported=self.on_request_placed)
-        self.incoming[msg.migration_id] = runner
-        self._spawn(self._run_incoming(runner))
-        self.send(msg.src_inbox_addr, wire.MigPreallocReply(
-            migration_id=msg.migration_id, ok=True, reason="", group_id=group_id,
-            store_addr=store_addr, num_cached_blocks=len(cached)))
+        if m.phase is InPhase.RESERVED:
+            self.incoming[msg.migration_id] = runner
+            self._spawn(self._run_incoming(runner))
+        for op in ops:
+            runner.apply(op)
 
     def _incoming_refusal(self, msg: wire.MigPrealloc) -> str | None:
         if len(self.incoming) >= self.config.max_migrations:

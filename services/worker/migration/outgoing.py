@@ -1,25 +1,19 @@
-"""Source side of one live migration (DESIGN §6), as a coroutine over explicit phases.
+"""Source side of one live migration: the asyncio driver of `machine.Outgoing`.
 
-    PREALLOC ─ok─▶ STAGING (stage k: blocks filled since stage k-1, request keeps decoding)
-        │              │ few blocks left, or stage limit
-        │              ▼
-        │          FINAL (request paused: last blocks + state) ─▶ COMMIT ─ack─▶ COMMITTED
-        └──────────────┴──────────────── any failure ──────────────────────▶ ABORTED
+The machine decides (DESIGN §6; its docstring has the states); this runs its ops with
+the real transport: control messages through `send`, KV blocks through `kv`
+(KVTransport over NCCL/gloo, or SimulatedTransport), `step_boundary()` for the pause,
+wall-clock timeouts on every reply. A copy is awaited before the next reply is read, so
+a stage's blocks are sent before anything else happens to the migration.
 
-Dedup: MigPrealloc lists the prefix hashes of the request's computed full blocks; the
-destination answers with how many leading ones it caches already (it claims them for the
-request), and the stages start after them.
-
-On abort the request goes on where it was (resumed if paused) and the destination is
-told to free what it holds. After MigCommit is sent, an abort (ack timeout) resumes the
-request here *and* tells the destination to drop its copy: if both ran for a while, the
-gateway drops the duplicate token indices, so the client still sees each index once.
+After MigCommit is sent, an abort (ack timeout) resumes the request here *and* tells the
+destination to drop its copy: if both ran for a while, the gateway drops the duplicate
+token indices, so the client still sees each index once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,24 +21,10 @@ from typing import Any
 
 from ferry.common import wire
 from ferry.services.worker.engine.engine import Engine
-from ferry.services.worker.engine.request import Request, Status
+from ferry.services.worker.engine.request import Status
+from ferry.services.worker.migration import machine
+from ferry.services.worker.migration.machine import Outgoing, Phase
 from ferry.services.worker.migration.state import to_wire
-
-
-class Phase(enum.Enum):
-    PREALLOC = "prealloc"
-    STAGING = "staging"
-    FINAL = "final"
-    COMMIT = "commit"
-    COMMITTED = "committed"
-    ABORTED = "aborted"
-
-
-class MigrationAborted(Exception):
-    def __init__(self, reason: str, *, notify_peer: bool = True) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.notify_peer = notify_peer
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +38,6 @@ class LocalCancel:
 class MigrationLimits:
     stage_limit: int  # stages before the final one
     last_stage_blocks: int  # pause once at most this many new full blocks remain
-    growth_tokens: int  # tokens of headroom reserved for decoding during the stages
     timeout_s: float  # a reply not arriving within this aborts
     verify_kv: bool = False  # send a checksum of the KV with the commit
 
@@ -69,11 +48,8 @@ class OutgoingMigration:
     req_id: str
     dst_instance_id: str
     dst_inbox_addr: str
-    phase: Phase = Phase.PREALLOC
     replies: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=8))
-    num_stages: int = 0
-    next_block: int = 0  # blocks [0, next_block) of the request's table are at dst
-    num_blocks_skipped: int = 0  # of those, cached there already (never copied)
+    machine: Outgoing | None = None  # None: refused before it started
     num_bytes: int = 0
     started_s: float = field(default_factory=time.perf_counter)
     last_step_s: float = 0.0  # wall clock: end of the request's last step here
@@ -82,36 +58,35 @@ class OutgoingMigration:
     max_stages: int = -1  # from MigrateOut: -1 the worker's limit
     first_stage_bytes: int = 0
     first_stage_s: float = 0.0
-    kv_verified: bool = False  # a checksum went with the commit (the ack means it matched)
     reason: str = ""
 
     def done_message(self, src_instance_id: str) -> wire.MigrationDone:
+        m = self.machine
+        committed = m is not None and m.phase is Phase.COMMITTED
         return wire.MigrationDone(
             migration_id=self.migration_id,
             req_id=self.req_id,
             src_instance_id=src_instance_id,
             dst_instance_id=self.dst_instance_id,
-            committed=self.phase is Phase.COMMITTED,
-            reason=self.reason,
-            num_stages=self.num_stages,
-            num_blocks=self.next_block - self.num_blocks_skipped,
+            committed=committed,
+            reason=self.reason if m is None else m.reason,
+            num_stages=0 if m is None else m.num_stages,
+            num_blocks=0 if m is None else m.num_blocks_copied,
             num_bytes=self.num_bytes,
             total_s=time.perf_counter() - self.started_s,
             downtime_s=self.downtime_s,
             first_stage_bytes=self.first_stage_bytes,
             first_stage_s=self.first_stage_s,
-            kv_verified=self.kv_verified and self.phase is Phase.COMMITTED,
+            kv_verified=committed and m.kv_verified,
             token_gap_s=self.token_gap_s,
-            num_blocks_skipped=self.num_blocks_skipped,
+            num_blocks_skipped=0 if m is None else m.num_blocks_skipped,
         )
 
 
 class OutgoingRunner:
     """Drives one OutgoingMigration. `send(addr, msg)` is the control channel; `kv` the
     KV transport (KVTransport or SimulatedTransport); `step_boundary()` returns right
-    after the engine's next step. A stage reads only blocks counted in
-    num_computed_tokens, written by steps the host already saw complete, so the copy
-    waits for nothing on the device."""
+    after the engine's next step."""
 
     def __init__(
         self,
@@ -130,193 +105,123 @@ class OutgoingRunner:
         self.engine = engine
         self.kv = kv
         self.send = send
-        self.instance_id = instance_id
-        self.inbox_addr = inbox_addr
         self.limits = limits
         self.step_boundary = step_boundary
         # dst instance id -> lock held from a MigPrealloc to joining the KV group of its
         # reply: a second migration to the same destination names that group instead of
         # racing the first to create one (the destination would replace the first's).
         self.prealloc_locks = prealloc_locks if prealloc_locks is not None else {}
-        self.block_size = engine.blocks.block_size
+        self.machine = mig.machine = Outgoing(
+            migration_id=mig.migration_id, req_id=mig.req_id, src_instance_id=instance_id,
+            src_inbox_addr=inbox_addr, kv_block_bytes=kv.block_bytes,
+            block_size=engine.blocks.block_size,
+            stage_limit=limits.stage_limit if mig.max_stages < 0 else mig.max_stages,
+            last_stage_blocks=limits.last_stage_blocks, verify_kv=limits.verify_kv)
+        self._copy: asyncio.Future | None = None  # the stage being sent
+        self._copy_start = 0.0
 
     async def run(self) -> OutgoingMigration:
-        mig = self.mig
-        req = self.engine.get(mig.req_id)
+        m = self.machine
+        req = self.engine.get(m.req_id)
         try:
             if req is None or req.status not in (Status.RUNNING, Status.WAITING):
-                raise MigrationAborted("request is not running here", notify_peer=False)
-            await self._prealloc(req)
-            if req.status is Status.WAITING:
-                self.engine.pause(req.req_id)
-                await self._commit(req)
+                self._apply(m.start(req, [], ""))
             else:
-                await self._stages(req)
-                await self._final(req)
-        except MigrationAborted as err:
-            self._abort(req, err)
+                async with self.prealloc_locks.setdefault(self.mig.dst_instance_id,
+                                                          asyncio.Lock()):
+                    await self._run_ops(m.start(
+                        req, self.engine.computed_hashes(req.req_id),
+                        self.kv.sending_group_id(self.mig.dst_instance_id)))
+                    while m.phase is Phase.PREALLOC:
+                        await self._next_event()
+            while not m.ended:
+                await self._next_event()
         except TimeoutError:
-            self._abort(req, MigrationAborted(f"timeout in phase {mig.phase.value}"))
+            await self._run_ops(m.timeout())
         except Exception as exc:  # transport failures: peer died, group broke
-            self._abort(req, MigrationAborted(f"{type(exc).__name__}: {exc}"))
-        return mig
-
-    # ---- phases ---------------------------------------------------------------------------
-
-    async def _prealloc(self, req: Request) -> None:
-        async with self.prealloc_locks.setdefault(self.mig.dst_instance_id, asyncio.Lock()):
-            await self._prealloc_locked(req)
-
-    async def _prealloc_locked(self, req: Request) -> None:
-        mig = self.mig
-        hashes = self.engine.computed_hashes(req.req_id)
-        self.send(mig.dst_inbox_addr, wire.MigPrealloc(
-            migration_id=mig.migration_id,
-            req_id=req.req_id,
-            src_instance_id=self.instance_id,
-            src_inbox_addr=self.inbox_addr,
-            num_blocks=self._blocks_needed(req),
-            kv_block_bytes=self.kv.block_bytes,
-            group_id=self.kv.sending_group_id(mig.dst_instance_id),
-            prompt_token_ids=req.prompt_token_ids,
-            block_hashes=tuple(hashes),
-        ))
-        reply = await self._reply(wire.MigPreallocReply)
-        if not reply.ok:
-            raise MigrationAborted(f"destination refused: {reply.reason}", notify_peer=False)
-        if not 0 <= reply.num_cached_blocks <= len(hashes):
-            raise MigrationAborted(f"destination claims {reply.num_cached_blocks} cached blocks "
-                                   f"of {len(hashes)} offered")
-        mig.next_block = mig.num_blocks_skipped = reply.num_cached_blocks
-        self.kv.join_sending(mig.dst_instance_id, reply.group_id, reply.store_addr)
-        mig.phase = Phase.STAGING
-
-    async def _stages(self, req: Request) -> None:
-        """Send full blocks while the request keeps decoding, until few are left."""
-        mig = self.mig
-        stage_limit = self.limits.stage_limit if mig.max_stages < 0 else mig.max_stages
-        while mig.num_stages < stage_limit:
-            self._check_still_here(req)
-            num_full = req.num_computed_tokens // self.block_size
-            if num_full - mig.next_block <= self.limits.last_stage_blocks:
-                return
-            await self._send_stage(req, num_full)
-
-    async def _final(self, req: Request) -> None:
-        mig = self.mig
-        # Pause right after a step, before the next is scheduled: the request misses no
-        # step it was already part of, and its KV is complete up to num_computed_tokens.
-        await self.step_boundary()
-        self._check_still_here(req)
-        mig.phase = Phase.FINAL
-        self.engine.pause(req.req_id)
-        mig.last_step_s = req.last_step_s
-        # The commit follows the last stage at once: the destination handles its messages
-        # in order, so it adopts the request only after the stage's blocks arrived.
-        last_stage = asyncio.ensure_future(self._send_stage(
-            req, self.engine.blocks.blocks_for(req.num_computed_tokens), wait_ack=False))
-        await asyncio.sleep(0)  # let the stage announce itself before the commit
-        try:
-            await self._commit(req, before_ack=last_stage)
+            await self._run_ops(m.failed(f"{type(exc).__name__}: {exc}"))
         finally:
-            if not last_stage.done():
-                last_stage.cancel()
+            if self._copy is not None and not self._copy.done():
+                self._copy.cancel()
+        return self.mig
 
-    async def _commit(self, req: Request, before_ack: asyncio.Future | None = None) -> None:
-        mig = self.mig
-        mig.phase = Phase.COMMIT
-        state = self.engine.export_state(req.req_id)
-        checksum = None
-        if self.limits.verify_kv and state.num_computed_tokens:
-            num_blocks = self.engine.blocks.blocks_for(state.num_computed_tokens)
-            checksum = self.kv.checksum(req.block_ids[:num_blocks])
-            mig.kv_verified = True
-        self.send(mig.dst_inbox_addr, wire.MigCommit(
-            migration_id=mig.migration_id,
-            kv_checksum=checksum,
-            state=to_wire(state),
-        ))
-        if before_ack is not None:
-            await before_ack  # the last blocks are sent (their pins released)
-        # The destination acks after the request's first step there.
-        while True:
-            ack = await self._reply(wire.MigCommitAck, wire.MigStageAck)
-            if isinstance(ack, wire.MigStageAck):
-                if not ack.ok:
-                    raise MigrationAborted(f"final stage failed: {ack.reason}", notify_peer=False)
-                continue
-            break
-        if not ack.ok:
-            raise MigrationAborted(f"destination could not commit: {ack.reason}", notify_peer=False)
-        if mig.last_step_s and ack.resumed_s:
-            mig.downtime_s = max(0.0, ack.resumed_s - mig.last_step_s)
-            mig.token_gap_s = max(0.0, ack.first_token_s - mig.last_step_s)
-        self.engine.remove(req.req_id)
-        mig.phase = Phase.COMMITTED
+    async def _next_event(self) -> None:
+        """A copy in flight is awaited first (no timeout: the transport has its own), then
+        replies, each within the timeout."""
+        m = self.machine
+        if self._copy is not None:
+            copy, self._copy = self._copy, None
+            await copy
+            return await self._run_ops(m.copied(self.engine.get(m.req_id)))
+        msg = await asyncio.wait_for(self.mig.replies.get(), self.limits.timeout_s)
+        if isinstance(msg, LocalCancel):
+            return await self._run_ops(m.cancel(msg.reason))
+        await self._run_ops(m.message(msg, self.engine.get(m.req_id)))
 
-    async def _send_stage(self, req: Request, end_block: int, *, wait_ack: bool = True) -> None:
-        mig = self.mig
-        first = mig.next_block
-        block_ids = req.block_ids[first:end_block]
-        self.send(mig.dst_inbox_addr, wire.MigStage(
-            migration_id=mig.migration_id,
-            stage_index=mig.num_stages,
-            first_block_index=first,
-            num_blocks=len(block_ids),
-            num_blocks_needed=self._blocks_needed(req),
-        ))
+    async def _run_ops(self, ops: list) -> None:
+        for op in ops:
+            if isinstance(op, machine.WaitStepBoundary):
+                await self.step_boundary()
+                req = self.engine.get(self.machine.req_id)
+                await self._run_ops(self.machine.step_boundary(req))
+            elif isinstance(op, machine.Copy):
+                self._start_copy(op)
+                await asyncio.sleep(0)  # the send is queued before the next message (commit)
+            else:
+                self._apply(op)
+
+    def _apply(self, op: Any) -> None:
+        mig, engine = self.mig, self.engine
+        if isinstance(op, machine.Send):
+            self.send(mig.dst_inbox_addr, op.msg)
+        elif isinstance(op, machine.Join):
+            self.kv.join_sending(mig.dst_instance_id, op.group_id, op.store_addr)
+        elif isinstance(op, machine.Pause):
+            req = engine.pause(mig.req_id)
+            if op.at_step_boundary:
+                mig.last_step_s = req.last_step_s
+        elif isinstance(op, machine.Commit):
+            self._send_commit(op)
+        elif isinstance(op, machine.Resume):
+            req = engine.get(mig.req_id)
+            if req is not None and req.status is Status.PAUSED:
+                engine.resume(mig.req_id)
+        elif isinstance(op, machine.Remove):
+            engine.remove(mig.req_id)
+            ack = self.machine.commit_ack
+            if mig.last_step_s and ack.resumed_s:
+                mig.downtime_s = max(0.0, ack.resumed_s - mig.last_step_s)
+                mig.token_gap_s = max(0.0, ack.first_token_s - mig.last_step_s)
+        elif not isinstance(op, machine.Done):
+            raise TypeError(f"unexpected op {op!r}")
+
+    def _start_copy(self, op: machine.Copy) -> None:
         # Pinned: if the request finishes or is preempted meanwhile, its blocks are not
         # handed to anyone else until the read is over.
+        block_ids = list(op.block_ids)
         self.engine.blocks.incref(block_ids)
-        start = time.perf_counter()
-        try:
-            num_bytes = await self.kv.send(mig.dst_instance_id, block_ids)
-        finally:
-            self.engine.blocks.free(block_ids)
-        mig.num_bytes += num_bytes
-        if mig.num_stages == 0:
-            mig.first_stage_bytes = num_bytes
-            mig.first_stage_s = time.perf_counter() - start
-        mig.next_block = end_block
-        mig.num_stages += 1
-        if wait_ack:
-            ack = await self._reply(wire.MigStageAck)
-            if not ack.ok:
-                raise MigrationAborted(f"stage {ack.stage_index} failed: {ack.reason}",
-                                       notify_peer=False)
+        self._copy_start = time.perf_counter()
+        first = op.stage_index == 0
 
-    # ---- helpers --------------------------------------------------------------------------
+        async def copy() -> None:
+            try:
+                num_bytes = await self.kv.send(self.mig.dst_instance_id, block_ids)
+            finally:
+                self.engine.blocks.free(block_ids)
+            self.mig.num_bytes += num_bytes
+            if first:
+                self.mig.first_stage_bytes = num_bytes
+                self.mig.first_stage_s = time.perf_counter() - self._copy_start
 
-    def _blocks_needed(self, req: Request) -> int:
-        """Blocks the destination should hold by now: the request's tokens plus headroom
-        for decoding during the next stage, never past its final length."""
-        final_len = len(req.prompt_token_ids) + req.sampling.max_tokens
-        return self.engine.blocks.blocks_for(
-            min(req.num_tokens + self.limits.growth_tokens, final_len))
+        self._copy = asyncio.ensure_future(copy())
 
-    def _check_still_here(self, req: Request) -> None:
-        if self.engine.get(req.req_id) is not req or req.status is Status.FINISHED:
-            raise MigrationAborted("request finished during migration")
-        if req.status is Status.WAITING:
-            raise MigrationAborted("request was preempted during migration")
-
-    async def _reply(self, *types: type) -> Any:
-        while True:
-            msg = await asyncio.wait_for(self.mig.replies.get(), self.limits.timeout_s)
-            if isinstance(msg, LocalCancel):
-                raise MigrationAborted(msg.reason)
-            if isinstance(msg, wire.MigAbort):
-                raise MigrationAborted(f"destination aborted: {msg.reason}", notify_peer=False)
-            if isinstance(msg, types):
-                return msg
-
-    def _abort(self, req: Request | None, err: MigrationAborted) -> None:
-        mig = self.mig
-        mig.reason = err.reason
-        if err.notify_peer:
-            # Also after PREALLOC: the destination may have reserved before its reply was lost.
-            self.send(mig.dst_inbox_addr, wire.MigAbort(migration_id=mig.migration_id,
-                                                        reason=err.reason))
-        if req is not None and req.status is Status.PAUSED and self.engine.get(req.req_id) is req:
-            self.engine.resume(req.req_id)
-        mig.phase = Phase.ABORTED
+    def _send_commit(self, op: machine.Commit) -> None:
+        mig, engine = self.mig, self.engine
+        state = engine.export_state(mig.req_id)
+        checksum = None
+        if op.verify:
+            req = engine.get(mig.req_id)
+            num_blocks = engine.blocks.blocks_for(state.num_computed_tokens)
+            checksum = self.kv.checksum(req.block_ids[:num_blocks])
+        self.send(mig.dst_inbox_addr, wire.MigCommit(
+            migration_id=mig.migration_id, kv_checksum=checksum, state=to_wire(state)))
