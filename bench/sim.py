@@ -56,7 +56,6 @@ from ferry.services.worker.latency_model import Profile, bundled_profile
 from ferry.services.worker.migration import machine
 from ferry.services.worker.migration.choice import CHOICES, pick_request
 from ferry.services.worker.migration.machine import Incoming, Outgoing
-from ferry.services.worker.migration.state import from_wire, to_wire
 from ferry.services.worker.sim_executor import SimExecutor
 
 GATEWAY = "sim-gateway"
@@ -535,7 +534,7 @@ class Simulator:
                 mig.paused_s = self.now
             elif isinstance(op, machine.Commit):
                 commit = wire.MigCommit(migration_id=mig.migration_id, kv_checksum=None,
-                                        state=to_wire(src.engine.export_state(mig.req_id)))
+                                        state=src.engine.export_state(mig.req_id))
                 if mig.receiving:  # sent with the last stage: handled after its blocks
                     self._to_dst(mig, commit)
                 else:  # a queued request: the state alone, after the pause's overhead
@@ -559,7 +558,7 @@ class Simulator:
             elif isinstance(op, machine.Recv):
                 mig.receiving = True  # its copy ends at the source's stage_done
             elif isinstance(op, machine.Import):
-                dst.engine.import_request(from_wire(op.state, mig.inc.prealloc.prompt_token_ids),
+                dst.engine.import_request(op.state, mig.inc.prealloc.prompt_token_ids,
                                           list(op.block_ids))
                 # Acked at once: no failure can follow a commit here, so the source lets go
                 # of the request as it is adopted.

@@ -257,7 +257,7 @@ def test_pause_export_import_moves_a_request_between_engines():
     dst_blocks = dst.blocks.take_reserved("m", num_blocks)
     dst.executor.kv_cache[dst_blocks] = src.executor.kv_cache[req.block_ids[:num_blocks]]
     src.remove(moving)
-    dst.import_request(state, dst_blocks)
+    dst.import_request(state, req.prompt_token_ids, dst_blocks)
     src.check_invariants()
     dst.check_invariants()
     # The destination continues the stream at the next undelivered index.

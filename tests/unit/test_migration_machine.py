@@ -16,7 +16,6 @@ from ferry.services.worker.migration.machine import (
     Phase,
     blocks_needed,
 )
-from ferry.services.worker.migration.state import from_wire, to_wire
 from tests.unit.test_engine_core import Collector, make_engine, run_all, step
 
 
@@ -59,7 +58,7 @@ class Pair:
                 self.src.pause(self.out.req_id)
             elif isinstance(op, machine.Commit):
                 msg = wire.MigCommit(migration_id="m1", kv_checksum=None,
-                                     state=to_wire(self.src.export_state(self.out.req_id)))
+                                     state=self.src.export_state(self.out.req_id))
                 self.sent.append(msg)
                 self.deliver(msg)
             elif isinstance(op, machine.Resume):
@@ -86,7 +85,7 @@ class Pair:
             elif isinstance(op, machine.Recv):
                 self.recv = op
             elif isinstance(op, machine.Import):
-                self.dst.import_request(from_wire(op.state, self.inc.prealloc.prompt_token_ids),
+                self.dst.import_request(op.state, self.inc.prealloc.prompt_token_ids,
                                         list(op.block_ids))
             elif isinstance(op, machine.Remove):
                 self.dst.remove(self.out.req_id)

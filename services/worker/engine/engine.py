@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from ferry.common import wire
 from ferry.common.config import EngineConfig
@@ -35,23 +35,6 @@ class RequestRejected(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ExportedRequest:
-    """What a migration needs to recreate a request elsewhere."""
-
-    req_id: str
-    prompt_token_ids: tuple[int, ...]
-    output_token_ids: tuple[int, ...]
-    num_delivered: int
-    sampling: SamplingParams
-    priority: int
-    reply_addr: str
-    arrival_s: float
-    num_computed_tokens: int
-    num_preemptions: int
-    attempt: int
 
 
 class Engine:
@@ -268,11 +251,12 @@ class Engine:
     def resume(self, req_id: str) -> None:
         self.scheduler.resume(req_id)
 
-    def export_state(self, req_id: str) -> ExportedRequest:
+    def export_state(self, req_id: str) -> wire.RequestState:
+        """What a migration carries to recreate the request elsewhere (all but the prompt,
+        which travels earlier, with MigPrealloc)."""
         req = self.requests[req_id]
-        return ExportedRequest(
+        return wire.RequestState(
             req_id=req.req_id,
-            prompt_token_ids=req.prompt_token_ids,
             output_token_ids=tuple(req.output_token_ids),
             num_delivered=req.num_delivered,
             sampling=req.sampling,
@@ -293,8 +277,9 @@ class Engine:
         self.scheduler.remove(req_id)
         del self.requests[req_id]
 
-    def import_request(self, state: ExportedRequest, block_ids: list[int]) -> None:
-        """Adopt a migrated request. block_ids hold the KV of its first
+    def import_request(self, state: wire.RequestState, prompt_token_ids: tuple[int, ...],
+                       block_ids: list[int]) -> None:
+        """Adopt a migrated request (its state, and its prompt). block_ids hold the KV of its first
         num_computed_tokens tokens (owned: one reference each; leading ones may be cached
         blocks it shares, claimed for it). Its full blocks are registered as cached. With no KV
         (num_computed_tokens 0) it joins the waiting queue like a new request."""
@@ -302,7 +287,7 @@ class Engine:
             raise RequestRejected(400, f"request {state.req_id} already exists")
         req = Request(
             req_id=state.req_id,
-            prompt_token_ids=tuple(state.prompt_token_ids),
+            prompt_token_ids=tuple(prompt_token_ids),
             sampling=state.sampling,
             priority=state.priority,
             arrival_s=state.arrival_s,

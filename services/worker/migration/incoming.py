@@ -18,7 +18,6 @@ from typing import Any
 from ferry.services.worker.engine.engine import Engine
 from ferry.services.worker.migration import machine
 from ferry.services.worker.migration.machine import Incoming, InPhase
-from ferry.services.worker.migration.state import from_wire
 
 __all__ = ["IncomingMigration", "IncomingRunner", "InPhase"]
 
@@ -101,7 +100,7 @@ class IncomingRunner:
             elif isinstance(op, machine.Import):
                 try:
                     self.engine.import_request(
-                        from_wire(op.state, self.machine.prealloc.prompt_token_ids),
+                        op.state, self.machine.prealloc.prompt_token_ids,
                         list(op.block_ids))
                 except Exception as exc:
                     return await self._run_ops(self.machine.import_failed(

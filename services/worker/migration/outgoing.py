@@ -24,7 +24,6 @@ from ferry.services.worker.engine.engine import Engine
 from ferry.services.worker.engine.request import Status
 from ferry.services.worker.migration import machine
 from ferry.services.worker.migration.machine import Outgoing, Phase
-from ferry.services.worker.migration.state import to_wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,4 +223,4 @@ class OutgoingRunner:
             num_blocks = engine.blocks.blocks_for(state.num_computed_tokens)
             checksum = self.kv.checksum(req.block_ids[:num_blocks])
         self.send(mig.dst_inbox_addr, wire.MigCommit(
-            migration_id=mig.migration_id, kv_checksum=checksum, state=to_wire(state)))
+            migration_id=mig.migration_id, kv_checksum=checksum, state=state))
