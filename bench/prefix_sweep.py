@@ -261,7 +261,11 @@ def main(argv: list[str] | None = None) -> None:
             return json.loads(path.read_text()) if path.exists() else None
         start = time.perf_counter()
         make_trace(spec, rate, seed, trace, python)
-        result = simulate(trace, variant, path, shlex.split(args.sim_args), python)
+        try:
+            result = simulate(trace, variant, path, shlex.split(args.sim_args), python)
+        except RuntimeError as err:  # one failed run: said, left out, the sweep goes on
+            print(err, file=sys.stderr, flush=True)
+            return None
         print(f"{path.stem}: P99 TTFT {result['prefill_latency_s']['p99']:.3f} s "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         return result
