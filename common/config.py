@@ -77,7 +77,12 @@ class SchedulerConfig:
     # its batch's next 64 decode steps (block size 16), so a move cannot preempt there.
     migrate_dst_growth_blocks: int = MIGRATION_GROWTH_BLOCKS
     max_migrations_per_instance: int = 2  # concurrent migrations in or out of one instance
+    # Freeness a destination must exceed the source (and the threshold) by to be paired;
+    # None: max(1, migrate_out_threshold).
+    migrate_margin: float | None = None
     high_priority_headroom_blocks: int = 0  # virtual usage added per high-priority request
+    # An instance whose estimated queue reaches this takes no dispatch (all full: 429).
+    max_queued_per_instance: int = 4096
     # --- prefix pulls (ferry; DESIGN §6) ---
     prefix_pull: bool = True  # a free instance may copy a busy one's cached prefix
     # The KV copy rate between instances the pull decision assumes, bytes/s: ~200e9 over

@@ -70,7 +70,6 @@ Out = list[tuple[str, Any]]  # (peer inbox address, wire message)
 
 # Requests an instance may have queued (estimated) before dispatch skips it; when every
 # instance is past it the gateway gets 429. Matches EngineConfig.max_waiting.
-DEFAULT_MAX_QUEUED_PER_INSTANCE = 4096
 MAX_GATEWAYS = 256  # gateway addresses remembered (least recently seen forgotten first)
 MAX_ABORT_REASONS = 64  # distinct abort reasons counted; the rest count as "other"
 MAX_RECENTLY_RELEASED = 16_384  # released req_ids remembered (see migration_done)
@@ -191,14 +190,11 @@ class SchedulerCore:
         cfg: SchedulerConfig,
         *,
         epoch: str,
-        max_queued_per_instance: int = DEFAULT_MAX_QUEUED_PER_INSTANCE,
-        migrate_margin: float | None = None,
         started_s: float = 0.0,
     ) -> None:
         self.cfg = cfg
         self.epoch = epoch  # changes on every scheduler start
         self.started_s = started_s  # monotonic; views wait cfg.startup_grace_s after it
-        self.max_queued_per_instance = max_queued_per_instance
         self.table = InstanceTable()
         self.dispatch_policy = make_dispatch_policy(
             cfg.dispatch_policy, headroom_blocks=cfg.high_priority_headroom_blocks,
@@ -227,17 +223,17 @@ class SchedulerCore:
                          max_wait_s=cfg.pending_max_wait_s)
             if cfg.hold_until_room else None
         )
-        # Periodic migration policies (DESIGN §5); least_load is the no-migration baseline.
-        # A custom policy appends itself here; `ferry migrate` goes through `migrate` too.
-        self.migration_hooks: list[MigrationHook] = []
+        # The periodic migration policy (DESIGN §5), None for the placement-only baselines;
+        # its decisions, like `ferry migrate`'s, go through `migrate`'s checks.
+        self.migration_policy: MigrationHook | None = None
         placement_only = (LeastLoad.name, Infaas.name, PrefixAffinity.name)  # baselines
         if cfg.enable_migration and cfg.dispatch_policy not in placement_only:
             margin = (
-                migrate_margin
-                if migrate_margin is not None
+                cfg.migrate_margin
+                if cfg.migrate_margin is not None
                 else max(1.0, cfg.migrate_out_threshold)
             )
-            self.migration_hooks.append(
+            self.migration_policy = (
                 partial(
                     pair_migrations,
                     threshold=cfg.migrate_out_threshold,
@@ -357,7 +353,7 @@ class SchedulerCore:
         open_ = {
             i: load
             for i, load in serving.items()
-            if load.num_waiting < self.max_queued_per_instance
+            if load.num_waiting < self.cfg.max_queued_per_instance
         }
         if not open_:
             return 429, "overloaded: every instance's queue is full"
@@ -671,14 +667,15 @@ class SchedulerCore:
         return [(addr, view) for addr in self.gateways]
 
     def rebalance(self, now: float) -> Out:
-        """Run the migration hooks; each decision goes through `migrate`'s checks."""
+        """Run the migration policy; each decision goes through `migrate`'s checks."""
         out: Out = []
-        for hook in self.migration_hooks:
-            for decision in hook(self.table.loads()):
-                try:
-                    out += self.migrate(decision, now, keep_growth=True)[1]
-                except SchedulerError as err:
-                    log.debug("migration_skipped", reason=err.message)
+        if self.migration_policy is None:
+            return out
+        for decision in self.migration_policy(self.table.loads()):
+            try:
+                out += self.migrate(decision, now, keep_growth=True)[1]
+            except SchedulerError as err:
+                log.debug("migration_skipped", reason=err.message)
         return out
 
     # ---- commands -----------------------------------------------------------------------

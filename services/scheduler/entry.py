@@ -15,7 +15,6 @@ from ferry.common import env
 from ferry.common import logging as ferry_logging
 from ferry.common.config import Endpoint, SchedulerConfig, defaults
 from ferry.common.logging import get_logger
-from ferry.services.scheduler.core import DEFAULT_MAX_QUEUED_PER_INSTANCE
 from ferry.services.scheduler.dispatch import POLICY_NAMES
 from ferry.services.scheduler.main import Scheduler
 from ferry.services.scheduler.metrics import (
@@ -107,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--max-queued-per-instance",
         type=int,
-        default=DEFAULT_MAX_QUEUED_PER_INSTANCE,
+        default=d["max_queued_per_instance"],
         help="estimated queue length past which an instance takes no dispatch (all: 429)",
     )
     add("--autoscale", action=argparse.BooleanOptionalAction, default=d["autoscale"])
@@ -165,6 +164,8 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         migrate_dst_growth_blocks=args.migrate_dst_growth_blocks,
         max_migrations_per_instance=args.max_migrations_per_instance,
         high_priority_headroom_blocks=args.high_priority_headroom_blocks,
+        migrate_margin=args.migrate_margin,
+        max_queued_per_instance=args.max_queued_per_instance,
         autoscale=args.autoscale,
         min_workers=args.min_workers,
         max_workers=args.max_workers,
@@ -188,12 +189,7 @@ async def serve(args: argparse.Namespace) -> None:
     provisioner = None
     if cfg.autoscale:
         provisioner = LocalProcessProvisioner(args.worker_args, scheduler_addr=cfg.inbox.advertise)
-    scheduler = Scheduler(
-        cfg,
-        provisioner=provisioner,
-        max_queued_per_instance=args.max_queued_per_instance,
-        migrate_margin=args.migrate_margin,
-    )
+    scheduler = Scheduler(cfg, provisioner=provisioner)
     metrics = None
     if args.metrics_port:
         collector = SchedulerCollector(scheduler.core, scheduler.stats, scheduler)

@@ -59,7 +59,6 @@ from ferry.common.zmq_util import (
 )
 from ferry.services.scheduler.autoscale import ACTION_NAMES, autoscale_round, make_autoscaler
 from ferry.services.scheduler.core import (
-    DEFAULT_MAX_QUEUED_PER_INSTANCE,
     Out,
     Pending,
     Released,
@@ -92,8 +91,6 @@ class Scheduler:
         ctx: zmq.asyncio.Context | None = None,
         provisioner: LocalProcessProvisioner | None = None,
         clock: Callable[[], float] = time.monotonic,
-        max_queued_per_instance: int = DEFAULT_MAX_QUEUED_PER_INSTANCE,
-        migrate_margin: float | None = None,
     ) -> None:
         if cfg.autoscale and provisioner is None:
             raise ValueError("autoscale needs a provisioner")
@@ -104,8 +101,6 @@ class Scheduler:
         self.core = SchedulerCore(
             cfg,
             epoch=uuid.uuid4().hex[:12],
-            max_queued_per_instance=max_queued_per_instance,
-            migrate_margin=migrate_margin,
             started_s=clock(),
         )
         self.autoscaler = make_autoscaler(cfg) if cfg.autoscale else None
@@ -153,7 +148,7 @@ class Scheduler:
             inbox=self.inbox_endpoint,
             admin=self.admin_endpoint,
             policy=self.cfg.dispatch_policy,
-            migration=bool(self.core.migration_hooks),
+            migration=self.core.migration_policy is not None,
             autoscale=self.cfg.autoscale,
             **describe(self.keys, self.cfg.inbox.bind),
         )

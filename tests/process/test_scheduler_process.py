@@ -500,6 +500,8 @@ def test_every_config_field_has_a_flag():
         "migrate_dst_growth_blocks": 7,
         "max_migrations_per_instance": 5,
         "high_priority_headroom_blocks": 12,
+        "migrate_margin": 1.5,
+        "max_queued_per_instance": 9,
         "autoscale": True,
         "min_workers": 2,
         "max_workers": 6,

@@ -43,8 +43,7 @@ def config(**kw):
 
 
 def make_core(**kw):
-    core_kw = {k: kw.pop(k) for k in ("max_queued_per_instance", "migrate_margin") if k in kw}
-    return SchedulerCore(config(**kw), epoch="e1", **core_kw)
+    return SchedulerCore(config(**kw), epoch="e1")
 
 
 def addr(instance_id):
@@ -290,7 +289,7 @@ def test_rebalance_issues_migrate_out_to_the_source_up_to_the_bound():
 def test_least_load_never_migrates():
     core = make_core(dispatch_policy="least_load")
     overloaded_pair(core)
-    assert core.migration_hooks == [] and core.rebalance(now=0.0) == []
+    assert core.migration_policy is None and core.rebalance(now=0.0) == []
 
 
 def test_migration_can_be_disabled():
@@ -299,10 +298,10 @@ def test_migration_can_be_disabled():
     assert core.rebalance(now=0.0) == []
 
 
-def test_a_custom_hook_issues_migrations_through_the_same_checks():
+def test_a_custom_policy_issues_migrations_through_the_same_checks():
     core = make_core(enable_migration=False)
     overloaded_pair(core)
-    core.migration_hooks.append(
+    core.migration_policy = (
         lambda loads: [MigrationDecision("cold", "hot", "r7"), MigrationDecision("cold", "nowhere")]
     )
     [(address, msg)] = core.rebalance(now=0.0)
