@@ -19,9 +19,13 @@ from ferry.bench.local_cluster import start_cluster
 
 
 def real_run(args: argparse.Namespace, policy: str, tmp: Path) -> dict:
+    slow = args.slowdown
     cluster = start_cluster(tmp / policy, workers=args.workers, extra=(
         "--executor", "sim", "--sim-profile", args.profile, "--num-blocks", str(args.kv_blocks),
-        "--policy", policy, "--scheduler-arg=--migration-interval-s=0.05",
+        "--sim-speedup", str(1.0 / slow), "--worker-arg=--report-interval=" + str(0.05 * slow),
+        "--policy", policy, f"--scheduler-arg=--migration-interval-s={0.05 * slow}",
+        # the KV copy rate ferry's pull decisions assume: the simulator's (sim_run)
+        f"--scheduler-arg=--kv-bandwidth-bytes-s={args.kv_bandwidth_gbs * 1e9}",
         # The scheduler's pending queue as asked (bench.sim's default is off, and so is
         # this check's: session 1's comparison of the policies dispatched at once).
         "--scheduler-arg=--" + ("" if args.hold_until_room else "no-") + "hold-until-room",
@@ -29,12 +33,30 @@ def real_run(args: argparse.Namespace, policy: str, tmp: Path) -> dict:
     try:
         parser = argparse.ArgumentParser()
         serve.add_arguments(parser)  # the driver's own defaults for everything not set here
-        return serve.run(parser.parse_args([
+        result = serve.run(parser.parse_args([
             "--trace", args.trace, "--sdk-addr", cluster.sdk_addr,
             "--admin-addr", cluster.admin_addr, "--label", policy, "--no-progress",
+            "--time-scale", str(slow),
             "--out", str(Path(args.out_dir) / f"serve-{policy}.json")]))
     finally:
         cluster.stop()
+    return in_trace_time(result, slow)
+
+
+LATENCY_KEYS = ("prefill_latency_s", "decode_latency_s", "e2e_latency_s")
+
+
+def in_trace_time(result: dict, slowdown: float) -> dict:
+    """A slowed-down run's latencies back on the trace's clock (divided by slowdown)."""
+    if slowdown == 1.0:
+        return result
+    out = dict(result)
+    for key in LATENCY_KEYS:
+        out[key] = {k: v / slowdown if isinstance(v, int | float) else v  # None: no requests
+                    for k, v in result[key].items()}
+    out["by_priority"] = {name: in_trace_time(part, slowdown)
+                          for name, part in result.get("by_priority", {}).items()}
+    return out
 
 
 def sim_run(args: argparse.Namespace, policy: str) -> dict:
@@ -44,6 +66,7 @@ def sim_run(args: argparse.Namespace, policy: str) -> dict:
         "--trace", args.trace, "--instances", str(args.workers), "--policy", policy,
         "--profile", args.profile, "--kv-blocks", str(args.kv_blocks),
         "--max-num-batched-tokens", "2048", "--migration-interval-s", "0.05",
+        "--migration-bandwidth-gbs", str(args.kv_bandwidth_gbs),
         *(["--hold-until-room"] if args.hold_until_room else [])])
     return sim.run(sim_args)
 
@@ -56,6 +79,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-blocks", type=int, default=1000)
     parser.add_argument("--policies", default="least_load,llumnix")
     parser.add_argument("--out-dir", default="bench/results/real-check")
+    parser.add_argument("--kv-bandwidth-gbs", type=float, default=200.0,
+                        help="KV copy rate: the simulator's copies, and what both schedulers' "
+                             "pull decisions assume")
+    parser.add_argument("--slowdown", type=float, default=1.0,
+                        help="run the real cluster this many times slower than the trace "
+                             "(modelled steps, arrivals, think times, report and migration "
+                             "intervals), so its CPU overheads weigh that much less on a small "
+                             "machine; latencies are reported on the trace's clock")
     parser.add_argument("--hold-until-room", action="store_true",
                         help="the scheduler's pending queue on, in both runs")
     args = parser.parse_args(argv)
