@@ -311,21 +311,6 @@ class SimulatedTransport:
     def open_receiving(self, src_instance_id: str, known_group_id: str | None) -> tuple[str, str]:
         return f"sim:{src_instance_id}->{self.instance_id}", ""
 
-    def _host_store(self) -> dist.TCPStore:
-        """A TCPStore listening on bind_host only (TCPStore alone listens on every
-        interface): on a socket bound here, whose descriptor the store then owns."""
-        family = socket.AF_INET6 if ":" in self.bind_host else socket.AF_INET
-        with socket.create_server((self.bind_host, 0), family=family) as listener:
-            port = listener.getsockname()[1]
-            fd = listener.detach()  # the store closes it
-        try:
-            return dist.TCPStore(self.bind_host, port, world_size=2, is_master=True,
-                                 timeout=self.timeout, wait_for_workers=False,
-                                 master_listen_fd=fd)
-        except BaseException:
-            socket.close(fd)
-            raise
-
     def join_sending(self, dst_instance_id: str, group_id: str, store_addr: str) -> None:
         pass
 
