@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import shutil
 import statistics
@@ -64,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sim_check.json, steps.jsonl, profile-insitu.json")
     parser.add_argument("--serve-dir", default="",
                         help="each replay's serve JSON and plot (default: not kept)")
+    parser.add_argument("--replayed", default="",
+                        help="no GPU: re-analyse a finished run's directory (its sim_check.json "
+                             "and steps.jsonl; the traces are regenerated from their seeds) "
+                             "with this version of the latency model and simulator")
 
 
 @dataclasses.dataclass
@@ -72,7 +77,7 @@ class Replay:
     fraction: float
     rate: float
     trace: Path
-    real: dict
+    real: dict  # summary() of the load driver's result, plus num_steps
     steps: list[dict]  # the worker's step log lines written during this replay
 
 
@@ -119,7 +124,8 @@ def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> lis
             lines = step_log.read_text().splitlines()[done:]
             steps = [json.loads(line) for line in lines if line.strip()]
             add_gaps(steps)
-            replays.append(Replay(kind, fraction, rate, path, real, steps))
+            replays.append(Replay(kind, fraction, rate, path,
+                                  summary(real) | {"num_steps": len(steps)}, steps))
             print(f"replayed {kind} at {rate:.2f} req/s: {len(lines)} steps, p99 ttft "
                   f"{real['prefill_latency_s']['p99']:.3f} s", flush=True)
     finally:
@@ -190,6 +196,32 @@ def summary(result: dict) -> dict:
             "req_per_s": result["num_requests"] / duration if duration else None}
 
 
+def load_replays(args: argparse.Namespace, planned: list[tuple]) -> list[Replay]:
+    """A finished run's replays from its directory (`--replayed`): the real results from
+    sim_check.json, each replay's steps cut from steps.jsonl by its step count."""
+    run_dir = Path(args.replayed)
+    previous = json.loads((run_dir / "sim_check.json").read_text())
+    step_log = run_dir / "steps.jsonl"
+    if not step_log.exists():  # kept compressed in the repository
+        lines = gzip.decompress((run_dir / "steps.jsonl.gz").read_bytes()).decode().splitlines()
+    else:
+        lines = step_log.read_text().splitlines()
+    rows = previous["rows"]
+    if [(r["kind"], r["fraction"]) for r in rows] != [(k, f) for k, f, _, _ in planned]:
+        raise SystemExit(f"{run_dir}: its traces differ from --kinds/--load-fractions")
+    replays, done = [], 0
+    for row, (kind, fraction, rate, path) in zip(rows, planned, strict=True):
+        if abs(rate - row["rate"]) > 1e-6 * rate:
+            raise SystemExit(f"{run_dir}: {kind}@{fraction} ran at {row['rate']} req/s, the "
+                             f"regenerated trace is at {rate}: different profile or seed?")
+        count = row["real"]["num_steps"]
+        steps = [json.loads(line) for line in lines[done:done + count]]
+        done += count
+        add_gaps(steps)
+        replays.append(Replay(kind, fraction, rate, path, row["real"], steps))
+    return replays
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
@@ -201,60 +233,72 @@ def main(argv: list[str] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     bundled = Profile.load(args.profile)
     device = args.device
-    if shutil.which("nvidia-smi"):
+    if args.replayed:
+        device = json.loads((Path(args.replayed) / "sim_check.json").read_text())["device"]
+    elif shutil.which("nvidia-smi"):
         device = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                 capture_output=True, text=True).stdout.strip() or device
     with tempfile.TemporaryDirectory() as tmp:
         planned = make_traces(args, bundled.latency, Path(tmp))
-        replays = replay_all(args, planned, Path(tmp))
-        all_steps = [s for r in replays for s in r.steps]
-        insitu = dataclasses.replace(bundled, name=f"{bundled.name}-insitu", device=device,
-                                     latency=refit(all_steps), samples=all_steps,
-                                     num_blocks=args.kv_blocks)
-        insitu_path = out_dir / "profile-insitu.json"
-        insitu.save(insitu_path)
-        cycle = dataclasses.replace(insitu, name=f"{bundled.name}-insitu-cycle",
-                                    latency=refit(all_steps, whole_cycle=True))
-        cycle_path = out_dir / "profile-insitu-cycle.json"
-        cycle.save(cycle_path)
-        rows = []
-        for r in replays:
-            held_out = [s for o in replays if o.kind != r.kind for s in o.steps]
-            cross = dataclasses.replace(insitu, latency=refit(held_out)) if held_out else insitu
-            cross_path = Path(tmp) / f"cross-{r.kind}.json"
-            cross.save(cross_path)
-            rows.append({
-                "kind": r.kind, "fraction": r.fraction, "rate": r.rate,
-                "real": summary(r.real) | {"num_steps": len(r.steps)},
-                "sim_bundled": summary(simulate(args, r.trace, Path(args.profile))),
-                "sim_insitu": summary(simulate(args, r.trace, insitu_path)),
-                "sim_cycle": summary(simulate(args, r.trace, cycle_path)),
-                "sim_held_out": summary(simulate(args, r.trace, cross_path)),
-                "step_error": {"bundled": step_errors(bundled.latency, r.steps),
-                               "insitu": step_errors(insitu.latency, r.steps),
-                               "cycle": step_errors(cycle.latency, r.steps, whole_cycle=True),
-                               "held_out": step_errors(cross.latency, r.steps)},
-            })
-    result = {"device": device, "model": args.model, "kv_blocks": args.kv_blocks,
-              "max_num_batched_tokens": args.max_num_batched_tokens, "num": args.num,
-              "bundled_profile": args.profile,
-              "coefficients": {"bundled": dataclasses.asdict(bundled.latency),
-                               "insitu": dataclasses.asdict(insitu.latency),
-                               "cycle": dataclasses.asdict(cycle.latency)},
-              "engine_s": {"median": statistics.median(s.get("engine_s", 0.0)
-                                                        for s in all_steps),
-                           "gap_median": statistics.median(
-                               [s["gap_s"] for s in all_steps if s.get("gap_s") is not None]
-                               or [0.0]),
-                           "mean_share_of_cycle": statistics.fmean(
-                               1 - s["step_s"] / cycle_s(s) for s in all_steps)},
-              "step_error_all": {"bundled": step_errors(bundled.latency, all_steps),
-                                 "insitu": step_errors(insitu.latency, all_steps),
-                                 "cycle": step_errors(cycle.latency, all_steps,
-                                                      whole_cycle=True)},
-              "rows": rows}
+        if args.replayed:
+            replays = load_replays(args, planned)
+        else:
+            replays = replay_all(args, planned, Path(tmp))
+        result = analyse(args, bundled, replays, device, out_dir, Path(tmp))
     (out_dir / "sim_check.json").write_text(json.dumps(result, indent=1) + "\n")
     print(format_table(result))
+
+
+def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], device: str,
+            out_dir: Path, tmp: Path) -> dict:
+    """Refit the latency model to the replays' steps, simulate each trace with the bundled
+    and the refitted profiles, and compare with the real runs."""
+    all_steps = [s for r in replays for s in r.steps]
+    insitu = dataclasses.replace(bundled, name=f"{bundled.name}-insitu", device=device,
+                                 latency=refit(all_steps), samples=all_steps,
+                                 num_blocks=args.kv_blocks)
+    insitu_path = out_dir / "profile-insitu.json"
+    insitu.save(insitu_path)
+    cycle = dataclasses.replace(insitu, name=f"{bundled.name}-insitu-cycle",
+                                latency=refit(all_steps, whole_cycle=True))
+    cycle_path = out_dir / "profile-insitu-cycle.json"
+    cycle.save(cycle_path)
+    rows = []
+    for r in replays:
+        held_out = [s for o in replays if o.kind != r.kind for s in o.steps]
+        cross = dataclasses.replace(insitu, latency=refit(held_out)) if held_out else insitu
+        cross_path = tmp / f"cross-{r.kind}.json"
+        cross.save(cross_path)
+        rows.append({
+            "kind": r.kind, "fraction": r.fraction, "rate": r.rate,
+            "real": r.real,
+            "sim_bundled": summary(simulate(args, r.trace, Path(args.profile))),
+            "sim_insitu": summary(simulate(args, r.trace, insitu_path)),
+            "sim_cycle": summary(simulate(args, r.trace, cycle_path)),
+            "sim_held_out": summary(simulate(args, r.trace, cross_path)),
+            "step_error": {"bundled": step_errors(bundled.latency, r.steps),
+                           "insitu": step_errors(insitu.latency, r.steps),
+                           "cycle": step_errors(cycle.latency, r.steps, whole_cycle=True),
+                           "held_out": step_errors(cross.latency, r.steps)},
+        })
+    return {"device": device, "model": args.model, "kv_blocks": args.kv_blocks,
+            "max_num_batched_tokens": args.max_num_batched_tokens, "num": args.num,
+            "bundled_profile": args.profile, "replayed_from": args.replayed or None,
+            "coefficients": {"bundled": dataclasses.asdict(bundled.latency),
+                             "insitu": dataclasses.asdict(insitu.latency),
+                             "cycle": dataclasses.asdict(cycle.latency)},
+            "engine_s": {"median": statistics.median(s.get("engine_s", 0.0)
+                                                      for s in all_steps),
+                         "gap_median": statistics.median(
+                             [s["gap_s"] for s in all_steps if s.get("gap_s") is not None]
+                             or [0.0]),
+                         "mean_share_of_cycle": statistics.fmean(
+                             1 - s["step_s"] / cycle_s(s) for s in all_steps)},
+            "step_error_all": {"bundled": step_errors(bundled.latency, all_steps),
+                               "insitu": step_errors(insitu.latency, all_steps),
+                               "cycle": step_errors(cycle.latency, all_steps,
+                                                    whole_cycle=True)},
+            "rows": rows}
 
 
 def format_table(result: dict) -> str:

@@ -45,7 +45,10 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@triton.jit
+# Ints that vary with the batch are not specialized: each new "== 1" or "% 16 == 0"
+# pattern would compile a new variant (~1 s) in the middle of serving.
+@triton.jit(do_not_specialize=["num_splits", "stride_qb", "stride_ob", "stride_oh",
+                               "stride_os", "stride_lb", "stride_lh", "stride_bt"])
 def _decode_split_kernel(
     q_ptr,  # [B, Hq, D]
     k_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D] (strided layer view)
@@ -136,7 +139,8 @@ def _decode_split_kernel(
         tl.store(lse_ptr + lse_offs, lse, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_pb", "stride_ph", "stride_ps",
+                               "stride_lb", "stride_lh", "stride_ob", "stride_oh"])
 def _decode_reduce_kernel(
     part_out_ptr,  # [B, Hq, S, D] fp32, each split's normalized output
     lse_ptr,  # [B, Hq, S] fp32, each split's log2-sum-exp2

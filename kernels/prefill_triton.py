@@ -102,7 +102,9 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Ints that vary from step to step are not specialized (Triton otherwise compiles a new
+# variant, ~1 s on an H100, the first time one of them is 1 or a multiple of 16).
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt"])
 def _prefill_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D] (strided layer view)

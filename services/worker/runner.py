@@ -69,6 +69,8 @@ class RunnerConfig:
     #                              default (one per core). Several workers sharing a small
     #                              CPU with more threads than cores run decode 10-25x slower.
     tokenizer_dir: str | None = None  # tokenizer.json for structured output; None: model_dir
+    warm_up: bool = True  # GPU: run the eager (prefill / mixed) step shapes once at start,
+    #                       so no request waits for a kernel compile (~1 s each on an H100)
 
 
 class ModelRunner:
@@ -141,6 +143,8 @@ class ModelRunner:
                     pad_block_id=self.pad_block_id,
                     max_model_len=self.max_model_len,
                 )
+        if on_gpu and config.warm_up and self.attention_backend != "torch":
+            self._warm_up_eager_steps()
 
     def execute(self, batch: ModelBatch) -> list[int]:
         """Run every chunk (writing its KV); one sampled token per sample=True chunk."""
@@ -320,6 +324,29 @@ class ModelRunner:
         free_bytes, _ = torch.cuda.mem_get_info(self.device)
         kv_bytes = (free_bytes - activation_bytes) * self.config.gpu_memory_fraction
         return int(kv_bytes) // self.block_bytes
+
+    def _warm_up_eager_steps(self) -> None:
+        """Compile every variant of the eager step's kernels before serving. The prefill
+        kernel's tile height follows the step's longest chunk (16 to 128 rows of
+        q_len x GQA group: default_prefill_config), so one mixed step (a prefill chunk and
+        a decode) per height covers them; the step-varying ints are not specialized.
+        Writes only blocks no request owns yet (the cache is empty at start)."""
+        group = self.model_config.num_heads // self.model_config.num_kv_heads
+        greedy = SamplingParams(temperature=0.0, seed=0)
+        for rows in (16, 32, 64, 128):
+            q_len = min(-(-rows // group), self.max_model_len - 1)
+            prefill_blocks = -(-q_len // self.block_size)
+            decode_block = prefill_blocks
+            if decode_block >= self.num_blocks:
+                return  # a cache this small is a test's; nothing worth warming
+            batch = ModelBatch(chunks=(
+                SeqChunk(req_id="warm-up-prefill", token_ids=(0,) * q_len, start_pos=0,
+                         block_ids=tuple(range(prefill_blocks)), sample=True,
+                         sampling=greedy),
+                SeqChunk(req_id="warm-up-decode", token_ids=(0,), start_pos=1,
+                         block_ids=(decode_block,), sample=True, sampling=greedy),
+            ))
+            self.execute(batch)
 
     @torch.inference_mode()
     def _profile_activation_bytes(self) -> int:

@@ -310,6 +310,7 @@ def test_sampler_on_gpu_equals_cpu():
 def test_kv_cache_sized_from_free_memory(tmp_path):
     model_dir = make_model("tiny", tmp_path, seed=0)
     fraction = 0.05
+    torch.cuda.empty_cache()  # earlier tests' cached blocks: the runner frees them too
     free_before, _ = torch.cuda.mem_get_info()
     runner = ModelRunner(
         RunnerConfig(
@@ -333,3 +334,36 @@ def test_kv_cache_sized_from_free_memory(tmp_path):
     )
     (token,) = runner.execute(ModelBatch(chunks=(chunk,)))
     assert 0 <= token < runner.vocab_size
+
+
+def _compiled_variants(kernel) -> int:
+    """Variants Triton has compiled of a @triton.jit kernel, all devices."""
+    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS[:1])
+def test_no_kernel_compiles_while_serving_after_warm_up(llama3_4_layers, backend):
+    """After the runner's warm-up, prefill and mixed steps of any request count, block
+    table width and chunk length compile nothing new (a compile stalls a step ~1 s)."""
+    from ferry.kernels.prefill_triton import _prefill_kernel
+
+    runner = ModelRunner(RunnerConfig(model_dir=str(llama3_4_layers), device="cuda",
+                                      attention_backend=backend, num_blocks=512))
+    before = _compiled_variants(_prefill_kernel)
+    assert before > 0  # the warm-up ran the prefill kernel
+    rng = random.Random(0)
+    next_block = 0
+    for num_reqs in (1, 2, 15, 16, 17, 32):
+        chunks = []
+        for i in range(num_reqs):
+            q_len = rng.choice((1, 3, 16, 33, 64, 200))
+            start = rng.choice((0, 16, 160)) if q_len > 1 else rng.choice((5, 160, 257))
+            blocks = -(-(start + q_len) // 16)
+            ids = tuple((next_block + b) % 512 for b in range(blocks))
+            next_block += blocks
+            chunks.append(SeqChunk(req_id=f"r{i}", token_ids=(7,) * q_len, start_pos=start,
+                                   block_ids=ids, sample=True, sampling=GREEDY))
+        if all(len(c.token_ids) == 1 for c in chunks):
+            continue  # decode-only: the graphs' kernels
+        runner.execute(ModelBatch(chunks=tuple(chunks)))
+    assert _compiled_variants(_prefill_kernel) == before
