@@ -345,12 +345,15 @@ def _compiled_variants(kernel) -> int:
 def test_no_kernel_compiles_while_serving_after_warm_up(llama3_4_layers, backend):
     """After the runner's warm-up, prefill and mixed steps of any request count, block
     table width and chunk length compile nothing new (a compile stalls a step ~1 s)."""
+    from ferry.kernels import fused_triton
     from ferry.kernels.prefill_triton import _prefill_kernel
 
+    kernels = (_prefill_kernel, fused_triton._rope_write_kv_kernel,
+               fused_triton._rms_norm_kernel, fused_triton._silu_mul_kernel)
     runner = ModelRunner(RunnerConfig(model_dir=str(llama3_4_layers), device="cuda",
                                       attention_backend=backend, num_blocks=512))
-    before = _compiled_variants(_prefill_kernel)
-    assert before > 0  # the warm-up ran the prefill kernel
+    before = [_compiled_variants(k) for k in kernels]
+    assert before[0] > 0  # the warm-up ran the prefill kernel
     rng = random.Random(0)
     next_block = 0
     for num_reqs in (1, 2, 15, 16, 17, 32):
@@ -366,4 +369,4 @@ def test_no_kernel_compiles_while_serving_after_warm_up(llama3_4_layers, backend
         if all(len(c.token_ids) == 1 for c in chunks):
             continue  # decode-only: the graphs' kernels
         runner.execute(ModelBatch(chunks=tuple(chunks)))
-    assert _compiled_variants(_prefill_kernel) == before
+    assert [_compiled_variants(k) for k in kernels] == before

@@ -82,6 +82,24 @@ def test_prepare_inputs_layout():
     assert inputs.meta.block_tables.dtype == torch.int32
 
 
+@pytest.mark.parametrize("num_reqs", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("q_len", [1, 2, 3])
+def test_prepare_inputs_views_start_16_byte_aligned(num_reqs, q_len):
+    """Triton specializes pointer arguments on 16-byte alignment: every view must start
+    aligned whatever the step's token and request counts, or a step compiles a variant."""
+    chunks = [_chunk(f"r{i}", [1] * q_len, start_pos=i, block_ids=[i, i + 1, i + 2])
+              for i in range(num_reqs)]
+    inputs = prepare_inputs(chunks, block_size=4, device=torch.device("cpu"))
+    views = (inputs.input_ids, inputs.positions, inputs.meta.slot_mapping,
+             inputs.meta.seq_lens, inputs.meta.query_start_loc, inputs.meta.block_tables)
+    base = {}
+    for view in views:  # offsets within each of the two buffers (one int64, one int32)
+        base.setdefault(view.dtype, view.untyped_storage().data_ptr())
+        assert (view.data_ptr() - base[view.dtype]) % 16 == 0
+    assert inputs.meta.query_start_loc.tolist() == [q_len * i for i in range(num_reqs + 1)]
+    assert inputs.meta.slot_mapping.numel() == num_reqs * q_len
+
+
 def test_only_sampling_chunks_return_tokens_in_chunk_order():
     runner = _runner()
     batch = ModelBatch(
