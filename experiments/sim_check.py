@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no GPU: re-analyse a finished run's directory (its sim_check.json "
                              "and steps.jsonl; the traces are regenerated from their seeds) "
                              "with this version of the latency model and simulator")
+    parser.add_argument("--sensitivity", default="0.95,1.05",
+                        help="also simulate with the in-situ step times scaled by these "
+                             "factors: how far P99 moves for a small model error")
 
 
 @dataclasses.dataclass
@@ -177,6 +180,11 @@ def step_errors(latency: LatencyModel, samples: list[dict], *, whole_cycle: bool
             for k, v in by_kind.items()}
 
 
+def scale_latency(latency: LatencyModel, factor: float) -> LatencyModel:
+    """Every step `factor` times as long."""
+    return LatencyModel(**{k: v * factor for k, v in dataclasses.asdict(latency).items()})
+
+
 def simulate(args: argparse.Namespace, trace: Path, profile: Path) -> dict:
     parser = argparse.ArgumentParser()
     sim.add_arguments(parser)
@@ -269,6 +277,11 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
         cross = dataclasses.replace(insitu, latency=refit(held_out)) if held_out else insitu
         cross_path = tmp / f"cross-{r.kind}.json"
         cross.save(cross_path)
+        scaled = {}
+        for factor in (float(f) for f in args.sensitivity.split(",") if f):
+            path = tmp / f"scaled-{factor}.json"
+            dataclasses.replace(insitu, latency=scale_latency(insitu.latency, factor)).save(path)
+            scaled[f"{factor:g}"] = summary(simulate(args, r.trace, path))
         rows.append({
             "kind": r.kind, "fraction": r.fraction, "rate": r.rate,
             "real": r.real,
@@ -276,6 +289,7 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
             "sim_insitu": summary(simulate(args, r.trace, insitu_path)),
             "sim_cycle": summary(simulate(args, r.trace, cycle_path)),
             "sim_held_out": summary(simulate(args, r.trace, cross_path)),
+            "sim_insitu_scaled": scaled,
             "step_error": {"bundled": step_errors(bundled.latency, r.steps),
                            "insitu": step_errors(insitu.latency, r.steps),
                            "cycle": step_errors(cycle.latency, r.steps, whole_cycle=True),
@@ -317,6 +331,18 @@ def format_table(result: dict) -> str:
                          f"{num(s['ttft_p50'], '.3f')} | {num(s['ttft_p99'], '.3f')} | "
                          f"{num(s['decode_p99'], '.4f')} | {num(s['e2e_mean'], '.2f')} | "
                          f"{s['preemptions']} | {num(s['req_per_s'], '.2f')} |")
+    factors = sorted({f for row in result["rows"] for f in row.get("sim_insitu_scaled", {})},
+                     key=float)
+    if factors:
+        columns = sorted([*factors, "1"], key=float)  # "1": the in-situ fit itself
+        lines += ["", "P99 TTFT (s) with the in-situ step times scaled:",
+                  "| trace | rate | real | " + " | ".join(f"x{f}" for f in columns) + " |",
+                  "|---|---:|---:|" + "---:|" * len(columns)]
+        for row in result["rows"]:
+            scaled = row.get("sim_insitu_scaled", {}) | {"1": row["sim_insitu"]}
+            cells = [num(scaled.get(f, {}).get("ttft_p99"), ".3f") for f in columns]
+            lines.append(f"| {row['kind']} | {row['rate']:.2f} | "
+                         f"{num(row['real']['ttft_p99'], '.3f')} | " + " | ".join(cells) + " |")
     engine = result["engine_s"]
     lines += ["", f"around a step: engine median {engine['median'] * 1e3:.2f} ms, loop gap "
               f"median {engine['gap_median'] * 1e3:.2f} ms; together "
