@@ -27,6 +27,7 @@ from ferry.services.scheduler.load import (
     dispatch_freeness,
     dispatch_rank,
     dispatch_room,
+    empty_room,
     high_priority_room,
     is_host,
     memory_load,
@@ -44,6 +45,9 @@ DEFAULT_PREFILL_TOKENS_PER_S = 10_000.0
 # A prefix pull's fixed cost on top of bytes / bandwidth: its four control messages and
 # the group's launch (seconds).
 PULL_OVERHEAD_S = 2e-3
+# A pull may evict the destination's cached prefixes only up to this share of its KV (a
+# copy into empty blocks is always allowed): see Ferry._best_pull.
+PULL_EVICT_FRACTION = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +219,13 @@ class Ferry:
                        + (tokens - h * block size) / rate  +  one step of d
 
     A pull to d is an option only where the copy is cheaper than computing those blocks
-    there (copy(d) < (h - cached at d) * block size / d's rate) and d has room; it is taken
+    there (copy(d) < (h - cached at d) * block size / d's rate), d has room, and the copy
+    and the request evict at most PULL_EVICT_FRACTION of d's KV in cached prefixes (what
+    does not fit in empty_room): a copy that evicts d's cached prefixes trades other
+    sessions' hits for this one's. With scarce KV (multi-turn, 8 x 1000 blocks, 5 seeds)
+    unrestricted pulls cut the hit rate from 0.84 to 0.73 and raised the median P99 TTFT
+    from 69 ms (no pulls) to 115 ms; with the limit: 0.83 and 69 ms
+    (bench/results/prefix-sweep/README.md). It is taken
     when its ttft_pull is the lowest of every option, placing without a pull (on s
     itself, or anywhere else) included, ties going to no pull. Among sources holding
     equally long prefixes, ties rotate."""
@@ -283,6 +293,9 @@ class Ferry:
                 continue
             if dispatch_room(load, headroom_blocks=0) < need(dst):
                 continue
+            evicted = need(dst) - max(0, empty_room(load))  # need counts the copy too
+            if evicted > PULL_EVICT_FRACTION * load.num_total_blocks:
+                continue  # the copy would evict too many of d's cached prefixes
             copy_s = PULL_OVERHEAD_S + num_copy * block_s
             if copy_s >= num_copy * demand.block_size / rate(load):
                 continue  # computing them there is cheaper

@@ -117,6 +117,12 @@ def dispatch_room(load: LoadFields, *, headroom_blocks: int) -> int:
     )
 
 
+def empty_room(load: LoadFields) -> int:
+    """Blocks a new request could take without evicting a cached prefix: free blocks
+    that hold none, less the queue's demand."""
+    return load.num_free_blocks - load.num_cached_blocks - queued_demand_blocks(load)
+
+
 def dispatch_freeness(load: LoadFields, *, headroom_blocks: int) -> float:
     """F_dispatch (see the module docstring); -inf for a draining instance."""
     if load.draining:
