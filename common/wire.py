@@ -143,6 +143,9 @@ class TokenChunk:
     num_prompt_tokens: int  # prompt length in tokens (usage accounting)
     # One per token of token_ids when the request asked for logprobs, else ().
     logprobs: tuple[TokenLogprobs, ...] = ()
+    # Of num_prompt_tokens, those whose KV came from a prefix cache (usage's cached_tokens);
+    # 0 until the worker has reported it (it comes with the first output token).
+    num_cached_prompt_tokens: Count = 0
 
 
 @REGISTRY.message(4)
@@ -303,6 +306,11 @@ class Tokens:
     attempt: int = 0  # Dispatch.attempt of the copy that made them
     # One per token of token_ids when the request asked for logprobs, else ().
     logprobs: tuple[TokenLogprobs, ...] = ()
+    # Prompt tokens whose KV the request found cached (prefix cache or pulled blocks, not
+    # computed) when it was first admitted. Set only with first_index == 0 (None otherwise,
+    # and on an output before admission, such as an abort); the gateway keeps the first
+    # value it gets, whatever migrations and replays follow.
+    num_cached_prompt_tokens: Count | None = None
 
 
 @REGISTRY.message(31)
@@ -608,7 +616,6 @@ class MigStageAck:
     reason: str
 
 
-@REGISTRY.struct
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestState:
     """What a request needs to resume elsewhere, besides its prompt (which never changes
@@ -624,6 +631,12 @@ class RequestState:
     num_computed_tokens: int  # tokens whose KV the destination now holds
     num_preemptions: int
     attempt: int = 0  # Dispatch.attempt of this copy (its Tokens carry it on)
+    # Its first admission's count (Tokens.num_cached_prompt_tokens), while the gateway has
+    # not been told it (no output delivered yet); else None.
+    num_cached_prompt_tokens: Count | None = None
+
+
+REGISTRY.struct(RequestState, min_fields=10)  # num_cached_prompt_tokens came later
 
 
 @REGISTRY.message(64)

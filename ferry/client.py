@@ -67,6 +67,8 @@ class Completion:
     finish_reason: str  # "length" | "stop" | "abort"
     num_prompt_tokens: int
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token when asked (logprobs=k)
+    # Of num_prompt_tokens, those whose KV came from a prefix cache (not computed)
+    num_cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,9 @@ class Chunk:
     finish_reason: str | None  # None until the last chunk
     num_prompt_tokens: int
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token when asked (logprobs=k)
+    # Of num_prompt_tokens, those whose KV came from a prefix cache; 0 until known (it
+    # comes with the first token)
+    num_cached_prompt_tokens: int = 0
 
 
 class _Replies:
@@ -104,6 +109,7 @@ class _Replies:
                 first_index=last.first_index, token_ids=last.token_ids + msg.token_ids,
                 text=last.text + msg.text, finish_reason=msg.finish_reason,
                 num_prompt_tokens=msg.num_prompt_tokens, logprobs=last.logprobs + msg.logprobs,
+                num_cached_prompt_tokens=msg.num_cached_prompt_tokens,
             ))
         else:
             self.chunks.append(msg)
@@ -172,7 +178,7 @@ class AsyncClient:
         finally:
             stream.abort()  # no-op once finished
         return Completion(chunk.req_id, chunk.token_ids, chunk.text, chunk.finish_reason,
-                          chunk.num_prompt_tokens, chunk.logprobs)
+                          chunk.num_prompt_tokens, chunk.logprobs, chunk.num_cached_prompt_tokens)
 
     def stream(self, prompt: str | None = None, **kwargs: Any) -> AsyncStream:
         """A request's chunks as an async iterator; the request goes out on the first
@@ -378,7 +384,7 @@ class AsyncStream:
         if msg.finish_reason == "timeout":
             self._timed_out = True
         return Chunk(msg.req_id, msg.first_index, msg.token_ids, msg.text, msg.finish_reason,
-                     msg.num_prompt_tokens, msg.logprobs)
+                     msg.num_prompt_tokens, msg.logprobs, msg.num_cached_prompt_tokens)
 
     async def start(self) -> None:
         """Send the request now (iterating does it otherwise); idempotent."""

@@ -400,8 +400,8 @@ class HttpApi:
 class Choice:
     """What one choice (one request) of an HTTP request has produced so far."""
 
-    __slots__ = ("index", "req_id", "sink", "num_output_tokens", "finish_reason", "texts",
-                 "token_ids", "logprobs", "text_offset", "tools")
+    __slots__ = ("index", "req_id", "sink", "num_output_tokens", "num_cached_prompt_tokens",
+                 "finish_reason", "texts", "token_ids", "logprobs", "text_offset", "tools")
 
     def __init__(self, index: int, req_id: str, sink: HttpSink,
                  tools: ToolCallStream | None = None) -> None:
@@ -410,6 +410,7 @@ class Choice:
         self.sink = sink
         self.tools = tools  # stream: its answer read as a tool call (chat with tools)
         self.num_output_tokens = 0
+        self.num_cached_prompt_tokens = 0  # its request's, once a worker reported it
         self.finish_reason: str | None = None
         self.texts: list[str] = []  # non-stream: every delta's text
         self.token_ids: list[int] = []  # non-stream: every token (for logprobs)
@@ -418,6 +419,7 @@ class Choice:
 
     def add(self, delta: Delta) -> None:
         self.num_output_tokens += len(delta.token_ids)
+        self.num_cached_prompt_tokens = delta.req.num_cached_prompt_tokens or 0
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
 
@@ -457,10 +459,12 @@ class Reply:
             event.clear()
             await event.wait()
 
-    def usage(self, choice: Choice | None = None) -> dict[str, int]:
-        """The prompt once, and the tokens of every choice (or of one)."""
+    def usage(self, choice: Choice | None = None) -> dict[str, Any]:
+        """The prompt once, and the tokens of every choice (or of one). The n choices run
+        one prompt as n requests: its cached tokens are the first choice's (or the one's)."""
         chosen = self.choices if choice is None else [choice]
-        return oai.usage(self.num_prompt_tokens, sum(c.num_output_tokens for c in chosen))
+        return oai.usage(self.num_prompt_tokens, sum(c.num_output_tokens for c in chosen),
+                         chosen[0].num_cached_prompt_tokens)
 
     def logprobs(self, choice: Choice, token_ids, logprobs) -> dict[str, Any] | None:
         if self.sub.sampling.logprobs is None:

@@ -704,11 +704,15 @@ def _structured_output(body: dict[str, Any], tool_spec: str | None) -> tuple[str
 # ---- responses --------------------------------------------------------------------------
 
 
-def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict[str, int]:
+def usage(num_prompt_tokens: int, num_output_tokens: int,
+          num_cached_prompt_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage object. num_cached_prompt_tokens: of the prompt's tokens, those whose
+    KV came from a prefix cache (OpenAI's prompt_tokens_details.cached_tokens)."""
     return {
         "prompt_tokens": num_prompt_tokens,
         "completion_tokens": num_output_tokens,
         "total_tokens": num_prompt_tokens + num_output_tokens,
+        "prompt_tokens_details": {"cached_tokens": num_cached_prompt_tokens},
     }
 
 
@@ -737,7 +741,7 @@ def choice(index: int, text: str | None, finish_reason: str | None,
 
 
 def completion_response(req_id: str, created: int, model: str, choices: list[dict[str, Any]],
-                        usage_: dict[str, int], *, chat: bool) -> dict[str, Any]:
+                        usage_: dict[str, Any], *, chat: bool) -> dict[str, Any]:
     return {
         "id": req_id,
         "object": "chat.completion" if chat else "text_completion",
@@ -759,7 +763,7 @@ def stream_chunk(req_id: str, created: int, model: str, choices: list[dict[str, 
     }
 
 
-def usage_chunk(req_id: str, created: int, model: str, usage_: dict[str, int], *, chat: bool):
+def usage_chunk(req_id: str, created: int, model: str, usage_: dict[str, Any], *, chat: bool):
     return stream_chunk(req_id, created, model, [], chat=chat) | {"usage": usage_}
 
 

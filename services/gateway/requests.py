@@ -121,6 +121,10 @@ class Request:
     # The scheduler epoch it was last dispatched through (None: bypass, or no view yet).
     dispatch_epoch: str | None = None
     attempt: int = 0  # the current Dispatch.attempt; output of any other is ignored
+    # Of its prompt, the tokens a worker found cached (Tokens.num_cached_prompt_tokens):
+    # the first value reported stands (a migration or replay reports none, or a later one).
+    # None until reported.
+    num_cached_prompt_tokens: int | None = None
     first_token_time: float = 0.0  # monotonic, 0 until the first token (metrics)
     last_token_time: float = 0.0  # monotonic, at the last delivered token (metrics)
     series: Any = None  # its metrics' children (metrics.Series), from its first token on
@@ -266,6 +270,8 @@ class RequestTable:
             req.instance_id = msg.instance_id
         if msg.finish_reason is not None:
             req.finish_at = (end, msg.finish_reason)
+        if req.num_cached_prompt_tokens is None:
+            req.num_cached_prompt_tokens = msg.num_cached_prompt_tokens
 
         asked = req.sampling.logprobs is not None
         if asked and len(msg.logprobs) != len(msg.token_ids):

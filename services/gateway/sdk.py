@@ -21,7 +21,7 @@ from ferry.common.logging import get_logger
 from ferry.common.zmq_util import DEFAULT_HWM, hard_frame_cap
 from ferry.services.gateway.frontend import GatewayApi
 from ferry.services.gateway.recv import recv_batches
-from ferry.services.gateway.requests import Delta, Rejected, check_prompt_chars
+from ferry.services.gateway.requests import Delta, Rejected, Request, check_prompt_chars
 
 log = get_logger()
 
@@ -205,7 +205,7 @@ class SdkSink:
         if not self.alive:
             return False
         if self.stream:
-            chunk = self._chunk(delta.req.req_id, delta.first_index, delta.token_ids, delta.text,
+            chunk = self._chunk(delta.req, delta.first_index, delta.token_ids, delta.text,
                                 delta.finish_reason, delta.logprobs)
         else:
             self.token_ids.extend(delta.token_ids)
@@ -216,7 +216,7 @@ class SdkSink:
             if delta.finish_reason == "timeout":
                 self.fail(504, "request timed out")
                 return True
-            chunk = self._chunk(delta.req.req_id, 0, tuple(self.token_ids), "".join(self.texts),
+            chunk = self._chunk(delta.req, 0, tuple(self.token_ids), "".join(self.texts),
                                 delta.finish_reason, tuple(self.logprobs))
         self.alive = self.frontend.send(self.identity, chunk)
         return self.alive
@@ -227,12 +227,13 @@ class SdkSink:
             self.frontend.send_error(self.identity, self.client_req_id, code, message)
             self.alive = False
 
-    def _chunk(self, req_id, first_index, token_ids, text, finish_reason,
+    def _chunk(self, req: Request, first_index, token_ids, text, finish_reason,
                logprobs) -> wire.TokenChunk:
         return wire.TokenChunk(
-            client_req_id=self.client_req_id, req_id=req_id, first_index=first_index,
+            client_req_id=self.client_req_id, req_id=req.req_id, first_index=first_index,
             token_ids=token_ids, text=text, finish_reason=finish_reason,
             num_prompt_tokens=self.num_prompt_tokens, logprobs=logprobs,
+            num_cached_prompt_tokens=req.num_cached_prompt_tokens or 0,
         )
 
 

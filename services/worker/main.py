@@ -288,6 +288,7 @@ class Worker:
                 finish_reason=out.finish_reason,
                 attempt=out.attempt,
                 logprobs=out.logprobs,
+                num_cached_prompt_tokens=out.num_cached_prompt_tokens,
             ))
 
     def _fail_all(self, message: str) -> None:

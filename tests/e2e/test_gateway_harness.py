@@ -64,6 +64,7 @@ class WorkerBehaviour:
     duplicate: bool = False  # send every Tokens message twice (as a migration might)
     die_after: int | None = None  # stop producing after this many output tokens
     eos_at: int | None = None  # emit EOS at this output index, finish "stop"
+    num_cached_prompt_tokens: int | None = None  # reported with output index 0
 
 
 def fake_logprobs(token_id: int, k: int) -> TokenLogprobs:
@@ -126,7 +127,9 @@ class FakeWorker:
             logprobs = () if k is None else tuple(fake_logprobs(t, k) for t in ids)
             msg = wire.Tokens(req_id=dispatch.req_id, instance_id=self.instance_id,
                               first_index=index, token_ids=tuple(ids), finish_reason=finish,
-                              attempt=dispatch.attempt, logprobs=logprobs)
+                              attempt=dispatch.attempt, logprobs=logprobs,
+                              num_cached_prompt_tokens=(b.num_cached_prompt_tokens if index == 0
+                                                        else None))
             for _ in range(2 if b.duplicate else 1):
                 await self.cluster.push(dispatch.reply_addr, msg)
             index += len(ids)

@@ -64,7 +64,8 @@ def test_completion_non_stream(model_dir):
             assert choice["finish_reason"] == "length"
             prompt_len = len(h.gateway.text.encode("hello"))
             assert data["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 6,
-                                     "total_tokens": prompt_len + 6}
+                                     "total_tokens": prompt_len + 6,
+                                     "prompt_tokens_details": {"cached_tokens": 0}}
             await wait_until(lambda: h.cluster.release_reasons() == ["finished"])
 
     arun(body())
@@ -120,6 +121,40 @@ def test_chat_stream_and_non_stream(model_dir):
     arun(body())
 
 
+def test_usage_reports_the_cached_prompt_tokens_once(model_dir):
+    """Every usage object (completions and chat, whole and streamed, final or continuous)
+    says how much of the prompt came from a prefix cache; n choices of one prompt count it
+    once, like the prompt."""
+    async def body():
+        async with running(model_dir) as h, aiohttp.ClientSession() as session:
+            h.worker.behaviour.num_cached_prompt_tokens = 2
+            prompt = {"prompt": [3, 4, 5], "max_tokens": 4}
+            chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            stream = {"stream": True, "stream_options": {"include_usage": True}}
+            usages = []
+            for path, req in (("/v1/completions", prompt), ("/v1/chat/completions", chat)):
+                status, data = await post(session, h, path, req)
+                assert status == 200
+                usages.append(data["usage"])
+                status, data = await post(session, h, path, req | {"n": 3})
+                assert status == 200 and len(data["choices"]) == 3
+                usages.append(data["usage"])
+                async with session.post(h.base_url + path, json=req | stream) as resp:
+                    events = await sse_events(resp)
+                assert events[-1] == "[DONE]" and events[-2]["choices"] == []
+                usages.append(events[-2]["usage"])
+            assert [u["prompt_tokens_details"] for u in usages] == [{"cached_tokens": 2}] * 6
+            assert [u["completion_tokens"] for u in usages] == [4, 12, 4] * 2
+            continuous = {"stream": True, "stream_options": {"continuous_usage_stats": True}}
+            async with session.post(h.base_url + "/v1/completions",
+                                    json=prompt | continuous) as resp:
+                events = await sse_events(resp)
+            assert {json.dumps(e["usage"]["prompt_tokens_details"]) for e in events[:-1]} == {
+                '{"cached_tokens": 2}'}
+
+    arun(body())
+
+
 def test_text_ending_mid_character_streamed_and_not(model_dir):
     """The last generated token ends partway through a UTF-8 character: the non-streamed
     text is the streamed text joined, with a trailing U+FFFD (vLLM's answer), not ''."""
@@ -154,6 +189,7 @@ def test_official_openai_client(model_dir):
             out = await client.completions.create(model="tiny", prompt="hello", max_tokens=8,
                                                   seed=3, extra_body={"top_k": 5})
             assert out.choices[0].text == text and out.usage.completion_tokens == 8
+            assert out.usage.prompt_tokens_details.cached_tokens == 0
             assert out.id == h.cluster.dispatches[-1].req_id
             assert h.cluster.dispatches[-1].sampling.top_k == 5
             stream = await client.completions.create(model="tiny", prompt="hello", max_tokens=8,

@@ -71,6 +71,12 @@ def test_generate_returns_the_completion_and_releases(model_dir):
             by_ids = await client.generate(prompt_token_ids=[5, 6, 7], max_tokens=3, seed=4)
             assert by_ids.token_ids == tuple(expected(h, 3)) and by_ids.num_prompt_tokens == 3
             assert h.cluster.dispatches[1].sampling.seed == 4
+            assert out.num_cached_prompt_tokens == by_ids.num_cached_prompt_tokens == 0
+            h.worker.behaviour.num_cached_prompt_tokens = 2
+            cached = await client.generate(prompt_token_ids=[5, 6, 7], max_tokens=3)
+            chunks = [c async for c in client.stream(prompt_token_ids=[5, 6, 7], max_tokens=3)]
+            assert cached.num_cached_prompt_tokens == 2
+            assert [c.num_cached_prompt_tokens for c in chunks] == [2] * len(chunks)
 
     arun(body())
 

@@ -50,6 +50,8 @@ def test_a_shared_prefix_is_found_where_it_is_cached_with_the_same_tokens(cluste
         other = client.generate(prompt_token_ids=PREFIX + [1, 2, 3, 4, 5], max_tokens=4,
                                 temperature=0.0, ignore_eos=True)
     assert again.token_ids == first.token_ids  # cached KV: the same greedy tokens
+    # what usage reports: nothing cached at first, then the 20 full blocks of the prefix
+    assert (first.num_cached_prompt_tokens, again.num_cached_prompt_tokens) == (0, len(PREFIX))
     gained = {i: n - before.get(i, 0) for i, n in hit_tokens(cluster).items()}
     # both later requests found the 320-token prefix (both on the one instance caching it)
     assert max(gained.values()) >= 2 * len(PREFIX), gained
@@ -110,6 +112,7 @@ def test_a_busy_holders_prefix_is_pulled_to_the_free_instance_with_the_same_toke
                                 ignore_eos=True)
     queue.join(timeout=120)
     assert again.token_ids == first.token_ids
+    assert again.num_cached_prompt_tokens == len(LONG_PREFIX)  # pulled: not computed here
     pulls = cluster.status()["prefix_pulls"]
     assert pulls["sent"] == pulls_before["sent"] + 1, pulls
     assert pulls["ok"] == pulls_before["ok"] + 1, pulls
@@ -119,3 +122,30 @@ def test_a_busy_holders_prefix_is_pulled_to_the_free_instance_with_the_same_toke
     assert gained >= len(LONG_PREFIX), gained
     out = cluster.cli("status")
     assert "prefix pulls" in out.stdout and out.returncode == 0
+
+
+BLOCK_SIZE = 16  # the workers' default
+OPENAI_PROMPT = [7 + (i * 13) % 800 for i in range(200)]  # 12 full blocks, shared with none
+
+
+def test_usage_reports_cached_prompt_tokens_through_the_openai_client(cluster):
+    """The same long prompt twice: the first computes it, the second finds its full blocks
+    in the prefix cache (placed where they are) and says so in usage, whole and streamed."""
+    import openai
+
+    oai = openai.OpenAI(base_url=cluster.base_url + "/v1", api_key="unused", max_retries=0)
+    first = oai.completions.create(model="tiny", prompt=OPENAI_PROMPT, max_tokens=4,
+                                   temperature=0.0)
+    time.sleep(0.3)  # a report or two: the scheduler's index learns the cached blocks
+    again = oai.completions.create(model="tiny", prompt=OPENAI_PROMPT, max_tokens=4,
+                                   temperature=0.0)
+    stream = oai.completions.create(model="tiny", prompt=OPENAI_PROMPT, max_tokens=4,
+                                    temperature=0.0, stream=True,
+                                    stream_options={"include_usage": True})
+    streamed = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens == len(OPENAI_PROMPT)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < len(OPENAI_PROMPT) and cached % BLOCK_SIZE == 0, cached
+    assert [u.prompt_tokens_details.cached_tokens for u in streamed] == [cached]
+    assert again.choices[0].text == first.choices[0].text  # the cached KV: the same tokens

@@ -200,8 +200,10 @@ def test_chat_bad_messages_are_400(text, messages, match):
 
 
 def test_response_shapes():
-    usage = oai.usage(3, 2)
-    assert usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    usage = oai.usage(3, 2, 0)
+    assert usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                     "prompt_tokens_details": {"cached_tokens": 0}}
+    assert oai.usage(40, 2, 32)["prompt_tokens_details"] == {"cached_tokens": 32}
     choices = [oai.choice(0, "hi", "stop", chat=False, stream=False)]
     body = oai.completion_response("r1", 7, MODEL, choices, usage, chat=False)
     assert body["id"] == "r1" and body["object"] == "text_completion"

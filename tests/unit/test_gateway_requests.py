@@ -43,9 +43,11 @@ def add(table: RequestTable, *, prompt=(5, 6, 7), timeout_s=10.0, now=0.0, **sam
     )
 
 
-def tokens(req, first_index, token_ids, finish_reason=None, instance_id="i0", attempt=0):
+def tokens(req, first_index, token_ids, finish_reason=None, instance_id="i0", attempt=0,
+           num_cached_prompt_tokens=None):
     return wire.Tokens(req_id=req.req_id, instance_id=instance_id, first_index=first_index,
-                       token_ids=tuple(token_ids), finish_reason=finish_reason, attempt=attempt)
+                       token_ids=tuple(token_ids), finish_reason=finish_reason, attempt=attempt,
+                       num_cached_prompt_tokens=num_cached_prompt_tokens)
 
 
 def output_ids(text: TextModel, sample: str) -> list[int]:
@@ -307,6 +309,23 @@ def test_holder_follows_the_most_advanced_sender(text):
     assert req.output_token_ids == [1, 2, 3, 4]
     table.on_placement(wire.Placement(req_id=req.req_id, instance_id="dst2"))
     assert req.instance_id == "dst2"
+
+
+def test_the_first_cached_prompt_count_reported_stands(text):
+    """The worker reports it with output index 0; a migration's destination or a replay's
+    new copy may report another (or resend index 0): the first one stands."""
+    table = make_table(text)
+    req = add(table, prompt=tuple(range(1, 40)), max_tokens=10)
+    assert req.num_cached_prompt_tokens is None
+    table.on_tokens(tokens(req, 0, [10, 11, 12, 13], num_cached_prompt_tokens=32))
+    table.on_tokens(tokens(req, 0, [10, 11, 12, 13], instance_id="i1",
+                           num_cached_prompt_tokens=16))  # a resend
+    table.reset_for_replay(req)
+    table.on_tokens(tokens(req, 4, [14], instance_id="i2", attempt=1))
+    assert req.num_cached_prompt_tokens == 32
+    other = add(table)
+    table.on_tokens(tokens(other, 0, [], finish_reason="abort"))  # never admitted
+    assert other.num_cached_prompt_tokens is None
 
 
 # ---- admission, seeds, timeouts -----------------------------------------------------------

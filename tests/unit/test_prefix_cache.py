@@ -233,3 +233,77 @@ def test_a_finished_requests_prefix_is_evicted_tail_first():
     assert len(on.blocks.match(hashes)) == 10 - 3  # the last 3 of the chain, not the first
     on.blocks.release_reservation("pressure")
     on.check_invariants()
+
+
+# ---- cached prompt tokens, as usage reports them ---------------------------------------------
+
+
+def first_outputs(engine: Engine) -> dict[str, int | None]:
+    """Run to the end; req_id -> num_cached_prompt_tokens of its output at index 0 (every
+    other output must carry None)."""
+    reported = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.first_index == 0:
+                reported.setdefault(out.req_id, out.num_cached_prompt_tokens)
+            else:
+                assert out.num_cached_prompt_tokens is None
+        engine.check_invariants()
+    return reported
+
+
+def first_outputs_of_one_step(engine: Engine) -> dict[str, int | None]:
+    return {out.req_id: out.num_cached_prompt_tokens for out in engine.step()
+            if out.first_index == 0}
+
+
+def test_the_first_output_reports_the_prompt_tokens_found_cached():
+    on, off = engine(cache=True), engine(cache=False)
+    params = SamplingParams(max_tokens=3, temperature=0.0)
+    for e in (on, off):
+        e.add_request("fresh", SYSTEM + [1, 2], params)
+        first_outputs(e)  # 10 full blocks computed, cached when on
+        e.add_request("shares", SYSTEM + [3, 4, 5], params)
+        e.add_request("whole", SYSTEM, params)
+    assert first_outputs(on) == {"shares": 40, "whole": 36}  # whole computes its last block
+    assert first_outputs(off) == {"shares": 0, "whole": 0}
+    e = engine(cache=True)
+    e.add_request("fresh", SYSTEM + [1, 2], params)
+    assert first_outputs(e) == {"fresh": 0}
+
+
+def test_a_preempted_request_keeps_its_first_admissions_count():
+    """Recomputed after a preemption it finds its own freed blocks cached: a hit for the
+    engine's counters, not for its usage (its prompt was computed once, here)."""
+    e = engine(cache=True, num_blocks=14)
+    params = SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.0)
+    e.add_request("low", list(range(1, 10)), params, priority=0, arrival_s=0.0)
+    low = e.get("low")
+    assert first_outputs_of_one_step(e) == {"low": 0}
+    e.add_request("high", list(range(11, 20)), params, priority=1, arrival_s=1.0)
+    first_outputs(e)
+    assert low.num_preemptions > 0 and e.scheduler.num_hit_tokens > 0
+    assert low.num_cached_prompt_tokens == 0
+
+
+def test_a_request_migrated_before_its_first_output_carries_its_count():
+    """Paused mid-prefill (no output yet): the destination reports the source's count; once
+    an output was delivered, the gateway has it and the state carries none."""
+    src, dst = engine(cache=True, budget=8), engine(cache=False)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    src.add_request("a", SYSTEM + [1, 2], params)
+    first_outputs(src)
+    src.add_request("b", SYSTEM + [5] * 20, params)
+    src.step()  # b: 40 tokens from the cache, then 8 of its 20 others computed
+    req = src.pause("b")
+    state = src.export_state("b")
+    assert (state.num_delivered, state.num_computed_tokens) == (0, 48)
+    assert state.num_cached_prompt_tokens == 40
+    num_blocks = src.blocks.blocks_for(state.num_computed_tokens)
+    assert dst.blocks.reserve("m", num_blocks)
+    dst_blocks = dst.blocks.take_reserved("m", num_blocks)
+    dst.executor.kv_cache[dst_blocks] = src.executor.kv_cache[req.block_ids[:num_blocks]]
+    src.remove("b")
+    dst.import_request(state, req.prompt_token_ids, dst_blocks)
+    assert first_outputs_of_one_step(dst) == {"b": 40}  # its prompt's last 12 tokens
+    assert dst.export_state("b").num_cached_prompt_tokens is None  # delivered: told

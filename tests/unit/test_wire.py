@@ -21,6 +21,8 @@ def example(hint, depth=0):
     if hint is wire.HostPortOrEmpty:
         return "host-1:29500"
     origin = typing.get_origin(hint)
+    if origin is typing.Annotated:  # a value check (wire.Count): 7 passes the ones used
+        return example(typing.get_args(hint)[0], depth)
     if origin in (types.UnionType, typing.Union):
         return example(next(a for a in typing.get_args(hint) if a is not type(None)), depth)
     if origin is tuple:
@@ -194,10 +196,13 @@ def test_trailing_fields_with_defaults_may_be_missing():
     tag = wire.REGISTRY.tag_of(wire.Tokens)
     old = wire.decode(_frames(tag, ["r", "i", 0, [1], None, 2]))  # no logprobs
     assert (old.attempt, old.logprobs) == (2, ())
-    with pytest.raises(WireError, match="expected 6 to 7 fields, got 5"):
+    assert old.num_cached_prompt_tokens is None
+    with pytest.raises(WireError, match="expected 6 to 8 fields, got 5"):
         wire.decode(_frames(tag, ["r", "i", 0, [1], None]))  # attempt was in v2 from the start
-    with pytest.raises(WireError, match="expected 6 to 7 fields, got 8"):
-        wire.decode(_frames(tag, ["r", "i", 0, [1], None, 0, [], 5]))  # never ignored
+    with pytest.raises(WireError, match="expected 6 to 8 fields, got 9"):
+        wire.decode(_frames(tag, ["r", "i", 0, [1], None, 0, [], 5, 5]))  # never ignored
+    with pytest.raises(WireError, match="num_cached_prompt_tokens: -1 is not a count"):
+        wire.decode(_frames(tag, ["r", "i", 0, [1], None, 0, [], -1]))
     tag = wire.REGISTRY.tag_of(wire.GenerateRequest)
     sampling_v2_0 = [5, 0.5, 0, 1.0, 3, [], False, []]  # before the penalties were added
     msg = wire.decode(_frames(tag, ["c", None, [1], sampling_v2_0, 0, False, None]))
@@ -210,10 +215,22 @@ def test_trailing_fields_with_defaults_may_be_missing():
 def test_fields_added_since_are_left_out_at_their_defaults():
     """A message that uses none of the fields added in this protocol version encodes as
     before them, so a peer that predates them reads it."""
+    sampling = SamplingParams(max_tokens=3, seed=1)
     plain = wire.Tokens(req_id="r", instance_id="i", first_index=0, token_ids=(1,),
                         finish_reason=None)
     assert len(msgpack.unpackb(wire.encode(plain)[1])) == 6  # attempt stays (v2 had it)
-    sampling = SamplingParams(max_tokens=3, seed=1)
+    # Only the first output of a request says how much of its prompt was cached
+    assert len(msgpack.unpackb(wire.encode(dataclasses.replace(
+        plain, num_cached_prompt_tokens=32))[1])) == 8
+    chunk = wire.TokenChunk(client_req_id="c", req_id="r", first_index=0, token_ids=(1,),
+                            text="a", finish_reason=None, num_prompt_tokens=40)
+    assert len(msgpack.unpackb(wire.encode(chunk)[1])) == 7
+    # A RequestState without it (migrated after its first output) encodes as before
+    state = wire.RequestState(req_id="r", output_token_ids=(5,), num_delivered=1,
+                              sampling=sampling, priority=0, reply_addr="tcp://gw:1",
+                              arrival_s=1.0, num_computed_tokens=33, num_preemptions=0)
+    commit = wire.MigCommit(migration_id="m", state=state)
+    assert len(msgpack.unpackb(wire.encode(commit)[1])[1]) == 10
     request = wire.GenerateRequest(client_req_id="c", prompt=None, prompt_token_ids=(1,),
                                    sampling=sampling, priority=0, stream=False, timeout_s=None)
     assert len(msgpack.unpackb(wire.encode(request)[1])[3]) == 8
@@ -223,7 +240,7 @@ def test_fields_added_since_are_left_out_at_their_defaults():
     constrained = dataclasses.replace(request, sampling=dataclasses.replace(
         sampling, grammar_kind="regex", grammar="[a-z]+"))
     assert len(msgpack.unpackb(wire.encode(constrained)[1])[3]) == 20
-    for msg in (plain, request, penalized, constrained):
+    for msg in (plain, chunk, commit, request, penalized, constrained):
         assert wire.decode(wire.encode(msg)) == msg
 
 

@@ -266,6 +266,10 @@ class Engine:
             num_computed_tokens=req.num_computed_tokens,
             num_preemptions=req.num_preemptions,
             attempt=req.attempt,
+            # The gateway keeps the count of the first output it gets (index 0): after
+            # that it need not travel.
+            num_cached_prompt_tokens=(req.num_cached_prompt_tokens if req.num_delivered == 0
+                                      else None),
         )
 
     def computed_hashes(self, req_id: str) -> list[int]:
@@ -298,6 +302,7 @@ class Engine:
             block_ids=list(block_ids),
             num_preemptions=state.num_preemptions,
             num_delivered=state.num_delivered,
+            num_cached_prompt_tokens=state.num_cached_prompt_tokens,
         )
         self.requests[req.req_id] = req
         if req.num_computed_tokens == 0:  # queued at the source: it queues here

@@ -30,6 +30,10 @@ class Request:
     status: Status = Status.WAITING
     num_preemptions: int = 0
     num_delivered: int = 0  # output tokens already handed out in a RequestOutput
+    # Prompt tokens whose KV it found cached (prefix cache, pulled blocks included) when
+    # first admitted, on whichever instance that was; None until then. A preemption's
+    # recompute does not change it. Reported once, with the output at index 0.
+    num_cached_prompt_tokens: int | None = None
     # Prefix cache: hashes of the request's full blocks computed so far (prompt and
     # outputs; common/prefix_hash.py), and how many of block_ids are registered as cached.
     block_hashes: list[int] = field(default_factory=list)
@@ -77,3 +81,5 @@ class RequestOutput:
     token_ids: tuple[int, ...]
     finish_reason: str | None  # "length" | "stop" | "abort" | None
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token when the request asked
+    # Request.num_cached_prompt_tokens on the output at index 0 (first_index == 0), else None
+    num_cached_prompt_tokens: int | None = None

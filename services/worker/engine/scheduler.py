@@ -128,6 +128,9 @@ class LocalScheduler:
                 req.num_computed_tokens = len(cached) * self.blocks.block_size
             self.num_admitted_tokens += req.num_tokens
             self.num_hit_tokens += req.num_computed_tokens
+            if req.num_cached_prompt_tokens is None:  # its first admission anywhere
+                req.num_cached_prompt_tokens = min(req.num_computed_tokens,
+                                                   len(req.prompt_token_ids))
             if req.queued_s is not None:
                 self.queue_time.observe(now - req.queued_s)
                 req.queued_s = None
@@ -308,6 +311,7 @@ class LocalScheduler:
             token_ids=tuple(req.output_token_ids[first:]),
             finish_reason=req.finish_reason,
             logprobs=logprobs,
+            num_cached_prompt_tokens=req.num_cached_prompt_tokens if first == 0 else None,
         )
 
     # ---- abort, pause (migration) ---------------------------------------------------------
