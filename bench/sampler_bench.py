@@ -5,7 +5,8 @@ what vLLM's sampling parameters add), at batch 1 and 64.
                                         [--batch 1,64] [--out result.json]
 
 A step here is what ModelRunner does after the logits exist: `SamplingTensors.build`
-(host lists -> device tensors, penalty counts rebuilt from each request's tokens) and
+(host lists -> device tensors, penalty entries from each request's tokens, which the
+runner keeps as arrays between steps: HistoryArrays, one new token a row each step) and
 `run_sampler` (processing, the draw, logprobs), then reading the tokens (and logprobs) on
 the host. Logits are random [batch, vocab] float32; each request has a 512-token prompt
 and 256 generated tokens.
@@ -36,6 +37,7 @@ import time
 import torch
 
 from ferry.common.sampling import SamplingParams
+from ferry.services.worker.history_arrays import HistoryArrays
 from ferry.services.worker.sampler import (
     SamplingTensors,
     TokenHistory,
@@ -66,21 +68,32 @@ def case_params(case: str, batch: int) -> list[SamplingParams]:
 def time_step(case: str, batch: int, vocab: int, device: torch.device, repeats: int) -> dict:
     rng = random.Random(batch * 7 + vocab)
     params = case_params(case, batch)
-    histories = [TokenHistory(tuple(rng.randrange(vocab) for _ in range(PROMPT_LEN)),
-                              tuple(rng.randrange(vocab) for _ in range(OUTPUT_LEN)))
-                 for _ in range(batch)]
+    prompts = [tuple(rng.randrange(vocab) for _ in range(PROMPT_LEN)) for _ in range(batch)]
+    outputs = [[rng.randrange(vocab) for _ in range(OUTPUT_LEN)] for _ in range(batch)]
     positions = [PROMPT_LEN + OUTPUT_LEN] * batch
+    cache = HistoryArrays(max_entries=2 * batch)  # the runner's, kept across steps
     logits = torch.randn(batch, vocab, device=device, generator=None) * 3
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def step() -> tuple[float, float]:
+    def step(cached: bool = True) -> tuple[float, float]:
+        """cached: as the runner does, each row's history through its HistoryArrays, one
+        new token a row since the last step (the cache's work is timed); else the chunks'
+        tuples as they are (the sampler then reads every token)."""
+        if cached:
+            for row in outputs:  # the decode step before this one made a token
+                row.append(rng.randrange(vocab))
+        else:
+            rows = [TokenHistory(prompts[i], tuple(outputs[i])) for i in range(batch)]
         sync()
         start = time.perf_counter()
+        if cached:
+            rows = [TokenHistory(*cache.get(f"r{i}", prompts[i], outputs[i]))
+                    for i in range(batch)]
         st = SamplingTensors.build(params, positions, vocab_size=vocab, device=device,
-                                   histories=histories, eos_token_ids=EOS_TOKEN_IDS)
+                                   histories=rows, eos_token_ids=EOS_TOKEN_IDS)
         sync()
         built = time.perf_counter()
         out = run_sampler(logits, st).to("cpu")
@@ -93,8 +106,10 @@ def time_step(case: str, batch: int, vocab: int, device: torch.device, repeats: 
     for _ in range(3):
         step()
     builds, totals = zip(*(step() for _ in range(repeats)), strict=True)
+    uncached = [step(cached=False)[0] for _ in range(repeats)]
     return {"case": case, "batch": batch, "vocab": vocab,
-            "build_ms": min(builds) * 1e3, "step_ms": min(totals) * 1e3,
+            "build_ms": min(builds) * 1e3, "build_uncached_ms": min(uncached) * 1e3,
+            "step_ms": min(totals) * 1e3,
             "step_median_ms": statistics.median(totals) * 1e3}
 
 
@@ -122,12 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"sampler step, {device.type} ({name}), torch {torch.__version__}; least of "
           f"{args.repeats}; prompt {PROMPT_LEN} + output {OUTPUT_LEN} tokens a request")
     print(f"{'vocab':>7} {'batch':>5}  {'plain ms':>9} {'pen+lp ms':>10} {'x':>5} "
-          f"{'all ms':>8} {'x':>5}  {'pen+lp build ms':>15}")
+          f"{'all ms':>8} {'x':>5}  {'pen+lp build ms':>15} {'(tuples) ms':>11}")
     for plain, pen, every in zip(rows[::3], rows[1::3], rows[2::3], strict=True):
         print(f"{plain['vocab']:>7} {plain['batch']:>5}  {plain['step_ms']:>9.3f} "
               f"{pen['step_ms']:>10.3f} {pen['step_ms'] / plain['step_ms']:>5.2f} "
               f"{every['step_ms']:>8.3f} {every['step_ms'] / plain['step_ms']:>5.2f}  "
-              f"{pen['build_ms']:>15.3f}")
+              f"{pen['build_ms']:>15.3f} {pen['build_uncached_ms']:>11.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "repeats": args.repeats,

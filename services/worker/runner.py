@@ -28,6 +28,7 @@ from ferry.kernels.kv_layout import allocate_kv_cache, bytes_per_block
 from ferry.kernels.metadata import AttentionMetadata
 from ferry.services.worker.engine.batch import ModelBatch, Sampled, SeqChunk, needs_history
 from ferry.services.worker.grammar import GrammarRow, Grammars
+from ferry.services.worker.history_arrays import HistoryArrays
 from ferry.services.worker.model.config import ModelConfig
 from ferry.services.worker.model.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ferry.services.worker.model.llama import LlamaModel, PagedAttention, WriteKV
@@ -132,6 +133,10 @@ class ModelRunner:
         self._grammar_thread: ThreadPoolExecutor | None = None
         self.grammar_wait_s = 0.0  # time steps waited for masks after their forward pass
 
+        # Penalized requests' histories between steps (the sampler's host work per step
+        # is then per new token, not per token seen); two batches' worth of requests.
+        self.history_arrays = HistoryArrays(max_entries=2 * config.max_num_seqs)
+
         self.graphs: DecodeGraphs | None = None
         if on_gpu and config.cuda_graphs and self.attention_backend != "torch":
             with torch.inference_mode():
@@ -185,7 +190,8 @@ class ModelRunner:
             [c.end_pos for c in sampled],
             vocab_size=self.vocab_size,
             device=self.device,
-            histories=[TokenHistory(c.prompt_token_ids, c.output_token_ids)
+            histories=[TokenHistory(*self.history_arrays.get(
+                c.req_id, c.prompt_token_ids, c.output_token_ids))
                        if needs_history(c.sampling) else None for c in sampled],
             eos_token_ids=self.eos_token_ids,
             grammar_rows=grammar_rows,

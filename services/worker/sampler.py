@@ -54,6 +54,8 @@ _POSITION_SALT = 0x68E31DA4 - (1 << 32)
 class TokenHistory:
     """The tokens a row's penalties are computed from."""
 
+    # Sequences of ints, or int64 numpy arrays (services/worker/history_arrays.py: the
+    # runner's, kept between steps, which the sampler joins without a per-token loop).
     prompt_token_ids: Sequence[int]  # the prompt (repetition penalty)
     output_token_ids: Sequence[int]  # generated so far (all three penalties)
 
@@ -227,6 +229,16 @@ def _build_extras(
     return out
 
 
+def _flat_int64(segments: Sequence[Sequence[int]], total: int) -> np.ndarray:
+    """The segments joined into one int64 array. Arrays (the runner's HistoryArrays) are
+    joined whole; other sequences go through np.fromiter, 4x faster than
+    torch.tensor(list) (64 rows x 768 tokens: 0.7 vs 2.7 ms) but still per token."""
+    segments = [s for s in segments if len(s)]  # () for a row without repetition penalty
+    if all(isinstance(s, np.ndarray) for s in segments):
+        return np.concatenate(segments) if segments else np.empty(0, dtype=np.int64)
+    return np.fromiter(itertools.chain(*segments), dtype=np.int64, count=total)
+
+
 def _build_penalties(params, histories, rows: list[int], *, vocab_size: int,
                      to_device) -> Penalties:
     """Flat entries of every token the penalized rows have seen. Host work is one list of
@@ -242,8 +254,7 @@ def _build_penalties(params, histories, rows: list[int], *, vocab_size: int,
     num_out = sum(lengths[: len(rows)])
     m = len(rows)
     # 2m segments (the rows' outputs, then their prompts): slot, batch row, length.
-    # np.fromiter: 4x faster than torch.tensor(list) (64 rows x 768 tokens: 0.7 vs 2.7 ms).
-    tokens = np.fromiter(itertools.chain(*outputs, *prompts), dtype=np.int64, count=h)
+    tokens = _flat_int64([*outputs, *prompts], h)
     token_t = to_device(tokens, torch.int64)
     seg = to_device([[*range(m)] * 2, rows * 2, lengths], torch.int64)
     scalars = to_device([[float(params[r].presence_penalty) for r in rows] * 2,
