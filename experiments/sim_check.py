@@ -191,7 +191,10 @@ def simulate(args: argparse.Namespace, trace: Path, profile: Path) -> dict:
     return sim.run(parser.parse_args([
         "--trace", str(trace), "--instances", "1", "--policy", "least_load",
         "--profile", str(profile), "--kv-blocks", str(args.kv_blocks),
-        "--max-num-batched-tokens", str(args.max_num_batched_tokens)]))
+        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+        # the real scheduler's default (SchedulerConfig.hold_until_room), which the real
+        # cluster runs with: requests without room wait in its pending queue
+        "--hold-until-room"]))
 
 
 def summary(result: dict) -> dict:
