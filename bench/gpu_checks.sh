@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks, run on the lent H200 machines (see docs/gpu.md):
 #   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine prefixttft sampler profiles
-#                                         migration concurrent simcheck
+#                                         migration concurrent simcheck simcheck3
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
 set -uo pipefail
@@ -65,6 +65,13 @@ for step in "$@"; do
       timeout 420 python3 -m experiments.sim_check --model random:llama2-7b --device cuda \
         --kv-blocks 1000 --num 100 --kinds M-M,L-L --load-fractions 0.5,0.8,1.1 \
         --out-dir "$OUT/simcheck" 2>&1 | tee "$OUT/simcheck.log" | tail -40 ;;
+    simcheck3)
+      # issue 13 part A's other model and traces: llama3-8b, ShareGPT-like and multi-turn
+      # (smoke-tested on CPU with --model tiny; not yet run on a GPU)
+      timeout 560 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
+        --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 1000 --num 100 \
+        --kinds sharegpt,multiturn --load-fractions 0.5,0.8,1.1 \
+        --out-dir "$OUT/simcheck3" 2>&1 | tee "$OUT/simcheck3.log" | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac
 done
