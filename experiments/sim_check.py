@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
 import shutil
 import statistics
@@ -40,9 +39,11 @@ from experiments.paper_repro import capacity_rate
 from ferry.bench import serve, sim
 from ferry.bench import trace as traces
 from ferry.bench.local_cluster import start_cluster
-from ferry.services.worker.latency_model import LatencyModel, Profile, StepFeatures, bundled_profile
+from ferry.services.worker import step_log
+from ferry.services.worker.latency_model import LatencyModel, Profile, bundled_profile
 from ferry.services.worker.model.config import ModelConfig
 from ferry.services.worker.model.resolve import resolve_model
+from ferry.services.worker.step_log import add_gaps, cycle_s, features
 
 TOKENS_PER_BLOCK = 16
 
@@ -103,18 +104,18 @@ def make_traces(args: argparse.Namespace, latency: LatencyModel, tmp: Path) -> l
 
 
 def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> list[Replay]:
-    step_log = Path(args.out_dir) / "steps.jsonl"
-    step_log.unlink(missing_ok=True)
+    log_path = Path(args.out_dir) / "steps.jsonl"
+    log_path.unlink(missing_ok=True)
     cluster = start_cluster(tmp / "up", workers=1, timeout_s=600, extra=(
         "--model", args.model, "--device", args.device, "--num-blocks", str(args.kv_blocks),
-        "--policy", "least_load", f"--worker-arg=--step-log={step_log.resolve()}",
+        "--policy", "least_load", f"--worker-arg=--step-log={log_path.resolve()}",
         f"--worker-arg=--max-num-batched-tokens={args.max_num_batched_tokens}",
         "--gateway-arg=--max-inflight=8192", "--gateway-arg=--max-tokens-limit=32768"))
     replays = []
     vocab_size = ModelConfig.from_dir(resolve_model(args.model)).vocab_size
     try:
         for kind, fraction, rate, path in planned:
-            done = len(step_log.read_text().splitlines()) if step_log.exists() else 0
+            done = len(log_path.read_text().splitlines()) if log_path.exists() else 0
             serve_args = argparse.Namespace(
                 trace=str(path), sdk_addr=cluster.sdk_addr, http="",
                 admin_addr=cluster.admin_addr, vocab_size=vocab_size, time_scale=1.0,
@@ -124,7 +125,7 @@ def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> lis
             real = serve.run(serve_args)
             cluster.wait_idle(timeout_s=60)
             time.sleep(0.5)  # the step log's buffer reaches the file
-            lines = step_log.read_text().splitlines()[done:]
+            lines = log_path.read_text().splitlines()[done:]
             steps = [json.loads(line) for line in lines if line.strip()]
             add_gaps(steps)
             replays.append(Replay(kind, fraction, rate, path,
@@ -136,32 +137,8 @@ def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> lis
     return replays
 
 
-BUSY_GAP_S = 0.02  # a longer pause between two steps is idleness, not overhead
-
-
-def add_gaps(steps: list[dict]) -> None:
-    """Each step's gap_s: from its end to the next step's start while the engine is busy
-    (None before an idle pause or at the end)."""
-    for step, after in zip(steps, steps[1:], strict=False):
-        gap = after["t"] - after["step_s"] - after.get("engine_s", 0.0) - step["t"]
-        step["gap_s"] = gap if 0.0 <= gap < BUSY_GAP_S else None
-    if steps:
-        steps[-1]["gap_s"] = None
-
-
-def cycle_s(sample: dict) -> float:
-    """The engine's whole cycle of one step: the model step, the engine's own time, and
-    the loop's gap to the next step (none before an idle pause)."""
-    return sample["step_s"] + sample.get("engine_s", 0.0) + (sample.get("gap_s") or 0.0)
-
-
 def refit(samples: list[dict], *, whole_cycle: bool = False) -> LatencyModel:
-    return LatencyModel.fit([(features(s), cycle_s(s) if whole_cycle else s["step_s"])
-                             for s in samples])
-
-
-def features(sample: dict) -> StepFeatures:
-    return StepFeatures(P=sample["P"], A=sample["A"], D=sample["D"], C=sample["C"])
+    return step_log.fit(samples, whole_cycle=whole_cycle)
 
 
 def step_errors(latency: LatencyModel, samples: list[dict], *, whole_cycle: bool = False
@@ -212,11 +189,8 @@ def load_replays(args: argparse.Namespace, planned: list[tuple]) -> list[Replay]
     sim_check.json, each replay's steps cut from steps.jsonl by its step count."""
     run_dir = Path(args.replayed)
     previous = json.loads((run_dir / "sim_check.json").read_text())
-    step_log = run_dir / "steps.jsonl"
-    if not step_log.exists():  # kept compressed in the repository
-        lines = gzip.decompress((run_dir / "steps.jsonl.gz").read_bytes()).decode().splitlines()
-    else:
-        lines = step_log.read_text().splitlines()
+    plain = run_dir / "steps.jsonl"
+    samples = step_log.read(plain if plain.exists() else run_dir / "steps.jsonl.gz")
     rows = previous["rows"]
     if [(r["kind"], r["fraction"]) for r in rows] != [(k, f) for k, f, _, _ in planned]:
         raise SystemExit(f"{run_dir}: its traces differ from --kinds/--load-fractions")
@@ -226,7 +200,7 @@ def load_replays(args: argparse.Namespace, planned: list[tuple]) -> list[Replay]
             raise SystemExit(f"{run_dir}: {kind}@{fraction} ran at {row['rate']} req/s, the "
                              f"regenerated trace is at {rate}: different profile or seed?")
         count = row["real"]["num_steps"]
-        steps = [json.loads(line) for line in lines[done:done + count]]
+        steps = samples[done:done + count]
         done += count
         add_gaps(steps)
         replays.append(Replay(kind, fraction, rate, path, row["real"], steps))

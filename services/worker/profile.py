@@ -8,6 +8,12 @@ records the median of several runs. When the KV cache cannot hold D x C distinct
 decodes share blocks (the bytes read per step are the same; the note says so).
 
     ferry profile --model tiny --device cpu --out services/worker/profiles/tiny-cpu.json
+
+Or from a serving worker's own steps (`ferry worker --step-log PATH`), fitted to whole
+engine cycles (step + engine + loop gap: what the simulator should replay), keeping the
+model, KV and device fields of a base profile:
+
+    ferry profile --from-step-log steps.jsonl --base llama3-8b-h200.json --out mine.json
 """
 
 from __future__ import annotations
@@ -64,17 +70,39 @@ def time_batch(runner, batch: ModelBatch, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ferry profile", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny",
-                        help="model directory, preset name, or random:PRESET (weights in memory)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default=None,
+                        help="model directory, preset name, or random:PRESET (weights in memory;"
+                             " default: tiny)")
+    parser.add_argument("--device", default=None, help="default: auto")
     parser.add_argument("--out", required=True, help="profile JSON to write")
     parser.add_argument("--name", default="", help="profile name (default: model-device)")
-    parser.add_argument("--num-blocks", type=int, default=0,
+    parser.add_argument("--num-blocks", type=int, default=None,
                         help="KV blocks of the profiled instance (default: the runner's)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None, help="default: 5")
     parser.add_argument("--grid", choices=sorted(GRIDS), default=None)
-    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--attention-backend", default=None, help="default: auto")
+    from_log = parser.add_argument_group("fit to a worker's step log instead of timing a grid")
+    from_log.add_argument("--from-step-log", default="",
+                          help="a `ferry worker --step-log` file (.jsonl, or .jsonl.gz)")
+    from_log.add_argument("--base", default="",
+                          help="the profile whose model, KV and device fields the fit keeps")
+    from_log.add_argument("--step-time-only", action="store_true",
+                          help="fit the model step alone, not the whole engine cycle")
     args = parser.parse_args(argv)
+    if args.from_step_log:
+        measuring = [f"--{name.replace('_', '-')}" for name in
+                     ("model", "device", "num_blocks", "repeats", "grid", "attention_backend")
+                     if getattr(args, name) is not None]
+        if measuring or not args.base:
+            parser.error("--from-step-log needs --base and times nothing"
+                         + (f": {', '.join(measuring)} do not apply" if measuring else ""))
+        return profile_from_step_log(args)
+    if args.base or args.step_time_only:
+        parser.error("--base and --step-time-only go with --from-step-log")
+    for name, default in (("model", "tiny"), ("device", "auto"), ("num_blocks", 0),
+                          ("repeats", 5), ("attention_backend", "auto")):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
     from ferry.services.worker.entry import DEFAULT_CPU_KV_GB, resolve_device
     from ferry.services.worker.model.resolve import RANDOM_PREFIX, preset_config, resolve_model
@@ -136,6 +164,26 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"out": args.out, "coefficients": dataclasses.asdict(latency),
                       "fit_median_rel_err": statistics.median(errors),
                       "fit_max_rel_err": max(errors)}, default=str))
+
+
+def profile_from_step_log(args: argparse.Namespace) -> None:
+    from ferry.services.worker import step_log
+
+    base = Profile.load(args.base)
+    samples = step_log.read(args.from_step_log)
+    step_log.add_gaps(samples)
+    whole_cycle = not args.step_time_only
+    latency = step_log.fit(samples, whole_cycle=whole_cycle)
+    errors = sorted(abs(latency.step_time(step_log.features(s)) - measured) / measured
+                    for s in samples
+                    for measured in [step_log.cycle_s(s) if whole_cycle else s["step_s"]])
+    profile = dataclasses.replace(
+        base, name=args.name or f"{base.name}-insitu", latency=latency, samples=samples)
+    profile.save(args.out)
+    print(json.dumps({"out": args.out, "samples": len(samples), "whole_cycle": whole_cycle,
+                      "coefficients": dataclasses.asdict(latency),
+                      "fit_median_rel_err": errors[len(errors) // 2],
+                      "fit_p90_rel_err": errors[int(0.9 * (len(errors) - 1))]}))
 
 
 def _device_name(device: str) -> str:
