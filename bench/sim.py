@@ -699,7 +699,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-migrations-per-instance", type=int, default=None)
     parser.add_argument("--hold-until-room", action="store_true",
                         help="the scheduler holds requests no instance has room for "
-                             "(services/scheduler/pending.py)")
+                             "(services/scheduler/pending.py). Off here, on in a real "
+                             "scheduler (SchedulerConfig.hold_until_room): give it to "
+                             "simulate a cluster as `ferry up` runs it")
     parser.add_argument("--pending-max-wait-s", type=float, default=None)
     parser.add_argument("--headroom-blocks", type=int, default=0,
                         help="high-priority headroom in virtual usage; > 0 also packs "
