@@ -75,3 +75,14 @@ def test_the_sampler_builds_the_same_penalties_from_arrays_as_from_tuples():
     for field in dataclasses.fields(built["tuples"]):
         a, b = getattr(built["tuples"], field.name), getattr(built["arrays"], field.name)
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, field.name
+
+
+def test_the_token_bound_evicts_the_least_recent_but_never_the_entry_in_use():
+    cache = HistoryArrays(max_entries=10, max_tokens=100)
+    cache.get("a", tuple(range(40)), ())  # 40 + a 16-token buffer
+    cache.get("b", tuple(range(30)), ())  # 56 + 46 > 100: a goes
+    assert len(cache) == 1 and cache.num_tokens == 46
+    p, o = cache.get("c", tuple(range(200)), (1, 2))  # alone over the bound: kept
+    assert len(cache) == 1 and p.tolist() == list(range(200)) and o.tolist() == [1, 2]
+    cache.discard("c")
+    assert (len(cache), cache.num_tokens) == (0, 0)
