@@ -174,9 +174,9 @@ def profile_from_step_log(args: argparse.Namespace) -> None:
     step_log.add_gaps(samples)
     whole_cycle = not args.step_time_only
     latency = step_log.fit(samples, whole_cycle=whole_cycle)
-    errors = sorted(abs(latency.step_time(step_log.features(s)) - measured) / measured
-                    for s in samples
-                    for measured in [step_log.cycle_s(s) if whole_cycle else s["step_s"]])
+    measured = [step_log.cycle_s(s) if whole_cycle else s["step_s"] for s in samples]
+    errors = sorted(abs(latency.step_time(step_log.features(s)) - t) / t
+                    for s, t in zip(samples, measured, strict=True))
     profile = dataclasses.replace(
         base, name=args.name or f"{base.name}-insitu", latency=latency, samples=samples)
     profile.save(args.out)

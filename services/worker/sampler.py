@@ -179,7 +179,7 @@ def _build_extras(
 
     def to_device(values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(values, np.ndarray):
-            host = torch.from_numpy(values)
+            host = torch.from_numpy(values).to(dtype)  # no copy when already of dtype
             host = host.pin_memory() if pin else host
         else:
             host = torch.tensor(values, dtype=dtype, pin_memory=pin)
