@@ -47,7 +47,11 @@ for step in "$@"; do
       timeout 150 python3 -m ferry.bench.sampler_bench --device cuda --out "$OUT/sampler_gpu.json" \
         2>&1 | tee "$OUT/sampler_gpu.log" | tail -12
       timeout 150 python3 -m ferry.bench.grammar_bench --device cuda --vocab 32000,128256 \
-        --out "$OUT/grammar_gpu.json" 2>&1 | tee "$OUT/grammar_gpu.log" | tail -12 ;;
+        --out "$OUT/grammar_gpu.json" 2>&1 | tee "$OUT/grammar_gpu.log" | tail -12
+      # the whole decode step (llama3-8b forward + sampler): the 10% target
+      timeout 200 python3 -m ferry.bench.sampling_step_bench --model random:llama3-8b \
+        --device cuda --out "$OUT/sampling_step_gpu.json" 2>&1 \
+        | tee "$OUT/sampling_step_gpu.log" | tail -6 ;;
     profiles)
       for preset in llama3-8b llama2-7b; do
         timeout 250 python3 -m ferry.services.cli profile --model "random:$preset" --device cuda \

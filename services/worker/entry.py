@@ -167,8 +167,12 @@ def build_engine(config: WorkerConfig, *, sim_speedup: float = 1.0) -> Engine:
     # "random:PRESET": the preset's shape with weights drawn on the device, no files
     # (GPU benchmarks of 7-8B shapes without writing 16 GB first).
     is_random = config.model.startswith(RANDOM_PREFIX)
+    # The directory holds the tokenizer either way (random:PRESET: the preset's), which
+    # structured output needs.
+    model_dir = str(resolve_model(config.model))
     runner = ModelRunner(RunnerConfig(
-        model_dir=None if is_random else str(resolve_model(config.model)),
+        model_dir=None if is_random else model_dir,
+        tokenizer_dir=model_dir,
         model_config=preset_config(config.model) if is_random else None,
         random_on_device=is_random,
         device=config.device,

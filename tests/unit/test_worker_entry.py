@@ -1,0 +1,23 @@
+"""build_engine: what a `ferry worker` command line turns into."""
+
+from __future__ import annotations
+
+import argparse
+
+from ferry.services.worker.entry import add_arguments, build_engine, config_from_args
+
+
+def _config(*argv: str):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(list(argv)))
+
+
+def test_random_preset_worker_takes_structured_output(tmp_path, monkeypatch):
+    """random:PRESET draws weights in memory, but its directory has the preset's
+    tokenizer, so json_schema requests are served, not refused."""
+    monkeypatch.setenv("FERRY_MODEL_CACHE", str(tmp_path))
+    engine = build_engine(_config("--model", "random:tiny", "--device", "cpu",
+                                  "--kv-cache-gb", "0.05"))
+    assert engine.executor.supports_grammar
+    assert engine.executor.config.model_dir is None  # weights in memory, none read
