@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks, run on the lent H200 machines (see docs/gpu.md):
-#   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine prefixttft sampler profiles
-#                                         migration concurrent simcheck simcheck3
+#   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine prefixttft sampler grammarthreads profiles
+#                                         migration concurrent simcheck simcheck3 simcheck3b
+#                                         simcheck3c
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
 set -uo pipefail
@@ -52,6 +53,16 @@ for step in "$@"; do
       timeout 200 python3 -m ferry.bench.sampling_step_bench --model random:llama3-8b \
         --device cuda --out "$OUT/sampling_step_gpu.json" 2>&1 \
         | tee "$OUT/sampling_step_gpu.log" | tail -6 ;;
+    grammarthreads)
+      # where a grammar step's mask time goes: torch's CPU threads vs llguidance's, batch 64
+      for variant in "" "--threads 1" "--grammar-threads 8" "--threads 1 --grammar-threads 8"; do
+        timeout 120 python3 -m ferry.bench.sampling_step_bench --model random:llama3-8b \
+          --device cuda --batch 64 $variant 2>&1 | tail -3
+      done
+      for threads in 4 8; do
+        timeout 120 python3 -m ferry.bench.grammar_bench --device cuda --vocab 128256 \
+          --batch 64 --grammar-threads $threads 2>&1 | tail -1
+      done ;;
     profiles)
       for preset in llama3-8b llama2-7b; do
         timeout 250 python3 -m ferry.services.cli profile --model "random:$preset" --device cuda \
@@ -76,6 +87,20 @@ for step in "$@"; do
         --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 1000 --num 100 \
         --kinds sharegpt,multiturn --load-fractions 0.5,0.8,1.1 \
         --out-dir "$OUT/simcheck3" 2>&1 | tee "$OUT/simcheck3.log" | tail -40 ;;
+    simcheck3b)
+      # ShareGPT-like again, at rates below and at the H100's knee (simcheck3's fractions of
+      # the H200 profile's estimate were all past it), after an unmeasured warm-up replay
+      timeout 400 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
+        --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 1000 --num 100 \
+        --kinds sharegpt --rates 1.5,2.5,4.0 --warm-up 30 \
+        --out-dir "$OUT/simcheck3b" 2>&1 | tee "$OUT/simcheck3b.log" | tail -30 ;;
+    simcheck3c)
+      # the KV an 80 GB card really has for llama3-8b (25,000 blocks = 50 GiB), ShareGPT-like
+      # at 0.5 / 0.8 / 1.1 of the H100 cycle fit's capacity estimate (13.9 req/s)
+      timeout 400 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
+        --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 25000 --num 150 \
+        --kinds sharegpt --rates 7,11,15 --warm-up 30 \
+        --out-dir "$OUT/simcheck3c" 2>&1 | tee "$OUT/simcheck3c.log" | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -21,8 +21,9 @@ walk through ORDER_SCHEMA's grammar (so the grammar rows stay valid) that grows 
 token a step: the penalties see a growing history (through the runner's HistoryArrays),
 the matchers advance one token a step. Steps of the three cases alternate (plain, pen+lp,
 all, plain, ...) so all see the same disturbances; each case has its own request ids.
-Times are medians (and least) of --repeats steps after warm-up, in milliseconds; `wait`
-is the grammar case's time spent waiting for masks after its forward pass.
+Times are medians (and least) of --repeats steps after warm-up, in milliseconds; for the
+grammar case, `mask` is the helper thread's time filling the step's masks and `wait` the
+part of it the step waited for after its forward pass.
 
 The grammar walks a real vocabulary of the model's size: by default a byte-level BPE
 trained here to that many tokens (grammar_bench's; a random:PRESET directory's own
@@ -64,7 +65,8 @@ def case_params(case: str, row: int) -> SamplingParams:
     return params
 
 
-def make_runner(model: str, device: str, *, batch: int, max_len: int, tokenizer_dir: str):
+def make_runner(model: str, device: str, *, batch: int, max_len: int, tokenizer_dir: str,
+                grammar_threads: int | None = None):
     """A worker's ModelRunner for `model` (random:PRESET: weights drawn on the device)
     with KV for `batch` requests of max_len tokens."""
     from ferry.services.worker.model.resolve import (
@@ -83,7 +85,7 @@ def make_runner(model: str, device: str, *, batch: int, max_len: int, tokenizer_
         random_on_device=is_random, device=device, block_size=16,
         num_blocks=batch * blocks_per_row, max_model_len=max_len + 16,
         max_num_seqs=batch, max_num_tokens=max(2048, batch),
-        tokenizer_dir=tokenizer_dir))
+        tokenizer_dir=tokenizer_dir, grammar_threads=grammar_threads))
 
 
 def trained_tokenizer_dir(model: str, into: Path) -> str:
@@ -123,10 +125,11 @@ def time_batch(runner, batch: int, prompt_len: int, repeats: int, seed: int) -> 
 
     times: dict[str, list[float]] = {case: [] for case in CASES}
     waits: list[float] = []
+    masks: list[float] = []
     for k in range(1, steps + 1):
         for case in CASES:
             batch_k = step_batch(case, k)
-            wait_before = runner.grammar_wait_s
+            wait_before, mask_before = runner.grammar_wait_s, runner.grammar_mask_s
             start = time.perf_counter()
             sampled = runner.execute(batch_k)
             elapsed = time.perf_counter() - start
@@ -136,6 +139,7 @@ def time_batch(runner, batch: int, prompt_len: int, repeats: int, seed: int) -> 
                 times[case].append(elapsed)
                 if case == "all":
                     waits.append(runner.grammar_wait_s - wait_before)
+                    masks.append(runner.grammar_mask_s - mask_before)
     rows = []
     plain_ms = statistics.median(times["plain"]) * 1e3
     for case in CASES:
@@ -145,6 +149,7 @@ def time_batch(runner, batch: int, prompt_len: int, repeats: int, seed: int) -> 
                "over_plain": median_ms / plain_ms - 1.0}
         if case == "all":
             row["grammar_wait_ms"] = statistics.median(waits) * 1e3
+            row["grammar_mask_ms"] = statistics.median(masks) * 1e3
         rows.append(row)
     return rows
 
@@ -158,14 +163,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", default="1,64", help="comma-separated batch sizes")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0: 1 on CPU, as a CPU worker; torch's "
+                             "default on a GPU, as a GPU worker)")
+    parser.add_argument("--grammar-threads", type=int, default=0,
+                        help="llguidance's mask threads (0: the worker's default)")
     parser.add_argument("--tokenizer", choices=("trained", "model"), default="trained",
                         help="the grammar's vocabulary: a BPE trained to the model's size, "
                              "or the model directory's tokenizer")
     parser.add_argument("--out", default="", help="write the results JSON here")
     args = parser.parse_args(argv)
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     batches = [int(b) for b in args.batch.split(",")]
     max_len = args.prompt_len + 64 + WARMUP + args.repeats  # walks are < 40 + steps tokens
     scratch = tempfile.TemporaryDirectory(prefix="ferry-sampling-step-")
@@ -174,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer_dir = (trained_tokenizer_dir(args.model, Path(scratch.name))
                      if args.tokenizer == "trained" else str(resolve_model(args.model)))
     runner = make_runner(args.model, args.device, batch=max(batches), max_len=max_len,
-                         tokenizer_dir=tokenizer_dir)
+                         tokenizer_dir=tokenizer_dir,
+                         grammar_threads=args.grammar_threads or None)
     if runner.grammars is None:
         raise SystemExit(f"{args.model}: no tokenizer.json, so no grammar case")
     rows = []
@@ -185,9 +195,11 @@ def main(argv: list[str] | None = None) -> None:
             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
                  f"thread(s)")
     print(f"whole decode step ({args.model}, {device.type}: {name}, torch {torch.__version__});"
-          f" median (least) of {args.repeats}; prompt {args.prompt_len} tokens")
+          f" median (least) of {args.repeats}; prompt {args.prompt_len} tokens; "
+          f"{torch.get_num_threads()} torch thread(s), "
+          f"{args.grammar_threads or 'default'} grammar thread(s)")
     print(f"{'batch':>5}  {'plain ms':>16} {'pen+lp ms':>16} {'over':>6} {'all ms':>16} "
-          f"{'over':>6}  {'mask wait ms':>12}")
+          f"{'over':>6}  {'mask ms':>8} {'mask wait ms':>12}")
 
     def cell(row: dict) -> str:
         return f"{row['step_ms']:.3f} ({row['step_min_ms']:.3f})"
@@ -195,10 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     for plain, pen, every in zip(rows[::3], rows[1::3], rows[2::3], strict=True):
         print(f"{plain['batch']:>5}  {cell(plain):>16} {cell(pen):>16} "
               f"{pen['over_plain']:>6.1%} {cell(every):>16} {every['over_plain']:>6.1%}  "
-              f"{every['grammar_wait_ms']:>12.3f}")
+              f"{every['grammar_mask_ms']:>8.3f} {every['grammar_wait_ms']:>12.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "model": args.model, "tokenizer": args.tokenizer,
+                       "torch_threads": torch.get_num_threads(),
+                       "grammar_threads": args.grammar_threads or None,
                        "torch": torch.__version__,
                        "repeats": args.repeats, "schema": ORDER_SCHEMA, "rows": rows},
                       f, indent=1)

@@ -155,6 +155,7 @@ class WorkerConfig:
     # timeout (compose stop_grace_period, systemd TimeoutStopSec).
     drain_timeout_s: float = 25.0
     step_log: str = ""  # a file to append every step's features and time to (sim_check)
+    grammar_threads: int = 0  # llguidance's mask threads; 0: half the cores, at most 4
     max_frame_bytes: int = field(default_factory=env.max_frame_bytes)
     keys_dir: str = field(default_factory=env.keys_dir)  # CURVE keys; "": plain sockets
     key_name: str = field(default_factory=env.key_name)  # identity; "": "worker"

@@ -58,6 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kinds", default="M-M,L-L", help="trace kinds (ferry bench trace)")
     parser.add_argument("--load-fractions", default="0.5,0.8,1.1",
                         help="rates as fractions of the bundled profile's capacity estimate")
+    parser.add_argument("--rates", default="",
+                        help="rates in req/s instead of --load-fractions (for a card the "
+                             "bundled profile misjudges; each row still reports its fraction "
+                             "of the bundled estimate)")
+    parser.add_argument("--warm-up", type=int, default=0,
+                        help="first replay this many requests of each trace kind, unmeasured "
+                             "(their steps are left out): the worker is then warm, as one "
+                             "that has served a while")
     parser.add_argument("--num", type=int, default=200, help="requests per trace")
     parser.add_argument("--max-total-tokens", type=int, default=4096)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -92,8 +100,10 @@ def make_traces(args: argparse.Namespace, latency: LatencyModel, tmp: Path) -> l
                                 max_total_tokens=args.max_total_tokens)
         capacity = capacity_rate([dataclasses.asdict(r) for r in probe], instances=1,
                                  kv_tokens=args.kv_blocks * TOKENS_PER_BLOCK, latency=latency)
-        for fraction in (float(f) for f in args.load_fractions.split(",")):
-            rate = fraction * capacity
+        rates = ([float(r) for r in args.rates.split(",")] if args.rates else
+                 [float(f) * capacity for f in args.load_fractions.split(",")])
+        for rate in rates:
+            fraction = round(rate / capacity, 4)
             path = tmp / f"{kind}-{fraction}.jsonl"
             with path.open("w") as f:
                 traces.write_jsonl(traces.generate(kind, num=args.num, rate=rate,
@@ -114,6 +124,7 @@ def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> lis
     replays = []
     vocab_size = ModelConfig.from_dir(resolve_model(args.model)).vocab_size
     try:
+        warm_up(args, planned, cluster, vocab_size, tmp)
         for kind, fraction, rate, path in planned:
             done = len(log_path.read_text().splitlines()) if log_path.exists() else 0
             serve_args = argparse.Namespace(
@@ -135,6 +146,28 @@ def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> lis
     finally:
         cluster.stop()
     return replays
+
+
+def warm_up(args: argparse.Namespace, planned: list[tuple], cluster, vocab_size: int,
+            tmp: Path) -> None:
+    """Replay the first --warm-up requests of each kind's first trace, unmeasured."""
+    if args.warm_up <= 0:
+        return
+    firsts = {}
+    for kind, _, _, path in planned:
+        firsts.setdefault(kind, path)
+    for kind, path in firsts.items():
+        head = tmp / f"warm-up-{kind}.jsonl"
+        head.write_text("".join(path.read_text().splitlines(keepends=True)[:args.warm_up]))
+        serve.run(argparse.Namespace(
+            trace=str(head), sdk_addr=cluster.sdk_addr, http="",
+            admin_addr=cluster.admin_addr, vocab_size=vocab_size, time_scale=1.0,
+            max_output_tokens=0, max_prompt_tokens=0, timeout=600.0, seed=args.seed + 7,
+            out=str(tmp / f"warm-up-{kind}.json"), label=f"{kind} warm-up",
+            no_progress=True))
+        cluster.wait_idle(timeout_s=60)
+        print(f"warm-up: {args.warm_up} requests of {kind}", flush=True)
+    time.sleep(0.5)  # the step log's buffer reaches the file before the first replay
 
 
 def refit(samples: list[dict], *, whole_cycle: bool = False) -> LatencyModel:
@@ -193,7 +226,8 @@ def load_replays(args: argparse.Namespace, planned: list[tuple]) -> list[Replay]
     samples = step_log.read(plain if plain.exists() else run_dir / "steps.jsonl.gz")
     rows = previous["rows"]
     if [(r["kind"], r["fraction"]) for r in rows] != [(k, f) for k, f, _, _ in planned]:
-        raise SystemExit(f"{run_dir}: its traces differ from --kinds/--load-fractions")
+        raise SystemExit(f"{run_dir}: its traces differ from --kinds and --load-fractions "
+                         f"(or --rates)")
     replays, done = [], 0
     for row, (kind, fraction, rate, path) in zip(rows, planned, strict=True):
         if abs(rate - row["rate"]) > 1e-6 * rate:

@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="this process's identity in the keys directory (default: its role)")
     parser.add_argument("--step-log", default="",
                         help="append each step's features and time to this file (JSONL)")
+    parser.add_argument("--grammar-threads", type=int, default=w["grammar_threads"],
+                        help="threads filling structured output's token masks (0: half the "
+                             "cores, at most 4)")
     parser.add_argument("--drain-timeout-s", type=float, default=w["drain_timeout_s"],
                         help="on SIGTERM, migrate requests away for at most this long, then "
                              "exit (SIGINT: exit at once)")
@@ -109,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         prefix_pull_timeout_s=args.prefix_pull_timeout,
         drain_timeout_s=args.drain_timeout_s,
         step_log=args.step_log,
+        grammar_threads=args.grammar_threads,
         keys_dir=args.keys_dir,
         key_name=args.key_name,
     )
@@ -173,6 +177,7 @@ def build_engine(config: WorkerConfig, *, sim_speedup: float = 1.0) -> Engine:
     runner = ModelRunner(RunnerConfig(
         model_dir=None if is_random else model_dir,
         tokenizer_dir=model_dir,
+        grammar_threads=config.grammar_threads or None,
         model_config=preset_config(config.model) if is_random else None,
         random_on_device=is_random,
         device=config.device,

@@ -93,6 +93,8 @@ class Grammars:
                  pin_memory: bool = False) -> None:
         """tokenizer_json: tokenizer.json's text; vocab_size: the model's (it may exceed
         the tokenizer's; ids past it are never allowed)."""
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"grammar threads must be >= 1, got {num_threads}")
         self.tokenizer = llguidance.LLTokenizer(
             grammar_tokenizer_json(tokenizer_json, eos_token_ids), n_vocab=vocab_size,
             eos_token=list(eos_token_ids))

@@ -70,6 +70,7 @@ class RunnerConfig:
     #                              default (one per core). Several workers sharing a small
     #                              CPU with more threads than cores run decode 10-25x slower.
     tokenizer_dir: str | None = None  # tokenizer.json for structured output; None: model_dir
+    grammar_threads: int | None = None  # llguidance's mask threads; None: half the cores, <= 4
     warm_up: bool = True  # GPU: run the eager (prefill / mixed) step shapes once at start,
     #                       so no request waits for a kernel compile (~1 s each on an H100)
 
@@ -128,10 +129,11 @@ class ModelRunner:
         tokenizer_dir = config.tokenizer_dir or config.model_dir
         self.grammars = None if tokenizer_dir is None else Grammars.from_dir(
             tokenizer_dir, vocab_size=self.vocab_size, eos_token_ids=self.eos_token_ids,
-            pin_memory=on_gpu)
+            num_threads=config.grammar_threads, pin_memory=on_gpu)
         self.supports_grammar = self.grammars is not None
         self._grammar_thread: ThreadPoolExecutor | None = None
         self.grammar_wait_s = 0.0  # time steps waited for masks after their forward pass
+        self.grammar_mask_s = 0.0  # time the helper thread spent filling masks
 
         # Penalized requests' histories between steps (the sampler's host work per step
         # is then per new token, not per token seen); two batches' worth of requests.
@@ -218,7 +220,15 @@ class ModelRunner:
             self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="ferry-grammar")
         grammar_rows = [GrammarRow(sampled[i].req_id, sampled[i].sampling,
                                    sampled[i].output_token_ids) for i in rows]
-        return rows, self._grammar_thread.submit(self.grammars.fill_bitmask, grammar_rows)
+        return rows, self._grammar_thread.submit(self._fill_bitmask, grammar_rows)
+
+    def _fill_bitmask(self, rows: list[GrammarRow]) -> torch.Tensor:
+        """On the helper thread: the rows' bitmask, its time counted in grammar_mask_s."""
+        start = time.perf_counter()
+        try:
+            return self.grammars.fill_bitmask(rows)
+        finally:
+            self.grammar_mask_s += time.perf_counter() - start
 
     def _finish_masks(self, masks: tuple[list[int], Future[torch.Tensor]] | None
                       ) -> tuple[list[int], torch.Tensor | None]:

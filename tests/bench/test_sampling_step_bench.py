@@ -21,5 +21,6 @@ def test_whole_step_cases_run_and_report(tmp_path, capsys):
         assert row["step_ms"] > 0 and row["step_min_ms"] <= row["step_ms"]
         assert math.isfinite(row["over_plain"])
     assert all(r["over_plain"] == 0.0 for r in rows if r["case"] == "plain")
-    assert all(r["grammar_wait_ms"] >= 0 for r in rows if r["case"] == "all")
+    assert all(r["grammar_wait_ms"] >= 0 and r["grammar_mask_ms"] > 0
+               for r in rows if r["case"] == "all")
     assert "mask wait ms" in capsys.readouterr().out
