@@ -37,8 +37,8 @@ for step in "$@"; do
       timeout 400 python3 -m ferry.bench.decode_breakdown --out "$OUT/decode_breakdown_h200.json" 2>&1 \
         | tee "$OUT/decode_breakdown_h200.log" | tail -20 ;;
     engine)
-      timeout 400 python3 -m ferry.bench.engine_bench --out "$OUT/engine_h200.json" 2>&1 \
-        | tee "$OUT/engine_h200.log" | tail -20 ;;
+      timeout 400 python3 -m ferry.bench.engine_bench --out "$OUT/engine.json" 2>&1 \
+        | tee "$OUT/engine.log" | tail -20 ;;
     prefixttft)
       # TTFT of an 8k-token prompt whose first 7k tokens are cached vs not, outputs on/off
       timeout 300 python3 -m ferry.bench.prefix_ttft --out "$OUT/prefix_ttft.json" 2>&1 \
