@@ -54,14 +54,17 @@ for step in "$@"; do
         --device cuda --out "$OUT/sampling_step_gpu.json" 2>&1 \
         | tee "$OUT/sampling_step_gpu.log" | tail -6 ;;
     grammarthreads)
-      # where a grammar step's mask time goes: torch's CPU threads vs llguidance's, batch 64
-      for variant in "" "--threads 1" "--grammar-threads 8" "--threads 1 --grammar-threads 8"; do
-        timeout 120 python3 -m ferry.bench.sampling_step_bench --model random:llama3-8b \
-          --device cuda --batch 64 $variant 2>&1 | tail -3
-      done
+      # a grammar step's mask: the book sharded over its threads (the worker's) vs one
+      # book shared by them; then the whole decode step at batch 64 with 4 and 8 threads
       for threads in 4 8; do
         timeout 120 python3 -m ferry.bench.grammar_bench --device cuda --vocab 128256 \
-          --batch 64 --grammar-threads $threads 2>&1 | tail -1
+          --batch 64 --grammar-threads $threads --layouts sharded,shared \
+          --out "$OUT/grammar_layouts_$threads.json" 2>&1 | tail -3
+      done
+      for threads in 4 8; do
+        timeout 120 python3 -m ferry.bench.sampling_step_bench --model random:llama3-8b \
+          --device cuda --batch 64 --grammar-threads $threads \
+          --out "$OUT/sampling_step_$threads.json" 2>&1 | tail -3
       done ;;
     profiles)
       for preset in llama3-8b llama2-7b; do

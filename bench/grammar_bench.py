@@ -12,7 +12,9 @@ and each step adds
 
     mask   Grammars.fill_bitmask: each row's matcher takes the token of its last step
            (as in a worker, from the request's output tokens) and fills its row of the
-           [batch, vocab/32] int32 bitmask (llguidance, its own threads, GIL released)
+           [batch, vocab/32] int32 bitmask (llguidance, GIL released), with the book
+           sharded over --grammar-threads threads (the worker's layout) or shared by them
+           (--layouts)
     apply  the bitmask to the device and unpacked there onto the logits (-inf)
 
 `off` and `on` are whole steps (on = mask + build + apply + sampling, serial); `mask` and
@@ -207,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grammar-threads", type=int, default=2,
                         help="llguidance's threads (the worker's default: half the cores, "
                              "at most 4)")
+    parser.add_argument("--layouts", default="sharded",
+                        help="comma-separated: sharded (the worker's: a shard of the book per "
+                             "thread), shared (one book, one executor of all the threads)")
     parser.add_argument("--out", default="", help="write the results JSON here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -215,24 +220,29 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with torch.inference_mode():
         for vocab in map(int, args.vocab.split(",")):
-            grammars = Grammars(bench_tokenizer(vocab), vocab_size=vocab,
-                                eos_token_ids=EOS_TOKEN_IDS, num_threads=args.grammar_threads,
-                                pin_memory=device.type == "cuda")
-            for batch in map(int, args.batch.split(",")):
-                rows += time_pair(grammars, batch, vocab, device, args.repeats, seed=batch)
+            for layout in args.layouts.split(","):
+                if layout not in ("sharded", "shared"):
+                    raise SystemExit(f"unknown layout {layout!r}")
+                grammars = Grammars(bench_tokenizer(vocab), vocab_size=vocab,
+                                    eos_token_ids=EOS_TOKEN_IDS,
+                                    num_threads=args.grammar_threads,
+                                    shard=layout == "sharded", pin_memory=device.type == "cuda")
+                for batch in map(int, args.batch.split(",")):
+                    rows += [row | {"layout": layout} for row in time_pair(
+                        grammars, batch, vocab, device, args.repeats, seed=batch)]
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
                  f"torch thread(s), {args.grammar_threads} llguidance thread(s)")
     print(f"sampler step with grammar masks, {device.type} ({name}), torch "
           f"{torch.__version__}; least (median) of {args.repeats}; json_schema ORDER_SCHEMA")
-    print(f"{'vocab':>7} {'batch':>5}  {'off ms':>16} {'on ms':>16} {'x':>5}  "
+    print(f"{'vocab':>7} {'layout':>8} {'batch':>5}  {'off ms':>16} {'on ms':>16} {'x':>5}  "
           f"{'mask ms':>14} {'apply ms':>14}")
 
     def both(row: dict, key: str) -> str:
         return f"{row[key + '_ms']:.3f} ({row[key + '_median_ms']:.3f})"
 
     for off, on in zip(rows[::2], rows[1::2], strict=True):
-        print(f"{off['vocab']:>7} {off['batch']:>5}  {both(off, 'step'):>16} "
+        print(f"{off['vocab']:>7} {off['layout']:>8} {off['batch']:>5}  {both(off, 'step'):>16} "
               f"{both(on, 'step'):>16} {on['step_ms'] / off['step_ms']:>5.2f}  "
               f"{both(on, 'mask'):>14} {both(on, 'apply'):>14}")
     if args.out:

@@ -26,6 +26,7 @@ import json
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class _Tracked:
     spec: tuple[str, str]  # (kind, text)
     matcher: llguidance.LLMatcher
     seen: tuple[int, ...]  # output tokens the matcher has consumed, in order
+    shard: int  # the book's shard it was copied in (and is filled by)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,14 +87,23 @@ class GrammarRow:
 
 class Grammars:
     """One worker's grammar book: compiled specs and request matchers. Not thread-safe:
-    one caller at a time (the runner's helper thread)."""
+    one caller at a time (the runner's helper thread).
+
+    Matchers copied from one compiled spec share its lexer cache, and llguidance guards
+    that cache with a lock: one executor's threads filling such copies in parallel wait
+    on each other (on a 16-core H100 host, 4 or 8 threads filled 64 rows no faster than
+    2). So the book is split in `num_threads` shards, new requests dealt to them in turn:
+    each shard compiles its own copy of a spec and fills its rows on its own thread, and
+    a lock is only shared within a shard. `shard=False` keeps one book filled by one
+    executor of num_threads threads (for comparison: bench/grammar_bench.py)."""
 
     def __init__(self, tokenizer_json: str, *, vocab_size: int,
                  eos_token_ids: Sequence[int], max_compiled: int = MAX_COMPILED,
                  max_matchers: int = MAX_MATCHERS, num_threads: int | None = None,
-                 pin_memory: bool = False) -> None:
+                 shard: bool = True, pin_memory: bool = False) -> None:
         """tokenizer_json: tokenizer.json's text; vocab_size: the model's (it may exceed
-        the tokenizer's; ids past it are never allowed)."""
+        the tokenizer's; ids past it are never allowed). num_threads: default half the
+        cores, at most 4."""
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"grammar threads must be >= 1, got {num_threads}")
         self.tokenizer = llguidance.LLTokenizer(
@@ -103,11 +114,18 @@ class Grammars:
         self.max_compiled = max_compiled
         self.max_matchers = max_matchers
         self.pin_memory = pin_memory
-        self._compiled: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self.num_threads = num_threads or max(1, min(4, (os.cpu_count() or 2) // 2))
+        self.num_shards = self.num_threads if shard else 1
+        # per shard: (kind, spec) -> its compiled matcher, LRU
+        self._compiled: list[OrderedDict[tuple[str, str], llguidance.LLMatcher]] = [
+            OrderedDict() for _ in range(self.num_shards)]
         self._matchers: OrderedDict[str, _Tracked] = OrderedDict()
-        self._executor = llguidance.LLExecutor(
-            num_threads or max(1, min(4, (os.cpu_count() or 2) // 2)))
+        self._executors = [llguidance.LLExecutor(self.num_threads // self.num_shards)
+                           for _ in range(self.num_shards)]
+        self._pool = (ThreadPoolExecutor(self.num_shards - 1, thread_name_prefix="ferry-mask")
+                      if self.num_shards > 1 else None)  # the caller fills one shard itself
         self._buffer = torch.empty((0, self.num_words), dtype=torch.int32)
+        self._next_shard = 0
         self.num_compiles = 0
         self.num_rebuilds = 0
 
@@ -119,12 +137,14 @@ class Grammars:
 
     # -- compiled specs ------------------------------------------------------------------
 
-    def compiled(self, kind: str, spec: str) -> llguidance.LLMatcher:
-        """The spec's matcher in its start state (never advanced: callers copy it)."""
+    def compiled(self, kind: str, spec: str, shard: int = 0) -> llguidance.LLMatcher:
+        """The spec's matcher in its start state in this shard (never advanced: callers
+        copy it)."""
         key = (kind, spec)
-        matcher = self._compiled.get(key)
+        compiled = self._compiled[shard]
+        matcher = compiled.get(key)
         if matcher is not None:
-            self._compiled.move_to_end(key)
+            compiled.move_to_end(key)
             return matcher
         try:
             grammar = structured.to_llguidance(kind, spec)
@@ -135,15 +155,18 @@ class Grammars:
         if matcher.is_error():
             log.warning("grammar_compile_failed", kind=kind, error=matcher.get_error())
         self.num_compiles += 1
-        self._compiled[key] = matcher
-        if len(self._compiled) > self.max_compiled:
-            self._compiled.popitem(last=False)
+        compiled[key] = matcher
+        if len(compiled) > self.max_compiled:
+            compiled.popitem(last=False)
         return matcher
 
     # -- request matchers ----------------------------------------------------------------
 
     def matcher(self, row: GrammarRow) -> llguidance.LLMatcher:
         """The request's matcher, advanced to the end of its output tokens."""
+        return self._tracked(row).matcher
+
+    def _tracked(self, row: GrammarRow) -> _Tracked:
         spec = (row.sampling.grammar_kind, row.sampling.grammar)
         tokens = row.output_token_ids
         tracked = self._matchers.get(row.req_id)
@@ -154,15 +177,19 @@ class Grammars:
                 if n < len(tokens):
                     tracked.matcher.consume_tokens(list(tokens[n:]))
                     tracked.seen = tokens
-                return tracked.matcher
+                return tracked
             self.num_rebuilds += 1  # another attempt, or another request under its id
-        matcher = self.compiled(*spec).deep_copy()
+        # New matchers go to the shards in turn: live requests stay evenly spread.
+        shard = self._next_shard
+        self._next_shard = (shard + 1) % self.num_shards
+        matcher = self.compiled(*spec, shard).deep_copy()
         if tokens:
             matcher.consume_tokens(list(tokens))
-        self._matchers[row.req_id] = _Tracked(spec, matcher, tokens)
+        tracked = _Tracked(spec, matcher, tokens, shard)
+        self._matchers[row.req_id] = tracked
         if len(self._matchers) > self.max_matchers:
             self._matchers.popitem(last=False)
-        return matcher
+        return tracked
 
     def forget(self, req_id: str) -> None:
         self._matchers.pop(req_id, None)
@@ -170,13 +197,26 @@ class Grammars:
     def fill_bitmask(self, rows: Sequence[GrammarRow]) -> torch.Tensor:
         """[len(rows), num_words] int32 on the host (pinned where the runner copies it to a
         GPU): row i's allowed next tokens. The buffer is reused by the next call."""
-        matchers = [(self.matcher(row), i) for i, row in enumerate(rows)]
+        by_shard: list[list[tuple[llguidance.LLMatcher, int]]] = [
+            [] for _ in range(self.num_shards)]
+        for i, row in enumerate(rows):
+            tracked = self._tracked(row)
+            by_shard[tracked.shard].append((tracked.matcher, i))
         if self._buffer.shape[0] < len(rows):
             self._buffer = torch.empty((max(len(rows), 2 * self._buffer.shape[0]),
                                         self.num_words), dtype=torch.int32,
                                        pin_memory=self.pin_memory)
         bitmask = self._buffer[: len(rows)]
-        # Every matcher fills its row in parallel (Rust threads, GIL released).
-        self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(),
-                                               self.num_words * 4, len(rows))
+
+        def fill(shard: int) -> None:  # rows of one shard; Rust, GIL released
+            self._executors[shard].unsafe_compute_mask_ptr(
+                by_shard[shard], bitmask.data_ptr(), self.num_words * 4, len(rows))
+
+        busy = [shard for shard in range(self.num_shards) if by_shard[shard]]
+        others = ([self._pool.submit(fill, shard) for shard in busy[1:]]
+                  if self._pool is not None else [])
+        if busy:
+            fill(busy[0])
+        for future in others:
+            future.result()
         return bitmask

@@ -186,8 +186,7 @@ class ModelRunner:
         index = index.to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden.index_select(0, index))  # [n, vocab] fp32
         params = [c.sampling for c in sampled]
-        grammar_rows, bitmask = self._finish_masks(masks)
-        st = SamplingTensors.build(
+        st = SamplingTensors.build(  # while the masks are being filled
             params,
             [c.end_pos for c in sampled],
             vocab_size=self.vocab_size,
@@ -196,9 +195,10 @@ class ModelRunner:
                 c.req_id, c.prompt_token_ids, c.output_token_ids))
                        if needs_history(c.sampling) else None for c in sampled],
             eos_token_ids=self.eos_token_ids,
-            grammar_rows=grammar_rows,
-            grammar_bitmask=bitmask,
         )
+        grammar_rows, bitmask = self._finish_masks(masks)
+        if bitmask is not None:
+            st = st.with_grammar(grammar_rows, bitmask, vocab_size=self.vocab_size)
         out = run_sampler(logits, st)  # device tensors
         if self.device.type != "cuda":
             return PendingTokens(out, None, st, params)

@@ -33,6 +33,7 @@ same tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -139,18 +140,7 @@ class SamplingTensors:
         ).to(device, non_blocking=True)
         extras = _build_extras(params, histories, vocab_size=vocab_size, device=device,
                                eos_token_ids=tuple(eos_token_ids))
-        if grammar_bitmask is not None:
-            if len(grammar_rows) != grammar_bitmask.shape[0]:
-                raise ValueError("one grammar row per bitmask row is needed")
-            if grammar_bitmask.shape[1] * 32 < vocab_size:
-                raise ValueError(f"a bitmask of {grammar_bitmask.shape[1]} words cannot "
-                                 f"cover {vocab_size} tokens")
-            extras["grammar_bitmask"] = grammar_bitmask.to(device, non_blocking=True)
-            if list(grammar_rows) != list(range(len(params))):
-                extras["grammar_rows"] = torch.tensor(
-                    list(grammar_rows), dtype=torch.int64, pin_memory=pin).to(
-                    device, non_blocking=True)
-        return cls(
+        built = cls(
             temperatures=floats[0],
             top_ps=floats[1],
             top_ks=ints[0],
@@ -162,6 +152,28 @@ class SamplingTensors:
             any_top_p=any(p.top_p < 1.0 for p in params if not p.is_greedy),
             **extras,
         )
+        if grammar_bitmask is None:
+            return built
+        return built.with_grammar(grammar_rows, grammar_bitmask, vocab_size=vocab_size)
+
+    def with_grammar(self, grammar_rows: Sequence[int], grammar_bitmask: torch.Tensor, *,
+                     vocab_size: int) -> SamplingTensors:
+        """These tensors with a grammar bitmask ([g, words] int32, host or device) masking
+        rows grammar_rows[0..g). Separate from `build` so that a runner builds the rest
+        while the masks are still being filled."""
+        if len(grammar_rows) != grammar_bitmask.shape[0]:
+            raise ValueError("one grammar row per bitmask row is needed")
+        if grammar_bitmask.shape[1] * 32 < vocab_size:
+            raise ValueError(f"a bitmask of {grammar_bitmask.shape[1]} words cannot "
+                             f"cover {vocab_size} tokens")
+        device = self.temperatures.device
+        rows = None
+        if list(grammar_rows) != list(range(self.temperatures.shape[0])):
+            rows = torch.tensor(list(grammar_rows), dtype=torch.int64,
+                                pin_memory=device.type == "cuda").to(device, non_blocking=True)
+        return dataclasses.replace(
+            self, grammar_bitmask=grammar_bitmask.to(device, non_blocking=True),
+            grammar_rows=rows)
 
 
 def _build_extras(

@@ -102,6 +102,28 @@ def test_sampler_draws_only_allowed_tokens_and_argmax_among_them():
                               torch.ones(n, 1), atol=0.5)
 
 
+def test_grammar_added_after_the_build_masks_the_same_rows():
+    """The runner builds the sampling tensors while the masks are filled, then adds them
+    (with_grammar): the same draw as building with them, on a subset of rows too."""
+    vocab_size, n = 70, 4
+    bitmask = torch.zeros(2, num_words(vocab_size), dtype=torch.int32)
+    bitmask[0, 1] = 1 << 3  # row 1: token 35 alone
+    bitmask[1, 2] = 1 << 0  # row 3: token 64 alone
+    params = [SamplingParams(temperature=1.0, seed=r) for r in range(n)]
+    logits = torch.randn(n, vocab_size, generator=torch.Generator().manual_seed(1))
+    together = SamplingTensors.build(params, [5] * n, vocab_size=vocab_size, device="cpu",
+                                     grammar_rows=[1, 3], grammar_bitmask=bitmask)
+    later = SamplingTensors.build(params, [5] * n, vocab_size=vocab_size, device="cpu"
+                                  ).with_grammar([1, 3], bitmask, vocab_size=vocab_size)
+    tokens = run_sampler(logits, later).token_ids.tolist()
+    assert tokens == run_sampler(logits, together).token_ids.tolist()
+    assert tokens[1] == 35 and tokens[3] == 64
+    with pytest.raises(ValueError, match="one grammar row per bitmask row"):
+        later.with_grammar([1], bitmask, vocab_size=vocab_size)
+    with pytest.raises(ValueError, match="cannot cover"):
+        later.with_grammar([1, 3], bitmask[:, :2], vocab_size=vocab_size)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return make_model("tiny", tmp_path_factory.mktemp("tiny"), seed=0)
@@ -127,6 +149,22 @@ def _walk(grammars: Grammars, sampling: SamplingParams, seed: int, steps: int) -
             break
         tokens.append(token)
     return tokens
+
+
+def test_sharded_book_fills_the_same_masks_as_one_shared_book(tokenizer_json):
+    """Rows spread over 3 shards (each its own compiled specs and thread) get exactly the
+    masks one book filled by one executor gives, step after step."""
+    sampling = SamplingParams(grammar_kind="json", grammar=structured.json_spec(PERSON))
+    walks = [_walk(_grammars(tokenizer_json), sampling, seed=s, steps=12) for s in range(8)]
+    sharded = _grammars(tokenizer_json, num_threads=3)
+    shared = _grammars(tokenizer_json, num_threads=3, shard=False)
+    assert (sharded.num_shards, shared.num_shards) == (3, 1)
+    for k in range(max(map(len, walks)) + 1):
+        rows = [GrammarRow(f"req-{i}", sampling, tuple(w[:k])) for i, w in enumerate(walks)]
+        assert torch.equal(sharded.fill_bitmask(rows), shared.fill_bitmask(rows)), k
+        if k == 0:  # dealt in turn: 3, 3 and 2 requests
+            assert sorted(t.shard for t in sharded._matchers.values()) == [0] * 3 + [1] * 3 + [2] * 2
+    assert sharded.num_compiles == 3 and shared.num_compiles == 1  # a spec once a shard
 
 
 def test_matcher_is_rebuilt_from_spec_and_output_tokens(tokenizer_json):
@@ -211,7 +249,8 @@ def test_tiny_model_under_grammars(tiny_dir):
         assert cases[i // 3][2](text), text
     assert len(outputs[-1]) == 5
     runner = engine.executor
-    assert runner.grammars.num_compiles == len(cases)
+    # one compile per spec in each shard that had a request under it
+    assert len(cases) <= runner.grammars.num_compiles <= len(cases) * runner.grammars.num_shards
 
 
 def test_engine_refuses_grammar_without_a_tokenizer():
