@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks, run on the lent H200 machines (see docs/gpu.md):
-#   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine prefixttft sampler grammarthreads profiles
+#   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine prefixttft sampler grammarthreads grammarstep profiles
 #                                         migration concurrent simcheck simcheck3 simcheck3b
 #                                         simcheck3c
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
@@ -19,6 +19,13 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
+
+# Keep what comes back under the device tool's limits (8 files, 16 MiB each): the step log
+# gzipped; the refitted profiles (large, and remade from it) left out.
+tidy_simcheck() {
+  gzip -9f "$1/steps.jsonl" 2>/dev/null
+  rm -f "$1"/profile-insitu*.json
+}
 
 for step in "$@"; do
   echo "=== $step"
@@ -66,6 +73,14 @@ for step in "$@"; do
           --device cuda --batch 64 --grammar-threads $threads \
           --out "$OUT/sampling_step_$threads.json" 2>&1 | tail -3
       done ;;
+    grammarstep)
+      # the whole decode step at batch 64 with json_schema rows: CPython's GIL switch
+      # interval (5 ms) vs the worker's (0.5 ms)
+      for interval in 0.005 0.0005; do
+        timeout 120 python3 -m ferry.bench.sampling_step_bench --model random:llama3-8b \
+          --device cuda --batch 1,64 --switch-interval $interval \
+          --out "$OUT/sampling_step_si$interval.json" 2>&1 | tail -4
+      done ;;
     profiles)
       for preset in llama3-8b llama2-7b; do
         timeout 250 python3 -m ferry.services.cli profile --model "random:$preset" --device cuda \
@@ -82,28 +97,32 @@ for step in "$@"; do
       # the simulator against one real worker (random:llama2-7b, 1000 KV blocks): ~5 min
       timeout 420 python3 -m experiments.sim_check --model random:llama2-7b --device cuda \
         --kv-blocks 1000 --num 100 --kinds M-M,L-L --load-fractions 0.5,0.8,1.1 \
-        --out-dir "$OUT/simcheck" 2>&1 | tee "$OUT/simcheck.log" | tail -40 ;;
+        --out-dir "$OUT/simcheck" 2>&1 | tee "$OUT/simcheck.log" | tail -40 
+      tidy_simcheck "$OUT/simcheck" ;;
     simcheck3)
       # issue 13 part A's other model and traces: llama3-8b, ShareGPT-like and multi-turn
       # (smoke-tested on CPU with --model tiny; not yet run on a GPU)
       timeout 560 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
         --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 1000 --num 100 \
         --kinds sharegpt,multiturn --load-fractions 0.5,0.8,1.1 \
-        --out-dir "$OUT/simcheck3" 2>&1 | tee "$OUT/simcheck3.log" | tail -40 ;;
+        --out-dir "$OUT/simcheck3" 2>&1 | tee "$OUT/simcheck3.log" | tail -40 
+      tidy_simcheck "$OUT/simcheck3" ;;
     simcheck3b)
       # ShareGPT-like again, at rates below and at the H100's knee (simcheck3's fractions of
       # the H200 profile's estimate were all past it), after an unmeasured warm-up replay
       timeout 400 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
         --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 1000 --num 100 \
         --kinds sharegpt --rates 1.5,2.5,4.0 --warm-up 30 \
-        --out-dir "$OUT/simcheck3b" 2>&1 | tee "$OUT/simcheck3b.log" | tail -30 ;;
+        --out-dir "$OUT/simcheck3b" 2>&1 | tee "$OUT/simcheck3b.log" | tail -30
+      tidy_simcheck "$OUT/simcheck3b" ;;
     simcheck3c)
       # the KV an 80 GB card really has for llama3-8b (25,000 blocks = 50 GiB), ShareGPT-like
       # at 0.5 / 0.8 / 1.1 of the H100 cycle fit's capacity estimate (13.9 req/s)
       timeout 400 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
         --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 25000 --num 150 \
         --kinds sharegpt --rates 7,11,15 --warm-up 30 \
-        --out-dir "$OUT/simcheck3c" 2>&1 | tee "$OUT/simcheck3c.log" | tail -30 ;;
+        --out-dir "$OUT/simcheck3c" 2>&1 | tee "$OUT/simcheck3c.log" | tail -30
+      tidy_simcheck "$OUT/simcheck3c" ;;
     *) echo "unknown step $step" ;;
   esac
 done

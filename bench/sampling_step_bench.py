@@ -39,6 +39,7 @@ import json
 import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -168,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
                              "default on a GPU, as a GPU worker)")
     parser.add_argument("--grammar-threads", type=int, default=0,
                         help="llguidance's mask threads (0: the worker's default)")
+    parser.add_argument("--switch-interval", type=float, default=-1.0,
+                        help="the GIL's switch interval, s (default: a worker's, "
+                             "services/worker/entry.py; CPython's own is 0.005)")
     parser.add_argument("--tokenizer", choices=("trained", "model"), default="trained",
                         help="the grammar's vocabulary: a BPE trained to the model's size, "
                              "or the model directory's tokenizer")
@@ -175,6 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
+    from ferry.services.worker.entry import configure_process
+
+    configure_process()  # as a worker process
+    if args.switch_interval >= 0:
+        sys.setswitchinterval(args.switch_interval)
     batches = [int(b) for b in args.batch.split(",")]
     max_len = args.prompt_len + 64 + WARMUP + args.repeats  # walks are < 40 + steps tokens
     scratch = tempfile.TemporaryDirectory(prefix="ferry-sampling-step-")
@@ -197,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"whole decode step ({args.model}, {device.type}: {name}, torch {torch.__version__});"
           f" median (least) of {args.repeats}; prompt {args.prompt_len} tokens; "
           f"{torch.get_num_threads()} torch thread(s), "
-          f"{args.grammar_threads or 'default'} grammar thread(s)")
+          f"{args.grammar_threads or 'default'} grammar thread(s), GIL switch interval "
+          f"{sys.getswitchinterval() * 1e3:g} ms")
     print(f"{'batch':>5}  {'plain ms':>16} {'pen+lp ms':>16} {'over':>6} {'all ms':>16} "
           f"{'over':>6}  {'mask ms':>8} {'mask wait ms':>12}")
 
@@ -212,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.out, "w") as f:
             json.dump({"device": name, "model": args.model, "tokenizer": args.tokenizer,
                        "torch_threads": torch.get_num_threads(),
+                       "switch_interval_s": sys.getswitchinterval(),
                        "grammar_threads": args.grammar_threads or None,
                        "torch": torch.__version__,
                        "repeats": args.repeats, "schema": ORDER_SCHEMA, "rows": rows},
