@@ -74,13 +74,9 @@ for step in "$@"; do
           --out "$OUT/sampling_step_$threads.json" 2>&1 | tail -3
       done ;;
     grammarstep)
-      # the whole decode step at batch 64 with json_schema rows: CPython's GIL switch
-      # interval (5 ms) vs the worker's (0.5 ms)
-      for interval in 0.005 0.0005; do
-        timeout 120 python3 -m ferry.bench.sampling_step_bench --model random:llama3-8b \
-          --device cuda --batch 1,64 --switch-interval $interval \
-          --out "$OUT/sampling_step_si$interval.json" 2>&1 | tail -4
-      done ;;
+      # the whole decode step at batch 1 and 64 with json_schema rows (and without)
+      timeout 120 python3 -m ferry.bench.sampling_step_bench --model random:llama3-8b \
+        --device cuda --batch 1,64 --out "$OUT/sampling_step.json" 2>&1 | tail -4 ;;
     profiles)
       for preset in llama3-8b llama2-7b; do
         timeout 250 python3 -m ferry.services.cli profile --model "random:$preset" --device cuda \

@@ -169,9 +169,9 @@ def main(argv: list[str] | None = None) -> None:
                              "default on a GPU, as a GPU worker)")
     parser.add_argument("--grammar-threads", type=int, default=0,
                         help="llguidance's mask threads (0: the worker's default)")
-    parser.add_argument("--switch-interval", type=float, default=-1.0,
-                        help="the GIL's switch interval, s (default: a worker's, "
-                             "services/worker/entry.py; CPython's own is 0.005)")
+    parser.add_argument("--switch-interval", type=float, default=0.0,
+                        help="set the GIL's switch interval, s (default: CPython's, 0.005, "
+                             "as a worker runs)")
     parser.add_argument("--tokenizer", choices=("trained", "model"), default="trained",
                         help="the grammar's vocabulary: a BPE trained to the model's size, "
                              "or the model directory's tokenizer")
@@ -179,10 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
-    from ferry.services.worker.entry import configure_process
-
-    configure_process()  # as a worker process
-    if args.switch_interval >= 0:
+    if args.switch_interval > 0:
         sys.setswitchinterval(args.switch_interval)
     batches = [int(b) for b in args.batch.split(",")]
     max_len = args.prompt_len + 64 + WARMUP + args.repeats  # walks are < 40 + steps tokens

@@ -30,6 +30,7 @@ import heapq
 import itertools
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,7 @@ from ferry.services.worker.engine.batch import ModelBatch
 from ferry.services.worker.engine.engine import Engine, RequestRejected
 from ferry.services.worker.engine.request import Status
 from ferry.services.worker.engine.scheduler import StepPlan
-from ferry.services.worker.latency_model import Profile, bundled_profile
+from ferry.services.worker.latency_model import Profile, StepFeatures, bundled_profile
 from ferry.services.worker.migration import machine
 from ferry.services.worker.migration.choice import CHOICES, pick_request
 from ferry.services.worker.migration.machine import Incoming, Outgoing
@@ -144,8 +145,12 @@ class Simulator:
         report_interval_s: float = 0.05,
         ignore_priority: bool = False,
         migration_choice: str = "relief",
+        step_spread_seed: int | None = 0,
     ) -> None:
         self.trace = trace
+        # Step times spread as the profile's measured spread says (LatencyModel
+        # decode_spread / prefill_spread; none: deterministic), drawn from this seed.
+        self.step_spread = None if step_spread_seed is None else random.Random(step_spread_seed)
         self.migration_choice = migration_choice  # the source's rule (migration/choice.py)
         self.profile = profile
         self.kv_blocks = kv_blocks or profile.num_blocks
@@ -265,7 +270,12 @@ class Simulator:
         if plan.is_empty:
             return
         batch = plan.batch
-        step_s = inst.executor.step_time(batch) if batch is not None else 0.0
+        step_s = 0.0
+        if batch is not None:
+            step_s = inst.executor.step_time(batch)
+            if self.step_spread is not None:
+                step_s *= inst.executor.latency.spread_factor(StepFeatures.of(batch),
+                                                              self.step_spread.random())
         inst.busy = True
         self._at(self.now + step_s, "step_done", (inst, plan, batch, step_s))
 
@@ -715,6 +725,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ferry places without prefix pulls")
     parser.add_argument("--migration-choice", choices=CHOICES, default="relief",
                         help="which request a source moves (services/worker/migration/choice.py)")
+    parser.add_argument("--step-spread-seed", type=int, default=0,
+                        help="seed of the step times' spread, where the profile has one "
+                             "(fitted from a worker's step log: ferry profile "
+                             "--from-step-log)")
+    parser.add_argument("--no-step-spread", action="store_true",
+                        help="every step takes the modelled time exactly")
     parser.add_argument("--autoscale", action="store_true")
     parser.add_argument("--min-workers", type=int, default=1)
     parser.add_argument("--max-workers", type=int, default=16)
@@ -760,7 +776,8 @@ def run(args: argparse.Namespace) -> dict:
         migration=MigrationCost(bandwidth_bytes_s=args.migration_bandwidth_gbs * 1e9,
                                 max_per_instance=cfg.max_migrations_per_instance),
         autoscale=args.autoscale, startup_s=args.startup_s,
-        ignore_priority=args.ignore_priority, migration_choice=args.migration_choice)
+        ignore_priority=args.ignore_priority, migration_choice=args.migration_choice,
+        step_spread_seed=None if args.no_step_spread else args.step_spread_seed)
     result = sim.run()
     result["wall_s"] = time.perf_counter() - start
     result["config"] = {"trace": str(args.trace), "instances": args.instances,

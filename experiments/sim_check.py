@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no GPU: re-analyse a finished run's directory (its sim_check.json "
                              "and steps.jsonl; the traces are regenerated from their seeds) "
                              "with this version of the latency model and simulator")
+    parser.add_argument("--spread-seeds", type=int, default=5,
+                        help="also simulate the cycle model with the measured step-time "
+                             "spread, drawn from this many seeds (0: not)")
     parser.add_argument("--sensitivity", default="0.95,1.05",
                         help="also simulate with the in-situ step times scaled by these "
                              "factors: how far P99 moves for a small model error")
@@ -125,12 +128,16 @@ def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> lis
     vocab_size = ModelConfig.from_dir(resolve_model(args.model)).vocab_size
     try:
         warm_up(args, planned, cluster, vocab_size, tmp)
-        for kind, fraction, rate, path in planned:
+        for index, (kind, fraction, rate, path) in enumerate(planned):
             done = len(log_path.read_text().splitlines()) if log_path.exists() else 0
             serve_args = argparse.Namespace(
                 trace=str(path), sdk_addr=cluster.sdk_addr, http="",
                 admin_addr=cluster.admin_addr, vocab_size=vocab_size, time_scale=1.0,
-                max_output_tokens=0, max_prompt_tokens=0, timeout=600.0, seed=args.seed,
+                # Prompts of their own: the worker's prefix cache keeps an earlier
+                # replay's prompts (all of them, with a card's real KV), which would hit
+                # where the simulator, starting empty, computes.
+                max_output_tokens=0, max_prompt_tokens=0, timeout=600.0,
+                seed=args.seed + 1 + index,
                 out=str(Path(args.serve_dir or tmp) / f"serve-{kind}-{fraction}.json"),
                 label=f"{kind}@{fraction}", no_progress=True)
             real = serve.run(serve_args)
@@ -162,7 +169,7 @@ def warm_up(args: argparse.Namespace, planned: list[tuple], cluster, vocab_size:
         serve.run(argparse.Namespace(
             trace=str(head), sdk_addr=cluster.sdk_addr, http="",
             admin_addr=cluster.admin_addr, vocab_size=vocab_size, time_scale=1.0,
-            max_output_tokens=0, max_prompt_tokens=0, timeout=600.0, seed=args.seed + 7,
+            max_output_tokens=0, max_prompt_tokens=0, timeout=600.0, seed=args.seed + 1000,
             out=str(tmp / f"warm-up-{kind}.json"), label=f"{kind} warm-up",
             no_progress=True))
         cluster.wait_idle(timeout_s=60)
@@ -191,20 +198,38 @@ def step_errors(latency: LatencyModel, samples: list[dict], *, whole_cycle: bool
 
 
 def scale_latency(latency: LatencyModel, factor: float) -> LatencyModel:
-    """Every step `factor` times as long."""
-    return LatencyModel(**{k: v * factor for k, v in dataclasses.asdict(latency).items()})
+    """Every step `factor` times as long (the spread, a ratio, unchanged)."""
+    return dataclasses.replace(latency, **{k: getattr(latency, k) * factor
+                                           for k in LatencyModel.COEFFICIENTS})
 
 
-def simulate(args: argparse.Namespace, trace: Path, profile: Path) -> dict:
+def simulate(args: argparse.Namespace, trace: Path, profile: Path,
+             spread_seed: int | None = None) -> dict:
+    """One simulated replay; deterministic steps unless spread_seed is given (then the
+    profile's measured step spread, drawn from that seed)."""
     parser = argparse.ArgumentParser()
     sim.add_arguments(parser)
+    spread = (["--no-step-spread"] if spread_seed is None
+              else ["--step-spread-seed", str(spread_seed)])
     return sim.run(parser.parse_args([
         "--trace", str(trace), "--instances", "1", "--policy", "least_load",
         "--profile", str(profile), "--kv-blocks", str(args.kv_blocks),
         "--max-num-batched-tokens", str(args.max_num_batched_tokens),
         # the real scheduler's default (SchedulerConfig.hold_until_room), which the real
         # cluster runs with: requests without room wait in its pending queue
-        "--hold-until-room"]))
+        "--hold-until-room", *spread]))
+
+
+def spread_runs(args: argparse.Namespace, trace: Path, profile: Path) -> dict:
+    """The cycle model with its measured step spread, over --spread-seeds seeds: each
+    metric's median over the seeds, and P99 TTFT's range."""
+    runs = [summary(simulate(args, trace, profile, spread_seed=seed))
+            for seed in range(args.spread_seeds)]
+    out = {key: statistics.median(r[key] for r in runs) if all(
+        r[key] is not None for r in runs) else None for key in runs[0]}
+    p99s = sorted(r["ttft_p99"] for r in runs)
+    out |= {"ttft_p99_min": p99s[0], "ttft_p99_max": p99s[-1], "seeds": len(runs)}
+    return out
 
 
 def summary(result: dict) -> dict:
@@ -300,6 +325,8 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
             "sim_insitu": summary(simulate(args, r.trace, insitu_path)),
             "sim_cycle": summary(simulate(args, r.trace, cycle_path)),
             "sim_held_out": summary(simulate(args, r.trace, cross_path)),
+            **({"sim_cycle_spread": spread_runs(args, r.trace, cycle_path)}
+               if args.spread_seeds > 0 else {}),
             "sim_insitu_scaled": scaled,
             "step_error": {"bundled": step_errors(bundled.latency, r.steps),
                            "insitu": step_errors(insitu.latency, r.steps),
@@ -336,7 +363,10 @@ def format_table(result: dict) -> str:
         return "–" if v is None else format(v, fmt)
 
     for row in result["rows"]:
-        for run in ("real", "sim_bundled", "sim_insitu", "sim_cycle", "sim_held_out"):
+        for run in ("real", "sim_bundled", "sim_insitu", "sim_cycle", "sim_held_out",
+                    "sim_cycle_spread"):
+            if run not in row:
+                continue
             s = row[run]
             lines.append(f"| {row['kind']} | {row['rate']:.2f} | {run} | "
                          f"{num(s['ttft_p50'], '.3f')} | {num(s['ttft_p99'], '.3f')} | "
@@ -354,6 +384,19 @@ def format_table(result: dict) -> str:
             cells = [num(scaled.get(f, {}).get("ttft_p99"), ".3f") for f in columns]
             lines.append(f"| {row['kind']} | {row['rate']:.2f} | "
                          f"{num(row['real']['ttft_p99'], '.3f')} | " + " | ".join(cells) + " |")
+    spread_rows = [row for row in result["rows"] if "sim_cycle_spread" in row]
+    if spread_rows:
+        lines += ["", "P99 TTFT (s), the cycle model with the measured step spread "
+                  f"({spread_rows[0]['sim_cycle_spread']['seeds']} seeds):",
+                  "| trace | rate | real | deterministic | spread median | spread range |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for row in spread_rows:
+            sp = row["sim_cycle_spread"]
+            lines.append(f"| {row['kind']} | {row['rate']:.2f} | "
+                         f"{num(row['real']['ttft_p99'], '.3f')} | "
+                         f"{num(row['sim_cycle']['ttft_p99'], '.3f')} | "
+                         f"{num(sp['ttft_p99'], '.3f')} | "
+                         f"{num(sp['ttft_p99_min'], '.3f')}–{num(sp['ttft_p99_max'], '.3f')} |")
     engine = result["engine_s"]
     lines += ["", f"around a step: engine median {engine['median'] * 1e3:.2f} ms, loop gap "
               f"median {engine['gap_median'] * 1e3:.2f} ms; together "

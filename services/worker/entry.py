@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import os
 import socket
-import sys
 from pathlib import Path
 
 from ferry.common import env
@@ -192,26 +191,12 @@ def build_engine(config: WorkerConfig, *, sim_speedup: float = 1.0) -> Engine:
     return Engine(runner, config.engine, model_identity=config.model)
 
 
-# A worker's threads share the GIL: the step's launch, the event loop, the grammar masks'
-# shard threads, the KV transfers. A thread that wants the GIL from one running Python
-# waits a whole switch interval (CPython's default 5 ms) before it forces a switch, so a
-# mask thread could wait 5 ms behind the step's host work and the step behind it (on an
-# H100, llama3-8b at batch 64 with json_schema rows: bench/sampling_step_bench.py).
-GIL_SWITCH_INTERVAL_S = 0.0005
-
-
-def configure_process() -> None:
-    """Process-wide settings of a worker (also taken by benches that run its engine)."""
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ferry worker", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
     config = config_from_args(args)
     configure("worker")
-    configure_process()
     log = get_logger(instance_id=config.instance_id)
     if config.device == "cpu":
         # Leave cores for the other processes of a local cluster.

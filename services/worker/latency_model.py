@@ -67,6 +67,26 @@ class LatencyModel:
     # linear terms say, the eager launch of every layer's kernels. Profiles fitted before
     # this term existed lack it (0: their base and per-token terms absorbed it).
     per_prefill_step_s: float = 0.0
+    # Step-to-step spread around the model, from a worker's own steps (step_log.fit):
+    # evenly spaced quantiles (0 .. 1) of measured / modelled time, of decode-only steps
+    # and of steps with prefill. Empty: deterministic steps (profiles timed on a grid).
+    # Eager (prefill) steps are host-bound and spread widely (llama3-8b on an H100: p10
+    # 0.8x, p90 1.6x of the fit); near the knee that spread, not the mean, sets P99.
+    decode_spread: tuple[float, ...] = ()
+    prefill_spread: tuple[float, ...] = ()
+
+    COEFFICIENTS = ("base_s", "per_prefill_token_s", "per_prefill_attn_s", "per_decode_seq_s",
+                    "per_decode_context_s", "per_prefill_step_s")
+
+    def spread_factor(self, features: StepFeatures, u: float) -> float:
+        """The ratio to the modelled time at quantile u in [0, 1) of the measured spread
+        (1 without one): a step's time is step_time() * spread_factor(features, U)."""
+        q = self.prefill_spread if features.P else self.decode_spread
+        if not q:
+            return 1.0
+        x = u * (len(q) - 1)
+        i = min(int(x), len(q) - 2)
+        return q[i] + (x - i) * (q[i + 1] - q[i])
 
     def step_time(self, features: StepFeatures) -> float:
         coef = (
@@ -152,7 +172,8 @@ class Profile:
                 num_blocks=int(data["num_blocks"]),
                 max_model_len=int(data["max_model_len"]),
                 vocab_size=int(data["vocab_size"]),
-                latency=LatencyModel(**data["coefficients"]),
+                latency=LatencyModel(**{k: tuple(v) if isinstance(v, list) else v
+                                        for k, v in data["coefficients"].items()}),
                 samples=list(data.get("samples", [])),
             )
         except (OSError, KeyError, TypeError, ValueError) as exc:

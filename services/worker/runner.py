@@ -167,7 +167,10 @@ class ModelRunner:
         self._check(chunks)
         sample_rows = [i for i, c in enumerate(chunks) if c.sample]
         sampled = [chunks[i] for i in sample_rows]
-        masks = self._start_masks(sampled)  # on a helper thread, while the forward runs
+        # Grammar masks fill on a helper thread while the forward pass runs. Its Python
+        # (advancing each matcher) takes turns with this thread's at the GIL, so it starts
+        # only once a decode graph is launched: a later launch delays the whole step. An
+        # eager forward is host-bound throughout, so there the masks start first.
         if self._use_graph(chunks):
             assert self.graphs is not None
             hidden = self.graphs.run(
@@ -175,8 +178,10 @@ class ModelRunner:
                 [c.end_pos for c in chunks],
                 [c.block_ids for c in chunks],
             )
+            masks = self._start_masks(sampled)
             rows = sample_rows
         else:
+            masks = self._start_masks(sampled)
             inputs = prepare_inputs(chunks, block_size=self.block_size, device=self.device)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
             rows = [inputs.last_rows[i] for i in sample_rows]

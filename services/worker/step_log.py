@@ -18,11 +18,14 @@ optimistic at the knee (bench/results/h100/sim-check-2026-12-06).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import time
 from pathlib import Path
 from typing import TextIO
+
+import numpy as np
 
 from ferry.services.worker.engine.batch import ModelBatch
 from ferry.services.worker.latency_model import LatencyModel, StepFeatures
@@ -78,6 +81,25 @@ def fit(samples: list[dict], *, whole_cycle: bool) -> LatencyModel:
     (samples with gap_s set by add_gaps)."""
     if not samples:
         raise ValueError("no step samples to fit")
-    return LatencyModel.fit([(features(s), cycle_s(s) if whole_cycle else s["step_s"])
-                             for s in samples])
+    pairs = [(features(s), cycle_s(s) if whole_cycle else s["step_s"]) for s in samples]
+    model = LatencyModel.fit(pairs)
+    ratios: dict[bool, list[float]] = {False: [], True: []}  # by "has prefill"
+    for f, measured in pairs:
+        predicted = model.step_time(f)
+        if predicted > 0:
+            ratios[bool(f.P)].append(measured / predicted)
+    return dataclasses.replace(model, decode_spread=spread_quantiles(ratios[False]),
+                               prefill_spread=spread_quantiles(ratios[True]))
+
+
+SPREAD_QUANTILES = 41  # every 2.5%: a profile stays small, the tails are kept
+MIN_SPREAD_SAMPLES = 20  # fewer steps of a kind: no spread for it (deterministic)
+
+
+def spread_quantiles(ratios: list[float]) -> tuple[float, ...]:
+    """Evenly spaced quantiles (0 .. 1) of measured / modelled step times."""
+    if len(ratios) < MIN_SPREAD_SAMPLES:
+        return ()
+    q = np.quantile(np.asarray(ratios), np.linspace(0.0, 1.0, SPREAD_QUANTILES))
+    return tuple(round(float(v), 4) for v in q)
 
