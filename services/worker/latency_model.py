@@ -71,7 +71,8 @@ class LatencyModel:
     # evenly spaced quantiles (0 .. 1) of measured / modelled time, of decode-only steps
     # and of steps with prefill. Empty: deterministic steps (profiles timed on a grid).
     # Eager (prefill) steps are host-bound and spread widely (llama3-8b on an H100: p10
-    # 0.8x, p90 1.6x of the fit); near the knee that spread, not the mean, sets P99.
+    # 0.79x, p90 1.70x of the fit; decode steps 0.94x-1.07x); near the knee that spread,
+    # not the mean, sets P99 (bench/results/h100/sim-check3-2026-12-06).
     decode_spread: tuple[float, ...] = ()
     prefill_spread: tuple[float, ...] = ()
 
