@@ -128,6 +128,7 @@ def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> lis
     vocab_size = ModelConfig.from_dir(resolve_model(args.model)).vocab_size
     try:
         warm_up(args, planned, cluster, vocab_size, tmp)
+        args.warm_up_steps = len(log_path.read_text().splitlines()) if log_path.exists() else 0
         for index, (kind, fraction, rate, path) in enumerate(planned):
             done = len(log_path.read_text().splitlines()) if log_path.exists() else 0
             serve_args = argparse.Namespace(
@@ -142,7 +143,7 @@ def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> lis
                 label=f"{kind}@{fraction}", no_progress=True)
             real = serve.run(serve_args)
             cluster.wait_idle(timeout_s=60)
-            time.sleep(0.5)  # the step log's buffer reaches the file
+            time.sleep(0.5)  # the worker's last step line reaches the file
             lines = log_path.read_text().splitlines()[done:]
             steps = [json.loads(line) for line in lines if line.strip()]
             add_gaps(steps)
@@ -174,7 +175,7 @@ def warm_up(args: argparse.Namespace, planned: list[tuple], cluster, vocab_size:
             no_progress=True))
         cluster.wait_idle(timeout_s=60)
         print(f"warm-up: {args.warm_up} requests of {kind}", flush=True)
-    time.sleep(0.5)  # the step log's buffer reaches the file before the first replay
+    time.sleep(0.5)  # the warm-up's last step line reaches the file first
 
 
 def refit(samples: list[dict], *, whole_cycle: bool = False) -> LatencyModel:
@@ -239,7 +240,10 @@ def summary(result: dict) -> dict:
             "decode_p99": result["decode_latency_s"]["p99"],
             "e2e_mean": result["e2e_latency_s"]["mean"],
             "preemptions": result["num_preemptions"],
-            "req_per_s": result["num_requests"] / duration if duration else None}
+            "req_per_s": result["num_requests"] / duration if duration else None,
+            # prompt tokens found in the prefix cache (the load driver's from the
+            # responses' usage; the simulator's own); None where the run had no cache
+            "cache_hit_rate": result.get("cache_hit_rate")}
 
 
 def load_replays(args: argparse.Namespace, planned: list[tuple]) -> list[Replay]:
@@ -253,7 +257,11 @@ def load_replays(args: argparse.Namespace, planned: list[tuple]) -> list[Replay]
     if [(r["kind"], r["fraction"]) for r in rows] != [(k, f) for k, f, _, _ in planned]:
         raise SystemExit(f"{run_dir}: its traces differ from --kinds and --load-fractions "
                          f"(or --rates)")
-    replays, done = [], 0
+    # The log starts with the unmeasured warm-up's steps (--warm-up), then each replay's.
+    replays, done = [], previous.get("warm_up_steps", 0)
+    if done + sum(row["real"]["num_steps"] for row in rows) > len(samples):
+        raise SystemExit(f"{run_dir}: the step log has {len(samples)} steps, fewer than its "
+                         f"warm-up and replays counted")
     for row, (kind, fraction, rate, path) in zip(rows, planned, strict=True):
         if abs(rate - row["rate"]) > 1e-6 * rate:
             raise SystemExit(f"{run_dir}: {kind}@{fraction} ran at {row['rate']} req/s, the "
@@ -278,7 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     bundled = Profile.load(args.profile)
     device = args.device
     if args.replayed:
-        device = json.loads((Path(args.replayed) / "sim_check.json").read_text())["device"]
+        previous = json.loads((Path(args.replayed) / "sim_check.json").read_text())
+        device = previous["device"]
+        args.warm_up_steps = previous.get("warm_up_steps", 0)
     elif shutil.which("nvidia-smi"):
         device = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                 capture_output=True, text=True).stdout.strip() or device
@@ -336,6 +346,7 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
     return {"device": device, "model": args.model, "kv_blocks": args.kv_blocks,
             "max_num_batched_tokens": args.max_num_batched_tokens, "num": args.num,
             "bundled_profile": args.profile, "replayed_from": args.replayed or None,
+            "warm_up_steps": getattr(args, "warm_up_steps", 0),
             "coefficients": {"bundled": dataclasses.asdict(bundled.latency),
                              "insitu": dataclasses.asdict(insitu.latency),
                              "cycle": dataclasses.asdict(cycle.latency)},
@@ -357,7 +368,7 @@ def format_table(result: dict) -> str:
     lines = [f"sim check: {result['model']} on {result['device']}, "
              f"{result['kv_blocks']} KV blocks",
              "| trace | rate | run | TTFT p50 s | TTFT p99 s | decode p99 s | e2e mean s "
-             "| preempt | req/s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| preempt | req/s | cache hits |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def num(v, fmt):
         return "–" if v is None else format(v, fmt)
@@ -371,7 +382,8 @@ def format_table(result: dict) -> str:
             lines.append(f"| {row['kind']} | {row['rate']:.2f} | {run} | "
                          f"{num(s['ttft_p50'], '.3f')} | {num(s['ttft_p99'], '.3f')} | "
                          f"{num(s['decode_p99'], '.4f')} | {num(s['e2e_mean'], '.2f')} | "
-                         f"{s['preemptions']} | {num(s['req_per_s'], '.2f')} |")
+                         f"{s['preemptions']} | {num(s['req_per_s'], '.2f')} | "
+                         f"{num(s.get('cache_hit_rate'), '.1%')} |")
     factors = sorted({f for row in result["rows"] for f in row.get("sim_insitu_scaled", {})},
                      key=float)
     if factors:

@@ -66,12 +66,20 @@ def test_replayed_cuts_the_step_log_by_each_replays_step_count(tmp_path):
     real = {"ttft_p50": 0.1, "ttft_p99": 0.2, "decode_p99": 0.01, "e2e_mean": 1.0,
             "preemptions": 0, "req_per_s": 1.0, "num_steps": 2}
     (tmp_path / "sim_check.json").write_text(json.dumps(
-        {"device": "test", "rows": [{"kind": kind, "fraction": fraction, "rate": rate,
-                                     "real": real}]}))
-    lines = [json.dumps(step(1.0 + i, 0.01)) for i in range(3)]  # one more than the replay
+        {"device": "test", "warm_up_steps": 1,
+         "rows": [{"kind": kind, "fraction": fraction, "rate": rate, "real": real}]}))
+    # a warm-up step first (--warm-up: in the log, not in any replay), then the replay's,
+    # then one the worker wrote after the replay was counted
+    lines = [json.dumps(step(1.0 + i, 0.01)) for i in range(4)]
     (tmp_path / "steps.jsonl.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
     (replay,) = sim_check.load_replays(args, planned)
     assert (replay.kind, replay.real, len(replay.steps)) == (kind, real, 2)
+    assert [s["t"] for s in replay.steps] == [2.0, 3.0]
+    # a log with fewer steps than the replays counted is refused
+    (tmp_path / "steps.jsonl.gz").write_bytes(gzip.compress(lines[0].encode()))
+    with pytest.raises(SystemExit, match="fewer than its warm-up and replays counted"):
+        sim_check.load_replays(args, planned)
+    (tmp_path / "steps.jsonl.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
     # a run made at another rate (another profile or seed) is refused
     (tmp_path / "sim_check.json").write_text(json.dumps(
         {"device": "test", "rows": [{"kind": kind, "fraction": fraction, "rate": rate * 2,
