@@ -25,6 +25,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 tidy_simcheck() {
   gzip -9f "$1/steps.jsonl" 2>/dev/null
   rm -f "$1"/profile-insitu*.json
+  # each real replay's per-request records (ferry bench serve JSON), one archive
+  if [ -d "$1/serve" ]; then tar czf "$1/serve.tar.gz" -C "$1" serve && rm -rf "$1/serve"; fi
 }
 
 for step in "$@"; do
@@ -93,7 +95,7 @@ for step in "$@"; do
       # the simulator against one real worker (random:llama2-7b, 1000 KV blocks): ~5 min
       timeout 420 python3 -m experiments.sim_check --model random:llama2-7b --device cuda \
         --kv-blocks 1000 --num 100 --kinds M-M,L-L --load-fractions 0.5,0.8,1.1 \
-        --out-dir "$OUT/simcheck" 2>&1 | tee "$OUT/simcheck.log" | tail -40 
+        --out-dir "$OUT/simcheck" --serve-dir "$OUT/simcheck/serve" 2>&1 | tee "$OUT/simcheck.log" | tail -40
       tidy_simcheck "$OUT/simcheck" ;;
     simcheck3)
       # issue 13 part A's other model and traces: llama3-8b, ShareGPT-like and multi-turn
@@ -101,7 +103,7 @@ for step in "$@"; do
       timeout 560 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
         --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 1000 --num 100 \
         --kinds sharegpt,multiturn --load-fractions 0.5,0.8,1.1 \
-        --out-dir "$OUT/simcheck3" 2>&1 | tee "$OUT/simcheck3.log" | tail -40 
+        --out-dir "$OUT/simcheck3" --serve-dir "$OUT/simcheck3/serve" 2>&1 | tee "$OUT/simcheck3.log" | tail -40
       tidy_simcheck "$OUT/simcheck3" ;;
     simcheck3b)
       # ShareGPT-like again, at rates below and at the H100's knee (simcheck3's fractions of
@@ -109,7 +111,7 @@ for step in "$@"; do
       timeout 400 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
         --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 1000 --num 100 \
         --kinds sharegpt --rates 1.5,2.5,4.0 --warm-up 30 \
-        --out-dir "$OUT/simcheck3b" 2>&1 | tee "$OUT/simcheck3b.log" | tail -30
+        --out-dir "$OUT/simcheck3b" --serve-dir "$OUT/simcheck3b/serve" 2>&1 | tee "$OUT/simcheck3b.log" | tail -30
       tidy_simcheck "$OUT/simcheck3b" ;;
     simcheck3c)
       # the KV an 80 GB card really has for llama3-8b (25,000 blocks = 50 GiB), ShareGPT-like
@@ -117,7 +119,7 @@ for step in "$@"; do
       timeout 400 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
         --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 25000 --num 150 \
         --kinds sharegpt --rates 7,11,15 --warm-up 30 \
-        --out-dir "$OUT/simcheck3c" 2>&1 | tee "$OUT/simcheck3c.log" | tail -30
+        --out-dir "$OUT/simcheck3c" --serve-dir "$OUT/simcheck3c/serve" 2>&1 | tee "$OUT/simcheck3c.log" | tail -30
       tidy_simcheck "$OUT/simcheck3c" ;;
     *) echo "unknown step $step" ;;
   esac

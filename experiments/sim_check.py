@@ -126,6 +126,8 @@ def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> lis
         "--gateway-arg=--max-inflight=8192", "--gateway-arg=--max-tokens-limit=32768"))
     replays = []
     vocab_size = ModelConfig.from_dir(resolve_model(args.model)).vocab_size
+    if args.serve_dir:
+        Path(args.serve_dir).mkdir(parents=True, exist_ok=True)
     try:
         warm_up(args, planned, cluster, vocab_size, tmp)
         args.warm_up_steps = len(log_path.read_text().splitlines()) if log_path.exists() else 0
