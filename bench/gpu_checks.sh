@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks, run on the lent H200 machines (see docs/gpu.md):
-#   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine prefixttft sampler grammarthreads grammarstep profiles
+#   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine prefixttft sampler grammarthreads grammarstep eagernoise
+#                                         profiles
 #                                         migration concurrent simcheck simcheck3 simcheck3b
 #                                         simcheck3c
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
@@ -79,6 +80,11 @@ for step in "$@"; do
       # the whole decode step at batch 1 and 64 with json_schema rows (and without)
       timeout 120 python3 -m ferry.bench.sampling_step_bench --model random:llama3-8b \
         --device cuda --batch 1,64 --out "$OUT/sampling_step.json" 2>&1 | tail -4 ;;
+    eagernoise)
+      # eager (prefill / mixed) steps alone vs beside a GIL-holding Python thread: where
+      # the serving worker's wide eager-step spread comes from (sim-check3 README)
+      timeout 200 python3 -m ferry.bench.eager_noise --out "$OUT/eager_noise.json" 2>&1 \
+        | tee "$OUT/eager_noise.log" | tail -9 ;;
     profiles)
       for preset in llama3-8b llama2-7b; do
         timeout 250 python3 -m ferry.services.cli profile --model "random:$preset" --device cuda \
