@@ -215,8 +215,12 @@ class Grammars:
         busy = [shard for shard in range(self.num_shards) if by_shard[shard]]
         others = ([self._pool.submit(fill, shard) for shard in busy[1:]]
                   if self._pool is not None else [])
-        if busy:
-            fill(busy[0])
+        try:
+            if busy:
+                fill(busy[0])
+        finally:  # every fill is over before the buffer is handed out (or reused)
+            for future in others:
+                future.exception()
         for future in others:
             future.result()
         return bitmask

@@ -8,6 +8,7 @@ import asyncio
 import json
 import random
 import re
+import time
 
 import pytest
 import torch
@@ -165,6 +166,29 @@ def test_sharded_book_fills_the_same_masks_as_one_shared_book(tokenizer_json):
         if k == 0:  # dealt in turn: 3, 3 and 2 requests
             assert sorted(t.shard for t in sharded._matchers.values()) == [0] * 3 + [1] * 3 + [2] * 2
     assert sharded.num_compiles == 3 and shared.num_compiles == 1  # a spec once a shard
+
+
+def test_a_failing_shard_fails_the_fill_after_every_other_shard_is_done(tokenizer_json):
+    """No shard is still writing into the (reused) bitmask buffer when the error comes."""
+    sampling = SamplingParams(grammar_kind="json", grammar=structured.json_spec(PERSON))
+    book = _grammars(tokenizer_json, num_threads=3)
+    rows = [GrammarRow(f"req-{i}", sampling, ()) for i in range(3)]  # one a shard
+    book.fill_bitmask(rows)
+    finished = []
+
+    class Slow:
+        def unsafe_compute_mask_ptr(self, *args):
+            time.sleep(0.2)
+            finished.append(True)
+
+    class Broken:
+        def unsafe_compute_mask_ptr(self, *args):
+            raise RuntimeError("mask failed")
+
+    book._executors = [Broken(), Slow(), Slow()]
+    with pytest.raises(RuntimeError, match="mask failed"):
+        book.fill_bitmask(rows)
+    assert finished == [True, True]
 
 
 def test_matcher_is_rebuilt_from_spec_and_output_tokens(tokenizer_json):
