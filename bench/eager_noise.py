@@ -72,14 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import torch
 
-    from ferry.services.worker.model.resolve import RANDOM_PREFIX, preset_config, resolve_model
-    from ferry.services.worker.runner import ModelRunner, RunnerConfig
+    from ferry.services.worker.runner import ModelRunner, runner_config_for
 
-    is_random = args.model.startswith(RANDOM_PREFIX)
-    runner = ModelRunner(RunnerConfig(
-        model_dir=None if is_random else str(resolve_model(args.model)),
-        model_config=preset_config(args.model) if is_random else None,
-        random_on_device=is_random, device=args.device, num_blocks=args.kv_blocks,
+    runner = ModelRunner(runner_config_for(
+        args.model, device=args.device, num_blocks=args.kv_blocks,
         max_num_seqs=64, max_num_tokens=2048, max_model_len=4096))
     on_gpu = runner.device.type == "cuda"
 

@@ -70,20 +70,11 @@ def make_runner(model: str, device: str, *, batch: int, max_len: int, tokenizer_
                 grammar_threads: int | None = None):
     """A worker's ModelRunner for `model` (random:PRESET: weights drawn on the device)
     with KV for `batch` requests of max_len tokens."""
-    from ferry.services.worker.model.resolve import (
-        RANDOM_PREFIX,
-        preset_config,
-        resolve_model,
-    )
-    from ferry.services.worker.runner import ModelRunner, RunnerConfig
+    from ferry.services.worker.runner import ModelRunner, runner_config_for
 
-    is_random = model.startswith(RANDOM_PREFIX)
-    model_dir = resolve_model(model)
     blocks_per_row = -(-max_len // 16)
-    return ModelRunner(RunnerConfig(
-        model_dir=None if is_random else str(model_dir),
-        model_config=preset_config(model) if is_random else None,
-        random_on_device=is_random, device=device, block_size=16,
+    return ModelRunner(runner_config_for(
+        model, device=device, block_size=16,
         num_blocks=batch * blocks_per_row, max_model_len=max_len + 16,
         max_num_seqs=batch, max_num_tokens=max(2048, batch),
         tokenizer_dir=tokenizer_dir, grammar_threads=grammar_threads))

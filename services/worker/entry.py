@@ -163,23 +163,13 @@ def build_engine(config: WorkerConfig, *, sim_speedup: float = 1.0) -> Engine:
                                             vocab_size=served_vocab_size(config.model))
         return Engine(executor, config.engine, model_identity=config.model)
 
-    from ferry.services.worker.model.resolve import RANDOM_PREFIX, preset_config, resolve_model
-    from ferry.services.worker.runner import ModelRunner, RunnerConfig
+    from ferry.services.worker.runner import ModelRunner, runner_config_for
 
     on_cpu = config.device == "cpu"
     kv_gb = config.kv_cache_gb or (DEFAULT_CPU_KV_GB if on_cpu else None)
-    # "random:PRESET": the preset's shape with weights drawn on the device, no files
-    # (GPU benchmarks of 7-8B shapes without writing 16 GB first).
-    is_random = config.model.startswith(RANDOM_PREFIX)
-    # The directory holds the tokenizer either way (random:PRESET: the preset's), which
-    # structured output needs.
-    model_dir = str(resolve_model(config.model))
-    runner = ModelRunner(RunnerConfig(
-        model_dir=None if is_random else model_dir,
-        tokenizer_dir=model_dir,
+    runner = ModelRunner(runner_config_for(
+        config.model,
         grammar_threads=config.grammar_threads or None,
-        model_config=preset_config(config.model) if is_random else None,
-        random_on_device=is_random,
         device=config.device,
         attention_backend=config.attention_backend,
         block_size=config.block_size,

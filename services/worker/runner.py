@@ -75,6 +75,24 @@ class RunnerConfig:
     #                       so no request waits for a kernel compile (~1 s each on an H100)
 
 
+def runner_config_for(model: str, **settings) -> RunnerConfig:
+    """The RunnerConfig of a `--model` argument (a model directory, a preset, or
+    random:PRESET: the preset's shape with weights drawn on the device, no files, for GPU
+    benchmarks of 7-8B shapes without writing 16 GB first). The tokenizer is the model
+    directory's either way (random:PRESET: the preset's), which structured output needs;
+    `settings` are the other fields (a tokenizer_dir among them overrides it)."""
+    from ferry.services.worker.model.resolve import RANDOM_PREFIX, preset_config, resolve_model
+
+    is_random = model.startswith(RANDOM_PREFIX)
+    model_dir = str(resolve_model(model))
+    return RunnerConfig(**{
+        "model_dir": None if is_random else model_dir,
+        "model_config": preset_config(model) if is_random else None,
+        "random_on_device": is_random,
+        "tokenizer_dir": model_dir,
+        **settings})
+
+
 class ModelRunner:
     def __init__(self, config: RunnerConfig) -> None:
         self.config = config
