@@ -272,10 +272,10 @@ class Simulator:
         batch = plan.batch
         step_s = 0.0
         if batch is not None:
-            step_s = inst.executor.step_time(batch)
+            features, latency = StepFeatures.of(batch), inst.executor.latency
+            step_s = latency.step_time(features)
             if self.step_spread is not None:
-                step_s *= inst.executor.latency.spread_factor(StepFeatures.of(batch),
-                                                              self.step_spread.random())
+                step_s *= latency.spread_factor(features, self.step_spread.random())
         inst.busy = True
         self._at(self.now + step_s, "step_done", (inst, plan, batch, step_s))
 
