@@ -108,6 +108,24 @@ def throughput(records: list[RequestRecord]) -> dict[str, float | int | None]:
             "output_throughput": rate(total_out)}
 
 
+REQUEST_COLUMNS = ("trace_index", "priority", "prompt_tokens", "output_tokens",
+                   "arrival_s", "first_token_s", "finish_s", "error")
+
+
+def request_rows(records: Iterable[RequestRecord], *, origin_s: float) -> dict:
+    """Each request's own times, for comparing two runs request by request (the load
+    driver's against the simulator's): {"columns": REQUEST_COLUMNS, "rows": [...]}, one row
+    a request in arrival order, times in seconds after origin_s (None: never reached).
+    trace_index is the request's line in the trace (ids "17" and "r17" are both 17)."""
+    def since(t: float | None) -> float | None:
+        return None if t is None else round(t - origin_s, 6)
+
+    rows = [[int(r.req_id.lstrip("r")), r.priority, r.num_prompt_tokens, r.num_output_tokens,
+             since(r.arrival_s), since(r.first_token_s), since(r.finish_s), r.error]
+            for r in sorted(records, key=lambda r: r.arrival_s)]
+    return {"columns": list(REQUEST_COLUMNS), "rows": rows}
+
+
 def json_safe(value: Any) -> Any:
     """value with every NaN or infinity (nested in dicts, lists, tuples) made None."""
     if isinstance(value, float):

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from ferry.bench.metrics import RequestRecord, json_safe, summarize, throughput
+from ferry.bench.metrics import RequestRecord, json_safe, request_rows, summarize, throughput
 from ferry.bench.sim import load_trace
 from ferry.bench.workload import Workload
 from ferry.common import env
@@ -235,6 +235,7 @@ def trace_rate(args: argparse.Namespace) -> float | None:
 def run(args: argparse.Namespace) -> dict:
     before = cluster_counts(args.admin_addr)
     start = time.perf_counter()
+    start_unix = time.time()  # the same instant on the clock workers' step logs use
     records = asyncio.run(replay(args))
     duration = time.perf_counter() - start
     after = cluster_counts(args.admin_addr)
@@ -254,7 +255,11 @@ def run(args: argparse.Namespace) -> dict:
                # scheduler did not answer); a preempted request admitted again counts twice
                "cache_hit_rate": hit_tokens / prompt_tokens if prompt_tokens > 0 else None,
                **throughput(records),
-               "errors": sorted({r.error for r in records if r.error})[:10]},
+               "errors": sorted({r.error for r in records if r.error})[:10],
+               # request by request, seconds after the replay began; + start_unix: the
+               # wall clock of a worker's --step-log lines
+               "start_unix": start_unix,
+               "requests": request_rows(records, origin_s=start)},
     )
     result = json_safe(result)
     if args.out:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ferry.bench.metrics import RequestRecord, stats, summarize
+from ferry.bench.metrics import RequestRecord, json_safe, request_rows, stats, summarize
 from ferry.bench.trace import read_jsonl
 from ferry.bench.workload import Workload
 from ferry.common import wire
@@ -740,6 +740,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--startup-s", type=float, default=10.0,
                         help="seconds a scaled-up instance takes to start")
     parser.add_argument("--out", default="", help="write the result JSON here")
+    parser.add_argument("--requests-out", default="",
+                        help="write each request's times here (JSON, as `ferry bench serve` "
+                             "keeps them: columns and rows, seconds of simulated time)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -788,6 +791,9 @@ def run(args: argparse.Namespace) -> dict:
                         "migration_bandwidth_gbs": args.migration_bandwidth_gbs}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.requests_out:
+        rows = request_rows(sim.records.values(), origin_s=0.0)
+        Path(args.requests_out).write_text(json.dumps(json_safe(rows)) + "\n")
     return result
 
 

@@ -73,7 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="bench/results/sim-check",
                         help="sim_check.json, steps.jsonl, profile-insitu.json")
     parser.add_argument("--serve-dir", default="",
-                        help="each replay's serve JSON and plot (default: not kept)")
+                        help="each replay's serve JSON (with each request's times) and plot, "
+                             "and the cycle model's simulated request times (default: not "
+                             "kept)")
     parser.add_argument("--replayed", default="",
                         help="no GPU: re-analyse a finished run's directory (its sim_check.json "
                              "and steps.jsonl; the traces are regenerated from their seeds) "
@@ -207,13 +209,16 @@ def scale_latency(latency: LatencyModel, factor: float) -> LatencyModel:
 
 
 def simulate(args: argparse.Namespace, trace: Path, profile: Path,
-             spread_seed: int | None = None) -> dict:
+             spread_seed: int | None = None, requests_out: Path | None = None) -> dict:
     """One simulated replay; deterministic steps unless spread_seed is given (then the
-    profile's measured step spread, drawn from that seed)."""
+    profile's measured step spread, drawn from that seed). requests_out: where to keep each
+    request's simulated times (as the load driver keeps the real ones)."""
     parser = argparse.ArgumentParser()
     sim.add_arguments(parser)
     spread = (["--no-step-spread"] if spread_seed is None
               else ["--step-spread-seed", str(spread_seed)])
+    if requests_out is not None:
+        spread += ["--requests-out", str(requests_out)]
     return sim.run(parser.parse_args([
         "--trace", str(trace), "--instances", "1", "--policy", "least_load",
         "--profile", str(profile), "--kv-blocks", str(args.kv_blocks),
@@ -310,6 +315,8 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
     """Refit the latency model to the replays' steps, simulate each trace with the bundled
     and the refitted profiles, and compare with the real runs."""
     all_steps = [s for r in replays for s in r.steps]
+    if args.serve_dir:
+        Path(args.serve_dir).mkdir(parents=True, exist_ok=True)
     insitu = dataclasses.replace(bundled, name=f"{bundled.name}-insitu", device=device,
                                  latency=refit(all_steps), samples=all_steps,
                                  num_blocks=args.kv_blocks)
@@ -335,7 +342,9 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
             "real": r.real,
             "sim_bundled": summary(simulate(args, r.trace, Path(args.profile))),
             "sim_insitu": summary(simulate(args, r.trace, insitu_path)),
-            "sim_cycle": summary(simulate(args, r.trace, cycle_path)),
+            "sim_cycle": summary(simulate(
+                args, r.trace, cycle_path, requests_out=Path(args.serve_dir) /
+                f"sim-cycle-{r.kind}-{r.fraction}.json" if args.serve_dir else None)),
             "sim_held_out": summary(simulate(args, r.trace, cross_path)),
             **({"sim_cycle_spread": spread_runs(args, r.trace, cycle_path)}
                if args.spread_seeds > 0 else {}),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ferry.bench.metrics import RequestRecord, json_safe, summarize, throughput
+from ferry.bench.metrics import RequestRecord, json_safe, request_rows, summarize, throughput
 from ferry.bench.serve import table
 
 
@@ -48,3 +48,16 @@ def test_results_json_never_holds_nan():
     assert parsed["by_priority"]["normal"]["num_requests"] == 1
     assert any(line.startswith("throughput req/s") and line.endswith(" -")
                for line in table(safe).splitlines())
+
+
+def test_request_rows_keep_each_request_in_arrival_order():
+    late = _record(3, start=5.0, end=6.0)
+    late.req_id = "r3"  # the simulator's ids
+    never = RequestRecord(req_id="7", priority="high", arrival_s=4.0, num_prompt_tokens=9,
+                          error="rejected")
+    got = request_rows([late, never, _record(1, start=2.5, end=3.0)], origin_s=2.0)
+    assert got["columns"][0] == "trace_index"
+    assert got["rows"] == [
+        [1, "normal", 10, 5, 0.5, pytest.approx(0.6), 1.0, None],
+        [7, "high", 9, 0, 2.0, None, None, "rejected"],
+        [3, "normal", 10, 5, 3.0, pytest.approx(3.1), 4.0, None]]

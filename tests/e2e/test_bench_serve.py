@@ -38,6 +38,14 @@ def test_replays_a_trace_through_sdk_and_http(tmp_path):
             assert result["mode"] == "trace" and result["request_throughput"] > 0
             assert result["total_input_tokens"] == sum(r["prompt_tokens"] for r in rows)
             assert result["total_output_tokens"] == sum(r["output_tokens"] for r in rows)
+            # each request's own times, in arrival order, after the replay began
+            requests = result["requests"]
+            assert requests["columns"][:2] == ["trace_index", "priority"]
+            got = [dict(zip(requests["columns"], row)) for row in requests["rows"]]
+            assert [g["trace_index"] for g in got] == list(range(12))
+            assert all(0 <= g["arrival_s"] < g["first_token_s"] <= g["finish_s"]
+                       and g["error"] is None for g in got)
+            assert [g["output_tokens"] for g in got] == [r["output_tokens"] for r in rows]
         # Closed loop, 3 in flight, a trace with no high-priority request: its statistics
         # are null (never NaN: a strict parser reads the file).
         normal = tmp_path / "normal.jsonl"
