@@ -41,7 +41,7 @@ def test_replays_a_trace_through_sdk_and_http(tmp_path):
             # each request's own times, in arrival order, after the replay began
             requests = result["requests"]
             assert requests["columns"][:2] == ["trace_index", "priority"]
-            got = [dict(zip(requests["columns"], row)) for row in requests["rows"]]
+            got = [dict(zip(requests["columns"], row, strict=True)) for row in requests["rows"]]
             assert [g["trace_index"] for g in got] == list(range(12))
             assert all(0 <= g["arrival_s"] < g["first_token_s"] <= g["finish_s"]
                        and g["error"] is None for g in got)
