@@ -3,7 +3,7 @@
 #   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine prefixttft sampler grammarthreads grammarstep eagernoise
 #                                         profiles
 #                                         migration concurrent simcheck simcheck3 simcheck3b
-#                                         simcheck3c
+#                                         simcheck3c simcheckh200 simcheckh200b
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
 set -uo pipefail
@@ -127,6 +127,26 @@ for step in "$@"; do
         --kinds sharegpt --rates 7,11,15 --warm-up 30 \
         --out-dir "$OUT/simcheck3c" --serve-dir "$OUT/simcheck3c/serve" 2>&1 | tee "$OUT/simcheck3c.log" | tail -30
       tidy_simcheck "$OUT/simcheck3c" ;;
+    simcheckh200)
+      # the KV an H200 really has beside llama3-8b (56,596 blocks, 110 GiB: the bundled
+      # profile's, measured on an H200; needs an H200), ShareGPT-like at 0.4 / 0.7 / 1.0 of
+      # the H200 profile's capacity estimate (35.4 req/s). The simulations are few here
+      # (no spread seeds, no sensitivity): the CPU re-analysis (--replayed) runs them all.
+      timeout 330 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
+        --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 56596 --num 200 \
+        --kinds sharegpt --load-fractions 0.4,0.7,1.0 --warm-up 30 --spread-seeds 0 \
+        --sensitivity "" --out-dir "$OUT/simcheckh200" --serve-dir "$OUT/simcheckh200/serve" \
+        2>&1 | tee "$OUT/simcheckh200.log" | tail -30
+      tidy_simcheck "$OUT/simcheckh200" ;;
+    simcheckh200b)
+      # llama2-7b with the KV an H200 really has beside it (14,532 blocks, 113.5 GiB; needs
+      # an H200), L-L and M-M at 0.5 / 0.8 / 1.1 of the H200 profile's capacity estimate
+      timeout 330 python3 -m experiments.sim_check --model random:llama2-7b --device cuda \
+        --profile services/worker/profiles/llama2-7b-h200.json --kv-blocks 14532 --num 100 \
+        --kinds L-L,M-M --load-fractions 0.5,0.8,1.1 --warm-up 20 --spread-seeds 0 \
+        --sensitivity "" --out-dir "$OUT/simcheckh200b" --serve-dir "$OUT/simcheckh200b/serve" \
+        2>&1 | tee "$OUT/simcheckh200b.log" | tail -30
+      tidy_simcheck "$OUT/simcheckh200b" ;;
     *) echo "unknown step $step" ;;
   esac
 done
