@@ -3,7 +3,7 @@
 #   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine prefixttft sampler grammarthreads grammarstep eagernoise
 #                                         profiles
 #                                         migration concurrent simcheck simcheck3 simcheck3b
-#                                         simcheck3c simcheckh200 simcheckh200b
+#                                         simcheck3c simcheckknee simcheckh200 simcheckh200b
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
 set -uo pipefail
@@ -127,6 +127,17 @@ for step in "$@"; do
         --kinds sharegpt --rates 7,11,15 --warm-up 30 \
         --out-dir "$OUT/simcheck3c" --serve-dir "$OUT/simcheck3c/serve" 2>&1 | tee "$OUT/simcheck3c.log" | tail -30
       tidy_simcheck "$OUT/simcheck3c" ;;
+    simcheckknee)
+      # the two rows outside 15% with 500 requests instead of 100 (a P99 of 100 is the
+      # second-slowest request: at the knee one request's fate): ShareGPT-like at 4.0 req/s
+      # and multi-turn at 12.73, 1000 blocks; the CPU re-analysis (--replayed) adds the
+      # spread seeds and the sensitivity
+      timeout 560 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
+        --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 1000 --num 500 \
+        --kinds sharegpt,multiturn --rates sharegpt:4.0,multiturn:12.73 --warm-up 30 \
+        --spread-seeds 0 --sensitivity "" --out-dir "$OUT/simcheckknee" \
+        --serve-dir "$OUT/simcheckknee/serve" 2>&1 | tee "$OUT/simcheckknee.log" | tail -30
+      tidy_simcheck "$OUT/simcheckknee" ;;
     simcheckh200)
       # the KV an H200 really has beside llama3-8b (56,596 blocks, 110 GiB: the bundled
       # profile's, measured on an H200; needs an H200), ShareGPT-like at 0.4 / 0.7 / 1.0 of

@@ -73,6 +73,31 @@ class MigrationCost:
     pull_overhead_s: float = PULL_OVERHEAD_S  # a prefix pull's control messages
 
 
+@dataclass(frozen=True, slots=True)
+class RequestPath:
+    """A request's way through the processes around the engine, which the engine's steps
+    do not include: `in_s` from the client's send to the worker's inbox (gateway,
+    scheduler, two ZMQ hops), `out_s` from the end of the step that made a token to the
+    client (worker -> gateway -> client). A client sees both on its first token, and a
+    multi-turn session's next turn leaves out_s later than the engine finished the turn.
+    Measured in situ by experiments/sim_check.py (experiments/request_compare.py); zero
+    unless given."""
+
+    in_s: float = 0.0
+    out_s: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> RequestPath:
+        """'IN,OUT' in milliseconds."""
+        try:
+            in_ms, out_ms = (float(v) for v in text.split(","))
+        except ValueError:
+            raise ValueError(f"request path {text!r}: expected IN_MS,OUT_MS") from None
+        if not (0 <= in_ms < 60_000 and 0 <= out_ms < 60_000):
+            raise ValueError(f"request path {text!r}: each in [0, 60000) ms")
+        return cls(in_ms / 1e3, out_ms / 1e3)
+
+
 @dataclass(slots=True)
 class SimInstance:
     instance_id: str
@@ -146,8 +171,10 @@ class Simulator:
         ignore_priority: bool = False,
         migration_choice: str = "relief",
         step_spread_seed: int | None = 0,
+        request_path: RequestPath | None = None,
     ) -> None:
         self.trace = trace
+        self.path = request_path or RequestPath()
         # Step times spread as the profile's measured spread says (LatencyModel
         # decode_spread / prefill_spread; none: deterministic), drawn from this seed.
         self.step_spread = None if step_spread_seed is None else random.Random(step_spread_seed)
@@ -216,6 +243,7 @@ class Simulator:
             "report": self._on_report, "rebalance": self._on_rebalance,
             "autoscale": self._on_autoscale, "stage_done": self._on_stage_done,
             "pull_done": self._on_pull_done, "started": self._on_started,
+            "at_scheduler": self._on_at_scheduler,
         }
         while self.events and self.num_ended < len(self.trace):
             event = heapq.heappop(self.events)
@@ -284,15 +312,16 @@ class Simulator:
         inst, plan, batch, step_s = payload
         inst.busy = False
         sampled = inst.executor.execute(batch) if batch is not None else []
+        seen_s = self.now + self.path.out_s  # when the client has these tokens
         for out in inst.engine.finish_step(plan, sampled, step_s):
             record = self.records[out.req_id]
             if out.token_ids and record.first_token_s is None:
-                record.first_token_s = self.now
+                record.first_token_s = seen_s
             record.num_output_tokens = out.first_index + len(out.token_ids)
             if out.req_id in self.outputs:
                 self.outputs[out.req_id].extend(out.token_ids)
             if out.finish_reason is not None:
-                record.finish_s = self.now
+                record.finish_s = seen_s
                 self.num_ended += 1
                 self._apply(self.core.release(wire.Release(req_id=out.req_id,
                                                            reason="finished")))
@@ -302,6 +331,8 @@ class Simulator:
     # ---- requests ---------------------------------------------------------------------
 
     def _on_arrival(self, payload: tuple[int, dict]) -> None:
+        """The client sends trace line index; it reaches the scheduler (and, placed, its
+        instance) the request path's in_s later."""
         index, entry = payload
         req_id = f"r{index}"
         priority = wire.Priority.parse(entry.get("priority", "normal"))
@@ -313,12 +344,23 @@ class Simulator:
         self.records[req_id] = RequestRecord(
             req_id=req_id, priority=priority.name.lower(), arrival_s=self.now,
             num_prompt_tokens=len(prompt))
+        if self.path.in_s > 0:
+            self._at(self.now + self.path.in_s, "at_scheduler", (index, entry, prompt))
+        else:
+            self._on_at_scheduler((index, entry, prompt))
+
+    def _on_at_scheduler(self, payload: tuple[int, dict, list[int]]) -> None:
+        """The request reaches the scheduler, which places it (the whole in_s is spent
+        before the placement: the scheduler's hop to the worker is folded into it)."""
+        index, entry, prompt = payload
+        req_id = f"r{index}"
+        priority = wire.Priority.parse(entry.get("priority", "normal"))
         view = self.core.instance_view()  # how the gateway would hash it
         body = wire.DispatchBody(
             req_id=req_id, attempt=0, prompt_token_ids=tuple(prompt), output_token_ids=(),
             sampling=SamplingParams(max_tokens=max(1, int(entry["output_tokens"])),
                                     ignore_eos=True, seed=index),
-            arrival_s=self.now)
+            arrival_s=self.records[req_id].arrival_s)
         dispatch = wire.Dispatch.of(
             body, priority=0 if self.ignore_priority else int(priority), reply_addr=GATEWAY,
             prefix_hashes=tuple(block_hashes(prompt, view.block_size, parent=view.prefix_seed))
@@ -337,8 +379,9 @@ class Simulator:
             return
         index = int(req_id[1:])
         nxt = self.workload.finished(index, self.prompts.pop(req_id), self.outputs.pop(req_id))
-        if nxt is not None:
-            self._at(self.now + nxt[1], "arrival", (nxt[0], self.trace[nxt[0]]))
+        if nxt is not None:  # the think time starts when the client has the last token
+            self._at(self.now + self.path.out_s + nxt[1], "arrival",
+                     (nxt[0], self.trace[nxt[0]]))
 
     def _rejected(self, msg: wire.DispatchRejected) -> None:
         self._failed(msg.req_id, msg.message)
@@ -691,6 +734,13 @@ def load_trace(path: str | Path) -> list[dict]:
         raise ValueError(f"{path}: {exc}") from None
 
 
+def _request_path(text: str) -> RequestPath:
+    try:
+        return RequestPath.parse(text)
+    except ValueError as err:  # argparse shows this message, not a generic one
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", required=True, help="JSONL trace (ferry bench trace)")
     parser.add_argument("--instances", type=int, default=16)
@@ -731,6 +781,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--from-step-log)")
     parser.add_argument("--no-step-spread", action="store_true",
                         help="every step takes the modelled time exactly")
+    parser.add_argument("--request-path-ms", type=_request_path, default=RequestPath(),
+                        metavar="IN,OUT",
+                        help="a request's way to the worker and its tokens' way back to the "
+                             "client, ms (sim_check measures them; default 0,0)")
     parser.add_argument("--autoscale", action="store_true")
     parser.add_argument("--min-workers", type=int, default=1)
     parser.add_argument("--max-workers", type=int, default=16)
@@ -780,7 +834,8 @@ def run(args: argparse.Namespace) -> dict:
                                 max_per_instance=cfg.max_migrations_per_instance),
         autoscale=args.autoscale, startup_s=args.startup_s,
         ignore_priority=args.ignore_priority, migration_choice=args.migration_choice,
-        step_spread_seed=None if args.no_step_spread else args.step_spread_seed)
+        step_spread_seed=None if args.no_step_spread else args.step_spread_seed,
+        request_path=args.request_path_ms)
     result = sim.run()
     result["wall_s"] = time.perf_counter() - start
     result["config"] = {"trace": str(args.trace), "instances": args.instances,

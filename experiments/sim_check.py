@@ -35,10 +35,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments import request_compare
 from experiments.paper_repro import capacity_rate
 from ferry.bench import serve, sim
 from ferry.bench import trace as traces
 from ferry.bench.local_cluster import start_cluster
+from ferry.bench.sim import RequestPath
 from ferry.services.worker import step_log
 from ferry.services.worker.latency_model import LatencyModel, Profile, bundled_profile
 from ferry.services.worker.model.config import ModelConfig
@@ -61,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", default="",
                         help="rates in req/s instead of --load-fractions (for a card the "
                              "bundled profile misjudges; each row still reports its fraction "
-                             "of the bundled estimate)")
+                             "of the bundled estimate); KIND:RATE applies to that kind only")
     parser.add_argument("--warm-up", type=int, default=0,
                         help="first replay this many requests of each trace kind, unmeasured "
                              "(their steps are left out): the worker is then warm, as one "
@@ -96,6 +98,24 @@ class Replay:
     trace: Path
     real: dict  # summary() of the load driver's result, plus num_steps
     steps: list[dict]  # the worker's step log lines written during this replay
+    # the load driver's own times of each request ("requests", "start_unix" of its JSON);
+    # None for runs made before it kept them
+    requests: dict | None = None
+
+
+def rates_of(spec: str, kind: str) -> list[float]:
+    """The --rates that apply to kind: 'RATE' applies to every kind, 'KIND:RATE' to
+    KIND only."""
+    out = []
+    for entry in spec.split(","):
+        only, _, rate = entry.rpartition(":")
+        try:
+            value = float(rate)
+        except ValueError:
+            raise SystemExit(f"--rates: {entry!r} is not RATE or KIND:RATE") from None
+        if only in ("", kind):
+            out.append(value)
+    return out
 
 
 def make_traces(args: argparse.Namespace, latency: LatencyModel, tmp: Path) -> list[tuple]:
@@ -105,7 +125,7 @@ def make_traces(args: argparse.Namespace, latency: LatencyModel, tmp: Path) -> l
                                 max_total_tokens=args.max_total_tokens)
         capacity = capacity_rate([dataclasses.asdict(r) for r in probe], instances=1,
                                  kv_tokens=args.kv_blocks * TOKENS_PER_BLOCK, latency=latency)
-        rates = ([float(r) for r in args.rates.split(",")] if args.rates else
+        rates = (rates_of(args.rates, kind) if args.rates else
                  [float(f) * capacity for f in args.load_fractions.split(",")])
         for rate in rates:
             fraction = round(rate / capacity, 4)
@@ -152,7 +172,9 @@ def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> lis
             steps = [json.loads(line) for line in lines if line.strip()]
             add_gaps(steps)
             replays.append(Replay(kind, fraction, rate, path,
-                                  summary(real) | {"num_steps": len(steps)}, steps))
+                                  summary(real) | {"num_steps": len(steps)}, steps,
+                                  {"requests": real["requests"],
+                                   "start_unix": real["start_unix"]}))
             print(f"replayed {kind} at {rate:.2f} req/s: {len(lines)} steps, p99 ttft "
                   f"{real['prefill_latency_s']['p99']:.3f} s", flush=True)
     finally:
@@ -209,16 +231,20 @@ def scale_latency(latency: LatencyModel, factor: float) -> LatencyModel:
 
 
 def simulate(args: argparse.Namespace, trace: Path, profile: Path,
-             spread_seed: int | None = None, requests_out: Path | None = None) -> dict:
+             spread_seed: int | None = None, requests_out: Path | None = None,
+             path: RequestPath | None = None) -> dict:
     """One simulated replay; deterministic steps unless spread_seed is given (then the
     profile's measured step spread, drawn from that seed). requests_out: where to keep each
-    request's simulated times (as the load driver keeps the real ones)."""
+    request's simulated times (as the load driver keeps the real ones); path: the request
+    path's costs around the engine (none: zero)."""
     parser = argparse.ArgumentParser()
     sim.add_arguments(parser)
     spread = (["--no-step-spread"] if spread_seed is None
               else ["--step-spread-seed", str(spread_seed)])
     if requests_out is not None:
         spread += ["--requests-out", str(requests_out)]
+    if path is not None:
+        spread += ["--request-path-ms", f"{path.in_s * 1e3:.4f},{path.out_s * 1e3:.4f}"]
     return sim.run(parser.parse_args([
         "--trace", str(trace), "--instances", "1", "--policy", "least_load",
         "--profile", str(profile), "--kv-blocks", str(args.kv_blocks),
@@ -228,16 +254,48 @@ def simulate(args: argparse.Namespace, trace: Path, profile: Path,
         "--hold-until-room", *spread]))
 
 
-def spread_runs(args: argparse.Namespace, trace: Path, profile: Path) -> dict:
+def spread_runs(args: argparse.Namespace, trace: Path, profile: Path,
+                path: RequestPath | None = None) -> dict:
     """The cycle model with its measured step spread, over --spread-seeds seeds: each
     metric's median over the seeds, and P99 TTFT's range."""
-    runs = [summary(simulate(args, trace, profile, spread_seed=seed))
+    runs = [summary(simulate(args, trace, profile, spread_seed=seed, path=path))
             for seed in range(args.spread_seeds)]
     out = {key: statistics.median(r[key] for r in runs) if all(
         r[key] is not None for r in runs) else None for key in runs[0]}
     p99s = sorted(r["ttft_p99"] for r in runs)
     out |= {"ttft_p99_min": p99s[0], "ttft_p99_max": p99s[-1], "seeds": len(runs)}
     return out
+
+
+def fit_request_path(args: argparse.Namespace, replays: list[Replay], cycle_path: Path,
+                     tmp: Path) -> RequestPath | None:
+    """The request path's costs, in situ (None: no replay kept its request times).
+
+    out_s: the median over requests of the client's first token - the end of the step
+    that made it (the step log's clock is the load driver's). in_s: the median over the
+    requests of each kind's least loaded replay of real TTFT - simulated TTFT, the
+    simulation run with out_s and no in_s (the deterministic cycle model): what a lone
+    request pays beyond the steps and the way out."""
+    kept = [r for r in replays if r.requests is not None]
+    if not kept:
+        return None
+    outs = []
+    for r in kept:
+        ends = sorted(s["t"] for s in r.steps)
+        outs += request_compare.way_out(request_compare.by_index(r.requests["requests"]),
+                                        r.requests["start_unix"], ends)
+    out_s = statistics.median(outs) if outs else 0.0
+    least = {}
+    for r in sorted(kept, key=lambda r: r.rate, reverse=True):
+        least[r.kind] = r  # the lowest rate of each kind last: it stays
+    offsets = []
+    for r in least.values():
+        rows = tmp / f"path-fit-{r.kind}.json"
+        simulate(args, r.trace, cycle_path, requests_out=rows, path=RequestPath(0.0, out_s))
+        diff = request_compare.compare(r.requests, json.loads(rows.read_text()), [])
+        offsets += diff["ttft_real_minus_sim_each_s"]
+    in_s = max(0.0, statistics.median(offsets)) if offsets else 0.0
+    return RequestPath(in_s=in_s, out_s=out_s)
 
 
 def summary(result: dict) -> dict:
@@ -265,6 +323,7 @@ def load_replays(args: argparse.Namespace, planned: list[tuple]) -> list[Replay]
         raise SystemExit(f"{run_dir}: its traces differ from --kinds and --load-fractions "
                          f"(or --rates)")
     # The log starts with the unmeasured warm-up's steps (--warm-up), then each replay's.
+    kept = request_compare.load_runs(run_dir)  # each replay's request times, if kept
     replays, done = [], previous.get("warm_up_steps", 0)
     if done + sum(row["real"]["num_steps"] for row in rows) > len(samples):
         raise SystemExit(f"{run_dir}: the step log has {len(samples)} steps, fewer than its "
@@ -277,7 +336,9 @@ def load_replays(args: argparse.Namespace, planned: list[tuple]) -> list[Replay]
         steps = samples[done:done + count]
         done += count
         add_gaps(steps)
-        replays.append(Replay(kind, fraction, rate, path, row["real"], steps))
+        served = kept.get(f"serve-{kind}-{fraction}.json", {})
+        replays.append(Replay(kind, fraction, rate, path, row["real"], steps,
+                              served if "requests" in served else None))
     return replays
 
 
@@ -326,6 +387,7 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
                                 latency=refit(all_steps, whole_cycle=True))
     cycle_path = out_dir / "profile-insitu-cycle.json"
     cycle.save(cycle_path)
+    request_path = fit_request_path(args, replays, cycle_path, tmp)
     rows = []
     for r in replays:
         held_out = [s for o in replays if o.kind != r.kind for s in o.steps]
@@ -348,6 +410,12 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
             "sim_held_out": summary(simulate(args, r.trace, cross_path)),
             **({"sim_cycle_spread": spread_runs(args, r.trace, cycle_path)}
                if args.spread_seeds > 0 else {}),
+            # the same with the request path's costs measured in situ
+            **({"sim_cycle_path": summary(simulate(args, r.trace, cycle_path,
+                                                   path=request_path)),
+                **({"sim_cycle_spread_path": spread_runs(args, r.trace, cycle_path,
+                                                         request_path)}
+                   if args.spread_seeds > 0 else {})} if request_path is not None else {}),
             "sim_insitu_scaled": scaled,
             "step_error": {"bundled": step_errors(bundled.latency, r.steps),
                            "insitu": step_errors(insitu.latency, r.steps),
@@ -358,6 +426,8 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
             "max_num_batched_tokens": args.max_num_batched_tokens, "num": args.num,
             "bundled_profile": args.profile, "replayed_from": args.replayed or None,
             "warm_up_steps": getattr(args, "warm_up_steps", 0),
+            "request_path_ms": None if request_path is None else {
+                "in": request_path.in_s * 1e3, "out": request_path.out_s * 1e3},
             "coefficients": {"bundled": dataclasses.asdict(bundled.latency),
                              "insitu": dataclasses.asdict(insitu.latency),
                              "cycle": dataclasses.asdict(cycle.latency)},
@@ -409,17 +479,31 @@ def format_table(result: dict) -> str:
                          f"{num(row['real']['ttft_p99'], '.3f')} | " + " | ".join(cells) + " |")
     spread_rows = [row for row in result["rows"] if "sim_cycle_spread" in row]
     if spread_rows:
+        with_path = "sim_cycle_spread_path" in spread_rows[0]
         lines += ["", "P99 TTFT (s), the cycle model with the measured step spread "
-                  f"({spread_rows[0]['sim_cycle_spread']['seeds']} seeds):",
-                  "| trace | rate | real | deterministic | spread median | spread range |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  f"({spread_rows[0]['sim_cycle_spread']['seeds']} seeds)"
+                  + (", and with the request path too" if with_path else "") + ":",
+                  "| trace | rate | real | deterministic | spread median | spread range |"
+                  + (" + path median | + path range |" if with_path else ""),
+                  "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if with_path else "")]
         for row in spread_rows:
-            sp = row["sim_cycle_spread"]
-            lines.append(f"| {row['kind']} | {row['rate']:.2f} | "
-                         f"{num(row['real']['ttft_p99'], '.3f')} | "
-                         f"{num(row['sim_cycle']['ttft_p99'], '.3f')} | "
-                         f"{num(sp['ttft_p99'], '.3f')} | "
-                         f"{num(sp['ttft_p99_min'], '.3f')}–{num(sp['ttft_p99_max'], '.3f')} |")
+            cells = [row["kind"], f"{row['rate']:.2f}", num(row["real"]["ttft_p99"], ".3f"),
+                     num(row["sim_cycle"]["ttft_p99"], ".3f")]
+            for key in ("sim_cycle_spread", "sim_cycle_spread_path")[:1 + with_path]:
+                sp = row[key]
+                cells += [num(sp["ttft_p99"], ".3f"),
+                          f"{num(sp['ttft_p99_min'], '.3f')}–{num(sp['ttft_p99_max'], '.3f')}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    if result.get("request_path_ms"):
+        path = result["request_path_ms"]
+        lines += ["", f"request path, in situ: {path['in']:.1f} ms in, {path['out']:.1f} ms "
+                  "out; P50 TTFT (s) real / cycle / cycle + path:"]
+        for row in result["rows"]:
+            if "sim_cycle_path" in row:
+                lines.append(f"  {row['kind']} {row['rate']:.2f}: "
+                             f"{num(row['real']['ttft_p50'], '.4f')} / "
+                             f"{num(row['sim_cycle']['ttft_p50'], '.4f')} / "
+                             f"{num(row['sim_cycle_path']['ttft_p50'], '.4f')}")
     engine = result["engine_s"]
     lines += ["", f"around a step: engine median {engine['median'] * 1e3:.2f} ms, loop gap "
               f"median {engine['gap_median'] * 1e3:.2f} ms; together "

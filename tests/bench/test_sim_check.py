@@ -86,3 +86,12 @@ def test_replayed_cuts_the_step_log_by_each_replays_step_count(tmp_path):
                                      "real": real}]}))
     with pytest.raises(SystemExit, match="different profile or seed"):
         sim_check.load_replays(args, planned)
+
+
+def test_rates_apply_to_every_kind_or_to_the_one_named():
+    assert sim_check.rates_of("1.5,2", "sharegpt") == [1.5, 2.0]
+    spec = "sharegpt:4,multiturn:12.73,7"
+    assert sim_check.rates_of(spec, "sharegpt") == [4.0, 7.0]
+    assert sim_check.rates_of(spec, "multiturn") == [12.73, 7.0]
+    with pytest.raises(SystemExit, match="KIND:RATE"):
+        sim_check.rates_of("sharegpt:fast", "sharegpt")
