@@ -172,6 +172,7 @@ class Simulator:
         migration_choice: str = "relief",
         step_spread_seed: int | None = 0,
         request_path: RequestPath | None = None,
+        distinct_prompts: bool = False,
     ) -> None:
         self.trace = trace
         self.path = request_path or RequestPath()
@@ -184,10 +185,14 @@ class Simulator:
         # Prompts from the trace's prefixes and sessions (bench/workload.py), the same the
         # load driver sends; a trace without them gets one repeated token (the lengths
         # are all that matter there), and then the prefix cache stays off (every prompt
-        # would be a prefix of every longer one).
+        # would be a prefix of every longer one). distinct_prompts: such a trace gets
+        # distinct prompts too, as the load driver sends them, and the prefix cache stays
+        # on, as in a real worker: a preempted request's recompute then finds the blocks
+        # of its own that are still cached.
         self.workload = Workload(trace, vocab_size=profile.vocab_size)
+        self.real_prompts = distinct_prompts or self.workload.has_structure
         self.engine_config = engine_config or EngineConfig()
-        if not self.workload.has_structure:
+        if not self.real_prompts:
             self.engine_config = dataclasses.replace(self.engine_config,
                                                      enable_prefix_cache=False)
         self.prompts: dict[str, list[int]] = {}  # req_id -> prompt (sessions continue it)
@@ -336,7 +341,7 @@ class Simulator:
         index, entry = payload
         req_id = f"r{index}"
         priority = wire.Priority.parse(entry.get("priority", "normal"))
-        if self.workload.has_structure:
+        if self.real_prompts:
             prompt = self.prompts[req_id] = self.workload.prompt(index)
             self.outputs[req_id] = []
         else:
@@ -781,6 +786,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--from-step-log)")
     parser.add_argument("--no-step-spread", action="store_true",
                         help="every step takes the modelled time exactly")
+    parser.add_argument("--distinct-prompts", action="store_true",
+                        help="a trace without shared prefixes or sessions gets distinct "
+                             "prompts and the prefix cache on, as a real worker serves it "
+                             "(default: one repeated token, the cache off; faster)")
     parser.add_argument("--request-path-ms", type=_request_path, default=RequestPath(),
                         metavar="IN,OUT",
                         help="a request's way to the worker and its tokens' way back to the "
@@ -835,7 +844,7 @@ def run(args: argparse.Namespace) -> dict:
         autoscale=args.autoscale, startup_s=args.startup_s,
         ignore_priority=args.ignore_priority, migration_choice=args.migration_choice,
         step_spread_seed=None if args.no_step_spread else args.step_spread_seed,
-        request_path=args.request_path_ms)
+        request_path=args.request_path_ms, distinct_prompts=args.distinct_prompts)
     result = sim.run()
     result["wall_s"] = time.perf_counter() - start
     result["config"] = {"trace": str(args.trace), "instances": args.instances,

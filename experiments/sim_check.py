@@ -251,7 +251,10 @@ def simulate(args: argparse.Namespace, trace: Path, profile: Path,
         "--max-num-batched-tokens", str(args.max_num_batched_tokens),
         # the real scheduler's default (SchedulerConfig.hold_until_room), which the real
         # cluster runs with: requests without room wait in its pending queue
-        "--hold-until-room", *spread]))
+        "--hold-until-room",
+        # distinct prompts and the prefix cache on, as the real worker has them: a
+        # preempted request's recompute finds its own blocks still cached
+        "--distinct-prompts", *spread]))
 
 
 def spread_runs(args: argparse.Namespace, trace: Path, profile: Path,

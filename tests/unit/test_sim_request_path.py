@@ -47,3 +47,24 @@ def test_parse_in_milliseconds_and_refuse_nonsense():
     for bad in ("4", "a,b", "-1,2", "1,2,3"):
         with pytest.raises(ValueError, match="request path"):
             RequestPath.parse(bad)
+
+
+def test_distinct_prompts_turn_the_prefix_cache_on_for_a_plain_trace():
+    trace = [r.as_json() for r in generate("M-M", num=60, rate=40.0, seed=1,
+                                           max_total_tokens=1500)]
+
+    def run(distinct: bool) -> Simulator:
+        sim = Simulator(trace, profile=Profile.load(bundled_profile("tiny-cpu")),
+                        num_instances=1, policy="least_load", kv_blocks=150,
+                        step_spread_seed=None, distinct_prompts=distinct)
+        sim.run()
+        return sim
+
+    plain, distinct = run(False), run(True)
+    assert not plain.engine_config.enable_prefix_cache
+    assert distinct.engine_config.enable_prefix_cache
+    assert distinct.records["r0"].num_prompt_tokens == trace[0]["prompt_tokens"]
+    # under this much pressure requests are preempted, and their recompute hits
+    engine = distinct.instances["i0"].engine
+    assert engine.scheduler.num_preemptions > 0
+    assert distinct._result()["cache_hit_rate"] > 0
