@@ -177,7 +177,7 @@ class Simulator:
         self.trace = trace
         self.path = request_path or RequestPath()
         # Step times spread as the profile's measured spread says (LatencyModel
-        # decode_spread / prefill_spread; none: deterministic), drawn from this seed.
+        # decode_spread / prefill_noise_s; none: deterministic), drawn from this seed.
         self.step_spread = None if step_spread_seed is None else random.Random(step_spread_seed)
         self.migration_choice = migration_choice  # the source's rule (migration/choice.py)
         self.profile = profile
@@ -306,9 +306,8 @@ class Simulator:
         step_s = 0.0
         if batch is not None:
             features, latency = StepFeatures.of(batch), inst.executor.latency
-            step_s = latency.step_time(features)
-            if self.step_spread is not None:
-                step_s *= latency.spread_factor(features, self.step_spread.random())
+            step_s = (latency.step_time(features) if self.step_spread is None else
+                      latency.drawn_step_time(features, self.step_spread.random()))
         inst.busy = True
         self._at(self.now + step_s, "step_done", (inst, plan, batch, step_s))
 

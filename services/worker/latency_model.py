@@ -67,27 +67,39 @@ class LatencyModel:
     # linear terms say, the eager launch of every layer's kernels. Profiles fitted before
     # this term existed lack it (0: their base and per-token terms absorbed it).
     per_prefill_step_s: float = 0.0
-    # Step-to-step spread around the model, from a worker's own steps (step_log.fit):
-    # evenly spaced quantiles (0 .. 1) of measured / modelled time, of decode-only steps
-    # and of steps with prefill. Empty: deterministic steps (profiles timed on a grid).
-    # Eager (prefill) steps are host-bound and spread widely (llama3-8b on an H100: p10
-    # 0.79x, p90 1.70x of the fit; decode steps 0.94x-1.07x); near the knee that spread,
-    # not the mean, sets P99 (bench/results/h100/sim-check3-2026-12-06).
+    # Step-to-step spread around the model, from a worker's own steps (step_log.fit), as
+    # evenly spaced quantiles (0 .. 1). Empty: deterministic steps (profiles timed on a
+    # grid). Near the knee the spread, not the mean, sets P99
+    # (bench/results/h100/sim-check3-2026-12-06).
+    # - decode_spread: measured / modelled time of decode-only steps (CUDA graphs: tight,
+    #   0.94x-1.07x for llama3-8b on an H100).
+    # - prefill_noise_s: measured - modelled seconds of steps with prefill. They run
+    #   eagerly and the host's noise adds a few ms whatever the step's size (H100,
+    #   llama3-8b: p10 -4 ms, p90 +5..+11 ms in every prefill-size bin from 1 to 4096
+    #   tokens), so it is added, not scaled: a ratio measured mostly on small steps made
+    #   a long prefill up to 1.7x slower (bench/results/h100/simcheckknee-2026-12-06).
     decode_spread: tuple[float, ...] = ()
-    prefill_spread: tuple[float, ...] = ()
+    prefill_noise_s: tuple[float, ...] = ()
+    # An eager step drawn with noise takes at least this share of its modelled time.
+    MIN_NOISY_SHARE = 0.5
 
     COEFFICIENTS = ("base_s", "per_prefill_token_s", "per_prefill_attn_s", "per_decode_seq_s",
                     "per_decode_context_s", "per_prefill_step_s")
 
-    def spread_factor(self, features: StepFeatures, u: float) -> float:
-        """The ratio to the modelled time at quantile u in [0, 1) of the measured spread
-        (1 without one): a step's time is step_time() * spread_factor(features, U)."""
-        q = self.prefill_spread if features.P else self.decode_spread
-        if not q:
-            return 1.0
-        x = u * (len(q) - 1)
-        i = min(int(x), len(q) - 2)
-        return q[i] + (x - i) * (q[i + 1] - q[i])
+    def drawn_step_time(self, features: StepFeatures, u: float) -> float:
+        """The step's time at quantile u in [0, 1) of the measured spread around the
+        model (step_time() itself without one): a decode step's modelled time times its
+        ratio quantile, an eager step's plus its noise quantile (at least
+        MIN_NOISY_SHARE of the modelled time)."""
+        modelled = self.step_time(features)
+        if features.P:
+            if not self.prefill_noise_s:
+                return modelled
+            return max(self.MIN_NOISY_SHARE * modelled,
+                       modelled + _quantile(self.prefill_noise_s, u))
+        if not self.decode_spread:
+            return modelled
+        return modelled * _quantile(self.decode_spread, u)
 
     def step_time(self, features: StepFeatures) -> float:
         coef = (
@@ -116,6 +128,13 @@ class LatencyModel:
             per_decode_seq_s=coef[4],
             per_decode_context_s=coef[5],
         )
+
+
+def _quantile(q: tuple[float, ...], u: float) -> float:
+    """Linear interpolation at u in [0, 1) between evenly spaced quantiles q."""
+    x = u * (len(q) - 1)
+    i = min(int(x), len(q) - 2)
+    return q[i] + (x - i) * (q[i + 1] - q[i])
 
 
 def _nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 100) -> list[float]:

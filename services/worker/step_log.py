@@ -85,23 +85,25 @@ def fit(samples: list[dict], *, whole_cycle: bool) -> LatencyModel:
         raise ValueError("no step samples to fit")
     pairs = [(features(s), cycle_s(s) if whole_cycle else s["step_s"]) for s in samples]
     model = LatencyModel.fit(pairs)
-    ratios: dict[bool, list[float]] = {False: [], True: []}  # by "has prefill"
+    ratios, noise = [], []  # decode-only steps: measured / modelled; eager: measured - it
     for f, measured in pairs:
         predicted = model.step_time(f)
-        if predicted > 0:
-            ratios[bool(f.P)].append(measured / predicted)
-    return dataclasses.replace(model, decode_spread=spread_quantiles(ratios[False]),
-                               prefill_spread=spread_quantiles(ratios[True]))
+        if f.P:
+            noise.append(measured - predicted)
+        elif predicted > 0:
+            ratios.append(measured / predicted)
+    return dataclasses.replace(model, decode_spread=spread_quantiles(ratios),
+                               prefill_noise_s=spread_quantiles(noise, digits=6))
 
 
 SPREAD_QUANTILES = 41  # every 2.5%: a profile stays small, the tails are kept
 MIN_SPREAD_SAMPLES = 20  # fewer steps of a kind: no spread for it (deterministic)
 
 
-def spread_quantiles(ratios: list[float]) -> tuple[float, ...]:
-    """Evenly spaced quantiles (0 .. 1) of measured / modelled step times."""
-    if len(ratios) < MIN_SPREAD_SAMPLES:
+def spread_quantiles(values: list[float], digits: int = 4) -> tuple[float, ...]:
+    """Evenly spaced quantiles (0 .. 1) of values (ratios, or seconds: digits=6)."""
+    if len(values) < MIN_SPREAD_SAMPLES:
         return ()
-    q = np.quantile(np.asarray(ratios), np.linspace(0.0, 1.0, SPREAD_QUANTILES))
-    return tuple(round(float(v), 4) for v in q)
+    q = np.quantile(np.asarray(values), np.linspace(0.0, 1.0, SPREAD_QUANTILES))
+    return tuple(round(float(v), digits) for v in q)
 
