@@ -3,7 +3,7 @@
 #   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine prefixttft sampler grammarthreads grammarstep eagernoise
 #                                         profiles
 #                                         migration concurrent simcheck simcheck3 simcheck3b
-#                                         simcheck3c simcheckknee simcheckh200 simcheckh200b
+#                                         simcheck3c simcheckknee simcheckh200 simcheckh200b simcheckh100b
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
 set -uo pipefail
@@ -151,13 +151,22 @@ for step in "$@"; do
       tidy_simcheck "$OUT/simcheckh200" ;;
     simcheckh200b)
       # llama2-7b with the KV an H200 really has beside it (14,532 blocks, 113.5 GiB; needs
-      # an H200), L-L and M-M at 0.5 / 0.8 / 1.1 of the H200 profile's capacity estimate
-      timeout 330 python3 -m experiments.sim_check --model random:llama2-7b --device cuda \
+      # an H200), L-L at 0.5 / 0.8 / 1.1 of the H200 profile's capacity estimate (8.6)
+      timeout 300 python3 -m experiments.sim_check --model random:llama2-7b --device cuda \
         --profile services/worker/profiles/llama2-7b-h200.json --kv-blocks 14532 --num 100 \
-        --kinds L-L,M-M --load-fractions 0.5,0.8,1.1 --warm-up 20 --spread-seeds 0 \
+        --kinds L-L --load-fractions 0.5,0.8,1.1 --warm-up 20 --spread-seeds 0 \
         --sensitivity "" --out-dir "$OUT/simcheckh200b" --serve-dir "$OUT/simcheckh200b/serve" \
         2>&1 | tee "$OUT/simcheckh200b.log" | tail -30
       tidy_simcheck "$OUT/simcheckh200b" ;;
+    simcheckh100b)
+      # llama2-7b with the KV an 80 GB card holds beside it (7,000 blocks, 55 GiB), L-L at
+      # 0.5 / 0.8 / 1.1 of the H200 profile's capacity estimate at that KV (7.8)
+      timeout 300 python3 -m experiments.sim_check --model random:llama2-7b --device cuda \
+        --profile services/worker/profiles/llama2-7b-h200.json --kv-blocks 7000 --num 100 \
+        --kinds L-L --load-fractions 0.5,0.8,1.1 --warm-up 20 --spread-seeds 0 \
+        --sensitivity "" --out-dir "$OUT/simcheckh100b" --serve-dir "$OUT/simcheckh100b/serve" \
+        2>&1 | tee "$OUT/simcheckh100b.log" | tail -30
+      tidy_simcheck "$OUT/simcheckh100b" ;;
     *) echo "unknown step $step" ;;
   esac
 done
