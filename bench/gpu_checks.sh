@@ -3,7 +3,8 @@
 #   bench/gpu_checks.sh STEP [STEP...]    steps: tests modeltests kernels breakdown engine prefixttft sampler grammarthreads grammarstep eagernoise
 #                                         profiles
 #                                         migration concurrent simcheck simcheck3 simcheck3b
-#                                         simcheck3c simcheckknee simcheckh200 simcheckh200b simcheckh100b
+#                                         simcheck3c simcheckknee simcheckrealknee
+#                                         simcheckh200 simcheckh200b simcheckh100b
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
 set -uo pipefail
@@ -138,6 +139,16 @@ for step in "$@"; do
         --spread-seeds 0 --sensitivity "" --out-dir "$OUT/simcheckknee" \
         --serve-dir "$OUT/simcheckknee/serve" 2>&1 | tee "$OUT/simcheckknee.log" | tail -30
       tidy_simcheck "$OUT/simcheckknee" ;;
+    simcheckrealknee)
+      # past the knee with a card's real KV: llama3-8b, 25,000 blocks (an H100's), 1000
+      # ShareGPT-like requests at 12 and 16 req/s (0.86 / 1.15 of the H100 cycle fit's
+      # capacity estimate, 13.9): a burst of 200 requests never reached the knee there
+      timeout 560 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
+        --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 25000 --num 1000 \
+        --kinds sharegpt --rates 12,16 --warm-up 30 --spread-seeds 0 --sensitivity "" \
+        --out-dir "$OUT/simcheckrealknee" --serve-dir "$OUT/simcheckrealknee/serve" 2>&1 \
+        | tee "$OUT/simcheckrealknee.log" | tail -30
+      tidy_simcheck "$OUT/simcheckrealknee" ;;
     simcheckh200)
       # the KV an H200 really has beside llama3-8b (56,596 blocks, 110 GiB: the bundled
       # profile's, measured on an H200; needs an H200), ShareGPT-like at 0.4 / 0.7 / 1.0 of
