@@ -16,7 +16,12 @@ driver (`ferry bench serve`), logging every engine step it runs (`--step-log`). 
 - side by side: P50/P99 TTFT (prefill latency), P99 decode, mean e2e, preemptions,
   throughput, and each model's per-step error against the measured steps (median and
   p90 of |predicted - measured| / measured, by step kind). The refit is evaluated on the
-  steps it was fitted to (in-sample) and, per trace, fitted on the other traces only.
+  steps it was fitted to (in-sample) and, per trace, fitted on the other traces only;
+- the cycle model again with the steps' measured spread (`--spread-seeds` seeds) and, where
+  the load driver kept each request's times, with the request path's costs fitted in situ
+  (`fit_request_path`: the way out from the step log's clock against the client's, the
+  way in from the least loaded replays). The simulator serves the same distinct prompts
+  with the prefix cache on, as the worker does.
 
 Writes sim_check.json, the step log and the refitted profile under --out-dir and prints
 the tables. Plan a GPU call around `--num` and `--load-fractions`: each replay lasts about
