@@ -95,3 +95,34 @@ def test_rates_apply_to_every_kind_or_to_the_one_named():
     assert sim_check.rates_of(spec, "multiturn") == [12.73, 7.0]
     with pytest.raises(SystemExit, match="KIND:RATE"):
         sim_check.rates_of("sharegpt:fast", "sharegpt")
+
+
+def test_request_path_fit_splits_the_offset_into_the_way_out_and_the_way_in(tmp_path):
+    parser = argparse.ArgumentParser()
+    sim_check.add_arguments(parser)
+    args = parser.parse_args(["--kinds", "M-M", "--rates", "2", "--num", "8",
+                              "--kv-blocks", "400"])
+    (kind, fraction, rate, trace), = sim_check.make_traces(
+        args, Profile.load(args.profile).latency, tmp_path)
+    profile = tmp_path / "profile.json"
+    Profile.load(args.profile).save(profile)
+    simulated = tmp_path / "sim.json"
+    sim_check.simulate(args, trace, profile, requests_out=simulated)
+    rows = json.loads(simulated.read_text())
+    # The "real" run: every first token 7 ms later than simulated; the step that made it
+    # ended 4 ms after the simulated one, so 3 ms of the 7 are the way out.
+    start_unix = 1000.0
+    real, steps = {"columns": rows["columns"], "rows": []}, []
+    for row in rows["rows"]:
+        got = dict(zip(rows["columns"], row, strict=True))
+        steps.append(step(start_unix + got["first_token_s"] + 0.004, 0.01))
+        got["first_token_s"] += 0.007
+        real["rows"].append([got[c] for c in rows["columns"]])
+    replay = sim_check.Replay(kind, fraction, rate, trace, {}, steps,
+                              {"requests": real, "start_unix": start_unix})
+    path = sim_check.fit_request_path(args, [replay], profile, tmp_path)
+    assert path.out_s == pytest.approx(0.003, abs=1e-6)
+    assert path.in_s == pytest.approx(0.004, abs=1e-6)
+    # a run that kept no request times: no path to fit
+    bare = dataclasses.replace(replay, requests=None)
+    assert sim_check.fit_request_path(args, [bare], profile, tmp_path) is None
