@@ -77,28 +77,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="profile JSON to write")
     parser.add_argument("--name", default="", help="profile name (default: model-device)")
     parser.add_argument("--num-blocks", type=int, default=None,
-                        help="KV blocks of the profiled instance (default: the runner's)")
+                        help="KV blocks of the profiled instance (default: the runner's; "
+                             "with --from-step-log, the base's)")
     parser.add_argument("--repeats", type=int, default=None, help="default: 5")
     parser.add_argument("--grid", choices=sorted(GRIDS), default=None)
     parser.add_argument("--attention-backend", default=None, help="default: auto")
     from_log = parser.add_argument_group("fit to a worker's step log instead of timing a grid")
-    from_log.add_argument("--from-step-log", default="",
-                          help="a `ferry worker --step-log` file (.jsonl, or .jsonl.gz)")
+    from_log.add_argument("--from-step-log", nargs="+", default=[], metavar="LOG",
+                          help="`ferry worker --step-log` files (.jsonl, or .jsonl.gz); the "
+                               "steps of several are pooled")
     from_log.add_argument("--base", default="",
-                          help="the profile whose model, KV and device fields the fit keeps")
+                          help="the profile whose model, KV and device fields the fit keeps "
+                               "(--num-blocks and --device-name override two of them)")
     from_log.add_argument("--step-time-only", action="store_true",
                           help="fit the model step alone, not the whole engine cycle")
+    from_log.add_argument("--device-name", default="",
+                          help="the card the logging worker ran on (default: the base's)")
+    from_log.add_argument("--keep-samples", type=int, default=-1,
+                          help="keep this many of the steps in the profile, evenly spaced "
+                               "(0: none; default: all). The fit uses every step")
     args = parser.parse_args(argv)
+    log_only = {"base": args.base, "step_time_only": args.step_time_only,
+                "device_name": args.device_name, "keep_samples": args.keep_samples != -1}
     if args.from_step_log:
         measuring = [f"--{name.replace('_', '-')}" for name in
-                     ("model", "device", "num_blocks", "repeats", "grid", "attention_backend")
+                     ("model", "device", "repeats", "grid", "attention_backend")
                      if getattr(args, name) is not None]
         if measuring or not args.base:
             parser.error("--from-step-log needs --base and times nothing"
                          + (f": {', '.join(measuring)} do not apply" if measuring else ""))
+        if args.keep_samples < -1:
+            parser.error("--keep-samples: a count of steps, 0 or more")
+        if args.num_blocks is not None and args.num_blocks <= 0:
+            parser.error("--num-blocks: the logging worker's KV blocks, 1 or more")
         return profile_from_step_log(args)
-    if args.base or args.step_time_only:
-        parser.error("--base and --step-time-only go with --from-step-log")
+    if any(log_only.values()):
+        parser.error(", ".join(f"--{k.replace('_', '-')}" for k, v in log_only.items() if v)
+                     + " go with --from-step-log")
     for name, default in (("model", "tiny"), ("device", "auto"), ("num_blocks", 0),
                           ("repeats", 5), ("attention_backend", "auto")):
         if getattr(args, name) is None:
@@ -170,17 +185,27 @@ def profile_from_step_log(args: argparse.Namespace) -> None:
     from ferry.services.worker import step_log
 
     base = Profile.load(args.base)
-    samples = step_log.read(args.from_step_log)
-    step_log.add_gaps(samples)
+    samples = []
+    for path in args.from_step_log:  # gaps within each log: between two is not a loop's
+        steps = step_log.read(path)
+        step_log.add_gaps(steps)
+        samples += steps
     whole_cycle = not args.step_time_only
     latency = step_log.fit(samples, whole_cycle=whole_cycle)
     measured = [step_log.cycle_s(s) if whole_cycle else s["step_s"] for s in samples]
     errors = sorted(abs(latency.step_time(step_log.features(s)) - t) / t
                     for s, t in zip(samples, measured, strict=True))
+    kept = samples
+    if 0 <= args.keep_samples < len(samples):
+        stride = len(samples) / args.keep_samples if args.keep_samples else 0
+        kept = [samples[int(i * stride)] for i in range(args.keep_samples)]
     profile = dataclasses.replace(
-        base, name=args.name or f"{base.name}-insitu", latency=latency, samples=samples)
+        base, name=args.name or f"{base.name}-insitu", latency=latency, samples=kept,
+        device=args.device_name or base.device,
+        num_blocks=base.num_blocks if args.num_blocks is None else args.num_blocks)
     profile.save(args.out)
-    print(json.dumps({"out": args.out, "samples": len(samples), "whole_cycle": whole_cycle,
+    print(json.dumps({"out": args.out, "samples": len(samples), "kept": len(kept),
+                      "whole_cycle": whole_cycle,
                       "coefficients": dataclasses.asdict(latency),
                       "fit_median_rel_err": errors[len(errors) // 2],
                       "fit_p90_rel_err": errors[int(0.9 * (len(errors) - 1))]}))

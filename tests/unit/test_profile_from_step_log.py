@@ -75,3 +75,39 @@ def test_a_file_that_is_not_a_step_log_is_a_clear_error(tmp_path):
         step_log.read(bad)
     with pytest.raises(ValueError, match="no step samples"):
         step_log.fit([], whole_cycle=True)
+
+
+def test_several_logs_pooled_the_card_and_kv_named_and_a_few_samples_kept(tmp_path, base):
+    logs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"]
+    write_step_log(logs[0], gzipped=False)
+    write_step_log(logs[1], gzipped=True)
+    out = tmp_path / "serving.json"
+    profile_cli.main(["--from-step-log", *map(str, logs), "--base", str(base), "--out",
+                      str(out), "--name", "m-h100-serving", "--device-name", "NVIDIA H100",
+                      "--num-blocks", "25000", "--keep-samples", "40"])
+    fitted = Profile.load(out)
+    assert (fitted.name, fitted.device, fitted.num_blocks) == (
+        "m-h100-serving", "NVIDIA H100", 25000)
+    assert len(fitted.samples) == 40  # evenly spaced over both logs' 400 steps
+    # gaps are taken within each log: the pooled fit is the single log's
+    assert fitted.latency.base_s == pytest.approx(TRUTH.base_s + GAP_S, rel=0.02)
+    profile_cli.main(["--from-step-log", str(logs[0]), "--base", str(base), "--out",
+                      str(out), "--keep-samples", "0"])
+    assert Profile.load(out).samples == [] and Profile.load(out).device == "H100"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--keep-samples", "5"], "--keep-samples go with --from-step-log"),
+    (["--device-name", "X"], "--device-name go with --from-step-log"),
+])
+def test_log_flags_need_a_log(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        profile_cli.main(["--out", str(tmp_path / "o.json"), *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_a_logs_kv_must_be_positive(tmp_path, base, capsys):
+    with pytest.raises(SystemExit):
+        profile_cli.main(["--from-step-log", "x", "--base", str(base), "--num-blocks", "0",
+                          "--out", str(tmp_path / "o.json")])
+    assert "--num-blocks" in capsys.readouterr().err
