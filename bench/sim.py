@@ -750,7 +750,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances", type=int, default=16)
     parser.add_argument("--policy", default="llumnix",
                         choices=POLICY_NAMES)
-    parser.add_argument("--profile", default=str(bundled_profile("llama2-7b-h200")))
+    parser.add_argument("--profile", default=str(bundled_profile("llama2-7b-h200")),
+                        help="a profile JSON, or a bundled profile's name: llama2-7b-h200, "
+                             "llama3-8b-h200 (timed on a grid), llama3-8b-h200-serving, "
+                             "llama3-8b-h100-serving, llama2-7b-h100-serving (fitted to a "
+                             "serving worker's steps; services/worker/profiles)")
     parser.add_argument("--kv-blocks", type=int, default=0,
                         help="KV blocks per instance (default: the profile's)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
@@ -831,9 +835,13 @@ def run(args: argparse.Namespace) -> dict:
                           min_workers=args.min_workers, max_workers=args.max_workers,
                           **overrides)
     trace = load_trace(args.trace)
+    try:
+        profile = Profile.load(args.profile)
+    except ValueError as err:
+        raise SystemExit(f"ferry bench sim: {err}") from None
     start = time.perf_counter()
     sim = Simulator(
-        trace, profile=Profile.load(args.profile), num_instances=args.instances,
+        trace, profile=profile, num_instances=args.instances,
         policy=args.policy, kv_blocks=args.kv_blocks,
         engine_config=EngineConfig(max_num_seqs=args.max_num_seqs,
                                    max_num_batched_tokens=args.max_num_batched_tokens),

@@ -166,6 +166,10 @@ def bundled_profile(name: str) -> Path:
     return BUNDLED_PROFILES / f"{name}.json"
 
 
+def bundled_profile_names() -> list[str]:
+    return sorted(p.stem for p in BUNDLED_PROFILES.glob("*.json"))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Profile:
     name: str
@@ -181,6 +185,13 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
+        """A profile JSON file, or a bundled profile by name ("llama3-8b-h200-serving")."""
+        name = str(path)
+        if not Path(path).exists() and "/" not in name and bundled_profile(name).exists():
+            path = bundled_profile(name)
+        elif not Path(path).exists() and "/" not in name and not name.endswith(".json"):
+            raise ValueError(f"{name}: no such profile file, nor a bundled profile (bundled: "
+                             f"{', '.join(bundled_profile_names())})")
         try:
             data = json.loads(Path(path).read_text())
             return cls(

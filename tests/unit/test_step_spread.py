@@ -96,3 +96,12 @@ def test_simulator_draws_the_spread_from_its_seed():
     # the quantiles' mean is 1.25: steps are longer on average than the model alone
     assert first["e2e_latency_s"]["mean"] > deterministic["e2e_latency_s"]["mean"]
     assert _simulate(spread, seed=None)["e2e_latency_s"] == deterministic["e2e_latency_s"]
+
+
+def test_a_bundled_profile_loads_by_name_and_a_wrong_name_lists_them():
+    serving = Profile.load("llama3-8b-h200-serving")
+    assert serving.device == "NVIDIA H200" and serving.num_blocks == 56596
+    assert serving.latency.prefill_noise_s and serving.latency.decode_spread
+    assert Profile.load(bundled_profile("tiny-cpu")).name == Profile.load("tiny-cpu").name
+    with pytest.raises(ValueError, match="nor a bundled profile.*llama2-7b-h100-serving"):
+        Profile.load("llama9-h900")
