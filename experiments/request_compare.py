@@ -32,6 +32,8 @@ import statistics
 import tarfile
 from pathlib import Path
 
+import numpy as np
+
 from ferry.services.worker import step_log
 
 
@@ -74,6 +76,22 @@ def ttft(row: dict) -> float | None:
     if row["first_token_s"] is None or row["error"] is not None:
         return None
     return row["first_token_s"] - row["arrival_s"]
+
+
+def p99_interval(requests: dict, *, resamples: int = 2000, seed: int = 0
+                 ) -> tuple[float, float] | None:
+    """The 5th and 95th percentiles of P99 TTFT over bootstrap resamples of the requests
+    (None for fewer than 20): how far a P99 of this many requests is from settled. With
+    100 requests P99 is the second-slowest, and near the knee one request's wait moves
+    it by seconds."""
+    ttfts = np.array([t for t in (ttft(r) for r in by_index(requests).values())
+                      if t is not None])
+    if ttfts.size < 20:
+        return None
+    rng = np.random.default_rng(seed)
+    p99s = np.percentile(rng.choice(ttfts, size=(resamples, ttfts.size)), 99, axis=1)
+    low, high = np.percentile(p99s, [5, 95])
+    return float(low), float(high)
 
 
 def way_out(real: dict[int, dict], start_unix: float, step_ends: list[float]) -> list[float]:

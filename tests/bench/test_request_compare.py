@@ -31,3 +31,14 @@ def test_offsets_way_out_and_drift_per_request():
     assert [s["trace_index"] for s in got["slowest"]] == [1, 0]
     table = request_compare.format_table({"x": got | {"rate": 1.0}})
     assert "| x | 1.00 | 2 | 10.0 / 15.0 / 20.0 | 5.0 / 5.0 |" in table
+
+
+def test_p99_interval_is_wide_when_one_request_decides_it():
+    steady = rows(*[(i, "normal", 10, 5, float(i), i + 0.1, i + 1.0, None) for i in range(100)])
+    low, high = request_compare.p99_interval(steady)
+    assert low == high == pytest.approx(0.1)  # every TTFT 0.1 s: nothing to resample
+    one_slow = [(i, "normal", 10, 5, float(i), i + (5.0 if i == 7 else 0.1), i + 9.0, None)
+                for i in range(100)]
+    low, high = request_compare.p99_interval(rows(*one_slow))
+    assert low == pytest.approx(0.1) and high > 4.0  # in or out of the resample: 0.1 or ~5 s
+    assert request_compare.p99_interval(rows(*one_slow[:10])) is None
