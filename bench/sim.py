@@ -348,17 +348,17 @@ class Simulator:
         self.records[req_id] = RequestRecord(
             req_id=req_id, priority=priority.name.lower(), arrival_s=self.now,
             num_prompt_tokens=len(prompt))
+        payload = (index, entry, prompt, priority)
         if self.path.in_s > 0:
-            self._at(self.now + self.path.in_s, "at_scheduler", (index, entry, prompt))
+            self._at(self.now + self.path.in_s, "at_scheduler", payload)
         else:
-            self._on_at_scheduler((index, entry, prompt))
+            self._on_at_scheduler(payload)
 
-    def _on_at_scheduler(self, payload: tuple[int, dict, list[int]]) -> None:
+    def _on_at_scheduler(self, payload: tuple[int, dict, list[int], wire.Priority]) -> None:
         """The request reaches the scheduler, which places it (the whole in_s is spent
         before the placement: the scheduler's hop to the worker is folded into it)."""
-        index, entry, prompt = payload
+        index, entry, prompt, priority = payload
         req_id = f"r{index}"
-        priority = wire.Priority.parse(entry.get("priority", "normal"))
         view = self.core.instance_view()  # how the gateway would hash it
         body = wire.DispatchBody(
             req_id=req_id, attempt=0, prompt_token_ids=tuple(prompt), output_token_ids=(),

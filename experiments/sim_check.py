@@ -300,8 +300,8 @@ def fit_request_path(args: argparse.Namespace, replays: list[Replay], cycle_path
     for r in least.values():
         rows = tmp / f"path-fit-{r.kind}.json"
         simulate(args, r.trace, cycle_path, requests_out=rows, path=RequestPath(0.0, out_s))
-        diff = request_compare.compare(r.requests, json.loads(rows.read_text()), [])
-        offsets += diff["ttft_real_minus_sim_each_s"]
+        offsets += request_compare.ttft_offsets(r.requests["requests"],
+                                                json.loads(rows.read_text()))
     in_s = max(0.0, statistics.median(offsets)) if offsets else 0.0
     return RequestPath(in_s=in_s, out_s=out_s)
 
@@ -407,6 +407,13 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
             path = tmp / f"scaled-{factor}.json"
             dataclasses.replace(insitu, latency=scale_latency(insitu.latency, factor)).save(path)
             scaled[f"{factor:g}"] = summary(simulate(args, r.trace, path))
+        with_path = {}  # the cycle model again, with the request path measured in situ
+        if request_path is not None:
+            with_path["sim_cycle_path"] = summary(simulate(args, r.trace, cycle_path,
+                                                           path=request_path))
+            if args.spread_seeds > 0:
+                with_path["sim_cycle_spread_path"] = spread_runs(args, r.trace, cycle_path,
+                                                                 request_path)
         rows.append({
             "kind": r.kind, "fraction": r.fraction, "rate": r.rate,
             "real": r.real,
@@ -422,12 +429,7 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
             "sim_held_out": summary(simulate(args, r.trace, cross_path)),
             **({"sim_cycle_spread": spread_runs(args, r.trace, cycle_path)}
                if args.spread_seeds > 0 else {}),
-            # the same with the request path's costs measured in situ
-            **({"sim_cycle_path": summary(simulate(args, r.trace, cycle_path,
-                                                   path=request_path)),
-                **({"sim_cycle_spread_path": spread_runs(args, r.trace, cycle_path,
-                                                         request_path)}
-                   if args.spread_seeds > 0 else {})} if request_path is not None else {}),
+            **with_path,
             "sim_insitu_scaled": scaled,
             "step_error": {"bundled": step_errors(bundled.latency, r.steps),
                            "insitu": step_errors(insitu.latency, r.steps),

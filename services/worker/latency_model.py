@@ -187,11 +187,11 @@ class Profile:
     def load(cls, path: str | Path) -> Profile:
         """A profile JSON file, or a bundled profile by name ("llama3-8b-h200-serving")."""
         name = str(path)
-        if not Path(path).exists() and "/" not in name and bundled_profile(name).exists():
+        if not Path(path).exists() and "/" not in name and not name.endswith(".json"):
+            if not bundled_profile(name).exists():
+                raise ValueError(f"{name}: no such profile file, nor a bundled profile "
+                                 f"(bundled: {', '.join(bundled_profile_names())})")
             path = bundled_profile(name)
-        elif not Path(path).exists() and "/" not in name and not name.endswith(".json"):
-            raise ValueError(f"{name}: no such profile file, nor a bundled profile (bundled: "
-                             f"{', '.join(bundled_profile_names())})")
         try:
             data = json.loads(Path(path).read_text())
             return cls(
