@@ -31,6 +31,17 @@ tidy_simcheck() {
   if [ -d "$1/serve" ]; then tar czf "$1/serve.tar.gz" -C "$1" serve && rm -rf "$1/serve"; fi
 }
 
+# simcheck NAME TIMEOUT_S MODEL SIM_CHECK_ARGS...: one real worker (random:MODEL, checked
+# against the MODEL-h200 bundled profile) and the simulator on the same traces
+# (experiments/sim_check.py), into $OUT/NAME, its log $OUT/NAME.log, tidied
+simcheck() {
+  local name=$1 limit=$2 model=$3; shift 3
+  timeout "$limit" python3 -m experiments.sim_check --model "random:$model" --device cuda \
+    --profile "services/worker/profiles/$model-h200.json" "$@" --out-dir "$OUT/$name" \
+    --serve-dir "$OUT/$name/serve" 2>&1 | tee "$OUT/$name.log" | tail -40
+  tidy_simcheck "$OUT/$name"
+}
+
 for step in "$@"; do
   echo "=== $step"
   case $step in
@@ -100,84 +111,53 @@ for step in "$@"; do
         --out "$OUT/migration_h200x4_concurrent.json" 2>&1 | tail -6 ;;
     simcheck)
       # the simulator against one real worker (random:llama2-7b, 1000 KV blocks): ~5 min
-      timeout 420 python3 -m experiments.sim_check --model random:llama2-7b --device cuda \
-        --kv-blocks 1000 --num 100 --kinds M-M,L-L --load-fractions 0.5,0.8,1.1 \
-        --out-dir "$OUT/simcheck" --serve-dir "$OUT/simcheck/serve" 2>&1 | tee "$OUT/simcheck.log" | tail -40
-      tidy_simcheck "$OUT/simcheck" ;;
+      simcheck simcheck 420 llama2-7b --kv-blocks 1000 --num 100 --kinds M-M,L-L \
+        --load-fractions 0.5,0.8,1.1 ;;
     simcheck3)
       # issue 13 part A's other model and traces: llama3-8b, ShareGPT-like and multi-turn
-      # (smoke-tested on CPU with --model tiny; not yet run on a GPU)
-      timeout 560 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
-        --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 1000 --num 100 \
-        --kinds sharegpt,multiturn --load-fractions 0.5,0.8,1.1 \
-        --out-dir "$OUT/simcheck3" --serve-dir "$OUT/simcheck3/serve" 2>&1 | tee "$OUT/simcheck3.log" | tail -40
-      tidy_simcheck "$OUT/simcheck3" ;;
+      simcheck simcheck3 560 llama3-8b --kv-blocks 1000 --num 100 --kinds sharegpt,multiturn \
+        --load-fractions 0.5,0.8,1.1 ;;
     simcheck3b)
       # ShareGPT-like again, at rates below and at the H100's knee (simcheck3's fractions of
       # the H200 profile's estimate were all past it), after an unmeasured warm-up replay
-      timeout 400 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
-        --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 1000 --num 100 \
-        --kinds sharegpt --rates 1.5,2.5,4.0 --warm-up 30 \
-        --out-dir "$OUT/simcheck3b" --serve-dir "$OUT/simcheck3b/serve" 2>&1 | tee "$OUT/simcheck3b.log" | tail -30
-      tidy_simcheck "$OUT/simcheck3b" ;;
+      simcheck simcheck3b 400 llama3-8b --kv-blocks 1000 --num 100 --kinds sharegpt \
+        --rates 1.5,2.5,4.0 --warm-up 30 ;;
     simcheck3c)
       # the KV an 80 GB card really has for llama3-8b (25,000 blocks = 50 GiB), ShareGPT-like
       # at 0.5 / 0.8 / 1.1 of the H100 cycle fit's capacity estimate (13.9 req/s)
-      timeout 400 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
-        --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 25000 --num 150 \
-        --kinds sharegpt --rates 7,11,15 --warm-up 30 \
-        --out-dir "$OUT/simcheck3c" --serve-dir "$OUT/simcheck3c/serve" 2>&1 | tee "$OUT/simcheck3c.log" | tail -30
-      tidy_simcheck "$OUT/simcheck3c" ;;
+      simcheck simcheck3c 400 llama3-8b --kv-blocks 25000 --num 150 --kinds sharegpt \
+        --rates 7,11,15 --warm-up 30 ;;
     simcheckknee)
       # the two rows outside 15% with 500 requests instead of 100 (a P99 of 100 is the
       # second-slowest request: at the knee one request's fate): ShareGPT-like at 4.0 req/s
       # and multi-turn at 12.73, 1000 blocks; the CPU re-analysis (--replayed) adds the
       # spread seeds and the sensitivity
-      timeout 560 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
-        --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 1000 --num 500 \
+      simcheck simcheckknee 560 llama3-8b --kv-blocks 1000 --num 500 \
         --kinds sharegpt,multiturn --rates sharegpt:4.0,multiturn:12.73 --warm-up 30 \
-        --spread-seeds 0 --sensitivity "" --out-dir "$OUT/simcheckknee" \
-        --serve-dir "$OUT/simcheckknee/serve" 2>&1 | tee "$OUT/simcheckknee.log" | tail -30
-      tidy_simcheck "$OUT/simcheckknee" ;;
+        --spread-seeds 0 --sensitivity "" ;;
     simcheckrealknee)
       # past the knee with a card's real KV: llama3-8b, 25,000 blocks (an H100's), 1000
       # ShareGPT-like requests at 12 and 16 req/s (0.86 / 1.15 of the H100 cycle fit's
       # capacity estimate, 13.9): a burst of 200 requests never reached the knee there
-      timeout 560 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
-        --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 25000 --num 1000 \
-        --kinds sharegpt --rates 12,16 --warm-up 30 --spread-seeds 0 --sensitivity "" \
-        --out-dir "$OUT/simcheckrealknee" --serve-dir "$OUT/simcheckrealknee/serve" 2>&1 \
-        | tee "$OUT/simcheckrealknee.log" | tail -30
-      tidy_simcheck "$OUT/simcheckrealknee" ;;
+      simcheck simcheckrealknee 560 llama3-8b --kv-blocks 25000 --num 1000 --kinds sharegpt \
+        --rates 12,16 --warm-up 30 --spread-seeds 0 --sensitivity "" ;;
     simcheckh200)
       # the KV an H200 really has beside llama3-8b (56,596 blocks, 110 GiB: the bundled
       # profile's, measured on an H200; needs an H200), ShareGPT-like at 0.4 / 0.7 / 1.0 of
       # the H200 profile's capacity estimate (35.4 req/s). The simulations are few here
       # (no spread seeds, no sensitivity): the CPU re-analysis (--replayed) runs them all.
-      timeout 330 python3 -m experiments.sim_check --model random:llama3-8b --device cuda \
-        --profile services/worker/profiles/llama3-8b-h200.json --kv-blocks 56596 --num 200 \
-        --kinds sharegpt --load-fractions 0.4,0.7,1.0 --warm-up 30 --spread-seeds 0 \
-        --sensitivity "" --out-dir "$OUT/simcheckh200" --serve-dir "$OUT/simcheckh200/serve" \
-        2>&1 | tee "$OUT/simcheckh200.log" | tail -30
-      tidy_simcheck "$OUT/simcheckh200" ;;
+      simcheck simcheckh200 330 llama3-8b --kv-blocks 56596 --num 200 --kinds sharegpt \
+        --load-fractions 0.4,0.7,1.0 --warm-up 30 --spread-seeds 0 --sensitivity "" ;;
     simcheckh200b)
       # llama2-7b with the KV an H200 really has beside it (14,532 blocks, 113.5 GiB; needs
       # an H200), L-L at 0.5 / 0.8 / 1.1 of the H200 profile's capacity estimate (8.6)
-      timeout 300 python3 -m experiments.sim_check --model random:llama2-7b --device cuda \
-        --profile services/worker/profiles/llama2-7b-h200.json --kv-blocks 14532 --num 100 \
-        --kinds L-L --load-fractions 0.5,0.8,1.1 --warm-up 20 --spread-seeds 0 \
-        --sensitivity "" --out-dir "$OUT/simcheckh200b" --serve-dir "$OUT/simcheckh200b/serve" \
-        2>&1 | tee "$OUT/simcheckh200b.log" | tail -30
-      tidy_simcheck "$OUT/simcheckh200b" ;;
+      simcheck simcheckh200b 300 llama2-7b --kv-blocks 14532 --num 100 --kinds L-L \
+        --load-fractions 0.5,0.8,1.1 --warm-up 20 --spread-seeds 0 --sensitivity "" ;;
     simcheckh100b)
       # llama2-7b with the KV an 80 GB card holds beside it (7,000 blocks, 55 GiB), L-L at
       # 0.5 / 0.8 / 1.1 of the H200 profile's capacity estimate at that KV (7.8)
-      timeout 300 python3 -m experiments.sim_check --model random:llama2-7b --device cuda \
-        --profile services/worker/profiles/llama2-7b-h200.json --kv-blocks 7000 --num 100 \
-        --kinds L-L --load-fractions 0.5,0.8,1.1 --warm-up 20 --spread-seeds 0 \
-        --sensitivity "" --out-dir "$OUT/simcheckh100b" --serve-dir "$OUT/simcheckh100b/serve" \
-        2>&1 | tee "$OUT/simcheckh100b.log" | tail -30
-      tidy_simcheck "$OUT/simcheckh100b" ;;
+      simcheck simcheckh100b 300 llama2-7b --kv-blocks 7000 --num 100 --kinds L-L \
+        --load-fractions 0.5,0.8,1.1 --warm-up 20 --spread-seeds 0 --sensitivity "" ;;
     *) echo "unknown step $step" ;;
   esac
 done
