@@ -4,6 +4,7 @@
 #                                         profiles
 #                                         migration concurrent simcheck simcheck3 simcheck3b
 #                                         simcheck3c simcheckknee simcheckrealknee
+#                                         simchecklongctx
 #                                         simcheckh200 simcheckh200b simcheckh100b
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
@@ -141,6 +142,13 @@ for step in "$@"; do
       # capacity estimate, 13.9): a burst of 200 requests never reached the knee there
       simcheck simcheckrealknee 560 llama3-8b --kv-blocks 25000 --num 1000 --kinds sharegpt \
         --rates 12,16 --warm-up 30 --spread-seeds 0 --sensitivity "" ;;
+    simchecklongctx)
+      # long contexts (the Mooncake-like longctx trace: prompts 4k-64k here, median 5.5k,
+      # short outputs), llama3-8b with an H100's real KV (25,000 blocks), at 0.8 / 1.6 /
+      # 2.4 req/s: below, near and past the knee the H100 serving profile puts near 2.2
+      simcheck simchecklongctx 560 llama3-8b --kv-blocks 25000 --num 100 --kinds longctx \
+        --max-total-tokens 65536 --rates 0.8,1.6,2.4 --warm-up 20 --spread-seeds 0 \
+        --sensitivity "" ;;
     simcheckh200)
       # the KV an H200 really has beside llama3-8b (56,596 blocks, 110 GiB: the bundled
       # profile's, measured on an H200; needs an H200), ShareGPT-like at 0.4 / 0.7 / 1.0 of

@@ -50,6 +50,7 @@ import json
 import math
 import sys
 from collections.abc import Iterable
+import dataclasses
 from dataclasses import dataclass
 from typing import IO
 
@@ -208,8 +209,11 @@ def generate(
     max_total_tokens: int | None = None,
     shape: CacheShape = CacheShape(),
 ) -> list[TraceRequest]:
-    """A seeded trace. max_total_tokens (e.g. a model's context length) caps prompt + output:
-    the prompt keeps at most max_total_tokens - 1, the output gets what is left."""
+    """A seeded trace. max_total_tokens (e.g. a model's context length) caps each request's
+    context, shared prefix + prompt + output: the prompt keeps at most max_total_tokens - 1,
+    the output gets what is left (multi-turn: a session ends before a turn would pass it)."""
+    if max_total_tokens is not None and max_total_tokens < 2:
+        raise ValueError(f"max_total_tokens must be >= 2, got {max_total_tokens}")
     if kind in CACHE_KINDS:
         return generate_cached(kind, num=num, rate=rate, cv=cv, seed=seed, shape=shape,
                                max_total_tokens=max_total_tokens or 131_072 + 4096)
@@ -217,8 +221,6 @@ def generate(
         raise ValueError(f"num must be >= 0, got {num}")
     if not 0.0 <= high_frac <= 1.0:
         raise ValueError(f"high_frac must be in [0, 1], got {high_frac}")
-    if max_total_tokens is not None and max_total_tokens < 2:
-        raise ValueError(f"max_total_tokens must be >= 2, got {max_total_tokens}")
     length_rng, arrival_rng, priority_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
     )
@@ -261,24 +263,41 @@ def generate_cached(kind: str, *, num: int, rate: float, cv: float, seed: int,
         tenant = zipf_pick(num, shape.tenants)
         messages = lognormal(200, 0.8, num, 8, 4096)
         outputs = lognormal(150, 0.7, num, 8, 2048)
-        return [TraceRequest(round(float(times[i]), 6), int(messages[i]), int(outputs[i]),
-                             "normal", prefix_id=f"tenant-{tenant[i]}",
-                             prefix_tokens=int(prefix_len[tenant[i]])) for i in range(num)]
+        requests = [TraceRequest(round(float(times[i]), 6), int(messages[i]), int(outputs[i]),
+                                 "normal", prefix_id=f"tenant-{tenant[i]}",
+                                 prefix_tokens=int(prefix_len[tenant[i]])) for i in range(num)]
+        return [_capped(req, max_total_tokens) for req in requests]
     prompts = lognormal(5500, 0.85, num, 4096, 131_072)
     outputs = lognormal(150, 0.6, num, 8, 2048)
     if kind == "longctx":
-        return [TraceRequest(round(float(times[i]), 6), int(prompts[i]), int(outputs[i]),
-                             "normal") for i in range(num)]
+        return [_capped(TraceRequest(round(float(times[i]), 6), int(prompts[i]),
+                                     int(outputs[i]), "normal"), max_total_tokens)
+                for i in range(num)]
     # longctx-shared: half the requests ask about one of the tenants' documents
     doc_len = lognormal(5500, 0.85, shape.tenants, 4096, 131_072)
     doc = zipf_pick(num, shape.tenants)
     shared = choice.random(num) < 0.5
     questions = lognormal(60, 0.6, num, 8, 1024)
-    return [TraceRequest(round(float(times[i]), 6), int(questions[i]), int(outputs[i]),
-                         "normal", prefix_id=f"doc-{doc[i]}", prefix_tokens=int(doc_len[doc[i]]))
-            if shared[i] else
-            TraceRequest(round(float(times[i]), 6), int(prompts[i]), int(outputs[i]), "normal")
-            for i in range(num)]
+    requests = [TraceRequest(round(float(times[i]), 6), int(questions[i]), int(outputs[i]),
+                             "normal", prefix_id=f"doc-{doc[i]}",
+                             prefix_tokens=int(doc_len[doc[i]]))
+                if shared[i] else
+                TraceRequest(round(float(times[i]), 6), int(prompts[i]), int(outputs[i]),
+                             "normal")
+                for i in range(num)]
+    return [_capped(req, max_total_tokens) for req in requests]
+
+
+def _capped(req: TraceRequest, max_total_tokens: int) -> TraceRequest:
+    """req with prefix + prompt + output <= max_total_tokens. The shared prefix keeps at most
+    max_total_tokens - 2 tokens, a function of its length alone, so every request naming
+    one prefix still shares all of it; the prompt keeps at least 1, the output what is left
+    (at least 1)."""
+    prefix = min(req.prefix_tokens, max_total_tokens - 2)
+    prompt = min(req.prompt_tokens, max_total_tokens - prefix - 1)
+    output = min(req.output_tokens, max_total_tokens - prefix - prompt)
+    return dataclasses.replace(req, prefix_tokens=prefix, prompt_tokens=prompt,
+                               output_tokens=output)
 
 
 def _sessions(num, rate, cv, shape, max_total_tokens, lognormal, arrivals, rng):

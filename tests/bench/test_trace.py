@@ -110,6 +110,22 @@ def test_max_total_tokens_caps_prompt_plus_output():
     assert max(r.prompt_tokens for r in trace) == 511
 
 
+@pytest.mark.parametrize("kind", ["longctx", "longctx-shared", "tenants"])
+def test_max_total_tokens_caps_the_cache_kinds_context(kind):
+    trace = generate(kind, num=2000, rate=1.0, seed=5, max_total_tokens=8192)
+    assert all(r.prefix_tokens + r.prompt_tokens + r.output_tokens <= 8192
+               and r.prompt_tokens >= 1 and r.output_tokens >= 1 for r in trace)
+    # a prefix is capped by its length alone: every request naming it shares one length
+    lengths = {}
+    for r in trace:
+        if r.prefix_id is not None:
+            assert lengths.setdefault(r.prefix_id, r.prefix_tokens) == r.prefix_tokens
+    longest = max(r.prefix_tokens + r.prompt_tokens for r in trace)
+    uncapped = max(r.prefix_tokens + r.prompt_tokens
+                   for r in generate(kind, num=2000, rate=1.0, seed=5))
+    assert uncapped > 8192 and longest >= 8190  # the cap bites, and only the tail
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown trace kind"):
         generate("X-L", num=1, rate=1.0)
