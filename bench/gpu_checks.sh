@@ -4,7 +4,7 @@
 #                                         profiles
 #                                         migration concurrent simcheck simcheck3 simcheck3b
 #                                         simcheck3c simcheckknee simcheckrealknee
-#                                         simchecklongctx
+#                                         simcheckrealknee2 simchecklongctx
 #                                         simcheckh200 simcheckh200b simcheckh100b
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
@@ -142,6 +142,12 @@ for step in "$@"; do
       # capacity estimate, 13.9): a burst of 200 requests never reached the knee there
       simcheck simcheckrealknee 560 llama3-8b --kv-blocks 25000 --num 1000 --kinds sharegpt \
         --rates 12,16 --warm-up 30 --spread-seeds 0 --sensitivity "" ;;
+    simcheckrealknee2)
+      # simcheckrealknee's trace past the TTFT knee: at 16 req/s the H100 served 13.4 req/s
+      # with P99 TTFT 0.22 s (prefill goes first; decode slows). At 20 and 24 req/s the
+      # backlog fills the 25,000 blocks within the trace, and requests queue for room.
+      simcheck simcheckrealknee2 560 llama3-8b --kv-blocks 25000 --num 1000 --kinds sharegpt \
+        --rates 20,24 --warm-up 30 --spread-seeds 0 --sensitivity "" ;;
     simchecklongctx)
       # long contexts (the Mooncake-like longctx trace: prompts 4k-64k here, median 5.5k,
       # short outputs), llama3-8b with an H100's real KV (25,000 blocks), at 0.8 / 1.6 /

@@ -398,10 +398,14 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
     request_path = fit_request_path(args, replays, cycle_path, tmp)
     rows = []
     for r in replays:
-        held_out = [s for o in replays if o.kind != r.kind for s in o.steps]
-        cross = dataclasses.replace(insitu, latency=refit(held_out)) if held_out else insitu
-        cross_path = tmp / f"cross-{r.kind}.json"
-        cross.save(cross_path)
+        # the model fitted to the other kinds' steps only: how well a fit carries over to
+        # a trace it has not seen (none where the run has one kind: nothing is held out)
+        held_out_steps = [s for o in replays if o.kind != r.kind for s in o.steps]
+        cross = (dataclasses.replace(insitu, latency=refit(held_out_steps))
+                 if held_out_steps else None)
+        if cross is not None:
+            cross_path = tmp / f"cross-{r.kind}.json"
+            cross.save(cross_path)
         scaled = {}
         for factor in (float(f) for f in args.sensitivity.split(",") if f):
             path = tmp / f"scaled-{factor}.json"
@@ -426,7 +430,8 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
             "sim_cycle": summary(simulate(
                 args, r.trace, cycle_path, requests_out=Path(args.serve_dir) /
                 f"sim-cycle-{r.kind}-{r.fraction}.json" if args.serve_dir else None)),
-            "sim_held_out": summary(simulate(args, r.trace, cross_path)),
+            **({"sim_held_out": summary(simulate(args, r.trace, cross_path))}
+               if cross is not None else {}),
             **({"sim_cycle_spread": spread_runs(args, r.trace, cycle_path)}
                if args.spread_seeds > 0 else {}),
             **with_path,
@@ -434,7 +439,8 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
             "step_error": {"bundled": step_errors(bundled.latency, r.steps),
                            "insitu": step_errors(insitu.latency, r.steps),
                            "cycle": step_errors(cycle.latency, r.steps, whole_cycle=True),
-                           "held_out": step_errors(cross.latency, r.steps)},
+                           **({"held_out": step_errors(cross.latency, r.steps)}
+                              if cross is not None else {})},
         })
     return {"device": device, "model": args.model, "kv_blocks": args.kv_blocks,
             "max_num_batched_tokens": args.max_num_batched_tokens, "num": args.num,
