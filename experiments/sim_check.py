@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -225,7 +226,8 @@ def step_errors(latency: LatencyModel, samples: list[dict], *, whole_cycle: bool
         by_kind[kind].append(err)
         by_kind["all"].append(err)
     return {k: {"n": len(v), "median": statistics.median(v) if v else None,
-                "p90": sorted(v)[int(0.9 * (len(v) - 1))] if v else None}
+                # nearest rank: of 2 errors, the larger
+                "p90": sorted(v)[math.ceil(0.9 * len(v)) - 1] if v else None}
             for k, v in by_kind.items()}
 
 
