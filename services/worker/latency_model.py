@@ -9,6 +9,9 @@ A step's time is modelled as a non-negative combination of what it does:
            + per_prefill_attn_s    * A      A: sum over prefill chunks of q_len * kv_len
            + per_decode_seq_s      * D      D: decode requests (q_len == 1)
            + per_decode_context_s  * C      C: sum over decodes of kv_len (KV bytes read)
+           + per_eager_decode_seq_s     * D * [P > 0]  what a decode costs more, and per
+           + per_eager_decode_context_s * C * [P > 0]  context token, in an eager step
+                                               (outside the decode CUDA graphs' kernels)
 
 The profile JSON holds the raw samples and the fitted coefficients:
 
@@ -52,8 +55,9 @@ class StepFeatures:
 
     def vector(self) -> list[float]:
         """The regressors, in LatencyModel's coefficient order."""
-        return [1.0, 1.0 if self.P else 0.0, float(self.P), float(self.A), float(self.D),
-                float(self.C)]
+        eager = 1.0 if self.P else 0.0
+        return [1.0, eager, float(self.P), float(self.A), float(self.D), float(self.C),
+                eager * self.D, eager * self.C]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,6 +71,13 @@ class LatencyModel:
     # linear terms say, the eager launch of every layer's kernels. Profiles fitted before
     # this term existed lack it (0: their base and per-token terms absorbed it).
     per_prefill_step_s: float = 0.0
+    # Decodes riding in an eager step (one with prefill chunks) cost more than in a decode
+    # step's CUDA graph: measured on an H100 (llama3-8b, prompts to 64k, in situ), 1.05e-7
+    # s a context token more (1.8x), and mixed steps with 8+ decodes were 13% slower than
+    # the model without it (bench/results/h100/simchecklongctx-2026-12-06). 0 in profiles
+    # fitted before these terms existed.
+    per_eager_decode_seq_s: float = 0.0
+    per_eager_decode_context_s: float = 0.0
     # Step-to-step spread around the model, from a worker's own steps (step_log.fit), as
     # evenly spaced quantiles (0 .. 1). Empty: deterministic steps (profiles timed on a
     # grid). Near the knee the spread, not the mean, sets P99
@@ -84,7 +95,8 @@ class LatencyModel:
     MIN_NOISY_SHARE = 0.5
 
     COEFFICIENTS = ("base_s", "per_prefill_token_s", "per_prefill_attn_s", "per_decode_seq_s",
-                    "per_decode_context_s", "per_prefill_step_s")
+                    "per_decode_context_s", "per_prefill_step_s", "per_eager_decode_seq_s",
+                    "per_eager_decode_context_s")
 
     def drawn_step_time(self, features: StepFeatures, u: float) -> float:
         """The step's time at quantile u in [0, 1) of the measured spread around the
@@ -109,6 +121,8 @@ class LatencyModel:
             self.per_prefill_attn_s,
             self.per_decode_seq_s,
             self.per_decode_context_s,
+            self.per_eager_decode_seq_s,
+            self.per_eager_decode_context_s,
         )
         return float(sum(c * x for c, x in zip(coef, features.vector(), strict=True)))
 
@@ -127,6 +141,8 @@ class LatencyModel:
             per_prefill_attn_s=coef[3],
             per_decode_seq_s=coef[4],
             per_decode_context_s=coef[5],
+            per_eager_decode_seq_s=coef[6],
+            per_eager_decode_context_s=coef[7],
         )
 
 
@@ -139,7 +155,7 @@ def _quantile(q: tuple[float, ...], u: float) -> float:
 
 def _nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 100) -> list[float]:
     """Least squares with x >= 0 by repeated clipping (Lawson-Hanson would be exact; this
-    is enough for six well-scaled features). Columns are normalised first."""
+    is enough for eight well-scaled features). Columns are normalised first."""
     scale = np.linalg.norm(a, axis=0)
     scale[scale == 0] = 1.0
     a_n = a / scale

@@ -1,10 +1,12 @@
+import json
 import random
 
 import pytest
 
 from ferry.common.sampling import SamplingParams
 from ferry.services.worker.engine.batch import ModelBatch, SeqChunk
-from ferry.services.worker.latency_model import LatencyModel, Profile, StepFeatures
+from ferry.services.worker.latency_model import (LatencyModel, Profile, StepFeatures,
+                                                  bundled_profile)
 from ferry.services.worker.sim_executor import SimExecutor
 
 TRUE = LatencyModel(base_s=0.004, per_prefill_token_s=5e-5, per_prefill_attn_s=1e-9,
@@ -36,6 +38,30 @@ def test_fit_recovers_known_coefficients():
     fitted = LatencyModel.fit(samples)
     for f, t in samples[:50]:
         assert fitted.step_time(f) == pytest.approx(t, rel=0.08)
+
+
+def test_fit_separates_a_decode_in_an_eager_step_from_one_in_a_graph():
+    # decodes alone (CUDA graphs) and riding with a prefill chunk (eager), where each
+    # context token costs 1.8x: the fit prices both, and a mixed step comes out right
+    true = LatencyModel(base_s=0.006, per_prefill_token_s=2e-5, per_prefill_attn_s=1.5e-9,
+                        per_decode_seq_s=5e-5, per_decode_context_s=6e-8,
+                        per_prefill_step_s=0.008, per_eager_decode_context_s=5e-8)
+    rng = random.Random(1)
+    samples = []
+    for _ in range(400):
+        p = rng.choice([0, 0, 256, 2048])
+        d = rng.randrange(1, 64)
+        f = StepFeatures(P=p, A=p * rng.randrange(p, 40_000) if p else 0, D=d,
+                         C=d * rng.randrange(500, 20_000))
+        samples.append((f, true.step_time(f) * rng.uniform(0.99, 1.01)))
+    fitted = LatencyModel.fit(samples)
+    assert fitted.per_eager_decode_context_s == pytest.approx(5e-8, rel=0.15)
+    mixed = StepFeatures(P=2048, A=2048 * 30_000, D=48, C=48 * 15_000)
+    assert fitted.step_time(mixed) == pytest.approx(true.step_time(mixed), rel=0.02)
+    # a profile fitted before these terms existed loads with them 0
+    saved = json.loads(bundled_profile("llama3-8b-h200").read_text())["coefficients"]
+    assert "per_eager_decode_context_s" not in saved
+    assert Profile.load("llama3-8b-h200").latency.per_eager_decode_context_s == 0.0
 
 
 def test_profile_round_trip_and_bad_file(tmp_path):
