@@ -4,7 +4,7 @@
 #                                         profiles
 #                                         migration concurrent simcheck simcheck3 simcheck3b
 #                                         simcheck3c simcheckknee simcheckrealknee
-#                                         simcheckrealknee2 simchecklongctx
+#                                         simcheckrealknee2 simchecklongctx simchecklongshared
 #                                         simcheckh200 simcheckh200b simcheckh100b
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
@@ -155,6 +155,14 @@ for step in "$@"; do
       simcheck simchecklongctx 560 llama3-8b --kv-blocks 25000 --num 100 --kinds longctx \
         --max-total-tokens 65536 --rates 0.8,1.6,2.4 --warm-up 20 --spread-seeds 0 \
         --sensitivity "" ;;
+    simchecklongshared)
+      # hot long prefixes (longctx-shared: half the requests ask about one of 16 long
+      # documents, Zipf-popular; the rest long prompts of their own), prompts to 64k,
+      # llama3-8b with an H100's real KV: the prefix cache's hits and evictions, real
+      # against simulated, at 1.6 / 3.2 / 4.8 req/s (the knee near 4 by the H100 profile)
+      simcheck simchecklongshared 560 llama3-8b --kv-blocks 25000 --num 150 \
+        --kinds longctx-shared --tenants 16 --max-total-tokens 65536 --rates 1.6,3.2,4.8 \
+        --warm-up 20 --spread-seeds 0 --sensitivity "" ;;
     simcheckh200)
       # the KV an H200 really has beside llama3-8b (56,596 blocks, 110 GiB: the bundled
       # profile's, measured on an H200; needs an H200), ShareGPT-like at 0.4 / 0.7 / 1.0 of

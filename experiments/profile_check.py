@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from experiments import sim_check
+from ferry.bench import trace as traces
 from ferry.bench.sim import RequestPath
 from ferry.services.worker.latency_model import Profile
 
@@ -35,7 +36,11 @@ def check_run(run_dir: Path, profile: Path, path: RequestPath, seeds: int,
     args = parser.parse_args([
         "--kinds", kinds, "--rates", rates, "--num", str(done["num"]),
         "--kv-blocks", str(done["kv_blocks"]), "--spread-seeds", str(seeds),
-        "--max-num-batched-tokens", str(done["max_num_batched_tokens"])])
+        "--max-num-batched-tokens", str(done["max_num_batched_tokens"]),
+        # runs made before these were kept ran the defaults
+        "--max-total-tokens", str(done.get("max_total_tokens", 4096)),
+        "--seed", str(done.get("seed", 0)),
+        "--tenants", str(done.get("tenants", traces.CacheShape().tenants))])
     planned = sim_check.make_traces(args, Profile.load(profile).latency, tmp)
     rows = []
     for (kind, _, rate, trace), row in zip(planned, done["rows"], strict=True):

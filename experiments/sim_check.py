@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "that has served a while")
     parser.add_argument("--num", type=int, default=200, help="requests per trace")
     parser.add_argument("--max-total-tokens", type=int, default=4096)
+    parser.add_argument("--tenants", type=int, default=traces.CacheShape().tenants,
+                        help="shared prefixes (system prompts, documents) of the cache-heavy "
+                             "kinds")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="bench/results/sim-check",
@@ -91,6 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spread-seeds", type=int, default=5,
                         help="also simulate the cycle model with the measured step-time "
                              "spread, drawn from this many seeds (0: not)")
+    parser.add_argument("--request-in-ms", type=float, default=None,
+                        help="the request path's IN (ms) as measured elsewhere, instead of "
+                             "fitted from each kind's least loaded replay: for a run whose "
+                             "replays all queue, where that fit would count queueing as IN "
+                             "(OUT is measured in situ either way)")
     parser.add_argument("--sensitivity", default="0.95,1.05",
                         help="also simulate with the in-situ step times scaled by these "
                              "factors: how far P99 moves for a small model error")
@@ -127,8 +135,9 @@ def rates_of(spec: str, kind: str) -> list[float]:
 def make_traces(args: argparse.Namespace, latency: LatencyModel, tmp: Path) -> list[tuple]:
     out = []
     for kind in args.kinds.split(","):
+        shape = traces.CacheShape(tenants=args.tenants)
         probe = traces.generate(kind, num=20_000, rate=1.0, seed=args.seed + 1,
-                                max_total_tokens=args.max_total_tokens)
+                                max_total_tokens=args.max_total_tokens, shape=shape)
         capacity = capacity_rate([dataclasses.asdict(r) for r in probe], instances=1,
                                  kv_tokens=args.kv_blocks * TOKENS_PER_BLOCK, latency=latency)
         rates = (rates_of(args.rates, kind) if args.rates else
@@ -139,7 +148,8 @@ def make_traces(args: argparse.Namespace, latency: LatencyModel, tmp: Path) -> l
             with path.open("w") as f:
                 traces.write_jsonl(traces.generate(kind, num=args.num, rate=rate,
                                                    seed=args.seed,
-                                                   max_total_tokens=args.max_total_tokens), f)
+                                                   max_total_tokens=args.max_total_tokens,
+                                                   shape=shape), f)
             out.append((kind, fraction, rate, path))
     return out
 
@@ -285,7 +295,7 @@ def fit_request_path(args: argparse.Namespace, replays: list[Replay], cycle_path
     that made it (the step log's clock is the load driver's). in_s: the median over the
     requests of each kind's least loaded replay of real TTFT - simulated TTFT, the
     simulation run with out_s and no in_s (the deterministic cycle model): what a lone
-    request pays beyond the steps and the way out."""
+    request pays beyond the steps and the way out; or --request-in-ms where given."""
     kept = [r for r in replays if r.requests is not None]
     if not kept:
         return None
@@ -295,6 +305,8 @@ def fit_request_path(args: argparse.Namespace, replays: list[Replay], cycle_path
         outs += request_compare.way_out(request_compare.by_index(r.requests["requests"]),
                                         r.requests["start_unix"], ends)
     out_s = statistics.median(outs) if outs else 0.0
+    if args.request_in_ms is not None:
+        return RequestPath(in_s=args.request_in_ms / 1e3, out_s=out_s)
     least = {}
     for r in sorted(kept, key=lambda r: r.rate, reverse=True):
         least[r.kind] = r  # the lowest rate of each kind last: it stays
@@ -332,6 +344,10 @@ def load_replays(args: argparse.Namespace, planned: list[tuple]) -> list[Replay]
     if [(r["kind"], r["fraction"]) for r in rows] != [(k, f) for k, f, _, _ in planned]:
         raise SystemExit(f"{run_dir}: its traces differ from --kinds and --load-fractions "
                          f"(or --rates)")
+    for key in ("max_total_tokens", "seed", "tenants"):  # kept by runs since session 10
+        if key in previous and previous[key] != getattr(args, key):
+            raise SystemExit(f"{run_dir}: it ran with --{key.replace('_', '-')} "
+                             f"{previous[key]}, not {getattr(args, key)}")
     # The log starts with the unmeasured warm-up's steps (--warm-up), then each replay's.
     kept = request_compare.load_runs(run_dir)  # each replay's request times, if kept
     replays, done = [], previous.get("warm_up_steps", 0)
@@ -446,10 +462,13 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
         })
     return {"device": device, "model": args.model, "kv_blocks": args.kv_blocks,
             "max_num_batched_tokens": args.max_num_batched_tokens, "num": args.num,
+            "max_total_tokens": args.max_total_tokens, "seed": args.seed,
+            "tenants": args.tenants,
             "bundled_profile": args.profile, "replayed_from": args.replayed or None,
             "warm_up_steps": getattr(args, "warm_up_steps", 0),
             "request_path_ms": None if request_path is None else {
-                "in": request_path.in_s * 1e3, "out": request_path.out_s * 1e3},
+                "in": request_path.in_s * 1e3, "out": request_path.out_s * 1e3,
+                "in_given": args.request_in_ms is not None},
             "coefficients": {"bundled": dataclasses.asdict(bundled.latency),
                              "insitu": dataclasses.asdict(insitu.latency),
                              "cycle": dataclasses.asdict(cycle.latency)},
@@ -521,8 +540,9 @@ def format_table(result: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     if result.get("request_path_ms"):
         path = result["request_path_ms"]
-        lines += ["", f"request path, in situ: {path['in']:.1f} ms in, {path['out']:.1f} ms "
-                  "out; P50 TTFT (s) real / cycle / cycle + path:"]
+        source = "given" if path.get("in_given") else "in situ"
+        lines += ["", f"request path: {path['in']:.1f} ms in ({source}), {path['out']:.1f} ms "
+                  "out (in situ); P50 TTFT (s) real / cycle / cycle + path:"]
         for row in result["rows"]:
             if "sim_cycle_path" in row:
                 lines.append(f"  {row['kind']} {row['rate']:.2f}: "

@@ -86,6 +86,12 @@ def test_replayed_cuts_the_step_log_by_each_replays_step_count(tmp_path):
                                      "real": real}]}))
     with pytest.raises(SystemExit, match="different profile or seed"):
         sim_check.load_replays(args, planned)
+    # a run that kept its trace cap, made with another one, is refused
+    (tmp_path / "sim_check.json").write_text(json.dumps(
+        {"device": "test", "max_total_tokens": 65536, "seed": 0,
+         "rows": [{"kind": kind, "fraction": fraction, "rate": rate, "real": real}]}))
+    with pytest.raises(SystemExit, match="--max-total-tokens 65536, not 4096"):
+        sim_check.load_replays(args, planned)
 
 
 def test_rates_apply_to_every_kind_or_to_the_one_named():
@@ -123,6 +129,10 @@ def test_request_path_fit_splits_the_offset_into_the_way_out_and_the_way_in(tmp_
     path = sim_check.fit_request_path(args, [replay], profile, tmp_path)
     assert path.out_s == pytest.approx(0.003, abs=1e-6)
     assert path.in_s == pytest.approx(0.004, abs=1e-6)
+    # IN given (a run whose replays all queue): OUT still measured
+    args.request_in_ms = 0.5
+    given = sim_check.fit_request_path(args, [replay], profile, tmp_path)
+    assert (given.in_s, given.out_s) == (pytest.approx(0.0005), pytest.approx(0.003, abs=1e-6))
     # a run that kept no request times: no path to fit
     bare = dataclasses.replace(replay, requests=None)
     assert sim_check.fit_request_path(args, [bare], profile, tmp_path) is None

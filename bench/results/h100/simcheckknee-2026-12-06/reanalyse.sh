@@ -21,3 +21,6 @@ run $H/grammarstep-simcheck3c-v2-2026-12-06 $H/grammarstep-simcheck3c-v2-2026-12
 run $H/simcheckh100b-2026-12-06/simcheckh100b $H/simcheckh100b-2026-12-06/reanalysis llama2-7b --kv-blocks 7000 --num 100 --kinds L-L --load-fractions 0.5,0.8,1.1 --warm-up 20
 run $H/simcheckrealknee-2026-12-06/simcheckrealknee $H/simcheckrealknee-2026-12-06/reanalysis llama3-8b --kv-blocks 25000 --num 1000 --kinds sharegpt --rates 12,16 --warm-up 30
 run $H/simchecklongctx-2026-12-06/simchecklongctx $H/simchecklongctx-2026-12-06/reanalysis llama3-8b --kv-blocks 25000 --num 100 --kinds longctx --max-total-tokens 65536 --rates 0.8,1.6,2.4 --warm-up 20
+# every replay of this run queues (20 and 24 req/s, past the knee): IN from simcheckrealknee's
+# least loaded replay (12 req/s, the same trace family and KV; 0.7 ms), OUT measured here
+run $H/simcheckrealknee2-2026-12-06/simcheckrealknee2 $H/simcheckrealknee2-2026-12-06/reanalysis llama3-8b --kv-blocks 25000 --num 1000 --kinds sharegpt --rates 20,24 --warm-up 30 --request-in-ms 0.7
