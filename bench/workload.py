@@ -6,7 +6,7 @@ Trace fields beyond arrival_s / prompt_tokens / output_tokens / priority (bench/
 
     prefix_id, prefix_tokens   the prompt starts with that shared prefix (a tenant's system
                                prompt, a document): the same prefix_tokens tokens for every
-                               request naming it
+                               request naming it (with the same seed)
     session_id, turn           a multi-turn session: turn k's prompt is turn k-1's prompt,
                                then the tokens turn k-1 really generated, then its own
                                prompt_tokens new tokens; turn 0 starts at arrival_s, turn k
@@ -106,6 +106,8 @@ class Workload:
     def _prefix(self, prefix_id: str, num: int) -> list[int]:
         tokens = self._prefixes.get(prefix_id)
         if tokens is None or len(tokens) < num:
-            tokens = self._prefixes[prefix_id] = token_ids(f"prefix:{prefix_id}", num,
-                                                           self.vocab_size)
+            # the seed's own documents: a replay with another seed finds none of an earlier
+            # replay's prefixes in the worker's cache (the simulator starts empty)
+            tokens = self._prefixes[prefix_id] = token_ids(
+                f"{self.seed}:prefix:{prefix_id}", num, self.vocab_size)
         return tokens[:num]

@@ -238,5 +238,7 @@ def test_the_workload_builds_the_same_prompts_everywhere():
     turn1 = a.prompt(3)
     assert turn1[:16] == turn0 + [7, 7] and len(turn1) == 18  # history, then its message
     assert a.abandoned(3) == [4] and a.finished(4, [], []) is None
+    # another seed, other documents: a replay finds none of an earlier one's in a cache
+    assert Workload(trace, vocab_size=500, seed=1).prompt(0)[:8] != p0[:8]
     plain = Workload([{"arrival_s": 0.0, "prompt_tokens": 3, "output_tokens": 1}], vocab_size=50)
     assert not plain.has_structure
