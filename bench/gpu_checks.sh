@@ -5,6 +5,7 @@
 #                                         migration concurrent simcheck simcheck3 simcheck3b
 #                                         simcheck3c simcheckknee simcheckrealknee
 #                                         simcheckrealknee2 simchecklongctx simchecklongshared
+#                                         simchecklongshared2
 #                                         simcheckh200 simcheckh200b simcheckh100b
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
@@ -162,6 +163,12 @@ for step in "$@"; do
       # against simulated, at 1.6 / 3.2 / 4.8 req/s (the knee near 4 by the H100 profile)
       simcheck simchecklongshared 560 llama3-8b --kv-blocks 25000 --num 150 \
         --kinds longctx-shared --tenants 16 --max-total-tokens 65536 --rates 1.6,3.2,4.8 \
+        --warm-up 20 --spread-seeds 0 --sensitivity "" ;;
+    simchecklongshared2)
+      # simchecklongshared again with each replay's own documents (bench/workload.py: the
+      # seed's), shorter (a session's last minutes of device time): below and past the knee
+      simcheck simchecklongshared2 300 llama3-8b --kv-blocks 25000 --num 100 \
+        --kinds longctx-shared --tenants 16 --max-total-tokens 65536 --rates 1.6,4.0 \
         --warm-up 20 --spread-seeds 0 --sensitivity "" ;;
     simcheckh200)
       # the KV an H200 really has beside llama3-8b (56,596 blocks, 110 GiB: the bundled
