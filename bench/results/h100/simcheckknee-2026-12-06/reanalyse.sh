@@ -1,6 +1,6 @@
 #!/bin/bash
-# CPU re-analysis of the sim checks of sessions 8 and 9 with this version of the simulator
-# (about 6 minutes on 2 cores); each writes RUN/reanalysis*/sim_check.json and a .txt table
+# CPU re-analysis of the sim checks of sessions 8 to 10 with this version of the simulator
+# (about 12 minutes on 2 cores); each writes RUN/reanalysis*/sim_check.json and a .txt table
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=$PWD
 PY=${PY:-.venv/bin/python}
@@ -24,3 +24,9 @@ run $H/simchecklongctx-2026-12-06/simchecklongctx $H/simchecklongctx-2026-12-06/
 # every replay of this run queues (20 and 24 req/s, past the knee): IN from simcheckrealknee's
 # least loaded replay (12 req/s, the same trace family and KV; 0.7 ms), OUT measured here
 run $H/simcheckrealknee2-2026-12-06/simcheckrealknee2 $H/simcheckrealknee2-2026-12-06/reanalysis llama3-8b --kv-blocks 25000 --num 1000 --kinds sharegpt --rates 20,24 --warm-up 30 --request-in-ms 0.7
+# hot long prefixes; the first run's replays shared their documents with each other and the
+# warm-up (fixed since: bench/workload.py), the second's did not
+run $H/simchecklongshared-2026-12-06/simchecklongshared $H/simchecklongshared-2026-12-06/reanalysis llama3-8b --kv-blocks 25000 --num 150 --kinds longctx-shared --tenants 16 --max-total-tokens 65536 --rates 1.6,3.2,4.8 --warm-up 20
+run $H/simchecklongshared2-2026-12-06/simchecklongshared2 $H/simchecklongshared2-2026-12-06/reanalysis llama3-8b --kv-blocks 25000 --num 100 --kinds longctx-shared --tenants 16 --max-total-tokens 65536 --rates 1.6,4.0 --warm-up 20
+# session 8's first check: llama2-7b at the paper's KV (1000 blocks), M-M and L-L
+run $H/sim-check-2026-12-06 $H/sim-check-2026-12-06/reanalysis-s10 llama2-7b --kv-blocks 1000 --num 100 --kinds M-M,L-L --load-fractions 0.5,0.8,1.1
