@@ -45,12 +45,12 @@ are built from the fields these add):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
 import sys
 from collections.abc import Iterable
-import dataclasses
 from dataclasses import dataclass
 from typing import IO
 

@@ -134,8 +134,8 @@ def rates_of(spec: str, kind: str) -> list[float]:
 
 def make_traces(args: argparse.Namespace, latency: LatencyModel, tmp: Path) -> list[tuple]:
     out = []
+    shape = traces.CacheShape(tenants=args.tenants)
     for kind in args.kinds.split(","):
-        shape = traces.CacheShape(tenants=args.tenants)
         probe = traces.generate(kind, num=20_000, rate=1.0, seed=args.seed + 1,
                                 max_total_tokens=args.max_total_tokens, shape=shape)
         capacity = capacity_rate([dataclasses.asdict(r) for r in probe], instances=1,

@@ -5,8 +5,7 @@ import pytest
 
 from ferry.common.sampling import SamplingParams
 from ferry.services.worker.engine.batch import ModelBatch, SeqChunk
-from ferry.services.worker.latency_model import (LatencyModel, Profile, StepFeatures,
-                                                  bundled_profile)
+from ferry.services.worker.latency_model import LatencyModel, Profile, StepFeatures, bundled_profile
 from ferry.services.worker.sim_executor import SimExecutor
 
 TRUE = LatencyModel(base_s=0.004, per_prefill_token_s=5e-5, per_prefill_attn_s=1e-9,
