@@ -6,6 +6,8 @@
 #                                         simcheck3c simcheckknee simcheckrealknee
 #                                         simcheckrealknee2 simchecklongctx simchecklongshared
 #                                         simchecklongshared2
+#                                         cluster-least_load cluster-llumnix (and -noqueue),
+#                                         clusterreal-llumnix (issue 13 part B: 4+ GPUs)
 #                                         simcheckh200 simcheckh200b simcheckh100b
 # Writes logs and JSON under $OUT (or bench/results/tmp). Expects wheels of packages the
 # image lacks in .whl (make gpu-wheels).
@@ -42,6 +44,21 @@ simcheck() {
     --profile "services/worker/profiles/$model-h200.json" "$@" --out-dir "$OUT/$name" \
     --serve-dir "$OUT/$name/serve" 2>&1 | tee "$OUT/$name.log" | tail -40
   tidy_simcheck "$OUT/$name"
+}
+
+# clustercheck NAME TIMEOUT_S POLICY HOLD KV_BLOCKS RATES: issue 13 part B, one policy on
+# one llama3-8b worker per GPU of the machine (experiments/cluster_check.py), ShareGPT-like,
+# 1000 requests a rate; the deterministic simulation only (the CPU re-analysis, --replayed,
+# adds the spread seeds). Everything of a run comes back as one NAME.tar.gz.
+clustercheck() {
+  local name=$1 limit=$2 policy=$3 hold=$4 blocks=$5 rates=$6
+  timeout "$limit" python3 -m experiments.cluster_check --model random:llama3-8b --device cuda \
+    --workers "$(nvidia-smi -L | wc -l)" --policy "$policy" "$hold" --kv-blocks "$blocks" \
+    --kinds sharegpt --rates "$rates" --num 1000 --warm-up 30 --spread-seeds 0 \
+    --request-path-ms 2.1,2.1 --out-dir "$OUT/$name" 2>&1 | tee "$OUT/$name.log" | tail -30
+  rm -f "$OUT/$name"/profile-cycle.json "$OUT/$name"/*.png
+  gzip -9f "$OUT/$name"/steps-*.jsonl 2>/dev/null
+  tar czf "$OUT/$name.tar.gz" -C "$OUT" "$name" && rm -rf "${OUT:?}/$name"
 }
 
 for step in "$@"; do
@@ -187,6 +204,17 @@ for step in "$@"; do
       # 0.5 / 0.8 / 1.1 of the H200 profile's capacity estimate at that KV (7.8)
       simcheck simcheckh100b 300 llama2-7b --kv-blocks 7000 --num 100 --kinds L-L \
         --load-fractions 0.5,0.8,1.1 --warm-up 20 --spread-seeds 0 --sensitivity "" ;;
+    cluster-least_load|cluster-llumnix|cluster-least_load-noqueue|cluster-llumnix-noqueue)
+      # issue 13 part B (4 GPUs: nvidia-h100-x4 / nvidia-h200-x4), paper-like memory
+      # pressure (1000 blocks a worker), at 0.85 and 1.1 of four times one H100's knee at
+      # that KV (4.23 req/s, bench/results/h100/simcheckknee-2026-12-06); about 6 minutes
+      policy=${step#cluster-}; policy=${policy%-noqueue}
+      hold=--hold-until-room; [[ $step == *-noqueue ]] && hold=--no-hold-until-room
+      clustercheck "$step" 560 "$policy" "$hold" 1000 14.4,18.6 ;;
+    clusterreal-llumnix)
+      # part B with each card's real KV (25,000 blocks a worker on an H100), past four
+      # times one H100's knee there (17.9 req/s)
+      clustercheck "$step" 560 llumnix --hold-until-room 25000 64,80 ;;
     *) echo "unknown step $step" ;;
   esac
 done

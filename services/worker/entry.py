@@ -71,7 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-name", default=w["key_name"],
         help="this process's identity in the keys directory (default: its role)")
     parser.add_argument("--step-log", default="",
-                        help="append each step's features and time to this file (JSONL)")
+                        help="append each step's features and time to this file (JSONL); "
+                             "{instance_id} in it is replaced by this worker's id (one file "
+                             "a worker when several share the argument)")
     parser.add_argument("--grammar-threads", type=int, default=w["grammar_threads"],
                         help="threads filling structured output's token masks (0: half the "
                              "cores, at most 4)")
@@ -84,8 +86,9 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     inbox = Endpoint.on_port(args.port)
     inbox = Endpoint(bind=args.inbox_bind or inbox.bind,
                      advertise=args.inbox_advertise or inbox.advertise)
+    instance_id = args.instance_id or f"{socket.gethostname()}-{args.port}"
     return WorkerConfig(
-        instance_id=args.instance_id or f"{socket.gethostname()}-{args.port}",
+        instance_id=instance_id,
         inbox=inbox,
         scheduler_addr=args.scheduler_addr,
         model=args.model,
@@ -111,7 +114,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_prefix_pulls=args.max_prefix_pulls,
         prefix_pull_timeout_s=args.prefix_pull_timeout,
         drain_timeout_s=args.drain_timeout_s,
-        step_log=args.step_log,
+        step_log=args.step_log.replace("{instance_id}", instance_id),
         grammar_threads=args.grammar_threads,
         keys_dir=args.keys_dir,
         key_name=args.key_name,

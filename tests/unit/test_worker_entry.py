@@ -21,3 +21,12 @@ def test_random_preset_worker_takes_structured_output(tmp_path, monkeypatch):
                                   "--kv-cache-gb", "0.05"))
     assert engine.executor.supports_grammar
     assert engine.executor.config.model_dir is None  # weights in memory, none read
+
+
+def test_step_log_path_takes_the_worker_id():
+    """One --worker-arg=--step-log for every worker of a cluster: a file each."""
+    named = _config("--instance-id", "worker-3", "--step-log", "/logs/steps-{instance_id}.jsonl")
+    assert named.step_log == "/logs/steps-worker-3.jsonl"
+    unnamed = _config("--port", "7001", "--step-log", "steps-{instance_id}.jsonl")
+    assert unnamed.step_log.endswith("-7001.jsonl") and "{" not in unnamed.step_log
+    assert _config("--step-log", "plain.jsonl").step_log == "plain.jsonl"
