@@ -3,7 +3,8 @@
     python -m experiments.cluster_check --model random:llama3-8b --device cuda --workers 4 \
         --kv-blocks 25000 --policy llumnix --hold-until-room --kinds sharegpt \
         --rates 48,64 --num 1000 --warm-up 30 --out-dir OUT
-    python -m experiments.cluster_check --replayed OUT ... (the same arguments, no GPU)
+    python -m experiments.cluster_check --replayed OUT --out-dir OUT2 --spread-seeds 5
+                                                  (no GPU: the run's own arguments)
     python -m experiments.cluster_check --rank OUT_1 OUT_2 ...   (the policies side by side)
 
 One run starts `ferry up` with --workers real workers (`--device cuda` puts one on each
@@ -327,6 +328,20 @@ def rank(results: list[dict]) -> list[dict]:
     return out
 
 
+RUN_FIELDS = ("model", "workers", "policy", "hold_until_room", "kv_blocks", "kv_bandwidth_gbs",
+              "num", "seed", "max_total_tokens", "tenants", "max_num_batched_tokens",
+              "request_path_ms")
+
+
+def recorded(args: argparse.Namespace, done: dict) -> None:
+    """A finished run's own arguments into args (--replayed): its traces, policy, cluster
+    and simulator settings; what the run did not record keeps the command line's."""
+    for field in RUN_FIELDS:
+        setattr(args, field, done.get(field, getattr(args, field)))
+    args.kinds = ",".join(dict.fromkeys(row["kind"] for row in done["rows"]))
+    args.rates = ",".join(f"{row['kind']}:{row['rate']!r}" for row in done["rows"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
@@ -338,8 +353,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"; simulated {' < '.join(entry['sim_order'])}; "
                   f"{'same order' if entry['same_order'] else 'ORDER DIFFERS'}")
         return
+    if args.replayed:
+        recorded(args, json.loads((Path(args.replayed) / "cluster_check.json").read_text()))
     if not args.rates:
-        parser.error("--rates is required (but with --rank)")
+        parser.error("--rates is required (but with --rank or --replayed)")
     from ferry.common.logging import configure
 
     configure("cluster-check", level="warning")
@@ -350,9 +367,6 @@ def main(argv: list[str] | None = None) -> None:
                                         Path(tmp))
         if args.replayed:
             done = json.loads((Path(args.replayed) / "cluster_check.json").read_text())
-            if [(r["kind"], r["rate"]) for r in done["rows"]] != [
-                    (k, rate) for k, _, rate, _ in planned]:
-                raise SystemExit(f"{args.replayed}: its traces differ from --kinds / --rates")
             replays = [{k: r[k] for k in ("kind", "rate", "fraction", "real",
                                           "real_migrations", "steps")} for r in done["rows"]]
             warm_up_steps = done["warm_up_steps"]
