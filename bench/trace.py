@@ -40,6 +40,8 @@ are built from the fields these add):
   sigma 0.85, clipped to [4096, 131072]), log-normal output (median 150, sigma 0.6).
 - "longctx-shared": the same lengths, but half the requests ask about one of `tenants`
   long documents (the prompt: the document, Zipf popularity, then a short question).
+In tenants, longctx and longctx-shared, max_total_tokens caps each request's shared
+prefix + prompt + output (a prefix by its length alone, so it stays shared).
 """
 
 from __future__ import annotations
