@@ -136,9 +136,11 @@ def downtime_summary(migrations: list[dict]) -> dict:
     return out
 
 
-def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> list[dict]:
+def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path
+               ) -> tuple[dict[str, int], list[dict]]:
     """Each trace through the real cluster: its summary, per-request times, and what each
-    worker's step log and the scheduler's migration log gained meanwhile."""
+    worker's step log and the scheduler's migration log gained meanwhile; and how many
+    steps each worker's log has before them (the warm-up's)."""
     out = Path(args.out_dir)
     for stale in out.glob("steps-*.jsonl"):  # a worker appends: start each run empty
         stale.unlink()
@@ -201,7 +203,9 @@ def replay_all(args: argparse.Namespace, planned: list[tuple], tmp: Path) -> lis
             json.dumps(m) + "\n" for m in committed_migrations(scheduler_log.read_text())))
     finally:
         cluster.stop()
-    return [{"warm_up_steps": warm_up_steps}, *replays]
+    for p in out.glob("steps-*.jsonl"):  # a worker that logged its first step after that
+        warm_up_steps.setdefault(p.name, 0)
+    return warm_up_steps, replays
 
 
 def pooled_steps(out: Path, warm_up_steps: dict[str, int]) -> list[dict]:
@@ -374,8 +378,7 @@ def main(argv: list[str] | None = None) -> None:
                 for p in Path(args.replayed).glob("steps-*"):
                     (out / p.name).write_bytes(p.read_bytes())
         else:
-            first, *replays = replay_all(args, planned, Path(tmp))
-            warm_up_steps = first["warm_up_steps"]
+            warm_up_steps, replays = replay_all(args, planned, Path(tmp))
         result = analyse(args, planned, replays, warm_up_steps)
     (out / "cluster_check.json").write_text(json.dumps(result, indent=1) + "\n")
     print(format_table(result))
