@@ -346,24 +346,28 @@ def recorded(args: argparse.Namespace, done: dict) -> None:
     args.rates = ",".join(f"{row['kind']}:{row['rate']!r}" for row in done["rows"])
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with a --replayed run's own arguments filled in."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.rank:
-        results = [json.loads((Path(d) / "cluster_check.json").read_text()) for d in args.rank]
-        for entry in rank(results):
-            print(f"{entry['kind']} {entry['rate']:.2f}: real {' < '.join(entry['real_order'])}"
-                  f"; simulated {' < '.join(entry['sim_order'])}; "
-                  f"{'same order' if entry['same_order'] else 'ORDER DIFFERS'}")
-        return
     if args.replayed:
         recorded(args, json.loads((Path(args.replayed) / "cluster_check.json").read_text()))
-    if not args.rates:
+    if not args.rank and not args.rates:
         parser.error("--rates is required (but with --rank or --replayed)")
-    from ferry.common.logging import configure
+    return args
 
-    configure("cluster-check", level="warning")
+
+def print_rank(run_dirs: list[str]) -> None:
+    results = [json.loads((Path(d) / "cluster_check.json").read_text()) for d in run_dirs]
+    for entry in rank(results):
+        print(f"{entry['kind']} {entry['rate']:.2f}: real {' < '.join(entry['real_order'])}"
+              f"; simulated {' < '.join(entry['sim_order'])}; "
+              f"{'same order' if entry['same_order'] else 'ORDER DIFFERS'}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """One run (or its re-analysis): cluster_check.json in --out-dir, the table printed."""
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -382,6 +386,18 @@ def main(argv: list[str] | None = None) -> None:
         result = analyse(args, planned, replays, warm_up_steps)
     (out / "cluster_check.json").write_text(json.dumps(result, indent=1) + "\n")
     print(format_table(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.rank:
+        print_rank(args.rank)
+        return
+    from ferry.common.logging import configure
+
+    configure("cluster-check", level="warning")  # the in-process simulator logs decisions
+    run(args)
 
 
 if __name__ == "__main__":

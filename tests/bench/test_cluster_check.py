@@ -84,7 +84,9 @@ def test_a_finished_run_is_re_analysed_from_its_step_logs(tmp_path, capsys):
                                       "downtime_ms_p99": 3.0},
                   "steps": {"steps-worker-0.jsonl": 57, "steps-worker-1.jsonl": 57}}]}))
     out = tmp_path / "out"
-    cluster_check.main([*common, "--replayed", str(run), "--out-dir", str(out)])
+    # run(), not main(): main configures logging onto this test's captured stderr
+    cluster_check.run(cluster_check.parse([*common, "--replayed", str(run),
+                                           "--out-dir", str(out)]))
     result = json.loads((out / "cluster_check.json").read_text())
     assert result["num_steps"] == 114  # both workers, warm-up left out
     (row,) = result["rows"]
@@ -97,7 +99,10 @@ def test_a_finished_run_is_re_analysed_from_its_step_logs(tmp_path, capsys):
     record = json.loads((run / "cluster_check.json").read_text())
     (run / "cluster_check.json").write_text(json.dumps(record | {"policy": "least_load",
                                                                  "hold_until_room": False}))
-    cluster_check.main([*common, "--replayed", str(run), "--out-dir", str(out)])
-    assert "least_load" in capsys.readouterr().out.splitlines()[0]
+    cluster_check.run(cluster_check.parse([*common, "--replayed", str(run),
+                                           "--out-dir", str(out)]))
+    (title,) = [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("cluster check:")]
+    assert title.endswith("least_load")
     with pytest.raises(SystemExit):  # a run needs its rates
-        cluster_check.main(["--kinds", "M-M"])
+        cluster_check.parse(["--kinds", "M-M"])
