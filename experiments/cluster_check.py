@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from experiments import sim_check
+from experiments.sim_check import latency_cells, num
 from ferry.bench import serve, sim
 from ferry.bench import trace as traces
 from ferry.bench.local_cluster import start_cluster
@@ -279,17 +280,12 @@ def format_table(result: dict) -> str:
              "| migrations | preempt | req/s |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
 
-    def num(v, fmt):
-        return "–" if v is None else format(v, fmt)
-
     for row in result["rows"]:
         for run in ("real", "sim", "sim_spread"):
             if run not in row:
                 continue
             s = row[run]
-            lines.append(f"| {row['kind']} | {row['rate']:.2f} | {run} | "
-                         f"{num(s['ttft_p50'], '.3f')} | {num(s['ttft_p99'], '.3f')} | "
-                         f"{num(s['decode_p99'], '.4f')} | {num(s['e2e_mean'], '.2f')} | "
+            lines.append(f"| {row['kind']} | {row['rate']:.2f} | {run} | {latency_cells(s)} | "
                          f"{s['migrations']} | {s['preemptions']} | "
                          f"{num(s['req_per_s'], '.2f')} |")
     lines += ["", "Real migrations (the scheduler's migration_committed events):",

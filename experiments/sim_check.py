@@ -486,14 +486,22 @@ def analyse(args: argparse.Namespace, bundled: Profile, replays: list[Replay], d
             "rows": rows}
 
 
+def num(value: float | None, fmt: str) -> str:
+    """A table cell: the value formatted, or "–" where there is none."""
+    return "–" if value is None else format(value, fmt)
+
+
+def latency_cells(s: dict) -> str:
+    """A run summary's TTFT p50 | TTFT p99 | decode p99 | mean e2e, as table cells."""
+    return (f"{num(s['ttft_p50'], '.3f')} | {num(s['ttft_p99'], '.3f')} | "
+            f"{num(s['decode_p99'], '.4f')} | {num(s['e2e_mean'], '.2f')}")
+
+
 def format_table(result: dict) -> str:
     lines = [f"sim check: {result['model']} on {result['device']}, "
              f"{result['kv_blocks']} KV blocks",
              "| trace | rate | run | TTFT p50 s | TTFT p99 s | decode p99 s | e2e mean s "
              "| preempt | req/s | cache hits |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def num(v, fmt):
-        return "–" if v is None else format(v, fmt)
 
     for row in result["rows"]:
         for run in ("real", "sim_bundled", "sim_insitu", "sim_cycle", "sim_held_out",
@@ -501,9 +509,7 @@ def format_table(result: dict) -> str:
             if run not in row:
                 continue
             s = row[run]
-            lines.append(f"| {row['kind']} | {row['rate']:.2f} | {run} | "
-                         f"{num(s['ttft_p50'], '.3f')} | {num(s['ttft_p99'], '.3f')} | "
-                         f"{num(s['decode_p99'], '.4f')} | {num(s['e2e_mean'], '.2f')} | "
+            lines.append(f"| {row['kind']} | {row['rate']:.2f} | {run} | {latency_cells(s)} | "
                          f"{s['preemptions']} | {num(s['req_per_s'], '.2f')} | "
                          f"{num(s.get('cache_hit_rate'), '.1%')} |")
     factors = sorted({f for row in result["rows"] for f in row.get("sim_insitu_scaled", {})},

@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from experiments.sim_check import num
+
 WITHIN = 0.15  # the target: P99 prefill within 15% of the real worker's
 
 
@@ -56,9 +58,7 @@ def rows_of(label: str, run_dir: Path) -> list[dict]:
 
 
 def pair(real: float | None, sim: float | None, fmt: str) -> str:
-    def one(v):
-        return "–" if v is None else format(v, fmt)
-    return f"{one(real)} / {one(sim)}"
+    return f"{num(real, fmt)} / {num(sim, fmt)}"
 
 
 def table(rows: list[dict]) -> str:
